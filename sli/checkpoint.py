@@ -1,0 +1,189 @@
+"""Reading a Hugging Face checkpoint directory tensor by tensor, never whole."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+def resolve_model_dir(model_name: str | Path) -> Path:
+    """The local model directory ``model_name``, or a ModelLoadError saying what is wrong."""
+    path = Path(model_name).expanduser()
+    if not path.exists():
+        hint = (" It looks like a hub id: sli downloads nothing; put the model in a local directory"
+                " (config.json + safetensors) and pass its path.") if "/" in str(model_name) and not str(model_name).startswith((".", "/", "~")) else ""
+        raise ModelLoadError(f"model directory {str(model_name)!r} does not exist.{hint}")
+    if not path.is_dir():
+        raise ModelLoadError(f"{str(path)!r} is not a directory; pass the folder holding config.json and the weights")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{str(path)!r} has no config.json; pass a Hugging Face model directory")
+    return path.resolve()
+
+
+class Checkpoint:
+    """Lazy access to a checkpoint's tensors by name (safetensors, or torch .bin files).
+
+    safetensors shards are memory-mapped through ``safe_open``; older ``pytorch_model*.bin``
+    files through ``torch.load(weights_only=True, mmap=True)`` (no pickle code runs).
+    """
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = Path(model_dir)
+        self._handles: Dict[str, object] = {}
+        self.weight_map: Dict[str, str] = self._weight_map()
+
+    def _weight_map(self) -> Dict[str, str]:
+        d = self.model_dir
+        for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+            if (d / index_name).is_file():
+                try:
+                    return dict(json.loads((d / index_name).read_text())["weight_map"])
+                except (ValueError, KeyError) as exc:
+                    raise ModelLoadError(f"{d / index_name} is not a valid shard index ({exc}); re-save the model") from exc
+        files = sorted(d.glob("*.safetensors")) or sorted(d.glob("pytorch_model*.bin"))
+        if not files:
+            raise ModelLoadError(
+                f"no weights in {str(d)!r}: expected model.safetensors, shards with {SAFETENSORS_INDEX}, "
+                "or pytorch_model*.bin; save the model with save_pretrained")
+        weight_map: Dict[str, str] = {}
+        for f in files:
+            for name in self._open(f.name, f).keys():
+                weight_map[name] = f.name
+        return weight_map
+
+    def _open(self, file_name: str, path: Optional[Path] = None):
+        handle = self._handles.get(file_name)
+        if handle is None:
+            path = path or self.model_dir / file_name
+            if not path.is_file():
+                raise ModelLoadError(f"shard {str(path)!r} named in the index is missing; re-download or re-save the model")
+            try:
+                if path.suffix == ".safetensors":
+                    handle = safe_open(str(path), framework="pt")
+                else:
+                    handle = _BinFile(torch.load(str(path), map_location="cpu", weights_only=True, mmap=True))
+            except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+                raise ModelLoadError(f"cannot read shard {str(path)!r} ({exc}); the file is corrupt or truncated: re-save it") from exc
+            self._handles[file_name] = handle
+        return handle
+
+    def names(self) -> List[str]:
+        return list(self.weight_map)
+
+    def get(self, name: str) -> torch.Tensor:
+        handle = self._open(self.weight_map[name])
+        try:
+            return handle.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise ModelLoadError(f"cannot read tensor {name!r} from {self.weight_map[name]!r} ({exc}); the shard is corrupt: re-save it") from exc
+
+    def get_many(self, names: Iterable[str]) -> Dict[str, torch.Tensor]:
+        return {n: self.get(n) for n in names}
+
+    def storage_dtype(self) -> torch.dtype:
+        """The dtype most floating-point tensors are stored in."""
+        name = next(n for n in self.weight_map if n.endswith("weight"))
+        return self.get(name).dtype
+
+    def identity(self) -> str:
+        """A short hash of what the checkpoint holds: config, shard names and sizes.
+
+        Not the path: a cache warmed from one copy of a model serves every copy.
+        """
+        h = hashlib.sha256((self.model_dir / "config.json").read_bytes())
+        for file_name in sorted(set(self.weight_map.values())):
+            h.update(f"{file_name}:{(self.model_dir / file_name).stat().st_size}".encode())
+        return h.hexdigest()[:12]
+
+
+class _BinFile:
+    def __init__(self, state: Dict[str, torch.Tensor]) -> None:
+        self.state = state
+
+    def keys(self):
+        return self.state.keys()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self.state[name]
+
+
+class SkeletonLoader:
+    """Loads checkpoint tensors into parts of a meta-device skeleton.
+
+    Key renaming and fusing (MoE experts stored one by one, fused in the module) go
+    through transformers' own conversion rules, so every family it loads loads here.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, model: torch.nn.Module, layers_path: str) -> None:
+        import re
+        import threading
+
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        self.checkpoint = checkpoint
+        self.model = model
+        self.weight_mapping = get_model_conversion_mapping(model)
+        renamings = [w for w in self.weight_mapping if isinstance(w, WeightRenaming)]
+        converters = [w for w in self.weight_mapping if isinstance(w, WeightConverter)]
+        meta_state = model.state_dict()
+        layer_re = re.compile(rf"^{re.escape(layers_path)}\.(\d+)\.")
+        self.names_by_layer: Dict[Optional[int], List[str]] = {None: []}
+        for name in checkpoint.names():
+            target, _ = rename_source_key(name, renamings, converters, model.base_model_prefix, meta_state)
+            if target not in meta_state and name in meta_state:
+                target = name
+            match = layer_re.match(target)
+            key = int(match.group(1)) if match else None
+            self.names_by_layer.setdefault(key, []).append(name)
+        self._lock = threading.Lock()
+
+    def load(self, names: List[str], dtype: Optional[torch.dtype]) -> None:
+        """Load the named checkpoint tensors into the skeleton (they land where they belong)."""
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+        from transformers.utils import logging as hf_logging
+
+        state = self.checkpoint.get_many(names)
+        config = LoadStateDictConfig(dtype=dtype, weight_mapping=self.weight_mapping, device_map={"": "cpu"})
+        with self._lock:
+            bars = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
+            try:
+                convert_and_load_state_dict_in_model(self.model, state, config)
+            finally:
+                if bars:
+                    hf_logging.enable_progress_bar()
+
+    def layer_state(self, index: int, layer: torch.nn.Module) -> Dict[str, torch.Tensor]:
+        """Layer ``index``'s tensors, named as in the module, in the checkpoint's dtype."""
+        names = self.names_by_layer.get(index, [])
+        if not names:
+            raise ModelLoadError(f"the checkpoint has no tensors for decoder layer {index}; the model files are incomplete: re-save the model")
+        self.load(names, None)
+        with self._lock:
+            state = {k: v for k, v in layer.state_dict().items() if v.device.type != "meta"}
+            missing = [k for k, v in layer.state_dict().items() if v.device.type == "meta"]
+            layer.to("meta")
+        persistent_missing = [k for k in missing if not _is_nonpersistent(layer, k)]
+        if persistent_missing:
+            raise ModelLoadError(f"decoder layer {index} lacks {persistent_missing[:3]} in the checkpoint; the model files are incomplete or of another architecture")
+        return state
+
+
+def _is_nonpersistent(module: torch.nn.Module, name: str) -> bool:
+    path, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(path) if path else module
+    return leaf in getattr(owner, "_non_persistent_buffers_set", set())

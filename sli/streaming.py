@@ -1,0 +1,170 @@
+"""Fetching decoder layers one at a time, with a background prefetcher and reused buffers."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .quantization import CachedLayer, dequantize_cached
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerTiming:
+    """Where one layer's time went in one pass (seconds; ``start`` from the pass start)."""
+
+    step: int
+    layer: int
+    start: float = 0.0
+    read_s: float = 0.0  # cache lookup + reading the entry's bytes
+    dequant_s: float = 0.0  # codec work into the compute buffers (includes host→device copy)
+    wait_s: float = 0.0  # compute thread waiting for the layer to be ready
+    compute_s: float = 0.0  # the layer's forward
+    nbytes: int = 0  # bytes of the cached entry
+    resident: bool = False
+
+
+@dataclass
+class LoadedLayer:
+    state: Dict[str, torch.Tensor]
+    timing: LayerTiming
+    slot: Optional[Dict[str, torch.Tensor]] = None
+    ready: Optional[object] = None  # CUDA event the compute stream waits on
+
+
+class SlotPool:
+    """Preallocated state-dict buffers reused layer after layer.
+
+    Dequantizing into the same buffers each time keeps the allocator from holding a
+    freed layer per step; the pool's size bounds how many streamed layers exist at once.
+    """
+
+    def __init__(self, size: int, device: torch.device, pin: bool = False) -> None:
+        self.size, self.device = size, device
+        self._free: "queue.Queue[Dict[str, torch.Tensor]]" = queue.Queue()
+        self._made = 0
+        self._lock = threading.Lock()
+
+    def take(self, template: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        with self._lock:
+            if self._free.empty() and self._made < self.size:
+                self._made += 1
+                return {k: torch.empty_like(v, device=self.device) for k, v in template.items()}
+        slot = self._free.get()
+        if any(k not in slot or slot[k].shape != v.shape or slot[k].dtype != v.dtype for k, v in template.items()):
+            # A layer of another shape (rare: heterogeneous stacks): give it fresh buffers.
+            slot = {k: torch.empty_like(v, device=self.device) for k, v in template.items()}
+        return slot
+
+    def give(self, slot: Dict[str, torch.Tensor]) -> None:
+        self._free.put(slot)
+
+
+class LayerStreamer:
+    """Turns cached layers into ready-to-run state dicts, one step ahead of the compute.
+
+    ``fetch_cached(i)`` returns layer ``i``'s :class:`CachedLayer` (filling the cache on a
+    miss); ``templates[i]`` is a dict name → (shape, dtype) describing the dequantized layer.
+    """
+
+    def __init__(self, fetch_cached: Callable[[int], CachedLayer], device: torch.device, dtype: torch.dtype,
+                 depth: int = 1, prefetch: bool = True) -> None:
+        self.fetch_cached = fetch_cached
+        self.device, self.dtype = device, dtype
+        self.depth = max(1, depth) if prefetch else 0
+        self.pool = SlotPool(self.depth + 1, device)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sli-prefetch") if prefetch else None
+        self._pending: Dict[int, Future] = {}
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.step = 0
+
+    @torch.inference_mode()
+    def _load(self, index: int) -> LoadedLayer:
+        timing = LayerTiming(step=self.step, layer=index)
+        t0 = time.perf_counter()
+        cached = self.fetch_cached(index)
+        t1 = time.perf_counter()
+        timing.read_s, timing.nbytes = t1 - t0, cached.nbytes
+        if self.device.type == "cuda":
+            loaded = self._to_cuda(cached, timing)
+        else:
+            slot = self.pool.take(_template(cached, self.dtype))
+            state = dequantize_cached(cached, self.dtype, out=slot)
+            loaded = LoadedLayer(state, timing, slot)
+        del cached  # drop the entry (and its file mapping) before the next read
+        timing.dequant_s = time.perf_counter() - t1
+        return loaded
+
+    def _to_cuda(self, cached: CachedLayer, timing: LayerTiming) -> LoadedLayer:
+        # Host tensors are pinned so the copy is truly asynchronous; the copy and the
+        # dequantization run on a side stream, and an event tells the compute stream when
+        # the layer is ready.
+        stream = self._copy_stream
+        with torch.cuda.stream(stream):
+            tensors = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in cached.tensors.items()}
+            on_device = CachedLayer(tensors, cached.linears)
+            slot = self.pool.take(_template(on_device, self.dtype))
+            state = dequantize_cached(on_device, self.dtype, out=slot)
+            event = torch.cuda.Event()
+            event.record(stream)
+        return LoadedLayer(state, timing, slot, ready=event)
+
+    def prefetch(self, index: int) -> None:
+        if self._executor is None or index in self._pending:
+            return
+        self._pending[index] = self._executor.submit(self._load, index)
+
+    def get(self, index: int) -> LoadedLayer:
+        t0 = time.perf_counter()
+        future = self._pending.pop(index, None)
+        loaded = future.result() if future is not None else self._load(index)
+        loaded.timing.wait_s = time.perf_counter() - t0
+        if loaded.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(loaded.ready)
+        return loaded
+
+    def release(self, loaded: LoadedLayer) -> None:
+        if loaded.slot is not None:
+            if loaded.ready is not None:
+                # The side stream must not overwrite this slot before compute is done with it.
+                torch.cuda.current_stream(self.device).synchronize()
+            self.pool.give(loaded.slot)
+
+    def cancel(self) -> None:
+        """Drop prefetched layers (after an error, or when a pass ends early)."""
+        for future in self._pending.values():
+            try:
+                self.release(future.result())
+            except Exception:  # the error surfaces when the layer is asked for again
+                logger.debug("prefetch failed", exc_info=True)
+        self._pending.clear()
+
+    def close(self) -> None:
+        self.cancel()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+
+def _template(cached: CachedLayer, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """Meta tensors shaped like the dequantized layer (what a slot must hold)."""
+    template: Dict[str, torch.Tensor] = {}
+    linear_weights = {f"{p}.weight": meta for p, meta in cached.linears.items()}
+    for name, meta in linear_weights.items():
+        out_f, in_f = meta["shape"]
+        shape = (in_f, out_f) if meta.get("transposed") else (out_f, in_f)
+        template[name] = torch.empty(shape, dtype=dtype, device="meta")
+    owners = sorted(cached.linears, key=len, reverse=True)
+    for name, tensor in cached.tensors.items():
+        owner = next((p for p in owners if name.startswith(p + ".")), None)
+        if owner is not None and name != owner + ".bias":
+            continue
+        if tensor.is_floating_point():
+            template[name] = torch.empty(tensor.shape, dtype=dtype, device="meta")
+    return template
