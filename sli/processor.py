@@ -17,7 +17,8 @@ from .checkpoint import Checkpoint, SkeletonLoader, resolve_model_dir
 from .errors import ModelLoadError, SLIError, UnsupportedArchitectureError
 from .generation import sample_next_token
 from .layer_cache import LayerCache
-from .quantization import (AdaptiveQuantizer, CachedLayer, LayerQuantizer, QuantizationConfig, _is_conv1d,
+from .codecs import codec_for
+from .quantization import (AdaptiveQuantizer, CachedLayer, LayerQuantizer, QuantizationConfig, QuantizationMode, _is_conv1d,
                            default_compute_dtype, is_linear)
 from .streaming import LayerStreamer, LayerTiming, LoadedLayer
 
@@ -208,6 +209,14 @@ class UniversalSLIProcessor:
         for index, layer in enumerate(self.layers):
             layer.register_forward_pre_hook(self._make_pre_hook(index), with_kwargs=True)
             layer.register_forward_hook(self._make_post_hook(index), with_kwargs=True)
+            # Weight-only codecs need nothing at run time; INT8_DYNAMIC also quantizes
+            # each linear's input per token.
+            for path in self._linear_paths(index):
+                config = self.quantizer.config_for(f"{self._layer_key(index)}.{path}")
+                if config is not None and config.mode == QuantizationMode.INT8_DYNAMIC:
+                    codec = codec_for(config.mode)
+                    layer.get_submodule(path).register_forward_pre_hook(
+                        lambda module, args, codec=codec: (codec.prepare_input(args[0]), *args[1:]))
 
     def _materialize(self, index: int, state: Dict[str, torch.Tensor]) -> None:
         self.layers[index].load_state_dict(state, strict=False, assign=True)

@@ -1,0 +1,313 @@
+"""The ``sli`` command: thin wrappers that parse, configure logging and call the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import SLIError
+
+logger = logging.getLogger("sli")
+
+DEFAULT_PROMPT = "The capital of France is"
+MODES = "none, int8, int8_dynamic, nf4, fp4, int4, fp8"
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM), in MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _config(mode: str):
+    from .quantization import QuantizationConfig, QuantizationRegistry, get_mixed_precision_config
+
+    if mode == "mixed":
+        return get_mixed_precision_config()
+    try:
+        return QuantizationRegistry.get(mode)
+    except KeyError:
+        return QuantizationConfig(mode=mode)  # raises ValueError listing the modes
+
+
+def _model_dir(args) -> Path:
+    if getattr(args, "model_dir", None):
+        return Path(args.model_dir)
+    from .default_model import ensure_default_model
+
+    return ensure_default_model(progress=not args.quiet)
+
+
+def _processor(args, model_dir: Path):
+    from .processor import UniversalSLIProcessor
+
+    return UniversalSLIProcessor(model_dir, _config(args.mode), cache_dir=args.cache_dir, device=args.device,
+                                 max_cache_size_gb=args.max_cache_size_gb,
+                                 memory_budget_gb=getattr(args, "memory_budget_gb", None),
+                                 max_gpu_memory_gb=getattr(args, "memory_budget_gb", None))
+
+
+def cmd_warm(args) -> int:
+    proc = _processor(args, _model_dir(args))
+    t0 = time.perf_counter()
+    added = proc.prewarm(progress=not args.quiet)
+    stats = proc.cache.stats().to_dict()
+    result = {"model_id": proc.model_id, "layers": proc.layout.num_layers, "added": added,
+              "seconds": round(time.perf_counter() - t0, 2), "cache": stats}
+    _emit(args, result, f"warmed {proc.model_id}: {added} new of {proc.layout.num_layers} layers in "
+                        f"{result['seconds']} s; cache holds {stats['entries']} entries, {stats['disk_bytes'] / 1e6:.1f} MB")
+    proc.close()
+    return 0
+
+
+def cmd_generate(args) -> int:
+    if args.max_new_tokens < 0:
+        raise SLIError(f"--max-new-tokens {args.max_new_tokens} is negative; pass 0 or more")
+    proc = _processor(args, _model_dir(args))
+    tok = proc.tokenizer()
+    if not args.quiet:
+        logger.info("%s", proc.plan.describe())
+    warm_t0 = time.perf_counter()
+    proc.prewarm(progress=not args.quiet)
+    warm_s = time.perf_counter() - warm_t0
+    prompt = args.prompt
+    printed: List[int] = []
+
+    def on_token(token):
+        printed.append(int(token[0]))
+        if not args.json:
+            text = tok.decode(printed, skip_special_tokens=True)
+            previous = tok.decode(printed[:-1], skip_special_tokens=True)
+            sys.stdout.write(text[len(previous):])
+            sys.stdout.flush()
+
+    if not args.json:
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+    t0 = time.perf_counter()
+    first_token_at = []
+    new = proc.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                        temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
+                        callback=lambda t: (first_token_at.append(time.perf_counter()) if not first_token_at else None,
+                                            on_token(t)), seed=args.seed)
+    total = time.perf_counter() - t0
+    n = new.shape[1]
+    prefill = (first_token_at[0] - t0) if first_token_at else total
+    decode_tps = (n - 1) / (total - prefill) if n > 1 and total > prefill else 0.0
+    stats = proc.cache.stats().to_dict()
+    result = {"model_id": proc.model_id, "mode": args.mode, "text": tok.decode(new[0], skip_special_tokens=True),
+              "new_tokens": n, "prefill_s": round(prefill, 3), "decode_tokens_per_s": round(decode_tps, 2),
+              "warm_s": round(warm_s, 2), "peak_rss_mb": round(_peak_rss_mb(), 1),
+              "resident_layers": len(proc.plan.resident_layers), "num_layers": proc.layout.num_layers,
+              "cache": stats}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print()
+        print(f"[{n} tokens: prefill {prefill:.2f} s, decode {decode_tps:.2f} tokens/s, peak RSS "
+              f"{result['peak_rss_mb']:.0f} MB; {result['resident_layers']}/{result['num_layers']} layers resident, "
+              f"the rest streamed; cache hits: memory {stats['memory_hits']}, disk {stats['disk_hits']}, "
+              f"misses {stats['disk_misses']}]")
+    proc.close()
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from .layer_cache import LayerCache
+    from .processor import default_cache_dir
+
+    cache_dir = Path(args.cache_dir or default_cache_dir())
+    if args.action != "clear" and not cache_dir.exists():
+        raise SLIError(f"no cache at {cache_dir}; warm one with `sli warm MODEL_DIR --cache-dir {cache_dir}`")
+    with LayerCache(cache_dir) as cache:
+        if args.action == "info":
+            stats = cache.stats().to_dict()
+            _emit(args, {"cache_dir": str(cache_dir), **stats},
+                  f"{cache_dir}: {stats['entries']} entries, {stats['disk_bytes'] / 1e6:.1f} MB on disk")
+        elif args.action == "verify":
+            bad = cache.verify(remove=args.remove)
+            _emit(args, {"cache_dir": str(cache_dir), "bad": [str(b) for b in bad]},
+                  f"{len(bad)} bad entries" + (" removed" if args.remove and bad else ""))
+            return 1 if bad and not args.remove else 0
+        else:
+            cache.clear()
+            _emit(args, {"cache_dir": str(cache_dir), "cleared": True}, f"cleared {cache_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluation import evaluate_modes, format_report
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in modes:
+        if m != "mixed":
+            _config(m)
+    report = evaluate_modes(_model_dir(args), modes, text_path=args.text, num_windows=args.windows,
+                            window=args.window, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def cmd_synth(args) -> int:
+    import torch
+
+    from .synth import synth_model
+
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    path = synth_model(args.out_dir, family=args.family, preset=args.preset, num_layers=args.layers, dtype=dtype,
+                       seed=args.seed)
+    _emit(args, {"model_dir": str(path)}, f"wrote {path}")
+    return 0
+
+
+def cmd_import_gguf(args) -> int:
+    from .default_model import import_gguf
+
+    path = import_gguf(Path(args.gguf_file), Path(args.out_dir))
+    _emit(args, {"model_dir": str(path)}, f"wrote {path}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import runpy
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "streaming.py"
+    if not script.is_file():
+        raise SLIError(f"{script} is missing: `sli bench` runs the repository's benchmarks/streaming.py; run it from a source checkout")
+    sys.argv = [str(script), *args.rest]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Convert the default model once, warm its cache, stream it under a small budget."""
+    args.model_dir = None
+    return cmd_generate(args)
+
+
+def _emit(args, data: dict, line: str) -> None:
+    print(json.dumps(data, indent=2) if getattr(args, "json", False) else line)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sli", description="Stream language models layer by layer through a quantized layer cache.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info lines")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(p, model_optional: bool = False, budget: bool = False):
+        if model_optional:
+            p.add_argument("model_dir", nargs="?", help="local model directory (default: SmolLM2-135M, converted once)")
+        else:
+            p.add_argument("model_dir", help="local Hugging Face model directory")
+        p.add_argument("--mode", default="nf4", help=f"quantization mode: {MODES}, or mixed (default nf4)")
+        p.add_argument("--cache-dir", help="layer cache directory (default ~/.cache/sli/layer-cache)")
+        p.add_argument("--max-cache-size-gb", type=float, default=None, help="disk tier size limit (default 50)")
+        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        if budget:
+            p.add_argument("--memory-budget-gb", type=float, default=None,
+                           help="RAM (CPU) or GPU memory budget for layers; layers beyond it stream")
+
+    p = sub.add_parser("warm", help="pre-warm a layer cache (resumable)")
+    common(p)
+    p.set_defaults(func=cmd_warm)
+
+    for name, func, helptext in (("generate", cmd_generate, "stream tokens for a prompt"),
+                                 ("demo", cmd_demo, "the default model end to end under a small memory budget")):
+        p = sub.add_parser(name, help=helptext)
+        if name == "generate":
+            common(p, model_optional=True, budget=True)
+            p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
+        else:
+            p.add_argument("--prompt", default=DEFAULT_PROMPT)
+            p.add_argument("--mode", default="int8")
+            p.add_argument("--cache-dir")
+            p.add_argument("--max-cache-size-gb", type=float, default=None)
+            p.add_argument("--device", default=None)
+            p.add_argument("--json", action="store_true")
+            p.add_argument("--memory-budget-gb", type=float, default=0.25)
+        p.add_argument("--max-new-tokens", type=int, default=24)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--top-k", type=int, default=None)
+        p.add_argument("--top-p", type=float, default=None)
+        p.add_argument("--seed", type=int, default=None)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("cache", help="inspect, verify or clear a cache directory")
+    p.add_argument("action", choices=["info", "verify", "clear"])
+    p.add_argument("--cache-dir")
+    p.add_argument("--remove", action="store_true", help="verify: remove bad entries")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("eval", help="quality per quantization mode: perplexity, KL, top-1 agreement, bytes")
+    p.add_argument("model_dir", nargs="?", help="local model directory (default: SmolLM2-135M)")
+    p.add_argument("--modes", default="none,int8,int8_dynamic,nf4,fp4,int4,fp8,mixed")
+    p.add_argument("--text", help="text file (default: the standard library's pydoc_data.topics)")
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("synth", help="write a random-initialized model of a real model's shapes")
+    p.add_argument("out_dir")
+    p.add_argument("--family", default="llama")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("import-gguf", help="turn a GGUF file into a local Hugging Face directory")
+    p.add_argument("gguf_file")
+    p.add_argument("out_dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_import_gguf)
+
+    p = sub.add_parser("bench", help="side-by-side streaming benchmark (benchmarks/streaming.py)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for benchmarks/streaming.py")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
+                        format="%(message)s", stream=sys.stderr)
+    if args.quiet or not sys.stderr.isatty():
+        import os
+
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        return args.func(args)
+    except (SLIError, ValueError, KeyError, FileNotFoundError, PermissionError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"sli: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sli: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
