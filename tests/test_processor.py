@@ -1,0 +1,230 @@
+"""UniversalSLIProcessor against the full transformers model, family by family."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from sli import ModelLoadError, QuantizationConfig, UnsupportedArchitectureError
+from sli.codecs import codec_for
+from sli.processor import UniversalSLIProcessor
+from sli.quantization import is_linear, linear_weight
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "gpt_neox", "mixtral",
+            "falcon", "stablelm", "olmo", "phi", "gemma"]
+
+
+def reference_model(model_dir, config=None):
+    """The full transformers model in float32, its decoder linears replaced by dequantize(quantize(w))."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if config is None or config.mode.value == "none":
+        return model
+    storage = next(iter(load_file(next(Path(model_dir).glob("*.safetensors"))).values())).dtype
+    codec = codec_for(config.mode)
+    layers = next(m for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)
+                  and len(m) == model.config.get_text_config().num_hidden_layers)
+    for layer in layers:
+        for module in [m for m in layer.modules() if is_linear(m)]:
+            weight = linear_weight(module).detach().to(storage)
+            restored = codec.dequantize(codec.quantize(weight, config), torch.float32)
+            with torch.no_grad():
+                target = restored.t() if type(module).__name__ == "Conv1D" else restored
+                module.weight.copy_(target)
+            if config.mode.value == "int8_dynamic":
+                module.register_forward_pre_hook(lambda m, a: (codec.prepare_input(a[0]),))
+    return model
+
+
+def open_processor(model_dir, tmp_path, mode="none", **kwargs):
+    kwargs.setdefault("memory_budget_gb", 0.0)  # stream every layer
+    return UniversalSLIProcessor(model_dir, QuantizationConfig(mode=mode), cache_dir=tmp_path / "cache", **kwargs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_none_mode_equals_transformers(family, model_factory, tmp_path):
+    model_dir = model_factory(family)
+    reference = reference_model(model_dir)
+    ids = torch.randint(0, reference.config.get_text_config().vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with open_processor(model_dir, tmp_path) as proc:
+        with torch.no_grad():
+            expected = reference(ids).logits
+        torch.testing.assert_close(proc.forward(ids), expected, atol=1e-5, rtol=1e-5)
+        want = reference.generate(ids[:1], max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)[:, 12:]
+        got = proc.generate(ids[:1], max_new_tokens=6, eos_token_id=[])
+        assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8_dynamic", "nf4", "fp4", "int4", "fp8"])
+def test_quantized_mode_equals_dequantized_reference(mode, model_factory, tmp_path):
+    model_dir = model_factory("llama")
+    config = QuantizationConfig(mode=mode)
+    reference = reference_model(model_dir, config)
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(2))
+    with UniversalSLIProcessor(model_dir, config, cache_dir=tmp_path / "cache", memory_budget_gb=0.0) as proc:
+        with torch.no_grad():
+            expected = reference(ids).logits
+        torch.testing.assert_close(proc.forward(ids), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_streams_each_layer_once_per_token_over_one_position(model_factory, tmp_path):
+    model_dir = model_factory("llama")
+    seen_lengths = []
+    with open_processor(model_dir, tmp_path) as proc:
+        proc.layers[0].register_forward_pre_hook(lambda m, args, kwargs: seen_lengths.append(
+            (args[0] if args else kwargs["hidden_states"]).shape[1]), with_kwargs=True)
+        proc.generate(torch.arange(1, 9), max_new_tokens=5, eos_token_id=[])
+        streamed = [t for t in proc.timings if not t.resident]
+    assert seen_lengths == [8, 1, 1, 1, 1]
+    assert len(streamed) == 5 * proc.layout.num_layers
+
+
+def test_left_padded_batch_matches_each_prompt_alone(model_factory, tmp_path):
+    model_dir = model_factory("llama")
+    short, long_ = [5, 6, 7], [9, 10, 11, 12, 13, 14]
+    ids = torch.tensor([[0, 0, 0] + short, long_])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with open_processor(model_dir, tmp_path) as proc:
+        batch = proc.generate(ids, max_new_tokens=5, attention_mask=mask, eos_token_id=[])
+        alone = [proc.generate(torch.tensor(p), max_new_tokens=5, eos_token_id=[]) for p in (short, long_)]
+    assert batch[0].tolist() == alone[0][0].tolist()
+    assert batch[1].tolist() == alone[1][0].tolist()
+
+
+def test_callback_receives_each_token_as_it_comes(model_factory, tmp_path):
+    model_dir = model_factory("llama")
+    received = []
+    with open_processor(model_dir, tmp_path) as proc:
+        out = proc.generate(torch.arange(1, 6), max_new_tokens=4, eos_token_id=[], callback=received.append)
+    assert [int(t[0]) for t in received] == out[0].tolist()
+
+
+def test_resident_layers_are_not_streamed(model_factory, tmp_path):
+    model_dir = model_factory("llama")
+    with open_processor(model_dir, tmp_path, memory_budget_gb=1.0) as proc:
+        assert proc.plan.resident_layers == list(range(proc.layout.num_layers))
+        logits = proc.forward(torch.arange(1, 6))
+        assert all(t.resident for t in proc.timings)
+    with open_processor(model_dir, tmp_path) as streamed:
+        torch.testing.assert_close(streamed.forward(torch.arange(1, 6)), logits, atol=0, rtol=0)
+
+
+def test_prewarm_is_resumable(model_factory, tmp_path):
+    model_dir = model_factory("llama")
+    with open_processor(model_dir, tmp_path, mode="nf4") as proc:
+        assert proc.prewarm(progress=False) == proc.layout.num_layers
+        assert proc.prewarm(progress=False) == 0
+        proc.cache.delete(proc.model_id, 1, proc.quantization_config)
+    with open_processor(model_dir, tmp_path, mode="nf4") as proc:
+        assert proc.prewarm(progress=False) == 1
+
+
+def test_a_cache_warmed_under_another_config_is_never_served(model_factory, tmp_path):
+    model_dir = model_factory("llama")
+    ids = torch.arange(1, 9)
+    with open_processor(model_dir, tmp_path, mode="nf4") as proc:
+        proc.prewarm(progress=False)
+    reference = reference_model(model_dir, QuantizationConfig(mode="int8"))
+    with open_processor(model_dir, tmp_path, mode="int8") as proc:
+        with torch.no_grad():
+            expected = reference(ids[None]).logits
+        torch.testing.assert_close(proc.forward(ids), expected, atol=1e-5, rtol=1e-5)
+        assert proc.cache.stats().entries == 2 * proc.layout.num_layers  # nf4 entries kept, int8 added
+
+
+# -- bad input --------------------------------------------------------------------
+
+def test_missing_directory_names_the_path(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        UniversalSLIProcessor(tmp_path / "nope", cache_dir=tmp_path / "c")
+
+
+def test_hub_id_says_nothing_is_downloaded(tmp_path):
+    with pytest.raises(ModelLoadError, match="downloads nothing"):
+        UniversalSLIProcessor("meta-llama/Llama-2-7b", cache_dir=tmp_path / "c")
+
+
+def test_directory_without_weights(model_factory, tmp_path):
+    empty = tmp_path / "m"
+    empty.mkdir()
+    (empty / "config.json").write_text((Path(model_factory("llama")) / "config.json").read_text())
+    with pytest.raises(ModelLoadError, match="no weights"):
+        UniversalSLIProcessor(empty, cache_dir=tmp_path / "c")
+
+
+def test_corrupt_shard(model_factory, tmp_path):
+    broken = tmp_path / "m"
+    broken.mkdir()
+    src = Path(model_factory("llama"))
+    (broken / "config.json").write_text((src / "config.json").read_text())
+    data = (src / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="corrupt"):
+        UniversalSLIProcessor(broken, cache_dir=tmp_path / "c")
+
+
+def test_encoder_decoder_is_refused_with_the_reason(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    model_dir = tmp_path / "t5"
+    T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=64)).save_pretrained(model_dir)
+    with pytest.raises(UnsupportedArchitectureError, match="encoder-decoder"):
+        UniversalSLIProcessor(model_dir, cache_dir=tmp_path / "c")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p: p.forward(torch.tensor([[1, 99999]])), "outside the vocabulary"),
+    (lambda p: p.forward(torch.tensor([[-1, 2]])), "outside the vocabulary"),
+    (lambda p: p.generate(torch.tensor([], dtype=torch.long), max_new_tokens=2), "empty"),
+    (lambda p: p.generate(torch.tensor([1, 2]), max_new_tokens=-1), "negative"),
+])
+def test_bad_generation_input(call, message, model_factory, tmp_path):
+    with open_processor(model_factory("llama"), tmp_path) as proc:
+        with pytest.raises(ValueError, match=message):
+            call(proc)
+        # the processor still works afterwards
+        assert proc.forward(torch.tensor([[1, 2]])).shape[:2] == (1, 2)
+
+
+# -- memory -----------------------------------------------------------------------
+
+PEAK_SCRIPT = textwrap.dedent("""
+    import json, sys, torch, transformers
+    def rss():
+        for line in open('/proc/self/status'):
+            if line.startswith('VmRSS:'): return int(line.split()[1]) * 1024
+    def hwm():
+        for line in open('/proc/self/status'):
+            if line.startswith('VmHWM:'): return int(line.split()[1]) * 1024
+    torch.set_num_threads(2)
+    base = rss()
+    from sli import QuantizationConfig
+    from sli.processor import UniversalSLIProcessor
+    model_dir, cache_dir, budget = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    proc = UniversalSLIProcessor(model_dir, QuantizationConfig(mode='none'), cache_dir=cache_dir, memory_budget_gb=budget)
+    proc.generate(torch.arange(1, 33), max_new_tokens=4, eos_token_id=[])
+    print(json.dumps({"base": base, "peak": hwm(), "layer_bytes": proc.plan.layer_bytes,
+                      "resident": len(proc.plan.resident_layers)}))
+""")
+
+
+def test_peak_rss_is_bounded_by_the_budget_not_the_model(model_factory, tmp_path):
+    model_dir = Path(model_factory("llama", preset="small", num_layers=12))
+    model_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) * 2  # float32 compute
+    budget = model_bytes / 10
+    with open_processor(model_dir, tmp_path) as proc:  # warm the cache outside the measured process
+        proc.prewarm(progress=False)
+    script = tmp_path / "peak.py"
+    script.write_text(PEAK_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), str(model_dir), str(tmp_path / "cache"), str(budget / 2**30)],
+                         capture_output=True, text=True, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    growth = result["peak"] - result["base"]
+    allowed = budget + 3 * result["layer_bytes"]
+    assert growth < allowed, f"peak grew {growth / 2**20:.0f} MiB, allowed {allowed / 2**20:.0f} MiB"
+    assert growth < model_bytes / 2  # far below what loading the model would take
