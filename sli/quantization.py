@@ -64,14 +64,16 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def parse_dtype(value: Union[str, torch.dtype, None], field_name: str) -> Optional[torch.dtype]:
+    """A torch dtype from a dtype or its name ("bfloat16", "torch.float32"); "auto" gives None."""
     if value is None or isinstance(value, torch.dtype):
         return value
     name = str(value).removeprefix("torch.")
     if name == "auto":
         return None
-    if name not in _DTYPES:
-        raise ValueError(f"{field_name}={value!r} is not supported; use one of {sorted(_DTYPES)} or 'auto'")
-    return _DTYPES[name]
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{field_name}={value!r} is not a torch dtype; use e.g. 'float32', 'bfloat16' or 'auto'")
+    return dtype
 
 
 def default_compute_dtype(device: Union[str, torch.device, None] = None) -> torch.dtype:
@@ -108,7 +110,7 @@ class QuantizationConfig:
         self.quant_storage_dtype = parse_dtype(self.quant_storage_dtype, "quant_storage_dtype") or torch.uint8
         if self.quant_storage_dtype != torch.uint8:
             raise ValueError(f"quant_storage_dtype={self.quant_storage_dtype} is not supported; use torch.uint8")
-        if self.compute_dtype is not None and self.compute_dtype not in _DTYPES.values():
+        if self.compute_dtype is not None and self.compute_dtype not in _DTYPES.values():  # e.g. float64
             raise ValueError(f"compute_dtype={self.compute_dtype} is not supported; use float32, float16 or bfloat16")
         if bool(self.double_quant) != bool(self.compress_statistics):
             raise ValueError(

@@ -1,0 +1,223 @@
+"""Configs, the layer quantizer, the adaptive quantizer, presets and the registry."""
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from sli import (AdaptiveQuantizer, LayerQuantizer, QuantizationConfig, QuantizationMode, QuantizationRegistry,
+                 QuantizedLinear, dequantize_layer, get_fp4_config, get_int8_config, get_mixed_precision_config,
+                 get_nf4_config, quantize_layer)
+from sli.quantization import dequantize_cached
+
+
+def block(seed=0):
+    """A small transformer-block-shaped module: attention and MLP linears, a norm, an embedding."""
+    torch.manual_seed(seed)
+    return nn.ModuleDict({
+        "self_attn": nn.ModuleDict({"q_proj": nn.Linear(128, 128, bias=False), "o_proj": nn.Linear(128, 128)}),
+        "mlp": nn.ModuleDict({"up_proj": nn.Linear(128, 256, bias=False), "down_proj": nn.Linear(256, 128)}),
+        "norm": nn.LayerNorm(128),
+        "embed_tokens": nn.Embedding(10, 128),
+    })
+
+
+# -- QuantizationMode -------------------------------------------------------------
+
+@pytest.mark.parametrize("text, mode", [("nf4", QuantizationMode.NF4), ("NF4", QuantizationMode.NF4),
+                                        ("int8_dynamic", QuantizationMode.INT8_DYNAMIC), ("FP8", QuantizationMode.FP8)])
+def test_mode_from_string(text, mode):
+    assert QuantizationMode(text) is mode
+
+
+def test_unknown_mode_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="valid modes: none, int8, int8_dynamic, nf4, fp4, int4, fp8"):
+        QuantizationMode("int3")
+
+
+# -- QuantizationConfig -----------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"mode": "nf4", "quant_type": "fp4"}, "quant_type"),         # contradicts the mode
+    ({"quant_type": "int2"}, "quant_type"),                       # not a 4-bit type
+    ({"block_size": 48}, "block_size"),                           # not a power of two
+    ({"group_size": 7}, "group_size"),                            # odd: two values a byte
+    ({"compute_dtype": "float64"}, "compute_dtype"),              # not a compute dtype
+    ({"quant_storage_dtype": torch.int8}, "quant_storage_dtype"),
+    ({"double_quant": False, "compress_statistics": True}, "double_quant"),  # one switch, two names
+])
+def test_invalid_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        QuantizationConfig(**kwargs)
+
+
+def test_config_round_trips_through_json():
+    config = QuantizationConfig(mode="int4", compute_dtype=torch.bfloat16, group_size=64,
+                                llm_int8_skip_modules=["lm_head"])
+    restored = QuantizationConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert restored == config
+    assert config.to_dict()["mode"] == "int4" and config.to_dict()["compute_dtype"] == "bfloat16"
+
+
+def test_from_dict_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="unknown QuantizationConfig fields"):
+        QuantizationConfig.from_dict({"mode": "nf4", "bits": 3})
+
+
+@pytest.mark.parametrize("base, change", [
+    (QuantizationConfig(mode="nf4"), {"mode": "fp4", "quant_type": None}),
+    (QuantizationConfig(mode="nf4"), {"block_size": 128}),
+    (QuantizationConfig(mode="nf4"), {"double_quant": False, "compress_statistics": False}),
+    (QuantizationConfig(mode="int8"), {"llm_int8_threshold": 4.0}),
+    (QuantizationConfig(mode="int4"), {"group_size": 64}),
+    (QuantizationConfig(mode="int8"), {"llm_int8_skip_modules": ["lm_head"]}),
+    (QuantizationConfig(mode="none"), {"mode": "int8"}),
+])
+def test_fingerprint_changes_with_every_byte_relevant_field(base, change):
+    assert dataclasses.replace(base, **change).fingerprint() != base.fingerprint()
+
+
+@pytest.mark.parametrize("config, change", [
+    (QuantizationConfig(mode="nf4"), {"compute_dtype": torch.bfloat16}),   # bytes on disk do not depend on it
+    (QuantizationConfig(mode="int4"), {"block_size": 128}),                # int4 has no 4-bit blocks
+    (QuantizationConfig(mode="fp8"), {"llm_int8_threshold": 1.0}),
+])
+def test_fingerprint_ignores_fields_that_do_not_change_bytes(config, change):
+    assert dataclasses.replace(config, **change).fingerprint() == config.fingerprint()
+
+
+def test_fingerprint_is_stable_across_processes():
+    # A cache directory outlives the process: the same config must give the same key.
+    assert QuantizationConfig(mode="nf4").fingerprint() == QuantizationConfig.from_dict(
+        QuantizationConfig(mode="nf4").to_dict()).fingerprint()
+    assert len(QuantizationConfig().fingerprint()) == 16
+
+
+def test_compute_dtype_defaults_to_float32_on_cpu():
+    assert QuantizationConfig().resolved_compute_dtype("cpu") == torch.float32
+
+
+# -- LayerQuantizer ---------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["none", "int8", "int8_dynamic", "nf4", "fp4", "int4", "fp8"])
+def test_quantize_layer_replaces_linears_only(mode):
+    layer = block()
+    x = torch.randn(3, 128)
+    quantizer = LayerQuantizer(QuantizationConfig(mode=mode))
+    quantizer.quantize_layer(layer)
+    linears = [m for m in layer.modules() if isinstance(m, QuantizedLinear)]
+    assert len(linears) == 4
+    assert isinstance(layer["norm"], nn.LayerNorm) and isinstance(layer["embed_tokens"], nn.Embedding)
+    assert layer["self_attn"]["o_proj"].bias is not None
+    assert quantizer.is_quantized(layer)
+    y = layer["mlp"]["down_proj"](layer["mlp"]["up_proj"](x))
+    assert y.shape == (3, 128) and y.dtype == torch.float32
+
+
+def test_dequantize_layer_gives_plain_linears_with_the_dequantized_weight():
+    layer = LayerQuantizer(QuantizationConfig(mode="nf4")).quantize_layer(block())
+    q = layer["mlp"]["up_proj"]
+    expected = q.dequantized_weight()
+    LayerQuantizer().dequantize_layer(layer)
+    assert not LayerQuantizer.is_quantized(layer)
+    assert type(layer["mlp"]["up_proj"]) is nn.Linear
+    assert torch.equal(layer["mlp"]["up_proj"].weight, expected)
+
+
+def test_skip_modules_stay_unquantized():
+    config = QuantizationConfig(mode="int8", llm_int8_skip_modules=["o_proj", "mlp.down_proj"])
+    layer = LayerQuantizer(config).quantize_layer(block(), layer_name="model.layers.0")
+    assert type(layer["self_attn"]["o_proj"]) is nn.Linear
+    assert type(layer["mlp"]["down_proj"]) is nn.Linear
+    assert isinstance(layer["self_attn"]["q_proj"], QuantizedLinear)
+
+
+@pytest.mark.parametrize("mode, low, high", [
+    ("none", 1.0, 1.0),
+    ("int8", 0.25, 0.30),    # fp32 source: 1 byte of 4, plus per-row scales and fp32 norms/biases
+    ("nf4", 0.12, 0.17),
+])
+def test_size_ratio_comes_from_bytes_held(mode, low, high):
+    layer = block()
+    quantizer = LayerQuantizer(QuantizationConfig(mode=mode))
+    quantizer.quantize_layer(layer)
+    assert low <= quantizer.get_quantized_size_ratio(layer) <= high
+
+
+def test_cached_form_round_trips_to_the_same_weights():
+    quantizer = LayerQuantizer(QuantizationConfig(mode="nf4"))
+    layer = quantizer.quantize_layer(block())
+    state = dequantize_cached(quantizer.to_cached(layer), torch.float32)
+    assert torch.equal(state["mlp.up_proj.weight"], layer["mlp"]["up_proj"].dequantized_weight())
+    assert torch.equal(state["norm.weight"], layer["norm"].weight)
+    assert torch.equal(state["self_attn.o_proj.bias"], layer["self_attn"]["o_proj"].bias)
+
+
+def test_gpt2_conv1d_is_quantized_with_its_transposed_weight():
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(96, 32)  # weight [in=32, out=96]
+    nn.init.normal_(conv.weight)
+    x = torch.randn(4, 32)
+    q = LayerQuantizer(QuantizationConfig(mode="int8")).quantize_layer(conv)
+    assert isinstance(q, QuantizedLinear) and q.metadata["shape"] == [96, 32]
+    torch.testing.assert_close(q(x), conv(x), atol=0.05, rtol=0.05)
+
+
+# -- AdaptiveQuantizer ------------------------------------------------------------
+
+@pytest.mark.parametrize("name, expected", [
+    ("model.layers.0.self_attn.q_proj", "int8"),   # attention
+    ("transformer.h.0.attn.c_attn", "int8"),        # GPT-2 attention
+    ("model.layers.0.mlp.up_proj", "nf4"),         # feed-forward
+    ("transformer.h.0.mlp.c_fc", "nf4"),
+    ("model.layers.0.router", "nf4"),              # neither: the base config
+])
+def test_adaptive_choice_per_module_name(name, expected):
+    assert get_mixed_precision_config().config_for(name).mode.value == expected
+
+
+@pytest.mark.parametrize("base, upgraded", [("nf4", "int8"), ("fp4", "int8"), ("int8", "int8_dynamic"),
+                                            ("int8_dynamic", "none")])
+def test_adaptive_upgrades_attention_one_step(base, upgraded):
+    assert AdaptiveQuantizer(QuantizationConfig(mode=base)).attention_config.mode.value == upgraded
+
+
+def test_adaptive_quantize_model_uses_both_configs():
+    model = get_mixed_precision_config().quantize_model(block())
+    assert model["self_attn"]["q_proj"].metadata["codec"] == "int8"
+    assert model["mlp"]["up_proj"].metadata["codec"] == "nf4"
+
+
+def test_adaptive_fingerprint_differs_from_its_base():
+    assert get_mixed_precision_config().fingerprint() != get_nf4_config().fingerprint()
+
+
+# -- presets, registry, one-liners --------------------------------------------------
+
+def test_presets():
+    assert get_int8_config().mode is QuantizationMode.INT8 and "lm_head" in get_int8_config().llm_int8_skip_modules
+    assert get_nf4_config().double_quant and get_nf4_config().quant_type == "nf4"
+    assert get_fp4_config().quant_type == "fp4"
+
+
+def test_registry_register_get_list_and_unknown():
+    custom = QuantizationConfig(mode="int4", group_size=32)
+    QuantizationRegistry.register("int4_g32", custom)
+    try:
+        assert QuantizationRegistry.get("int4_g32") == custom
+        assert {"int8", "nf4", "fp4", "int4_g32"} <= set(QuantizationRegistry.list_configs())
+        with pytest.raises(KeyError, match="known: none, int8"):
+            QuantizationRegistry.get("int3")
+    finally:
+        QuantizationRegistry.unregister("int4_g32")
+    assert "int4_g32" not in QuantizationRegistry.list_configs()
+
+
+def test_one_line_helpers():
+    linear = nn.Linear(64, 64)
+    q = quantize_layer(linear, mode="nf4")
+    assert isinstance(q, QuantizedLinear) and q.metadata["codec"] == "nf4"
+    restored = dequantize_layer(q, compute_dtype=torch.bfloat16)
+    assert restored.weight.dtype == torch.bfloat16
