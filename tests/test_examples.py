@@ -1,0 +1,21 @@
+"""Every example runs as is (on a small random model), so the docs cannot rot."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
+def test_example_runs(script, tmp_path):
+    result = subprocess.run([sys.executable, str(script), "--tiny"], capture_output=True, text=True, timeout=300,
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TQDM_DISABLE": "1",
+                                 "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip()
+
+
+def test_there_are_three_examples():
+    assert {p.name for p in EXAMPLES} >= {"stream_model.py", "prewarm_cache.py", "benchmark_layer_loading.py"}
