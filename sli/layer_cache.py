@@ -178,7 +178,7 @@ class LayerCache:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             self._disk = diskcache.Cache(str(self.cache_dir), size_limit=self.size_limit,
                                          eviction_policy="least-recently-used", disk=DurableDisk,
-                                         disk_min_file_size=0, cull_limit=16)
+                                         disk_min_file_size=0, cull_limit=0)
         except (OSError, sqlite3.Error) as exc:
             raise CacheError(f"cannot open the layer cache at {self.cache_dir} ({exc}); "
                              f"{_free_space(self.cache_dir)}; pass a writable --cache-dir") from exc
@@ -205,6 +205,9 @@ class LayerCache:
         key = self.key(model_id, layer, config)
         try:
             self._disk.set(key, io.BytesIO(data), read=True, tag=checksum(data))
+            # diskcache's own culling (cull_limit) drops a fixed number of entries per set;
+            # cull() drops least-recently-used entries just until the volume fits.
+            self._disk.cull()
         except OSError as exc:
             raise CacheError(f"cannot write layer {layer} of {model_id} to {self.cache_dir} ({exc.strerror or exc}); "
                              f"{_free_space(self.cache_dir)}; free space or pass another --cache-dir") from exc
