@@ -24,7 +24,10 @@ Codecs register themselves by subclassing :class:`Codec` (``mode = ...``).
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, Optional
 
@@ -72,7 +75,8 @@ class Codec:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        Codec._registry[cls.mode] = cls()
+        if "mode" in cls.__dict__:  # abstract intermediates (no own mode) are not registered
+            Codec._registry[cls.mode] = cls()
 
     def quantize(self, weight: Tensor, config: QuantizationConfig) -> QuantizedTensor:
         raise NotImplementedError
@@ -120,3 +124,467 @@ class NoneCodec(Codec):
         if out is not None:
             return out.copy_(weight)
         return weight.to(dtype)
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+def _bnb_available() -> bool:
+    # read at call time so tests can monkeypatch sli.quantization.BITSANDBYTES_AVAILABLE
+    from . import quantization
+
+    return bool(quantization.BITSANDBYTES_AVAILABLE)
+
+
+def _check_float(weight: Tensor) -> None:
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"cannot quantize a {weight.dtype} weight; use float32, float16 or bfloat16")
+
+
+def calculate_quantization_error(original: Tensor, dequantized: Tensor) -> Dict[str, float]:
+    """Error figures of a round trip: max/mean absolute error, relative error (%) and SNR (dB).
+
+    ``relative_error_pct`` is ``100 * ||err||_1 / ||w||_1``; ``snr_db`` is
+    ``10 * log10(sum w^2 / sum err^2)`` (``inf`` for a lossless round trip).
+    """
+    w = original.detach().double().reshape(-1)
+    err = dequantized.detach().double().reshape(-1).to(w.device) - w
+    abs_err = err.abs()
+    signal = float((w * w).sum())
+    noise = float((err * err).sum())
+    w_l1 = float(w.abs().sum())
+    snr = float("inf") if noise == 0 else (10.0 * math.log10(signal / noise) if signal > 0 else float("-inf"))
+    return {
+        "max_abs_error": float(abs_err.max()) if abs_err.numel() else 0.0,
+        "mean_abs_error": float(abs_err.mean()) if abs_err.numel() else 0.0,
+        "relative_error_pct": 100.0 * float(abs_err.sum()) / w_l1 if w_l1 > 0 else (0.0 if noise == 0 else float("inf")),
+        "snr_db": snr,
+    }
+
+
+def bits_per_weight(q: QuantizedTensor) -> float:
+    """Stored bits per original weight value (all codec tensors counted)."""
+    numel = 1
+    for s in q.metadata["shape"]:
+        numel *= int(s)
+    return 8.0 * q.nbytes / max(numel, 1)
+
+
+# ---------------------------------------------------------------------------
+# INT8 (LLM.int8() layout) and INT8_DYNAMIC
+# ---------------------------------------------------------------------------
+
+def _int8_rowwise(w: Tensor) -> "tuple[Tensor, Tensor]":
+    scb = w.abs().amax(dim=1).float()
+    inv = 127.0 / scb.clamp(min=1e-30)
+    q = torch.round(w.float() * inv.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+    return q, scb
+
+
+def _int8_dequant(q: QuantizedTensor, dtype: torch.dtype, out: Optional[Tensor]) -> Tensor:
+    t = q.tensors
+    w = t["weight"].float() * (t["SCB"].float() * (1.0 / 127.0)).unsqueeze(1)
+    cols = t.get("weight.outlier_cols")
+    if cols is not None and cols.numel():
+        w[:, cols] = t["weight.outliers"].float()
+    return _write(w.to(dtype), out) if out is None or out.dtype != torch.float32 else out.copy_(w)
+
+
+class Int8Codec(Codec):
+    """Row-wise absmax int8 (bitsandbytes LLM.int8() checkpoint layout) with outlier columns.
+
+    Input columns holding any ``|w| > llm_int8_threshold`` stay in the original dtype as
+    ``weight.outliers`` [out, k] at ``weight.outlier_cols`` [k]; they are zeroed in the int8
+    part and left out of ``SCB``.
+    """
+
+    mode = QuantizationMode.INT8
+
+    def quantize(self, weight: Tensor, config: QuantizationConfig) -> QuantizedTensor:
+        _check_float(weight)
+        w = weight.detach()
+        cols = None
+        threshold = float(config.llm_int8_threshold or 0.0)
+        if threshold > 0 and self.mode == QuantizationMode.INT8:
+            mask = (w.abs() > threshold).any(dim=0)
+            if bool(mask.any()):
+                cols = torch.nonzero(mask).view(-1).to(torch.int64)
+                w = w.clone()
+                outliers = weight[:, cols].contiguous()
+                w[:, cols] = 0
+        q, scb = _int8_rowwise(w)
+        tensors = {"weight": q, "SCB": scb, "weight_format": torch.tensor(0, dtype=torch.uint8)}
+        extra: Dict[str, Any] = {}
+        if cols is not None:
+            tensors["weight.outlier_cols"] = cols
+            tensors["weight.outliers"] = outliers
+            extra["outlier_columns"] = int(cols.numel())
+        if self.mode == QuantizationMode.INT8:
+            extra["llm_int8_threshold"] = threshold
+        return QuantizedTensor(tensors, self._meta(weight, self.mode, **extra))
+
+    def dequantize(self, q: QuantizedTensor, dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
+        return _int8_dequant(q, dtype, out)
+
+
+class Int8DynamicCodec(Int8Codec):
+    """Int8 weights (no outliers) plus per-token symmetric int8 fake-quantized activations."""
+
+    mode = QuantizationMode.INT8_DYNAMIC
+
+    def prepare_input(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        a = xf.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-8)
+        return (torch.round(xf * (127.0 / a)).clamp_(-127, 127) * (a / 127.0)).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------
+# NF4 / FP4 (bitsandbytes bytes)
+# ---------------------------------------------------------------------------
+
+_NF4_CODE = [
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+]
+_FP4_CODE = [0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]
+
+
+def four_bit_code(quant_type: str) -> Tensor:
+    """The 16-value code of ``quant_type`` exactly as bitsandbytes' ``get_4bit_type`` builds it."""
+    data = torch.tensor(_NF4_CODE if quant_type == "nf4" else _FP4_CODE)
+    data.div_(data.abs().max())
+    return data
+
+
+def dynamic_map() -> Tensor:
+    """bitsandbytes' ``create_dynamic_map(signed=True)`` (the nested absmax code), in pure torch."""
+    data: list = []
+    max_exponent_bits, total_bits = 7, 8
+    non_sign_bits = total_bits - 1
+    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    for i in range(max_exponent_bits):
+        fraction_items = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1)
+        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    if additional_items > 0:  # pragma: no cover - not reached for 8 bits / 7 exponent bits
+        raise AssertionError
+    data.append(0)
+    data.append(1.0)
+    data += [0] * (256 - len(data))
+    data.sort()
+    return torch.tensor(data, dtype=torch.float32)
+
+
+class _Lut:
+    """Exact bucketize replacement: a fine grid over [-1, 1] plus one midpoint compare a cell.
+
+    ``count(bounds < x)`` (torch.bucketize, right=False) equals ``base[c] + (x > b[c])`` where
+    ``c`` is x's grid cell, ``base[c]`` the bounds below the cell and ``b[c]`` the (at most one)
+    bound inside it (+inf when none). The grid size is chosen so every bound lies well inside
+    its cell (>= 5% of a cell width from the edges), so a one-ulp difference in the computed
+    cell index (eager vs compiled, FMA contraction) cannot change the result.
+    """
+
+    def __init__(self, bounds: Tensor, order: Tensor) -> None:
+        b64 = bounds.double()
+        best = None
+        for g in range(4001, 4400, 2):  # odd: 0 (an FP4 bound) is then mid-cell
+            pos = (b64 + 1.0) * (g / 2.0)
+            frac = pos - pos.floor()
+            margin = float(torch.minimum(frac, 1 - frac).min())
+            cells = pos.floor().long()
+            if cells.unique().numel() != cells.numel():
+                continue
+            if best is None or margin > best[1]:
+                best = (g, margin)
+            if margin > 0.05:
+                break
+        assert best is not None
+        g = best[0]
+        self.grid = g
+        self.half = g / 2.0
+        cells = ((bounds.float() + 1.0) * self.half).to(torch.int64).clamp(0, g - 1)
+        base = torch.searchsorted(cells, torch.arange(g), right=False)  # bounds with cell < c
+        thr = torch.full((g,), float("inf"))
+        thr[cells] = bounds.float()
+        lo = order[base.clamp(max=len(order) - 1)]
+        hi = order[(base + 1).clamp(max=len(order) - 1)]
+        self.lo = lo.to(torch.uint8)
+        self.hi = hi.to(torch.uint8)
+        self.thr = thr.float()
+
+    def codes(self, scaled: Tensor) -> Tensor:
+        idx = ((scaled + 1.0) * self.half).to(torch.int64).clamp_(0, self.grid - 1)
+        return torch.where(scaled > self.thr[idx], self.hi[idx], self.lo[idx])
+
+
+_LUTS: Dict[str, _Lut] = {}
+
+
+def _lut(quant_type: str) -> _Lut:
+    if quant_type not in _LUTS:
+        code = four_bit_code(quant_type)
+        order = torch.argsort(code)  # same call as bitsandbytes (decides the 0 / -0 tie of FP4)
+        midpoints = (code[order[:-1]] + code[order[1:]]) / 2
+        _LUTS[quant_type] = _Lut(midpoints, order)
+    return _LUTS[quant_type]
+
+
+def _q4_blocks(a: Tensor, thr: Tensor, lo: Tensor, hi: Tensor, half: float, grid: int) -> "tuple[Tensor, Tensor]":
+    """Full blocks [blocks, bs] (any float dtype) -> packed bytes [blocks*bs/2], absmax fp32 [blocks]."""
+    af = a.float()
+    absmax = af.abs().amax(dim=-1)
+    scaled = torch.clamp(af * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1)
+    idx = ((scaled + 1.0) * half).to(torch.int64).clamp(0, grid - 1)
+    q = torch.where(scaled > thr[idx], hi[idx], lo[idx]).reshape(-1, 2)
+    packed = (q[:, 0] << 4) | q[:, 1]
+    return packed, absmax
+
+
+_compiled_q4 = None
+_compile_failed = False
+
+
+def _q4_full(a: Tensor, lut: _Lut) -> "tuple[Tensor, Tensor]":
+    global _compiled_q4, _compile_failed
+    args = (a, lut.thr.to(a.device), lut.lo.to(a.device), lut.hi.to(a.device), lut.half, lut.grid)
+    if not _compile_failed and os.environ.get("SLI_NO_COMPILE", "") in ("", "0"):
+        try:
+            if _compiled_q4 is None:
+                _compiled_q4 = torch.compile(_q4_blocks, dynamic=True)
+            return _compiled_q4(*args)
+        except Exception as exc:  # no compiler, unsupported backend, ...
+            _compile_failed = True
+            logger.warning("torch.compile of the 4-bit quantizer failed (%s); using the eager LUT path", exc)
+    return _q4_blocks(*args)
+
+
+def quantize_4bit_torch(weight: Tensor, blocksize: int, quant_type: str) -> "tuple[Tensor, Tensor]":
+    """Packed codes uint8 [ceil(n/2), 1] and absmax fp32, byte-identical to bitsandbytes."""
+    lut = _lut(quant_type)
+    flat = weight.reshape(-1)
+    n = flat.numel()
+    rem = n % blocksize
+    full = n - rem
+    parts, absmaxes = [], []
+    if full:
+        p, am = _q4_full(flat[:full].reshape(-1, blocksize), lut)
+        parts.append(p)
+        absmaxes.append(am)
+    if rem:
+        tail = flat[full:].float()
+        am = tail.abs().max().clamp(min=1e-38)
+        scaled = torch.clamp(tail / am, -1, 1)  # bitsandbytes divides here (multiplies above)
+        if rem % 2:
+            scaled = torch.nn.functional.pad(scaled, (0, 1))
+        q = lut.codes(scaled).reshape(-1, 2)
+        parts.append((q[:, 0] << 4) | q[:, 1])
+        absmaxes.append(am.reshape(1))
+    packed = torch.cat(parts) if len(parts) > 1 else parts[0]
+    absmax = torch.cat(absmaxes) if len(absmaxes) > 1 else absmaxes[0]
+    return packed.unsqueeze(1), absmax
+
+
+def quantize_blockwise_torch(a: Tensor, code: Tensor, blocksize: int) -> "tuple[Tensor, Tensor]":
+    """bitsandbytes' default (pure torch) ``quantize_blockwise``; its native CPU kernel picks the
+    neighbouring code on ~0.2% of values."""
+    flat = a.reshape(-1).float()
+    n = flat.numel()
+    rem = n % blocksize
+    full = n - rem
+    com = flat[:full].reshape(-1, blocksize)
+    absmax = com.abs().max(dim=-1)[0]
+    scaled = torch.clamp(com * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if rem:
+        am = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, am.unsqueeze(0)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / am, -1, 1)])
+    bounds = (code[:-1] + code[1:]) / 2
+    q = torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8)
+    return q, absmax
+
+
+def _dequant_blockwise_torch(q: Tensor, absmax: Tensor, code: Tensor, blocksize: int) -> Tensor:
+    vals = code.float()[q.reshape(-1).long()]
+    n = vals.numel()
+    rem = n % blocksize
+    full = n - rem
+    out = torch.empty(n, dtype=torch.float32, device=vals.device)
+    out[:full] = (vals[:full].view(-1, blocksize) * absmax[: full // blocksize].view(-1, 1)).reshape(-1)
+    if rem:
+        out[full:] = vals[full:] * absmax[-1]
+    return out
+
+
+class _FourBitCodec(Codec):
+    """NF4 / FP4 in bitsandbytes' bytes and transformers' checkpoint layout.
+
+    Packed codes and absmax are byte-identical to ``bitsandbytes.functional.quantize_4bit``
+    on either path. With double quant, bitsandbytes' native ``quantize_blockwise`` gives the
+    nested absmax codes; the pure-torch path (no bitsandbytes) uses bitsandbytes' own torch
+    reference, which picks the neighbouring code of the 256-value dynamic map on ~0.2% of
+    the absmax values (never further than one code).
+    """
+
+    quant_type: ClassVar[str]
+
+    def quantize(self, weight: Tensor, config: QuantizationConfig) -> QuantizedTensor:
+        _check_float(weight)
+        w = weight.detach().contiguous()
+        bs = int(config.block_size)
+        qt = self.quant_type
+        packed, absmax = quantize_4bit_torch(w, bs, qt)
+        state: Dict[str, Any] = {"quant_type": qt, "blocksize": bs, "dtype": dtype_name(w.dtype), "shape": list(w.shape)}
+        tensors: Dict[str, Tensor] = {"weight": packed}
+        if config.double_quant:
+            offset = absmax.mean()
+            if _bnb_available() and w.device.type == "cpu":
+                import bitsandbytes.functional as bnbf
+
+                qabsmax, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
+                nested_absmax, nested_code = state2.absmax, state2.code
+            else:
+                nested_code = dynamic_map().to(w.device)
+                qabsmax, nested_absmax = quantize_blockwise_torch(absmax - offset, nested_code, 256)
+            tensors["weight.absmax"] = qabsmax
+            tensors["weight.quant_map"] = four_bit_code(qt).to(w.device)
+            tensors["weight.nested_absmax"] = nested_absmax.float()
+            tensors["weight.nested_quant_map"] = nested_code.float().clone()
+            state.update(nested_blocksize=256, nested_dtype="float32", nested_offset=float(offset.item()))
+        else:
+            tensors["weight.absmax"] = absmax
+            tensors["weight.quant_map"] = four_bit_code(qt).to(w.device)
+        blob = json.dumps(state).encode("utf-8")
+        tensors[f"weight.quant_state.bitsandbytes__{qt}"] = torch.tensor(list(blob), dtype=torch.uint8)
+        meta = self._meta(w, self.mode, blocksize=bs, double_quant=bool(config.double_quant))
+        if config.double_quant:
+            meta["nested_offset"] = state["nested_offset"]
+        return QuantizedTensor(tensors, meta)
+
+    @staticmethod
+    def _state(q: QuantizedTensor, qt: str) -> Dict[str, Any]:
+        blob = q.tensors.get(f"weight.quant_state.bitsandbytes__{qt}")
+        if blob is not None:
+            return json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
+        return {"blocksize": q.metadata["blocksize"], "nested_offset": q.metadata.get("nested_offset")}
+
+    def dequantize(self, q: QuantizedTensor, dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
+        qt = self.quant_type
+        t = q.tensors
+        st = self._state(q, qt)
+        bs = int(st["blocksize"])
+        shape = tuple(q.metadata["shape"])
+        packed = t["weight"]
+        nested = "weight.nested_absmax" in t
+        device = packed.device
+        if _bnb_available() and device.type == "cpu":
+            import bitsandbytes.functional as bnbf
+
+            state2 = None
+            offset = None
+            if nested:
+                state2 = bnbf.QuantState(absmax=t["weight.nested_absmax"], code=t["weight.nested_quant_map"],
+                                         blocksize=int(st.get("nested_blocksize", 256)), dtype=torch.float32)
+                offset = torch.tensor(float(st["nested_offset"]))
+            qs = bnbf.QuantState(absmax=t["weight.absmax"], shape=torch.Size(shape), dtype=dtype, blocksize=bs,
+                                 code=t["weight.quant_map"], quant_type=qt, offset=offset, state2=state2)
+            if out is not None and out.is_contiguous() and out.dtype == dtype and tuple(out.shape) == shape:
+                return bnbf.dequantize_4bit(packed, qs, out=out)
+            return _write(bnbf.dequantize_4bit(packed, qs), out)
+        absmax = t["weight.absmax"]
+        if nested:
+            absmax = _dequant_blockwise_torch(absmax, t["weight.nested_absmax"].float(), t["weight.nested_quant_map"],
+                                              int(st.get("nested_blocksize", 256))) + float(st["nested_offset"])
+        n = 1
+        for s in shape:
+            n *= int(s)
+        p = packed.reshape(-1)
+        idx = torch.stack(((p >> 4), (p & 0xF)), dim=1).reshape(-1)[:n].long()
+        code = t["weight.quant_map"].float().to(device)
+        vals = code[idx]
+        rem = n % bs
+        full = n - rem
+        res = torch.empty(n, dtype=torch.float32, device=device)
+        res[:full] = (vals[:full].view(-1, bs) * absmax[: full // bs].view(-1, 1)).reshape(-1)
+        if rem:
+            res[full:] = vals[full:] * absmax[-1]
+        return _write(res.view(shape).to(dtype), out)
+
+
+class NF4Codec(_FourBitCodec):
+    mode = QuantizationMode.NF4
+    quant_type = "nf4"
+
+
+class FP4Codec(_FourBitCodec):
+    mode = QuantizationMode.FP4
+    quant_type = "fp4"
+
+
+# ---------------------------------------------------------------------------
+# INT4 (group-wise asymmetric) and FP8
+# ---------------------------------------------------------------------------
+
+class Int4Codec(Codec):
+    """Group-wise asymmetric int4: ``q = clamp(round(w / s) + z, 0, 15)``, two values a byte
+    (first value in the high nibble). ``in`` is zero-padded to a multiple of the group size
+    (``metadata["padded_in"]``)."""
+
+    mode = QuantizationMode.INT4
+
+    def quantize(self, weight: Tensor, config: QuantizationConfig) -> QuantizedTensor:
+        _check_float(weight)
+        g = int(config.group_size)
+        w = weight.detach().float()
+        if w.dim() != 2:
+            w = w.reshape(w.shape[0], -1)
+        rows, cols = w.shape
+        padded = -(-cols // g) * g
+        if padded != cols:
+            w = torch.nn.functional.pad(w, (0, padded - cols))
+        wg = w.view(rows, padded // g, g)
+        wmin = wg.amin(dim=-1).clamp(max=0)
+        wmax = wg.amax(dim=-1).clamp(min=0)
+        scale = ((wmax - wmin) / 15.0).clamp(min=1e-8).to(torch.float16)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # fp16 underflow
+        s = scale.float()
+        zero = torch.round(-wmin / s).clamp(0, 15)
+        q = (torch.round(wg / s.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp_(0, 15).to(torch.uint8).view(rows, padded)
+        packed = (q[:, 0::2] << 4) | q[:, 1::2]
+        tensors = {"weight": packed.contiguous(), "weight.scales": scale, "weight.zeros": zero.to(torch.uint8)}
+        return QuantizedTensor(tensors, self._meta(weight, self.mode, group_size=g, padded_in=padded))
+
+    def dequantize(self, q: QuantizedTensor, dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
+        t = q.tensors
+        packed = t["weight"]
+        rows = packed.shape[0]
+        g = int(q.metadata["group_size"])
+        padded = int(q.metadata.get("padded_in", packed.shape[1] * 2))
+        vals = torch.stack((packed >> 4, packed & 0xF), dim=-1).view(rows, padded // g, g).float()
+        w = (vals - t["weight.zeros"].float().unsqueeze(-1)) * t["weight.scales"].float().unsqueeze(-1)
+        shape = tuple(q.metadata["shape"])
+        w = w.view(rows, padded)[:, : int(shape[-1]) if len(shape) == 2 else padded]
+        return _write(w.reshape(shape).to(dtype), out)
+
+
+class FP8Codec(Codec):
+    """float8_e4m3fn with a per-output-channel fp32 scale (row absmax / 448)."""
+
+    mode = QuantizationMode.FP8
+
+    def quantize(self, weight: Tensor, config: QuantizationConfig) -> QuantizedTensor:
+        _check_float(weight)
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1) / 448.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = (w / scale.unsqueeze(1)).clamp_(-448, 448).to(torch.float8_e4m3fn)
+        return QuantizedTensor({"weight": q, "weight.scale": scale}, self._meta(weight, self.mode))
+
+    def dequantize(self, q: QuantizedTensor, dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
+        w = q.tensors["weight"].float() * q.tensors["weight.scale"].float().unsqueeze(1)
+        return _write(w.to(dtype), out)
