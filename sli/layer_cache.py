@@ -59,15 +59,27 @@ class DurableDisk(diskcache.Disk):
 
     def _write(self, full_path, iterator, mode, encoding=None):
         directory = os.path.dirname(full_path)
-        os.makedirs(directory, exist_ok=True)
         tmp_path = f"{full_path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        for attempt in range(10):
+            os.makedirs(directory, exist_ok=True)
+            try:
+                writer = open(tmp_path, "wb" if "b" in mode else "w", encoding=encoding)
+                break
+            except FileNotFoundError:
+                # Tolerated race, as in diskcache's own Disk._write: another process's
+                # Disk.remove pruned the (empty) sub-directory between makedirs and open.
+                if attempt == 9:
+                    raise
         try:
-            with open(tmp_path, "wb" if "b" in mode else "w", encoding=encoding) as writer:
+            with writer:
                 size = 0
                 for chunk in iterator:
                     size += len(chunk)
                     writer.write(chunk)
                 writer.flush()
+                # fsync before rename: diskcache's own _write neither syncs nor renames, so a
+                # crash could leave a committed row naming a short file. The checksum would
+                # catch that, but an entry should be whole before its name exists at all.
                 os.fsync(writer.fileno())
             os.replace(tmp_path, full_path)
         except BaseException:
@@ -90,8 +102,9 @@ class CacheStats:
     memory_misses: int = 0
     disk_hits: int = 0
     disk_misses: int = 0
-    evictions: int = 0  # from the memory tier, by this process
-    corrupt: int = 0
+    evictions: int = 0  # memory-tier evictions by this process
+    disk_evictions: int = 0  # disk-tier (size limit) evictions by this process
+    corrupt: int = 0  # entries found truncated or altered, removed and counted as misses
 
     def to_dict(self) -> Dict[str, int]:
         return asdict(self)
@@ -155,12 +168,23 @@ class LayerCache:
 
     Args:
         cache_dir: the directory (created if missing). Several processes may share it.
-        max_cache_size_gb: the disk tier's size limit; least recently used entries go first.
-        max_memory_cache_size_gb: the memory tier's size limit (0 turns it off); by default
-            10% of the RAM psutil reports available.
+        max_cache_size_gb: the disk tier's size limit in GiB, index included; least
+            recently used entries are evicted to keep it.
+        max_memory_cache_size_gb: the memory tier's size limit in GiB (0 turns it off);
+            None means 10% of the RAM psutil reports available.
+
+    Raises:
+        CacheError: the directory cannot be created or its index opened.
 
     Keys are (model id, layer, config fingerprint): one directory holds several models and
-    modes side by side, and bytes made under one config never answer for another.
+    modes side by side, and bytes made under one config never answer for another. Layers
+    are an int index or a name ("embed", "norm", "lm_head").
+
+    >>> import tempfile, torch
+    >>> with LayerCache(tempfile.mkdtemp(), max_cache_size_gb=0.01) as cache:
+    ...     written = cache.put("m", 0, "none", CachedLayer({"w": torch.ones(4)}))
+    ...     cache.get("m", 0, "none").tensors["w"].tolist()
+    [1.0, 1.0, 1.0, 1.0]
     """
 
     def __init__(self, cache_dir: Union[str, Path], max_cache_size_gb: Optional[float] = None,
@@ -172,10 +196,16 @@ class LayerCache:
         self.size_limit = int(size_gb * GB)
         if max_memory_cache_size_gb is None:
             self.memory_limit = int(psutil.virtual_memory().available * DEFAULT_SETTINGS["memory_fraction"])
+        elif max_memory_cache_size_gb < 0:
+            raise ValueError(f"max_memory_cache_size_gb={max_memory_cache_size_gb} must be >= 0 (0 turns it off)")
         else:
             self.memory_limit = int(max_memory_cache_size_gb * GB)
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
+            # cull_limit=0: diskcache's own culling removes up to cull_limit entries at once
+            # whenever the volume crosses the limit (16 layers of ~100 MB to make room for
+            # one); _evict_to_limit removes exactly as many as needed, oldest access first.
+            # disk_min_file_size=0: every value is a file, never a BLOB in the SQLite index.
             self._disk = diskcache.Cache(str(self.cache_dir), size_limit=self.size_limit,
                                          eviction_policy="least-recently-used", disk=DurableDisk,
                                          disk_min_file_size=0, cull_limit=0)
@@ -184,82 +214,105 @@ class LayerCache:
                              f"{_free_space(self.cache_dir)}; pass a writable --cache-dir") from exc
         self._memory: "OrderedDict[str, CachedLayer]" = OrderedDict()
         self._memory_bytes = 0
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # guards the memory tier and the counters
         self._stats = CacheStats()
 
     # -- keys -------------------------------------------------------------------------
     @staticmethod
     def key(model_id: str, layer: Union[int, str], config: ConfigLike) -> str:
-        """The index key. File names come from diskcache, never from the model id, so an id
-        such as ``../../etc`` cannot leave the cache directory."""
+        """The index key. File names come from diskcache (random hex), never from the model
+        id, so an id such as ``../../etc`` cannot leave the cache directory."""
         return f"{model_id}\x00{layer}\x00{_as_config(config).fingerprint()}"
 
+    def _layer_keys(self, model_id: str, layer: Union[int, str]) -> List[str]:
+        """Every key of (model, layer), any config, on disk or in memory."""
+        prefix = f"{model_id}\x00{layer}\x00"
+        with self._lock:
+            keys = {k for k in self._memory if k.startswith(prefix)}
+        keys.update(k for k in self._disk.iterkeys() if isinstance(k, str) and k.startswith(prefix))
+        return sorted(keys)
+
     # -- core, tensor-level API -----------------------------------------------------------
-    def put(self, model_id: str, layer: Union[int, str], config: ConfigLike, entry: CachedLayer) -> int:
-        """Store ``entry``; returns the bytes written. Replaces an existing entry."""
+    def put(self, model_id: str, layer: Union[int, str], config: ConfigLike, entry: CachedLayer,
+            memory: bool = True) -> int:
+        """Store ``entry`` (replacing any entry under the same key); returns the bytes written.
+
+        ``memory=False`` leaves the memory tier alone (for callers that keep their own
+        resident set). Raises :class:`CacheError` when the entry is larger than the whole
+        size limit or the directory is unwritable or full; the cache then holds what it
+        held before.
+        """
         config = _as_config(config)
-        data = serialize(entry, {"model_id": model_id, "layer": str(layer), "config": _config_json(config)})
+        data = serialize(entry, {"model_id": str(model_id), "layer": str(layer), "config": _config_json(config)})
         if len(data) > self.size_limit:
             raise CacheError(f"layer {layer} of {model_id} takes {len(data) / GB:.3f} GiB, more than the whole cache "
                              f"limit of {self.size_limit / GB:.3f} GiB; raise max_cache_size_gb")
         key = self.key(model_id, layer, config)
+        # The checksum lives in the index row's tag, not in the file's header: a header
+        # cannot carry the hash of bytes that include itself, and the row (file name + tag)
+        # commits in one SQLite transaction after the file is whole, so name and checksum
+        # always describe the same bytes. It covers the whole file, header and tensor data.
         try:
             self._disk.set(key, io.BytesIO(data), read=True, tag=checksum(data))
-            # diskcache's own culling (cull_limit) drops a fixed number of entries per set;
-            # cull() drops least-recently-used entries just until the volume fits.
-            self._disk.cull()
+            self._evict_to_limit(keep=key)
         except OSError as exc:
             raise CacheError(f"cannot write layer {layer} of {model_id} to {self.cache_dir} ({exc.strerror or exc}); "
                              f"{_free_space(self.cache_dir)}; free space or pass another --cache-dir") from exc
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, diskcache.Timeout) as exc:
             raise CacheError(f"cannot update the cache index in {self.cache_dir} ({exc}); "
                              f"{_free_space(self.cache_dir)}") from exc
-        self._remember(key, entry)
+        if memory:
+            self._remember(key, entry)
+        else:
+            with self._lock:
+                self._forget(key)  # never serve an older entry from memory
         return len(data)
 
-    def get(self, model_id: str, layer: Union[int, str], config: ConfigLike) -> Optional[CachedLayer]:
-        """The entry, from memory or disk, or None. A corrupt file is removed and counted
-        as a miss, never returned."""
-        key = self.key(model_id, layer, config)
-        with self._lock:
-            entry = self._memory.get(key)
-            if entry is not None:
-                self._memory.move_to_end(key)
-                self._stats.memory_hits += 1
-                return entry
-            self._stats.memory_misses += 1
-        entry = self._read(key)
-        with self._lock:
-            if entry is None:
-                self._stats.disk_misses += 1
-                return None
-            self._stats.disk_hits += 1
-        self._remember(key, entry)
+    def get(self, model_id: str, layer: Union[int, str], config: ConfigLike,
+            memory: bool = True) -> Optional[CachedLayer]:
+        """The entry, from the memory tier or else the disk, or None.
+
+        A disk hit is promoted into the memory tier when it fits, unless ``memory=False``.
+        A truncated or altered file is logged, removed and counted as a miss, never returned.
+        """
+        return self._get(self.key(model_id, layer, config), memory)
+
+    def __getitem__(self, key: Tuple[str, Union[int, str], ConfigLike]) -> CachedLayer:
+        entry = self.get(*key)
+        if entry is None:
+            raise KeyError(key)
         return entry
 
     def contains(self, model_id: str, layer: Union[int, str], config: ConfigLike) -> bool:
+        """True when the entry is in either tier (without reading or checking it)."""
         key = self.key(model_id, layer, config)
-        return key in self._memory or key in self._disk
+        with self._lock:
+            if key in self._memory:
+                return True
+        return key in self._disk
 
     def delete(self, model_id: str, layer: Union[int, str], config: Optional[ConfigLike] = None) -> int:
-        """Remove one entry, or every config's entry of that layer when ``config`` is None."""
-        prefix = f"{model_id}\x00{layer}\x00"
-        keys = [self.key(model_id, layer, config)] if config is not None else \
-            [k for k in self._disk.iterkeys() if isinstance(k, str) and k.startswith(prefix)]
+        """Remove one entry, or every config's entry of that layer when ``config`` is None.
+
+        Returns the number of keys removed (from either tier).
+        """
+        keys = [self.key(model_id, layer, config)] if config is not None else self._layer_keys(model_id, layer)
         removed = 0
         for key in keys:
             with self._lock:
-                self._forget(key)
-            removed += bool(self._disk.delete(key))
+                in_memory = self._forget(key)
+            removed += bool(self._disk.delete(key)) or in_memory
         return removed
 
     def clear(self) -> None:
+        """Remove every entry of both tiers (other processes' entries too)."""
         with self._lock:
             self._memory.clear()
             self._memory_bytes = 0
         self._disk.clear()
 
     def stats(self) -> CacheStats:
+        """Counters of this process, entry count and bytes of both tiers."""
         with self._lock:
             stats = CacheStats(**self._stats.to_dict())
             stats.memory_bytes, stats.memory_entries = self._memory_bytes, len(self._memory)
@@ -273,19 +326,26 @@ class LayerCache:
                 if isinstance(k, str)]
 
     def verify(self, remove: bool = False) -> List[str]:
-        """Check every entry's checksum and format; returns the bad keys (removed on request)."""
+        """Check every disk entry's checksum and format.
+
+        Returns the bad keys as ``"model:layer:fingerprint"``; removes them when ``remove``.
+        """
         bad = []
         for key in list(self._disk.iterkeys()):
-            if self._read(key, remove=False) is None and key in self._disk:
+            if self._read(key, remove=remove) is None and (remove or key in self._disk):
                 bad.append(key.replace("\x00", ":"))
-                if remove:
-                    self._disk.delete(key)
         return bad
 
     # -- the reference API ------------------------------------------------------------
     def cache_layer(self, model_id: str, layer_index: Union[int, str], layer: Union[torch.nn.Module, CachedLayer],
                     quantization_mode: ConfigLike = "none") -> int:
-        """Store a (quantized) layer module or a :class:`CachedLayer`; returns bytes written."""
+        """Store a layer; returns the bytes written.
+
+        ``layer`` is a :class:`CachedLayer` or an ``nn.Module`` (quantized already or not:
+        :meth:`LayerQuantizer.to_cached` serializes it as it is). ``quantization_mode`` is a
+        mode name, a :class:`QuantizationMode` or a :class:`QuantizationConfig`; it is the
+        key the layer is filed under.
+        """
         config = _as_config(quantization_mode)
         if not isinstance(layer, CachedLayer):
             quantizer = config if isinstance(config, LayerQuantizer) else LayerQuantizer(config)
@@ -294,29 +354,53 @@ class LayerCache:
 
     def get_layer(self, model_id: str, layer_index: Union[int, str],
                   quantization_config: Optional[ConfigLike] = None) -> Optional[CachedLayer]:
-        """The cached layer; with no config, the only one cached for that layer."""
+        """The cached layer, or None.
+
+        With no config, the only entry cached for that layer; raises ``ValueError`` naming
+        the fingerprints when several configs are cached for it.
+        """
         if quantization_config is not None:
             return self.get(model_id, layer_index, quantization_config)
-        prefix = f"{model_id}\x00{layer_index}\x00"
-        keys = [k for k in self._disk.iterkeys() if isinstance(k, str) and k.startswith(prefix)]
+        keys = self._layer_keys(model_id, layer_index)
         if not keys:
             return None
         if len(keys) > 1:
             raise ValueError(f"layer {layer_index} of {model_id} is cached under {len(keys)} configs "
-                             f"({', '.join(k.rsplit(chr(0), 1)[1] for k in keys)}); pass quantization_config")
-        entry = self._read(keys[0])
-        if entry is not None:
-            self._stats.disk_hits += 1
-        return entry
+                             f"(fingerprints {', '.join(k.rsplit(chr(0), 1)[1] for k in keys)}); "
+                             "pass quantization_config")
+        return self._get(keys[0], memory=True)
 
     # -- internals --------------------------------------------------------------------
+    def _get(self, key: str, memory: bool) -> Optional[CachedLayer]:
+        with self._lock:
+            entry = self._memory.get(key)
+            if entry is not None:
+                self._memory.move_to_end(key)
+                self._stats.memory_hits += 1
+                return entry
+            self._stats.memory_misses += 1
+        entry = self._read(key)  # outside the lock: a prefetch thread's disk read blocks no one
+        with self._lock:
+            if entry is None:
+                self._stats.disk_misses += 1
+                return None
+            self._stats.disk_hits += 1
+        if memory:
+            self._remember(key, entry)
+        return entry
+
     def _read(self, key: str, remove: bool = True) -> Optional[CachedLayer]:
+        """Read, check and parse one disk entry: one read() into a buffer the tensors view.
+
+        The whole file must be read for the checksum anyway, so a memory map saves nothing;
+        the tensors are views of a private buffer, never of a file that may be evicted.
+        """
         try:
             handle, tag = self._disk.get(key, read=True, tag=True)
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             logger.warning("layer cache read of %r failed: %s", key, exc)
             return None
-        if handle is None:
+        if handle is None:  # not there, or evicted by another process between lookup and open
             return None
         with handle:
             path = handle.name
@@ -333,14 +417,44 @@ class LayerCache:
             entry, metadata = deserialize(buffer)
             if metadata.get("format") != str(FORMAT_VERSION):
                 raise ValueError(f"format {metadata.get('format')} is not {FORMAT_VERSION}")
-        except (ValueError, KeyError, json.JSONDecodeError, RuntimeError) as exc:
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError, RuntimeError) as exc:
             logger.warning("corrupt layer cache entry %s (%s): removed, treated as a miss", path, exc)
             with self._lock:
                 self._stats.corrupt += 1
             if remove:
-                self._disk.delete(key)
+                self._remove_if_unchanged(key, tag)
             return None
         return entry
+
+    def _remove_if_unchanged(self, key: str, tag: str) -> None:
+        # Another process may have rewritten the key since we read it: delete only the row
+        # whose checksum we found wrong, inside one index transaction.
+        with self._disk.transact():
+            handle, current = self._disk.get(key, read=True, tag=True)
+            if handle is not None:
+                handle.close()
+                if current == tag:
+                    self._disk.delete(key)
+
+    def _evict_to_limit(self, keep: str) -> None:
+        """Evict least recently used entries (never ``keep``) until the volume fits the limit.
+
+        Runs after the write commits so the entry's file is written outside the index lock;
+        several writers may overshoot briefly, each then evicts down to the limit.
+        """
+        if self._disk.volume() <= self.size_limit:
+            return
+        with self._disk.transact():
+            while self._disk.volume() > self.size_limit:
+                # Private but stable diskcache API (_sql): the LRU order is the access_time
+                # column that eviction_policy="least-recently-used" maintains on every get.
+                row = self._disk._sql("SELECT key FROM Cache WHERE key != ? ORDER BY access_time LIMIT 1",
+                                      (keep,)).fetchone()
+                if row is None:
+                    break
+                self._disk.delete(row[0])
+                with self._lock:
+                    self._stats.disk_evictions += 1
 
     def _remember(self, key: str, entry: CachedLayer) -> None:
         nbytes = entry.nbytes
@@ -355,12 +469,14 @@ class LayerCache:
                 self._memory_bytes -= old.nbytes
                 self._stats.evictions += 1
 
-    def _forget(self, key: str) -> None:
+    def _forget(self, key: str) -> bool:
         old = self._memory.pop(key, None)
         if old is not None:
             self._memory_bytes -= old.nbytes
+        return old is not None
 
     def close(self) -> None:
+        """Close the index connection; the files stay for the next process."""
         self._disk.close()
 
     def __enter__(self) -> "LayerCache":
