@@ -30,7 +30,7 @@ import xxhash
 from safetensors.torch import save as safetensors_save
 
 from .errors import CacheError
-from .quantization import CachedLayer, LayerQuantizer, QuantizationConfig, QuantizationMode
+from .quantization import CachedLayer, LayerQuantizer, QuantizationConfig, QuantizationMode, _is_conv1d, is_linear
 
 logger = logging.getLogger(__name__)
 
@@ -349,7 +349,13 @@ class LayerCache:
         config = _as_config(quantization_mode)
         if not isinstance(layer, CachedLayer):
             quantizer = config if isinstance(config, LayerQuantizer) else LayerQuantizer(config)
-            layer = quantizer.to_cached(layer)
+            if LayerQuantizer.is_quantized(layer):
+                layer = quantizer.to_cached(layer)
+            else:
+                # Quantize from the tensors, leaving the caller's module as it was.
+                linear_paths = {name: _is_conv1d(m) for name, m in layer.named_modules() if is_linear(m)}
+                state = {name: t.detach() for name, t in layer.state_dict().items()}
+                layer = quantizer.quantize_state_dict(state, linear_paths)
         return self.put(model_id, layer_index, config, layer)
 
     def get_layer(self, model_id: str, layer_index: Union[int, str],
