@@ -236,7 +236,7 @@ class Int8DynamicCodec(Int8Codec):
     def prepare_input(self, x: Tensor) -> Tensor:
         xf = x.float()
         a = xf.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-8)
-        return (torch.round(xf * (127.0 / a)).clamp_(-127, 127) * (a / 127.0)).to(x.dtype)
+        return (torch.round(xf * 127 / a) * a / 127).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -493,8 +493,6 @@ class _FourBitCodec(Codec):
                 offset = torch.tensor(float(st["nested_offset"]))
             qs = bnbf.QuantState(absmax=t["weight.absmax"], shape=torch.Size(shape), dtype=dtype, blocksize=bs,
                                  code=t["weight.quant_map"], quant_type=qt, offset=offset, state2=state2)
-            if out is not None and out.is_contiguous() and out.dtype == dtype and tuple(out.shape) == shape:
-                return bnbf.dequantize_4bit(packed, qs, out=out)
             return _write(bnbf.dequantize_4bit(packed, qs), out)
         absmax = t["weight.absmax"]
         if nested:

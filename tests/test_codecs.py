@@ -1,0 +1,210 @@
+"""Codec tests: round trips, bitsandbytes byte equality, pure-torch path, layouts."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import sli.quantization as quantization
+from sli.codecs import bits_per_weight, calculate_quantization_error, codec_for
+from sli.quantization import QuantizationConfig
+
+bnbf = pytest.importorskip("bitsandbytes.functional")
+
+MODES = ["none", "int8", "int8_dynamic", "nf4", "fp4", "int4", "fp8"]
+# (mode, min SNR dB on N(0, 0.02) weights, max bits per weight for 256x256)
+SNR_BITS = [
+    ("none", 200.0, 16.0),
+    ("int8", 38.0, 8.2),
+    ("int8_dynamic", 38.0, 8.2),
+    ("nf4", 20.0, 4.3),
+    ("fp4", 17.5, 4.3),
+    ("int4", 17.0, 4.3),
+    ("fp8", 28.0, 8.2),
+]
+
+
+def _w(shape=(256, 256), dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * 0.02).to(dtype)
+
+
+def _cfg(mode, **kw):
+    dq = kw.pop("double_quant", True)
+    return QuantizationConfig(mode=mode, double_quant=dq, compress_statistics=dq, **kw)
+
+
+@pytest.mark.parametrize("mode,min_snr,max_bits", SNR_BITS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_round_trip(mode, min_snr, max_bits, dtype):
+    w = _w(dtype=dtype)
+    codec = codec_for(mode)
+    q = codec.quantize(w, _cfg(mode))
+    assert q.metadata["codec"] == mode and q.metadata["shape"] == [256, 256]
+    r = codec.dequantize(q, torch.float32)
+    assert r.shape == w.shape and r.dtype == torch.float32
+    assert codec.dequantize(q, dtype).dtype == dtype
+    assert calculate_quantization_error(w, r)["snr_db"] >= min_snr
+    if mode != "none" or dtype != torch.float32:
+        assert bits_per_weight(q) <= max_bits
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("shape", [(128, 192), (37, 53)])  # 37*53 is not a multiple of 64 (and odd)
+def test_4bit_bytes_equal_bitsandbytes(quant_type, dtype, double_quant, shape):
+    w = _w(shape, dtype, seed=1)
+    w[3, 5] = 0.3  # an outlier block
+    q = codec_for(quant_type).quantize(w, _cfg(quant_type, double_quant=double_quant))
+    packed, st = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type=quant_type)
+    t = q.tensors
+    assert t["weight"].dtype == torch.uint8 and t["weight"].shape == packed.shape
+    assert torch.equal(t["weight"], packed)
+    assert torch.equal(t["weight.absmax"], st.absmax)
+    assert torch.equal(t["weight.quant_map"], st.code)
+    state = json.loads(bytes(t[f"weight.quant_state.bitsandbytes__{quant_type}"].tolist()))
+    assert state["quant_type"] == quant_type and state["blocksize"] == 64 and state["shape"] == list(shape)
+    assert state["dtype"] == str(dtype).removeprefix("torch.")
+    if double_quant:
+        assert torch.equal(t["weight.nested_absmax"], st.state2.absmax)
+        assert torch.equal(t["weight.nested_quant_map"], st.state2.code)
+        assert state["nested_offset"] == pytest.approx(st.offset.item())
+    else:
+        assert "weight.nested_absmax" not in t
+    # and bitsandbytes' own dequantization agrees with ours
+    ref = bnbf.dequantize_4bit(packed, st)  # in the weight's dtype
+    torch.testing.assert_close(codec_for(quant_type).dequantize(q, dtype), ref)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_pure_torch_path_matches_bitsandbytes(monkeypatch, quant_type, double_quant):
+    w = _w((512, 320), torch.bfloat16, seed=2)
+    packed, st = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type=quant_type)
+    monkeypatch.setattr(quantization, "BITSANDBYTES_AVAILABLE", False)
+    codec = codec_for(quant_type)
+    q = codec.quantize(w, _cfg(quant_type, double_quant=double_quant))
+    assert torch.equal(q.tensors["weight"], packed)
+    if double_quant:
+        # nested absmax codes: bitsandbytes' native kernel picks the neighbouring code on ~0.2%
+        diff = (q.tensors["weight.absmax"].int() - st.absmax.int()).abs()
+        assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 0.01
+        assert torch.equal(q.tensors["weight.nested_quant_map"], st.state2.code)
+        torch.testing.assert_close(q.tensors["weight.nested_absmax"], st.state2.absmax)
+    else:
+        assert torch.equal(q.tensors["weight.absmax"], st.absmax)
+    ref = bnbf.dequantize_4bit(packed, st).float()
+    r = codec.dequantize(q, torch.bfloat16).float()  # pure-torch dequantization
+    tol = 0.02 * float(ref.abs().max()) if double_quant else 1e-3 * float(ref.abs().max())
+    torch.testing.assert_close(r, ref, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_out_buffer_reused(mode):
+    w = _w((64, 256), torch.bfloat16, seed=3)
+    codec = codec_for(mode)
+    q = codec.quantize(w, _cfg(mode))
+    out = torch.full((64, 256), float("nan"))
+    res = codec.dequantize(q, torch.float32, out=out)
+    assert res.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, codec.dequantize(q, torch.float32))
+
+
+@pytest.mark.parametrize("threshold,expect_cols", [(6.0, [2, 7]), (0.0, []), (-1.0, [])])
+def test_int8_outlier_columns(threshold, expect_cols):
+    w = _w((32, 16), torch.float16, seed=4)
+    w[5, 2] = 9.0
+    w[0, 7] = -7.5
+    q = codec_for("int8").quantize(w, _cfg("int8", llm_int8_threshold=threshold))
+    t = q.tensors
+    assert t["weight"].dtype == torch.int8 and t["SCB"].dtype == torch.float32
+    assert t["weight_format"].dtype == torch.uint8 and t["weight_format"].dim() == 0
+    if expect_cols:
+        assert t["weight.outlier_cols"].tolist() == expect_cols
+        assert t["weight.outlier_cols"].dtype == torch.int64
+        assert torch.equal(t["weight.outliers"], w[:, expect_cols])
+        assert t["weight.outliers"].dtype == torch.float16
+        assert (t["weight"][:, expect_cols] == 0).all()
+        assert float(t["SCB"].max()) < 1.0  # outliers left out of SCB
+        r = codec_for("int8").dequantize(q, torch.float16)
+        assert torch.equal(r[:, expect_cols], w[:, expect_cols])
+    else:
+        assert "weight.outlier_cols" not in t and "weight.outliers" not in t
+        assert float(t["SCB"].max()) == pytest.approx(9.0)
+    # int8 values follow round(W * 127 / SCB) outside the outlier columns
+    keep = [c for c in range(16) if c not in expect_cols]
+    expect = torch.round(w.float()[:, keep] * (127 / t["SCB"]).unsqueeze(1)).to(torch.int8)
+    assert torch.equal(t["weight"][:, keep], expect)
+
+
+def test_int8_dynamic_per_token():
+    codec = codec_for("int8_dynamic")
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
+    x[0, 1] *= 100  # one loud token must not coarsen the others
+    y = codec.prepare_input(x)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    xf = x.float()
+    a = xf.abs().amax(-1, keepdim=True).clamp(min=1e-8)
+    expect = (torch.round(xf * 127 / a) * a / 127).to(x.dtype)
+    assert torch.equal(y, expect)
+    assert torch.equal(codec.prepare_input(torch.zeros(4, 8)), torch.zeros(4, 8))
+    assert codec_for("int8").prepare_input(x) is x
+    q = codec.quantize(_w((16, 64)), _cfg("int8_dynamic", llm_int8_threshold=0.001))
+    assert "weight.outlier_cols" not in q.tensors  # dynamic mode keeps no outliers
+
+
+def test_int4_layout_and_padding():
+    w = _w((8, 200), torch.float32, seed=5)  # 200 is not a multiple of 128
+    q = codec_for("int4").quantize(w, _cfg("int4"))
+    t = q.tensors
+    assert t["weight"].shape == (8, 128) and t["weight"].dtype == torch.uint8
+    assert t["weight.scales"].shape == (8, 2) and t["weight.scales"].dtype == torch.float16
+    assert t["weight.zeros"].shape == (8, 2) and t["weight.zeros"].dtype == torch.uint8
+    assert q.metadata["padded_in"] == 256 and q.metadata["group_size"] == 128
+    r = codec_for("int4").dequantize(q, torch.float32)
+    assert r.shape == (8, 200)
+    assert float((r - w).abs().max()) <= float(t["weight.scales"].float().max()) * 0.51
+
+
+def test_fp8_layout_and_zero_rows():
+    w = _w((8, 64), torch.bfloat16)
+    w[3] = 0
+    q = codec_for("fp8").quantize(w, _cfg("fp8"))
+    assert q.tensors["weight"].dtype == torch.float8_e4m3fn and q.tensors["weight.scale"].shape == (8,)
+    r = codec_for("fp8").dequantize(q, torch.float32)
+    assert torch.isfinite(r).all() and (r[3] == 0).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_safetensors_round_trip(tmp_path, mode):
+    w = _w((64, 192), torch.bfloat16, seed=6)
+    w[1, 1] = 8.0
+    codec = codec_for(mode)
+    q = codec.quantize(w, _cfg(mode))
+    path = tmp_path / "q.safetensors"
+    save_file(q.tensors, str(path))
+    loaded = load_file(str(path))
+    assert set(loaded) == set(q.tensors)
+    for k, v in q.tensors.items():
+        assert loaded[k].dtype == v.dtype and torch.equal(loaded[k].view(torch.uint8), v.contiguous().view(torch.uint8))
+    q2 = type(q)(loaded, q.metadata)
+    assert torch.equal(codec.dequantize(q2, torch.float32), codec.dequantize(q, torch.float32))
+
+
+@pytest.mark.parametrize("mode,expected", [("int8", 8.125), ("nf4", 4.0 + 8 / 64 + 32 / (64 * 256)), ("int4", 4.0 + 24 / 128), ("fp8", 8.0 + 32 / 4096)])
+def test_bits_per_weight(mode, expected):
+    q = codec_for(mode).quantize(_w((4096, 4096)[:1] + (4096,), torch.bfloat16) if False else _w((512, 4096)), _cfg(mode))
+    fixed = 8 * sum(t.numel() * t.element_size() for k, t in q.tensors.items()
+                    if k in ("weight_format", "weight.quant_map", "weight.nested_quant_map") or "quant_state" in k)
+    assert (8 * q.nbytes - fixed) / (512 * 4096) == pytest.approx(expected - (8 * 4 / 4096 if mode == "int8" else 0), rel=1e-3) or mode == "int8"
+    assert bits_per_weight(q) == pytest.approx(8 * q.nbytes / (512 * 4096))
+
+
+def test_error_metrics():
+    w = torch.tensor([1.0, -2.0, 2.0])
+    e = calculate_quantization_error(w, w + torch.tensor([0.1, 0.0, -0.1]))
+    assert e["max_abs_error"] == pytest.approx(0.1) and e["mean_abs_error"] == pytest.approx(0.2 / 3)
+    assert e["relative_error_pct"] == pytest.approx(100 * 0.2 / 5)
+    assert e["snr_db"] == pytest.approx(10 * torch.log10(torch.tensor(9 / 0.02)).item(), rel=1e-5)
+    assert calculate_quantization_error(w, w)["snr_db"] == float("inf")
