@@ -1,8 +1,16 @@
-"""LayerCache: tiers, LRU order, size limits, config isolation, durability, corruption, concurrency."""
+"""LayerCache: the store between the quantizer and the streaming processor.
+
+Entries here are small CachedLayer objects with known contents, so every test can say
+exactly which bytes must come back. Tests that need several processes run short worker
+scripts with ``python -c`` (no fork of a process that holds torch threads).
+"""
 import errno
-import multiprocessing
+import functools
+import json
+import logging
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -10,247 +18,368 @@ import time
 from pathlib import Path
 from unittest import mock
 
+import diskcache
 import pytest
 import torch
+from torch import nn
 
-from sli import CacheError, CachedLayer, LayerCache, QuantizationConfig
-from sli.layer_cache import serialize
+from sli.errors import CacheError, SLIError
+from sli.layer_cache import GB, LayerCache
+from sli.quantization import CachedLayer, LayerQuantizer, QuantizationConfig
 
-NF4 = QuantizationConfig(mode="nf4")
-INT8 = QuantizationConfig(mode="int8")
 KB = 1024
+REPO = Path(__file__).resolve().parents[1]
 
 
-def entry(seed: int, numel: int = 16 * KB) -> CachedLayer:
-    """A CachedLayer of about ``numel`` float32 values (4 bytes each)."""
-    g = torch.Generator().manual_seed(seed)
-    return CachedLayer({"mlp.weight": torch.randn(numel, generator=g),
-                        "mlp.codes": torch.randint(0, 255, (64,), dtype=torch.uint8, generator=g)},
-                       {"mlp": {"codec": "none", "shape": [numel, 1], "dtype": "float32"}})
+@functools.lru_cache(maxsize=None)  # the same object for the same arguments: tests only compare them
+def make_entry(seed: int, nbytes: int = 16 * KB) -> CachedLayer:
+    """A layer of ``nbytes`` uint8 values derived from ``seed``, plus a small float norm."""
+    values = torch.arange(256, dtype=torch.uint8).repeat(nbytes // 256 + 1)[:nbytes] + (seed * 7) % 256
+    return CachedLayer({"mlp.weight": values, "norm.weight": torch.full((8,), float(seed))},
+                       {"mlp": {"codec": "none", "shape": [nbytes], "dtype": "uint8", "seed": seed}})
 
 
-def assert_same(a: CachedLayer, b: CachedLayer) -> None:
-    assert a.linears == b.linears and a.tensors.keys() == b.tensors.keys()
-    for name in a.tensors:
-        assert torch.equal(a.tensors[name], b.tensors[name]), name
+def same(a: CachedLayer, b: CachedLayer) -> bool:
+    return a.linears == b.linears and a.tensors.keys() == b.tensors.keys() and all(
+        torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+def entry_path(cache: LayerCache, model_id, layer, config) -> Path:
+    """The file diskcache keeps an entry in (random name inside the cache directory)."""
+    handle = cache._disk.get(cache.key(model_id, layer, config), read=True)
+    handle.close()
+    return Path(handle.name)
 
 
 @pytest.fixture
 def cache(tmp_path):
-    with LayerCache(tmp_path / "cache", max_cache_size_gb=1.0, max_memory_cache_size_gb=1.0) as c:
-        yield c
+    """A 4 MiB disk tier with a 64 KiB memory tier (four 16 KiB entries)."""
+    with LayerCache(tmp_path / "cache", max_cache_size_gb=4 * 1024 * KB / GB,
+                    max_memory_cache_size_gb=64 * KB / GB) as layer_cache:
+        yield layer_cache
 
 
-def entry_file(cache: LayerCache, model_id, layer, config) -> Path:
-    handle = cache._disk.get(cache.key(model_id, layer, config), read=True)
-    with handle:
-        return Path(handle.name)
+@pytest.fixture
+def disk_only(tmp_path):
+    """Memory tier off: every get() reads the disk."""
+    with LayerCache(tmp_path / "cache", max_cache_size_gb=4 * 1024 * KB / GB,
+                    max_memory_cache_size_gb=0) as layer_cache:
+        yield layer_cache
 
 
-# -- tiers ------------------------------------------------------------------------
+# -- hits and misses per tier --------------------------------------------------------------
 
-def test_a_put_entry_comes_back_equal_from_memory_then_from_disk(cache, tmp_path):
-    cache.put("m", 0, NF4, entry(0))
-    assert_same(cache.get("m", 0, NF4), entry(0))
-    assert cache.stats().memory_hits == 1
-    with LayerCache(tmp_path / "cache", max_memory_cache_size_gb=1.0) as reopened:  # a restart: empty memory tier
-        assert_same(reopened.get("m", 0, NF4), entry(0))
-        stats = reopened.stats()
-        assert (stats.memory_misses, stats.disk_hits) == (1, 1)
-        reopened.get("m", 0, NF4)  # promoted: now a memory hit
-        assert reopened.stats().memory_hits == 1
-
-
-def test_a_miss_is_counted_in_both_tiers(cache):
-    assert cache.get("m", 7, NF4) is None
-    stats = cache.stats()
-    assert (stats.memory_misses, stats.disk_misses) == (1, 1)
-    assert not cache.contains("m", 7, NF4)
-
-
-def test_layers_may_be_named(cache):
-    for name in ("embed", "norm", "lm_head"):
-        cache.put("m", name, NF4, entry(1))
-        assert cache.contains("m", name, NF4)
-
-
-# -- LRU --------------------------------------------------------------------------
-
-def test_memory_tier_evicts_least_recently_used_within_its_byte_limit(tmp_path):
-    one = entry(0).nbytes
-    with LayerCache(tmp_path / "c", max_memory_cache_size_gb=2.5 * one / 2**30) as cache:
-        cache.put("m", 0, NF4, entry(0))
-        cache.put("m", 1, NF4, entry(1))
-        cache.get("m", 0, NF4)            # 0 is now the most recent
-        cache.put("m", 2, NF4, entry(2))  # evicts 1
+def test_miss_then_disk_hit_then_memory_hit(tmp_path):
+    entry = make_entry(1)
+    with LayerCache(tmp_path, max_cache_size_gb=0.01, max_memory_cache_size_gb=0.01) as writer:
+        assert writer.get("m", 0, "none") is None  # miss in both tiers
+        assert writer.put("m", 0, "none", entry) > entry.nbytes  # bytes written, header included
+    with LayerCache(tmp_path, max_cache_size_gb=0.01, max_memory_cache_size_gb=0.01) as cache:
+        assert cache.contains("m", 0, "none") and not cache.contains("m", 1, "none")
+        assert same(cache.get("m", 0, "none"), entry)  # disk hit, promoted
+        assert same(cache.get("m", 0, "none"), entry)  # memory hit
         stats = cache.stats()
-        assert stats.memory_bytes <= 2.5 * one and stats.memory_entries == 2 and stats.evictions == 1
-        before = cache.stats().memory_hits
-        cache.get("m", 0, NF4)
-        cache.get("m", 2, NF4)
-        assert cache.stats().memory_hits == before + 2
-        cache.get("m", 1, NF4)
-        assert cache.stats().disk_hits == 1
+        assert (stats.memory_hits, stats.memory_misses, stats.disk_hits, stats.disk_misses) == (1, 1, 1, 0)
+        assert stats.entries == 1 and stats.memory_bytes == entry.nbytes
+        assert json.loads(json.dumps(stats.to_dict()))["disk_hits"] == 1
 
 
-def test_disk_tier_holds_its_byte_limit_and_evicts_least_recently_used(tmp_path):
-    size = len(serialize(entry(0), {}))
-    limit_gb = 12 * size / 2**30
-    with LayerCache(tmp_path / "c", max_cache_size_gb=limit_gb, max_memory_cache_size_gb=0) as cache:
-        for i in range(40):
-            cache.put("m", i, NF4, entry(i))
-            if i >= 1:
-                cache.get("m", 0, NF4)  # keep layer 0 hot
-            assert cache.stats().disk_bytes <= limit_gb * 2**30
-        assert cache.contains("m", 0, NF4)       # used all along: kept
-        assert not cache.contains("m", 1, NF4)   # oldest unused: evicted
-        assert cache.contains("m", 39, NF4)
-        files = [p for p in (tmp_path / "c").rglob("*.val")]
-        assert len(files) == cache.stats().entries  # evicted files are gone from disk
+def test_get_with_memory_false_does_not_promote(disk_only, tmp_path):
+    disk_only.put("m", 0, "none", make_entry(1))
+    with LayerCache(tmp_path / "cache", max_cache_size_gb=0.01, max_memory_cache_size_gb=0.01) as cache:
+        assert cache.get("m", 0, "none", memory=False) is not None
+        assert cache.get("m", 0, "none", memory=False) is not None
+        stats = cache.stats()
+        assert (stats.disk_hits, stats.memory_hits, stats.memory_bytes) == (2, 0, 0)
 
 
-# -- keys -------------------------------------------------------------------------
+def test_memory_hit_does_not_read_the_disk(cache):
+    cache.put("m", 0, "none", make_entry(1))
+    with mock.patch.object(cache, "_read", side_effect=AssertionError("disk read on a memory hit")):
+        assert same(cache.get("m", 0, "none"), make_entry(1))
+
+
+# -- LRU order and byte limits ------------------------------------------------------------
+
+def test_memory_tier_evicts_least_recently_used(cache):
+    # 64 KiB memory tier: four 16 KiB entries (plus the 32-byte norm) fit, not five... minus one
+    # for the norm bytes, so three stay resident.
+    for layer in range(3):
+        cache.put("m", layer, "none", make_entry(layer))
+    cache.get("m", 0, "none")  # 0 is now the most recently used
+    cache.put("m", 3, "none", make_entry(3))  # evicts 1, the least recently used
+    hits = cache.stats().memory_hits
+    assert cache.get("m", 0, "none") is not None and cache.stats().memory_hits == hits + 1
+    assert cache.get("m", 1, "none") is not None and cache.stats().disk_hits == 1  # from disk now
+    stats = cache.stats()
+    assert stats.evictions >= 1 and stats.memory_bytes <= 64 * KB
+
+
+def test_memory_tier_skips_an_entry_larger_than_itself(cache):
+    cache.put("m", 0, "none", make_entry(0, nbytes=128 * KB))
+    assert cache.stats().memory_bytes == 0
+    assert cache.get("m", 0, "none") is not None  # still served, from disk
+
+
+def test_disk_tier_evicts_least_recently_used(disk_only):
+    size = 512 * KB  # eight of these would pass the 4 MiB limit once the index is counted
+    for layer in range(7):
+        disk_only.put("m", layer, "none", make_entry(layer, size))
+        time.sleep(0.01)  # access times must differ
+    disk_only.get("m", 0, "none")  # touch 0: it becomes the most recently used
+    disk_only.put("m", 7, "none", make_entry(7, size))
+    assert disk_only.contains("m", 0, "none")
+    assert not disk_only.contains("m", 1, "none")  # the least recently used went first
+    assert all(disk_only.contains("m", layer, "none") for layer in range(2, 8))
+    assert disk_only.stats().disk_evictions == 1  # exactly as many as needed, not a batch
+
+
+def test_disk_bytes_stay_within_the_limit_after_many_inserts(disk_only):
+    for i in range(60):
+        disk_only.put("m", i, "none", make_entry(i, 100 * KB + 997 * (i % 7)))  # sizes vary
+        stats = disk_only.stats()
+        assert stats.disk_bytes <= disk_only.size_limit
+    assert stats.entries > 20 and stats.disk_evictions > 0
+    # Files on disk agree with the index: nothing evicted is left behind.
+    files = [p for p in Path(disk_only.cache_dir).rglob("*.val")]
+    assert len(files) == stats.entries
+
+
+def test_entry_larger_than_the_whole_limit_raises(disk_only):
+    with pytest.raises(CacheError, match="more than the whole cache limit"):
+        disk_only.put("m", 0, "none", make_entry(0, nbytes=5 * 1024 * KB))
+    assert disk_only.stats().entries == 0
+    assert issubclass(CacheError, SLIError)
+
+
+# -- keys: configs, models, names ------------------------------------------------------------
 
 def test_configs_are_isolated(cache):
-    cache.put("m", 0, NF4, entry(1))
-    cache.put("m", 0, INT8, entry(2))
-    assert_same(cache.get("m", 0, NF4), entry(1))
-    assert_same(cache.get("m", 0, INT8), entry(2))
-    assert cache.get("m", 0, QuantizationConfig(mode="fp4")) is None
-    assert cache.delete("m", 0) == 2 and cache.stats().entries == 0
+    nf4, nf4_blocks = QuantizationConfig(mode="nf4"), QuantizationConfig(mode="nf4", block_size=128)
+    cases = [  # same model and layer under three configs: three entries, never crossed
+        ("none", make_entry(10)),
+        (nf4, make_entry(11)),
+        (nf4_blocks, make_entry(12)),
+    ]
+    for config, entry in cases:
+        cache.put("m", 5, config, entry)
+    cache._memory.clear()  # read every one back from disk, not from the writer's memory
+    cache._memory_bytes = 0
+    for config, entry in cases:
+        assert same(cache.get("m", 5, config), entry)
+    assert cache.get("m", 5, "int8") is None
+    assert cache.get("other-model", 5, "none") is None
+    assert cache.stats().entries == 3
+    # compute_dtype does not change the stored bytes, so it shares the entry.
+    assert same(cache.get("m", 5, QuantizationConfig(mode="nf4", compute_dtype="bfloat16")), cases[1][1])
 
 
-def test_a_model_id_cannot_escape_the_cache_dir(cache, tmp_path):
-    cache.put("../../etc", 0, NF4, entry(0))
-    path = entry_file(cache, "../../etc", 0, NF4).resolve()
-    assert path.is_relative_to((tmp_path / "cache").resolve())
-    assert_same(cache.get("../../etc", 0, NF4), entry(0))
+def test_named_layers_and_delete(cache):
+    for layer in ("embed", "norm", "lm_head", 0):
+        cache.put("m", layer, "none", make_entry(hash(str(layer)) % 100))
+    cache.put("m", 0, "nf4", make_entry(1))
+    assert cache.delete("m", "embed", "none") == 1
+    assert cache.get("m", "embed", "none") is None
+    assert cache.delete("m", 0) == 2  # config=None: every config of that layer
+    assert not cache.contains("m", 0, "nf4") and cache.get("m", 0, "none") is None
+    assert cache.delete("m", 0) == 0
+    cache.clear()
+    assert cache.stats().entries == 0 and cache.stats().memory_bytes == 0
 
 
-def test_reference_api_cache_layer_and_get_layer(cache):
-    from torch import nn
-
-    from sli import LayerQuantizer
-
-    layer = LayerQuantizer(INT8).quantize_layer(nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64)))
-    assert cache.cache_layer("llama", 0, layer, INT8) > 0
-    got = cache.get_layer("llama", 0)
-    assert got.linears["0"]["codec"] == "int8" and "1.weight" in got.tensors
-    cache.cache_layer("llama", 0, entry(3), "nf4")
-    with pytest.raises(ValueError, match="pass quantization_config"):
-        cache.get_layer("llama", 0)
-    assert cache.get_layer("llama", 9) is None
+def test_model_id_cannot_escape_the_cache_directory(tmp_path):
+    cache_dir = tmp_path / "a" / "b" / "cache"
+    with LayerCache(cache_dir, max_cache_size_gb=0.01) as cache:
+        for model_id in ("../../etc", "/etc/passwd", "..\\..\\x", "m/../../../y"):
+            cache.put(model_id, 0, "none", make_entry(3))
+            assert same(cache.get(model_id, 0, "none", memory=False), make_entry(3))
+        assert {e["model_id"] for e in cache.entries()} >= {"../../etc", "/etc/passwd"}  # readable ids kept
+    outside = [p for p in tmp_path.rglob("*") if cache_dir not in p.parents and p != cache_dir]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in outside) == ["a", "a/b"]
+    assert all(p.name.endswith(".val") or p.is_dir() or p.name.startswith("cache.db")
+               for p in cache_dir.rglob("*"))
 
 
-# -- durability and bad input -----------------------------------------------------------
+def test_file_header_carries_readable_metadata(cache):
+    from safetensors import safe_open
 
-def test_an_entry_larger_than_the_whole_limit_is_refused(tmp_path):
-    with LayerCache(tmp_path / "c", max_cache_size_gb=1e-6) as cache:
-        with pytest.raises(CacheError, match="more than the whole cache limit"):
-            cache.put("m", 0, NF4, entry(0, numel=64 * KB))
-        assert cache.stats().entries == 0
-
-
-def test_a_full_disk_gives_a_cache_error_and_keeps_the_cache_consistent(cache):
-    cache.put("m", 0, NF4, entry(0))
-    with mock.patch("os.fsync", side_effect=OSError(errno.ENOSPC, "No space left on device")):
-        with pytest.raises(CacheError, match="No space left on device.*GiB free"):
-            cache.put("m", 1, NF4, entry(1))
-    assert not cache.contains("m", 1, NF4)
-    assert_same(cache.get("m", 0, NF4), entry(0))
-    assert cache.verify() == []
-    assert not list(Path(cache.cache_dir).rglob("*.tmp"))  # the temporary file is cleaned up
+    config = QuantizationConfig(mode="nf4")
+    cache.put("org/model", "lm_head", config, make_entry(4))
+    with safe_open(entry_path(cache, "org/model", "lm_head", config), "pt") as f:
+        meta = f.metadata()
+    assert (meta["model_id"], meta["layer"], meta["format"]) == ("org/model", "lm_head", "1")
+    assert json.loads(meta["config"])["mode"] == "nf4"
+    assert json.loads(meta["linears"])["mlp"]["seed"] == 4
 
 
-def test_an_unwritable_directory_gives_a_cache_error(tmp_path):
+def test_reopening_keeps_entries(tmp_path):
+    with LayerCache(tmp_path, max_cache_size_gb=0.01) as cache:
+        for layer in range(3):
+            cache.put("m", layer, "int8", make_entry(layer))
+    with LayerCache(tmp_path, max_cache_size_gb=0.01) as cache:
+        assert cache.stats().entries == 3
+        assert all(same(cache.get("m", layer, "int8"), make_entry(layer)) for layer in range(3))
+        assert cache.stats().disk_hits == 3
+
+
+# -- the reference API ---------------------------------------------------------------------
+
+def test_cache_layer_and_get_layer(cache):
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64))
+    before = module[0].weight.detach().clone()
+    cache.cache_layer("m", 0, module, "int8")  # plain module: quantized from its tensors
+    assert type(module[0]) is nn.Linear and torch.equal(module[0].weight, before)  # caller's module untouched
+    entry = cache.get_layer("m", 0)
+    assert entry.linears["0"]["codec"] == "int8" and entry.tensors["0.weight"].dtype == torch.int8
+
+    quantized = LayerQuantizer(QuantizationConfig(mode="fp8")).quantize_layer(nn.Sequential(nn.Linear(64, 64)))
+    cache.cache_layer("m", 1, quantized, QuantizationConfig(mode="fp8"))  # already quantized: stored as is
+    assert cache.get_layer("m", 1, "fp8").linears["0"]["codec"] == "fp8"
+
+    cache.cache_layer("m", 1, make_entry(2), "none")  # a CachedLayer is stored as it is
+    with pytest.raises(ValueError, match="2 configs"):
+        cache.get_layer("m", 1)
+    assert same(cache.get_layer("m", 1, "none"), make_entry(2))
+    assert cache.get_layer("m", 9) is None
+
+
+# -- durability and corruption --------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", [
+    "truncate",  # a file cut short (e.g. a copy interrupted by a full disk)
+    "flip",  # one flipped bit in the tensor data
+    "header",  # the safetensors header altered
+])
+def test_corrupt_file_is_caught_removed_and_counted(disk_only, damage, caplog):
+    disk_only.put("m", 0, "none", make_entry(0))
+    path = entry_path(disk_only, "m", 0, "none")
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data[-100] ^= 0x04
+    else:
+        data[20] = ord(" ") if data[20] != ord(" ") else ord("x")
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="sli.layer_cache"):
+        assert disk_only.get("m", 0, "none") is None
+    assert "corrupt layer cache entry" in caplog.text
+    stats = disk_only.stats()
+    assert (stats.corrupt, stats.disk_misses, stats.entries) == (1, 1, 0)
+    assert not path.exists() and not disk_only.contains("m", 0, "none")
+
+
+def test_verify_reports_and_removes_bad_entries(disk_only):
+    for layer in range(3):
+        disk_only.put("m", layer, "none", make_entry(layer))
+    path = entry_path(disk_only, "m", 1, "none")
+    path.write_bytes(path.read_bytes()[:-1])
+    bad = [f"m:1:{QuantizationConfig().fingerprint()}"]
+    assert disk_only.verify() == bad and disk_only.stats().entries == 3  # reported, kept
+    assert disk_only.verify(remove=True) == bad and disk_only.stats().entries == 2
+    assert disk_only.verify() == []
+
+
+def test_disk_full_raises_cache_error_and_leaves_the_cache_consistent(disk_only):
+    disk_only.put("m", 0, "none", make_entry(0))
+    full = OSError(errno.ENOSPC, "No space left on device")
+    with mock.patch("sli.layer_cache.os.fsync", side_effect=full):
+        with pytest.raises(CacheError, match=r"No space left on device.*GiB free on"):
+            disk_only.put("m", 1, "none", make_entry(1))
+        with pytest.raises(CacheError, match=str(disk_only.cache_dir)):
+            disk_only.put("m", 0, "none", make_entry(5))  # a failed replace keeps the old entry
+    assert not list(Path(disk_only.cache_dir).rglob("*.tmp"))  # no temporary files left
+    assert disk_only.stats().entries == 1 and disk_only.verify() == []
+    assert same(disk_only.get("m", 0, "none"), make_entry(0)) and disk_only.get("m", 1, "none") is None
+    disk_only.put("m", 1, "none", make_entry(1))  # space back: writes work again
+    assert same(disk_only.get("m", 1, "none"), make_entry(1))
+
+
+def test_unwritable_directory_raises_cache_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    with pytest.raises(CacheError, match="cannot open the layer cache"):
+    with pytest.raises(CacheError, match=r"cannot open the layer cache at .*file.*free"):
         LayerCache(blocker / "cache")
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_a_damaged_file_is_caught_removed_and_never_served(damage, tmp_path):
-    with LayerCache(tmp_path / "c", max_memory_cache_size_gb=0) as cache:
-        cache.put("m", 0, NF4, entry(0))
-        path = entry_file(cache, "m", 0, NF4)
-        data = bytearray(path.read_bytes())
-        if damage == "truncate":
-            data = data[: len(data) - 100]
-        else:
-            data[len(data) // 2] ^= 0x01
-        path.write_bytes(bytes(data))
-        assert cache.verify() == ["m:0:" + NF4.fingerprint()]
-        assert cache.get("m", 0, NF4) is None
-        assert cache.stats().corrupt >= 1
-        assert not path.exists() and not cache.contains("m", 0, NF4)
+def test_values_are_raw_files_never_pickles(disk_only):
+    with mock.patch("pickle.dumps", side_effect=AssertionError("pickled")), \
+            mock.patch("pickle.loads", side_effect=AssertionError("unpickled")), \
+            mock.patch("pickle.load", side_effect=AssertionError("unpickled")), \
+            mock.patch("torch.load", side_effect=AssertionError("torch.load")):
+        disk_only.put("m", 0, "none", make_entry(0))
+        assert same(disk_only.get("m", 0, "none"), make_entry(0))
+    rows = disk_only._disk._sql("SELECT mode, value, tag FROM Cache").fetchall()
+    assert rows == [(diskcache.core.MODE_BINARY, None, rows[0][2])]  # a file, no BLOB, a str checksum
+    data = entry_path(disk_only, "m", 0, "none").read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    assert json.loads(data[8:8 + header_len])["__metadata__"]["model_id"] == "m"  # safetensors
 
 
-def test_cache_content_is_never_pickled(cache):
-    cache.put("m", 0, NF4, entry(0))
-    path = entry_file(cache, "m", 0, NF4)
-    raw = path.read_bytes()
-    header_len = int.from_bytes(raw[:8], "little")
-    assert raw[8:9] == b"{" and b'"__metadata__"' in raw[8:8 + header_len]  # a plain safetensors file
-    import sqlite3
+# -- several processes -----------------------------------------------------------------------
 
-    rows = sqlite3.connect(cache.cache_dir / "cache.db").execute("SELECT mode, value FROM Cache").fetchall()
-    assert all(mode != 4 for mode, _ in rows)  # diskcache's MODE_PICKLE is 4
-
-
-WRITER = textwrap.dedent("""
-    import sys, torch
-    from sli import LayerCache, CachedLayer, QuantizationConfig
-    cache = LayerCache(sys.argv[1], max_memory_cache_size_gb=0)
-    i = 0
-    while True:
-        t = torch.full((256 * 1024,), float(i))
-        cache.put("m", i % 50, QuantizationConfig(mode="nf4"), CachedLayer({"w": t}, {}))
-        print(i, flush=True)
-        i += 1
+WORKER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from test_layer_cache import make_entry, same
+    from sli.layer_cache import LayerCache, GB
+    cache_dir, role, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    cache = LayerCache(cache_dir, max_cache_size_gb={limit} / GB, max_memory_cache_size_gb=0)
+    if role == "writer":  # writes until killed
+        i = 0
+        while True:
+            cache.put("m", i % 400, "none", make_entry(i % 400, 256 * 1024))
+            if i == 2:
+                print("ready", flush=True)
+            i += 1
+    bad = 0
+    for i in range(45):  # hammer: overlapping keys, same bytes for a key in every process
+        layer = (seed * 7 + i * 3) % 24
+        if i % 3:
+            cache.put("m", layer, "none", make_entry(layer, 96 * 1024))
+        got = cache.get("m", (layer + seed) % 24, "none")
+        bad += got is not None and not same(got, make_entry((layer + seed) % 24, 96 * 1024))
+    print("bad", bad, "corrupt", cache.stats().corrupt, flush=True)
+    sys.exit(1 if bad or cache.stats().corrupt else 0)
 """)
 
 
-def test_a_writer_killed_mid_write_leaves_nothing_corrupt(tmp_path):
-    script = tmp_path / "writer.py"
-    script.write_text(WRITER)
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "c")], stdout=subprocess.PIPE, text=True)
-    for _ in range(20):  # let it get going, then kill it at a random point of a write
-        proc.stdout.readline()
-    time.sleep(0.05)
+def worker(cache_dir, role, seed, limit):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    source = WORKER.format(tests=str(REPO / "tests"), limit=limit)
+    return subprocess.Popen([sys.executable, "-c", source, str(cache_dir), role, str(seed)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+
+
+def test_writer_killed_mid_write_leaves_nothing_corrupt(tmp_path):
+    limit = 8 * 1024 * KB
+    proc = worker(tmp_path, "writer", 0, limit)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.4)  # in the middle of some write of a 256 KiB entry
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    with LayerCache(tmp_path / "c", max_memory_cache_size_gb=0) as cache:
+    with LayerCache(tmp_path, max_cache_size_gb=limit / GB, max_memory_cache_size_gb=0) as cache:
+        entries = cache.entries()
+        assert len(entries) >= 3
         assert cache.verify() == []
-        served = 0
-        for layer in range(50):
-            got = cache.get("m", layer, NF4)
-            if got is not None:
-                value = got.tensors["w"][0].item()
-                assert value % 50 == layer and torch.all(got.tensors["w"] == value)
-                served += 1
-        assert served >= 10
+        for e in entries:  # everything served is exactly what was written
+            layer = int(e["layer"])
+            assert same(cache.get("m", layer, "none"), make_entry(layer, 256 * KB))
+        assert cache.stats().corrupt == 0
+        cache.put("m", 999, "none", make_entry(9))  # the directory still takes writes
 
 
-def _hammer(args):
-    cache_dir, worker, limit_gb = args
-    with LayerCache(cache_dir, max_cache_size_gb=limit_gb, max_memory_cache_size_gb=0) as cache:
-        for i in range(30):
-            layer = (worker * 7 + i) % 12
-            cache.put(f"model-{layer % 3}", layer, NF4, entry(layer))
-            got = cache.get(f"model-{(layer + 1) % 3}", (layer + 1) % 12, NF4)
-            if got is not None:
-                assert_same(got, entry((layer + 1) % 12))
-    return True
-
-
-def test_four_processes_hammering_one_directory(tmp_path):
-    size = len(serialize(entry(0), {}))
-    limit_gb = 8 * size / 2**30
-    with multiprocessing.get_context("spawn").Pool(4) as pool:
-        assert all(pool.map(_hammer, [(str(tmp_path / "c"), w, limit_gb) for w in range(4)]))
-    with LayerCache(tmp_path / "c", max_cache_size_gb=limit_gb) as cache:
+def test_four_processes_share_one_directory(tmp_path):
+    limit = 1536 * KB  # ~15 of the 24 keys fit: evictions race with reads and writes
+    procs = [worker(tmp_path, "hammer", seed, limit) for seed in range(4)]
+    outputs = [p.communicate(timeout=50)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], outputs
+    with LayerCache(tmp_path, max_cache_size_gb=limit / GB, max_memory_cache_size_gb=0) as cache:
+        stats = cache.stats()
+        assert 0 < stats.entries < 24 and stats.disk_bytes <= limit
         assert cache.verify() == []
-        assert cache.stats().disk_bytes <= limit_gb * 2**30
         for e in cache.entries():
-            assert_same(cache.get(e["model_id"], int(e["layer"]), NF4), entry(int(e["layer"])))
+            layer = int(e["layer"])
+            assert same(cache.get("m", layer, "none"), make_entry(layer, 96 * KB))
+        assert len(list(Path(tmp_path).rglob("*.val"))) == stats.entries  # evicted files deleted
