@@ -1,0 +1,200 @@
+"""Layer-loading benchmark: one Llama-2-7B decoder layer from the LayerCache, per tier and mode.
+
+Run: .venv/bin/python benchmarks/layer_loading.py [--quick] [--repeats 3] [--cache-dir DIR]
+
+The layer has Llama-2-7B's shapes (hidden 4096, intermediate 11008: q/k/v/o 4096x4096,
+gate/up 11008x4096, down 4096x11008, two RMSNorm weights; 202M parameters, bf16 source),
+N(0, 0.02) weights, stored as NONE, INT8 and NF4. "Ready-to-run" means every weight
+dequantized to a float32 tensor (what the processor's forward needs on CPU). For each mode
+the same run times:
+
+- get() from the memory tier, alone and + dequantization;
+- get() from the disk tier with a warm and with a cold page cache (drop_caches), alone and +
+  dequantization, beside a raw read of the same file into a buffer (warm and cold);
+- dequantization alone, and the xxh3 checksum alone.
+
+Prints a markdown table (median of --repeats, ms) and the targets. --quick uses a layer of
+hidden 1024 / intermediate 2752 and one repeat. Needs root for the cold rows (it says so
+otherwise).
+"""
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+
+import torch
+
+from sli.codecs import QuantizedTensor, codec_for
+from sli.layer_cache import GB, LayerCache, checksum
+from sli.quantization import CachedLayer, QuantizationConfig
+
+LINEARS = {  # module path -> (out, in) as multiples of (hidden, intermediate)
+    "self_attn.q_proj": ("h", "h"), "self_attn.k_proj": ("h", "h"), "self_attn.v_proj": ("h", "h"),
+    "self_attn.o_proj": ("h", "h"), "mlp.gate_proj": ("i", "h"), "mlp.up_proj": ("i", "h"),
+    "mlp.down_proj": ("h", "i"),
+}
+NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
+
+
+def make_layer(hidden: int, intermediate: int, config: QuantizationConfig) -> CachedLayer:
+    dims = {"h": hidden, "i": intermediate}
+    codec = codec_for(config.mode)
+    tensors, linears = {}, {}
+    g = torch.Generator().manual_seed(0)
+    for path, (out_dim, in_dim) in LINEARS.items():
+        w = (torch.randn(dims[out_dim], dims[in_dim], generator=g) * 0.02).to(torch.bfloat16)
+        q = codec.quantize(w, config)
+        for name, t in q.tensors.items():
+            tensors[f"{path}.{name}"] = t
+        linears[path] = q.metadata
+    for name in NORMS:
+        tensors[name] = torch.ones(hidden, dtype=torch.bfloat16)
+    return CachedLayer(tensors, linears)
+
+
+def ready_to_run(entry: CachedLayer) -> dict:
+    """Every weight as a float32 tensor."""
+    state = {}
+    for path, meta in entry.linears.items():
+        prefix = path + "."
+        sub = {k[len(prefix):]: t for k, t in entry.tensors.items() if k.startswith(prefix)}
+        state[path + ".weight"] = codec_for(meta["codec"]).dequantize(QuantizedTensor(sub, meta), torch.float32)
+    for name in NORMS:
+        state[name] = entry.tensors[name].to(torch.float32)
+    return state
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def raw_read(path: str) -> bytearray:
+    with open(path, "rb") as f:
+        buffer = bytearray(os.fstat(f.fileno()).st_size)
+        f.readinto(buffer)
+    return buffer
+
+
+def median_ms(fn, repeats: int, before=None) -> float:
+    times = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except Exception:  # lscpu missing: the platform string will do
+        return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="hidden 1024 / intermediate 2752, one repeat")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cache-dir", help="where the cache lives (default: a temporary directory, removed after)")
+    args = ap.parse_args()
+    hidden, intermediate = (1024, 2752) if args.quick else (4096, 11008)
+    repeats = 1 if args.quick else args.repeats
+    torch.set_num_threads(os.cpu_count() or 1)
+    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="sli-bench-")
+    cold_ok = drop_caches()
+    rows = {}
+    try:
+        for mode in ("none", "int8", "nf4"):
+            config = QuantizationConfig(mode=mode)
+            entry = make_layer(hidden, intermediate, config)
+            with LayerCache(cache_dir, max_cache_size_gb=8.0, max_memory_cache_size_gb=4.0) as cache, \
+                    LayerCache(cache_dir, max_cache_size_gb=8.0, max_memory_cache_size_gb=0) as disk:
+                nbytes = cache.put("bench", 0, config, entry)  # also in cache's memory tier
+                handle = cache._disk.get(cache.key("bench", 0, config), read=True)
+                handle.close()
+                path = handle.name
+                ready_to_run(entry)  # warm-up (lazy imports, compiled kernels)
+                r = {"MB": nbytes / 1e6}
+                r["dequant"] = median_ms(lambda: ready_to_run(entry), repeats)
+                buffer = raw_read(path)
+                r["xxh3"] = median_ms(lambda: checksum(buffer), repeats)
+                del buffer
+                r["mem get"] = median_ms(lambda: cache.get("bench", 0, config), repeats)
+                r["mem get+deq"] = median_ms(lambda: ready_to_run(cache.get("bench", 0, config)), repeats)
+                r["raw warm"] = median_ms(lambda: raw_read(path), repeats)
+                r["disk warm get"] = median_ms(lambda: disk.get("bench", 0, config), repeats)
+                r["disk warm get+deq"] = median_ms(lambda: ready_to_run(disk.get("bench", 0, config)), repeats)
+                if cold_ok:
+                    r["raw cold"] = median_ms(lambda: raw_read(path), repeats, before=drop_caches)
+                    r["disk cold get"] = median_ms(lambda: disk.get("bench", 0, config), repeats, before=drop_caches)
+                    r["disk cold get+deq"] = median_ms(lambda: ready_to_run(disk.get("bench", 0, config)), repeats,
+                                                       before=drop_caches)
+                assert disk.stats().corrupt == 0 and disk.stats().memory_hits == 0
+                rows[mode] = r
+                cache.clear()
+    finally:
+        if not args.cache_dir:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+
+    params = sum(LINEARS_numel for LINEARS_numel in [
+        {"h": hidden, "i": intermediate}[o] * {"h": hidden, "i": intermediate}[i] for o, i in LINEARS.values()])
+    print(f"Command: .venv/bin/python benchmarks/layer_loading.py{' --quick' if args.quick else ''}"
+          f" (repeats {repeats}, median)")
+    print(f"Machine: {os.cpu_count()} cores, {cpu_name()}, {psutil_gb():.0f} GiB RAM, torch {torch.__version__}; "
+          f"{datetime.date.today().isoformat()}; layer {hidden}/{intermediate}, {params / 1e6:.0f}M linear params, "
+          "bf16 source")
+    if not cold_ok:
+        print("Cold rows skipped: /proc/sys/vm/drop_caches is not writable (run as root).")
+    print()
+    cols = ["MB", "dequant", "xxh3", "mem get", "mem get+deq", "raw warm", "disk warm get", "disk warm get+deq"]
+    if cold_ok:
+        cols += ["raw cold", "disk cold get", "disk cold get+deq"]
+    print("| mode | " + " | ".join(c + ("" if c == "MB" else " ms") for c in cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for mode, r in rows.items():
+        print(f"| {mode} | " + " | ".join(f"{r[c]:.1f}" if r[c] >= 1 else f"{r[c]:.3f}" for c in cols) + " |")
+    print()
+    print("| mode | disk warm get+deq ÷ (raw warm + deq) | disk cold get+deq ÷ (raw cold + deq) "
+          "| mem get+deq ÷ disk cold get+deq | mem get ÷ disk cold get | xxh3 ÷ raw cold |")
+    print("|---|---|---|---|---|---|")
+    for mode, r in rows.items():
+        warm = r["disk warm get+deq"] / (r["raw warm"] + r["dequant"])
+        if cold_ok:
+            cold = r["disk cold get+deq"] / (r["raw cold"] + r["dequant"])
+            mem = r["mem get+deq"] / r["disk cold get+deq"]
+            mem_get = r["mem get"] / r["disk cold get"]
+            hash_share = r["xxh3"] / r["raw cold"]
+            print(f"| {mode} | {warm:.2f}x | {cold:.2f}x | {100 * mem:.1f}% | {100 * mem_get:.3f}% "
+                  f"| {100 * hash_share:.1f}% |")
+        else:
+            print(f"| {mode} | {warm:.2f}x | - | - | - | - |")
+    if cold_ok:
+        none, nf4 = rows["none"], rows["nf4"]
+        print()
+        print(f"NF4 vs NONE, cold get (bytes off disk, checked, parsed): "
+              f"{none['disk cold get'] / nf4['disk cold get']:.2f}x faster; cold get+dequant (ready-to-run): "
+              f"{none['disk cold get+deq'] / nf4['disk cold get+deq']:.2f}x")
+
+
+def psutil_gb() -> float:
+    import psutil
+
+    return psutil.virtual_memory().total / GB
+
+
+if __name__ == "__main__":
+    main()
