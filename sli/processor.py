@@ -27,6 +27,23 @@ logger = logging.getLogger(__name__)
 GB = 1024**3
 
 
+def _return_freed_buffers_to_the_os() -> None:
+    """Make glibc serve large allocations with mmap, always.
+
+    glibc raises its mmap threshold after large blocks are freed (up to 32 MB), after
+    which freed layer buffers stay in the heap and count against RSS. A fixed threshold
+    keeps layer-sized buffers mmapped, so freeing one gives the memory back at once.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_MMAP_THRESHOLD = -3
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def default_cache_dir() -> Path:
     """``$SLI_CACHE_DIR``, else ``$SLI_HOME/layer-cache``, else ``~/.cache/sli/layer-cache``."""
     if os.environ.get("SLI_CACHE_DIR"):
@@ -81,6 +98,7 @@ class UniversalSLIProcessor:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.model_dir = resolve_model_dir(model_name)
+        _return_freed_buffers_to_the_os()
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda" and not torch.cuda.is_available():

@@ -202,6 +202,7 @@ PEAK_SCRIPT = textwrap.dedent("""
         for line in open('/proc/self/status'):
             if line.startswith('VmHWM:'): return int(line.split()[1]) * 1024
     torch.set_num_threads(2)
+    from transformers import LlamaForCausalLM  # the modeling code every contender imports
     base = rss()
     from sli import QuantizationConfig
     from sli.processor import UniversalSLIProcessor
@@ -213,9 +214,15 @@ PEAK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_peak_rss_is_bounded_by_the_budget_not_the_model(model_factory, tmp_path):
-    model_dir = Path(model_factory("llama", preset="small", num_layers=12))
-    model_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) * 2  # float32 compute
+def test_peak_rss_is_bounded_by_the_budget_not_the_model(tmp_path):
+    from transformers import LlamaConfig
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"  # 151 M parameters: 0.6 GB in float32, 12 layers of 49 MB
+    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
+                         num_key_value_heads=16, vocab_size=1024, bos_token_id=0, eos_token_id=1)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(model_dir)
+    model_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) * 2  # as float32 in memory
     budget = model_bytes / 10
     with open_processor(model_dir, tmp_path) as proc:  # warm the cache outside the measured process
         proc.prewarm(progress=False)
@@ -227,4 +234,4 @@ def test_peak_rss_is_bounded_by_the_budget_not_the_model(model_factory, tmp_path
     growth = result["peak"] - result["base"]
     allowed = budget + 3 * result["layer_bytes"]
     assert growth < allowed, f"peak grew {growth / 2**20:.0f} MiB, allowed {allowed / 2**20:.0f} MiB"
-    assert growth < model_bytes / 2  # far below what loading the model would take
+    assert growth < model_bytes / 3  # far below what loading the model would take

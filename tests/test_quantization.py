@@ -157,12 +157,14 @@ def test_cached_form_round_trips_to_the_same_weights():
 def test_gpt2_conv1d_is_quantized_with_its_transposed_weight():
     from transformers.pytorch_utils import Conv1D
 
+    torch.manual_seed(0)
     conv = Conv1D(96, 32)  # weight [in=32, out=96]
     nn.init.normal_(conv.weight)
     x = torch.randn(4, 32)
     q = LayerQuantizer(QuantizationConfig(mode="int8")).quantize_layer(conv)
     assert isinstance(q, QuantizedLinear) and q.metadata["shape"] == [96, 32]
-    torch.testing.assert_close(q(x), conv(x), atol=0.05, rtol=0.05)
+    torch.testing.assert_close(q(x), conv(x), atol=0.1, rtol=0.02)  # int8: ~0.4% of each weight's row max
+    assert q.dequantized_weight().t().shape == conv.weight.shape
 
 
 # -- AdaptiveQuantizer ------------------------------------------------------------
