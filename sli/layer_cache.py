@@ -18,6 +18,7 @@ import shutil
 import sqlite3
 import struct
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ DEFAULT_SETTINGS = {
     "max_cache_size_gb": 50.0,  # disk tier size limit, GiB
     "memory_fraction": 0.10,  # memory tier size when not given: this share of available RAM
 }
+TEMPORARY_MAX_AGE_S = 3600.0  # a temporary file older than this, seconds, is a killed writer's leftover
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -212,6 +214,7 @@ class LayerCache:
         except (OSError, sqlite3.Error) as exc:
             raise CacheError(f"cannot open the layer cache at {self.cache_dir} ({exc}); "
                              f"{_free_space(self.cache_dir)}; pass a writable --cache-dir") from exc
+        self._sweep_temporaries()
         self._memory: "OrderedDict[str, CachedLayer]" = OrderedDict()
         self._memory_bytes = 0
         self._lock = threading.RLock()  # guards the memory tier and the counters
@@ -332,8 +335,13 @@ class LayerCache:
         """
         bad = []
         for key in list(self._disk.iterkeys()):
-            if self._read(key, remove=remove) is None and (remove or key in self._disk):
-                bad.append(key.replace("\x00", ":"))
+            with self._lock:
+                corrupt_before = self._stats.corrupt
+            self._read(key, remove=remove)
+            with self._lock:
+                # A key another process evicted meanwhile is a miss, not a bad entry.
+                if self._stats.corrupt > corrupt_before:
+                    bad.append(key.replace("\x00", ":"))
         return bad
 
     # -- the reference API ------------------------------------------------------------
@@ -461,6 +469,20 @@ class LayerCache:
                 self._disk.delete(row[0])
                 with self._lock:
                     self._stats.disk_evictions += 1
+
+    def _sweep_temporaries(self, max_age_s: float = TEMPORARY_MAX_AGE_S) -> None:
+        """Delete temporary files that writers killed mid-write left behind.
+
+        They were never in the index (never served) but take space the size limit does not
+        see. Only old ones go: a young one may be another process's write in progress.
+        """
+        cutoff = time.time() - max_age_s
+        for path in self.cache_dir.glob("*/*/*.tmp"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+            except OSError:  # tolerated race: another process swept it first
+                pass
 
     def _remember(self, key: str, entry: CachedLayer) -> None:
         nbytes = entry.nbytes

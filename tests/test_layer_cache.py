@@ -370,10 +370,21 @@ def test_writer_killed_mid_write_leaves_nothing_corrupt(tmp_path):
         cache.put("m", 999, "none", make_entry(9))  # the directory still takes writes
 
 
+def test_old_temporary_files_are_swept_on_open(tmp_path):
+    LayerCache(tmp_path, max_cache_size_gb=0.01).close()
+    (tmp_path / "ab" / "cd").mkdir(parents=True)
+    old, young = tmp_path / "ab" / "cd" / "x.val.1.2.tmp", tmp_path / "ab" / "cd" / "y.val.1.2.tmp"
+    old.write_bytes(b"left by a killed writer")
+    young.write_bytes(b"another process writing now")
+    os.utime(old, (time.time() - 2 * 3600,) * 2)
+    LayerCache(tmp_path, max_cache_size_gb=0.01).close()
+    assert not old.exists() and young.exists()
+
+
 def test_four_processes_share_one_directory(tmp_path):
     limit = 1536 * KB  # ~15 of the 24 keys fit: evictions race with reads and writes
     procs = [worker(tmp_path, "hammer", seed, limit) for seed in range(4)]
-    outputs = [p.communicate(timeout=50)[0] for p in procs]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], outputs
     with LayerCache(tmp_path, max_cache_size_gb=limit / GB, max_memory_cache_size_gb=0) as cache:
         stats = cache.stats()
