@@ -30,6 +30,14 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _reset_peak_rss() -> None:
+    """Start VmHWM afresh (Linux: writing 5 to clear_refs), so the peak reported is the run's own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def _config(mode: str):
     from .quantization import QuantizationConfig, QuantizationRegistry, get_mixed_precision_config
 
@@ -95,6 +103,7 @@ def cmd_generate(args) -> int:
     if not args.json:
         sys.stdout.write(prompt)
         sys.stdout.flush()
+    _reset_peak_rss()  # conversion and warm-up are not part of the generation's peak
     t0 = time.perf_counter()
     first_token_at = []
     new = proc.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
@@ -240,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-cache-size-gb", type=float, default=None)
             p.add_argument("--device", default=None)
             p.add_argument("--json", action="store_true")
-            p.add_argument("--memory-budget-gb", type=float, default=0.25)
+            p.add_argument("--memory-budget-gb", type=float, default=0.35)
         p.add_argument("--max-new-tokens", type=int, default=24)
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
         p.add_argument("--top-k", type=int, default=None)

@@ -184,11 +184,19 @@ def _int8_rowwise(w: Tensor) -> "tuple[Tensor, Tensor]":
 
 def _int8_dequant(q: QuantizedTensor, dtype: torch.dtype, out: Optional[Tensor]) -> Tensor:
     t = q.tensors
-    w = t["weight"].float() * (t["SCB"].float() * (1.0 / 127.0)).unsqueeze(1)
+    scale = (t["SCB"].float() * (1.0 / 127.0)).unsqueeze(1)
     cols = t.get("weight.outlier_cols")
+    if out is not None and out.dtype == torch.float32:
+        # convert, then scale in place: no temporaries, and ~4x faster here than one
+        # mixed-dtype torch.mul (int8 * fp32 takes a slow, unvectorized path)
+        w = out.view(t["weight"].shape).copy_(t["weight"]).mul_(scale)
+    else:
+        w = t["weight"].float() * scale
     if cols is not None and cols.numel():
         w[:, cols] = t["weight.outliers"].float()
-    return _write(w.to(dtype), out) if out is None or out.dtype != torch.float32 else out.copy_(w)
+    if out is not None and out.dtype == torch.float32:
+        return out
+    return _write(w.to(dtype), out)
 
 
 class Int8Codec(Codec):
@@ -584,5 +592,8 @@ class FP8Codec(Codec):
         return QuantizedTensor({"weight": q, "weight.scale": scale}, self._meta(weight, self.mode))
 
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
-        w = q.tensors["weight"].float() * q.tensors["weight.scale"].float().unsqueeze(1)
+        scale = q.tensors["weight.scale"].float().unsqueeze(1)
+        if out is not None and out.dtype == torch.float32:
+            return out.copy_(q.tensors["weight"]).mul_(scale)  # in place: no temporaries
+        w = q.tensors["weight"].float() * scale
         return _write(w.to(dtype), out)

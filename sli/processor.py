@@ -184,8 +184,9 @@ class UniversalSLIProcessor:
                 raise ModelLoadError(f"the checkpoint has no tensor for {name!r}; the model files are incomplete: re-save the model")
         # Non-persistent buffers (rotary tables) were made on CPU by the skeleton.
         self.model.to(self.device) if self.device.type == "cuda" else None
-        self.shared_bytes = sum(t.numel() * t.element_size() for n, t in self.model.state_dict().items()
-                                if not n.startswith(self.layout.layers_path + ".") and t.device.type != "meta")
+        shared = {t.data_ptr(): t.numel() * t.element_size() for n, t in self.model.state_dict().items()
+                  if not n.startswith(self.layout.layers_path + ".") and t.device.type != "meta"}
+        self.shared_bytes = sum(shared.values())  # a tied head shares the embedding's storage
 
     def _linear_paths(self, index: int) -> Dict[str, bool]:
         return {name: _is_conv1d(m) for name, m in self.layers[index].named_modules() if name and is_linear(m)}
