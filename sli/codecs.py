@@ -111,6 +111,17 @@ def _write(result: Tensor, out: Optional[Tensor]) -> Tensor:
     return out
 
 
+def _write_or_into(compute, shape: tuple, dtype: torch.dtype, device: torch.device, out: Optional[Tensor]) -> Tensor:
+    """Run ``compute(buf)`` (fills an fp32 buffer of ``shape``) straight into ``out`` when that is a
+    contiguous fp32 tensor of the same size (no extra pass), else into a fresh buffer, cast to ``dtype``."""
+    numel = math.prod(int(s) for s in shape)
+    if out is not None and out.dtype == torch.float32 and out.is_contiguous() and out.numel() == numel:
+        compute(out.view(shape))
+        return out
+    res = compute(torch.empty(shape, dtype=torch.float32, device=device))
+    return _write(res if dtype == torch.float32 else res.to(dtype), out)
+
+
 class NoneCodec(Codec):
     """No quantization: the weight is kept as stored in the checkpoint."""
 
@@ -288,109 +299,117 @@ def dynamic_map() -> Tensor:
     return torch.tensor(data, dtype=torch.float32)
 
 
-class _Lut:
-    """Exact bucketize replacement: a fine grid over [-1, 1] plus one midpoint compare a cell.
+# How the 4-bit quantizer matches bitsandbytes byte for byte, fast.
+#
+# bitsandbytes (CPU, 0.50.2, backends/default/ops.py) computes per 64-value block
+# ``scaled = clamp(w.float() * (1 / absmax.clamp(min=1e-38)), -1, 1)`` (a reciprocal, then a
+# multiply; the partial last block instead divides by its absmax), then
+# ``code = order[bucketize(scaled, midpoints)]`` with ``midpoints`` the 15 fp32 midpoints of the
+# sorted code and ``order = argsort(code)`` (identity for NF4; FP4's code is not sorted).
+# ``bucketize`` (binary search, scalar) is ~90% of its time. It counts the midpoints below x,
+# so ``order[count]`` telescopes into ``order[0] + sum_i (x > m_i) * (order[i+1] - order[i])``:
+# 15 branch-free compare/select/adds that torch.compile (inductor) turns into one fused,
+# vectorized loop. Every step is exact (fp32 compares against fp32 constants, small integers in
+# fp32), so the bytes equal bitsandbytes' for any input. Eager PyTorch runs those 15 steps as 45
+# full-tensor passes, slower than bucketize, so the eager fallback is bitsandbytes' own
+# bucketize reference.
 
-    ``count(bounds < x)`` (torch.bucketize, right=False) equals ``base[c] + (x > b[c])`` where
-    ``c`` is x's grid cell, ``base[c]`` the bounds below the cell and ``b[c]`` the (at most one)
-    bound inside it (+inf when none). The grid size is chosen so every bound lies well inside
-    its cell (>= 5% of a cell width from the edges), so a one-ulp difference in the computed
-    cell index (eager vs compiled, FMA contraction) cannot change the result.
-    """
-
-    def __init__(self, bounds: Tensor, order: Tensor) -> None:
-        b64 = bounds.double()
-        best = None
-        for g in range(4001, 4400, 2):  # odd: 0 (an FP4 bound) is then mid-cell
-            pos = (b64 + 1.0) * (g / 2.0)
-            frac = pos - pos.floor()
-            margin = float(torch.minimum(frac, 1 - frac).min())
-            cells = pos.floor().long()
-            if cells.unique().numel() != cells.numel():
-                continue
-            if best is None or margin > best[1]:
-                best = (g, margin)
-            if margin > 0.05:
-                break
-        assert best is not None
-        g = best[0]
-        self.grid = g
-        self.half = g / 2.0
-        cells = ((bounds.float() + 1.0) * self.half).to(torch.int64).clamp(0, g - 1)
-        base = torch.searchsorted(cells, torch.arange(g), right=False)  # bounds with cell < c
-        thr = torch.full((g,), float("inf"))
-        thr[cells] = bounds.float()
-        lo = order[base.clamp(max=len(order) - 1)]
-        hi = order[(base + 1).clamp(max=len(order) - 1)]
-        self.lo = lo.to(torch.uint8)
-        self.hi = hi.to(torch.uint8)
-        self.thr = thr.float()
-
-    def codes(self, scaled: Tensor) -> Tensor:
-        idx = ((scaled + 1.0) * self.half).to(torch.int64).clamp_(0, self.grid - 1)
-        return torch.where(scaled > self.thr[idx], self.hi[idx], self.lo[idx])
-
-
-_LUTS: Dict[str, _Lut] = {}
-
-
-def _lut(quant_type: str) -> _Lut:
-    if quant_type not in _LUTS:
-        code = four_bit_code(quant_type)
-        order = torch.argsort(code)  # same call as bitsandbytes (decides the 0 / -0 tie of FP4)
-        midpoints = (code[order[:-1]] + code[order[1:]]) / 2
-        _LUTS[quant_type] = _Lut(midpoints, order)
-    return _LUTS[quant_type]
-
-
-def _q4_blocks(a: Tensor, thr: Tensor, lo: Tensor, hi: Tensor, half: float, grid: int) -> "tuple[Tensor, Tensor]":
-    """Full blocks [blocks, bs] (any float dtype) -> packed bytes [blocks*bs/2], absmax fp32 [blocks]."""
-    af = a.float()
-    absmax = af.abs().amax(dim=-1)
-    scaled = torch.clamp(af * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1)
-    idx = ((scaled + 1.0) * half).to(torch.int64).clamp(0, grid - 1)
-    q = torch.where(scaled > thr[idx], hi[idx], lo[idx]).reshape(-1, 2)
-    packed = (q[:, 0] << 4) | q[:, 1]
-    return packed, absmax
-
-
-_compiled_q4 = None
+_COMPILE_MIN_NUMEL = 1 << 20  # smaller weights: eager is quicker than a compile (~3-15 s per dtype)
+_compiled: Dict[str, Any] = {}
 _compile_failed = False
 
 
-def _q4_full(a: Tensor, lut: _Lut) -> "tuple[Tensor, Tensor]":
-    global _compiled_q4, _compile_failed
-    args = (a, lut.thr.to(a.device), lut.lo.to(a.device), lut.hi.to(a.device), lut.half, lut.grid)
-    if not _compile_failed and os.environ.get("SLI_NO_COMPILE", "") in ("", "0"):
+def _four_bit_steps(quant_type: str) -> "tuple[Tensor, Tensor, float, list]":
+    code = four_bit_code(quant_type)
+    order = torch.argsort(code)  # same call as bitsandbytes (decides FP4's 0 / -0 tie)
+    midpoints = (code[order[:-1]] + code[order[1:]]) / 2  # fp32, as bitsandbytes
+    o = order.tolist()
+    steps = [(float(m), float(o[i + 1] - o[i])) for i, m in enumerate(midpoints.tolist())]
+    return midpoints, order, float(o[0]), steps
+
+
+def _make_q4_kernel(quant_type: str):
+    _, _, c0, steps = _four_bit_steps(quant_type)
+
+    def count(s: Tensor) -> Tensor:
+        q = torch.where(s > steps[0][0], c0 + steps[0][1], c0)
+        for m, d in steps[1:]:
+            q = q + torch.where(s > m, d, 0.0)
+        return q  # the 4-bit code as fp32 (exact small integers)
+
+    def q4_blocks(a: Tensor) -> "tuple[Tensor, Tensor]":
+        # a: [blocks, bs] (bf16/fp16/fp32) -> packed uint8 [blocks, bs/2], absmax fp32 [blocks]
+        af = a.float()
+        absmax = af.abs().amax(dim=-1, keepdim=True)
+        inv = 1.0 / absmax.clamp(min=1e-38)
+        pairs = af.view(af.shape[0], -1, 2)  # first value of a pair -> high nibble
+        hi = count(torch.clamp(pairs[..., 0] * inv, -1, 1))
+        lo = count(torch.clamp(pairs[..., 1] * inv, -1, 1))
+        return (hi * 16 + lo).to(torch.uint8), absmax.squeeze(1)
+
+    return q4_blocks
+
+
+def _codes_reference(scaled: Tensor, quant_type: str) -> Tensor:
+    """bitsandbytes' eager reference: ``order[bucketize(scaled, midpoints)]`` as uint8."""
+    midpoints, order, _, _ = _four_bit_steps(quant_type)
+    q = torch.bucketize(scaled, midpoints.to(scaled.device), out_int32=True)
+    if quant_type != "nf4":
+        q = order.to(scaled.device)[q]
+    return q.to(torch.uint8)
+
+
+def _q4_reference(a: Tensor, quant_type: str) -> "tuple[Tensor, Tensor]":
+    af = a.float()
+    absmax = af.abs().amax(dim=-1)
+    scaled = torch.clamp(af * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1)
+    q = _codes_reference(scaled, quant_type).view(a.shape[0], -1, 2)
+    return (q[..., 0] << 4) | q[..., 1], absmax
+
+
+def _use_compile(a: Tensor) -> bool:
+    return (not _compile_failed and a.device.type == "cpu" and a.numel() >= _COMPILE_MIN_NUMEL
+            and os.environ.get("SLI_NO_COMPILE", "") in ("", "0"))
+
+
+def _q4_full(a: Tensor, quant_type: str) -> "tuple[Tensor, Tensor]":
+    """Full blocks ``a`` [blocks, bs] -> packed uint8 [blocks, bs/2], absmax fp32 [blocks]."""
+    global _compile_failed
+    if _use_compile(a):
         try:
-            if _compiled_q4 is None:
-                _compiled_q4 = torch.compile(_q4_blocks, dynamic=True)
-            return _compiled_q4(*args)
-        except Exception as exc:  # no compiler, unsupported backend, ...
+            fn = _compiled.get(quant_type)
+            if fn is None:
+                fn = _compiled[quant_type] = torch.compile(_make_q4_kernel(quant_type), dynamic=False)
+            torch._dynamo.maybe_mark_dynamic(a, 0)  # one compile per dtype and block size, any row count
+            return fn(a)
+        except Exception as exc:  # no C compiler, unsupported platform, ...
             _compile_failed = True
-            logger.warning("torch.compile of the 4-bit quantizer failed (%s); using the eager LUT path", exc)
-    return _q4_blocks(*args)
+            logger.warning("torch.compile of the 4-bit quantizer failed (%s: %s); using the eager path "
+                           "(same bytes, ~10x slower)", type(exc).__name__, exc)
+    return _q4_reference(a, quant_type)
 
 
 def quantize_4bit_torch(weight: Tensor, blocksize: int, quant_type: str) -> "tuple[Tensor, Tensor]":
-    """Packed codes uint8 [ceil(n/2), 1] and absmax fp32, byte-identical to bitsandbytes."""
-    lut = _lut(quant_type)
+    """Packed codes uint8 [ceil(n/2), 1] and absmax fp32, byte-identical to bitsandbytes'
+    ``quantize_4bit`` (no bitsandbytes needed)."""
+    if blocksize % 2:
+        raise ValueError(f"block_size={blocksize} must be even (two 4-bit codes a byte)")
     flat = weight.reshape(-1)
     n = flat.numel()
     rem = n % blocksize
     full = n - rem
     parts, absmaxes = [], []
     if full:
-        p, am = _q4_full(flat[:full].reshape(-1, blocksize), lut)
-        parts.append(p)
+        p, am = _q4_full(flat[:full].view(-1, blocksize), quant_type)
+        parts.append(p.reshape(-1))
         absmaxes.append(am)
     if rem:
         tail = flat[full:].float()
         am = tail.abs().max().clamp(min=1e-38)
         scaled = torch.clamp(tail / am, -1, 1)  # bitsandbytes divides here (multiplies above)
-        if rem % 2:
+        if rem % 2:  # bitsandbytes pads the odd last value with 0 (whose code fills the low nibble)
             scaled = torch.nn.functional.pad(scaled, (0, 1))
-        q = lut.codes(scaled).reshape(-1, 2)
+        q = _codes_reference(scaled, quant_type).view(-1, 2)
         parts.append((q[:, 0] << 4) | q[:, 1])
         absmaxes.append(am.reshape(1))
     packed = torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -491,6 +510,7 @@ class _FourBitCodec(Codec):
         nested = "weight.nested_absmax" in t
         device = packed.device
         if _bnb_available() and device.type == "cpu":
+            # bitsandbytes' native CPU kernel (it has no out= on CPU, hence the copy)
             import bitsandbytes.functional as bnbf
 
             state2 = None
@@ -502,24 +522,30 @@ class _FourBitCodec(Codec):
             qs = bnbf.QuantState(absmax=t["weight.absmax"], shape=torch.Size(shape), dtype=dtype, blocksize=bs,
                                  code=t["weight.quant_map"], quant_type=qt, offset=offset, state2=state2)
             return _write(bnbf.dequantize_4bit(packed, qs), out)
+        return _write_or_into(lambda buf: self._dequantize_torch(t, st, shape, buf), shape, dtype, device, out)
+
+    @staticmethod
+    def _dequantize_torch(t: Dict[str, Tensor], st: Dict[str, Any], shape: tuple, res: Tensor) -> Tensor:
+        """Pure torch: one 256-entry byte -> (hi, lo) value gather, one multiply into ``res`` (fp32)."""
+        bs = int(st["blocksize"])
+        device = res.device
         absmax = t["weight.absmax"]
-        if nested:
+        if "weight.nested_absmax" in t:
             absmax = _dequant_blockwise_torch(absmax, t["weight.nested_absmax"].float(), t["weight.nested_quant_map"],
                                               int(st.get("nested_blocksize", 256))) + float(st["nested_offset"])
-        n = 1
-        for s in shape:
-            n *= int(s)
-        p = packed.reshape(-1)
-        idx = torch.stack(((p >> 4), (p & 0xF)), dim=1).reshape(-1)[:n].long()
+        absmax = absmax.float()
+        n = res.numel()
         code = t["weight.quant_map"].float().to(device)
-        vals = code[idx]
+        pair = torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=1)  # [256, 2]: byte -> (hi, lo)
+        vals = pair.index_select(0, t["weight"].reshape(-1).long()).view(-1)
+        flat = res.view(-1)
         rem = n % bs
         full = n - rem
-        res = torch.empty(n, dtype=torch.float32, device=device)
-        res[:full] = (vals[:full].view(-1, bs) * absmax[: full // bs].view(-1, 1)).reshape(-1)
+        if full:
+            torch.mul(vals[:full].view(-1, bs), absmax[: full // bs].view(-1, 1), out=flat[:full].view(-1, bs))
         if rem:
-            res[full:] = vals[full:] * absmax[-1]
-        return _write(res.view(shape).to(dtype), out)
+            torch.mul(vals[full:n], absmax[-1], out=flat[full:])
+        return res
 
 
 class NF4Codec(_FourBitCodec):
