@@ -17,7 +17,8 @@ from sli.processor import UniversalSLIProcessor
 from sli.quantization import is_linear, linear_weight
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "gpt_neox", "mixtral",
-            "falcon", "stablelm", "olmo", "phi", "gemma"]
+            "falcon", "stablelm", "olmo", "phi", "gemma", "qwen2_moe", "qwen3_moe", "gemma3_text", "olmo2",
+            "starcoder2", "granite", "cohere"]
 
 
 def reference_model(model_dir, config=None):
