@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import sli.codecs as codecs
 import sli.quantization as quantization
 from sli.codecs import bits_per_weight, calculate_quantization_error, codec_for
 from sli.quantization import QuantizationConfig
@@ -192,13 +193,61 @@ def test_safetensors_round_trip(tmp_path, mode):
     assert torch.equal(codec.dequantize(q2, torch.float32), codec.dequantize(q, torch.float32))
 
 
-@pytest.mark.parametrize("mode,expected", [("int8", 8.125), ("nf4", 4.0 + 8 / 64 + 32 / (64 * 256)), ("int4", 4.0 + 24 / 128), ("fp8", 8.0 + 32 / 4096)])
-def test_bits_per_weight(mode, expected):
-    q = codec_for(mode).quantize(_w((4096, 4096)[:1] + (4096,), torch.bfloat16) if False else _w((512, 4096)), _cfg(mode))
-    fixed = 8 * sum(t.numel() * t.element_size() for k, t in q.tensors.items()
-                    if k in ("weight_format", "weight.quant_map", "weight.nested_quant_map") or "quant_state" in k)
-    assert (8 * q.nbytes - fixed) / (512 * 4096) == pytest.approx(expected - (8 * 4 / 4096 if mode == "int8" else 0), rel=1e-3) or mode == "int8"
+# (mode, exact bits per weight of a 512x4096 weight: payload + per-block statistics + fixed tables)
+BITS = [
+    ("int8", 8 + 32 / 4096 + 8 / (512 * 4096)),  # int8 + fp32 SCB per row + uint8 weight_format
+    ("nf4", 4 + 8 / 64 + 32 / (64 * 256)),  # 4-bit + uint8 absmax per 64 + fp32 nested absmax per 256 blocks (+ tables)
+    ("int4", 4 + 24 / 128),  # 4-bit + fp16 scale + uint8 zero per 128
+    ("fp8", 8 + 32 / 4096),  # fp8 + fp32 scale per row
+]
+
+
+@pytest.mark.parametrize("mode,expected", BITS)
+def test_bits_per_weight(monkeypatch, mode, expected):
+    monkeypatch.setenv("SLI_NO_COMPILE", "1")  # layout only: skip the compile warm-up
+    q = codec_for(mode).quantize(_w((512, 4096)), _cfg(mode))
+    tables = sum(t.numel() * t.element_size() for k, t in q.tensors.items()
+                 if k in ("weight.quant_map", "weight.nested_quant_map") or "quant_state" in k)
     assert bits_per_weight(q) == pytest.approx(8 * q.nbytes / (512 * 4096))
+    assert 8 * (q.nbytes - tables) / (512 * 4096) == pytest.approx(expected, rel=1e-6)
+    assert bits_per_weight(q) <= {"int8": 8.01, "nf4": 4.2, "int4": 4.3, "fp8": 8.01}[mode]
+
+
+def test_compiled_4bit_quantizer_matches_bitsandbytes(monkeypatch):
+    # the torch.compile'd kernel (normally only for >= 1M values) on a small weight: same bytes as
+    # bitsandbytes, including an all-zero block, a huge block and a partial last block
+    if codecs._compile_failed:
+        pytest.skip("torch.compile is unavailable here (eager fallback in use)")
+    monkeypatch.setattr(codecs, "_COMPILE_MIN_NUMEL", 0)
+    monkeypatch.delenv("SLI_NO_COMPILE", raising=False)
+    w = _w((96, 200), torch.bfloat16, seed=7)  # 19200 values: 300 full blocks
+    w[0, :64] = 0
+    w[1, :64] *= 1000
+    for shape in ((96, 200), (95, 201)):  # the second leaves a partial (odd) last block
+        x = w[: shape[0], : shape[1]].contiguous()
+        packed, absmax = codecs.quantize_4bit_torch(x, 64, "nf4")
+        ref, st = bnbf.quantize_4bit(x, blocksize=64, compress_statistics=False, quant_type="nf4")
+        assert torch.equal(packed, ref) and torch.equal(absmax, st.absmax)
+    assert "nf4" in codecs._compiled and not codecs._compile_failed
+
+
+def test_compile_failure_falls_back_once(monkeypatch, caplog):
+    # no C compiler: the first failure is logged and remembered; the eager path gives the same bytes
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(codecs, "_COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setattr(codecs, "_compiled", {})
+    monkeypatch.setattr(codecs, "_compile_failed", False)
+    monkeypatch.delenv("SLI_NO_COMPILE", raising=False)
+    monkeypatch.setattr(torch, "compile", broken)
+    w = _w((64, 128), torch.float16, seed=8)
+    ref, st = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="fp4")
+    for _ in range(2):
+        packed, absmax = codecs.quantize_4bit_torch(w, 64, "fp4")
+        assert torch.equal(packed, ref) and torch.equal(absmax, st.absmax)
+    assert codecs._compile_failed
+    assert sum("torch.compile" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_error_metrics():
