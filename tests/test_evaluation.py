@@ -10,7 +10,32 @@ def test_uniform_logits_perplexity_is_vocab_size():
     vocab = 37
     ids = torch.randint(0, vocab, (100,))
     ppl = perplexity(lambda x: torch.zeros(1, x.shape[1], vocab), ids, window=16, num_windows=4)
-    assert ppl == pytest.approx(vocab, rel=1e-5)
+    assert ppl == pytest.approx(vocab, rel=1e-6)
+
+
+def test_known_perplexities():
+    ids = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3])
+
+    def oracle(x, p_target):
+        # Puts probability p_target on the true next token, the rest spread evenly over 9 others.
+        logits = torch.full((1, x.shape[1], 10), math.log((1 - p_target) / 9))
+        for i in range(x.shape[1] - 1):
+            logits[0, i, x[0, i + 1]] = math.log(p_target)
+        return logits
+
+    assert perplexity(lambda x: oracle(x, 0.5), ids, window=5, num_windows=2) == pytest.approx(2.0, rel=1e-5)
+    assert perplexity(lambda x: oracle(x, 1 - 1e-6), ids, window=10, num_windows=1) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_perplexity_rejects_bad_input():
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        perplexity(lambda x: torch.zeros(1, x.shape[1], 5), [1], window=4)
+    with pytest.raises(ValueError, match="window"):
+        perplexity(lambda x: torch.zeros(1, x.shape[1], 5), [1, 2, 3], window=1)
+    with pytest.raises(ValueError, match=r"\[1, S, V\]"):
+        perplexity(lambda x: torch.zeros(x.shape[1], 5), [1, 2, 3, 4], window=4)
+    with pytest.raises(ValueError, match="one sequence"):
+        perplexity(lambda x: torch.zeros(1, x.shape[1], 5), torch.zeros(2, 4, dtype=torch.long), window=4)
 
 
 def test_perplexity_uses_first_windows_only():
@@ -35,6 +60,29 @@ def test_different_logits():
     a = torch.randn(20, 30)
     r = compare_logits(a, -a)
     assert r["kl"] > 0.1 and r["top1_agreement"] < 0.5
+    # Shifting every logit of a token by a constant changes no probability.
+    assert compare_logits(a, a + 7.0)["kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_kl_known_value_and_direction():
+    ref = torch.log(torch.tensor([[0.5, 0.5]]))
+    q = torch.log(torch.tensor([[0.9, 0.1]]))
+    expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)  # KL(ref || q), not KL(q || ref)
+    r = compare_logits(ref, q)
+    assert r["kl"] == pytest.approx(expected, rel=1e-5)
+    assert r["top1_agreement"] == 1.0  # ties break to the first index in both
+    with pytest.raises(ValueError, match="shapes differ"):
+        compare_logits(ref, torch.zeros(1, 3))
+
+
+def test_decoder_layers_skips_expert_lists(model_factory):
+    from transformers import AutoModelForCausalLM
+
+    from sli.evaluation import _decoder_layers
+
+    model = AutoModelForCausalLM.from_pretrained(model_factory("mixtral"))
+    path, layers = _decoder_layers(model)
+    assert path == "model.layers" and layers is model.model.layers
 
 
 def test_default_text_and_report():
