@@ -178,11 +178,21 @@ def _quantize_model(model: nn.Module, mode: str, checkpoint_dtype: torch.dtype) 
     return {"weight_snr_db": snr, "linear_bytes": qbytes, "checkpoint_linear_bytes": orig_bytes}
 
 
-def _checkpoint_dtype(config) -> torch.dtype:
-    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dt, str):
-        dt = getattr(torch, dt, None)
-    return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else torch.bfloat16
+def _checkpoint_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype of the weights stored in ``model_dir`` (read from the files, not from a loaded
+    config: loading with ``dtype=torch.float32`` rewrites ``config.dtype``)."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            for name in h.keys():
+                if name.endswith("weight"):
+                    dt = h.get_slice(name).get_dtype()
+                    dt = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(dt)
+                    if dt is not None:
+                        return dt
+    return torch.bfloat16
 
 
 def evaluate_modes(model_dir: Union[str, Path], modes: Iterable[str] = ALL_MODES,
@@ -215,7 +225,7 @@ def evaluate_modes(model_dir: Union[str, Path], modes: Iterable[str] = ALL_MODES
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     base.eval()
-    ckpt_dtype = _checkpoint_dtype(base.config)
+    ckpt_dtype = _checkpoint_dtype(model_dir)
     text = load_eval_text(text_path)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][: num_windows * window]
     windows = _windows(ids, window, num_windows)

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -118,4 +119,11 @@ def test_evaluate_modes_on_tiny_model(model_factory, tmp_path):
     assert modes["int8"]["weight_snr_db"] > modes["nf4"]["weight_snr_db"] > 10
     assert modes["nf4"]["linear_bytes"] < modes["int8"]["linear_bytes"] < modes["none"]["linear_bytes"]
     assert all(math.isfinite(m["perplexity"]) for m in modes.values())
+    # Bytes are counted against the checkpoint's bf16 weights, not the fp32 copy used to compute.
+    assert report["checkpoint_dtype"] == "bfloat16"
+    config = json.loads((out / "config.json").read_text())
+    h, i, n = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
+    linear_params = n * (2 * h * h + 2 * h * kv + 3 * h * i)
+    assert modes["none"]["linear_bytes"] == modes["none"]["checkpoint_linear_bytes"] == 2 * linear_params
     assert "| mixed |" in format_report(report)
