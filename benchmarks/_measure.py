@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from sli.synth import layer_of  # the one parser of layer names
+
 MB = 1024 * 1024
 
 
@@ -99,13 +101,6 @@ def _header(path: Path) -> Tuple[int, Dict[str, dict]]:
     header.pop("__metadata__", None)
     return 8 + n, header
 
-
-def layer_of(name: str) -> Optional[int]:
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part in ("layers", "h", "blocks") and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return None
 
 
 def layer_ranges(model_dir) -> Tuple[List[Tuple[Path, int, int]], int, int]:

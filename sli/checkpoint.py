@@ -174,16 +174,9 @@ class SkeletonLoader:
             raise ModelLoadError(f"the checkpoint has no tensors for decoder layer {index}; the model files are incomplete: re-save the model")
         self.load(names, None)
         with self._lock:
-            state = {k: v for k, v in layer.state_dict().items() if v.device.type != "meta"}
-            missing = [k for k, v in layer.state_dict().items() if v.device.type == "meta"]
+            state = layer.state_dict()  # persistent tensors only: all must be in the checkpoint
             layer.to("meta")
-        persistent_missing = [k for k in missing if not _is_nonpersistent(layer, k)]
-        if persistent_missing:
-            raise ModelLoadError(f"decoder layer {index} lacks {persistent_missing[:3]} in the checkpoint; the model files are incomplete or of another architecture")
+        missing = [k for k, v in state.items() if v.device.type == "meta"]
+        if missing:
+            raise ModelLoadError(f"decoder layer {index} lacks {missing[:3]} in the checkpoint; the model files are incomplete or of another architecture")
         return state
-
-
-def _is_nonpersistent(module: torch.nn.Module, name: str) -> bool:
-    path, _, leaf = name.rpartition(".")
-    owner = module.get_submodule(path) if path else module
-    return leaf in getattr(owner, "_non_persistent_buffers_set", set())

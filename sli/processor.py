@@ -258,12 +258,13 @@ class UniversalSLIProcessor:
                 self._materialize(index, loaded.state)
                 self._current[index] = loaded
                 self._current_timing = loaded.timing
-            for ahead in self._next_streamed(index):
-                self.streamer.prefetch(ahead)
-            if index == 0 or not self._next_streamed(index):
+            ahead = self._next_streamed(index)
+            for next_index in ahead:
+                self.streamer.prefetch(next_index)
+            if not ahead:
                 # wrap around: the next pass starts with the first streamed layer
                 first = next((i for i in range(self.layout.num_layers) if i not in self._resident), None)
-                if first is not None and not self._next_streamed(index) and first != index:
+                if first is not None and first != index:
                     self.streamer.prefetch(first)
             self._current_timing.start = time.perf_counter() - self._pass_start
             self._compute_t0 = time.perf_counter()

@@ -231,7 +231,8 @@ def write_tokenizer(out_dir: Union[str, os.PathLike], config) -> Path:
     return Path(out_dir)
 
 
-def _layer_of(name: str) -> Optional[int]:
+def layer_of(name: str) -> Optional[int]:
+    """The decoder-layer index in a checkpoint tensor name (``model.layers.3.mlp...`` -> 3), else None."""
     parts = name.split(".")
     for i, part in enumerate(parts[:-1]):
         if part in ("layers", "h", "blocks") and parts[i + 1].isdigit():
@@ -255,7 +256,7 @@ def _write_large(out: Path, config, dtype: torch.dtype, seed: int) -> None:
     groups: Dict[str, List[str]] = {}
     seen_layer = False
     for n in names:
-        layer = _layer_of(n)
+        layer = layer_of(n)
         seen_layer = seen_layer or layer is not None
         key = f"layer{layer:05d}" if layer is not None else ("post" if seen_layer else "pre")
         groups.setdefault(key, []).append(n)
