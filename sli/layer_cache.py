@@ -442,13 +442,34 @@ class LayerCache:
 
     def _remove_if_unchanged(self, key: str, tag: str) -> None:
         # Another process may have rewritten the key since we read it: delete only the row
-        # whose checksum we found wrong, inside one index transaction.
+        # whose checksum we found wrong.
+        self._delete_rows("SELECT rowid, filename FROM Cache WHERE key = ? AND tag = ?", (key, tag))
+
+    def _delete_rows(self, select: str, params: tuple, until_fits: bool = False) -> int:
+        """Delete the index rows ``select`` finds, then, after the commit, their files.
+
+        diskcache's own ``delete`` inside an outer ``transact()`` removes the file before the
+        outer transaction commits: a process killed in between leaves a row without its file.
+        Here the rows go in one transaction (diskcache's triggers keep count and size) and
+        the files only once it has committed. With ``until_fits``, rows go one at a time,
+        in the order ``select`` gives, until the volume fits the size limit.
+        """
+        sql = self._disk._sql  # private but stable diskcache API
+        filenames = []
         with self._disk.transact():
-            handle, current = self._disk.get(key, read=True, tag=True)
-            if handle is not None:
-                handle.close()
-                if current == tag:
-                    self._disk.delete(key)
+            while not until_fits or self._disk.volume() > self.size_limit:
+                rows = sql(select + (" LIMIT 1" if until_fits else ""), params).fetchall()
+                if not rows:
+                    break
+                for rowid, filename in rows:
+                    sql("DELETE FROM Cache WHERE rowid = ?", (rowid,))
+                    filenames.append(filename)
+                if not until_fits:
+                    break
+        for filename in filenames:
+            if filename is not None:
+                self._disk._disk.remove(filename)  # relative to the cache directory, as diskcache does
+        return len(filenames)
 
     def _evict_to_limit(self, keep: str) -> None:
         """Evict least recently used entries (never ``keep``) until the volume fits the limit.
@@ -458,17 +479,12 @@ class LayerCache:
         """
         if self._disk.volume() <= self.size_limit:
             return
-        with self._disk.transact():
-            while self._disk.volume() > self.size_limit:
-                # Private but stable diskcache API (_sql): the LRU order is the access_time
-                # column that eviction_policy="least-recently-used" maintains on every get.
-                row = self._disk._sql("SELECT key FROM Cache WHERE key != ? ORDER BY access_time LIMIT 1",
-                                      (keep,)).fetchone()
-                if row is None:
-                    break
-                self._disk.delete(row[0])
-                with self._lock:
-                    self._stats.disk_evictions += 1
+        # The LRU order is the access_time column that eviction_policy="least-recently-used"
+        # maintains on every get.
+        evicted = self._delete_rows("SELECT rowid, filename FROM Cache WHERE key != ? ORDER BY access_time",
+                                    (keep,), until_fits=True)
+        with self._lock:
+            self._stats.disk_evictions += evicted
 
     def _sweep_temporaries(self, max_age_s: float = TEMPORARY_MAX_AGE_S) -> None:
         """Delete temporary files that writers killed mid-write left behind.
