@@ -9,6 +9,7 @@ header carries the config and codec metadata), the checksum, and the memory tier
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import io
 import json
@@ -493,10 +494,12 @@ class LayerCache:
         see. Only old ones go: a young one may be another process's write in progress.
         """
         cutoff = time.time() - max_age_s
-        for path in self.cache_dir.glob("*/*/*.tmp"):
+        # glob.glob, not Path.glob: it skips sub-directories that vanish mid-walk (another
+        # process's diskcache prunes empty ones), where Path.glob raises FileNotFoundError.
+        for name in glob.glob(os.path.join(glob.escape(str(self.cache_dir)), "*", "*", "*.tmp")):
             try:
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
+                if os.stat(name).st_mtime < cutoff:
+                    os.remove(name)
             except OSError:  # tolerated race: another process swept it first
                 pass
 
