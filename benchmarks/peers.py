@@ -212,6 +212,9 @@ def run_sli(args, ids) -> dict:
             steps = max(1, len({t.step for t in decode}))
             out["sli_per_token"] = {k: sum(getattr(t, k) for t in decode) / steps
                                     for k in ("read_s", "dequant_s", "wait_s", "compute_s")}
+        from sli.timeline import timings_to_dicts
+
+        out["timings"] = timings_to_dicts(timings)  # per layer per pass; benchmarks/streaming.py --plot draws them
     proc.close()
     return out
 

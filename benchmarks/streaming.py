@@ -3,7 +3,7 @@
 Run:
     .venv/bin/python benchmarks/streaming.py --model-dir DIR [--budget-gb 2] [--prompt-len 128]
         [--new-tokens 16] [--contenders full,accelerate,airllm,airllm-4bit,sli] [--modes none,int8,nf4]
-        [--warm] [--cold] [--json out.json]
+        [--warm] [--cold] [--json out.json] [--plot timeline.png]
     .venv/bin/python benchmarks/streaming.py --synth 7b --synth-layers 8 ...   # random Llama, 7B shapes
 
 Each contender runs in a fresh process (``benchmarks/peers.py``), so its peak RSS (``VmHWM``) is its
@@ -21,6 +21,10 @@ Floors: the I/O floor is the time to read the streamed bytes once (the decoder l
 the checkpoint; for sli the files of its layer cache), warm and cold; the compute floor is one
 token's float32 matrix-vector products through every layer and the head with the weights resident
 (``_measure.compute_floor``). sli's decode time per token is compared with max(I/O, compute).
+
+``--plot timeline.png`` draws each sli run's per-layer timeline (read, dequantize, waiting,
+compute; ``sli.timeline``) of the prefill and the last decode step, one file per run:
+``timeline-sli-nf4-warm.png``, ... (needs matplotlib: the ``bench`` extra).
 """
 from __future__ import annotations
 
@@ -216,6 +220,22 @@ def report(args, results, fl) -> str:
     return "\n".join(lines)
 
 
+def plot_runs(args, results) -> list:
+    """One timeline per sli run: ``--plot`` with ``-sli-MODE-CACHE`` before its suffix."""
+    from sli.timeline import plot_timeline
+
+    base, paths = Path(args.plot), []
+    for r in results:
+        if r.get("contender") != "sli" or not r.get("ok") or not r.get("timings"):
+            continue
+        name = f"{r['contender']}-{r.get('mode')}-{r['cache']}"
+        path = base.with_name(f"{base.stem}-{name}{base.suffix or '.png'}")
+        title = (f"sli[{r.get('mode')}], {r['cache']} page cache: {Path(args.model_dir).name}, "
+                 f"budget {args.budget_gb} GB, prompt {args.prompt_len} tokens")
+        paths.append(plot_timeline(r["timings"], path, title=title, prefill=True))
+    return paths
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="sli beside full transformers, accelerate disk offload and AirLLM.")
     src = p.add_mutually_exclusive_group(required=True)
@@ -233,7 +253,17 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "slibench"))
     p.add_argument("--timeout", type=int, default=600, help="seconds per contender run")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="draw each sli run's per-layer timeline to FILE-sli-MODE-CACHE.png (needs matplotlib)")
     args = p.parse_args(argv)
+    if args.plot:
+        from sli.errors import SLIError
+        from sli.timeline import require_matplotlib
+
+        try:
+            require_matplotlib()  # now, not after the runs
+        except SLIError as exc:
+            p.error(str(exc))
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     args.model_dir = Path(args.model_dir) if args.model_dir else build_model(args)
     args.caches = [c for c, on in (("warm", args.warm), ("cold", args.cold)) if on] or ["warm", "cold"]
@@ -285,6 +315,9 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"argv": sys.argv, "header": head, "notes": notes, "results": results,
                                                "floors": fl, "setup": setup, "model_dir": str(args.model_dir)}, indent=1, default=str))
+    if args.plot:
+        for path in plot_runs(args, results):
+            print(f"timeline: {path}")
     return 0
 
 

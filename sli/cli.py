@@ -289,7 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_import_gguf)
 
-    p = sub.add_parser("bench", help="side-by-side streaming benchmark (benchmarks/streaming.py)")
+    # Everything after `bench` (its --help included) goes to the script verbatim: see main().
+    p = sub.add_parser("bench", add_help=False,
+                       help="side-by-side streaming benchmark (benchmarks/streaming.py; `sli bench --help` lists "
+                            "its options; --plot FILE.png draws sli's per-layer timeline)")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for benchmarks/streaming.py")
     p.set_defaults(func=cmd_bench)
     return parser
@@ -297,7 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    rest = None
+    if "bench" in argv and all(a.startswith("-") for a in argv[:argv.index("bench")]):
+        # argparse would take `sli bench --synth 7b` for sli's own (unknown) options
+        cut = argv.index("bench") + 1
+        argv, rest = argv[:cut], argv[cut:]
     args = parser.parse_args(argv)
+    if rest is not None:
+        args.rest = rest[1:] if rest[:1] == ["--"] else rest
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
