@@ -34,6 +34,7 @@ from typing import Any, ClassVar, Dict, Optional
 import torch
 from torch import Tensor
 
+from . import kernels
 from .quantization import QuantizationConfig, QuantizationMode, dtype_name, parse_dtype
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,30 @@ class Codec:
         """What a linear layer feeds to the matmul: ``x`` itself for weight-only modes."""
         return x
 
+    def prepare(self, q: QuantizedTensor) -> QuantizedTensor:
+        """``q`` plus what :meth:`linear` needs precomputed (``_``-prefixed tensors: float
+        scales, decoded block maxima). Cheap next to a read; the loader runs it off the
+        compute thread. The result is for computing with, never for storing."""
+        return q
+
+    def fused_linear(self, q: QuantizedTensor, x: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
+        """``x @ W^T + bias`` straight from the codec's bytes (:mod:`sli.kernels`), or None
+        where this weight has no kernel."""
+        return None
+
+    def linear(self, q: QuantizedTensor, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        """``F.linear(x, W, bias)`` for the quantized weight ``W``: a fused kernel for a few
+        float32 rows on CPU (decoding), else dequantize once and use BLAS (prefill)."""
+        if kernels.use_fused(x, int(q.metadata["shape"][1])):
+            y = self.fused_linear(self.prepare(q), x, bias)
+            if y is not None:
+                return y
+        return torch.nn.functional.linear(x, self.dequantize(q, x.dtype), bias)
+
+    @staticmethod
+    def _prepared(q: QuantizedTensor, **extra: Tensor) -> QuantizedTensor:
+        return QuantizedTensor({**q.tensors, **extra}, q.metadata)
+
     @staticmethod
     def _meta(weight: Tensor, mode: QuantizationMode, **extra: Any) -> Dict[str, Any]:
         return {"codec": mode.value, "shape": list(weight.shape), "dtype": dtype_name(weight.dtype), **extra}
@@ -135,6 +160,12 @@ class NoneCodec(Codec):
         if out is not None:
             return out.copy_(weight)
         return weight.to(dtype)
+
+    def fused_linear(self, q: QuantizedTensor, x: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
+        weight = q.tensors["weight"]
+        if weight.dtype != torch.bfloat16 or weight.dim() != 2:
+            return None  # float32 weights go to BLAS as they are; fp16 has no kernel
+        return kernels.matmul_bf16(x, weight, bias)
 
 
 # ---------------------------------------------------------------------------
@@ -245,6 +276,22 @@ class Int8Codec(Codec):
 
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
         return _int8_dequant(q, dtype, out)
+
+    def prepare(self, q: QuantizedTensor) -> QuantizedTensor:
+        if "_scale" in q.tensors:
+            return q
+        extra = {"_scale": q.tensors["SCB"].float() * (1.0 / 127.0)}
+        if "weight.outliers" in q.tensors:
+            extra["_outliers"] = q.tensors["weight.outliers"].float()
+        return self._prepared(q, **extra)
+
+    def fused_linear(self, q: QuantizedTensor, x: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
+        t = q.tensors
+        y = kernels.matmul_int8(x, t["weight"], t["_scale"], bias)
+        cols = t.get("weight.outlier_cols")
+        if cols is not None and cols.numel():
+            y += x[..., cols] @ t["_outliers"].t()  # the outlier columns' 16-bit part
+        return y
 
 
 class Int8DynamicCodec(Int8Codec):
@@ -500,6 +547,25 @@ class _FourBitCodec(Codec):
             return json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
         return {"blocksize": q.metadata["blocksize"], "nested_offset": q.metadata.get("nested_offset")}
 
+    def prepare(self, q: QuantizedTensor) -> QuantizedTensor:
+        if "_absmax" in q.tensors:
+            return q
+        t = q.tensors
+        absmax = t["weight.absmax"]
+        if "weight.nested_absmax" in t:
+            st = self._state(q, self.quant_type)
+            absmax = _dequant_blockwise_torch(absmax, t["weight.nested_absmax"].float(), t["weight.nested_quant_map"],
+                                              int(st.get("nested_blocksize", 256))) + float(st["nested_offset"])
+        return self._prepared(q, _absmax=absmax.float().contiguous(), _code=t["weight.quant_map"].float().contiguous())
+
+    def fused_linear(self, q: QuantizedTensor, x: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
+        out_features, in_features = q.metadata["shape"]
+        bs = int(q.metadata["blocksize"])
+        if in_features % bs:
+            return None  # blocks straddle rows: dequantize instead
+        t = q.tensors
+        return kernels.matmul_4bit(x, t["weight"], t["_absmax"], t["_code"], bs, out_features, bias)
+
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
         qt = self.quant_type
         t = q.tensors
@@ -509,6 +575,11 @@ class _FourBitCodec(Codec):
         packed = t["weight"]
         nested = "weight.nested_absmax" in t
         device = packed.device
+        if device.type == "cpu" and kernels.kernels_enabled():
+            # the numba kernel writes bitsandbytes' values ~5x faster than its CPU kernel
+            p = self.prepare(q).tensors
+            return _write_or_into(lambda buf: kernels.dequantize_4bit(packed, p["_absmax"], p["_code"], bs, buf),
+                                  shape, dtype, device, out)
         if _bnb_available() and device.type == "cpu":
             # bitsandbytes' native CPU kernel (it has no out= on CPU, hence the copy)
             import bitsandbytes.functional as bnbf
@@ -603,6 +674,19 @@ class Int4Codec(Codec):
         w = w.view(rows, padded)[:, : int(shape[-1]) if len(shape) == 2 else padded]
         return _write(w.reshape(shape).to(dtype), out)
 
+    def prepare(self, q: QuantizedTensor) -> QuantizedTensor:
+        if "_scales" in q.tensors:
+            return q
+        t = q.tensors
+        return self._prepared(q, _scales=t["weight.scales"].float(), _zeros=t["weight.zeros"].float())
+
+    def fused_linear(self, q: QuantizedTensor, x: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
+        if len(q.metadata["shape"]) != 2:
+            return None
+        t = q.tensors
+        return kernels.matmul_int4(x, t["weight"], t["_scales"], t["_zeros"], int(q.metadata["group_size"]),
+                                   int(q.metadata["shape"][1]), bias)
+
 
 class FP8Codec(Codec):
     """float8_e4m3fn with a per-output-channel fp32 scale (row absmax / 448)."""
@@ -623,3 +707,23 @@ class FP8Codec(Codec):
             return out.copy_(q.tensors["weight"]).mul_(scale)  # in place: no temporaries
         w = q.tensors["weight"].float() * scale
         return _write(w.to(dtype), out)
+
+    def prepare(self, q: QuantizedTensor) -> QuantizedTensor:
+        if "_scale" in q.tensors:
+            return q
+        return self._prepared(q, _scale=q.tensors["weight.scale"].float(), _lut=_float8_values())
+
+    def fused_linear(self, q: QuantizedTensor, x: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
+        t = q.tensors
+        return kernels.matmul_lut8(x, t["weight"], t["_lut"], t["_scale"], bias)
+
+
+_FLOAT8_VALUES: Optional[Tensor] = None
+
+
+def _float8_values() -> Tensor:
+    """All 256 float8_e4m3fn values as float32, indexed by their byte (NaN bytes stay NaN)."""
+    global _FLOAT8_VALUES
+    if _FLOAT8_VALUES is None:
+        _FLOAT8_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    return _FLOAT8_VALUES

@@ -17,10 +17,11 @@ from .checkpoint import Checkpoint, SkeletonLoader, resolve_model_dir
 from .errors import ModelLoadError, SLIError, UnsupportedArchitectureError
 from .generation import sample_next_token
 from .layer_cache import LayerCache
+from . import kernels
 from .codecs import codec_for
 from .quantization import (AdaptiveQuantizer, CachedLayer, LayerQuantizer, QuantizationConfig, QuantizationMode, _is_conv1d,
                            default_compute_dtype, is_linear)
-from .streaming import LayerStreamer, LayerTiming, LoadedLayer
+from .streaming import LayerStreamer, LayerTiming, LoadedLayer, StreamedLinear, ready_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +60,15 @@ class MemoryPlan:
     budget: Optional[int]
     shared_bytes: int  # embeddings, final norm, head, rotary: always resident
     layer_bytes: int  # one dequantized decoder layer
-    streaming_bytes: int  # prefetch slots
+    streaming_bytes: int  # layers in flight (running + prefetched) and one prompt-sized work buffer
+    runtime_bytes: int = 0  # the kernels' runtime (numba), paid once
     resident_layers: List[int] = field(default_factory=list)
 
     def describe(self) -> str:
         b = "unbounded" if self.budget is None else f"{self.budget / GB:.2f} GB"
         return (f"budget {b}: shared {self.shared_bytes / GB:.2f} GB, {len(self.resident_layers)} resident layers "
-                f"of {self.layer_bytes / GB:.3f} GB, streaming slots {self.streaming_bytes / GB:.3f} GB")
+                f"of {self.layer_bytes / GB:.3f} GB, streaming {self.streaming_bytes / GB:.3f} GB, "
+                f"kernels {self.runtime_bytes / GB:.2f} GB")
 
 
 class UniversalSLIProcessor:
@@ -137,6 +140,14 @@ class UniversalSLIProcessor:
         self._loader = SkeletonLoader(self.checkpoint, loader_model, self.layout.layers_path)
         self._loader_layers = loader_model.get_submodule(self.layout.layers_path)
         self.model_id = model_id or f"{self.model_dir.name}-{self.checkpoint.identity()}"
+        # linear path → is it a Conv1D, per layer (read before the linears are swapped)
+        self._linears: List[Dict[str, bool]] = [
+            {name: _is_conv1d(m) for name, m in layer.named_modules() if name and is_linear(m)} for layer in self.layers]
+        # On CPU, linears multiply by the cached bytes directly (StreamedLinear); on CUDA,
+        # layers are dequantized into device buffers by the side stream.
+        self.packed = self.device.type == "cpu"
+        if self.packed:
+            self._swap_linears()
 
         budget_gb = max_gpu_memory_gb if self.device.type == "cuda" else memory_budget_gb
         self.memory_budget = int(budget_gb * GB) if budget_gb is not None else None
@@ -147,11 +158,10 @@ class UniversalSLIProcessor:
                                 max_memory_cache_size_gb=max_memory_cache_size_gb)
 
         self._load_shared()
-        self.plan = self._plan_memory(prefetch_depth if prefetch else 0)
-        logger.info("%s: %d layers at %s; %s", self.model_id, self.layout.num_layers, self.layout.layers_path,
-                    self.plan.describe())
+        self._plan: Optional[MemoryPlan] = None
+        self._prefetch_depth = prefetch_depth if prefetch else 0
         self.streamer = LayerStreamer(self._cached_layer, self.device, self.compute_dtype,
-                                      depth=prefetch_depth, prefetch=prefetch)
+                                      depth=prefetch_depth, prefetch=prefetch, packed=self.packed)
         self._resident: Dict[int, bool] = {}
         self.timings: List[LayerTiming] = []
         self._current: Dict[int, LoadedLayer] = {}
@@ -189,7 +199,16 @@ class UniversalSLIProcessor:
         self.shared_bytes = sum(shared.values())  # a tied head shares the embedding's storage
 
     def _linear_paths(self, index: int) -> Dict[str, bool]:
-        return {name: _is_conv1d(m) for name, m in self.layers[index].named_modules() if name and is_linear(m)}
+        return self._linears[index]
+
+    def _swap_linears(self) -> None:
+        from .quantization import _set_submodule
+
+        for index, layer in enumerate(self.layers):
+            for path, conv1d in self._linears[index].items():
+                module = layer.get_submodule(path)
+                in_f, out_f = module.weight.shape if conv1d else module.weight.shape[::-1]
+                _set_submodule(layer, path, StreamedLinear(in_f, out_f, module.bias is not None, self.compute_dtype))
 
     def _layer_key(self, index: int) -> str:
         return f"{self.layout.layers_path}.{index}"
@@ -205,20 +224,42 @@ class UniversalSLIProcessor:
         self.cache.put(self.model_id, index, fingerprint_config, cached)
         return cached
 
-    def _plan_memory(self, depth: int) -> MemoryPlan:
+    def _layer_bytes(self) -> "tuple[int, int]":
+        """(bytes of one ready-to-run layer, bytes of transient work buffers)."""
         layer0 = self.layers[0]
-        layer_bytes = sum(p.numel() for p in layer0.parameters()) * torch.finfo(self.compute_dtype).bits // 8
-        slots = (depth + 1) * layer_bytes
-        plan = MemoryPlan(self.memory_budget, self.shared_bytes, layer_bytes, slots)
+        if not self.packed:
+            return sum(p.numel() for p in layer0.parameters()) * torch.finfo(self.compute_dtype).bits // 8, 0
+        # What a loaded layer holds: the cached bytes, the kernels' precomputed scales and
+        # the norms in compute dtype; plus, for a prompt, one dequantized weight at a time.
+        linears = [m for m in layer0.modules() if isinstance(m, StreamedLinear)]
+        largest = max((m.in_features * m.out_features for m in linears), default=0)
+        return ready_bytes(self._cached_layer(0), self.compute_dtype), largest * torch.finfo(self.compute_dtype).bits // 8
+
+    @property
+    def plan(self) -> MemoryPlan:
+        """How the memory budget is spent; made on first use (it reads layer 0's cache entry,
+        quantizing it on a miss, to know what a ready layer weighs)."""
+        if self._plan is None:
+            self._plan = self._plan_memory(self._prefetch_depth)
+            logger.info("%s: %d layers at %s; %s", self.model_id, self.layout.num_layers, self.layout.layers_path,
+                        self._plan.describe())
+        return self._plan
+
+    def _plan_memory(self, depth: int) -> MemoryPlan:
+        layer_bytes, scratch = self._layer_bytes()
+        slots = (depth + 1) * layer_bytes + scratch
+        runtime = kernels.RUNTIME_BYTES if self.packed and kernels.kernels_enabled() else 0
+        plan = MemoryPlan(self.memory_budget, self.shared_bytes, layer_bytes, slots, runtime)
         budget = self.memory_budget
         if budget is None:
             free = (torch.cuda.mem_get_info(self.device)[0] * 0.8 if self.device.type == "cuda"
                     else psutil.virtual_memory().available * 0.5)
             budget = int(free)
-        spare = budget - self.shared_bytes - slots
+        fixed = self.shared_bytes + slots + runtime
+        spare = budget - fixed
         if self.memory_budget is not None and spare < 0:
-            logger.warning("memory budget %.2f GB is below the shared modules + streaming slots (%.2f GB); "
-                           "every layer streams", budget / GB, (self.shared_bytes + slots) / GB)
+            logger.warning("memory budget %.2f GB is below the shared modules + streaming + kernel runtime (%.2f GB); "
+                           "every layer streams", budget / GB, fixed / GB)
         count = max(0, min(self.layout.num_layers, spare // layer_bytes if layer_bytes else 0))
         plan.resident_layers = list(range(int(count)))
         return plan
@@ -237,8 +278,18 @@ class UniversalSLIProcessor:
                     layer.get_submodule(path).register_forward_pre_hook(
                         lambda module, args, codec=codec: (codec.prepare_input(args[0]), *args[1:]))
 
-    def _materialize(self, index: int, state: Dict[str, torch.Tensor]) -> None:
-        self.layers[index].load_state_dict(state, strict=False, assign=True)
+    def _materialize(self, index: int, loaded: LoadedLayer) -> None:
+        layer = self.layers[index]
+        layer.load_state_dict(loaded.state, strict=False, assign=True)
+        for path, qweight in loaded.qweights.items():
+            layer.get_submodule(path).qweight = qweight
+
+    def _unload(self, index: int) -> None:
+        layer = self.layers[index]
+        layer.to("meta")
+        for module in layer.modules():
+            if isinstance(module, StreamedLinear):
+                module.qweight = None
 
     def _next_streamed(self, index: int) -> List[int]:
         ahead = []
@@ -255,7 +306,7 @@ class UniversalSLIProcessor:
                 self._current_timing = LayerTiming(self.streamer.step, index, resident=True)
             else:
                 loaded = self.streamer.get(index)
-                self._materialize(index, loaded.state)
+                self._materialize(index, loaded)
                 self._current[index] = loaded
                 self._current_timing = loaded.timing
             ahead = self._next_streamed(index)
@@ -280,7 +331,7 @@ class UniversalSLIProcessor:
             self.timings.append(timing)
             loaded = self._current.pop(index, None)
             if loaded is not None:
-                self.layers[index].to("meta")
+                self._unload(index)
                 self.streamer.release(loaded)
             return None
         return post_hook
@@ -289,9 +340,11 @@ class UniversalSLIProcessor:
         for index in self.plan.resident_layers:
             if index not in self._resident:
                 loaded = self.streamer._load(index)
-                state = {k: v.clone() for k, v in loaded.state.items()}
-                self.streamer.release(loaded)
-                self._materialize(index, state)
+                if loaded.slot is not None:  # dequantized into a reused buffer: keep a copy
+                    kept = LoadedLayer({k: v.clone() for k, v in loaded.state.items()}, loaded.timing)
+                    self.streamer.release(loaded)
+                    loaded = kept
+                self._materialize(index, loaded)
                 self._resident[index] = True
 
     # ------------------------------------------------------------------ public API
@@ -335,7 +388,7 @@ class UniversalSLIProcessor:
         except BaseException:
             self.streamer.cancel()
             for index in list(self._current):
-                self.layers[index].to("meta")
+                self._unload(index)
                 self.streamer.release(self._current.pop(index))
             raise
         finally:

@@ -230,7 +230,8 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 class QuantizedLinear(nn.Module):
     """A linear layer whose weight is held as a codec's tensors.
 
-    The forward dequantizes the weight into ``compute_dtype`` and runs ``F.linear``;
+    The forward multiplies by the codec's tensors (:meth:`sli.codecs.Codec.linear`: a fused
+    kernel for a few rows on CPU, else dequantize into ``compute_dtype`` and ``F.linear``);
     INT8_DYNAMIC also quantizes the activations per token first. Buffer names are the
     codec's tensor names with ``.`` written as ``__`` (module attributes cannot hold dots).
     """
@@ -264,7 +265,7 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.codec.prepare_input(x.to(self.compute_dtype))
         bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
-        return nn.functional.linear(x, self.dequantized_weight(), bias)
+        return self.codec.linear(self.qweight, x, bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, codec={self.metadata['codec']}"

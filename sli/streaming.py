@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
+from torch import nn
 
-from .quantization import CachedLayer, dequantize_cached
+from .codecs import QuantizedTensor, codec_for
+from .quantization import CachedLayer, dequantize_cached, split_cached
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +35,45 @@ class LayerTiming:
 
 @dataclass
 class LoadedLayer:
-    state: Dict[str, torch.Tensor]
+    state: Dict[str, torch.Tensor]  # plain tensors (norms, biases; every weight when not packed)
     timing: LayerTiming
     slot: Optional[Dict[str, torch.Tensor]] = None
     ready: Optional[object] = None  # CUDA event the compute stream waits on
+    qweights: Dict[str, QuantizedTensor] = field(default_factory=dict)  # linear path → prepared weight
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this layer holds while it runs."""
+        return (sum(t.numel() * t.element_size() for t in self.state.values())
+                + sum(q.nbytes for q in self.qweights.values()))
+
+
+class StreamedLinear(nn.Module):
+    """Stands in for a decoder layer's linear; multiplies by the cached weight as it is.
+
+    While its layer runs, ``qweight`` holds the cache entry's tensors (quantized, or the
+    checkpoint's own dtype for NONE) and the codec multiplies by them directly
+    (:meth:`sli.codecs.Codec.linear`: a fused kernel for decoding, dequantize-then-BLAS
+    for a prompt). No dequantized copy of the layer ever exists, so a streamed layer
+    costs its cached bytes, not its float32 size. ``x @ W^T`` also serves GPT-2's
+    ``Conv1D`` (the cache stores its weight as ``[out, in]``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.qweight: Optional[QuantizedTensor] = None
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device="meta"), requires_grad=False) \
+            if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is None:
+            raise RuntimeError("StreamedLinear ran before its layer was loaded")
+        return codec_for(self.qweight.metadata["codec"]).linear(self.qweight, x, self.bias)
+
+    def extra_repr(self) -> str:
+        codec = self.qweight.metadata["codec"] if self.qweight is not None else "not loaded"
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight={codec}"
 
 
 class SlotPool:
@@ -75,9 +112,10 @@ class LayerStreamer:
     """
 
     def __init__(self, fetch_cached: Callable[[int], CachedLayer], device: torch.device, dtype: torch.dtype,
-                 depth: int = 1, prefetch: bool = True) -> None:
+                 depth: int = 1, prefetch: bool = True, packed: bool = False) -> None:
         self.fetch_cached = fetch_cached
         self.device, self.dtype = device, dtype
+        self.packed = packed  # linears stay as cached (for StreamedLinear); CPU only
         self.depth = max(1, depth) if prefetch else 0
         self.pool = SlotPool(self.depth + 1, device)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sli-prefetch") if prefetch else None
@@ -92,7 +130,9 @@ class LayerStreamer:
         cached = self.fetch_cached(index)
         t1 = time.perf_counter()
         timing.read_s, timing.nbytes = t1 - t0, cached.nbytes
-        if self.device.type == "cuda":
+        if self.packed:
+            loaded = self._packed(cached, timing)
+        elif self.device.type == "cuda":
             loaded = self._to_cuda(cached, timing)
         else:
             slot = self.pool.take(_template(cached, self.dtype))
@@ -101,6 +141,10 @@ class LayerStreamer:
         del cached  # drop the entry (and its file mapping) before the next read
         timing.dequant_s = time.perf_counter() - t1
         return loaded
+
+    def _packed(self, cached: CachedLayer, timing: LayerTiming) -> LoadedLayer:
+        state, qweights = ready_packed(cached, self.dtype)
+        return LoadedLayer(state, timing, qweights=qweights)
 
     def _to_cuda(self, cached: CachedLayer, timing: LayerTiming) -> LoadedLayer:
         # Host tensors are pinned so the copy is truly asynchronous; the copy and the
@@ -126,6 +170,7 @@ class LayerStreamer:
         future = self._pending.pop(index, None)
         loaded = future.result() if future is not None else self._load(index)
         loaded.timing.wait_s = time.perf_counter() - t0
+        loaded.timing.step = self.step  # a layer prefetched during the previous pass runs in this one
         if loaded.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(loaded.ready)
         return loaded
@@ -150,6 +195,26 @@ class LayerStreamer:
         self.cancel()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+
+
+def ready_packed(cached: CachedLayer, dtype: torch.dtype) -> "tuple[Dict[str, torch.Tensor], Dict[str, QuantizedTensor]]":
+    """A cache entry made ready for :class:`StreamedLinear`: (plain state in ``dtype``, prepared weights).
+
+    Linear weights stay as the entry holds them (views of its read buffer); only what the
+    kernels need precomputed is added. Norms and biases are small and converted.
+    """
+    qweights, plain = split_cached(cached)
+    prepared = {path: codec_for(q.metadata["codec"]).prepare(q) for path, q in qweights.items()}
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in plain.items()}
+    return state, prepared
+
+
+def ready_bytes(cached: CachedLayer, dtype: torch.dtype) -> int:
+    """Bytes a packed layer holds while loaded: the entry's buffer plus what readying adds."""
+    state, prepared = ready_packed(cached, dtype)
+    added = sum(t.numel() * t.element_size() for q in prepared.values() for k, t in q.tensors.items() if k.startswith("_"))
+    converted = sum(t.numel() * t.element_size() for k, t in state.items() if t.dtype != cached.tensors[k].dtype)
+    return cached.nbytes + added + converted
 
 
 def _template(cached: CachedLayer, dtype: torch.dtype) -> Dict[str, torch.Tensor]:

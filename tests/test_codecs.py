@@ -10,7 +10,7 @@ import sli.quantization as quantization
 from sli.codecs import bits_per_weight, calculate_quantization_error, codec_for
 from sli.quantization import QuantizationConfig
 
-bnbf = pytest.importorskip("bitsandbytes.functional")
+import bitsandbytes.functional as bnbf  # noqa: E402  (a dependency of sli)
 
 MODES = ["none", "int8", "int8_dynamic", "nf4", "fp4", "int4", "fp8"]
 # (mode, min SNR dB on N(0, 0.02) weights, max bits per weight for 256x256)
@@ -216,8 +216,7 @@ def test_bits_per_weight(monkeypatch, mode, expected):
 def test_compiled_4bit_quantizer_matches_bitsandbytes(monkeypatch):
     # the torch.compile'd kernel (normally only for >= 1M values) on a small weight: same bytes as
     # bitsandbytes, including an all-zero block, a huge block and a partial last block
-    if codecs._compile_failed:
-        pytest.skip("torch.compile is unavailable here (eager fallback in use)")
+    assert not codecs._compile_failed, "torch.compile failed here: the eager fallback is in use"
     monkeypatch.setattr(codecs, "_COMPILE_MIN_NUMEL", 0)
     monkeypatch.delenv("SLI_NO_COMPILE", raising=False)
     w = _w((96, 200), torch.bfloat16, seed=7)  # 19200 values: 300 full blocks

@@ -5,7 +5,7 @@ import struct
 import pytest
 import torch
 
-pytest.importorskip("matplotlib")
+import matplotlib  # noqa: F401  (a test dependency: fail, never skip, without it)
 
 from sli import QuantizationConfig, UniversalSLIProcessor  # noqa: E402
 from sli.errors import SLIError  # noqa: E402

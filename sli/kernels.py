@@ -1,0 +1,289 @@
+"""CPU kernels that multiply by quantized weights without dequantizing them first.
+
+Decoding one token multiplies each weight by one activation row. Dequantizing a
+4096×11008 NF4 weight to float32 first costs ~115 ms (bitsandbytes on this CPU) while the
+product itself costs ~10 ms, so the streamed decode would be dequantization-bound. The
+kernels here read the packed bytes once and accumulate in registers instead: a row of the
+output is a dot product of the row's decoded values with the activations.
+
+They are compiled with numba (``nogil``, split by output rows across a small thread pool;
+``cache=True``: compiled once per machine, then loaded from ``__pycache__``). Every kernel has a plain
+torch equivalent in :mod:`sli.codecs` (dequantize, then ``F.linear``); the processor uses
+the kernels for up to :data:`FUSED_MAX_TOKENS` activation rows on CPU in float32, where
+they win, and the torch path otherwise. ``SLI_NO_NUMBA=1`` turns them off.
+
+All kernels take ``x`` as float32 ``[T, in]`` and write ``y`` float32 ``[T, out]``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+# Above this many activation rows, dequantize-then-BLAS is faster than the fused kernels
+# (measured for a 4096×11008 NF4 weight on 2 cores: fused 15 ms at 1 row, 73 ms at 16;
+# dequantize 25 ms + sgemm).
+FUSED_MAX_TOKENS = 16
+
+# What numba adds to a process's RSS once the kernels are loaded (measured: importing numba
+# 51 MB, loading the compiled kernels with llvmlite 53 MB); the memory plan reserves it.
+RUNTIME_BYTES = 110 * 2**20
+
+_lock = threading.Lock()
+_kernels = None
+
+
+def kernels_enabled() -> bool:
+    """Whether the numba kernels can be used (numba installed and not turned off)."""
+    return os.environ.get("SLI_NO_NUMBA", "") in ("", "0") and importlib.util.find_spec("numba") is not None
+
+
+def _build():
+    """Compile (or load from the on-disk cache) the kernels; called once, lazily."""
+    import numpy as np
+    from numba import njit
+
+    jit = njit(fastmath=True, cache=True, nogil=True)
+
+    @jit
+    def matmul_4bit(packed, absmax, code, x, y, blocksize, start, stop):
+        # packed: uint8 [out*in/2], first value in the high nibble; absmax: fp32 [out*in/blocksize]
+        rows, cols = x.shape
+        half_block = blocksize // 2
+        blocks_per_row = cols // blocksize
+        for o in range(start, stop):
+            decoded = np.empty(blocksize, np.float32)
+            acc = np.zeros(rows, np.float32)
+            for blk in range(blocks_per_row):
+                first = (o * blocks_per_row + blk) * half_block
+                scale = absmax[o * blocks_per_row + blk]
+                for k in range(half_block):
+                    b = packed[first + k]
+                    decoded[2 * k] = code[b >> 4] * scale
+                    decoded[2 * k + 1] = code[b & 15] * scale
+                j0 = blk * blocksize
+                for t in range(rows):
+                    s = np.float32(0.0)
+                    for j in range(blocksize):
+                        s += decoded[j] * x[t, j0 + j]
+                    acc[t] += s
+            for t in range(rows):
+                y[t, o] = acc[t]
+
+    @jit
+    def dequantize_4bit(packed, absmax, code, out, blocksize, start, stop):
+        # out: fp32 [n]; the last block may be partial
+        half_block = blocksize // 2
+        n_pairs = packed.shape[0]
+        for blk in range(start, stop):
+            scale = absmax[blk]
+            first = blk * half_block
+            last = min(first + half_block, n_pairs)
+            for k in range(first, last):
+                b = packed[k]
+                out[2 * k] = code[b >> 4] * scale
+                out[2 * k + 1] = code[b & 15] * scale
+
+    @jit
+    def matmul_int8(q, scale, x, y, start, stop):
+        # q: int8 [out, in]; y = (x @ q^T) * scale
+        rows, cols = x.shape
+        for o in range(start, stop):
+            for t in range(rows):
+                s = np.float32(0.0)
+                for j in range(cols):
+                    s += np.float32(q[o, j]) * x[t, j]
+                y[t, o] = s * scale[o]
+
+    @jit
+    def matmul_lut8(q, lut, scale, x, y, start, stop):
+        # q: uint8 codes [out, in] (float8 bytes), lut: fp32 [256]; y = (x @ lut[q]^T) * scale
+        rows, cols = x.shape
+        for o in range(start, stop):
+            decoded = np.empty(cols, np.float32)
+            for j in range(cols):
+                decoded[j] = lut[q[o, j]]
+            for t in range(rows):
+                s = np.float32(0.0)
+                for j in range(cols):
+                    s += decoded[j] * x[t, j]
+                y[t, o] = s * scale[o]
+
+    @jit
+    def matmul_int4(packed, scales, zeros, x, y, group, start, stop):
+        # packed: uint8 [out, padded_in/2] (first value high nibble); x: fp32 [T, padded_in]
+        # w = (q - zero) * scale per group, so x·w = scale * (x·q - zero * sum(x))
+        rows, cols = x.shape
+        groups = cols // group
+        xsum = np.zeros((rows, groups), np.float32)
+        for t in range(rows):
+            for g in range(groups):
+                s = np.float32(0.0)
+                for j in range(g * group, (g + 1) * group):
+                    s += x[t, j]
+                xsum[t, g] = s
+        half_group = group // 2
+        for o in range(start, stop):
+            decoded = np.empty(group, np.float32)
+            acc = np.zeros(rows, np.float32)
+            for g in range(groups):
+                for k in range(half_group):
+                    b = packed[o, g * half_group + k]
+                    decoded[2 * k] = np.float32(b >> 4)
+                    decoded[2 * k + 1] = np.float32(b & 15)
+                for t in range(rows):
+                    s = np.float32(0.0)
+                    for j in range(group):
+                        s += decoded[j] * x[t, g * group + j]
+                    acc[t] += scales[o, g] * (s - zeros[o, g] * xsum[t, g])
+            for t in range(rows):
+                y[t, o] = acc[t]
+
+    @jit
+    def matmul_bf16(w, x, y, start, stop):
+        # w: bfloat16 bits as uint16 [out, in]; a bfloat16 is the top half of a float32
+        rows, cols = x.shape
+        for o in range(start, stop):
+            bits = np.empty(cols, np.uint32)
+            for j in range(cols):
+                bits[j] = np.uint32(w[o, j]) << 16
+            decoded = bits.view(np.float32)
+            for t in range(rows):
+                s = np.float32(0.0)
+                for j in range(cols):
+                    s += decoded[j] * x[t, j]
+                y[t, o] = s
+
+    return {"matmul_4bit": matmul_4bit, "dequantize_4bit": dequantize_4bit, "matmul_int8": matmul_int8,
+            "matmul_lut8": matmul_lut8, "matmul_int4": matmul_int4, "matmul_bf16": matmul_bf16}
+
+
+def _get(name: str):
+    global _kernels
+    if _kernels is None:
+        with _lock:
+            if _kernels is None:
+                _kernels = _build()
+    return _kernels[name]
+
+
+_pool: Optional[ThreadPoolExecutor] = None
+_INLINE_WORK = 1 << 20  # below this many multiply-adds one thread is faster than handing out
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _run(name: str, count: int, work: int, *args) -> None:
+    """Run kernel ``name`` over items ``[0, count)`` split across threads.
+
+    The kernels release the GIL (``nogil``), so plain Python threads run them in parallel.
+    This is used instead of numba's ``parallel=True``: its OpenMP layer fought torch's own
+    OpenMP threads here (12 ms per call on a 2-core machine) and its workqueue layer may
+    not be entered from two threads at once (the prefetch thread dequantizes while the
+    compute thread multiplies).
+    """
+    global _pool
+    kernel = _get(name)
+    threads = min(_threads(), count)
+    if threads <= 1 or work < _INLINE_WORK:
+        kernel(*args, 0, count)
+        return
+    if _pool is None:
+        with _lock:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="sli-kernel")
+    bounds = [count * i // threads for i in range(threads + 1)]
+    futures = [_pool.submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    kernel(*args, bounds[0], bounds[1])  # this thread takes the first share
+    for future in futures:
+        future.result()
+
+
+def use_fused(x: Tensor, in_features: int) -> bool:
+    """Whether ``x`` (``[..., in]``) should go through a fused kernel rather than dequantize + BLAS."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() // max(1, in_features) <= FUSED_MAX_TOKENS
+            and kernels_enabled())
+
+
+def _rows(x: Tensor, in_features: int) -> Tensor:
+    return x.reshape(-1, in_features).contiguous()
+
+
+def _np(t: Tensor):
+    return t.detach().numpy()
+
+
+def _out(x: Tensor, rows: Tensor, out_features: int) -> Tensor:
+    return torch.empty(rows.shape[0], out_features, dtype=torch.float32)
+
+
+def _finish(y: Tensor, x: Tensor, out_features: int, bias: Optional[Tensor]) -> Tensor:
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], out_features)
+
+
+def matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, out_features: int,
+                bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ W^T (+ bias)`` for a bitsandbytes-layout 4-bit weight (``in`` a multiple of ``blocksize``)."""
+    rows = _rows(x, x.shape[-1])
+    y = _out(x, rows, out_features)
+    _run("matmul_4bit", out_features, out_features * x.shape[-1] * rows.shape[0],
+         _np(packed.reshape(-1)), _np(absmax), _np(code), _np(rows), _np(y), blocksize)
+    return _finish(y, x, out_features, bias)
+
+
+def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, out: Tensor) -> Tensor:
+    """Fill float32 ``out`` with ``code[nibble] * absmax[block]`` (bitsandbytes' values, ~5x faster here)."""
+    _run("dequantize_4bit", absmax.shape[0], out.numel(), _np(packed.reshape(-1)), _np(absmax), _np(code),
+         _np(out.view(-1)), blocksize)
+    return out
+
+
+def matmul_int8(x: Tensor, q: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ (q * scale[:, None])^T (+ bias)`` for an int8 ``[out, in]`` weight."""
+    rows = _rows(x, q.shape[1])
+    y = _out(x, rows, q.shape[0])
+    _run("matmul_int8", q.shape[0], q.numel() * rows.shape[0], _np(q), _np(scale), _np(rows), _np(y))
+    return _finish(y, x, q.shape[0], bias)
+
+
+def matmul_lut8(x: Tensor, q: Tensor, lut: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ (lut[q] * scale[:, None])^T (+ bias)`` for a one-byte code ``[out, in]`` (e.g. float8)."""
+    rows = _rows(x, q.shape[1])
+    y = _out(x, rows, q.shape[0])
+    _run("matmul_lut8", q.shape[0], q.numel() * rows.shape[0], _np(q.view(torch.uint8)), _np(lut), _np(scale),
+         _np(rows), _np(y))
+    return _finish(y, x, q.shape[0], bias)
+
+
+def matmul_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group: int, in_features: int,
+                bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ W^T (+ bias)`` for group-wise affine int4 (``w = (q - zero) * scale``)."""
+    rows = _rows(x, in_features)
+    padded = packed.shape[1] * 2
+    if padded != in_features:
+        rows = torch.nn.functional.pad(rows, (0, padded - in_features))
+    y = _out(x, rows, packed.shape[0])
+    _run("matmul_int4", packed.shape[0], packed.numel() * 2 * rows.shape[0], _np(packed), _np(scales), _np(zeros),
+         _np(rows), _np(y), group)
+    return _finish(y, x, packed.shape[0], bias)
+
+
+def matmul_bf16(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ weight^T (+ bias)`` in float32 for a bfloat16 weight, without converting it first."""
+    rows = _rows(x, weight.shape[1])
+    y = _out(x, rows, weight.shape[0])
+    _run("matmul_bf16", weight.shape[0], weight.numel() * rows.shape[0],
+         _np(weight.view(torch.int16)).view("uint16"), _np(rows), _np(y))
+    return _finish(y, x, weight.shape[0], bias)
