@@ -554,8 +554,12 @@ class _FourBitCodec(Codec):
         absmax = t["weight.absmax"]
         if "weight.nested_absmax" in t:
             st = self._state(q, self.quant_type)
-            absmax = _dequant_blockwise_torch(absmax, t["weight.nested_absmax"].float(), t["weight.nested_quant_map"],
-                                              int(st.get("nested_blocksize", 256))) + float(st["nested_offset"])
+            nested = (absmax, t["weight.nested_absmax"].float(), t["weight.nested_quant_map"],
+                      int(st.get("nested_blocksize", 256)))
+            if absmax.device.type == "cpu" and kernels.kernels_enabled():
+                absmax = kernels.dequantize_blockwise8(*nested, offset=float(st["nested_offset"]))
+            else:
+                absmax = _dequant_blockwise_torch(*nested) + float(st["nested_offset"])
         return self._prepared(q, _absmax=absmax.float().contiguous(), _code=t["weight.quant_map"].float().contiguous())
 
     def fused_linear(self, q: QuantizedTensor, x: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:

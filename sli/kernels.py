@@ -93,6 +93,12 @@ def _build():
                 out[2 * k + 1] = code[b & 15] * scale
 
     @jit
+    def dequantize_blockwise8(q, absmax, code, out, blocksize, offset, start, stop):
+        # one byte per value: out[i] = code[q[i]] * absmax[i // blocksize] + offset
+        for i in range(start * blocksize, min(stop * blocksize, q.shape[0])):
+            out[i] = code[q[i]] * absmax[i // blocksize] + offset
+
+    @jit
     def matmul_int8(q, scale, x, y, start, stop):
         # q: int8 [out, in]; y = (x @ q^T) * scale
         rows, cols = x.shape
@@ -162,7 +168,8 @@ def _build():
                     s += decoded[j] * x[t, j]
                 y[t, o] = s
 
-    return {"matmul_4bit": matmul_4bit, "dequantize_4bit": dequantize_4bit, "matmul_int8": matmul_int8,
+    return {"matmul_4bit": matmul_4bit, "dequantize_4bit": dequantize_4bit,
+            "dequantize_blockwise8": dequantize_blockwise8, "matmul_int8": matmul_int8,
             "matmul_lut8": matmul_lut8, "matmul_int4": matmul_int4, "matmul_bf16": matmul_bf16}
 
 
@@ -247,6 +254,16 @@ def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int
     """Fill float32 ``out`` with ``code[nibble] * absmax[block]`` (bitsandbytes' values, ~5x faster here)."""
     _run("dequantize_4bit", absmax.shape[0], out.numel(), _np(packed.reshape(-1)), _np(absmax), _np(code),
          _np(out.view(-1)), blocksize)
+    return out
+
+
+def dequantize_blockwise8(q: Tensor, absmax: Tensor, code: Tensor, blocksize: int, offset: float = 0.0) -> Tensor:
+    """``code[q] * absmax[block] + offset`` as float32 (bitsandbytes' blockwise 8-bit, e.g. the
+    double-quantized block maxima of a 4-bit weight)."""
+    flat = q.reshape(-1)
+    out = torch.empty(flat.numel(), dtype=torch.float32)
+    _run("dequantize_blockwise8", absmax.numel(), flat.numel(), _np(flat), _np(absmax.float().reshape(-1)),
+         _np(code.float()), _np(out), blocksize, offset)
     return out
 
 
