@@ -214,9 +214,12 @@ class UniversalSLIProcessor:
         return f"{self.layout.layers_path}.{index}"
 
     def _cached_layer(self, index: int) -> CachedLayer:
-        """Layer ``index`` from the cache, quantizing it from the checkpoint on a miss."""
+        """Layer ``index`` from the cache, quantizing it from the checkpoint on a miss.
+
+        On CPU a disk hit is mapped, not read: the layer's linears compute straight from the
+        page cache's copy of the entry (see :meth:`LayerCache.get`)."""
         fingerprint_config = self.quantizer
-        cached = self.cache.get(self.model_id, index, fingerprint_config)
+        cached = self.cache.get(self.model_id, index, fingerprint_config, mapped=self.packed)
         if cached is not None:
             return cached
         state = self._loader.layer_state(index, self._loader_layers[index])

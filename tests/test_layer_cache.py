@@ -93,6 +93,20 @@ def test_get_with_memory_false_does_not_promote(disk_only, tmp_path):
         assert (stats.disk_hits, stats.memory_hits, stats.memory_bytes) == (2, 0, 0)
 
 
+def test_a_mapped_hit_views_the_file_and_stays_out_of_the_memory_tier(tmp_path):
+    entry = make_entry(3)
+    with LayerCache(tmp_path, max_cache_size_gb=0.01, max_memory_cache_size_gb=0.01) as cache:
+        cache.put("m", 0, "none", entry)
+    with LayerCache(tmp_path, max_cache_size_gb=0.01, max_memory_cache_size_gb=0.01) as cache:
+        mapped = cache.get("m", 0, "none", mapped=True)
+        assert same(mapped, entry)
+        path = entry_path(cache, "m", 0, "none")
+        cache.delete("m", 0, "none")  # eviction unlinks the file; the mapping stays valid
+        assert not path.exists() and same(mapped, entry)
+        stats = cache.stats()
+        assert (stats.disk_hits, stats.memory_bytes) == (1, 0)
+
+
 def test_memory_hit_does_not_read_the_disk(cache):
     cache.put("m", 0, "none", make_entry(1))
     with mock.patch.object(cache, "_read", side_effect=AssertionError("disk read on a memory hit")):
@@ -251,7 +265,8 @@ def test_cache_layer_and_get_layer(cache):
     "flip",  # one flipped bit in the tensor data
     "header",  # the safetensors header altered
 ])
-def test_corrupt_file_is_caught_removed_and_counted(disk_only, damage, caplog):
+@pytest.mark.parametrize("mapped", [False, True], ids=["read", "mapped"])
+def test_corrupt_file_is_caught_removed_and_counted(disk_only, damage, mapped, caplog):
     disk_only.put("m", 0, "none", make_entry(0))
     path = entry_path(disk_only, "m", 0, "none")
     data = bytearray(path.read_bytes())
@@ -263,7 +278,7 @@ def test_corrupt_file_is_caught_removed_and_counted(disk_only, damage, caplog):
         data[20] = ord(" ") if data[20] != ord(" ") else ord("x")
     path.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="sli.layer_cache"):
-        assert disk_only.get("m", 0, "none") is None
+        assert disk_only.get("m", 0, "none", mapped=mapped) is None
     assert "corrupt layer cache entry" in caplog.text
     stats = disk_only.stats()
     assert (stats.corrupt, stats.disk_misses, stats.entries) == (1, 1, 0)
