@@ -295,14 +295,30 @@ class Int8Codec(Codec):
 
 
 class Int8DynamicCodec(Int8Codec):
-    """Int8 weights (no outliers) plus per-token symmetric int8 fake-quantized activations."""
+    """Int8 weights (no outliers) plus per-token int8 fake-quantized activations: per token the
+    ``outliers_per_token`` largest-|x| features stay in float, the rest is symmetric int8.
+
+    Plain per-token absmax int8 cost +2.94% perplexity on SmolLM2-135M: the attention input
+    has one strong feature per token (rms ~0.35, max ~6) that crushes every other value's
+    resolution. Keeping the 4 largest per token in float brings it to +0.08% (INT8
+    weight-only: +0.07%) while >99% of activation values stay int8. Chosen per token, not
+    per column (LLM.int8()), so a token's result never depends on the rest of the batch.
+    """
 
     mode = QuantizationMode.INT8_DYNAMIC
 
+    outliers_per_token = 4
+
     def prepare_input(self, x: Tensor) -> Tensor:
         xf = x.float()
-        a = xf.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-8)
-        return (torch.round(xf * 127 / a) * a / 127).to(x.dtype)
+        k = min(self.outliers_per_token, xf.shape[-1] - 1)
+        keep = torch.zeros_like(xf, dtype=torch.bool)
+        if k > 0 and xf.numel():
+            keep.scatter_(-1, xf.abs().topk(k, dim=-1).indices, True)
+        rest = xf.masked_fill(keep, 0.0)
+        a = rest.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-8)
+        q = torch.round(rest * 127 / a) * a / 127
+        return torch.where(keep, xf, q).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------

@@ -31,7 +31,7 @@ class QuantizationMode(Enum):
 
     NONE = "none"  # the tensor as is (lossless), computed in compute_dtype
     INT8 = "int8"  # row-wise absmax int8 (LLM.int8() layout), outlier columns in 16-bit
-    INT8_DYNAMIC = "int8_dynamic"  # int8 weights + per-token int8 activations
+    INT8_DYNAMIC = "int8_dynamic"  # int8 weights + per-token int8 activations (4 outliers kept)
     NF4 = "nf4"  # 4-bit NormalFloat, 64-value blocks (bitsandbytes bytes)
     FP4 = "fp4"  # 4-bit float, 64-value blocks (bitsandbytes bytes)
     INT4 = "int4"  # group-wise asymmetric int4, scale + zero point per group

@@ -143,12 +143,23 @@ def test_int8_dynamic_per_token():
     codec = codec_for("int8_dynamic")
     x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
     x[0, 1] *= 100  # one loud token must not coarsen the others
+    x[1, 2, 7] = 40.0  # one loud feature must not coarsen the rest of its token
     y = codec.prepare_input(x)
     assert y.dtype == x.dtype and y.shape == x.shape
     xf = x.float()
-    a = xf.abs().amax(-1, keepdim=True).clamp(min=1e-8)
-    expect = (torch.round(xf * 127 / a) * a / 127).to(x.dtype)
+    keep = torch.zeros_like(xf, dtype=torch.bool).scatter_(-1, xf.abs().topk(4, dim=-1).indices, True)
+    rest = xf.masked_fill(keep, 0)
+    a = rest.abs().amax(-1, keepdim=True).clamp(min=1e-8)
+    expect = torch.where(keep, xf, torch.round(rest * 127 / a) * a / 127).to(x.dtype)
     assert torch.equal(y, expect)
+    assert y[1, 2, 7] == 40.0  # the outlier passes exactly
+    x32 = torch.randn(5, 64)
+    y32 = codec.prepare_input(x32)
+    top4 = torch.zeros_like(x32, dtype=torch.bool).scatter_(-1, x32.abs().topk(4, dim=-1).indices, True)
+    assert torch.equal(y32[top4], x32[top4])  # the 4 largest features pass exactly
+    a32 = x32.abs().masked_fill(top4, 0).amax(-1, keepdim=True)
+    levels = (y32 / a32 * 127)[~top4]
+    assert torch.allclose(levels, levels.round(), atol=1e-3)  # the rest sits on the int8 grid
     assert torch.equal(codec.prepare_input(torch.zeros(4, 8)), torch.zeros(4, 8))
     assert codec_for("int8").prepare_input(x) is x
     q = codec.quantize(_w((16, 64)), _cfg("int8_dynamic", llm_int8_threshold=0.001))
