@@ -79,6 +79,13 @@ class Checkpoint:
             self._handles[file_name] = handle
         return handle
 
+    def release(self) -> None:
+        """Close the shard handles. Pages of a memory-mapped shard that were read count in the
+        process's RSS for as long as the map exists (~0.4 GB a 7B layer): closing after each
+        layer keeps a warm-up's memory at one layer, not the whole checkpoint. The next read
+        reopens the shard (a header parse)."""
+        self._handles.clear()
+
     def names(self) -> List[str]:
         return list(self.weight_map)
 

@@ -186,6 +186,7 @@ class UniversalSLIProcessor:
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
+        self.checkpoint.release()
         self.model.tie_weights()
         for name, tensor in list(self.model.named_parameters()) + list(self.model.named_buffers()):
             if name.startswith(self.layout.layers_path + "."):
@@ -223,7 +224,9 @@ class UniversalSLIProcessor:
         if cached is not None:
             return cached
         state = self._loader.layer_state(index, self._loader_layers[index])
+        self.checkpoint.release()
         cached = self.quantizer.quantize_state_dict(state, self._linear_paths(index), self._layer_key(index))
+        del state
         self.cache.put(self.model_id, index, fingerprint_config, cached)
         return cached
 
