@@ -21,7 +21,8 @@ from . import kernels
 from .codecs import codec_for
 from .quantization import (AdaptiveQuantizer, CachedLayer, LayerQuantizer, QuantizationConfig, QuantizationMode, _is_conv1d,
                            default_compute_dtype, is_linear)
-from .streaming import LayerStreamer, LayerTiming, LoadedLayer, StreamedLinear, ready_bytes
+from .codecs import QuantizedTensor
+from .streaming import LayerStreamer, LayerTiming, LoadedLayer, StreamedLinear, WeightScratch, ready_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -195,9 +196,49 @@ class UniversalSLIProcessor:
                 raise ModelLoadError(f"the checkpoint has no tensor for {name!r}; the model files are incomplete: re-save the model")
         # Non-persistent buffers (rotary tables) were made on CPU by the skeleton.
         self.model.to(self.device) if self.device.type == "cuda" else None
+        kept_head = self._keep_embeddings_in_bfloat16() if self.packed else None
         shared = {t.data_ptr(): t.numel() * t.element_size() for n, t in self.model.state_dict().items()
                   if not n.startswith(self.layout.layers_path + ".") and t.device.type != "meta"}
+        if kept_head is not None:
+            shared[kept_head.data_ptr()] = kept_head.numel() * kept_head.element_size()
         self.shared_bytes = sum(shared.values())  # a tied head shares the embedding's storage
+
+    def _keep_embeddings_in_bfloat16(self) -> Optional[torch.Tensor]:
+        """On CPU, hold a bfloat16 checkpoint's embedding and head as bfloat16: half the
+        bytes of the float32 copies (0.5 GB of a 7B model's 1 GB), same results.
+
+        The head becomes a :class:`StreamedLinear` over the bfloat16 weight (the fused
+        kernel for a token's logits, BLAS for a prompt's); a plain ``nn.Embedding`` keeps
+        a bfloat16 table and widens the rows it looks up. Only when the float32 weights
+        are exactly their bfloat16 values (they came from a bfloat16 checkpoint). Returns
+        the head's weight, which the state dict no longer lists.
+        """
+        if self.compute_dtype != torch.float32 or self.checkpoint.storage_dtype() != torch.bfloat16:
+            return None
+        embedding, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        narrow = {}
+
+        def bf16(weight: torch.Tensor) -> Optional[torch.Tensor]:
+            if weight.data_ptr() not in narrow:
+                w16 = weight.detach().to(torch.bfloat16)
+                narrow[weight.data_ptr()] = w16 if torch.equal(w16.float(), weight) else None
+            return narrow[weight.data_ptr()]
+
+        kept = None
+        if type(head) is nn.Linear and bf16(head.weight) is not None:
+            kept = bf16(head.weight)
+            streamed = StreamedLinear(head.in_features, head.out_features, head.bias is not None, self.compute_dtype)
+            streamed.bias = head.bias
+            streamed.qweight = QuantizedTensor({"weight": kept}, {"codec": "none", "shape": list(kept.shape),
+                                                                   "dtype": "bfloat16"})
+            self.model.set_output_embeddings(streamed)
+        if type(embedding) is nn.Embedding and bf16(embedding.weight) is not None:
+            tied = kept is not None and kept is bf16(embedding.weight)
+            embedding.weight = nn.Parameter(bf16(embedding.weight), requires_grad=False)
+            embedding.register_forward_hook(lambda module, args, out: out.to(torch.float32))
+            if tied:
+                return None  # the state dict counts it once, as the embedding
+        return kept
 
     def _linear_paths(self, index: int) -> Dict[str, bool]:
         return self._linears[index]
@@ -205,11 +246,14 @@ class UniversalSLIProcessor:
     def _swap_linears(self) -> None:
         from .quantization import _set_submodule
 
+        self._scratch = WeightScratch()  # one dequantized weight at a time, for prompts
+
         for index, layer in enumerate(self.layers):
             for path, conv1d in self._linears[index].items():
                 module = layer.get_submodule(path)
                 in_f, out_f = module.weight.shape if conv1d else module.weight.shape[::-1]
-                _set_submodule(layer, path, StreamedLinear(in_f, out_f, module.bias is not None, self.compute_dtype))
+                _set_submodule(layer, path, StreamedLinear(in_f, out_f, module.bias is not None, self.compute_dtype,
+                                                           scratch=self._scratch))
 
     def _layer_key(self, index: int) -> str:
         return f"{self.layout.layers_path}.{index}"

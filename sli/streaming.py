@@ -48,6 +48,20 @@ class LoadedLayer:
                 + sum(q.nbytes for q in self.qweights.values()))
 
 
+class WeightScratch:
+    """One reusable buffer for the weight a prompt's linear dequantizes (one at a time: the
+    layers run on one thread)."""
+
+    def __init__(self) -> None:
+        self._buffer = torch.empty(0)
+
+    def take(self, shape: "tuple[int, int]", dtype: torch.dtype) -> torch.Tensor:
+        numel = shape[0] * shape[1]
+        if self._buffer.numel() < numel or self._buffer.dtype != dtype:
+            self._buffer = torch.empty(numel, dtype=dtype)
+        return self._buffer[:numel].view(shape)
+
+
 class StreamedLinear(nn.Module):
     """Stands in for a decoder layer's linear; multiplies by the cached weight as it is.
 
@@ -59,9 +73,11 @@ class StreamedLinear(nn.Module):
     ``Conv1D`` (the cache stores its weight as ``[out, in]``).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 scratch: Optional["WeightScratch"] = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.scratch = scratch
         self.qweight: Optional[QuantizedTensor] = None
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device="meta"), requires_grad=False) \
             if bias else None
@@ -69,7 +85,9 @@ class StreamedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is None:
             raise RuntimeError("StreamedLinear ran before its layer was loaded")
-        return codec_for(self.qweight.metadata["codec"]).linear(self.qweight, x, self.bias)
+        codec = codec_for(self.qweight.metadata["codec"])
+        out = self.scratch.take((self.out_features, self.in_features), x.dtype) if self.scratch is not None else None
+        return codec.linear(self.qweight, x, self.bias, scratch=out)
 
     def extra_repr(self) -> str:
         codec = self.qweight.metadata["codec"] if self.qweight is not None else "not loaded"

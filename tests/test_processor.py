@@ -238,3 +238,22 @@ def test_peak_rss_is_bounded_by_the_budget_not_the_model(tmp_path):
     allowed = budget + 3 * result["layer_bytes"] + result["runtime_bytes"]
     assert growth < allowed, f"peak grew {growth / 2**20:.0f} MiB, allowed {allowed / 2**20:.0f} MiB"
     assert growth < model_bytes / 3  # far below what loading the model would take
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_bfloat16_checkpoint_keeps_its_embedding_and_head_in_bfloat16_on_cpu(tied, model_factory, tmp_path):
+    model_dir = model_factory("llama", tie_word_embeddings=tied)
+    reference = reference_model(model_dir)
+    config = reference.config
+    ids = torch.arange(1, 9)
+    with open_processor(model_dir, tmp_path, device="cpu") as proc:
+        embedding = proc.model.get_input_embeddings()
+        assert embedding.weight.dtype == torch.bfloat16
+        table = config.vocab_size * config.hidden_size * 2
+        norm = config.hidden_size * 4
+        assert proc.shared_bytes == norm + (table if tied else 2 * table)  # half of float32's
+        with torch.no_grad():
+            torch.testing.assert_close(proc.forward(ids), reference(ids[None]).logits, atol=1e-5, rtol=1e-5)
+            token = proc.generate(ids, max_new_tokens=3, eos_token_id=[])  # the head's one-row kernel
+            expected = reference.generate(ids[None], max_new_tokens=3, do_sample=False, eos_token_id=None)[0, 8:]
+        assert token[0].tolist() == expected.tolist()
