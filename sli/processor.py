@@ -174,19 +174,29 @@ class UniversalSLIProcessor:
         """Embeddings, final norm, head: loaded once, kept on the compute device."""
         shared = self._loader.names_by_layer.get(None, [])
         state = self.checkpoint.get_many(shared)
+        # On CPU a bfloat16 checkpoint's embedding and head stay bfloat16 (see
+        # _narrow_embeddings), so they are loaded as they are stored, never widened first.
+        narrow = (self.packed and self.compute_dtype == torch.float32
+                  and all(t.dtype == torch.bfloat16 for t in state.values() if t.is_floating_point()))
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
         from transformers.utils import logging as hf_logging
 
+        if narrow:  # the skeleton's (meta) tables take the checkpoint's dtype; the loader keeps it
+            for module in (self.model.get_input_embeddings(), self.model.get_output_embeddings()):
+                if module is not None:
+                    module.to(torch.bfloat16)
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
             convert_and_load_state_dict_in_model(
-                self.model, state, LoadStateDictConfig(dtype=self.compute_dtype, weight_mapping=self._loader.weight_mapping,
+                self.model, state, LoadStateDictConfig(dtype=self.compute_dtype,
+                                                       weight_mapping=self._loader.weight_mapping,
                                                        device_map={"": str(self.device)}))
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
+        del state
         self.checkpoint.release()
         self.model.tie_weights()
         for name, tensor in list(self.model.named_parameters()) + list(self.model.named_buffers()):
@@ -194,50 +204,44 @@ class UniversalSLIProcessor:
                 continue
             if tensor.device.type == "meta":
                 raise ModelLoadError(f"the checkpoint has no tensor for {name!r}; the model files are incomplete: re-save the model")
+        kept_head = self._narrow_embeddings() if narrow else None
         # Non-persistent buffers (rotary tables) were made on CPU by the skeleton.
         self.model.to(self.device) if self.device.type == "cuda" else None
-        kept_head = self._keep_embeddings_in_bfloat16() if self.packed else None
         shared = {t.data_ptr(): t.numel() * t.element_size() for n, t in self.model.state_dict().items()
                   if not n.startswith(self.layout.layers_path + ".") and t.device.type != "meta"}
         if kept_head is not None:
             shared[kept_head.data_ptr()] = kept_head.numel() * kept_head.element_size()
         self.shared_bytes = sum(shared.values())  # a tied head shares the embedding's storage
 
-    def _keep_embeddings_in_bfloat16(self) -> Optional[torch.Tensor]:
-        """On CPU, hold a bfloat16 checkpoint's embedding and head as bfloat16: half the
-        bytes of the float32 copies (0.5 GB of a 7B model's 1 GB), same results.
+    def _narrow_embeddings(self) -> Optional[torch.Tensor]:
+        """Keep the bfloat16 embedding and head as they are; widen every other shared weight.
 
-        The head becomes a :class:`StreamedLinear` over the bfloat16 weight (the fused
-        kernel for a token's logits, BLAS for a prompt's); a plain ``nn.Embedding`` keeps
-        a bfloat16 table and widens the rows it looks up. Only when the float32 weights
-        are exactly their bfloat16 values (they came from a bfloat16 checkpoint). Returns
-        the head's weight, which the state dict no longer lists.
+        Half the bytes of float32 copies (0.5 GB of a 7B model's 1 GB), same results: the
+        head becomes a :class:`StreamedLinear` over its bfloat16 weight (the fused kernel for
+        a token's logits, BLAS for a prompt's), and a plain ``nn.Embedding`` widens the rows
+        it looks up. Other modules (norms, scaled embeddings) get float32 weights. Returns
+        the head's weight when the state dict no longer lists it (an untied head).
         """
-        if self.compute_dtype != torch.float32 or self.checkpoint.storage_dtype() != torch.bfloat16:
-            return None
         embedding, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
-        narrow = {}
-
-        def bf16(weight: torch.Tensor) -> Optional[torch.Tensor]:
-            if weight.data_ptr() not in narrow:
-                w16 = weight.detach().to(torch.bfloat16)
-                narrow[weight.data_ptr()] = w16 if torch.equal(w16.float(), weight) else None
-            return narrow[weight.data_ptr()]
-
         kept = None
-        if type(head) is nn.Linear and bf16(head.weight) is not None:
-            kept = bf16(head.weight)
+        if type(head) is nn.Linear:
             streamed = StreamedLinear(head.in_features, head.out_features, head.bias is not None, self.compute_dtype)
-            streamed.bias = head.bias
+            if head.bias is not None:
+                streamed.bias = nn.Parameter(head.bias.detach().to(self.compute_dtype), requires_grad=False)
+            kept = head.weight.detach()
             streamed.qweight = QuantizedTensor({"weight": kept}, {"codec": "none", "shape": list(kept.shape),
-                                                                   "dtype": "bfloat16"})
+                                                                  "dtype": "bfloat16"})
             self.model.set_output_embeddings(streamed)
-        if type(embedding) is nn.Embedding and bf16(embedding.weight) is not None:
-            tied = kept is not None and kept is bf16(embedding.weight)
-            embedding.weight = nn.Parameter(bf16(embedding.weight), requires_grad=False)
+        plain_embedding = type(embedding) is nn.Embedding
+        if plain_embedding:
             embedding.register_forward_hook(lambda module, args, out: out.to(torch.float32))
-            if tied:
-                return None  # the state dict counts it once, as the embedding
+        for name, param in self.model.named_parameters():
+            if name.startswith(self.layout.layers_path + ".") or not param.is_floating_point():
+                continue
+            if not (plain_embedding and param is embedding.weight):
+                param.data = param.data.to(self.compute_dtype)
+        if kept is not None and plain_embedding and embedding.weight.data_ptr() == kept.data_ptr():
+            return None  # tied: the state dict counts it once, as the embedding
         return kept
 
     def _linear_paths(self, index: int) -> Dict[str, bool]:
