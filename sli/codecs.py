@@ -222,10 +222,18 @@ def bits_per_weight(q: QuantizedTensor) -> float:
 # INT8 (LLM.int8() layout) and INT8_DYNAMIC
 # ---------------------------------------------------------------------------
 
+_INT8_ROWS_PER_CHUNK = 1024  # bounds the float32 temporaries (16 MB for 4096-wide rows)
+
+
 def _int8_rowwise(w: Tensor) -> "tuple[Tensor, Tensor]":
-    scb = w.abs().amax(dim=1).float()
-    inv = 127.0 / scb.clamp(min=1e-30)
-    q = torch.round(w.float() * inv.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scb = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for start in range(0, w.shape[0], _INT8_ROWS_PER_CHUNK):
+        part = w[start:start + _INT8_ROWS_PER_CHUNK].float()
+        absmax = part.abs().amax(dim=1)
+        scb[start:start + part.shape[0]] = absmax
+        inv = 127.0 / absmax.clamp(min=1e-30)
+        q[start:start + part.shape[0]] = torch.round(part * inv.unsqueeze(1)).clamp_(-127, 127)
     return q, scb
 
 
