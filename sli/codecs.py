@@ -577,19 +577,31 @@ class _FourBitCodec(Codec):
         return {"blocksize": q.metadata["blocksize"], "nested_offset": q.metadata.get("nested_offset")}
 
     def prepare(self, q: QuantizedTensor) -> QuantizedTensor:
-        if "_absmax" in q.tensors:
+        # Double-quantized block maxima stay 8-bit: the kernel decodes one per 64-value block
+        # as it goes, so readying a layer costs nothing and adds no float32 copy of them.
+        if "_code" in q.tensors:
             return q
         t = q.tensors
-        absmax = t["weight.absmax"]
+        extra = {"_code": t["weight.quant_map"].float().contiguous()}
         if "weight.nested_absmax" in t:
             st = self._state(q, self.quant_type)
-            nested = (absmax, t["weight.nested_absmax"].float(), t["weight.nested_quant_map"],
-                      int(st.get("nested_blocksize", 256)))
-            if absmax.device.type == "cpu" and kernels.kernels_enabled():
-                absmax = kernels.dequantize_blockwise8(*nested, offset=float(st["nested_offset"]))
-            else:
-                absmax = _dequant_blockwise_torch(*nested) + float(st["nested_offset"])
-        return self._prepared(q, _absmax=absmax.float().contiguous(), _code=t["weight.quant_map"].float().contiguous())
+            extra["_nested"] = t["weight.nested_absmax"].float().contiguous()
+            extra["_nested_code"] = t["weight.nested_quant_map"].float().contiguous()
+            extra["_nested_offset"] = torch.tensor([float(st["nested_offset"]), float(st.get("nested_blocksize", 256))])
+        else:
+            extra["_absmax"] = t["weight.absmax"].float().contiguous()
+        return self._prepared(q, **extra)
+
+    def _absmax(self, q: QuantizedTensor) -> Tensor:
+        """Every block's maximum as float32 (decoding the double-quantized ones)."""
+        t = self.prepare(q).tensors
+        if "_absmax" in t:
+            return t["_absmax"]
+        offset, nested_blocksize = t["_nested_offset"].tolist()
+        nested = (t["weight.absmax"], t["_nested"], t["_nested_code"], int(nested_blocksize))
+        if t["weight.absmax"].device.type == "cpu" and kernels.kernels_enabled():
+            return kernels.dequantize_blockwise8(*nested, offset=offset)
+        return _dequant_blockwise_torch(*nested) + offset
 
     def fused_linear(self, q: QuantizedTensor, x: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
         out_features, in_features = q.metadata["shape"]
@@ -597,7 +609,11 @@ class _FourBitCodec(Codec):
         if in_features % bs:
             return None  # blocks straddle rows: dequantize instead
         t = q.tensors
-        return kernels.matmul_4bit(x, t["weight"], t["_absmax"], t["_code"], bs, out_features, bias)
+        if "_absmax" in t:
+            return kernels.matmul_4bit(x, t["weight"], t["_absmax"], t["_code"], bs, out_features, bias)
+        offset, nested_blocksize = t["_nested_offset"].tolist()
+        return kernels.matmul_4bit_nested(x, t["weight"], t["weight.absmax"], t["_nested"], t["_nested_code"], offset,
+                                          int(nested_blocksize), t["_code"], bs, out_features, bias)
 
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
         qt = self.quant_type
@@ -610,8 +626,8 @@ class _FourBitCodec(Codec):
         device = packed.device
         if device.type == "cpu" and kernels.kernels_enabled():
             # the numba kernel writes bitsandbytes' values ~5x faster than its CPU kernel
-            p = self.prepare(q).tensors
-            return _write_or_into(lambda buf: kernels.dequantize_4bit(packed, p["_absmax"], p["_code"], bs, buf),
+            absmax, code = self._absmax(q), self.prepare(q).tensors["_code"]
+            return _write_or_into(lambda buf: kernels.dequantize_4bit(packed, absmax, code, bs, buf),
                                   shape, dtype, device, out)
         if _bnb_available() and device.type == "cpu":
             # bitsandbytes' native CPU kernel (it has no out= on CPU, hence the copy)

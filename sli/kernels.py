@@ -79,6 +79,34 @@ def _build():
                 y[t, o] = acc[t]
 
     @jit
+    def matmul_4bit_nested(packed, qabsmax, nested, nested_code, offset, nested_blocksize, code, x, y, blocksize,
+                           start, stop):
+        # as matmul_4bit, with double-quantized block maxima decoded on the fly:
+        # absmax[b] = nested_code[qabsmax[b]] * nested[b // nested_blocksize] + offset
+        rows, cols = x.shape
+        half_block = blocksize // 2
+        blocks_per_row = cols // blocksize
+        for o in range(start, stop):
+            decoded = np.empty(blocksize, np.float32)
+            acc = np.zeros(rows, np.float32)
+            for blk in range(blocks_per_row):
+                b = o * blocks_per_row + blk
+                first = b * half_block
+                scale = nested_code[qabsmax[b]] * nested[b // nested_blocksize] + offset
+                for k in range(half_block):
+                    v = packed[first + k]
+                    decoded[2 * k] = code[v >> 4] * scale
+                    decoded[2 * k + 1] = code[v & 15] * scale
+                j0 = blk * blocksize
+                for t in range(rows):
+                    s = np.float32(0.0)
+                    for j in range(blocksize):
+                        s += decoded[j] * x[t, j0 + j]
+                    acc[t] += s
+            for t in range(rows):
+                y[t, o] = acc[t]
+
+    @jit
     def dequantize_4bit(packed, absmax, code, out, blocksize, start, stop):
         # out: fp32 [n]; the last block may be partial
         half_block = blocksize // 2
@@ -95,8 +123,10 @@ def _build():
     @jit
     def dequantize_blockwise8(q, absmax, code, out, blocksize, offset, start, stop):
         # one byte per value: out[i] = code[q[i]] * absmax[i // blocksize] + offset
-        for i in range(start * blocksize, min(stop * blocksize, q.shape[0])):
-            out[i] = code[q[i]] * absmax[i // blocksize] + offset
+        for blk in range(start, stop):
+            scale = absmax[blk]
+            for i in range(blk * blocksize, min((blk + 1) * blocksize, q.shape[0])):
+                out[i] = code[q[i]] * scale + offset
 
     @jit
     def matmul_int8(q, scale, x, y, start, stop):
@@ -168,7 +198,7 @@ def _build():
                     s += decoded[j] * x[t, j]
                 y[t, o] = s
 
-    return {"matmul_4bit": matmul_4bit, "dequantize_4bit": dequantize_4bit,
+    return {"matmul_4bit": matmul_4bit, "matmul_4bit_nested": matmul_4bit_nested, "dequantize_4bit": dequantize_4bit,
             "dequantize_blockwise8": dequantize_blockwise8, "matmul_int8": matmul_int8,
             "matmul_lut8": matmul_lut8, "matmul_int4": matmul_int4, "matmul_bf16": matmul_bf16}
 
@@ -247,6 +277,18 @@ def matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksi
     y = _out(x, rows, out_features)
     _run("matmul_4bit", out_features, out_features * x.shape[-1] * rows.shape[0],
          _np(packed.reshape(-1)), _np(absmax), _np(code), _np(rows), _np(y), blocksize)
+    return _finish(y, x, out_features, bias)
+
+
+def matmul_4bit_nested(x: Tensor, packed: Tensor, qabsmax: Tensor, nested: Tensor, nested_code: Tensor, offset: float,
+                       nested_blocksize: int, code: Tensor, blocksize: int, out_features: int,
+                       bias: Optional[Tensor] = None) -> Tensor:
+    """:func:`matmul_4bit` with bitsandbytes' double-quantized (8-bit) block maxima."""
+    rows = _rows(x, x.shape[-1])
+    y = _out(x, rows, out_features)
+    _run("matmul_4bit_nested", out_features, out_features * x.shape[-1] * rows.shape[0],
+         _np(packed.reshape(-1)), _np(qabsmax.reshape(-1)), _np(nested), _np(nested_code), offset, nested_blocksize,
+         _np(code), _np(rows), _np(y), blocksize)
     return _finish(y, x, out_features, bias)
 
 

@@ -99,3 +99,13 @@ def test_fp8_table_holds_every_float8_value():
     finite = torch.arange(256).to(torch.uint8).view(torch.float8_e4m3fn).float()
     assert torch.equal(lut.isnan(), finite.isnan())
     assert torch.equal(lut[~lut.isnan()], finite[~finite.isnan()])
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_4bit_kernel_reads_plain_and_double_quantized_block_maxima(double_quant):
+    codec = codec_for("nf4")
+    config = QuantizationConfig(mode="nf4", double_quant=double_quant, compress_statistics=double_quant)
+    q = codec.quantize(_weight((320, 1024), seed=4), config)
+    assert ("weight.nested_absmax" in q.tensors) == double_quant
+    x = torch.randn(2, 1024)
+    assert _rel_err(codec.fused_linear(codec.prepare(q), x, None), _reference(codec, q, x)) < 1e-5
