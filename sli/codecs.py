@@ -609,9 +609,9 @@ class _FourBitCodec(Codec):
         if in_features % bs:
             return None  # blocks straddle rows: dequantize instead
         t = q.tensors
-        if "_absmax" in t:
-            return kernels.matmul_4bit(x, t["weight"], t["_absmax"], t["_code"], bs, out_features, bias)
-        offset, nested_blocksize = t["_nested_offset"].tolist()
+        offset, nested_blocksize = t["_nested_offset"].tolist() if "_nested_offset" in t else (0.0, 0)
+        if "_absmax" in t or int(nested_blocksize) & (int(nested_blocksize) - 1):
+            return kernels.matmul_4bit(x, t["weight"], self._absmax(q), t["_code"], bs, out_features, bias)
         return kernels.matmul_4bit_nested(x, t["weight"], t["weight.absmax"], t["_nested"], t["_nested_code"], offset,
                                           int(nested_blocksize), t["_code"], bs, out_features, bias)
 

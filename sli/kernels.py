@@ -79,20 +79,24 @@ def _build():
                 y[t, o] = acc[t]
 
     @jit
-    def matmul_4bit_nested(packed, qabsmax, nested, nested_code, offset, nested_blocksize, code, x, y, blocksize,
+    def matmul_4bit_nested(packed, qabsmax, nested, nested_code, offset, nested_shift, code, x, y, blocksize,
                            start, stop):
         # as matmul_4bit, with double-quantized block maxima decoded on the fly:
-        # absmax[b] = nested_code[qabsmax[b]] * nested[b // nested_blocksize] + offset
+        # absmax[b] = nested_code[qabsmax[b]] * nested[b >> nested_shift] + offset
+        # (a shift: the nested block size is a power of two, 256 in bitsandbytes)
         rows, cols = x.shape
         half_block = blocksize // 2
         blocks_per_row = cols // blocksize
+        scales = np.empty(blocks_per_row, np.float32)
         for o in range(start, stop):
             decoded = np.empty(blocksize, np.float32)
             acc = np.zeros(rows, np.float32)
-            for blk in range(blocks_per_row):
+            for blk in range(blocks_per_row):  # the row's block maxima first, out of the hot loop
                 b = o * blocks_per_row + blk
-                first = b * half_block
-                scale = nested_code[qabsmax[b]] * nested[b // nested_blocksize] + offset
+                scales[blk] = nested_code[qabsmax[b]] * nested[b >> nested_shift] + offset
+            for blk in range(blocks_per_row):
+                first = (o * blocks_per_row + blk) * half_block
+                scale = scales[blk]
                 for k in range(half_block):
                     v = packed[first + k]
                     decoded[2 * k] = code[v >> 4] * scale
@@ -283,11 +287,15 @@ def matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksi
 def matmul_4bit_nested(x: Tensor, packed: Tensor, qabsmax: Tensor, nested: Tensor, nested_code: Tensor, offset: float,
                        nested_blocksize: int, code: Tensor, blocksize: int, out_features: int,
                        bias: Optional[Tensor] = None) -> Tensor:
-    """:func:`matmul_4bit` with bitsandbytes' double-quantized (8-bit) block maxima."""
+    """:func:`matmul_4bit` with bitsandbytes' double-quantized (8-bit) block maxima
+    (``nested_blocksize`` a power of two)."""
+    if nested_blocksize & (nested_blocksize - 1):
+        raise ValueError(f"nested block size {nested_blocksize} is not a power of two")
     rows = _rows(x, x.shape[-1])
     y = _out(x, rows, out_features)
     _run("matmul_4bit_nested", out_features, out_features * x.shape[-1] * rows.shape[0],
-         _np(packed.reshape(-1)), _np(qabsmax.reshape(-1)), _np(nested), _np(nested_code), offset, nested_blocksize,
+         _np(packed.reshape(-1)), _np(qabsmax.reshape(-1)), _np(nested), _np(nested_code), offset,
+         nested_blocksize.bit_length() - 1,
          _np(code), _np(rows), _np(y), blocksize)
     return _finish(y, x, out_features, bias)
 
