@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-cache-size-gb", type=float, default=None)
             p.add_argument("--device", default=None)
             p.add_argument("--json", action="store_true")
-            p.add_argument("--memory-budget-gb", type=float, default=0.35)
+            p.add_argument("--memory-budget-gb", type=float, default=0.2)
         p.add_argument("--max-new-tokens", type=int, default=24)
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
         p.add_argument("--top-k", type=int, default=None)
