@@ -33,9 +33,10 @@ logger = logging.getLogger(__name__)
 # dequantize 25 ms + sgemm).
 FUSED_MAX_TOKENS = 16
 
-# What numba adds to a process's RSS once the kernels are loaded (measured: importing numba
-# 51 MB, loading the compiled kernels with llvmlite 53 MB); the memory plan reserves it.
-RUNTIME_BYTES = 110 * 2**20
+# What numba adds to a process's peak RSS (measured: importing numba 51 MB, loading a mode's
+# compiled kernels with llvmlite ~55 MB; compiling them, the first time on a machine, ~125 MB
+# all told for one mode); the memory plan reserves it.
+RUNTIME_BYTES = 160 * 2**20
 
 _lock = threading.Lock()
 _kernels = None
