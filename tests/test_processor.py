@@ -237,7 +237,9 @@ def test_peak_rss_is_bounded_by_the_budget_not_the_model(tmp_path):
     # the kernels' fixed runtime, both counted by the memory plan)
     allowed = budget + 3 * result["layer_bytes"] + result["runtime_bytes"]
     assert growth < allowed, f"peak grew {growth / 2**20:.0f} MiB, allowed {allowed / 2**20:.0f} MiB"
-    assert growth < model_bytes / 3  # far below what loading the model would take
+    # far below what loading the model would take (numba's fixed runtime aside: ~125 MB
+    # whatever the model's size, when its kernels compile for the first time on a machine)
+    assert growth - result["runtime_bytes"] < model_bytes / 3
 
 
 @pytest.mark.parametrize("tied", [False, True])
