@@ -54,62 +54,54 @@ def _build():
 
     jit = njit(fastmath=True, cache=True, nogil=True)
 
-    @jit
-    def matmul_4bit(packed, absmax, code, x, y, blocksize, start, stop):
-        # packed: uint8 [out*in/2], first value in the high nibble; absmax: fp32 [out*in/blocksize]
+    @njit(fastmath=True, cache=True, nogil=True, inline="always")  # inlined: as fast as one kernel
+    def row_4bit(packed, scales, code, x, y, o, blocksize, decoded, acc):
+        # y[:, o] = x · row o of a 4-bit weight whose block maxima are ``scales``;
+        # packed: uint8 [out*in/2], first value in the high nibble
         rows, cols = x.shape
         half_block = blocksize // 2
         blocks_per_row = cols // blocksize
-        for o in range(start, stop):
-            decoded = np.empty(blocksize, np.float32)
-            acc = np.zeros(rows, np.float32)
-            for blk in range(blocks_per_row):
-                first = (o * blocks_per_row + blk) * half_block
-                scale = absmax[o * blocks_per_row + blk]
-                for k in range(half_block):
-                    b = packed[first + k]
-                    decoded[2 * k] = code[b >> 4] * scale
-                    decoded[2 * k + 1] = code[b & 15] * scale
-                j0 = blk * blocksize
-                for t in range(rows):
-                    s = np.float32(0.0)
-                    for j in range(blocksize):
-                        s += decoded[j] * x[t, j0 + j]
-                    acc[t] += s
+        acc[:] = 0.0
+        for blk in range(blocks_per_row):
+            first = (o * blocks_per_row + blk) * half_block
+            scale = scales[blk]
+            for k in range(half_block):
+                b = packed[first + k]
+                decoded[2 * k] = code[b >> 4] * scale
+                decoded[2 * k + 1] = code[b & 15] * scale
+            j0 = blk * blocksize
             for t in range(rows):
-                y[t, o] = acc[t]
+                s = np.float32(0.0)
+                for j in range(blocksize):
+                    s += decoded[j] * x[t, j0 + j]
+                acc[t] += s
+        for t in range(rows):
+            y[t, o] = acc[t]
 
     @jit
-    def matmul_4bit_nested(packed, qabsmax, nested, nested_code, offset, nested_shift, code, x, y, blocksize,
-                           start, stop):
-        # as matmul_4bit, with double-quantized block maxima decoded on the fly:
-        # absmax[b] = nested_code[qabsmax[b]] * nested[b >> nested_shift] + offset
-        # (a shift: the nested block size is a power of two, 256 in bitsandbytes)
-        rows, cols = x.shape
-        half_block = blocksize // 2
-        blocks_per_row = cols // blocksize
-        scales = np.empty(blocks_per_row, np.float32)
+    def matmul_4bit(packed, absmax, code, x, y, blocksize, start, stop):
+        # absmax: fp32 [out*in/blocksize]
+        blocks_per_row = x.shape[1] // blocksize
+        decoded = np.empty(blocksize, np.float32)
+        acc = np.empty(x.shape[0], np.float32)
         for o in range(start, stop):
-            decoded = np.empty(blocksize, np.float32)
-            acc = np.zeros(rows, np.float32)
-            for blk in range(blocks_per_row):  # the row's block maxima first, out of the hot loop
-                b = o * blocks_per_row + blk
-                scales[blk] = nested_code[qabsmax[b]] * nested[b >> nested_shift] + offset
+            row_4bit(packed, absmax[o * blocks_per_row:(o + 1) * blocks_per_row], code, x, y, o, blocksize,
+                     decoded, acc)
+
+    @jit
+    def matmul_4bit_nested(packed, qabsmax, nested, nested_code, offset, nested_blocksize, code, x, y, blocksize,
+                           start, stop):
+        # double-quantized block maxima, decoded a row at a time, out of the hot loop:
+        # absmax[b] = nested_code[qabsmax[b]] * nested[b // nested_blocksize] + offset
+        blocks_per_row = x.shape[1] // blocksize
+        scales = np.empty(blocks_per_row, np.float32)
+        decoded = np.empty(blocksize, np.float32)
+        acc = np.empty(x.shape[0], np.float32)
+        for o in range(start, stop):
             for blk in range(blocks_per_row):
-                first = (o * blocks_per_row + blk) * half_block
-                scale = scales[blk]
-                for k in range(half_block):
-                    v = packed[first + k]
-                    decoded[2 * k] = code[v >> 4] * scale
-                    decoded[2 * k + 1] = code[v & 15] * scale
-                j0 = blk * blocksize
-                for t in range(rows):
-                    s = np.float32(0.0)
-                    for j in range(blocksize):
-                        s += decoded[j] * x[t, j0 + j]
-                    acc[t] += s
-            for t in range(rows):
-                y[t, o] = acc[t]
+                b = o * blocks_per_row + blk
+                scales[blk] = nested_code[qabsmax[b]] * nested[b // nested_blocksize] + offset
+            row_4bit(packed, scales, code, x, y, o, blocksize, decoded, acc)
 
     @jit
     def dequantize_4bit(packed, absmax, code, out, blocksize, start, stop):
@@ -265,7 +257,7 @@ def _np(t: Tensor):
     return t.detach().numpy()
 
 
-def _out(x: Tensor, rows: Tensor, out_features: int) -> Tensor:
+def _out(rows: Tensor, out_features: int) -> Tensor:
     return torch.empty(rows.shape[0], out_features, dtype=torch.float32)
 
 
@@ -279,7 +271,7 @@ def matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksi
                 bias: Optional[Tensor] = None) -> Tensor:
     """``x @ W^T (+ bias)`` for a bitsandbytes-layout 4-bit weight (``in`` a multiple of ``blocksize``)."""
     rows = _rows(x, x.shape[-1])
-    y = _out(x, rows, out_features)
+    y = _out(rows, out_features)
     _run("matmul_4bit", out_features, out_features * x.shape[-1] * rows.shape[0],
          _np(packed.reshape(-1)), _np(absmax), _np(code), _np(rows), _np(y), blocksize)
     return _finish(y, x, out_features, bias)
@@ -288,15 +280,11 @@ def matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksi
 def matmul_4bit_nested(x: Tensor, packed: Tensor, qabsmax: Tensor, nested: Tensor, nested_code: Tensor, offset: float,
                        nested_blocksize: int, code: Tensor, blocksize: int, out_features: int,
                        bias: Optional[Tensor] = None) -> Tensor:
-    """:func:`matmul_4bit` with bitsandbytes' double-quantized (8-bit) block maxima
-    (``nested_blocksize`` a power of two)."""
-    if nested_blocksize & (nested_blocksize - 1):
-        raise ValueError(f"nested block size {nested_blocksize} is not a power of two")
+    """:func:`matmul_4bit` with bitsandbytes' double-quantized (8-bit) block maxima."""
     rows = _rows(x, x.shape[-1])
-    y = _out(x, rows, out_features)
+    y = _out(rows, out_features)
     _run("matmul_4bit_nested", out_features, out_features * x.shape[-1] * rows.shape[0],
-         _np(packed.reshape(-1)), _np(qabsmax.reshape(-1)), _np(nested), _np(nested_code), offset,
-         nested_blocksize.bit_length() - 1,
+         _np(packed.reshape(-1)), _np(qabsmax.reshape(-1)), _np(nested), _np(nested_code), offset, nested_blocksize,
          _np(code), _np(rows), _np(y), blocksize)
     return _finish(y, x, out_features, bias)
 
@@ -321,7 +309,7 @@ def dequantize_blockwise8(q: Tensor, absmax: Tensor, code: Tensor, blocksize: in
 def matmul_int8(x: Tensor, q: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``x @ (q * scale[:, None])^T (+ bias)`` for an int8 ``[out, in]`` weight."""
     rows = _rows(x, q.shape[1])
-    y = _out(x, rows, q.shape[0])
+    y = _out(rows, q.shape[0])
     _run("matmul_int8", q.shape[0], q.numel() * rows.shape[0], _np(q), _np(scale), _np(rows), _np(y))
     return _finish(y, x, q.shape[0], bias)
 
@@ -329,7 +317,7 @@ def matmul_int8(x: Tensor, q: Tensor, scale: Tensor, bias: Optional[Tensor] = No
 def matmul_lut8(x: Tensor, q: Tensor, lut: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``x @ (lut[q] * scale[:, None])^T (+ bias)`` for a one-byte code ``[out, in]`` (e.g. float8)."""
     rows = _rows(x, q.shape[1])
-    y = _out(x, rows, q.shape[0])
+    y = _out(rows, q.shape[0])
     _run("matmul_lut8", q.shape[0], q.numel() * rows.shape[0], _np(q.view(torch.uint8)), _np(lut), _np(scale),
          _np(rows), _np(y))
     return _finish(y, x, q.shape[0], bias)
@@ -342,7 +330,7 @@ def matmul_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group:
     padded = packed.shape[1] * 2
     if padded != in_features:
         rows = torch.nn.functional.pad(rows, (0, padded - in_features))
-    y = _out(x, rows, packed.shape[0])
+    y = _out(rows, packed.shape[0])
     _run("matmul_int4", packed.shape[0], packed.numel() * 2 * rows.shape[0], _np(packed), _np(scales), _np(zeros),
          _np(rows), _np(y), group)
     return _finish(y, x, packed.shape[0], bias)
@@ -351,7 +339,7 @@ def matmul_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group:
 def matmul_bf16(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``x @ weight^T (+ bias)`` in float32 for a bfloat16 weight, without converting it first."""
     rows = _rows(x, weight.shape[1])
-    y = _out(x, rows, weight.shape[0])
+    y = _out(rows, weight.shape[0])
     _run("matmul_bf16", weight.shape[0], weight.numel() * rows.shape[0],
          _np(weight.view(torch.int16)).view("uint16"), _np(rows), _np(y))
     return _finish(y, x, weight.shape[0], bias)

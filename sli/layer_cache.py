@@ -12,8 +12,8 @@ import errno
 import glob
 import hashlib
 import json
-import mmap
 import logging
+import mmap
 import os
 import shutil
 import sqlite3
@@ -177,14 +177,6 @@ class SerializedEntry:
             return b""
         self._next += 1
         return self._chunks[self._next - 1]
-
-    def to_bytes(self) -> bytes:
-        return b"".join(bytes(c) for c in self._chunks)
-
-
-def serialize(entry: CachedLayer, header: Dict[str, str]) -> bytes:
-    """The entry as safetensors bytes; ``header`` goes into the file's metadata."""
-    return SerializedEntry(entry, header).to_bytes()
 
 
 def deserialize(buffer: bytearray) -> Tuple[CachedLayer, Dict[str, str]]:

@@ -12,17 +12,16 @@ import psutil
 import torch
 from torch import nn
 
+from . import kernels
 from .architectures import ModelLayout, discover_layout
 from .checkpoint import Checkpoint, SkeletonLoader, resolve_model_dir
+from .codecs import QuantizedTensor, WeightScratch, codec_for
 from .errors import ModelLoadError, SLIError, UnsupportedArchitectureError
 from .generation import sample_next_token
 from .layer_cache import LayerCache
-from . import kernels
-from .codecs import codec_for
 from .quantization import (AdaptiveQuantizer, CachedLayer, LayerQuantizer, QuantizationConfig, QuantizationMode, _is_conv1d,
                            default_compute_dtype, is_linear)
-from .codecs import QuantizedTensor
-from .streaming import LayerStreamer, LayerTiming, LoadedLayer, StreamedLinear, WeightScratch, ready_bytes
+from .streaming import LayerStreamer, LayerTiming, LoadedLayer, StreamedLinear, ready_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ class MemoryPlan:
 
     budget: Optional[int]
     shared_bytes: int  # embeddings, final norm, head, rotary: always resident
-    layer_bytes: int  # one dequantized decoder layer
+    layer_bytes: int  # one ready decoder layer (CPU: its cached bytes + kernel tables; CUDA: dequantized)
     streaming_bytes: int  # layers in flight (running + prefetched) and one prompt-sized work buffer
     runtime_bytes: int = 0  # the kernels' runtime (numba), paid once
     resident_layers: List[int] = field(default_factory=list)

@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from .codecs import QuantizedTensor, codec_for
+from .codecs import QuantizedTensor, WeightScratch, codec_for
 from .quantization import CachedLayer, dequantize_cached, split_cached
 
 logger = logging.getLogger(__name__)
@@ -41,25 +41,6 @@ class LoadedLayer:
     ready: Optional[object] = None  # CUDA event the compute stream waits on
     qweights: Dict[str, QuantizedTensor] = field(default_factory=dict)  # linear path → prepared weight
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes this layer holds while it runs."""
-        return (sum(t.numel() * t.element_size() for t in self.state.values())
-                + sum(q.nbytes for q in self.qweights.values()))
-
-
-class WeightScratch:
-    """One reusable buffer for the weight a prompt's linear dequantizes (one at a time: the
-    layers run on one thread)."""
-
-    def __init__(self) -> None:
-        self._buffer = torch.empty(0)
-
-    def take(self, shape: "tuple[int, int]", dtype: torch.dtype) -> torch.Tensor:
-        numel = shape[0] * shape[1]
-        if self._buffer.numel() < numel or self._buffer.dtype != dtype:
-            self._buffer = torch.empty(numel, dtype=dtype)
-        return self._buffer[:numel].view(shape)
 
 
 class StreamedLinear(nn.Module):
@@ -85,9 +66,7 @@ class StreamedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is None:
             raise RuntimeError("StreamedLinear ran before its layer was loaded")
-        codec = codec_for(self.qweight.metadata["codec"])
-        out = self.scratch.take((self.out_features, self.in_features), x.dtype) if self.scratch is not None else None
-        return codec.linear(self.qweight, x, self.bias, scratch=out)
+        return codec_for(self.qweight.metadata["codec"]).linear(self.qweight, x, self.bias, scratch=self.scratch)
 
     def extra_repr(self) -> str:
         codec = self.qweight.metadata["codec"] if self.qweight is not None else "not loaded"

@@ -84,6 +84,7 @@ def test_pure_torch_path_matches_bitsandbytes(monkeypatch, quant_type, double_qu
     w = _w((512, 320), torch.bfloat16, seed=2)
     packed, st = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type=quant_type)
     monkeypatch.setattr(quantization, "BITSANDBYTES_AVAILABLE", False)
+    monkeypatch.setenv("SLI_NO_NUMBA", "1")  # neither bitsandbytes nor the numba kernels
     codec = codec_for(quant_type)
     q = codec.quantize(w, _cfg(quant_type, double_quant=double_quant))
     assert torch.equal(q.tensors["weight"], packed)
