@@ -264,6 +264,9 @@ def main(argv=None) -> int:
             require_matplotlib()  # now, not after the runs
         except SLIError as exc:
             p.error(str(exc))
+    if args.model_dir and not (Path(args.model_dir) / "config.json").is_file():
+        p.error(f"--model-dir {args.model_dir} has no config.json: pass a local transformers model directory, "
+                "or --synth 7b --synth-layers 8 to build one")
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     args.model_dir = Path(args.model_dir) if args.model_dir else build_model(args)
     args.caches = [c for c, on in (("warm", args.warm), ("cold", args.cold)) if on] or ["warm", "cold"]
