@@ -52,24 +52,35 @@ def _build():
     import numpy as np
     from numba import njit
 
-    jit = njit(fastmath=True, cache=True, nogil=True)
+    from .simd import decode64_4bit, dot64_4bit
 
-    @njit(fastmath=True, cache=True, nogil=True, inline="always")  # inlined: as fast as one kernel
-    def row_4bit(packed, scales, code, x, y, o, blocksize, decoded, acc):
+    # SLI_NO_SIMD (tests of the plain 4-bit path) compiles afresh rather than meet, in the
+    # on-disk cache, kernels compiled with the AVX2 helpers under the same names.
+    cache = os.environ.get("SLI_NO_SIMD", "") in ("", "0")
+    jit = njit(fastmath=True, cache=cache, nogil=True)
+
+    @njit(fastmath=True, cache=cache, nogil=True, inline="always")  # inlined: as fast as one kernel
+    def row_4bit(packed, scales, code, x, xflat, y, o, blocksize, decoded, acc):
         # y[:, o] = x · row o of a 4-bit weight whose block maxima are ``scales``;
-        # packed: uint8 [out*in/2], first value in the high nibble
+        # packed: uint8 [out*in/2], first value in the high nibble; xflat: x as 1-D.
+        # 64 values at a time through sli.simd (AVX2 table lookups; blocksize is a multiple of 64).
         rows, cols = x.shape
-        half_block = blocksize // 2
-        blocks_per_row = cols // blocksize
+        row_first = o * (cols // 2)
+        if rows == 1:  # decoding a token: one fused pass, nothing stored
+            s = np.float32(0.0)
+            for blk in range(cols // blocksize):
+                j0 = blk * blocksize
+                d = np.float32(0.0)
+                for sub in range(j0, j0 + blocksize, 64):
+                    d += dot64_4bit(packed, row_first + sub // 2, xflat, sub, code)
+                s += d * scales[blk]
+            y[0, o] = s
+            return
         acc[:] = 0.0
-        for blk in range(blocks_per_row):
-            first = (o * blocks_per_row + blk) * half_block
-            scale = scales[blk]
-            for k in range(half_block):
-                b = packed[first + k]
-                decoded[2 * k] = code[b >> 4] * scale
-                decoded[2 * k + 1] = code[b & 15] * scale
+        for blk in range(cols // blocksize):  # a few rows: decode each block once, reuse it per row
             j0 = blk * blocksize
+            for sub in range(0, blocksize, 64):
+                decode64_4bit(packed, row_first + (j0 + sub) // 2, code, scales[blk], decoded, sub)
             for t in range(rows):
                 s = np.float32(0.0)
                 for j in range(blocksize):
@@ -84,8 +95,9 @@ def _build():
         blocks_per_row = x.shape[1] // blocksize
         decoded = np.empty(blocksize, np.float32)
         acc = np.empty(x.shape[0], np.float32)
+        xflat = x.reshape(x.size)
         for o in range(start, stop):
-            row_4bit(packed, absmax[o * blocks_per_row:(o + 1) * blocks_per_row], code, x, y, o, blocksize,
+            row_4bit(packed, absmax[o * blocks_per_row:(o + 1) * blocks_per_row], code, x, xflat, y, o, blocksize,
                      decoded, acc)
 
     @jit
@@ -97,11 +109,12 @@ def _build():
         scales = np.empty(blocks_per_row, np.float32)
         decoded = np.empty(blocksize, np.float32)
         acc = np.empty(x.shape[0], np.float32)
+        xflat = x.reshape(x.size)
         for o in range(start, stop):
             for blk in range(blocks_per_row):
                 b = o * blocks_per_row + blk
                 scales[blk] = nested_code[qabsmax[b]] * nested[b // nested_blocksize] + offset
-            row_4bit(packed, scales, code, x, y, o, blocksize, decoded, acc)
+            row_4bit(packed, scales, code, x, xflat, y, o, blocksize, decoded, acc)
 
     @jit
     def dequantize_4bit(packed, absmax, code, out, blocksize, start, stop):
@@ -112,7 +125,10 @@ def _build():
             scale = absmax[blk]
             first = blk * half_block
             last = min(first + half_block, n_pairs)
-            for k in range(first, last):
+            whole = first + (last - first) // 32 * 32
+            for k in range(first, whole, 32):
+                decode64_4bit(packed, k, code, scale, out, 2 * k)
+            for k in range(whole, last):
                 b = packed[k]
                 out[2 * k] = code[b >> 4] * scale
                 out[2 * k + 1] = code[b & 15] * scale

@@ -83,8 +83,9 @@ def test_the_kernels_can_be_turned_off(monkeypatch):
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_4bit_dequantization_gives_bitsandbytes_values(quant_type, double_quant):
-    weight = _weight((256, 1024), dtype=torch.float32)
+@pytest.mark.parametrize("shape", [(256, 1024), (50, 200)], ids=["whole-blocks", "partial-last-block"])
+def test_4bit_dequantization_gives_bitsandbytes_values(quant_type, double_quant, shape):
+    weight = _weight(shape, dtype=torch.float32)
     config = QuantizationConfig(mode=quant_type, compress_statistics=double_quant, double_quant=double_quant)
     q = codec_for(quant_type).quantize(weight, config)
     packed, state = bnbf.quantize_4bit(weight, blocksize=64, quant_type=quant_type, compress_statistics=double_quant)
@@ -109,3 +110,47 @@ def test_4bit_kernel_reads_plain_and_double_quantized_block_maxima(double_quant)
     assert ("weight.nested_absmax" in q.tensors) == double_quant
     x = torch.randn(2, 1024)
     assert _rel_err(codec.fused_linear(codec.prepare(q), x, None), _reference(codec, q, x)) < 1e-5
+
+
+@pytest.mark.parametrize("block_size", [128, 256])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_4bit_kernel_walks_blocks_larger_than_its_64_value_step(block_size, rows):
+    codec = codec_for("fp4")
+    config = QuantizationConfig(mode="fp4", block_size=block_size)
+    q = codec.quantize(_weight((96, 1024), seed=block_size), config)
+    x = torch.randn(rows, 1024)
+    assert _rel_err(codec.fused_linear(codec.prepare(q), x, None), _reference(codec, q, x)) < 1e-5
+
+
+_PLAIN_4BIT_CHECK = """
+import torch, bitsandbytes.functional as bnbf
+from sli import kernels, simd
+from sli.codecs import codec_for
+from sli.quantization import QuantizationConfig
+assert not simd.ENABLED
+codec = codec_for("nf4")
+w = (torch.randn(96, 1024, generator=torch.Generator().manual_seed(0)) * 0.02)
+q = codec.prepare(codec.quantize(w, QuantizationConfig(mode="nf4")))
+dense = codec.dequantize(q, torch.float32)
+packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+assert (dense - bnbf.dequantize_4bit(packed, state)).abs().max() <= 1e-7
+for rows in (1, 3):
+    x = torch.randn(rows, 1024)
+    ref = torch.nn.functional.linear(x, dense)
+    err = float((codec.fused_linear(q, x, None) - ref).abs().max() / ref.abs().max())
+    assert err < 1e-5, err
+print("plain path ok")
+"""
+
+
+def test_4bit_kernels_without_avx2_give_the_same_values():
+    # SLI_NO_SIMD=1 is the path a CPU without AVX2 takes; a fresh process, as the kernels
+    # are compiled once per process.
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, SLI_NO_SIMD="1")
+    done = subprocess.run([sys.executable, "-c", _PLAIN_4BIT_CHECK], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "plain path ok" in done.stdout

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from sli.errors import CacheError, SLIError
+import sli.layer_cache as layer_cache
 from sli.layer_cache import GB, LayerCache
 from sli.quantization import CachedLayer, LayerQuantizer, QuantizationConfig
 
@@ -283,6 +284,50 @@ def test_corrupt_file_is_caught_removed_and_counted(disk_only, damage, mapped, c
     stats = disk_only.stats()
     assert (stats.corrupt, stats.disk_misses, stats.entries) == (1, 1, 0)
     assert not path.exists() and not disk_only.contains("m", 0, "none")
+
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["read", "mapped"])
+def test_an_unchanged_file_is_hashed_once_and_an_altered_one_again(disk_only, mapped, monkeypatch):
+    # A layer streamed every token would otherwise be hashed every token.
+    disk_only.put("m", 0, "none", make_entry(0))
+    path = entry_path(disk_only, "m", 0, "none")
+    old = time.time() - 10 * layer_cache.RACY_MTIME_S
+    os.utime(path, (old, old))
+    hashed = []
+    real_checksum = layer_cache.checksum
+    monkeypatch.setattr(layer_cache, "checksum", lambda data: hashed.append(1) or real_checksum(data))
+    for _ in range(3):
+        assert same(disk_only.get("m", 0, "none", mapped=mapped), make_entry(0))
+    assert len(hashed) == 1
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x04  # altered in place: same inode and size, a new mtime
+    path.write_bytes(bytes(data))
+    assert disk_only.get("m", 0, "none", mapped=mapped) is None
+    assert disk_only.stats().corrupt == 1 and len(hashed) == 2
+
+
+def test_a_file_written_moments_before_its_check_is_hashed_every_time(disk_only, monkeypatch):
+    # Its mtime could survive an in-place change made within the clock's granularity.
+    disk_only.put("m", 0, "none", make_entry(0))
+    hashed = []
+    real_checksum = layer_cache.checksum
+    monkeypatch.setattr(layer_cache, "checksum", lambda data: hashed.append(1) or real_checksum(data))
+    for _ in range(2):
+        assert disk_only.get("m", 0, "none") is not None
+    assert len(hashed) == 2
+
+
+def test_verify_hashes_every_entry_even_when_checked_before(disk_only):
+    disk_only.put("m", 0, "none", make_entry(0))
+    path = entry_path(disk_only, "m", 0, "none")
+    old = time.time() - 10 * layer_cache.RACY_MTIME_S
+    os.utime(path, (old, old))
+    assert disk_only.get("m", 0, "none") is not None  # checked, remembered
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x04
+    path.write_bytes(bytes(data))
+    os.utime(path, (old, old))  # even with the old mtime put back
+    assert disk_only.verify() == [f"m:0:{QuantizationConfig().fingerprint()}"]
 
 
 def test_verify_reports_and_removes_bad_entries(disk_only):
