@@ -474,12 +474,11 @@ class LayerCache:
                 size = stat.st_size
                 if mapped and size:
                     # No MAP_POPULATE: on a writable private map it copies every page (134 ms
-                    # for 203 MB). WILLNEED starts reading the whole file into the page cache
-                    # at once, in large requests: without it a cold file comes in by page
-                    # faults, a readahead window at a time, several times slower.
+                    # for 203 MB). The bytes are read into the page cache here instead, so
+                    # whoever touches the mapping later finds them there.
+                    _page_in(handle.fileno(), size)
                     buffer = mmap.mmap(handle.fileno(), size, flags=mmap.MAP_PRIVATE,
                                        prot=mmap.PROT_READ | mmap.PROT_WRITE)
-                    buffer.madvise(mmap.MADV_WILLNEED)
                     read = size
                 else:
                     buffer = bytearray(size)
@@ -602,6 +601,32 @@ class LayerCache:
 
     def __repr__(self) -> str:
         return f"LayerCache({str(self.cache_dir)!r}, max_cache_size_gb={self.size_limit / GB:g})"
+
+
+_devnull: Optional[int] = None
+
+
+def _page_in(fd: int, size: int) -> None:
+    """Read a file into the page cache without copying it into this process.
+
+    ``sendfile`` to /dev/null reads the file in large sequential requests (a cold 200 MB
+    entry at the disk's full rate, ~30 ms CPU; ~4 ms if already cached) and the pages
+    count in no one's RSS. Page faults on a cold mapping would read it a readahead window
+    at a time, several times slower; ``MADV_WILLNEED`` reads only the first window
+    (Linux caps it at the readahead size). Where sendfile cannot do this, faults do.
+    """
+    global _devnull
+    try:
+        if _devnull is None:
+            _devnull = os.open(os.devnull, os.O_WRONLY)
+        offset = 0
+        while offset < size:
+            sent = os.sendfile(_devnull, fd, offset, size - offset)
+            if sent <= 0:
+                return
+            offset += sent
+    except (OSError, AttributeError) as exc:  # AttributeError: no os.sendfile on this platform
+        logger.debug("page-in by sendfile failed (%s); pages will fault in", exc)
 
 
 def _free_space(path: Path) -> str:
