@@ -29,7 +29,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, Optional
+from typing import Any, ClassVar, Dict, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -145,6 +145,28 @@ class Codec:
 def codec_for(mode: QuantizationMode | str) -> Codec:
     """The registered codec of ``mode``."""
     return Codec._registry[QuantizationMode(mode)]
+
+
+def warm_up_kernels(configs: Iterable[QuantizationConfig]) -> None:
+    """Compile, or load from numba's on-disk cache, the CPU kernels ``configs`` use.
+
+    Run on a tiny weight, once per process, so the first prompt and the first token do not
+    pay for it (here 0.3–1.2 s per mode from the cache, seconds the first time on a machine).
+    """
+    if not kernels.kernels_enabled():
+        return
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)) * 0.02
+    weight[:, 5] = 9.0  # an outlier column: INT8 keeps it in 16-bit, with a kernel of its own
+    weight = weight.to(torch.bfloat16)
+    seen = set()
+    for config in configs:
+        if config.fingerprint() in seen:
+            continue
+        seen.add(config.fingerprint())
+        codec = codec_for(config.mode)
+        q = codec.prepare(codec.quantize(weight, config))
+        for rows in (1, 2, kernels.FUSED_MAX_TOKENS + 1):  # one token, a few, a prompt
+            codec.linear(q, torch.zeros(rows, weight.shape[1]), None, scratch=WeightScratch())
 
 
 def _write(result: Tensor, out: Optional[Tensor]) -> Tensor:

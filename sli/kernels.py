@@ -216,13 +216,18 @@ def _build():
             "matmul_lut8": matmul_lut8, "matmul_int4": matmul_int4, "matmul_bf16": matmul_bf16}
 
 
-def _get(name: str):
+def _table() -> dict:
+    """The kernels by name: numba dispatchers, built on first use."""
     global _kernels
     if _kernels is None:
         with _lock:
             if _kernels is None:
                 _kernels = _build()
-    return _kernels[name]
+    return _kernels
+
+
+def _get(name: str):
+    return _table()[name]
 
 
 _pool: Optional[ThreadPoolExecutor] = None

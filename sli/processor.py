@@ -15,7 +15,7 @@ from torch import nn
 from . import kernels
 from .architectures import ModelLayout, discover_layout
 from .checkpoint import Checkpoint, SkeletonLoader, resolve_model_dir
-from .codecs import QuantizedTensor, WeightScratch, codec_for
+from .codecs import QuantizedTensor, WeightScratch, codec_for, warm_up_kernels
 from .errors import ModelLoadError, SLIError, UnsupportedArchitectureError
 from .generation import sample_next_token
 from .layer_cache import LayerCache
@@ -148,6 +148,8 @@ class UniversalSLIProcessor:
         self.packed = self.device.type == "cpu"
         if self.packed:
             self._swap_linears()
+            if self.compute_dtype == torch.float32:
+                warm_up_kernels(self._configs_in_use())
 
         budget_gb = max_gpu_memory_gb if self.device.type == "cuda" else memory_budget_gb
         self.memory_budget = int(budget_gb * GB) if budget_gb is not None else None
@@ -167,6 +169,12 @@ class UniversalSLIProcessor:
         self._current: Dict[int, LoadedLayer] = {}
         self._pass_start = 0.0
         self._install_hooks()
+
+    def _configs_in_use(self) -> List[QuantizationConfig]:
+        q = self.quantizer
+        configs = [q.attention_config, q.ffn_config] if isinstance(q, AdaptiveQuantizer) else [q.config]
+        # NONE too: a bfloat16 head multiplies with the bf16 kernel, and skipped linears stay as stored
+        return configs + [QuantizationConfig()]
 
     # ------------------------------------------------------------------ loading
     def _load_shared(self) -> None:

@@ -259,3 +259,29 @@ def test_a_bfloat16_checkpoint_keeps_its_embedding_and_head_in_bfloat16_on_cpu(t
             token = proc.generate(ids, max_new_tokens=3, eos_token_id=[])  # the head's one-row kernel
             expected = reference.generate(ids[None], max_new_tokens=3, do_sample=False, eos_token_id=None)[0, 8:]
         assert token[0].tolist() == expected.tolist()
+
+
+_FIRST_TOKEN_COMPILES = """
+import sys, torch
+from sli import QuantizationConfig, UniversalSLIProcessor, kernels
+model_dir, cache_dir, mode = sys.argv[1:4]
+proc = UniversalSLIProcessor(model_dir, QuantizationConfig(mode=mode), cache_dir=cache_dir, device="cpu",
+                             memory_budget_gb=0.05)
+def compiled():
+    return {name: len(k.signatures) for name, k in kernels._table().items()}
+before = compiled()
+proc.generate(torch.tensor([[3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67]]), max_new_tokens=3)
+after = compiled()
+print("used", sorted(n for n, c in after.items() if c))
+assert after == before, (before, after)
+"""
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "nf4"])
+def test_loading_readies_the_cpu_kernels_so_the_first_prompt_and_token_compile_nothing(mode, model_factory, tmp_path):
+    # A fresh process: the kernels are compiled once per process.
+    model_dir = model_factory("llama", "tiny")
+    done = subprocess.run([sys.executable, "-c", _FIRST_TOKEN_COMPILES, str(model_dir), str(tmp_path / "cache"), mode],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "used []" not in done.stdout  # the kernels did run
