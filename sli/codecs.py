@@ -130,8 +130,63 @@ class Codec:
             y = self.fused_linear(self.prepare(q), x, bias)
             if y is not None:
                 return y
+        if x.device.type == "cpu":
+            y = self._linear_by_row_chunks(q, x, bias, scratch)
+            if y is not None:
+                return y
         out = scratch.take(q.shape, x.dtype) if scratch is not None else None
         return torch.nn.functional.linear(x, self.dequantize(q, x.dtype, out=out), bias)
+
+    def row_slice(self, q: QuantizedTensor, start: int, stop: int) -> Optional[QuantizedTensor]:
+        """Rows ``[start, stop)`` of the weight as a :class:`QuantizedTensor` of views (the
+        prepared ``_`` tensors sliced too), or None where this codec does not slice."""
+        return None
+
+    def prompt_chunk_rows(self, q: QuantizedTensor) -> int:
+        """How many rows a prompt's linear dequantizes at a time: about
+        :data:`PROMPT_CHUNK_BYTES` worth, in steps of 256 rows (which keep 4-bit groups of
+        block maxima whole); every row where the codec does not slice."""
+        out_features, in_features = (int(d) for d in q.metadata["shape"])
+        rows = max(256, PROMPT_CHUNK_BYTES // (4 * in_features) // 256 * 256)
+        if rows >= out_features or self.row_slice(q, 0, rows) is None:
+            return out_features
+        return rows
+
+    def _linear_by_row_chunks(self, q: QuantizedTensor, x: Tensor, bias: Optional[Tensor],
+                              scratch: Optional[WeightScratch]) -> Optional[Tensor]:
+        """A prompt's ``F.linear`` a few hundred output rows at a time, on CPU.
+
+        Each chunk is dequantized into a buffer small enough to stay in the last-level cache
+        (:data:`PROMPT_CHUNK_BYTES`) and multiplied while it is there. Dequantizing the whole
+        weight first writes it to RAM and the product reads it back: for a 4096×11008 bf16
+        weight and 128 tokens that took 151 ms here, 97 ms chunked, and 151 ms for the
+        float32 weight already in RAM. The buffer is also ~20x smaller than the weight.
+        """
+        out_features, in_features = (int(d) for d in q.metadata["shape"])
+        rows = self.prompt_chunk_rows(q)
+        if rows == out_features:
+            return None
+        q = self.prepare(q)
+        x2 = x.reshape(-1, in_features)
+        y_t = torch.empty(out_features, x2.shape[0], dtype=x.dtype)  # y transposed: each chunk's rows contiguous
+        for start in range(0, out_features, rows):
+            stop = min(out_features, start + rows)
+            part = self.row_slice(q, start, stop)
+            buffer = scratch.take((stop - start, in_features), x.dtype) if scratch is not None else None
+            torch.mm(self.dequantize(part, x.dtype, out=buffer), x2.t(), out=y_t[start:stop])
+        y = y_t.t().contiguous()
+        if bias is not None:
+            y += bias
+        return y.view(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def _rows(q: QuantizedTensor, start: int, stop: int, per_row: "tuple[str, ...]" = (),
+              **sliced: Tensor) -> QuantizedTensor:
+        """``q`` with the tensors named in ``per_row`` cut to rows ``[start, stop)``, the ones
+        in ``sliced`` replaced, the rest shared."""
+        tensors = {k: (v[start:stop] if k in per_row else v) for k, v in q.tensors.items()}
+        tensors.update(sliced)
+        return QuantizedTensor(tensors, {**q.metadata, "shape": [stop - start, *q.metadata["shape"][1:]]})
 
     @staticmethod
     def _prepared(q: QuantizedTensor, **extra: Tensor) -> QuantizedTensor:
@@ -140,6 +195,11 @@ class Codec:
     @staticmethod
     def _meta(weight: Tensor, mode: QuantizationMode, **extra: Any) -> Dict[str, Any]:
         return {"codec": mode.value, "shape": list(weight.shape), "dtype": dtype_name(weight.dtype), **extra}
+
+
+# A prompt's linear dequantizes its weight this many bytes (float32) at a time; see
+# Codec._linear_by_row_chunks. 8 MB: well inside this CPU's 32 MB L3, big enough for BLAS.
+PROMPT_CHUNK_BYTES = 8 << 20
 
 
 def codec_for(mode: QuantizationMode | str) -> Codec:
@@ -200,6 +260,9 @@ class NoneCodec(Codec):
         if out is not None:
             return out.copy_(weight)
         return weight.to(dtype)
+
+    def row_slice(self, q: QuantizedTensor, start: int, stop: int) -> Optional[QuantizedTensor]:
+        return self._rows(q, start, stop, per_row=("weight",))
 
     def fused_linear(self, q: QuantizedTensor, x: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
         weight = q.tensors["weight"]
@@ -324,6 +387,9 @@ class Int8Codec(Codec):
 
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
         return _int8_dequant(q, dtype, out)
+
+    def row_slice(self, q: QuantizedTensor, start: int, stop: int) -> Optional[QuantizedTensor]:
+        return self._rows(q, start, stop, per_row=("weight", "SCB", "weight.outliers", "_scale", "_outliers"))
 
     def prepare(self, q: QuantizedTensor) -> QuantizedTensor:
         if "_scale" in q.tensors:
@@ -637,6 +703,28 @@ class _FourBitCodec(Codec):
         if t["weight.absmax"].device.type == "cpu" and kernels.kernels_enabled():
             return kernels.dequantize_blockwise8(*nested, offset=offset)
         return _dequant_blockwise_torch(*nested) + offset
+
+    def row_slice(self, q: QuantizedTensor, start: int, stop: int) -> Optional[QuantizedTensor]:
+        in_features = int(q.metadata["shape"][1])
+        bs = int(q.metadata["blocksize"])
+        if in_features % bs:
+            return None  # blocks straddle rows
+        t = q.tensors
+        first, last = start * in_features // bs, stop * in_features // bs  # the rows' blocks
+        packed = t["weight"]
+        sliced = {"weight": packed.reshape(-1)[first * bs // 2:last * bs // 2].view(-1, *packed.shape[1:])}
+        for name in ("weight.absmax", "_absmax"):  # one per block (8-bit codes when double-quantized)
+            if name in t:
+                sliced[name] = t[name].reshape(-1)[first:last]
+        if "weight.nested_absmax" in t:
+            nested_blocksize = int(self._state(q, self.quant_type).get("nested_blocksize", 256))
+            if first % nested_blocksize:
+                return None  # the slice would start inside a group of block maxima
+            groups = slice(first // nested_blocksize, -(-last // nested_blocksize))
+            for name in ("weight.nested_absmax", "_nested"):
+                if name in t:
+                    sliced[name] = t[name][groups]
+        return self._rows(q, start, stop, **sliced)
 
     def fused_linear(self, q: QuantizedTensor, x: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
         out_features, in_features = q.metadata["shape"]

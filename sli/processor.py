@@ -20,7 +20,7 @@ from .errors import ModelLoadError, SLIError, UnsupportedArchitectureError
 from .generation import sample_next_token
 from .layer_cache import LayerCache
 from .quantization import (AdaptiveQuantizer, CachedLayer, LayerQuantizer, QuantizationConfig, QuantizationMode, _is_conv1d,
-                           default_compute_dtype, is_linear)
+                           default_compute_dtype, is_linear, split_cached)
 from .streaming import LayerStreamer, LayerTiming, LoadedLayer, StreamedLinear, ready_bytes
 
 logger = logging.getLogger(__name__)
@@ -291,10 +291,13 @@ class UniversalSLIProcessor:
         if not self.packed:
             return sum(p.numel() for p in layer0.parameters()) * torch.finfo(self.compute_dtype).bits // 8, 0
         # What a loaded layer holds: the cached bytes, the kernels' precomputed scales and
-        # the norms in compute dtype; plus, for a prompt, one dequantized weight at a time.
-        linears = [m for m in layer0.modules() if isinstance(m, StreamedLinear)]
-        largest = max((m.in_features * m.out_features for m in linears), default=0)
-        return ready_bytes(self._cached_layer(0), self.compute_dtype), largest * torch.finfo(self.compute_dtype).bits // 8
+        # the norms in compute dtype; plus, for a prompt, one weight's dequantized row chunk
+        # at a time (the whole weight where its codec cannot slice rows).
+        cached = self._cached_layer(0)
+        qweights, _ = split_cached(cached)
+        chunk = max((codec_for(q.metadata["codec"]).prompt_chunk_rows(q) * int(q.metadata["shape"][1])
+                     for q in qweights.values()), default=0)
+        return ready_bytes(cached, self.compute_dtype), chunk * torch.finfo(self.compute_dtype).bits // 8
 
     @property
     def plan(self) -> MemoryPlan:

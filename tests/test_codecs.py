@@ -268,3 +268,37 @@ def test_error_metrics():
     assert e["relative_error_pct"] == pytest.approx(100 * 0.2 / 5)
     assert e["snr_db"] == pytest.approx(10 * torch.log10(torch.tensor(9 / 0.02)).item(), rel=1e-5)
     assert calculate_quantization_error(w, w)["snr_db"] == float("inf")
+
+
+# -- a prompt's linear, a few hundred rows at a time -----------------------------------------
+
+@pytest.mark.parametrize("mode,double_quant", [("none", False), ("int8", False), ("int8_dynamic", False),
+                                               ("nf4", True), ("nf4", False), ("fp4", True)])
+def test_a_prompt_dequantizes_its_weight_a_row_chunk_at_a_time(mode, double_quant, monkeypatch):
+    monkeypatch.setattr(codecs, "PROMPT_CHUNK_BYTES", 256 * 512 * 4)  # 256-row chunks of a 512-wide weight
+    g = torch.Generator().manual_seed(1)
+    weight = (torch.randn(700, 512, generator=g) * 0.02).to(torch.bfloat16)  # 3 chunks, the last partial
+    weight[:, 7] = 9.0  # an INT8 outlier column
+    codec = codec_for(mode)
+    q = codec.quantize(weight, QuantizationConfig(mode=mode, double_quant=double_quant,
+                                                  compress_statistics=double_quant))
+    x, bias = torch.randn(2, 40, 512, generator=g), torch.randn(700, generator=g)
+    scratch = codecs.WeightScratch()
+    y = codec.linear(q, x, bias, scratch=scratch)
+    expected = torch.nn.functional.linear(x, codec.dequantize(q, torch.float32), bias)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert scratch._buffer.numel() == 256 * 512  # one chunk's buffer, never the whole weight
+
+
+def test_4bit_row_slices_never_split_a_block_or_a_group_of_block_maxima(monkeypatch):
+    codec = codec_for("nf4")
+    q = codec.prepare(codec.quantize((torch.randn(600, 192) * 0.02).to(torch.bfloat16), QuantizationConfig(mode="nf4")))
+    # 3 blocks a row; double-quantized maxima come in groups of 256 blocks
+    assert codec.row_slice(q, 0, 100) is not None and codec.row_slice(q, 100, 200) is None
+    straddling = codec.quantize((torch.randn(600, 200) * 0.02).to(torch.bfloat16), QuantizationConfig(mode="nf4"))
+    assert codec.row_slice(straddling, 0, 256) is None  # 200 % 64: blocks cross rows
+    monkeypatch.setattr(codecs, "PROMPT_CHUNK_BYTES", 256 * 200 * 4)
+    x = torch.randn(30, 200)  # whole-weight path, same product
+    torch.testing.assert_close(codec.linear(straddling, x),
+                               torch.nn.functional.linear(x, codec.dequantize(straddling, torch.float32)),
+                               rtol=1e-5, atol=1e-5)
