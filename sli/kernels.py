@@ -6,7 +6,9 @@ product itself costs ~10 ms, so the streamed decode would be dequantization-boun
 kernels here read the packed bytes once and accumulate in registers instead: a row of the
 output is a dot product of the row's decoded values with the activations.
 
-They are compiled with numba (``nogil``, split by output rows across a small thread pool;
+The 4-bit kernels decode 64 values at a time with AVX2 table lookups (:mod:`sli.simd`,
+numba intrinsics; plain numba code on other CPUs). They are compiled with numba (``nogil``,
+split by output rows across a small thread pool;
 ``cache=True``: compiled once per machine, then loaded from ``__pycache__``). Every kernel has a plain
 torch equivalent in :mod:`sli.codecs` (dequantize, then ``F.linear``); the processor uses
 the kernels for up to :data:`FUSED_MAX_TOKENS` activation rows on CPU in float32, where
@@ -29,8 +31,8 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 # Above this many activation rows, dequantize-then-BLAS is faster than the fused kernels
-# (measured for a 4096×11008 NF4 weight on 2 cores: fused 15 ms at 1 row, 73 ms at 16;
-# dequantize 25 ms + sgemm).
+# (measured for a 11008×4096 weight on 2 cores: NF4 fused 10 ms at 1 row, 51 ms at 16;
+# float32 sgemm 70 ms at 16 rows).
 FUSED_MAX_TOKENS = 16
 
 # What numba adds to a process's peak RSS (measured: importing numba 51 MB, loading a mode's
