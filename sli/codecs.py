@@ -848,6 +848,11 @@ class Int4Codec(Codec):
         t = q.tensors
         return self._prepared(q, _scales=t["weight.scales"].float(), _zeros=t["weight.zeros"].float())
 
+    def row_slice(self, q: QuantizedTensor, start: int, stop: int) -> Optional[QuantizedTensor]:
+        if len(q.metadata["shape"]) != 2:
+            return None
+        return self._rows(q, start, stop, per_row=("weight", "weight.scales", "weight.zeros", "_scales", "_zeros"))
+
     def fused_linear(self, q: QuantizedTensor, x: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
         if len(q.metadata["shape"]) != 2:
             return None
@@ -880,6 +885,9 @@ class FP8Codec(Codec):
         if "_scale" in q.tensors:
             return q
         return self._prepared(q, _scale=q.tensors["weight.scale"].float(), _lut=_float8_values())
+
+    def row_slice(self, q: QuantizedTensor, start: int, stop: int) -> Optional[QuantizedTensor]:
+        return self._rows(q, start, stop, per_row=("weight", "weight.scale", "_scale"))
 
     def fused_linear(self, q: QuantizedTensor, x: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
         t = q.tensors

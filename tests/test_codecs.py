@@ -273,7 +273,8 @@ def test_error_metrics():
 # -- a prompt's linear, a few hundred rows at a time -----------------------------------------
 
 @pytest.mark.parametrize("mode,double_quant", [("none", False), ("int8", False), ("int8_dynamic", False),
-                                               ("nf4", True), ("nf4", False), ("fp4", True)])
+                                               ("nf4", True), ("nf4", False), ("fp4", True), ("int4", False),
+                                               ("fp8", False)])
 def test_a_prompt_dequantizes_its_weight_a_row_chunk_at_a_time(mode, double_quant, monkeypatch):
     monkeypatch.setattr(codecs, "PROMPT_CHUNK_BYTES", 256 * 512 * 4)  # 256-row chunks of a 512-wide weight
     g = torch.Generator().manual_seed(1)
