@@ -31,6 +31,8 @@ from numba.core.extending import intrinsic
 def _use_avx2() -> bool:
     if os.environ.get("SLI_NO_SIMD", "") not in ("", "0"):
         return False
+    if os.environ.get("NUMBA_CPU_NAME", "host") != "host":
+        return False  # numba compiles for another (e.g. generic) CPU: it may lack AVX2
     features = binding.get_host_cpu_features()
     return bool(features.get("avx2")) and bool(features.get("fma"))
 
