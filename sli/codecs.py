@@ -69,9 +69,10 @@ class QuantizedTensor:
 
 
 class WeightScratch:
-    """One reusable buffer for the weight a prompt's linear dequantizes, one at a time
-    (the layers run on one thread). Reusing it saves the page faults of a fresh allocation
-    per weight (~70 ms for a 4096×11008 float32 weight here: more than the conversion)."""
+    """One reusable buffer for what a prompt's linear dequantizes: a row chunk of a weight
+    (the whole weight where its codec cannot slice rows), one at a time (the layers run on
+    one thread). Reusing it saves the page faults of a fresh allocation each time (~70 ms
+    for a whole 4096×11008 float32 weight here: more than the conversion)."""
 
     def __init__(self) -> None:
         self._buffer = torch.empty(0)

@@ -322,8 +322,8 @@ class LayerCache:
         A disk hit is promoted into the memory tier when it fits, unless ``memory=False``.
         ``mapped=True`` maps a disk hit's file instead of reading it into a private buffer:
         its tensors then view the page cache (copy-on-write), which for a file the kernel
-        already holds costs ~30 ms instead of ~150 ms for 200 MB here (no copy, no page
-        faults on fresh memory). Cache files are never rewritten in place (eviction unlinks
+        already holds costs a few ms instead of ~150 ms for 200 MB here (no copy, no page
+        faults on fresh memory); the file is read into the page cache first (:func:`_page_in`). Cache files are never rewritten in place (eviction unlinks
         them, and a mapping outlives that). Such a hit is not promoted into the memory tier.
         A truncated or altered file is logged, removed and counted as a miss, never returned:
         the checksum is checked on a file's first read by this process and again whenever

@@ -257,7 +257,7 @@ class UniversalSLIProcessor:
     def _swap_linears(self) -> None:
         from .quantization import _set_submodule
 
-        self._scratch = WeightScratch()  # one dequantized weight at a time, for prompts
+        self._scratch = WeightScratch()  # one dequantized row chunk at a time, for prompts
 
         for index, layer in enumerate(self.layers):
             for path, conv1d in self._linears[index].items():

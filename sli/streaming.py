@@ -42,7 +42,6 @@ class LoadedLayer:
     qweights: Dict[str, QuantizedTensor] = field(default_factory=dict)  # linear path → prepared weight
 
 
-
 class StreamedLinear(nn.Module):
     """Stands in for a decoder layer's linear; multiplies by the cached weight as it is.
 
