@@ -186,7 +186,7 @@ def cmd_synth(args) -> int:
 def cmd_import_gguf(args) -> int:
     from .default_model import import_gguf
 
-    path = import_gguf(Path(args.gguf_file), Path(args.out_dir))
+    path = import_gguf(Path(args.gguf_file), Path(args.out_dir), force=args.force)
     _emit(args, {"model_dir": str(path)}, f"wrote {path}")
     return 0
 
@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("import-gguf", help="turn a GGUF file into a local Hugging Face directory")
     p.add_argument("gguf_file")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="the folder to write; it must be missing or empty unless --force")
+    p.add_argument("--force", action="store_true", help="replace an existing out_dir (its files are deleted)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_import_gguf)
 

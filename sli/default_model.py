@@ -18,7 +18,7 @@ from typing import Optional, Union
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, SLIError
 
 logger = logging.getLogger(__name__)
 
@@ -65,20 +65,51 @@ def _is_complete(path: Path) -> bool:
         (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file())
 
 
+class OutputExistsError(SLIError, FileExistsError):
+    """The output path of an import holds something, and replacing it was not asked for."""
+
+
+def _occupied(path: Path) -> bool:
+    """True when ``path`` is anything but missing or an empty real folder (a file, a link, a
+    folder with entries): what an import must not replace unless told to."""
+    if path.is_symlink():
+        return True
+    if not path.exists():
+        return False
+    if not path.is_dir():
+        return True
+    with os.scandir(path) as entries:
+        return next(entries, None) is not None
+
+
+def _refuse_occupied(out_dir: Path) -> None:
+    if _occupied(out_dir):
+        what = "a folder with files" if out_dir.is_dir() and not out_dir.is_symlink() else (
+            "a link" if out_dir.is_symlink() else "a file")
+        raise OutputExistsError(f"{out_dir} already exists ({what}); nothing was changed: pass --force "
+                                f"(force=True) to replace it, or choose another output path")
+
+
 def import_gguf(gguf_path: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
-                dtype: torch.dtype = torch.bfloat16) -> Path:
+                dtype: torch.dtype = torch.bfloat16, force: bool = False) -> Path:
     """Convert a GGUF file into a safetensors checkpoint (weights in ``dtype``) plus tokenizer.
 
     transformers dequantizes the GGUF tensors; the result is an ordinary folder that
     ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads. Written into a temporary folder beside
-    ``out_dir`` and renamed at the end, so an interrupted import leaves nothing half-made; an
-    existing ``out_dir`` is replaced.
+    ``out_dir`` and renamed at the end, so an interrupted import leaves nothing half-made.
+
+    ``out_dir`` may be missing or an empty folder. Anything else there (a folder with files, a
+    plain file, a link) is left alone and :class:`OutputExistsError` raised, before any work,
+    unless ``force=True``, which replaces it whole once the new folder is complete.
 
     :returns: ``out_dir``.
+    :raises OutputExistsError: ``out_dir`` is occupied and ``force`` is False.
     :raises ModelLoadError: missing or unreadable file, or the ``gguf`` package is missing.
     """
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
+    if not force:
+        _refuse_occupied(out_dir)
     if not gguf_path.is_file():
         raise ModelLoadError(f"GGUF file not found: {gguf_path}")
     try:
@@ -118,7 +149,7 @@ def import_gguf(gguf_path: Union[str, os.PathLike], out_dir: Union[str, os.PathL
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _move_into_place(tmp, out_dir)
+        _move_into_place(tmp, out_dir, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -136,11 +167,14 @@ def _umask() -> int:
     return 0o022
 
 
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished ``tmp`` to ``out_dir``, replacing an older ``out_dir`` if any.
+def _move_into_place(tmp: Path, out_dir: Path, force: bool = False) -> None:
+    """Rename the finished ``tmp`` to ``out_dir``.
 
-    A directory cannot be renamed over a non-empty one, so the old one is first renamed
-    aside (readers see either the old or the new folder whole, never a mix), then deleted.
+    Without ``force`` only a missing path or an empty folder is taken (checked again here: the
+    conversion takes a while, and something may have appeared meanwhile). With ``force`` an
+    older ``out_dir`` is replaced: a directory cannot be renamed over a non-empty one, so the
+    old one is first renamed aside (readers see either the old or the new folder whole, never
+    a mix), then deleted.
     """
     # mkdtemp makes a 0700 folder (and safetensors a 0600 file): give the result the
     # permissions an ordinary folder would get under the user's umask.
@@ -149,8 +183,19 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
     for f in tmp.iterdir():
         if f.is_file():
             os.chmod(f, 0o666 & ~umask)
+    if not force:
+        _refuse_occupied(out_dir)
+        if out_dir.is_dir():
+            # rename(2) replaces an empty folder in one step and fails (ENOTEMPTY) if a file
+            # arrived after the check: then nothing is lost either.
+            try:
+                os.replace(tmp, out_dir)
+            except OSError as exc:
+                raise OutputExistsError(f"{out_dir} was filled during the import ({exc.strerror}); nothing "
+                                        f"was changed: pass --force (force=True) to replace it") from exc
+            return
     old = None
-    if out_dir.exists():
+    if out_dir.exists() or out_dir.is_symlink():
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         os.replace(out_dir, old / out_dir.name)
     os.replace(tmp, out_dir)
@@ -174,7 +219,7 @@ def ensure_default_model(cache_root: Optional[Union[str, os.PathLike]] = None, p
     logger.log(level, "converting %s to %s (once)", gguf_path.name, out)
     start = time.perf_counter()
     try:
-        import_gguf(gguf_path, out)
+        import_gguf(gguf_path, out, force=True)  # sli's own folder: an incomplete one is replaced
     except OSError:
         # Another process converting at the same time may have renamed its folder into
         # place between our check and our rename: its result is as good as ours.

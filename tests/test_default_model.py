@@ -145,16 +145,78 @@ def test_import_gguf_interrupted_leaves_nothing(monkeypatch, tmp_path, fake_gguf
     assert list((tmp_path / "converted").iterdir()) == []
 
 
-def test_import_gguf_replaces_whole_folder_with_normal_permissions(tmp_path, fake_gguf):
+def _refuses(monkeypatch, fake_gguf, out, **kwargs):
+    """import_gguf(out) fails at once, naming the path and --force, without loading anything."""
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("loaded the GGUF although the output is occupied"))
+    with pytest.raises(dm.OutputExistsError) as info:
+        import_gguf(fake_gguf, out, **kwargs)
+    message = str(info.value)
+    assert str(out) in message and "--force" in message and "\n" not in message
+    assert isinstance(info.value, SLIError)
+
+
+def test_import_gguf_refuses_a_folder_with_files(monkeypatch, tmp_path, fake_gguf):
     out = tmp_path / "converted"
     out.mkdir()
-    (out / "stale.bin").write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    _refuses(monkeypatch, fake_gguf, out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_import_gguf_refuses_a_plain_file_and_a_link(monkeypatch, tmp_path, fake_gguf):
+    out = tmp_path / "model"
+    out.write_text("not a folder")
+    _refuses(monkeypatch, fake_gguf, out)
+    assert out.read_text() == "not a folder"
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "elsewhere")  # dangling: exists() is False, but it is the user's
+    _refuses(monkeypatch, fake_gguf, link)
+    assert link.is_symlink()
+
+
+def test_import_gguf_checks_again_before_the_rename(monkeypatch, tmp_path, fake_gguf):
+    """A file that appears in the (empty) output folder while the conversion runs is kept."""
+    out = tmp_path / "converted"
+    out.mkdir()
+    save = transformers.PreTrainedTokenizerFast.save_pretrained
+
+    def save_then_user_writes(self, *args, **kwargs):
+        result = save(self, *args, **kwargs)
+        (out / "notes.txt").write_text("written meanwhile")
+        return result
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "save_pretrained", save_then_user_writes)
+    with pytest.raises(dm.OutputExistsError, match="--force"):
+        import_gguf(fake_gguf, out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_import_gguf_fills_an_empty_folder_with_normal_permissions(tmp_path, fake_gguf):
+    out = tmp_path / "converted"
+    out.mkdir()
     assert import_gguf(fake_gguf, out, dtype=torch.float32) == out
     names = {p.name for p in out.iterdir()}
-    assert "stale.bin" not in names and {"config.json", "model.safetensors", "tokenizer.json"} <= names
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     umask = dm._umask()
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
     assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o666 & ~umask
     from safetensors.torch import load_file  # (from_pretrained is patched here: read the file)
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
+
+
+def test_import_gguf_force_replaces_whole_folder_or_file(tmp_path, fake_gguf):
+    out = tmp_path / "converted"
+    out.mkdir()
+    (out / "stale.bin").write_bytes(b"old")
+    assert import_gguf(fake_gguf, out, force=True) == out
+    names = {p.name for p in out.iterdir()}
+    assert "stale.bin" not in names and {"config.json", "model.safetensors", "tokenizer.json"} <= names
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    assert import_gguf(fake_gguf, plain, force=True) == plain
+    assert (plain / "config.json").is_file()
