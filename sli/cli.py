@@ -178,7 +178,7 @@ def cmd_synth(args) -> int:
 
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
     path = synth_model(args.out_dir, family=args.family, preset=args.preset, num_layers=args.layers, dtype=dtype,
-                       seed=args.seed)
+                       seed=args.seed, with_tokenizer=args.tokenizer)
     _emit(args, {"model_dir": str(path)}, f"wrote {path}")
     return 0
 
@@ -280,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-tokenizer", dest="tokenizer", action="store_false",
+                   help="write no tokenizer (by default a byte-level one, so generate and eval take text)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_synth)
 
