@@ -13,7 +13,7 @@ from .errors import SLIError
 
 logger = logging.getLogger("sli")
 
-DEFAULT_PROMPT = "The capital of France is"
+DEFAULT_PROMPT = "What is the capital of France?"
 MODES = "none, int8, int8_dynamic, nf4, fp4, int4, fp8"
 
 
@@ -79,17 +79,89 @@ def cmd_warm(args) -> int:
     return 0
 
 
+def _read_prompt_file(name: str) -> str:
+    if name == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            text = Path(name).read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise SLIError(f"prompt file {name} is not UTF-8 text ({exc.reason})") from None
+        except IsADirectoryError:
+            raise SLIError(f"prompt file {name} is a directory; -f takes a text file, or - for stdin") from None
+        except FileNotFoundError:
+            raise SLIError(f"prompt file {name} does not exist") from None
+    text = text.rstrip("\n")
+    if not text.strip():
+        raise SLIError(f"the prompt from {'stdin' if name == '-' else name} is empty")
+    return text
+
+
+def _looks_like_a_path(text: str) -> bool:
+    return not any(c.isspace() for c in text) and text.startswith(("/", "./", "../", "~/"))
+
+
+def _generate_inputs(args) -> "tuple[Optional[str], str]":
+    """(model directory or None for the default model, prompt) from generate's arguments.
+
+    ``generate PROMPT`` (the default model, or --model DIR), ``generate MODEL PROMPT``,
+    ``generate MODEL`` (an existing directory; the default prompt or -f), ``-f FILE`` / ``-f -``.
+    """
+    words = list(args.words)
+    if len(words) > 2:
+        raise SLIError(f"generate takes at most MODEL and PROMPT, got {len(words)} arguments; quote the prompt")
+    model = args.model
+    if len(words) == 2:
+        if model is not None:
+            raise SLIError(f"the model is given twice ({words[0]!r} and --model {model!r}); pass one")
+        model, prompt = words
+    elif len(words) == 1 and model is None and Path(words[0]).expanduser().is_dir():
+        model, prompt = words[0], None
+    elif len(words) == 1:
+        if model is None and _looks_like_a_path(words[0]):
+            # `sli generate ./typo` should not convert the default model and ask it about "./typo"
+            raise SLIError(f"model directory {words[0]!r} does not exist; to send that text as a prompt "
+                           f"to the default model, pass it with -f - (stdin)")
+        prompt = words[0]
+    else:
+        prompt = None
+    if args.prompt_file is not None:
+        if prompt is not None:
+            raise SLIError("the prompt is given twice (an argument and -f); pass one")
+        prompt = _read_prompt_file(args.prompt_file)
+    return model, DEFAULT_PROMPT if prompt is None else prompt
+
+
+def _stop_ids(proc, tok) -> List[int]:
+    from .chat_template import stop_token_ids
+
+    generation_config = None
+    path = Path(proc.model_dir) / "generation_config.json"
+    if path.is_file():
+        try:
+            generation_config = argparse.Namespace(**json.loads(path.read_text()))
+        except (ValueError, TypeError):
+            generation_config = None
+    return stop_token_ids(tok, proc.config, generation_config)
+
+
 def cmd_generate(args) -> int:
+    import torch
+
+    from .chat_template import encode_prompt
+
     if args.max_new_tokens < 0:
         raise SLIError(f"--max-new-tokens {args.max_new_tokens} is negative; pass 0 or more")
+    model, prompt_text = _generate_inputs(args)
+    args.model_dir = model
     proc = _processor(args, _model_dir(args))
     tok = proc.tokenizer()
+    prompt = encode_prompt(tok, prompt_text, system=args.system, raw=args.raw)
     if not args.quiet:
         logger.info("%s", proc.plan.describe())
     warm_t0 = time.perf_counter()
     proc.prewarm(progress=not args.quiet)
     warm_s = time.perf_counter() - warm_t0
-    prompt = args.prompt
     printed: List[int] = []
 
     def on_token(token):
@@ -100,14 +172,15 @@ def cmd_generate(args) -> int:
             sys.stdout.write(text[len(previous):])
             sys.stdout.flush()
 
-    if not args.json:
-        sys.stdout.write(prompt)
+    if not args.json and not prompt.templated:
+        sys.stdout.write(prompt_text)  # a completion continues the text; a chat answer stands alone
         sys.stdout.flush()
     _reset_peak_rss()  # conversion and warm-up are not part of the generation's peak
     t0 = time.perf_counter()
     first_token_at = []
-    new = proc.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                        temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
+    new = proc.generate(torch.tensor([prompt.ids], dtype=torch.long), max_new_tokens=args.max_new_tokens,
+                        do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_k=args.top_k,
+                        top_p=args.top_p, eos_token_id=_stop_ids(proc, tok),
                         callback=lambda t: (first_token_at.append(time.perf_counter()) if not first_token_at else None,
                                             on_token(t)), seed=args.seed)
     total = time.perf_counter() - t0
@@ -115,7 +188,8 @@ def cmd_generate(args) -> int:
     prefill = (first_token_at[0] - t0) if first_token_at else total
     decode_tps = (n - 1) / (total - prefill) if n > 1 and total > prefill else 0.0
     stats = proc.cache.stats().to_dict()
-    result = {"model_id": proc.model_id, "mode": args.mode, "text": tok.decode(new[0], skip_special_tokens=True),
+    result = {"model_id": proc.model_id, "mode": args.mode, "prompt": prompt_text, "chat_template": prompt.templated,
+              "prompt_tokens": len(prompt.ids), "text": tok.decode(new[0], skip_special_tokens=True),
               "new_tokens": n, "prefill_s": round(prefill, 3), "decode_tokens_per_s": round(decode_tps, 2),
               "warm_s": round(warm_s, 2), "peak_rss_mb": round(_peak_rss_mb(), 1),
               "resident_layers": len(proc.plan.resident_layers), "num_layers": proc.layout.num_layers,
@@ -124,10 +198,11 @@ def cmd_generate(args) -> int:
         print(json.dumps(result, indent=2))
     else:
         print()
-        print(f"[{n} tokens: prefill {prefill:.2f} s, decode {decode_tps:.2f} tokens/s, peak RSS "
-              f"{result['peak_rss_mb']:.0f} MB; {result['resident_layers']}/{result['num_layers']} layers resident, "
-              f"the rest streamed; cache hits: memory {stats['memory_hits']}, disk {stats['disk_hits']}, "
-              f"misses {stats['disk_misses']}]")
+        if not args.quiet:  # stdout holds the text alone; the figures go to stderr
+            print(f"[{n} tokens: prefill {prefill:.2f} s, decode {decode_tps:.2f} tokens/s, peak RSS "
+                  f"{result['peak_rss_mb']:.0f} MB; {result['resident_layers']}/{result['num_layers']} layers "
+                  f"resident, the rest streamed; cache hits: memory {stats['memory_hits']}, disk "
+                  f"{stats['disk_hits']}, misses {stats['disk_misses']}]", file=sys.stderr)
     proc.close()
     return 0
 
@@ -204,7 +279,8 @@ def cmd_bench(args) -> int:
 
 def cmd_demo(args) -> int:
     """Convert the default model once, warm its cache, stream it under a small budget."""
-    args.model_dir = None
+    args.words, args.model, args.prompt_file = [args.prompt], None, None
+    args.system, args.raw = None, False
     return cmd_generate(args)
 
 
@@ -236,12 +312,28 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_warm)
 
-    for name, func, helptext in (("generate", cmd_generate, "stream tokens for a prompt"),
+    for name, func, helptext in (("generate", cmd_generate, "stream an answer to a prompt"),
                                  ("demo", cmd_demo, "the default model end to end under a small memory budget")):
         p = sub.add_parser(name, help=helptext)
         if name == "generate":
-            common(p, model_optional=True, budget=True)
-            p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
+            p.description = ("sli generate PROMPT (the default model, or --model DIR); sli generate MODEL PROMPT; "
+                             "sli generate [MODEL] -f FILE (- reads stdin). The tokenizer's chat template is "
+                             "applied when it has one (--raw turns it off).")
+            p.add_argument("words", nargs="*", metavar="[MODEL] PROMPT",
+                           help="the prompt, after a model directory if the first argument is one")
+            p.add_argument("--model", help="local model directory (default: SmolLM2-135M-Instruct, converted once)")
+            p.add_argument("-f", "--file", dest="prompt_file", metavar="FILE",
+                           help="read the prompt from FILE, or from stdin with -")
+            p.add_argument("--raw", action="store_true",
+                           help="send the prompt as it is, without the tokenizer's chat template (text completion)")
+            p.add_argument("--system", metavar="TEXT", help="a system prompt (needs a chat template)")
+            p.add_argument("--mode", default="nf4", help=f"quantization mode: {MODES}, or mixed (default nf4)")
+            p.add_argument("--cache-dir", help="layer cache directory (default ~/.cache/sli/layer-cache)")
+            p.add_argument("--max-cache-size-gb", type=float, default=None, help="disk tier size limit (default 50)")
+            p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+            p.add_argument("--memory-budget-gb", type=float, default=None,
+                           help="RAM (CPU) or GPU memory budget for layers; layers beyond it stream")
         else:
             p.add_argument("--prompt", default=DEFAULT_PROMPT)
             p.add_argument("--mode", default="int8")
@@ -309,7 +401,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         # argparse would take `sli bench --synth 7b` for sli's own (unknown) options
         cut = argv.index("bench") + 1
         argv, rest = argv[:cut], argv[cut:]
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras and getattr(args, "command", None) == "generate" and not any(e.startswith("-") for e in extras):
+        args.words += extras  # `generate MODEL --mode int8 PROMPT`: argparse stops the positionals at an option
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     if rest is not None:
         args.rest = rest[1:] if rest[:1] == ["--"] else rest
     if not getattr(args, "command", None):

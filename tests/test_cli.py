@@ -77,8 +77,173 @@ def test_readme_synth_warm_generate_eval_chain_runs_as_written(tmp_path, capsys)
     assert main(["warm", model, "--mode", "nf4", "--cache-dir", cache]) == 0
     assert "2 new of 2 layers" in capsys.readouterr().out
     assert main(["generate", model, "Hello", "--mode", "nf4", "--memory-budget-gb", "0.5", "--cache-dir", cache]) == 0
-    out = capsys.readouterr().out
-    assert "misses 0" in out  # warmed: every layer came from the cache
+    captured = capsys.readouterr()
+    assert captured.out.startswith("Hello")  # no chat template: the text continues the prompt
+    assert "misses 0]" in captured.err  # warmed: every layer came from the cache
     assert main(["eval", model, "--modes", "none,int8"]) == 0
     report = capsys.readouterr().out
     assert "| none |" in report and "| int8 |" in report
+
+
+# ---------------------------------------------------------------- generate: forms, chat template, prompt files
+
+
+@pytest.fixture(scope="session")
+def default_home(tmp_path_factory):
+    """An SLI_HOME holding the converted default model: the user's own if it is converted
+    there already (read only), else a conversion into a temporary one (~30 s, once)."""
+    import sli.default_model as dm
+
+    if dm._is_complete(dm.default_model_dir()):
+        return dm.sli_home()
+    root = tmp_path_factory.mktemp("sli-home")
+    dm.ensure_default_model(root, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """One layer cache for the tests that run the default model: warmed once."""
+    return str(tmp_path_factory.mktemp("layer-cache"))
+
+
+@pytest.fixture
+def default_model(monkeypatch, default_home):
+    from sli.default_model import default_model_dir
+
+    monkeypatch.setenv("SLI_HOME", str(default_home))
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny random llama with its byte-level tokenizer (no chat template)."""
+    from sli.synth import synth_model
+
+    return synth_model(tmp_path_factory.mktemp("tiny") / "llama", "llama", "tiny", with_tokenizer=True)
+
+
+def _json_out(capsys):
+    import json
+
+    out = capsys.readouterr().out
+    return json.loads(out)
+
+
+def test_generate_prompt_alone_asks_the_default_model_paris(default_model, shared_cache, capsys):
+    """README: `sli generate "What is the capital of France?" --mode int8`: an instruct model
+    answers only through its chat template; the answer is printed alone."""
+    assert main(["generate", "What is the capital of France?", "--mode", "int8", "--cache-dir", shared_cache]) == 0
+    captured = capsys.readouterr()
+    assert "Paris" in captured.out, captured
+    assert "capital of France?" not in captured.out and "<|im_start|>" not in captured.out
+    assert "im_start" not in captured.out and "assistant" not in captured.out.split("Paris")[0]
+
+
+def test_generate_applies_the_template_once_with_one_bos(default_model, shared_cache, capsys):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model)
+    question = "What is the capital of France?"
+    assert main(["generate", "--model", str(default_model), question, "--mode", "int8", "--cache-dir", shared_cache,
+                 "--max-new-tokens", "1", "--json", "--system", "Answer briefly."]) == 0
+    result = _json_out(capsys)
+    text = tok.apply_chat_template([{"role": "system", "content": "Answer briefly."},
+                                    {"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert result["chat_template"] is True and result["prompt_tokens"] == len(ids)
+    from sli.chat_template import encode_prompt
+
+    encoded = encode_prompt(tok, question, system="Answer briefly.")
+    assert encoded.ids == ids and encoded.text == text and "Answer briefly." in text
+    assert "You are a helpful AI assistant" not in text  # the template's default system prompt is replaced
+    assert encoded.ids[0] == tok.bos_token_id and encoded.ids[1] != tok.bos_token_id  # one BOS, the template's
+    raw = encode_prompt(tok, question, raw=True)
+    assert raw.ids == tok(question)["input_ids"] and not raw.templated
+
+
+def test_generate_raw_continues_the_text(default_model, shared_cache, capsys):
+    assert main(["generate", "The capital of France is", "--raw", "--mode", "int8", "--cache-dir", shared_cache,
+                 "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The capital of France is Paris"), out
+
+
+def test_encode_prompt_without_a_template(tiny):
+    from transformers import AutoTokenizer
+
+    from sli.chat_template import encode_prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    encoded = encode_prompt(tok, "Hello")
+    assert not encoded.templated and encoded.ids == tok("Hello")["input_ids"]
+    with pytest.raises(ValueError, match="chat template"):
+        encode_prompt(tok, "Hello", system="Be brief.")
+    with pytest.raises(ValueError, match="--raw"):
+        encode_prompt(tok, "Hello", system="Be brief.", raw=True)
+    with pytest.raises(ValueError, match="empty"):
+        encode_prompt(tok, "")
+
+
+@pytest.fixture
+def routed(monkeypatch, tiny):
+    """The default model replaced by the tiny one, and a record of what each run received."""
+    import sli.default_model as dm
+
+    monkeypatch.setattr(dm, "ensure_default_model", lambda *a, **k: tiny)
+    return tiny
+
+
+def _generate_json(capsys, *argv):
+    assert main(["generate", *argv, "--mode", "int8", "--max-new-tokens", "1", "--json"]) == 0
+    return _json_out(capsys)
+
+
+def test_generate_forms_route_model_and_prompt(routed, tmp_path, capsys, monkeypatch):
+    import io
+
+    cache = ["--cache-dir", str(tmp_path / "c")]
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(routed, other)
+    # PROMPT alone: the default model
+    result = _generate_json(capsys, "Hello there", *cache)
+    assert result["prompt"] == "Hello there" and result["model_id"].startswith("llama-")
+    # MODEL PROMPT, and --model DIR PROMPT
+    assert _generate_json(capsys, str(other), "Hi", *cache)["model_id"].startswith("other-")
+    result = _generate_json(capsys, "--model", str(other), "Hi", *cache)
+    assert result["model_id"].startswith("other-") and result["prompt"] == "Hi"
+    result = _generate_json(capsys, str(other), *cache, "Options between")  # MODEL --opt ... PROMPT
+    assert result["model_id"].startswith("other-") and result["prompt"] == "Options between"
+    # an existing directory alone is the model, with the default prompt
+    result = _generate_json(capsys, str(other), *cache)
+    assert result["model_id"].startswith("other-") and result["prompt"] == "What is the capital of France?"
+    # -f FILE and -f - (stdin); one trailing newline dropped
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("From a file\n")
+    assert _generate_json(capsys, "-f", str(prompt_file), *cache)["prompt"] == "From a file"
+    monkeypatch.setattr("sys.stdin", io.StringIO("From stdin\n"))
+    assert _generate_json(capsys, str(other), "-f", "-", *cache)["prompt"] == "From stdin"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["a", "b", "c"], "at most MODEL and PROMPT"),
+    (["./no-such-model"], "'./no-such-model' does not exist"),
+    (["/no/such/dir", "Hello"], "'/no/such/dir' does not exist"),
+    (["Hello", "-f", "-"], "prompt is given twice"),
+])
+def test_generate_form_errors(routed, tmp_path, capsys, argv, expected):
+    assert main(["generate", *argv, "--cache-dir", str(tmp_path / "c")]) == 1
+    assert expected in _error_line(capsys)
+
+
+def test_generate_model_twice_and_empty_prompt_file(routed, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert main(["generate", str(routed), "Hi", "--model", str(routed)]) == 1
+    assert "model is given twice" in _error_line(capsys)
+    assert main(["generate", "-f", str(empty)]) == 1
+    assert "empty" in _error_line(capsys)
+    assert main(["generate", "-f", str(tmp_path / "missing.txt")]) == 1
+    assert "does not exist" in _error_line(capsys)
