@@ -37,7 +37,8 @@ def encode_prompt(tokenizer, prompt: str, system: Optional[str] = None, raw: boo
 
     With a chat template (and not ``raw``): ``apply_chat_template(messages, tokenize=False,
     add_generation_prompt=True)``, then tokenized without added special tokens. Otherwise the
-    prompt as it is, with the tokenizer's usual special tokens.
+    prompt as it is, with the tokenizer's usual special tokens. (``verbose=False``: the caller
+    checks the length against the model's positions and says so in its own words.)
 
     :raises ValueError: an empty prompt; a ``system`` prompt with ``raw`` or with a tokenizer
         that has no chat template (there is nowhere to put it).
@@ -48,12 +49,12 @@ def encode_prompt(tokenizer, prompt: str, system: Optional[str] = None, raw: boo
         raise ValueError("--system needs the chat template, which --raw turns off; drop one of them")
     if not raw and has_chat_template(tokenizer):
         text = tokenizer.apply_chat_template(messages_for(prompt, system), tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         return EncodedPrompt(list(ids), text, True)
     if system:
         raise ValueError("--system needs a chat template, and this model's tokenizer has none; "
                          "put the instructions in the prompt itself")
-    return EncodedPrompt(list(tokenizer(prompt)["input_ids"]), prompt, False)
+    return EncodedPrompt(list(tokenizer(prompt, verbose=False)["input_ids"]), prompt, False)
 
 
 def stop_token_ids(tokenizer, *configs) -> List[int]:

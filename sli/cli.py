@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -38,6 +40,103 @@ def _reset_peak_rss() -> None:
         pass
 
 
+class CLIParser(argparse.ArgumentParser):
+    """argparse, with a usage error printed as one ``sli: error: ...`` line (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"sli: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _finite(text: str, kind=float):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = greedy), got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = _finite(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def int_at_least(low: int):
+    def parse(text: str) -> int:
+        value = _finite(text, int)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def device_name(text: str) -> str:
+    if not DEVICE_RE.match(text):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def valid_modes() -> List[str]:
+    from .quantization import QuantizationMode
+
+    return [m.value for m in QuantizationMode] + ["mixed"]
+
+
+def _check_mode(mode: str, option: str = "--mode") -> str:
+    modes = valid_modes()
+    if mode not in modes:
+        raise SLIError(f"{option} {mode!r} is not a quantization mode; valid modes: {', '.join(modes)}")
+    return mode
+
+
+def _check_device(device: Optional[str]) -> None:
+    if device is None or not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SLIError(f"--device {device}: torch sees no CUDA GPU here; use --device cpu")
+    count = torch.cuda.device_count()
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= count:
+        raise SLIError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
+def _checked_model_dir(path: Path) -> "tuple[Path, dict]":
+    """``path`` and its config, when it is a local decoder-only causal LM; else a one-line error."""
+    from .errors import ModelLoadError
+    from .model_check import check_causal_lm
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model directory {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise ModelLoadError(f"{str(path)!r} is not a directory; pass the folder holding config.json and the weights")
+    return path, check_causal_lm(path)
+
+
 def _config(mode: str):
     from .quantization import QuantizationConfig, QuantizationRegistry, get_mixed_precision_config
 
@@ -51,7 +150,7 @@ def _config(mode: str):
 
 def _model_dir(args) -> Path:
     if getattr(args, "model_dir", None):
-        return Path(args.model_dir)
+        return Path(args.model_dir).expanduser()
     from .default_model import ensure_default_model
 
     return ensure_default_model(progress=not args.quiet)
@@ -60,6 +159,9 @@ def _model_dir(args) -> Path:
 def _processor(args, model_dir: Path):
     from .processor import UniversalSLIProcessor
 
+    _check_mode(args.mode)
+    _check_device(args.device)
+    model_dir, _ = _checked_model_dir(model_dir)
     return UniversalSLIProcessor(model_dir, _config(args.mode), cache_dir=args.cache_dir, device=args.device,
                                  max_cache_size_gb=args.max_cache_size_gb,
                                  memory_budget_gb=getattr(args, "memory_budget_gb", None),
@@ -150,13 +252,28 @@ def cmd_generate(args) -> int:
 
     from .chat_template import encode_prompt
 
-    if args.max_new_tokens < 0:
-        raise SLIError(f"--max-new-tokens {args.max_new_tokens} is negative; pass 0 or more")
+    from .model_check import load_tokenizer, max_positions
+
     model, prompt_text = _generate_inputs(args)
+    _check_mode(args.mode)
+    _check_device(args.device)
     args.model_dir = model
-    proc = _processor(args, _model_dir(args))
-    tok = proc.tokenizer()
+    model_dir, config = _checked_model_dir(_model_dir(args))
+    tok = load_tokenizer(model_dir)
     prompt = encode_prompt(tok, prompt_text, system=args.system, raw=args.raw)
+    limit = max_positions(config)
+    max_new_tokens = args.max_new_tokens
+    if limit is not None:
+        if len(prompt.ids) > limit:
+            raise SLIError(f"the prompt is {len(prompt.ids)} tokens{' with the chat template' if prompt.templated else ''}"
+                           f", more than this model's limit of {limit} positions (max_position_embeddings); "
+                           "shorten it")
+        room = limit - len(prompt.ids) + 1  # the last new token is never fed back
+        if max_new_tokens > room:
+            logger.warning("--max-new-tokens %d would run past the model's %d positions after a %d-token prompt; "
+                           "generating at most %d", max_new_tokens, limit, len(prompt.ids), room)
+            max_new_tokens = room
+    proc = _processor(args, model_dir)
     if not args.quiet:
         logger.info("%s", proc.plan.describe())
     warm_t0 = time.perf_counter()
@@ -178,7 +295,7 @@ def cmd_generate(args) -> int:
     _reset_peak_rss()  # conversion and warm-up are not part of the generation's peak
     t0 = time.perf_counter()
     first_token_at = []
-    new = proc.generate(torch.tensor([prompt.ids], dtype=torch.long), max_new_tokens=args.max_new_tokens,
+    new = proc.generate(torch.tensor([prompt.ids], dtype=torch.long), max_new_tokens=max_new_tokens,
                         do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_k=args.top_k,
                         top_p=args.top_p, eos_token_id=_stop_ids(proc, tok),
                         callback=lambda t: (first_token_at.append(time.perf_counter()) if not first_token_at else None,
@@ -233,12 +350,21 @@ def cmd_cache(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluation import evaluate_modes, format_report
 
+    from .model_check import max_positions
+
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes:
+        raise SLIError(f"--modes {args.modes!r} names no mode; valid modes: {', '.join(valid_modes())}")
     for m in modes:
-        if m != "mixed":
-            _config(m)
-    report = evaluate_modes(_model_dir(args), modes, text_path=args.text, num_windows=args.windows,
-                            window=args.window, progress=not args.quiet)
+        _check_mode(m, "--modes: mode")
+    model_dir, config = _checked_model_dir(_model_dir(args))
+    window = args.window
+    limit = max_positions(config)
+    if limit is not None and window > limit:
+        logger.info("windows of %d tokens: the model has %d positions (--window %d)", limit, limit, window)
+        window = limit
+    report = evaluate_modes(model_dir, modes, text_path=args.text, num_windows=args.windows,
+                            window=window, progress=not args.quiet)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -289,65 +415,64 @@ def _emit(args, data: dict, line: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sli", description="Stream language models layer by layer through a quantized layer cache.")
+    parser = CLIParser(prog="sli", description="Stream language models layer by layer through a quantized layer cache.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info lines")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CLIParser)
 
-    def common(p, model_optional: bool = False, budget: bool = False):
-        if model_optional:
-            p.add_argument("model_dir", nargs="?", help="local model directory (default: SmolLM2-135M, converted once)")
-        else:
-            p.add_argument("model_dir", help="local Hugging Face model directory")
-        p.add_argument("--mode", default="nf4", help=f"quantization mode: {MODES}, or mixed (default nf4)")
-        p.add_argument("--cache-dir", help="layer cache directory (default ~/.cache/sli/layer-cache)")
-        p.add_argument("--max-cache-size-gb", type=float, default=None, help="disk tier size limit (default 50)")
-        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-        p.add_argument("--json", action="store_true", help="machine-readable output")
-        if budget:
-            p.add_argument("--memory-budget-gb", type=float, default=None,
-                           help="RAM (CPU) or GPU memory budget for layers; layers beyond it stream")
+    def engine(p, mode: str, budget: Optional[float], json_help: str = "machine-readable output"):
+        """The options of a command that runs the streamed model."""
+        p.add_argument("--mode", default=mode, help=f"quantization mode: {MODES}, or mixed")
+        p.add_argument("--cache-dir", help="layer cache directory (default: $SLI_CACHE_DIR, else "
+                                           "$SLI_HOME/layer-cache, else ~/.cache/sli/layer-cache)")
+        p.add_argument("--max-cache-size-gb", type=positive_float, default=None,
+                       help="the layer cache's disk size limit in GiB, > 0 (default: 50)")
+        p.add_argument("--device", type=device_name, default=None,
+                       help="cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu)")
+        p.add_argument("--json", action="store_true", help=json_help)
+        if budget is not False:
+            p.add_argument("--memory-budget-gb", type=positive_float, default=budget,
+                           help="RAM (CPU) or GPU memory for the model in GiB, > 0; layers beyond it stream "
+                                "(default: no limit, half the free memory)" if budget is None else
+                                "RAM (CPU) or GPU memory for the model in GiB, > 0; layers beyond it stream")
+
+    def sampling(p):
+        p.add_argument("--max-new-tokens", type=int_at_least(0), default=24, help="tokens to generate at most, >= 0")
+        p.add_argument("--temperature", type=non_negative_float, default=0.0,
+                       help="sampling temperature, >= 0; 0 = greedy (the most likely token)")
+        p.add_argument("--top-k", type=int_at_least(1), default=None,
+                       help="sample among the k most likely tokens, >= 1 (default: all)")
+        p.add_argument("--top-p", type=probability, default=None,
+                       help="sample among the most likely tokens whose probabilities add up to p, in (0, 1] "
+                            "(default: all)")
+        p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: random)")
 
     p = sub.add_parser("warm", help="pre-warm a layer cache (resumable)")
-    common(p)
+    p.add_argument("model_dir", help="local Hugging Face model directory")
+    engine(p, "nf4", False)
     p.set_defaults(func=cmd_warm)
 
-    for name, func, helptext in (("generate", cmd_generate, "stream an answer to a prompt"),
-                                 ("demo", cmd_demo, "the default model end to end under a small memory budget")):
-        p = sub.add_parser(name, help=helptext)
-        if name == "generate":
-            p.description = ("sli generate PROMPT (the default model, or --model DIR); sli generate MODEL PROMPT; "
-                             "sli generate [MODEL] -f FILE (- reads stdin). The tokenizer's chat template is "
-                             "applied when it has one (--raw turns it off).")
-            p.add_argument("words", nargs="*", metavar="[MODEL] PROMPT",
-                           help="the prompt, after a model directory if the first argument is one")
-            p.add_argument("--model", help="local model directory (default: SmolLM2-135M-Instruct, converted once)")
-            p.add_argument("-f", "--file", dest="prompt_file", metavar="FILE",
-                           help="read the prompt from FILE, or from stdin with -")
-            p.add_argument("--raw", action="store_true",
-                           help="send the prompt as it is, without the tokenizer's chat template (text completion)")
-            p.add_argument("--system", metavar="TEXT", help="a system prompt (needs a chat template)")
-            p.add_argument("--mode", default="nf4", help=f"quantization mode: {MODES}, or mixed (default nf4)")
-            p.add_argument("--cache-dir", help="layer cache directory (default ~/.cache/sli/layer-cache)")
-            p.add_argument("--max-cache-size-gb", type=float, default=None, help="disk tier size limit (default 50)")
-            p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-            p.add_argument("--json", action="store_true", help="machine-readable output")
-            p.add_argument("--memory-budget-gb", type=float, default=None,
-                           help="RAM (CPU) or GPU memory budget for layers; layers beyond it stream")
-        else:
-            p.add_argument("--prompt", default=DEFAULT_PROMPT)
-            p.add_argument("--mode", default="int8")
-            p.add_argument("--cache-dir")
-            p.add_argument("--max-cache-size-gb", type=float, default=None)
-            p.add_argument("--device", default=None)
-            p.add_argument("--json", action="store_true")
-            p.add_argument("--memory-budget-gb", type=float, default=0.2)
-        p.add_argument("--max-new-tokens", type=int, default=24)
-        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-        p.add_argument("--top-k", type=int, default=None)
-        p.add_argument("--top-p", type=float, default=None)
-        p.add_argument("--seed", type=int, default=None)
-        p.set_defaults(func=func)
+    p = sub.add_parser("generate", help="stream an answer to a prompt",
+                       description="sli generate PROMPT (the default model, or --model DIR); sli generate MODEL "
+                                   "PROMPT; sli generate [MODEL] -f FILE (- reads stdin). The tokenizer's chat "
+                                   "template is applied when it has one (--raw turns it off).")
+    p.add_argument("words", nargs="*", metavar="[MODEL] PROMPT",
+                   help="the prompt, after a model directory if the first argument is one")
+    p.add_argument("--model", help="local model directory (default: SmolLM2-135M-Instruct, converted once)")
+    p.add_argument("-f", "--file", dest="prompt_file", metavar="FILE",
+                   help="read the prompt from FILE, or from stdin with -")
+    p.add_argument("--raw", action="store_true",
+                   help="send the prompt as it is, without the tokenizer's chat template (text completion)")
+    p.add_argument("--system", metavar="TEXT", help="a system prompt (needs a chat template)")
+    engine(p, "nf4", None)
+    sampling(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="the default model end to end under a small memory budget")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question to ask")
+    engine(p, "int8", 0.2)
+    sampling(p)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("cache", help="inspect, verify or clear a cache directory")
     p.add_argument("action", choices=["info", "verify", "clear"])
@@ -360,8 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", nargs="?", help="local model directory (default: SmolLM2-135M)")
     p.add_argument("--modes", default="none,int8,int8_dynamic,nf4,fp4,int4,fp8,mixed")
     p.add_argument("--text", help="text file (default: the standard library's pydoc_data.topics)")
-    p.add_argument("--windows", type=int, default=4)
-    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--windows", type=int_at_least(1), default=4)
+    p.add_argument("--window", type=int_at_least(2), default=512)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -369,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--family", default="llama")
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--layers", type=int_at_least(1), default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-tokenizer", dest="tokenizer", action="store_false",
@@ -393,6 +518,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (not the stream of the
+    first call), so several ``main()`` calls in one process each reach their own stderr."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _configure_logging(level: int) -> None:
+    """sli's own loggers (``sli``, ``sli.*``) print their messages bare on stderr at ``level``."""
+    sli_logger = logging.getLogger("sli")
+    for handler in [h for h in sli_logger.handlers if isinstance(h, _StderrHandler)]:
+        sli_logger.removeHandler(handler)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    sli_logger.addHandler(handler)
+    sli_logger.setLevel(level)
+    sli_logger.propagate = False
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -401,18 +554,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         # argparse would take `sli bench --synth 7b` for sli's own (unknown) options
         cut = argv.index("bench") + 1
         argv, rest = argv[:cut], argv[cut:]
-    args, extras = parser.parse_known_args(argv)
-    if extras and getattr(args, "command", None) == "generate" and not any(e.startswith("-") for e in extras):
-        args.words += extras  # `generate MODEL --mode int8 PROMPT`: argparse stops the positionals at an option
-    elif extras:
-        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    try:
+        args, extras = parser.parse_known_args(argv)
+        if extras and getattr(args, "command", None) == "generate" and not any(e.startswith("-") for e in extras):
+            args.words += extras  # `generate MODEL --mode int8 PROMPT`: argparse stops the positionals at an option
+        elif extras:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    except SystemExit as exc:  # --help, --version, a usage error: a status, also when called in-process
+        return exc.code if isinstance(exc.code, int) else 1
     if rest is not None:
         args.rest = rest[1:] if rest[:1] == ["--"] else rest
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
-                        format="%(message)s", stream=sys.stderr)
+    _configure_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     if args.quiet or not sys.stderr.isatty():
         import os
 

@@ -247,3 +247,114 @@ def test_generate_model_twice_and_empty_prompt_file(routed, tmp_path, capsys):
     assert "empty" in _error_line(capsys)
     assert main(["generate", "-f", str(tmp_path / "missing.txt")]) == 1
     assert "does not exist" in _error_line(capsys)
+
+
+# ---------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--memory-budget-gb", "-1", "must be > 0, got -1"),
+    ("--memory-budget-gb", "0", "must be > 0, got 0"),
+    ("--temperature", "-1", "must be >= 0"),
+    ("--top-p", "1.5", "must be in (0, 1], got 1.5"),
+    ("--top-p", "0", "must be in (0, 1], got 0"),
+    ("--top-p", "nan", "not a finite number"),
+    ("--top-k", "0", "must be an integer >= 1, got 0"),
+    ("--max-new-tokens", "-1", "must be an integer >= 0, got -1"),
+    ("--device", "tpu", "must be cpu, cuda or cuda:N, got 'tpu'"),
+    ("--max-cache-size-gb", "0", "must be > 0, got 0"),
+])
+def test_generate_rejects_out_of_range_options(tiny, tmp_path, capsys, option, value, expected):
+    assert main(["generate", str(tiny), "Hi", option, value, "--cache-dir", str(tmp_path / "c")]) == 2
+    line = _error_line(capsys)
+    assert option in line and expected in line
+    assert not (tmp_path / "c").exists()
+
+
+def test_warm_rejects_a_bad_device_and_cache_size(tiny, tmp_path, capsys):
+    assert main(["warm", str(tiny), "--device", "gpu0"]) == 2
+    assert "--device" in _error_line(capsys)
+    assert main(["warm", str(tiny), "--max-cache-size-gb", "-2"]) == 2
+    assert "must be > 0, got -2" in _error_line(capsys)
+
+
+@pytest.mark.parametrize("command", ["warm", "generate"])
+def test_unknown_mode_lists_the_modes(tiny, tmp_path, capsys, command):
+    from sli.quantization import QuantizationMode
+
+    argv = [command, str(tiny)] + (["Hi"] if command == "generate" else [])
+    assert main(argv + ["--mode", "int3", "--cache-dir", str(tmp_path / "c")]) == 1
+    line = _error_line(capsys)
+    assert "'int3'" in line
+    assert all(m.value in line for m in QuantizationMode) and "mixed" in line
+    assert not (tmp_path / "c").exists()
+
+
+def test_eval_rejects_an_unknown_mode(tiny, capsys):
+    assert main(["eval", str(tiny), "--modes", "none,int3"]) == 1
+    line = _error_line(capsys)
+    assert "'int3'" in line and "nf4" in line and "mixed" in line
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory):
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=100)
+    out = tmp_path_factory.mktemp("bert") / "bert"
+    BertForMaskedLM(config).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("command", ["warm", "generate", "eval"])
+def test_a_bert_masked_lm_is_refused(bert_dir, tmp_path, capsys, command):
+    argv = [command, str(bert_dir)] + (["Hi"] if command == "generate" else [])
+    if command != "eval":
+        argv += ["--cache-dir", str(tmp_path / "c")]
+    assert main(argv) == 1
+    line = _error_line(capsys)
+    assert "decoder-only causal LM" in line and "bert" in line
+    assert not (tmp_path / "c").exists()
+
+
+def test_check_causal_lm_accepts_decoders_and_refuses_the_rest(tmp_path, tiny):
+    import json
+
+    from sli.errors import UnsupportedArchitectureError
+    from sli.model_check import check_causal_lm
+
+    assert check_causal_lm(tiny)["model_type"] == "llama"
+    cases = {"t5": {"model_type": "t5", "is_encoder_decoder": True},
+             "roberta": {"model_type": "roberta", "architectures": ["RobertaForSequenceClassification"]},
+             "clf": {"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]},
+             "unknown": {"model_type": "no-such-type"}}
+    for name, config in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        with pytest.raises(UnsupportedArchitectureError, match="decoder-only causal LM"):
+            check_causal_lm(tmp_path / name)
+    (tmp_path / "decoder").mkdir()
+    (tmp_path / "decoder" / "config.json").write_text(json.dumps({"model_type": "bert", "is_decoder": True}))
+    assert check_causal_lm(tmp_path / "decoder")["is_decoder"] is True
+
+
+def test_a_prompt_longer_than_the_positions_is_refused(tiny, tmp_path, capsys):
+    prompt = tmp_path / "long.txt"
+    prompt.write_text("a" * 200)  # one token per byte; the tiny model has 128 positions
+    assert main(["generate", str(tiny), "-f", str(prompt), "--cache-dir", str(tmp_path / "c")]) == 1
+    line = _error_line(capsys)
+    assert "200 tokens" in line and "128" in line and "max_position_embeddings" in line
+    assert not (tmp_path / "c").exists()  # refused before anything was loaded
+
+
+def test_new_tokens_are_capped_at_the_positions(tiny, tmp_path, capsys):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("a" * 120)
+    assert main(["generate", str(tiny), "-f", str(prompt), "--cache-dir", str(tmp_path / "c"), "--json",
+                 "--max-new-tokens", "50", "--mode", "int8"]) == 0
+    captured = capsys.readouterr()
+    import json
+
+    assert json.loads(captured.out)["new_tokens"] <= 128 - 120 + 1
+    assert "generating at most 9" in captured.err
