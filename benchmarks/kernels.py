@@ -16,8 +16,7 @@ import time
 
 import torch
 
-from sli.codecs import codec_for
-from sli.quantization import QuantizationConfig
+from sli.quantization import QuantizationConfig, codec_for
 
 MODES = ["none", "int8", "int8_dynamic", "nf4", "fp4", "int4", "fp8"]
 

@@ -37,9 +37,10 @@ import time
 
 import torch
 
-from sli.codecs import QuantizedTensor, codec_for
-from sli.layer_cache import GB, LayerCache, checksum
-from sli.quantization import CachedLayer, QuantizationConfig
+from sli.cache_format import checksum
+from sli.layer_cache import LayerCache
+from sli.quantization import CachedLayer, QuantizationConfig, QuantizedTensor, codec_for
+from sli.settings import GB
 from sli.streaming import ready_packed
 
 LINEARS = {  # module path -> (out, in) as multiples of (hidden, intermediate)

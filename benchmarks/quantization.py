@@ -15,9 +15,8 @@ import time
 
 import torch
 
-from sli import codecs
-from sli.codecs import bits_per_weight, calculate_quantization_error, codec_for
-from sli.quantization import QuantizationConfig
+from sli.quantization import QuantizationConfig, bits_per_weight, calculate_quantization_error, codec_for
+from sli.quantization.codecs import four_bit_quantizer
 
 
 def best(fn, repeats):
@@ -93,7 +92,7 @@ def main():
 
     print(f"weight {args.size}x{args.size} bf16 N(0, 0.02); torch {torch.__version__}, bitsandbytes "
           f"{bitsandbytes.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"compiled 4-bit quantizer: {not codecs._compile_failed}\n")
+          f"compiled 4-bit quantizer: {not four_bit_quantizer._compile_failed}\n")
     print("| codec | bits/weight | SNR dB | quantize MB/s | dequantize→fp32 MB/s | quantize vs bnb | dequantize vs bnb |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -9,6 +9,9 @@ from .quantization import (
     QuantizationMode,
     QuantizationRegistry,
     QuantizedLinear,
+    QuantizedTensor,
+    calculate_quantization_error,
+    codec_for,
     dequantize_layer,
     get_fp4_config,
     get_int8_config,
@@ -16,7 +19,6 @@ from .quantization import (
     get_nf4_config,
     quantize_layer,
 )
-from .codecs import QuantizedTensor, codec_for
 from .errors import CacheError, ModelLoadError, SLIError, UnsupportedArchitectureError
 
 __version__ = "0.1.0"
@@ -32,10 +34,6 @@ def __getattr__(name):
         from .processor import UniversalSLIProcessor
 
         return UniversalSLIProcessor
-    if name == "calculate_quantization_error":
-        from .codecs import calculate_quantization_error
-
-        return calculate_quantization_error
     raise AttributeError(f"module 'sli' has no attribute {name!r}")
 
 

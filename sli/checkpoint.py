@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+import threading
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
@@ -127,52 +129,27 @@ class _BinFile:
 
 
 class SkeletonLoader:
-    """Loads checkpoint tensors into parts of a meta-device skeleton.
-
-    Key renaming and fusing (MoE experts stored one by one, fused in the module) go
-    through transformers' own conversion rules, so every family it loads loads here.
-    """
+    """Loads checkpoint tensors into parts of a meta-device skeleton, through transformers'
+    own renaming and conversion rules (:class:`sli.transformers_adapter.KeyMapper`)."""
 
     def __init__(self, checkpoint: Checkpoint, model: torch.nn.Module, layers_path: str) -> None:
-        import re
-        import threading
-
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        from .transformers_adapter import KeyMapper
 
         self.checkpoint = checkpoint
         self.model = model
-        self.weight_mapping = get_model_conversion_mapping(model)
-        renamings = [w for w in self.weight_mapping if isinstance(w, WeightRenaming)]
-        converters = [w for w in self.weight_mapping if isinstance(w, WeightConverter)]
-        meta_state = model.state_dict()
+        self.keys = KeyMapper(model)
         layer_re = re.compile(rf"^{re.escape(layers_path)}\.(\d+)\.")
         self.names_by_layer: Dict[Optional[int], List[str]] = {None: []}
         for name in checkpoint.names():
-            target, _ = rename_source_key(name, renamings, converters, model.base_model_prefix, meta_state)
-            if target not in meta_state and name in meta_state:
-                target = name
-            match = layer_re.match(target)
-            key = int(match.group(1)) if match else None
-            self.names_by_layer.setdefault(key, []).append(name)
+            match = layer_re.match(self.keys.target(name))
+            self.names_by_layer.setdefault(int(match.group(1)) if match else None, []).append(name)
         self._lock = threading.Lock()
 
     def load(self, names: List[str], dtype: Optional[torch.dtype]) -> None:
         """Load the named checkpoint tensors into the skeleton (they land where they belong)."""
-        from transformers.core_model_loading import convert_and_load_state_dict_in_model
-        from transformers.modeling_utils import LoadStateDictConfig
-        from transformers.utils import logging as hf_logging
-
         state = self.checkpoint.get_many(names)
-        config = LoadStateDictConfig(dtype=dtype, weight_mapping=self.weight_mapping, device_map={"": "cpu"})
         with self._lock:
-            bars = hf_logging.is_progress_bar_enabled()
-            hf_logging.disable_progress_bar()
-            try:
-                convert_and_load_state_dict_in_model(self.model, state, config)
-            finally:
-                if bars:
-                    hf_logging.enable_progress_bar()
+            self.keys.load(self.model, state, dtype)
 
     def layer_state(self, index: int, layer: torch.nn.Module) -> Dict[str, torch.Tensor]:
         """Layer ``index``'s tensors, named as in the module, in the checkpoint's dtype."""

@@ -1,13 +1,13 @@
 """CPU kernels that multiply by quantized weights without dequantizing them first.
 
-Decoding one token multiplies each weight by one activation row. Dequantizing a
-4096×11008 NF4 weight to float32 first costs ~115 ms (bitsandbytes on this CPU) while the
-product itself costs ~10 ms, so the streamed decode would be dequantization-bound. The
-kernels here read the packed bytes once and accumulate in registers instead: a row of the
+Decoding one token multiplies each weight by one activation row. Dequantizing a 4-bit
+weight to float32 first costs several times the product itself, so a streamed decode would
+be dequantization-bound (docs/benchmarks.md). The kernels here read the packed bytes once and accumulate in registers instead: a row of the
 output is a dot product of the row's decoded values with the activations.
 
 The 4-bit kernels decode 64 values at a time with AVX2 table lookups (:mod:`sli.simd`,
-numba intrinsics; plain numba code on other CPUs). They are compiled with numba (``nogil``,
+numba intrinsics; :mod:`sli.simd_fallback`'s plain numba code on other CPUs, chosen at run
+time by :func:`four_bit_helpers`). They are compiled with numba (``nogil``,
 split by output rows across a small thread pool;
 ``cache=True``: compiled once per machine, then loaded from ``__pycache__``). Every kernel has a plain
 torch equivalent in :mod:`sli.codecs` (dequantize, then ``F.linear``); the processor uses
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
@@ -28,17 +27,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import settings
+
 logger = logging.getLogger(__name__)
 
-# Above this many activation rows, dequantize-then-BLAS is faster than the fused kernels
-# (measured for a 11008×4096 weight on 2 cores: NF4 fused 10 ms at 1 row, 51 ms at 16;
-# float32 sgemm 70 ms at 16 rows).
-FUSED_MAX_TOKENS = 16
+# Above this many activation rows dequantize-then-BLAS beats the fused kernels.
+FUSED_MAX_TOKENS = settings.DEFAULT_SETTINGS["fused_max_tokens"]
 
-# What numba adds to a process's peak RSS (measured: importing numba 51 MB, loading a mode's
-# compiled kernels with llvmlite ~55 MB; compiling them, the first time on a machine, ~125 MB
-# all told for one mode); the memory plan reserves it.
-RUNTIME_BYTES = 160 * 2**20
+# What numba adds to a process's peak RSS; the memory plan reserves it.
+RUNTIME_BYTES = settings.DEFAULT_SETTINGS["kernel_runtime_bytes"]
 
 _lock = threading.Lock()
 _kernels = None
@@ -46,7 +43,38 @@ _kernels = None
 
 def kernels_enabled() -> bool:
     """Whether the numba kernels can be used (numba installed and not turned off)."""
-    return os.environ.get("SLI_NO_NUMBA", "") in ("", "0") and importlib.util.find_spec("numba") is not None
+    return not settings.flag("SLI_NO_NUMBA") and importlib.util.find_spec("numba") is not None
+
+
+_four_bit_path: Optional[str] = None
+
+
+def four_bit_helpers():
+    """``(dot64_4bit, decode64_4bit, path)``: the SIMD helpers of :mod:`sli.simd` where they
+    build and the CPU has what they need, else :mod:`sli.simd_fallback`'s plain numba ones.
+
+    :mod:`sli.simd` writes LLVM IR through numba's internals, which a numba release may
+    move: a failure to import or build it falls back (with one warning), never breaks the
+    kernels. ``path`` is "avx2" or "plain".
+    """
+    if not settings.flag("SLI_NO_SIMD"):
+        try:
+            from . import simd
+
+            if simd.ENABLED:
+                return simd.dot64_4bit, simd.decode64_4bit, "avx2"
+        except Exception as exc:  # ImportError, AttributeError, LLVM errors: numba internals changed
+            logger.warning("the SIMD 4-bit helpers cannot be built against this numba (%s: %s); "
+                           "using the plain kernels", type(exc).__name__, exc)
+    from . import simd_fallback
+
+    return simd_fallback.dot64_4bit, simd_fallback.decode64_4bit, "plain"
+
+
+def four_bit_path() -> str:
+    """Which 4-bit helpers the kernels were built with: "avx2" or "plain" (builds them)."""
+    _table()
+    return _four_bit_path
 
 
 def _build():
@@ -54,11 +82,11 @@ def _build():
     import numpy as np
     from numba import njit
 
-    from .simd import decode64_4bit, dot64_4bit
-
-    # SLI_NO_SIMD (tests of the plain 4-bit path) compiles afresh rather than meet, in the
-    # on-disk cache, kernels compiled with the AVX2 helpers under the same names.
-    cache = os.environ.get("SLI_NO_SIMD", "") in ("", "0")
+    global _four_bit_path
+    dot64_4bit, decode64_4bit, _four_bit_path = four_bit_helpers()
+    # The plain path compiles afresh rather than meet, in numba's on-disk cache, kernels
+    # compiled with the SIMD helpers under the same names.
+    cache = _four_bit_path != "plain"
     jit = njit(fastmath=True, cache=cache, nogil=True)
 
     @njit(fastmath=True, cache=cache, nogil=True, inline="always")  # inlined: as fast as one kernel
@@ -233,7 +261,7 @@ def _get(name: str):
 
 
 _pool: Optional[ThreadPoolExecutor] = None
-_INLINE_WORK = 1 << 20  # below this many multiply-adds one thread is faster than handing out
+_INLINE_WORK = settings.DEFAULT_SETTINGS["kernel_inline_work"]  # below: one thread beats handing out
 
 
 def _threads() -> int:

@@ -14,23 +14,22 @@ IR directly, through llvmlite. Callers use them like functions inside ``@njit`` 
 - ``decode64_4bit(packed, pofs, code, scale, out, oofs)``: ``out[oofs:oofs+64] = code[nibbles] * scale``.
 
 All arrays are 1-D and contiguous (``code`` float32 with 16 entries, ``x``/``out``
-float32, ``packed`` uint8). On a CPU without AVX2 (or with ``SLI_NO_SIMD=1``), the same
-names are plain numba functions with the same results.
+float32, ``packed`` uint8). This module reaches into numba's and llvmlite's internals
+(``numba.core.cgutils``, LLVM IR): :mod:`sli.kernels` imports it inside a guard and uses
+:mod:`sli.simd_fallback`'s plain numba functions (same names, same results) when it cannot be
+built, when the CPU lacks AVX2, or with ``SLI_NO_SIMD=1``.
 """
 from __future__ import annotations
 
 import os
 
-import numpy as np
 from llvmlite import binding, ir
-from numba import njit, types
+from numba import types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 
 def _use_avx2() -> bool:
-    if os.environ.get("SLI_NO_SIMD", "") not in ("", "0"):
-        return False
     if os.environ.get("NUMBA_CPU_NAME", "host") != "host":
         return False  # numba compiles for another (e.g. generic) CPU: it may lack AVX2
     features = binding.get_host_cpu_features()
@@ -129,22 +128,5 @@ def _decode64_4bit_avx2(typingctx, packed, pofs, code, scale, out, oofs):
     return sig, codegen
 
 
-@njit(fastmath=True, nogil=True, inline="always")
-def _dot64_4bit_scalar(packed, pofs, x, xofs, code):
-    s = np.float32(0.0)
-    for k in range(32):
-        b = packed[pofs + k]
-        s += code[b >> 4] * x[xofs + 2 * k] + code[b & 15] * x[xofs + 2 * k + 1]
-    return s
-
-
-@njit(fastmath=True, nogil=True, inline="always")
-def _decode64_4bit_scalar(packed, pofs, code, scale, out, oofs):
-    for k in range(32):
-        b = packed[pofs + k]
-        out[oofs + 2 * k] = code[b >> 4] * scale
-        out[oofs + 2 * k + 1] = code[b & 15] * scale
-
-
-dot64_4bit = _dot64_4bit_avx2 if ENABLED else _dot64_4bit_scalar
-decode64_4bit = _decode64_4bit_avx2 if ENABLED else _decode64_4bit_scalar
+dot64_4bit = _dot64_4bit_avx2
+decode64_4bit = _decode64_4bit_avx2

@@ -10,10 +10,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
-from torch import nn
 
-from .codecs import QuantizedTensor, WeightScratch, codec_for
-from .quantization import CachedLayer, dequantize_cached, split_cached
+from .quantization import CachedLayer, QuantizedTensor, codec_for, dequantize_cached, split_cached
 
 logger = logging.getLogger(__name__)
 
@@ -40,36 +38,6 @@ class LoadedLayer:
     slot: Optional[Dict[str, torch.Tensor]] = None
     ready: Optional[object] = None  # CUDA event the compute stream waits on
     qweights: Dict[str, QuantizedTensor] = field(default_factory=dict)  # linear path → prepared weight
-
-
-class StreamedLinear(nn.Module):
-    """Stands in for a decoder layer's linear; multiplies by the cached weight as it is.
-
-    While its layer runs, ``qweight`` holds the cache entry's tensors (quantized, or the
-    checkpoint's own dtype for NONE) and the codec multiplies by them directly
-    (:meth:`sli.codecs.Codec.linear`: a fused kernel for decoding, dequantize-then-BLAS
-    for a prompt). No dequantized copy of the layer ever exists, so a streamed layer
-    costs its cached bytes, not its float32 size. ``x @ W^T`` also serves GPT-2's
-    ``Conv1D`` (the cache stores its weight as ``[out, in]``).
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
-                 scratch: Optional["WeightScratch"] = None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.scratch = scratch
-        self.qweight: Optional[QuantizedTensor] = None
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device="meta"), requires_grad=False) \
-            if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.qweight is None:
-            raise RuntimeError("StreamedLinear ran before its layer was loaded")
-        return codec_for(self.qweight.metadata["codec"]).linear(self.qweight, x, self.bias, scratch=self.scratch)
-
-    def extra_repr(self) -> str:
-        codec = self.qweight.metadata["codec"] if self.qweight is not None else "not loaded"
-        return f"in_features={self.in_features}, out_features={self.out_features}, weight={codec}"
 
 
 class SlotPool:
@@ -111,7 +79,7 @@ class LayerStreamer:
                  depth: int = 1, prefetch: bool = True, packed: bool = False) -> None:
         self.fetch_cached = fetch_cached
         self.device, self.dtype = device, dtype
-        self.packed = packed  # linears stay as cached (for StreamedLinear); CPU only
+        self.packed = packed  # linears stay as cached (for QuantizedLinear); CPU only
         self.depth = max(1, depth) if prefetch else 0
         self.pool = SlotPool(self.depth + 1, device)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sli-prefetch") if prefetch else None
@@ -120,7 +88,8 @@ class LayerStreamer:
         self.step = 0
 
     @torch.inference_mode()
-    def _load(self, index: int) -> LoadedLayer:
+    def load(self, index: int) -> LoadedLayer:
+        """Layer ``index`` ready to run, loaded on this thread."""
         timing = LayerTiming(step=self.step, layer=index)
         t0 = time.perf_counter()
         cached = self.fetch_cached(index)
@@ -159,12 +128,12 @@ class LayerStreamer:
     def prefetch(self, index: int) -> None:
         if self._executor is None or index in self._pending:
             return
-        self._pending[index] = self._executor.submit(self._load, index)
+        self._pending[index] = self._executor.submit(self.load, index)
 
     def get(self, index: int) -> LoadedLayer:
         t0 = time.perf_counter()
         future = self._pending.pop(index, None)
-        loaded = future.result() if future is not None else self._load(index)
+        loaded = future.result() if future is not None else self.load(index)
         loaded.timing.wait_s = time.perf_counter() - t0
         loaded.timing.step = self.step  # a layer prefetched during the previous pass runs in this one
         if loaded.ready is not None:
@@ -194,7 +163,7 @@ class LayerStreamer:
 
 
 def ready_packed(cached: CachedLayer, dtype: torch.dtype) -> "tuple[Dict[str, torch.Tensor], Dict[str, QuantizedTensor]]":
-    """A cache entry made ready for :class:`StreamedLinear`: (plain state in ``dtype``, prepared weights).
+    """A cache entry made ready for :class:`QuantizedLinear`: (plain state in ``dtype``, prepared weights).
 
     Linear weights stay as the entry holds them (views of its read buffer); only what the
     kernels need precomputed is added. Norms and biases are small and converted.

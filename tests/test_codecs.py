@@ -5,10 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import sli.codecs as codecs
-import sli.quantization as quantization
-from sli.codecs import bits_per_weight, calculate_quantization_error, codec_for
-from sli.quantization import QuantizationConfig
+import sli.quantization.codecs.four_bit as four_bit
+import sli.quantization.codecs.four_bit_quantizer as four_bit_quantizer
+import sli.quantization.execution as execution
+from sli.quantization import QuantizationConfig, bits_per_weight, calculate_quantization_error, codec_for
 
 import bitsandbytes.functional as bnbf  # noqa: E402  (a dependency of sli)
 
@@ -83,7 +83,7 @@ def test_4bit_bytes_equal_bitsandbytes(quant_type, dtype, double_quant, shape):
 def test_pure_torch_path_matches_bitsandbytes(monkeypatch, quant_type, double_quant):
     w = _w((512, 320), torch.bfloat16, seed=2)
     packed, st = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type=quant_type)
-    monkeypatch.setattr(quantization, "BITSANDBYTES_AVAILABLE", False)
+    monkeypatch.setattr(four_bit, "BITSANDBYTES_AVAILABLE", False)
     monkeypatch.setenv("SLI_NO_NUMBA", "1")  # neither bitsandbytes nor the numba kernels
     codec = codec_for(quant_type)
     q = codec.quantize(w, _cfg(quant_type, double_quant=double_quant))
@@ -228,18 +228,18 @@ def test_bits_per_weight(monkeypatch, mode, expected):
 def test_compiled_4bit_quantizer_matches_bitsandbytes(monkeypatch):
     # the torch.compile'd kernel (normally only for >= 1M values) on a small weight: same bytes as
     # bitsandbytes, including an all-zero block, a huge block and a partial last block
-    assert not codecs._compile_failed, "torch.compile failed here: the eager fallback is in use"
-    monkeypatch.setattr(codecs, "_COMPILE_MIN_NUMEL", 0)
+    assert not four_bit_quantizer._compile_failed, "torch.compile failed here: the eager fallback is in use"
+    monkeypatch.setattr(four_bit_quantizer, "_COMPILE_MIN_NUMEL", 0)
     monkeypatch.delenv("SLI_NO_COMPILE", raising=False)
     w = _w((96, 200), torch.bfloat16, seed=7)  # 19200 values: 300 full blocks
     w[0, :64] = 0
     w[1, :64] *= 1000
     for shape in ((96, 200), (95, 201)):  # the second leaves a partial (odd) last block
         x = w[: shape[0], : shape[1]].contiguous()
-        packed, absmax = codecs.quantize_4bit_torch(x, 64, "nf4")
+        packed, absmax = four_bit_quantizer.quantize_4bit_torch(x, 64, "nf4")
         ref, st = bnbf.quantize_4bit(x, blocksize=64, compress_statistics=False, quant_type="nf4")
         assert torch.equal(packed, ref) and torch.equal(absmax, st.absmax)
-    assert "nf4" in codecs._compiled and not codecs._compile_failed
+    assert "nf4" in four_bit_quantizer._compiled and not four_bit_quantizer._compile_failed
 
 
 def test_compile_failure_falls_back_once(monkeypatch, caplog):
@@ -247,17 +247,17 @@ def test_compile_failure_falls_back_once(monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler")
 
-    monkeypatch.setattr(codecs, "_COMPILE_MIN_NUMEL", 0)
-    monkeypatch.setattr(codecs, "_compiled", {})
-    monkeypatch.setattr(codecs, "_compile_failed", False)
+    monkeypatch.setattr(four_bit_quantizer, "_COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setattr(four_bit_quantizer, "_compiled", {})
+    monkeypatch.setattr(four_bit_quantizer, "_compile_failed", False)
     monkeypatch.delenv("SLI_NO_COMPILE", raising=False)
     monkeypatch.setattr(torch, "compile", broken)
     w = _w((64, 128), torch.float16, seed=8)
     ref, st = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="fp4")
     for _ in range(2):
-        packed, absmax = codecs.quantize_4bit_torch(w, 64, "fp4")
+        packed, absmax = four_bit_quantizer.quantize_4bit_torch(w, 64, "fp4")
         assert torch.equal(packed, ref) and torch.equal(absmax, st.absmax)
-    assert codecs._compile_failed
+    assert four_bit_quantizer._compile_failed
     assert sum("torch.compile" in r.getMessage() for r in caplog.records) == 1
 
 
@@ -276,7 +276,7 @@ def test_error_metrics():
                                                ("nf4", True), ("nf4", False), ("fp4", True), ("int4", False),
                                                ("fp8", False)])
 def test_a_prompt_dequantizes_its_weight_a_row_chunk_at_a_time(mode, double_quant, monkeypatch):
-    monkeypatch.setattr(codecs, "PROMPT_CHUNK_BYTES", 256 * 512 * 4)  # 256-row chunks of a 512-wide weight
+    monkeypatch.setattr(execution, "PROMPT_CHUNK_BYTES", 256 * 512 * 4)  # 256-row chunks of a 512-wide weight
     g = torch.Generator().manual_seed(1)
     weight = (torch.randn(700, 512, generator=g) * 0.02).to(torch.bfloat16)  # 3 chunks, the last partial
     weight[:, 7] = 9.0  # an INT8 outlier column
@@ -284,8 +284,8 @@ def test_a_prompt_dequantizes_its_weight_a_row_chunk_at_a_time(mode, double_quan
     q = codec.quantize(weight, QuantizationConfig(mode=mode, double_quant=double_quant,
                                                   compress_statistics=double_quant))
     x, bias = torch.randn(2, 40, 512, generator=g), torch.randn(700, generator=g)
-    scratch = codecs.WeightScratch()
-    y = codec.linear(q, x, bias, scratch=scratch)
+    scratch = execution.WeightScratch()
+    y = execution.linear(q, x, bias, scratch=scratch)
     expected = torch.nn.functional.linear(x, codec.dequantize(q, torch.float32), bias)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     assert scratch._buffer.numel() == 256 * 512  # one chunk's buffer, never the whole weight
@@ -298,8 +298,8 @@ def test_4bit_row_slices_never_split_a_block_or_a_group_of_block_maxima(monkeypa
     assert codec.row_slice(q, 0, 100) is not None and codec.row_slice(q, 100, 200) is None
     straddling = codec.quantize((torch.randn(600, 200) * 0.02).to(torch.bfloat16), QuantizationConfig(mode="nf4"))
     assert codec.row_slice(straddling, 0, 256) is None  # 200 % 64: blocks cross rows
-    monkeypatch.setattr(codecs, "PROMPT_CHUNK_BYTES", 256 * 200 * 4)
+    monkeypatch.setattr(execution, "PROMPT_CHUNK_BYTES", 256 * 200 * 4)
     x = torch.randn(30, 200)  # whole-weight path, same product
-    torch.testing.assert_close(codec.linear(straddling, x),
+    torch.testing.assert_close(execution.linear(straddling, x),
                                torch.nn.functional.linear(x, codec.dequantize(straddling, torch.float32)),
                                rtol=1e-5, atol=1e-5)

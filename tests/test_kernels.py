@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import sli.kernels as kernels
-from sli.codecs import codec_for
-from sli.quantization import QuantizationConfig
+from sli.quantization import QuantizationConfig, codec_for
+from sli.quantization.execution import linear
 
 import bitsandbytes.functional as bnbf  # noqa: E402  (a dependency of sli)
 
@@ -46,7 +46,7 @@ def test_linear_keeps_leading_dimensions(mode):
     codec = codec_for(mode)
     q = codec.quantize(_weight((96, 128)), QuantizationConfig(mode=mode))
     x = torch.randn(2, 3, 128)
-    y = codec.linear(q, x)
+    y = linear(q, x)
     assert y.shape == (2, 3, 96)
     assert _rel_err(y, _reference(codec, q, x)) < 1e-5
 
@@ -56,7 +56,7 @@ def test_4bit_weights_whose_rows_straddle_blocks_are_dequantized_instead():
     q = codec.quantize(_weight((50, 200)), QuantizationConfig(mode="nf4"))  # 200 % 64 != 0
     x = torch.randn(1, 200)
     assert codec.fused_linear(codec.prepare(q), x, None) is None
-    torch.testing.assert_close(codec.linear(q, x), _reference(codec, q, x), rtol=0, atol=0)
+    torch.testing.assert_close(linear(q, x), _reference(codec, q, x), rtol=0, atol=0)
 
 
 def test_int4_pads_inputs_to_its_group_size():
@@ -78,7 +78,7 @@ def test_the_kernels_can_be_turned_off(monkeypatch):
     codec = codec_for("nf4")
     q = codec.quantize(_weight((64, 128)), QuantizationConfig(mode="nf4"))
     x = torch.randn(1, 128)
-    assert _rel_err(codec.linear(q, x), _reference(codec, q, x)) < 1e-6
+    assert _rel_err(linear(q, x), _reference(codec, q, x)) < 1e-6
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -124,10 +124,9 @@ def test_4bit_kernel_walks_blocks_larger_than_its_64_value_step(block_size, rows
 
 _PLAIN_4BIT_CHECK = """
 import torch, bitsandbytes.functional as bnbf
-from sli import kernels, simd
-from sli.codecs import codec_for
-from sli.quantization import QuantizationConfig
-assert not simd.ENABLED
+from sli import kernels
+from sli.quantization import QuantizationConfig, codec_for
+assert kernels.four_bit_path() == "plain"
 codec = codec_for("nf4")
 w = (torch.randn(96, 1024, generator=torch.Generator().manual_seed(0)) * 0.02)
 q = codec.prepare(codec.quantize(w, QuantizationConfig(mode="nf4")))

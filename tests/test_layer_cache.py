@@ -24,8 +24,11 @@ import torch
 from torch import nn
 
 from sli.errors import CacheError, SLIError
-import sli.layer_cache as layer_cache
-from sli.layer_cache import GB, LayerCache
+import sqlite3
+
+import sli.layer_store as layer_store
+from sli.layer_cache import LayerCache
+from sli.settings import DEFAULT_SETTINGS, GB
 from sli.quantization import CachedLayer, LayerQuantizer, QuantizationConfig
 
 KB = 1024
@@ -278,7 +281,7 @@ def test_corrupt_file_is_caught_removed_and_counted(disk_only, damage, mapped, c
     else:
         data[20] = ord(" ") if data[20] != ord(" ") else ord("x")
     path.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="sli.layer_cache"):
+    with caplog.at_level(logging.WARNING, logger="sli.layer_store"):
         assert disk_only.get("m", 0, "none", mapped=mapped) is None
     assert "corrupt layer cache entry" in caplog.text
     stats = disk_only.stats()
@@ -291,11 +294,11 @@ def test_an_unchanged_file_is_hashed_once_and_an_altered_one_again(disk_only, ma
     # A layer streamed every token would otherwise be hashed every token.
     disk_only.put("m", 0, "none", make_entry(0))
     path = entry_path(disk_only, "m", 0, "none")
-    old = time.time() - 10 * layer_cache.RACY_MTIME_S
+    old = time.time() - 10 * DEFAULT_SETTINGS["racy_mtime_s"]
     os.utime(path, (old, old))
     hashed = []
-    real_checksum = layer_cache.checksum
-    monkeypatch.setattr(layer_cache, "checksum", lambda data: hashed.append(1) or real_checksum(data))
+    real_checksum = layer_store.checksum
+    monkeypatch.setattr(layer_store, "checksum", lambda data: hashed.append(1) or real_checksum(data))
     for _ in range(3):
         assert same(disk_only.get("m", 0, "none", mapped=mapped), make_entry(0))
     assert len(hashed) == 1
@@ -310,8 +313,8 @@ def test_a_file_written_moments_before_its_check_is_hashed_every_time(disk_only,
     # Its mtime could survive an in-place change made within the clock's granularity.
     disk_only.put("m", 0, "none", make_entry(0))
     hashed = []
-    real_checksum = layer_cache.checksum
-    monkeypatch.setattr(layer_cache, "checksum", lambda data: hashed.append(1) or real_checksum(data))
+    real_checksum = layer_store.checksum
+    monkeypatch.setattr(layer_store, "checksum", lambda data: hashed.append(1) or real_checksum(data))
     for _ in range(2):
         assert disk_only.get("m", 0, "none") is not None
     assert len(hashed) == 2
@@ -320,7 +323,7 @@ def test_a_file_written_moments_before_its_check_is_hashed_every_time(disk_only,
 def test_verify_hashes_every_entry_even_when_checked_before(disk_only):
     disk_only.put("m", 0, "none", make_entry(0))
     path = entry_path(disk_only, "m", 0, "none")
-    old = time.time() - 10 * layer_cache.RACY_MTIME_S
+    old = time.time() - 10 * DEFAULT_SETTINGS["racy_mtime_s"]
     os.utime(path, (old, old))
     assert disk_only.get("m", 0, "none") is not None  # checked, remembered
     data = bytearray(path.read_bytes())
@@ -344,7 +347,7 @@ def test_verify_reports_and_removes_bad_entries(disk_only):
 def test_disk_full_raises_cache_error_and_leaves_the_cache_consistent(disk_only):
     disk_only.put("m", 0, "none", make_entry(0))
     full = OSError(errno.ENOSPC, "No space left on device")
-    with mock.patch("sli.layer_cache.os.fsync", side_effect=full):
+    with mock.patch("sli.cache_disk.os.fsync", side_effect=full):
         with pytest.raises(CacheError, match=r"No space left on device.*GiB free on"):
             disk_only.put("m", 1, "none", make_entry(1))
         with pytest.raises(CacheError, match=str(disk_only.cache_dir)):
@@ -370,7 +373,7 @@ def test_values_are_raw_files_never_pickles(disk_only):
             mock.patch("torch.load", side_effect=AssertionError("torch.load")):
         disk_only.put("m", 0, "none", make_entry(0))
         assert same(disk_only.get("m", 0, "none"), make_entry(0))
-    rows = disk_only._disk._sql("SELECT mode, value, tag FROM Cache").fetchall()
+    rows = sqlite3.connect(disk_only.cache_dir / "cache.db").execute("SELECT mode, value, tag FROM Cache").fetchall()
     assert rows == [(diskcache.core.MODE_BINARY, None, rows[0][2])]  # a file, no BLOB, a str checksum
     data = entry_path(disk_only, "m", 0, "none").read_bytes()
     (header_len,) = struct.unpack("<Q", data[:8])
@@ -383,7 +386,8 @@ WORKER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
     from test_layer_cache import make_entry, same
-    from sli.layer_cache import LayerCache, GB
+    from sli.layer_cache import LayerCache
+    from sli.settings import GB
     cache_dir, role, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
     cache = LayerCache(cache_dir, max_cache_size_gb={limit} / GB, max_memory_cache_size_gb=0)
     if role == "writer":  # writes until killed

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from sli import ModelLoadError, QuantizationConfig, UnsupportedArchitectureError
-from sli.codecs import codec_for
+from sli.quantization import codec_for
 from sli.processor import UniversalSLIProcessor
 from sli.quantization import is_linear, linear_weight
 

@@ -1,0 +1,143 @@
+"""How the layer cache's files reach the disk and the page cache; the one module that knows
+anything of diskcache beyond its public API.
+
+diskcache owns the SQLite index, the size accounting and the locking that make one directory
+safe for several processes. Two things sli needs are not in its public API, and both live
+here, pinned by tests (tests/test_cache_disk.py):
+
+- durable writes: :class:`DurableDisk` overrides the public ``Disk.store`` for file-like
+  values (temporary name, fsync, rename) and hands every other value to diskcache;
+- exact least-recently-used eviction: :func:`least_recently_used` reads the index's
+  ``access_time`` column (diskcache maintains it for ``eviction_policy="least-recently-used"``)
+  through a read-only connection of its own; the deletions go through ``Cache.delete``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Optional
+
+import diskcache
+from diskcache.core import MODE_BINARY
+
+from .errors import CacheError
+from .settings import GB
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_DISKCACHE = ((5, 6), (6, 0))  # [lowest, first unsupported)
+INDEX_FILE = "cache.db"  # diskcache's index inside the cache directory
+
+
+def check_diskcache_version(version: str = diskcache.__version__) -> None:
+    """Raise a one-line :class:`CacheError` when the installed diskcache is outside the range
+    sli was tested with."""
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    low, high = SUPPORTED_DISKCACHE
+    if not low <= parts < high:
+        raise CacheError(f"diskcache {version} is installed; sli supports diskcache >={low[0]}.{low[1]},<{high[0]}: "
+                         f"pip install 'diskcache>={low[0]}.{low[1]},<{high[0]}'")
+
+
+class DurableDisk(diskcache.Disk):
+    """diskcache's Disk, writing each file-like value under a temporary name, fsynced, then
+    renamed into place.
+
+    diskcache inserts the index row only after ``store`` returns, so a process killed in the
+    middle of a write leaves at most a stray temporary file, never a served entry; and the
+    file is whole on disk before its name exists (diskcache's own writer neither syncs nor
+    renames, so a crash could leave a committed row naming a short file).
+    """
+
+    def store(self, value, read, key=diskcache.core.UNKNOWN):
+        if not read:
+            return super().store(value, read, key)
+        filename, full_path = self.filename(key, value)
+        return write_durably(full_path, value), MODE_BINARY, filename, None
+
+
+def write_durably(full_path: str, reader) -> int:
+    """Write what ``reader.read()`` hands out (until ``b""``) to ``full_path`` through a
+    temporary file, fsync, rename; returns the bytes written."""
+    directory = os.path.dirname(full_path)
+    tmp_path = f"{full_path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    for attempt in range(10):
+        os.makedirs(directory, exist_ok=True)
+        try:
+            writer = open(tmp_path, "wb")
+            break
+        except FileNotFoundError:
+            # Tolerated race, as in diskcache's own writer: another process's Disk.remove
+            # pruned the (empty) sub-directory between makedirs and open.
+            if attempt == 9:
+                raise
+    try:
+        with writer:
+            size = 0
+            for chunk in iter(reader.read, b""):
+                size += len(chunk)
+                writer.write(chunk)
+            writer.flush()
+            os.fsync(writer.fileno())
+        os.replace(tmp_path, full_path)
+    except BaseException:
+        # Narrow and deliberate: the temporary file is ours alone; nothing else to undo.
+        try:
+            os.remove(tmp_path)
+        except OSError:
+            pass
+        raise
+    return size
+
+
+def least_recently_used(cache_dir: Path, exclude: str) -> Optional[str]:
+    """The key whose entry was used longest ago (never ``exclude``), or None."""
+    uri = f"file:{Path(cache_dir) / INDEX_FILE}?mode=ro"
+    connection = sqlite3.connect(uri, uri=True, timeout=60)
+    try:
+        row = connection.execute("SELECT key FROM Cache WHERE key != ? ORDER BY access_time LIMIT 1",
+                                 (exclude,)).fetchone()
+    finally:
+        connection.close()
+    return row[0] if row else None
+
+
+_devnull: Optional[int] = None
+
+
+def page_in(fd: int, size: int) -> None:
+    """Read a file into the page cache without copying it into this process.
+
+    ``sendfile`` to /dev/null reads the file in large sequential requests (at the disk's full
+    rate) and the pages count in no one's RSS. Page faults on a cold mapping would read it a
+    readahead window at a time, several times slower; ``MADV_WILLNEED`` reads only the first
+    window (Linux caps it at the readahead size). Where sendfile cannot do this, faults do.
+    """
+    global _devnull
+    try:
+        if _devnull is None:
+            _devnull = os.open(os.devnull, os.O_WRONLY)
+        offset = 0
+        while offset < size:
+            sent = os.sendfile(_devnull, fd, offset, size - offset)
+            if sent <= 0:
+                return
+            offset += sent
+    except (OSError, AttributeError) as exc:  # AttributeError: no os.sendfile on this platform
+        logger.debug("page-in by sendfile failed (%s); pages will fault in", exc)
+
+
+def free_space(path: Path) -> str:
+    """"N GiB free on DIR" for the nearest existing folder of ``path``."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        usage = shutil.disk_usage(probe)
+    except OSError:
+        return "free space unknown"
+    return f"{usage.free / GB:.2f} GiB free on {probe}"

@@ -1,0 +1,137 @@
+"""Runs a model's decoder layers one at a time from the layer cache.
+
+The :class:`LayerRunner` owns what a streamed pass needs to know: which layers are resident,
+which are in flight (fetched and running), what to prefetch next, and where each layer's time
+went. It takes over each decoder layer's ``forward`` (no hooks, no shared attributes): the
+model's own forward loops over its layers as usual, and each call fetches, runs and releases
+its layer. :meth:`LayerRunner.run_range` runs any range of layers on given hidden states
+(pipeline stages, calibration).
+"""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
+
+import torch
+from torch import nn
+
+from .quantization import QuantizedLinear
+from .streaming import LayerStreamer, LayerTiming, LoadedLayer
+
+T = TypeVar("T")
+
+
+class LayerRunner:
+    """Fetches, runs and releases ``layers`` (a decoder stack whose parameters are on the meta
+    device) through ``streamer``; see the module docstring."""
+
+    def __init__(self, layers: nn.ModuleList, streamer: LayerStreamer, device: torch.device) -> None:
+        self.layers = layers
+        self.streamer = streamer
+        self.device = device
+        self.resident: Dict[int, LoadedLayer] = {}
+        self.in_flight: Dict[int, LoadedLayer] = {}
+        self.timings: List[LayerTiming] = []
+        self._span: Tuple[int, int] = (0, len(layers))  # the layers the current pass runs
+        self._pass_start = 0.0
+        for index, layer in enumerate(layers):
+            layer.forward = functools.partial(self._run_layer, index, layer.forward)
+
+    # -- residency ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def make_resident(self, indices: Iterable[int]) -> None:
+        """Load layers ``indices`` once and keep them (never streamed again)."""
+        for index in indices:
+            if index in self.resident:
+                continue
+            loaded = self.streamer.load(index)
+            if loaded.slot is not None:  # dequantized into a reused buffer: keep a copy
+                kept = LoadedLayer({k: v.clone() for k, v in loaded.state.items()}, loaded.timing)
+                self.streamer.release(loaded)
+                loaded = kept
+            self._materialize(index, loaded)
+            self.resident[index] = loaded
+
+    def _materialize(self, index: int, loaded: LoadedLayer) -> None:
+        layer = self.layers[index]
+        layer.load_state_dict(loaded.state, strict=False, assign=True)
+        for path, qweight in loaded.qweights.items():
+            layer.get_submodule(path).load(qweight)
+
+    def _unload(self, index: int) -> None:
+        layer = self.layers[index]
+        for module in layer.modules():
+            if isinstance(module, QuantizedLinear):
+                module.unload()
+        layer.to("meta")
+
+    # -- passes -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, body: Callable[[], T], span: Optional[Tuple[int, int]] = None) -> T:
+        """Run ``body`` (a model forward, or a loop over layers) as one pass over ``span``
+        (default every layer): layers it calls are fetched, run and released in turn. On an
+        error the layers in flight and the prefetched ones are released."""
+        self._span = span or (0, len(self.layers))
+        self._pass_start = time.perf_counter()
+        try:
+            return body()
+        except BaseException:
+            self.streamer.cancel()
+            for index in list(self.in_flight):
+                self._unload(index)
+                self.streamer.release(self.in_flight.pop(index))
+            raise
+        finally:
+            self.streamer.step += 1
+
+    def run_range(self, hidden_states: torch.Tensor, start: int, stop: int, **layer_kwargs) -> torch.Tensor:
+        """Hidden states after layers ``[start, stop)``; ``layer_kwargs`` are what each decoder
+        layer's forward takes besides them (attention mask, position embeddings, ...)."""
+        if not 0 <= start <= stop <= len(self.layers):
+            raise ValueError(f"layer range [{start}, {stop}) is outside [0, {len(self.layers)}]")
+
+        def body() -> torch.Tensor:
+            hidden = hidden_states
+            for index in range(start, stop):
+                out = self.layers[index](hidden, **layer_kwargs)
+                hidden = out[0] if isinstance(out, tuple) else out
+            return hidden
+
+        return self.run(body, span=(start, stop))
+
+    def _run_layer(self, index: int, forward: Callable, *args, **kwargs):
+        timing = self._fetch(index)
+        self._prefetch_after(index)
+        timing.start = time.perf_counter() - self._pass_start
+        t0 = time.perf_counter()
+        out = forward(*args, **kwargs)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        timing.compute_s = time.perf_counter() - t0
+        self.timings.append(timing)
+        loaded = self.in_flight.pop(index, None)
+        if loaded is not None:
+            self._unload(index)
+            self.streamer.release(loaded)
+        return out
+
+    def _fetch(self, index: int) -> LayerTiming:
+        if index in self.resident:
+            return LayerTiming(self.streamer.step, index, resident=True)
+        loaded = self.streamer.get(index)
+        self._materialize(index, loaded)
+        self.in_flight[index] = loaded
+        return loaded.timing
+
+    def _prefetch_after(self, index: int) -> None:
+        """Start loading the next streamed layers of this pass; after its last one, the first
+        streamed layer of the next pass."""
+        start, stop = self._span
+        ahead = [i for i in range(index + 1, stop) if i not in self.resident][:self.streamer.depth]
+        for next_index in ahead:
+            self.streamer.prefetch(next_index)
+        if not ahead:
+            first = next((i for i in range(start, stop) if i not in self.resident), None)
+            if first is not None and first != index:
+                self.streamer.prefetch(first)

@@ -1,0 +1,196 @@
+"""NF4 and FP4: bitsandbytes' 4-bit bytes in transformers' checkpoint layout."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from typing import Any, ClassVar, Dict, Optional
+
+import torch
+from torch import Tensor
+
+from ... import kernels
+from ..config import QuantizationConfig, QuantizationMode, dtype_name
+from ..formats import QuantizedTensor
+from .base import Codec, check_float, compute_into, write_into
+from .four_bit_quantizer import (dequantize_blockwise_torch, dynamic_map, four_bit_code, quantize_4bit_torch,
+                                 quantize_blockwise_torch)
+
+# bitsandbytes is optional: every codec has a pure-torch path with the same bytes. It is
+# found here, not imported: importing it costs ~100 MB of RSS, which a process streaming
+# under a memory budget should not pay unless a codec actually calls it.
+BITSANDBYTES_AVAILABLE = importlib.util.find_spec("bitsandbytes") is not None
+
+class _FourBitCodec(Codec):
+    """NF4 / FP4 in bitsandbytes' bytes and transformers' checkpoint layout.
+
+    Packed codes and absmax are byte-identical to ``bitsandbytes.functional.quantize_4bit``
+    on either path. With double quant, bitsandbytes' native ``quantize_blockwise`` gives the
+    nested absmax codes; the pure-torch path (no bitsandbytes) uses bitsandbytes' own torch
+    reference, which picks the neighbouring code of the 256-value dynamic map on ~0.2% of
+    the absmax values (never further than one code).
+    """
+
+    quant_type: ClassVar[str]
+    byte_fields = ("block_size", "double_quant")
+    upgrade = QuantizationMode.INT8
+    preset = {"double_quant": True, "compress_statistics": True}
+
+    def quantize(self, weight: Tensor, config: QuantizationConfig) -> QuantizedTensor:
+        check_float(weight)
+        w = weight.detach().contiguous()
+        bs = int(config.block_size)
+        qt = self.quant_type
+        packed, absmax = quantize_4bit_torch(w, bs, qt)
+        state: Dict[str, Any] = {"quant_type": qt, "blocksize": bs, "dtype": dtype_name(w.dtype), "shape": list(w.shape)}
+        tensors: Dict[str, Tensor] = {"weight": packed}
+        if config.double_quant:
+            offset = absmax.mean()
+            if BITSANDBYTES_AVAILABLE and w.device.type == "cpu":
+                import bitsandbytes.functional as bnbf
+
+                qabsmax, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
+                nested_absmax, nested_code = state2.absmax, state2.code
+            else:
+                nested_code = dynamic_map().to(w.device)
+                qabsmax, nested_absmax = quantize_blockwise_torch(absmax - offset, nested_code, 256)
+            tensors["weight.absmax"] = qabsmax
+            tensors["weight.quant_map"] = four_bit_code(qt).to(w.device)
+            tensors["weight.nested_absmax"] = nested_absmax.float()
+            tensors["weight.nested_quant_map"] = nested_code.float().clone()
+            state.update(nested_blocksize=256, nested_dtype="float32", nested_offset=float(offset.item()))
+        else:
+            tensors["weight.absmax"] = absmax
+            tensors["weight.quant_map"] = four_bit_code(qt).to(w.device)
+        blob = json.dumps(state).encode("utf-8")
+        tensors[f"weight.quant_state.bitsandbytes__{qt}"] = torch.tensor(list(blob), dtype=torch.uint8)
+        meta = self._meta(w, self.mode, blocksize=bs, double_quant=bool(config.double_quant))
+        if config.double_quant:
+            meta["nested_offset"] = state["nested_offset"]
+        return QuantizedTensor(tensors, meta)
+
+    @staticmethod
+    def _state(q: QuantizedTensor, qt: str) -> Dict[str, Any]:
+        blob = q.tensors.get(f"weight.quant_state.bitsandbytes__{qt}")
+        if blob is not None:
+            return json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
+        return {"blocksize": q.metadata["blocksize"], "nested_offset": q.metadata.get("nested_offset")}
+
+    def prepare(self, q: QuantizedTensor) -> QuantizedTensor:
+        # Double-quantized block maxima stay 8-bit: the kernel decodes one per 64-value block
+        # as it goes, so readying a layer costs nothing and adds no float32 copy of them.
+        if "_code" in q.tensors:
+            return q
+        t = q.tensors
+        extra = {"_code": t["weight.quant_map"].float().contiguous()}
+        if "weight.nested_absmax" in t:
+            st = self._state(q, self.quant_type)
+            extra["_nested"] = t["weight.nested_absmax"].float().contiguous()
+            extra["_nested_code"] = t["weight.nested_quant_map"].float().contiguous()
+            extra["_nested_offset"] = torch.tensor([float(st["nested_offset"]), float(st.get("nested_blocksize", 256))])
+        else:
+            extra["_absmax"] = t["weight.absmax"].float().contiguous()
+        return self._prepared(q, **extra)
+
+    def _absmax(self, q: QuantizedTensor) -> Tensor:
+        """Every block's maximum as float32 (decoding the double-quantized ones)."""
+        t = self.prepare(q).tensors
+        if "_absmax" in t:
+            return t["_absmax"]
+        offset, nested_blocksize = t["_nested_offset"].tolist()
+        nested = (t["weight.absmax"], t["_nested"], t["_nested_code"], int(nested_blocksize))
+        if t["weight.absmax"].device.type == "cpu" and kernels.kernels_enabled():
+            return kernels.dequantize_blockwise8(*nested, offset=offset)
+        return dequantize_blockwise_torch(*nested) + offset
+
+    def row_slice(self, q: QuantizedTensor, start: int, stop: int) -> Optional[QuantizedTensor]:
+        in_features = int(q.metadata["shape"][1])
+        bs = int(q.metadata["blocksize"])
+        if in_features % bs:
+            return None  # blocks straddle rows
+        t = q.tensors
+        first, last = start * in_features // bs, stop * in_features // bs  # the rows' blocks
+        packed = t["weight"]
+        sliced = {"weight": packed.reshape(-1)[first * bs // 2:last * bs // 2].view(-1, *packed.shape[1:])}
+        for name in ("weight.absmax", "_absmax"):  # one per block (8-bit codes when double-quantized)
+            if name in t:
+                sliced[name] = t[name].reshape(-1)[first:last]
+        if "weight.nested_absmax" in t:
+            nested_blocksize = int(self._state(q, self.quant_type).get("nested_blocksize", 256))
+            if first % nested_blocksize:
+                return None  # the slice would start inside a group of block maxima
+            groups = slice(first // nested_blocksize, -(-last // nested_blocksize))
+            for name in ("weight.nested_absmax", "_nested"):
+                if name in t:
+                    sliced[name] = t[name][groups]
+        return self._rows(q, start, stop, **sliced)
+
+    def fused_linear(self, q: QuantizedTensor, x: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
+        out_features, in_features = q.metadata["shape"]
+        bs = int(q.metadata["blocksize"])
+        if in_features % bs:
+            return None  # blocks straddle rows: dequantize instead
+        t = q.tensors
+        if "_absmax" in t:
+            return kernels.matmul_4bit(x, t["weight"], t["_absmax"], t["_code"], bs, out_features, bias)
+        offset, nested_blocksize = t["_nested_offset"].tolist()
+        return kernels.matmul_4bit_nested(x, t["weight"], t["weight.absmax"], t["_nested"], t["_nested_code"], offset,
+                                          int(nested_blocksize), t["_code"], bs, out_features, bias)
+
+    def dequantize(self, q: QuantizedTensor, dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
+        qt = self.quant_type
+        t = q.tensors
+        st = self._state(q, qt)
+        bs = int(st["blocksize"])
+        shape = tuple(q.metadata["shape"])
+        packed = t["weight"]
+        nested = "weight.nested_absmax" in t
+        device = packed.device
+        if device.type == "cpu" and kernels.kernels_enabled():
+            # the numba kernel writes bitsandbytes' values ~5x faster than its CPU kernel
+            prepared = self.prepare(q)
+            absmax, code = self._absmax(prepared), prepared.tensors["_code"]
+            return compute_into(lambda buf: kernels.dequantize_4bit(packed, absmax, code, bs, buf),
+                                  shape, dtype, device, out)
+        if BITSANDBYTES_AVAILABLE and device.type == "cpu":
+            # bitsandbytes' native CPU kernel (it has no out= on CPU, hence the copy)
+            import bitsandbytes.functional as bnbf
+
+            state2 = None
+            offset = None
+            if nested:
+                state2 = bnbf.QuantState(absmax=t["weight.nested_absmax"], code=t["weight.nested_quant_map"],
+                                         blocksize=int(st.get("nested_blocksize", 256)), dtype=torch.float32)
+                offset = torch.tensor(float(st["nested_offset"]))
+            qs = bnbf.QuantState(absmax=t["weight.absmax"], shape=torch.Size(shape), dtype=dtype, blocksize=bs,
+                                 code=t["weight.quant_map"], quant_type=qt, offset=offset, state2=state2)
+            return write_into(bnbf.dequantize_4bit(packed, qs), out)
+        absmax = self._absmax(q)
+        return compute_into(lambda buf: self._dequantize_torch(t, absmax, bs, buf), shape, dtype, device, out)
+
+    @staticmethod
+    def _dequantize_torch(t: Dict[str, Tensor], absmax: Tensor, bs: int, res: Tensor) -> Tensor:
+        """Pure torch: one 256-entry byte -> (hi, lo) value gather, one multiply into ``res`` (fp32)."""
+        device = res.device
+        n = res.numel()
+        code = t["weight.quant_map"].float().to(device)
+        pair = torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=1)  # [256, 2]: byte -> (hi, lo)
+        vals = pair.index_select(0, t["weight"].reshape(-1).long()).view(-1)
+        flat = res.view(-1)
+        rem = n % bs
+        full = n - rem
+        if full:
+            torch.mul(vals[:full].view(-1, bs), absmax[: full // bs].view(-1, 1), out=flat[:full].view(-1, bs))
+        if rem:
+            torch.mul(vals[full:n], absmax[-1], out=flat[full:])
+        return res
+
+
+class NF4Codec(_FourBitCodec):
+    mode = QuantizationMode.NF4
+    quant_type = "nf4"
+
+
+class FP4Codec(_FourBitCodec):
+    mode = QuantizationMode.FP4
+    quant_type = "fp4"
+

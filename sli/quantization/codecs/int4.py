@@ -1,0 +1,75 @@
+"""INT4: group-wise asymmetric int4, a scale and a zero point per group."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+from torch import Tensor
+
+from ... import kernels
+from ..config import QuantizationConfig, QuantizationMode
+from ..formats import QuantizedTensor
+from .base import Codec, check_float, compute_into, write_into
+
+
+class Int4Codec(Codec):
+    """Group-wise asymmetric int4: ``q = clamp(round(w / s) + z, 0, 15)``, two values a byte
+    (first value in the high nibble). ``in`` is zero-padded to a multiple of the group size
+    (``metadata["padded_in"]``)."""
+
+    mode = QuantizationMode.INT4
+    byte_fields = ("group_size",)
+    upgrade = QuantizationMode.INT8
+
+    def quantize(self, weight: Tensor, config: QuantizationConfig) -> QuantizedTensor:
+        check_float(weight)
+        g = int(config.group_size)
+        w = weight.detach().float()
+        if w.dim() != 2:
+            w = w.reshape(w.shape[0], -1)
+        rows, cols = w.shape
+        padded = -(-cols // g) * g
+        if padded != cols:
+            w = torch.nn.functional.pad(w, (0, padded - cols))
+        wg = w.view(rows, padded // g, g)
+        wmin = wg.amin(dim=-1).clamp(max=0)
+        wmax = wg.amax(dim=-1).clamp(min=0)
+        scale = ((wmax - wmin) / 15.0).clamp(min=1e-8).to(torch.float16)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # fp16 underflow
+        s = scale.float()
+        zero = torch.round(-wmin / s).clamp(0, 15)
+        q = (torch.round(wg / s.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp_(0, 15).to(torch.uint8).view(rows, padded)
+        packed = (q[:, 0::2] << 4) | q[:, 1::2]
+        tensors = {"weight": packed.contiguous(), "weight.scales": scale, "weight.zeros": zero.to(torch.uint8)}
+        return QuantizedTensor(tensors, self._meta(weight, self.mode, group_size=g, padded_in=padded))
+
+    def dequantize(self, q: QuantizedTensor, dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
+        t = q.tensors
+        packed = t["weight"]
+        rows = packed.shape[0]
+        g = int(q.metadata["group_size"])
+        padded = int(q.metadata.get("padded_in", packed.shape[1] * 2))
+        vals = torch.stack((packed >> 4, packed & 0xF), dim=-1).view(rows, padded // g, g).float()
+        w = (vals - t["weight.zeros"].float().unsqueeze(-1)) * t["weight.scales"].float().unsqueeze(-1)
+        shape = tuple(q.metadata["shape"])
+        w = w.view(rows, padded)[:, : int(shape[-1]) if len(shape) == 2 else padded]
+        return write_into(w.reshape(shape).to(dtype), out)
+
+    def prepare(self, q: QuantizedTensor) -> QuantizedTensor:
+        if "_scales" in q.tensors:
+            return q
+        t = q.tensors
+        return self._prepared(q, _scales=t["weight.scales"].float(), _zeros=t["weight.zeros"].float())
+
+    def row_slice(self, q: QuantizedTensor, start: int, stop: int) -> Optional[QuantizedTensor]:
+        if len(q.metadata["shape"]) != 2:
+            return None
+        return self._rows(q, start, stop, per_row=("weight", "weight.scales", "weight.zeros", "_scales", "_zeros"))
+
+    def fused_linear(self, q: QuantizedTensor, x: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
+        if len(q.metadata["shape"]) != 2:
+            return None
+        t = q.tensors
+        return kernels.matmul_int4(x, t["weight"], t["_scales"], t["_zeros"], int(q.metadata["group_size"]),
+                                   int(q.metadata["shape"][1]), bias)
+

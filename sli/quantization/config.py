@@ -1,0 +1,196 @@
+"""Quantization modes and the config that says what a layer's linear weights become.
+
+Each mode's codec (:mod:`sli.quantization.codecs`) declares a :class:`ModeSpec`: which config
+fields change its bytes, the next mode up the precision ladder, and its preset. The config,
+the presets, the fingerprint and the CLI read those declarations, so a new mode is an enum
+member plus one codec file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+
+
+class QuantizationMode(Enum):
+    """How a linear weight is stored in the layer cache."""
+
+    NONE = "none"  # the tensor as is (lossless), computed in compute_dtype
+    INT8 = "int8"  # row-wise absmax int8 (LLM.int8() layout), outlier columns in 16-bit
+    INT8_DYNAMIC = "int8_dynamic"  # int8 weights + per-token int8 activations (4 outliers kept)
+    NF4 = "nf4"  # 4-bit NormalFloat, 64-value blocks (bitsandbytes bytes)
+    FP4 = "fp4"  # 4-bit float, 64-value blocks (bitsandbytes bytes)
+    INT4 = "int4"  # group-wise asymmetric int4, scale + zero point per group
+    FP8 = "fp8"  # float8_e4m3fn with a per-output-channel scale
+
+    @classmethod
+    def _missing_(cls, value: object) -> "QuantizationMode":
+        if isinstance(value, str):
+            for mode in cls:
+                if mode.value == value.lower() or mode.name == value.upper():
+                    return mode
+        valid = ", ".join(m.value for m in cls)
+        raise ValueError(f"unknown quantization mode {value!r}; valid modes: {valid}")
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """What a codec declares about its mode (see :func:`register_mode`)."""
+
+    mode: QuantizationMode
+    byte_fields: Tuple[str, ...] = ()  # config fields, beyond mode and skip list, that change the bytes
+    upgrade: Optional[QuantizationMode] = None  # one step up the precision ladder (AdaptiveQuantizer)
+    preset: Dict[str, Any] = field(default_factory=dict)  # config fields of the named preset
+    description: str = ""
+
+
+_MODE_SPECS: Dict[QuantizationMode, ModeSpec] = {}
+
+
+def register_mode(spec: ModeSpec) -> None:
+    """Record a mode's declaration; a second declaration of the same mode is an error."""
+    if spec.mode in _MODE_SPECS:
+        raise ValueError(f"quantization mode {spec.mode.value!r} is declared twice; each mode has one codec")
+    _MODE_SPECS[spec.mode] = spec
+
+
+def mode_spec(mode: Union[QuantizationMode, str]) -> ModeSpec:
+    mode = QuantizationMode(mode)
+    if mode not in _MODE_SPECS:
+        raise ValueError(f"quantization mode {mode.value!r} has no codec; import sli.quantization")
+    return _MODE_SPECS[mode]
+
+
+def available_modes() -> List[str]:
+    """The names of every mode that has a codec, in the enum's order."""
+    return [m.value for m in QuantizationMode if m in _MODE_SPECS]
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(value: Union[str, torch.dtype, None], field_name: str) -> Optional[torch.dtype]:
+    """A torch dtype from a dtype or its name ("bfloat16", "torch.float32"); "auto" gives None."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    name = str(value).removeprefix("torch.")
+    if name == "auto":
+        return None
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{field_name}={value!r} is not a torch dtype; use e.g. 'float32', 'bfloat16' or 'auto'")
+    return dtype
+
+
+def default_compute_dtype(device: Union[str, torch.device, None] = None) -> torch.dtype:
+    """float32 on CPU (sli's CPU kernels compute in float32), 16-bit on CUDA."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+@dataclass
+class QuantizationConfig:
+    """What a layer's linear weights become in the cache.
+
+    ``compute_dtype=None`` means "auto": float32 on CPU, 16-bit on CUDA.
+    ``double_quant`` and ``compress_statistics`` are the same switch under its two
+    usual names (the 4-bit absmax is itself block-quantized); they must agree.
+    """
+
+    mode: QuantizationMode = QuantizationMode.NONE
+    compute_dtype: Optional[torch.dtype] = None
+    compress_statistics: bool = True
+    quant_storage_dtype: torch.dtype = torch.uint8
+    double_quant: bool = True
+    quant_type: Optional[str] = None  # "nf4" or "fp4"; derived from mode when None
+    llm_int8_threshold: float = 6.0  # |w| above this keeps the whole input column in 16-bit; <=0 turns it off
+    llm_int8_skip_modules: Optional[List[str]] = None
+    block_size: int = 64  # NF4/FP4 values per absmax
+    group_size: int = 128  # INT4 values per scale/zero point
+
+    def __post_init__(self) -> None:
+        self.mode = QuantizationMode(self.mode)
+        self.compute_dtype = parse_dtype(self.compute_dtype, "compute_dtype")
+        self.quant_storage_dtype = parse_dtype(self.quant_storage_dtype, "quant_storage_dtype") or torch.uint8
+        if self.quant_storage_dtype != torch.uint8:
+            raise ValueError(f"quant_storage_dtype={self.quant_storage_dtype} is not supported; use torch.uint8")
+        if self.compute_dtype is not None and self.compute_dtype not in _DTYPES.values():  # e.g. float64
+            raise ValueError(f"compute_dtype={self.compute_dtype} is not supported; use float32, float16 or bfloat16")
+        if bool(self.double_quant) != bool(self.compress_statistics):
+            raise ValueError(
+                f"double_quant={self.double_quant} and compress_statistics={self.compress_statistics} "
+                "name the same switch; set both to True or both to False"
+            )
+        if self.quant_type is None:
+            self.quant_type = "fp4" if self.mode == QuantizationMode.FP4 else "nf4"
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"quant_type={self.quant_type!r} is not supported; use 'nf4' or 'fp4'")
+        if self.mode in (QuantizationMode.NF4, QuantizationMode.FP4) and self.quant_type != self.mode.value:
+            raise ValueError(
+                f"quant_type={self.quant_type!r} contradicts mode={self.mode.value!r}; "
+                f"use quant_type={self.mode.value!r} or mode={self.quant_type!r}"
+            )
+        if self.block_size not in (64, 128, 256, 512, 1024, 2048, 4096):
+            raise ValueError(f"block_size={self.block_size} is not supported; use a power of two from 64 to 4096")
+        if self.group_size < 2 or self.group_size % 2:
+            raise ValueError(f"group_size={self.group_size} must be an even number >= 2 (two int4 values a byte)")
+        if self.llm_int8_skip_modules is not None:
+            self.llm_int8_skip_modules = list(self.llm_int8_skip_modules)
+
+    # -- serialization -------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-able dict; :meth:`from_dict` gives the config back."""
+        data = dataclasses.asdict(self)
+        data["mode"] = self.mode.value
+        data["compute_dtype"] = dtype_name(self.compute_dtype) if self.compute_dtype else "auto"
+        data["quant_storage_dtype"] = dtype_name(self.quant_storage_dtype)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "QuantizationConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown QuantizationConfig fields {sorted(unknown)}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def byte_fields(self) -> Dict[str, Any]:
+        """The fields that change the bytes this config writes to the cache (its codec says which)."""
+        fields: Dict[str, Any] = {"mode": self.mode.value, "skip": sorted(self.llm_int8_skip_modules or [])}
+        fields.update((name, getattr(self, name)) for name in mode_spec(self.mode).byte_fields)
+        return fields
+
+    def fingerprint(self) -> str:
+        """A short stable hash of :meth:`byte_fields`: the layer cache keys on it.
+
+        compute_dtype is not part of it: stored tensors do not depend on it (NONE keeps
+        the checkpoint's own dtype), so one warmed cache serves CPU and CUDA alike.
+        """
+        payload = json.dumps({"format": 1, **self.byte_fields()}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        """JSON of every field: what a cache entry records about the config that made it."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def resolved_compute_dtype(self, device: Union[str, torch.device, None] = None) -> torch.dtype:
+        return self.compute_dtype or default_compute_dtype(device)
+
+    def skips(self, module_name: str) -> bool:
+        """True when ``module_name`` matches an entry of ``llm_int8_skip_modules``."""
+        if not self.llm_int8_skip_modules:
+            return False
+        parts = module_name.split(".")
+        return any(skip == module_name or skip in parts or module_name.endswith("." + skip)
+                   for skip in self.llm_int8_skip_modules)

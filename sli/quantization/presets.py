@@ -1,0 +1,55 @@
+"""Named quantization configs: one preset per mode (from its codec's declaration) plus a
+user's own."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List
+
+from .config import QuantizationConfig, QuantizationMode, available_modes, mode_spec
+
+
+def preset_config(mode: str) -> QuantizationConfig:
+    """The preset of ``mode``: the config its codec declares as the mode's sensible default."""
+    return QuantizationConfig(mode=mode, **mode_spec(mode).preset)
+
+
+def get_int8_config() -> QuantizationConfig:
+    """Row-wise int8 with outlier columns kept in 16-bit; head and embeddings untouched."""
+    return preset_config(QuantizationMode.INT8.value)
+
+
+def get_nf4_config() -> QuantizationConfig:
+    """NF4 with double-quantized statistics (~4.13 bits/weight)."""
+    return preset_config(QuantizationMode.NF4.value)
+
+
+def get_fp4_config() -> QuantizationConfig:
+    return preset_config(QuantizationMode.FP4.value)
+
+
+class QuantizationRegistry:
+    """Named configs: each mode's preset plus whatever a user registers."""
+
+    _custom: Dict[str, QuantizationConfig] = {}
+
+    @classmethod
+    def register(cls, name: str, config: QuantizationConfig) -> None:
+        if not isinstance(config, QuantizationConfig):
+            raise TypeError(f"register({name!r}, ...) needs a QuantizationConfig, got {type(config).__name__}")
+        cls._custom = {**cls._custom, name: config}
+
+    @classmethod
+    def get(cls, name: str) -> QuantizationConfig:
+        if name in cls._custom:
+            return dataclasses.replace(cls._custom[name])
+        if name in available_modes():
+            return preset_config(name)
+        raise KeyError(f"no quantization config named {name!r}; known: {', '.join(cls.list_configs())}")
+
+    @classmethod
+    def list_configs(cls) -> List[str]:
+        return available_modes() + [n for n in cls._custom if n not in available_modes()]
+
+    @classmethod
+    def unregister(cls, name: str) -> None:
+        cls._custom = {k: v for k, v in cls._custom.items() if k != name}

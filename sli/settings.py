@@ -1,0 +1,62 @@
+"""sli's defaults and the environment variables that change them, in one place.
+
+Every tunable that more than one module reads lives here, with its unit. Figures measured
+on a particular machine belong in docs/benchmarks.md; the comments here keep the rule.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+GB = 1024**3
+MB = 1024**2
+
+DEFAULT_SETTINGS = {
+    # -- the layer cache ------------------------------------------------------------------
+    "max_cache_size_gb": 50.0,  # disk tier size limit, GiB
+    "memory_fraction": 0.10,  # memory tier size when not given: this share of available RAM
+    "temporary_max_age_s": 3600.0,  # a temporary file older than this is a killed writer's leftover
+    # A file whose checksum passed is not hashed again by this process while its identity
+    # (device, inode, size, mtime) is unchanged, but only once its mtime is this much older
+    # than the check: a write within the file system's timestamp granularity could otherwise
+    # leave the mtime as it was (git's "racy clean" rule). Seconds.
+    "racy_mtime_s": 2.0,
+    # -- CPU execution ----------------------------------------------------------------------
+    # Up to this many activation rows a linear runs through the fused kernels (they read the
+    # packed bytes once); above it dequantize-then-BLAS wins (see docs/benchmarks.md).
+    "fused_max_tokens": 16,
+    # A prompt's linear dequantizes this many bytes (float32) of its weight at a time: small
+    # enough to stay in the last-level cache while BLAS multiplies it, big enough for BLAS.
+    "prompt_chunk_bytes": 8 * MB,
+    # What the numba kernels' runtime adds to a process's peak RSS (import, loading or
+    # compiling a mode's kernels); the memory plan reserves it. Bytes.
+    "kernel_runtime_bytes": 160 * MB,
+    # Below this many multiply-adds a kernel runs on the calling thread alone.
+    "kernel_inline_work": 1 << 20,
+    # Weights smaller than this many values quantize to 4 bits eagerly (a compile costs seconds).
+    "compile_min_numel": 1 << 20,
+}
+
+# Environment variables sli reads (all optional):
+#   SLI_HOME        root of sli's files (default ~/.cache/sli): models/, layer-cache/
+#   SLI_CACHE_DIR   the layer cache directory (default $SLI_HOME/layer-cache)
+#   SLI_NO_NUMBA=1  no numba kernels: every linear dequantizes and uses torch
+#   SLI_NO_SIMD=1   the plain numba kernels, not the SIMD ones (what a CPU without AVX2 runs)
+#   SLI_NO_COMPILE=1  no torch.compile for the 4-bit quantizer (the eager path, same bytes)
+
+
+def flag(name: str) -> bool:
+    """True when the environment variable ``name`` is set to anything but "" or "0"."""
+    return os.environ.get(name, "") not in ("", "0")
+
+
+def sli_home() -> Path:
+    """``$SLI_HOME``, else ``~/.cache/sli``."""
+    return Path(os.environ.get("SLI_HOME", Path.home() / ".cache" / "sli")).expanduser()
+
+
+def default_cache_dir() -> Path:
+    """``$SLI_CACHE_DIR``, else ``$SLI_HOME/layer-cache``."""
+    if os.environ.get("SLI_CACHE_DIR"):
+        return Path(os.environ["SLI_CACHE_DIR"]).expanduser()
+    return sli_home() / "layer-cache"

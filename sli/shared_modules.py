@@ -1,0 +1,73 @@
+"""The modules outside the decoder stack (embeddings, final norm, head, rotary tables): loaded
+once into the skeleton and kept resident."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .checkpoint import Checkpoint, SkeletonLoader
+from .errors import ModelLoadError
+from .quantization import QuantizedLinear, QuantizedTensor
+
+
+def load_shared_modules(model: nn.Module, loader: SkeletonLoader, checkpoint: Checkpoint, layers_path: str,
+                        device: torch.device, compute_dtype: torch.dtype, packed: bool) -> int:
+    """Load every tensor outside ``layers_path`` into ``model``; returns their bytes.
+
+    On CPU (``packed``) a bfloat16 checkpoint's embedding and head stay bfloat16 (see
+    :func:`narrow_embeddings`), so they are loaded as stored, never widened first.
+    """
+    state = checkpoint.get_many(loader.names_by_layer.get(None, []))
+    narrow = (packed and compute_dtype == torch.float32
+              and all(t.dtype == torch.bfloat16 for t in state.values() if t.is_floating_point()))
+    if narrow:  # the skeleton's (meta) tables take the checkpoint's dtype; the loader keeps it
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None:
+                module.to(torch.bfloat16)
+    loader.keys.load(model, state, compute_dtype, device=str(device))
+    del state
+    checkpoint.release()
+    model.tie_weights()
+    prefix = layers_path + "."
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if not name.startswith(prefix) and tensor.device.type == "meta":
+            raise ModelLoadError(f"the checkpoint has no tensor for {name!r}; the model files are incomplete: re-save the model")
+    kept_head = narrow_embeddings(model, layers_path, compute_dtype) if narrow else None
+    if device.type == "cuda":  # non-persistent buffers (rotary tables) were made on CPU by the skeleton
+        model.to(device)
+    shared = {t.data_ptr(): t.numel() * t.element_size() for n, t in model.state_dict().items()
+              if not n.startswith(prefix) and t.device.type != "meta"}
+    if kept_head is not None:
+        shared[kept_head.data_ptr()] = kept_head.numel() * kept_head.element_size()
+    return sum(shared.values())  # a tied head shares the embedding's storage
+
+
+def narrow_embeddings(model: nn.Module, layers_path: str, compute_dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Keep the bfloat16 embedding and head as they are; widen every other shared weight.
+
+    Half the bytes of float32 copies, same results: the head becomes a :class:`QuantizedLinear`
+    over its bfloat16 weight (the fused kernel for a token's logits, BLAS for a prompt's), and
+    a plain ``nn.Embedding`` widens the rows it looks up. Other modules (norms, scaled
+    embeddings) get float32 weights. Returns the head's weight when the state dict no longer
+    lists it (an untied head).
+    """
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    kept = None
+    if type(head) is nn.Linear:
+        kept = head.weight.detach()
+        qweight = QuantizedTensor({"weight": kept}, {"codec": "none", "shape": list(kept.shape), "dtype": "bfloat16"})
+        bias = head.bias.detach().to(compute_dtype) if head.bias is not None else None
+        model.set_output_embeddings(QuantizedLinear.from_quantized(qweight, bias, compute_dtype))
+    plain_embedding = type(embedding) is nn.Embedding
+    if plain_embedding:
+        embedding.register_forward_hook(lambda module, args, out: out.to(torch.float32))
+    for name, param in model.named_parameters():
+        if name.startswith(layers_path + ".") or not param.is_floating_point():
+            continue
+        if not (plain_embedding and param is embedding.weight):
+            param.data = param.data.to(compute_dtype)
+    if kept is not None and plain_embedding and embedding.weight.data_ptr() == kept.data_ptr():
+        return None  # tied: the state dict counts it once, as the embedding
+    return kept

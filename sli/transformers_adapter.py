@@ -1,0 +1,140 @@
+"""Every use of ``transformers`` beyond its public ``Auto*`` API, in one place.
+
+sli builds a model's skeleton from transformers' own modeling code, loads checkpoint tensors
+through transformers' key renaming and conversion rules (so every family it loads loads
+here), and runs the model's forward with a KV cache. Those calls use internals whose names
+and signatures move between releases, so they live here alone: the installed version is
+checked against :data:`SUPPORTED_TRANSFORMERS` at import (one line naming the range), and
+tests/test_transformers_adapter.py pins each signature used, so an upgrade fails in one
+clear place and not deep inside a forward pass.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import transformers
+from torch import nn
+
+from .errors import SLIError
+
+SUPPORTED_TRANSFORMERS = ("5.16", "6")  # [lowest tested, first unsupported major)
+
+
+def _version_tuple(version: str) -> Tuple[int, ...]:
+    return tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+
+
+def check_transformers_version(version: str = transformers.__version__) -> None:
+    low, high = SUPPORTED_TRANSFORMERS
+    if not _version_tuple(low) <= _version_tuple(version) < _version_tuple(high):
+        raise SLIError(f"transformers {version} is installed; sli supports transformers>={low},<{high}: "
+                       f"pip install 'transformers>={low},<{high}'")
+
+
+check_transformers_version()
+
+from transformers.conversion_mapping import get_model_conversion_mapping  # noqa: E402
+from transformers.core_model_loading import (WeightConverter, WeightRenaming,  # noqa: E402
+                                             convert_and_load_state_dict_in_model, rename_source_key)
+from transformers.modeling_utils import LoadStateDictConfig  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+
+def load_config(model_dir: Path):
+    """The model directory's config (offline)."""
+    return transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+
+
+def load_tokenizer(model_dir: Path):
+    return transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+
+def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of ``config`` with its parameters on the meta device (buffers such as
+    rotary tables real). Raises ``ValueError`` when transformers has no causal-LM class."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+class KeyMapper:
+    """Where each checkpoint tensor lands in a model: transformers' renaming and conversion
+    rules for the model's family (MoE experts stored one by one and fused in the module, ...)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.weight_mapping = get_model_conversion_mapping(model)
+        self._renamings = [w for w in self.weight_mapping if isinstance(w, WeightRenaming)]
+        self._converters = [w for w in self.weight_mapping if isinstance(w, WeightConverter)]
+        self._meta_state = model.state_dict()
+
+    def target(self, checkpoint_key: str) -> str:
+        """The model's state-dict name that ``checkpoint_key`` loads into."""
+        target, _ = rename_source_key(checkpoint_key, self._renamings, self._converters,
+                                      self.model.base_model_prefix, self._meta_state)
+        if target not in self._meta_state and checkpoint_key in self._meta_state:
+            return checkpoint_key
+        return target
+
+    def load(self, model: nn.Module, state: Dict[str, torch.Tensor], dtype: Optional[torch.dtype],
+             device: str = "cpu") -> None:
+        """Load checkpoint tensors ``state`` (checkpoint names) into ``model`` where they belong,
+        converted to ``dtype`` (None keeps each tensor's own)."""
+        config = LoadStateDictConfig(dtype=dtype, weight_mapping=self.weight_mapping, device_map={"": device})
+        with _no_progress_bars():
+            convert_and_load_state_dict_in_model(model, state, config)
+
+
+def new_kv_cache(config) -> Any:
+    """An empty KV cache object for a model of ``config``."""
+    return transformers.DynamicCache(config=config)
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The forward's KV-cache argument: ``cache`` from transformers 5.2x on (``past_key_values``
+    is deprecated there), ``past_key_values`` before."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(output) -> Any:
+    """The KV cache a forward returned."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def last_logits_kwargs(model: nn.Module) -> Dict[str, int]:
+    """Forward kwargs that compute logits for the last position only (where supported)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def internals_used() -> List[Tuple[Any, List[str]]]:
+    """Each internal callable sli uses with the parameters it passes (pinned by a test)."""
+    return [
+        (convert_and_load_state_dict_in_model, ["model", "state_dict", "load_config"]),
+        (rename_source_key, ["source_key", "weight_renamings", "weight_converters", "base_model_prefix",
+                             "meta_state_dict"]),
+        (get_model_conversion_mapping, ["model"]),
+        (LoadStateDictConfig, ["dtype", "weight_mapping", "device_map"]),
+        (transformers.DynamicCache, ["config"]),
+    ]
