@@ -358,3 +358,86 @@ def test_new_tokens_are_capped_at_the_positions(tiny, tmp_path, capsys):
 
     assert json.loads(captured.out)["new_tokens"] <= 128 - 120 + 1
     assert "generating at most 9" in captured.err
+
+
+# ---------------------------------------------------------------- output noise
+
+
+def test_the_memory_plan_is_said_once(tiny, tmp_path, capsys):
+    assert main(["generate", str(tiny), "Hi", "--mode", "int8", "--max-new-tokens", "2",
+                 "--cache-dir", str(tmp_path / "c")]) == 0
+    err = capsys.readouterr().err
+    assert len([line for line in err.splitlines() if "budget unbounded" in line]) == 1, err
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_anywhere_on_the_command_line(tiny, tmp_path, capsys, where):
+    args = ["generate", str(tiny), "Hi", "--mode", "int8", "--max-new-tokens", "2", "--cache-dir", str(tmp_path / "c")]
+    assert main(["-q", *args] if where == "before" else [*args, "-q"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.startswith("Hi")
+
+
+def test_verbose_and_quiet_parse_on_either_side():
+    from sli.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["warm", "m", "-v"]).verbose and not parser.parse_args(["warm", "m", "-v"]).quiet
+    assert parser.parse_args(["-v", "warm", "m"]).verbose
+    assert parser.parse_args(["cache", "info", "-q"]).quiet and parser.parse_args(["-q", "cache", "info"]).quiet
+    assert not parser.parse_args(["warm", "m"]).quiet and not parser.parse_args(["warm", "m"]).verbose
+
+
+def _run_sli(argv, stderr_tty: bool, env=None):
+    """Run the real `sli` with stdout a pipe and stderr a pipe or a pseudo-terminal; (rc, stderr)."""
+    import pty
+
+    env = dict(os.environ if env is None else env)
+    env.pop("TQDM_DISABLE", None)  # as a user's shell has it
+    if not stderr_tty:
+        done = subprocess.run([SLI, *argv], capture_output=True, text=True, env=env, timeout=300)
+        return done.returncode, done.stderr
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # tqdm draws nothing in 0 columns
+    proc = subprocess.Popen([SLI, *argv], stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the process closed its end
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.communicate(timeout=300)
+    os.close(master)
+    return proc.returncode, b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bars_only_on_a_terminal(tiny, tmp_path):
+    rc, err = _run_sli(["warm", str(tiny), "--mode", "int8", "--cache-dir", str(tmp_path / "a")], stderr_tty=False)
+    assert rc == 0 and "layer/s" not in err and "\r" not in err, err
+    rc, err = _run_sli(["warm", str(tiny), "--mode", "int8", "--cache-dir", str(tmp_path / "b")], stderr_tty=True)
+    assert rc == 0 and "layer/s" in err, err  # the warm-up's bar, drawn on the terminal
+
+
+def test_synth_saves_without_a_progress_bar_off_a_terminal(tmp_path, capsys):
+    assert main(["synth", str(tmp_path / "m")]) == 0
+    assert "shards" not in capsys.readouterr().err
+
+
+def test_demo_does_not_warn_about_its_own_budget(default_model, shared_cache, capsys):
+    from sli.cli import DEMO_BUDGET_GB
+
+    assert main(["demo", "--cache-dir", shared_cache, "--max-new-tokens", "8"]) == 0
+    captured = capsys.readouterr()
+    assert "below" not in captured.err and "every layer streams" not in captured.err, captured.err
+    assert "Paris" in captured.out
+    resident = int(captured.err.split(" layers resident")[0].rsplit("; ", 1)[1].split("/")[0])
+    assert 0 < resident < 30  # the budget leaves room, and most layers still stream
+    assert DEMO_BUDGET_GB * 2**30 < 269e6  # below SmolLM2's bf16 weights (134.5 M parameters)
