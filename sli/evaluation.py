@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quantization import available_modes
+
 logger = logging.getLogger(__name__)
 
-ALL_MODES = ("none", "int8", "int8_dynamic", "nf4", "fp4", "int4", "fp8", "mixed")
+ALL_MODES = (*available_modes(), "mixed")  # every registered mode, then attention INT8 + FFN NF4
 
 
 def load_eval_text(path: Optional[Union[str, Path]] = None) -> str:

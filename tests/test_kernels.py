@@ -153,3 +153,28 @@ def test_4bit_kernels_without_avx2_give_the_same_values():
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "plain path ok" in done.stdout
+
+
+_SIMD_BUILD_FAILS = """
+import logging, sys, torch
+sys.modules["sli.simd"] = None  # as if numba's internals moved: importing the intrinsics fails
+logging.basicConfig(level=logging.WARNING)
+from sli import kernels
+from sli.quantization import QuantizationConfig, codec_for
+codec = codec_for("nf4")
+w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)) * 0.02
+q = codec.prepare(codec.quantize(w, QuantizationConfig(mode="nf4")))
+x = torch.randn(1, 256)
+ref = torch.nn.functional.linear(x, codec.dequantize(q, torch.float32))
+assert float((codec.fused_linear(q, x, None) - ref).abs().max()) < 1e-4
+print("path", kernels.four_bit_path())
+"""
+
+
+def test_a_simd_build_failure_falls_back_to_the_plain_kernels():
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", _SIMD_BUILD_FAILS], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "path plain" in done.stdout
+    assert "SIMD 4-bit helpers cannot be built" in done.stderr

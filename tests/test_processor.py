@@ -285,3 +285,21 @@ def test_loading_readies_the_cpu_kernels_so_the_first_prompt_and_token_compile_n
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "used []" not in done.stdout  # the kernels did run
+
+
+def test_the_runner_runs_any_range_of_layers_on_given_hidden_states(model_factory, tmp_path):
+    # What pipeline stages and calibration need: [0, n) in one call, or [0, k) then [k, n).
+    with UniversalSLIProcessor(model_factory("llama", num_layers=4), "int8", cache_dir=tmp_path, device="cpu") as proc:
+        seen = {}
+        first, last = proc.layers[0], proc.layers[-1]
+        h1 = first.register_forward_pre_hook(lambda m, args, kwargs: seen.setdefault("in", (args, kwargs)),
+                                             with_kwargs=True)
+        h2 = last.register_forward_hook(lambda m, args, out: seen.setdefault("out", out))
+        proc.forward(torch.tensor([[5, 6, 7, 8]]))
+        h1.remove(), h2.remove()
+        (hidden,), kwargs = seen["in"]
+        expected = seen["out"][0] if isinstance(seen["out"], tuple) else seen["out"]
+        whole = proc.runner.run_range(hidden, 0, 4, **kwargs)
+        staged = proc.runner.run_range(proc.runner.run_range(hidden, 0, 1, **kwargs), 1, 4, **kwargs)
+    assert torch.equal(whole, expected) and torch.equal(staged, expected)
+    assert not proc.runner.in_flight  # every streamed layer released

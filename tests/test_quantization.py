@@ -223,3 +223,21 @@ def test_one_line_helpers():
     assert isinstance(q, QuantizedLinear) and q.metadata["codec"] == "nf4"
     restored = dequantize_layer(q, compute_dtype=torch.bfloat16)
     assert restored.weight.dtype == torch.bfloat16
+
+
+def test_a_second_codec_for_a_mode_is_refused():
+    from sli.quantization import Codec, codec_for
+
+    with pytest.raises(ValueError, match="already registered"):
+        class AnotherNF4(Codec):  # noqa: F841
+            mode = QuantizationMode.NF4
+    assert type(codec_for("nf4")).__name__ == "NF4Codec"
+
+
+def test_every_mode_has_a_codec_and_a_preset():
+    from sli.quantization import available_modes
+
+    assert available_modes() == [m.value for m in QuantizationMode]
+    assert QuantizationRegistry.list_configs()[:len(available_modes())] == available_modes()
+    for mode in available_modes():
+        assert QuantizationRegistry.get(mode).mode == QuantizationMode(mode)

@@ -1,0 +1,51 @@
+"""The diskcache adapter: durable writes, exact LRU order, the supported version range."""
+import os
+import time
+from unittest import mock
+
+import pytest
+import torch
+
+from sli import cache_disk
+from sli.errors import CacheError
+from sli.layer_store import LayerStore
+from sli.quantization import CachedLayer
+
+
+def entry(value: float) -> CachedLayer:
+    return CachedLayer({"w": torch.full((1024,), value)})
+
+
+def test_a_put_writes_a_temporary_file_fsyncs_it_then_renames_it(tmp_path):
+    # The override of diskcache's Disk.store must still be the path every entry takes.
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    with mock.patch("sli.cache_disk.os.fsync", side_effect=lambda fd: calls.append("fsync") or real_fsync(fd)), \
+            mock.patch("sli.cache_disk.os.replace",
+                       side_effect=lambda a, b: calls.append(("rename", a.endswith(".tmp"), b.endswith(".val")))
+                       or real_replace(a, b)):
+        with LayerStore(tmp_path, max_cache_size_gb=0.01, max_memory_cache_size_gb=0) as store:
+            store.put("m", 0, "none", entry(1.0))
+            assert torch.equal(store.get("m", 0, "none").tensors["w"], entry(1.0).tensors["w"])
+    assert calls == ["fsync", ("rename", True, True)]
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_least_recently_used_follows_access_not_insertion(tmp_path):
+    with LayerStore(tmp_path, max_cache_size_gb=0.01, max_memory_cache_size_gb=0) as store:
+        for layer in range(3):
+            store.put("m", layer, "none", entry(layer))
+            time.sleep(0.01)
+        store.get("m", 0, "none")  # 0 becomes the most recently used
+        oldest = cache_disk.least_recently_used(tmp_path, exclude="")
+        assert oldest == store.key("m", 1, "none")
+        assert cache_disk.least_recently_used(tmp_path, exclude=oldest) == store.key("m", 2, "none")
+
+
+@pytest.mark.parametrize("version, ok", [("5.6.3", True), ("5.9.0", True), ("5.5.0", False), ("6.0.0", False)])
+def test_diskcache_outside_the_supported_range_is_one_line_naming_it(version, ok):
+    if ok:
+        cache_disk.check_diskcache_version(version)
+        return
+    with pytest.raises(CacheError, match=r"diskcache>=5\.6,<6"):
+        cache_disk.check_diskcache_version(version)

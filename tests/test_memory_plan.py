@@ -1,0 +1,38 @@
+"""The memory plan: a pure function of the sizes involved."""
+import pytest
+
+from sli.memory_plan import plan_memory
+
+MB = 1 << 20
+
+
+def plan(budget, **overrides):
+    sizes = dict(num_layers=10, shared_bytes=100 * MB, layer_bytes=50 * MB, scratch_bytes=8 * MB, prefetch_depth=1,
+                 runtime_bytes=0, available_bytes=10_000 * MB)
+    sizes.update(overrides)
+    return plan_memory(budget, **sizes)
+
+
+@pytest.mark.parametrize("budget_mb, resident", [
+    (208, 0),          # shared + two layers in flight + scratch: nothing left over
+    (257, 0),          # 49 MB spare: short of one layer
+    (258, 1),          # 50 MB spare: exactly one layer
+    (10_000, 10),      # more than the model: every layer resident, never more than there are
+])
+def test_resident_layers_fill_what_the_budget_leaves(budget_mb, resident):
+    assert plan(budget_mb * MB).resident_layers == list(range(resident))
+
+
+def test_a_budget_below_the_fixed_part_streams_everything_and_says_so():
+    p = plan(150 * MB)
+    assert p.resident_layers == [] and p.over_budget and p.fixed_bytes == (100 + 100 + 8) * MB
+
+
+def test_deeper_prefetch_keeps_more_layers_in_flight():
+    assert plan(400 * MB, prefetch_depth=3).streaming_bytes == 4 * 50 * MB + 8 * MB
+    assert len(plan(400 * MB, prefetch_depth=3).resident_layers) < len(plan(400 * MB).resident_layers)
+
+
+def test_no_budget_uses_the_available_memory():
+    p = plan(None, available_bytes=308 * MB)
+    assert p.resident_layers == [0, 1] and not p.over_budget
