@@ -441,3 +441,79 @@ def test_demo_does_not_warn_about_its_own_budget(default_model, shared_cache, ca
     resident = int(captured.err.split(" layers resident")[0].rsplit("; ", 1)[1].split("/")[0])
     assert 0 < resident < 30  # the budget leaves room, and most layers still stream
     assert DEMO_BUDGET_GB * 2**30 < 269e6  # below SmolLM2's bf16 weights (134.5 M parameters)
+
+
+# ---------------------------------------------------------------- help, version, defaults
+
+
+def test_version(capsys):
+    import sli
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"sli {sli.__version__}"
+
+
+def _subparsers(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def test_every_option_has_help_and_shows_its_default():
+    import argparse
+
+    from sli.cli import HelpFormatter, build_parser
+
+    parser = build_parser()
+    parsers = {"sli": parser, **{f"sli {name}": p for name, p in _subparsers(parser).items() if name != "bench"}}
+    for name, p in parsers.items():
+        formatter = HelpFormatter(name)
+        for action in p._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            label = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help and action.help.strip(), f"{label} has no help text"
+            flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._VersionAction))
+            if action.option_strings and not flag:
+                assert "default" in formatter._get_help_string(action), f"{label} does not show its default"
+        p.format_help()  # renders (a bad %-format in a help text raises here)
+
+
+def test_generate_and_warm_default_to_int8_and_the_mode_list_is_current():
+    from sli.cli import MODES, build_parser
+    from sli.quantization import QuantizationMode
+
+    parser = build_parser()
+    assert parser.parse_args(["generate", "Hi"]).mode == "int8"
+    assert parser.parse_args(["warm", "m"]).mode == "int8"
+    assert [m.strip() for m in MODES.split(",")] == [m.value for m in QuantizationMode]
+
+
+HEAVY = ("torch", "transformers", "sli.processor", "sli.layer_cache", "numba")
+
+
+def test_help_imports_nothing_heavy_from_the_cli_and_takes_under_a_second():
+    """`sli --help` in a fresh process. The CLI itself imports torch, transformers and the
+    processor only inside its commands; `import sli` (sli/__init__.py) decides the rest."""
+    import time
+
+    import json
+
+    probe = ("import json, sys; import sli; before = set(sys.modules); from sli.cli import main, build_parser; "
+             "main(['--help']); build_parser(); "
+             f"print(json.dumps([[m for m in {HEAVY!r} if m in sys.modules and m not in before], "
+             f"[m for m in {HEAVY!r} if m in before]]))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    added_by_cli, by_package = json.loads(done.stdout.strip().splitlines()[-1])
+    assert added_by_cli == [], f"the CLI's --help imported {added_by_cli}"
+    t0 = time.perf_counter()
+    subprocess.run([SLI, "--help"], capture_output=True, check=True, timeout=120)
+    seconds = time.perf_counter() - t0
+    if by_package and seconds >= 1.0:
+        pytest.xfail(f"`sli --help` took {seconds:.1f} s: `import sli` itself imports {by_package} "
+                     "(sli/__init__.py, outside the CLI)")
+    assert seconds < 1.0
