@@ -16,6 +16,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 import torch
 from torch import nn
 
+from . import device as device_calls
 from .quantization import QuantizedLinear
 from .streaming import LayerStreamer, LayerTiming, LoadedLayer
 
@@ -106,8 +107,7 @@ class LayerRunner:
         timing.start = time.perf_counter() - self._pass_start
         t0 = time.perf_counter()
         out = forward(*args, **kwargs)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+        device_calls.synchronize(self.device)
         timing.compute_s = time.perf_counter() - t0
         self.timings.append(timing)
         loaded = self.in_flight.pop(index, None)

@@ -11,10 +11,10 @@ import logging
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
-import psutil
 import torch
 from torch import nn
 
+from . import device as device_calls
 from . import kernels
 from . import transformers_adapter as hf
 from .architectures import ModelLayout, discover_layout
@@ -35,6 +35,10 @@ from .streaming import LayerStreamer, LayerTiming, ready_bytes
 logger = logging.getLogger(__name__)
 
 __all__ = ["UniversalSLIProcessor", "default_cache_dir"]
+
+# "packed": linears multiply by the cached bytes (CPU); "dequantize": each layer is
+# dequantized into reused compute-dtype buffers and runs as plain modules (CUDA, or CPU).
+STRATEGIES = ("packed", "dequantize")
 
 
 def _return_freed_buffers_to_the_os() -> None:
@@ -80,6 +84,10 @@ class UniversalSLIProcessor:
         memory_budget_gb: on CPU, the RAM budget for resident + streamed layers.
         prefetch: load the next layer in the background while the current one runs.
         prefetch_depth: how many layers ahead to load.
+        strategy: how a streamed layer computes. "packed" (CPU's default): its linears
+            multiply by the cached bytes (fused kernels, no dequantized copy). "dequantize"
+            (CUDA's, and selectable on CPU): each layer is dequantized into reused
+            compute-dtype buffers and runs as plain modules.
 
     Raises:
         ModelLoadError: missing directory, no weights, unreadable shard.
@@ -89,13 +97,15 @@ class UniversalSLIProcessor:
     def __init__(self, model_name: Union[str, Path], quantization_config=None, *, cache_dir=None, device=None,
                  max_cache_size_gb: Optional[float] = None, max_memory_cache_size_gb: Optional[float] = None,
                  max_gpu_memory_gb: Optional[float] = None, memory_budget_gb: Optional[float] = None,
-                 prefetch: bool = True, prefetch_depth: int = 1, model_id: Optional[str] = None) -> None:
+                 prefetch: bool = True, prefetch_depth: int = 1, model_id: Optional[str] = None,
+                 strategy: Optional[str] = None) -> None:
         self.model_dir = resolve_model_dir(model_name)
         _return_freed_buffers_to_the_os()
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise SLIError("device='cuda' was asked for but torch sees no CUDA GPU; use device='cpu'")
+        try:
+            self.device = device_calls.resolve(device)
+        except ValueError as exc:
+            raise SLIError(str(exc)) from exc
+        self.strategy = self._check_strategy(strategy)
         self.quantizer = _as_quantizer(quantization_config)
         self.quantization_config = self.quantizer.config
         self.compute_dtype = self.quantization_config.compute_dtype or default_compute_dtype(self.device)
@@ -110,9 +120,7 @@ class UniversalSLIProcessor:
         self.model_id = model_id or f"{self.model_dir.name}-{self.checkpoint.identity()}"
         # linear path → is it a Conv1D, per layer (read before the linears are swapped)
         self._linears: List[Dict[str, bool]] = [linear_paths(layer) for layer in self.layers]
-        # On CPU, linears multiply by the cached bytes directly (QuantizedLinear); on CUDA,
-        # layers are dequantized into device buffers by the side stream.
-        self.packed = self.device.type == "cpu"
+        self.packed = self.strategy == "packed"
         if self.packed:
             self._swap_linears()
             if self.compute_dtype == torch.float32:
@@ -134,6 +142,16 @@ class UniversalSLIProcessor:
         self.runner = LayerRunner(self.layers, self.streamer, self.device)
 
     # ------------------------------------------------------------------ building
+    def _check_strategy(self, strategy: Optional[str]) -> str:
+        default = "packed" if self.device.type == "cpu" else "dequantize"
+        strategy = strategy or default
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy={strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if strategy == "packed" and self.device.type != "cpu":
+            raise ValueError("strategy='packed' runs on CPU only (its kernels are CPU kernels); "
+                             "use strategy='dequantize' on CUDA")
+        return strategy
+
     def _read_config(self):
         try:
             config = hf.load_config(self.model_dir)
@@ -203,8 +221,7 @@ class UniversalSLIProcessor:
         quantizing it on a miss, to know what a ready layer weighs)."""
         if self._plan is None:
             layer_bytes, scratch = self._layer_bytes()
-            available = (torch.cuda.mem_get_info(self.device)[0] * 0.8 if self.device.type == "cuda"
-                         else psutil.virtual_memory().available * 0.5)
+            available = device_calls.available_bytes(self.device)
             runtime = kernels.RUNTIME_BYTES if self.packed and kernels.kernels_enabled() else 0
             self._plan = plan_memory(self.memory_budget, num_layers=self.layout.num_layers,
                                      shared_bytes=self.shared_bytes, layer_bytes=layer_bytes, scratch_bytes=scratch,

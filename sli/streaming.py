@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from . import device as device_calls
 from .quantization import CachedLayer, QuantizedTensor, codec_for, dequantize_cached, split_cached
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,11 @@ class SlotPool:
     def give(self, slot: Dict[str, torch.Tensor]) -> None:
         self._free.put(slot)
 
+    @property
+    def made(self) -> int:
+        """How many slots exist (never more than ``size``, except for odd-shaped layers)."""
+        return self._made
+
 
 class LayerStreamer:
     """Turns cached layers into ready-to-run state dicts, one step ahead of the compute.
@@ -84,7 +90,7 @@ class LayerStreamer:
         self.pool = SlotPool(self.depth + 1, device)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sli-prefetch") if prefetch else None
         self._pending: Dict[int, Future] = {}
-        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._copy_stream = device_calls.copy_stream(device)
         self.step = 0
 
     @torch.inference_mode()
@@ -95,14 +101,7 @@ class LayerStreamer:
         cached = self.fetch_cached(index)
         t1 = time.perf_counter()
         timing.read_s, timing.nbytes = t1 - t0, cached.nbytes
-        if self.packed:
-            loaded = self._packed(cached, timing)
-        elif self.device.type == "cuda":
-            loaded = self._to_cuda(cached, timing)
-        else:
-            slot = self.pool.take(_template(cached, self.dtype))
-            state = dequantize_cached(cached, self.dtype, out=slot)
-            loaded = LoadedLayer(state, timing, slot)
+        loaded = self._packed(cached, timing) if self.packed else self._dequantized(cached, timing)
         del cached  # drop the entry (and its file mapping) before the next read
         timing.dequant_s = time.perf_counter() - t1
         return loaded
@@ -111,19 +110,16 @@ class LayerStreamer:
         state, qweights = ready_packed(cached, self.dtype)
         return LoadedLayer(state, timing, qweights=qweights)
 
-    def _to_cuda(self, cached: CachedLayer, timing: LayerTiming) -> LoadedLayer:
-        # Host tensors are pinned so the copy is truly asynchronous; the copy and the
-        # dequantization run on a side stream, and an event tells the compute stream when
-        # the layer is ready.
-        stream = self._copy_stream
-        with torch.cuda.stream(stream):
-            tensors = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in cached.tensors.items()}
-            on_device = CachedLayer(tensors, cached.linears)
+    def _dequantized(self, cached: CachedLayer, timing: LayerTiming) -> LoadedLayer:
+        """The layer dequantized into a reused slot of compute-dtype buffers. On CUDA the host
+        tensors are pinned and copied on a side stream, dequantized there, and an event tells
+        the compute stream when the layer is ready; on CPU the same steps run in place."""
+        with device_calls.side_stream_context(self._copy_stream):
+            on_device = CachedLayer(device_calls.to_device(cached.tensors, self.device), cached.linears)
             slot = self.pool.take(_template(on_device, self.dtype))
             state = dequantize_cached(on_device, self.dtype, out=slot)
-            event = torch.cuda.Event()
-            event.record(stream)
-        return LoadedLayer(state, timing, slot, ready=event)
+            ready = device_calls.record_ready(self.device, self._copy_stream)
+        return LoadedLayer(state, timing, slot, ready=ready)
 
     def prefetch(self, index: int) -> None:
         if self._executor is None or index in self._pending:
@@ -136,15 +132,14 @@ class LayerStreamer:
         loaded = future.result() if future is not None else self.load(index)
         loaded.timing.wait_s = time.perf_counter() - t0
         loaded.timing.step = self.step  # a layer prefetched during the previous pass runs in this one
-        if loaded.ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(loaded.ready)
+        device_calls.wait_ready(self.device, loaded.ready)
         return loaded
 
     def release(self, loaded: LoadedLayer) -> None:
         if loaded.slot is not None:
             if loaded.ready is not None:
                 # The side stream must not overwrite this slot before compute is done with it.
-                torch.cuda.current_stream(self.device).synchronize()
+                device_calls.synchronize(self.device)
             self.pool.give(loaded.slot)
 
     def cancel(self) -> None:

@@ -25,3 +25,7 @@ def model_factory(tmp_path_factory):
         return made[key]
 
     return make
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (`pytest -m cuda` runs only these)")

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from sli import ModelLoadError, QuantizationConfig, UnsupportedArchitectureError
 from sli.quantization import codec_for
 from sli.processor import UniversalSLIProcessor
-from sli.quantization import is_linear, linear_weight
+from sli.quantization import QuantizedLinear, is_linear, linear_weight
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "gpt_neox", "mixtral",
             "falcon", "stablelm", "olmo", "phi", "gemma", "qwen2_moe", "qwen3_moe", "gemma3_text", "olmo2",
@@ -303,3 +303,67 @@ def test_the_runner_runs_any_range_of_layers_on_given_hidden_states(model_factor
         staged = proc.runner.run_range(proc.runner.run_range(hidden, 0, 1, **kwargs), 1, 4, **kwargs)
     assert torch.equal(whole, expected) and torch.equal(staged, expected)
     assert not proc.runner.in_flight  # every streamed layer released
+
+
+# The dequantize strategy is CUDA's path (layers dequantized into reused buffers, plain
+# modules); selectable on CPU so its logic runs here. Only the CUDA calls stay GPU-only.
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral", "gemma2"])
+def test_dequantize_strategy_equals_transformers(family, model_factory, tmp_path):
+    model_dir = model_factory(family)
+    reference = reference_model(model_dir)
+    ids = torch.randint(0, reference.config.get_text_config().vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with open_processor(model_dir, tmp_path, strategy="dequantize", device="cpu") as proc:
+        assert not proc.packed and not any(isinstance(m, QuantizedLinear) for m in proc.layers.modules())
+        with torch.no_grad():
+            expected = reference(ids).logits
+        torch.testing.assert_close(proc.forward(ids), expected, atol=1e-5, rtol=1e-5)
+        want = reference.generate(ids[:1], max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)[:, 12:]
+        assert proc.generate(ids[:1], max_new_tokens=6, eos_token_id=[]).tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_dequantize_strategy_equals_the_dequantized_reference(mode, model_factory, tmp_path):
+    model_dir = model_factory("llama")
+    config = QuantizationConfig(mode=mode)
+    reference = reference_model(model_dir, config)
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(2))
+    with UniversalSLIProcessor(model_dir, config, cache_dir=tmp_path / "cache", memory_budget_gb=0.0,
+                               strategy="dequantize", device="cpu") as proc:
+        with torch.no_grad():
+            expected = reference(ids).logits
+        torch.testing.assert_close(proc.forward(ids), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dequantize_strategy_reuses_its_buffer_slots_and_prefetches_in_order(model_factory, tmp_path):
+    model_dir = model_factory("llama", num_layers=4)
+    with UniversalSLIProcessor(model_dir, "nf4", cache_dir=tmp_path / "cache", memory_budget_gb=0.0,
+                               strategy="dequantize", device="cpu", prefetch_depth=1) as proc:
+        loads, real_load = [], proc.streamer.load
+        proc.streamer.load = lambda index: loads.append(index) or real_load(index)
+        slots = set()
+        real_take = proc.streamer.pool.take
+        proc.streamer.pool.take = lambda template: (lambda s: slots.add(id(s)) or s)(real_take(template))
+        proc.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, eos_token_id=[])
+        assert proc.streamer.pool.made == 2  # the running layer and the one prefetched
+        assert len(slots) == 2  # the same two slots, pass after pass
+        # layer 0 first (no pass before it), then each next layer ahead, wrapping to 0 at the end
+        assert loads == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0]
+
+
+def test_dequantize_strategy_plans_in_dequantized_bytes_and_keeps_resident_layers(model_factory, tmp_path):
+    model_dir = model_factory("llama", num_layers=4)
+    probe = UniversalSLIProcessor(model_dir, "nf4", cache_dir=tmp_path / "cache", strategy="dequantize", device="cpu")
+    layer_bytes = sum(p.numel() for p in probe.layers[0].parameters()) * 4  # float32
+    budget = probe.shared_bytes + (2 + 2) * layer_bytes + 1  # two in flight, two resident
+    probe.close()
+    with UniversalSLIProcessor(model_dir, "nf4", cache_dir=tmp_path / "cache", strategy="dequantize", device="cpu",
+                               memory_budget_gb=budget / 2**30) as proc:
+        assert proc.plan.layer_bytes == layer_bytes and proc.plan.resident_layers == [0, 1]
+        proc.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, eos_token_id=[])
+        streamed = {t.layer for t in proc.timings if not t.resident}
+        assert streamed == {2, 3}
+
+
+def test_packed_strategy_is_refused_off_cpu_and_unknown_strategies_are_named(model_factory, tmp_path):
+    with pytest.raises(ValueError, match="strategy='fast' is not one of packed, dequantize"):
+        UniversalSLIProcessor(model_factory("llama"), "int8", cache_dir=tmp_path, strategy="fast", device="cpu")
