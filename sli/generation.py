@@ -2,6 +2,7 @@
 model step (as gpt-fast does), independent of how the step runs the model."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -37,21 +38,48 @@ def sample_next_token(logits: torch.Tensor, do_sample: bool = False, temperature
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], Tuple[torch.Tensor, Any]]
 
 
+@dataclass
+class GenerationSession:
+    """A conversation's state between :meth:`generate` calls: its KV cache, how many positions
+    it holds, and the last generated token, which no forward has consumed yet. A turn feeds
+    only what is new, so a chat's second turn does not re-run the first."""
+
+    kv_cache: Any
+    length: int = 0  # positions in kv_cache
+    pending: List[int] = field(default_factory=list)  # generated, not yet fed
+    token_ids: List[int] = field(default_factory=list)  # every token of the conversation so far
+
+    def continue_with(self, new_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(ids to feed [1, S], attention mask [1, length + S])`` for a turn adding ``new_ids``."""
+        ids = torch.cat([torch.tensor([self.pending], dtype=torch.long, device=new_ids.device).view(1, -1),
+                         new_ids.view(1, -1)], dim=1)
+        return ids, torch.ones(1, self.length + ids.shape[1], dtype=torch.long, device=new_ids.device)
+
+    def record(self, fed: torch.Tensor, generated: torch.Tensor) -> None:
+        """After a turn: ``fed`` went into the cache, and ``generated`` (all but its last token)."""
+        self.token_ids += fed.view(-1).tolist() + generated.view(-1).tolist()
+        count = generated.numel()
+        self.length += fed.shape[-1] + max(0, count - 1)
+        self.pending = generated.view(-1)[-1:].tolist() if count else []
+
+
 def generate_tokens(step: Step, input_ids: torch.Tensor, attention_mask: torch.Tensor, kv_cache: Any,
                     max_new_tokens: int, eos_token_ids: Sequence[int] = (), do_sample: bool = False,
                     temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                     generator: Optional[torch.Generator] = None,
                     callback: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
-    """The decode loop over a model ``step``: prefill the (left-padded) prompt, then one token
+    """The decode loop over a model ``step``: prefill ``input_ids`` ``[B, S]``, then one token
     per step until ``max_new_tokens`` or every row has emitted an EOS; returns the new ids
-    ``[B, T]``. A finished row keeps emitting its EOS. ``callback`` gets each step's tokens ``[B]``.
+    ``[B, T]``. ``attention_mask`` ``[B, P + S]`` covers the ``P`` positions already in
+    ``kv_cache`` and the (left-padded) prompt. A finished row keeps emitting its EOS.
+    ``callback`` gets each step's tokens ``[B]``.
     """
     device = input_ids.device
-    batch = input_ids.shape[0]
+    batch, new = input_ids.shape
     eos = torch.tensor(list(eos_token_ids), device=device, dtype=torch.long)
     tokens: List[torch.Tensor] = []
     mask = attention_mask
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]
     ids, finished = input_ids, torch.zeros(batch, dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
         logits, kv_cache = step(ids, mask, positions, kv_cache)

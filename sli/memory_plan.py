@@ -16,12 +16,13 @@ class MemoryPlan:
     layer_bytes: int  # one ready decoder layer (CPU: its cached bytes + kernel tables; CUDA: dequantized)
     streaming_bytes: int  # layers in flight (running + prefetched) and one prompt-sized work buffer
     runtime_bytes: int = 0  # the kernels' runtime (numba), paid once
+    kv_bytes: int = 0  # keys and values of the planned context, every layer
     resident_layers: List[int] = field(default_factory=list)
 
     @property
     def fixed_bytes(self) -> int:
         """What the plan needs before any layer is resident."""
-        return self.shared_bytes + self.streaming_bytes + self.runtime_bytes
+        return self.shared_bytes + self.streaming_bytes + self.runtime_bytes + self.kv_bytes
 
     @property
     def over_budget(self) -> bool:
@@ -32,15 +33,16 @@ class MemoryPlan:
         b = "unbounded" if self.budget is None else f"{self.budget / GB:.2f} GB"
         return (f"budget {b}: shared {self.shared_bytes / GB:.2f} GB, {len(self.resident_layers)} resident layers "
                 f"of {self.layer_bytes / GB:.3f} GB, streaming {self.streaming_bytes / GB:.3f} GB, "
-                f"kernels {self.runtime_bytes / GB:.2f} GB")
+                f"KV {self.kv_bytes / GB:.3f} GB, kernels {self.runtime_bytes / GB:.2f} GB")
 
 
 def plan_memory(budget: Optional[int], *, num_layers: int, shared_bytes: int, layer_bytes: int, scratch_bytes: int,
-                prefetch_depth: int, runtime_bytes: int, available_bytes: int) -> MemoryPlan:
+                prefetch_depth: int, runtime_bytes: int, available_bytes: int, kv_bytes: int = 0) -> MemoryPlan:
     """Which layers stay resident under ``budget`` (bytes; None: ``available_bytes``).
 
     The shared modules, the layers in flight (the running one plus ``prefetch_depth``
-    prefetched), one prompt work buffer and the kernels' runtime come first; the rest of the
+    prefetched), one prompt work buffer, the kernels' runtime and the keys and values of the
+    planned context (``kv_bytes``) come first; the rest of the
     budget holds whole layers, from the first, that are then never streamed again.
 
     >>> plan_memory(1000, num_layers=8, shared_bytes=100, layer_bytes=100, scratch_bytes=0,
@@ -48,7 +50,7 @@ def plan_memory(budget: Optional[int], *, num_layers: int, shared_bytes: int, la
     [0, 1, 2, 3, 4, 5, 6]
     """
     streaming = (prefetch_depth + 1) * layer_bytes + scratch_bytes
-    plan = MemoryPlan(budget, shared_bytes, layer_bytes, streaming, runtime_bytes)
+    plan = MemoryPlan(budget, shared_bytes, layer_bytes, streaming, runtime_bytes, kv_bytes)
     spare = (budget if budget is not None else available_bytes) - plan.fixed_bytes
     count = max(0, min(num_layers, spare // layer_bytes if layer_bytes else 0))
     plan.resident_layers = list(range(int(count)))

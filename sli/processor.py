@@ -20,10 +20,12 @@ from . import transformers_adapter as hf
 from .architectures import ModelLayout, discover_layout
 from .checkpoint import Checkpoint, SkeletonLoader, resolve_model_dir
 from .errors import ModelLoadError, SLIError, UnsupportedArchitectureError
-from .generation import generate_tokens
+from .generation import GenerationSession, generate_tokens
+from .kv_cache import KV_DTYPES, kv_bytes_per_token
 from .layer_cache import LayerCache
 from .layer_runner import LayerRunner
 from .memory_plan import MemoryPlan, plan_memory
+from .model_check import max_positions
 from .quantization import (CachedLayer, LayerQuantizer, QuantizationConfig, QuantizedLinear, default_compute_dtype,
                            split_cached)
 from .quantization.execution import WeightScratch, prompt_chunk_rows, warm_up_kernels
@@ -84,6 +86,10 @@ class UniversalSLIProcessor:
         memory_budget_gb: on CPU, the RAM budget for resident + streamed layers.
         prefetch: load the next layer in the background while the current one runs.
         prefetch_depth: how many layers ahead to load.
+        kv_dtype: how keys and values are kept: "bfloat16" (default), "int8" (a scale per
+            token and head) or "float32" (exactly what transformers keeps on CPU).
+        max_context_tokens: the context the memory plan reserves keys and values for (default:
+            the model's positions, at most 4096).
         strategy: how a streamed layer computes. "packed" (CPU's default): its linears
             multiply by the cached bytes (fused kernels, no dequantized copy). "dequantize"
             (CUDA's, and selectable on CPU): each layer is dequantized into reused
@@ -98,7 +104,8 @@ class UniversalSLIProcessor:
                  max_cache_size_gb: Optional[float] = None, max_memory_cache_size_gb: Optional[float] = None,
                  max_gpu_memory_gb: Optional[float] = None, memory_budget_gb: Optional[float] = None,
                  prefetch: bool = True, prefetch_depth: int = 1, model_id: Optional[str] = None,
-                 strategy: Optional[str] = None) -> None:
+                 strategy: Optional[str] = None, kv_dtype: str = "bfloat16",
+                 max_context_tokens: Optional[int] = None) -> None:
         self.model_dir = resolve_model_dir(model_name)
         _return_freed_buffers_to_the_os()
         try:
@@ -110,8 +117,13 @@ class UniversalSLIProcessor:
         self.quantization_config = self.quantizer.config
         self.compute_dtype = self.quantization_config.compute_dtype or default_compute_dtype(self.device)
 
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype={kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
+        self.kv_dtype = kv_dtype
         self.checkpoint = Checkpoint(self.model_dir)
         self.config = self._read_config()
+        self.max_positions = max_positions(self.config.to_dict())
+        self.max_context_tokens = max_context_tokens or min(self.max_positions or 4096, 4096)
         self.model, loader_model = self._build_skeletons()
         self.layout: ModelLayout = discover_layout(self.model, self.config)
         self.layers: nn.ModuleList = self.model.get_submodule(self.layout.layers_path)
@@ -226,13 +238,22 @@ class UniversalSLIProcessor:
             self._plan = plan_memory(self.memory_budget, num_layers=self.layout.num_layers,
                                      shared_bytes=self.shared_bytes, layer_bytes=layer_bytes, scratch_bytes=scratch,
                                      prefetch_depth=self._prefetch_depth, runtime_bytes=runtime,
-                                     available_bytes=int(available))
+                                     available_bytes=int(available), kv_bytes=self._kv_bytes(self.max_context_tokens))
             if self._plan.over_budget:
                 logger.warning("memory budget %.2f GB is below the shared modules + streaming + kernel runtime "
                                "(%.2f GB); every layer streams", self._plan.budget / GB, self._plan.fixed_bytes / GB)
             logger.info("%s: %d layers at %s; %s", self.model_id, self.layout.num_layers, self.layout.layers_path,
                         self._plan.describe())
         return self._plan
+
+    def _kv_bytes(self, tokens: int, batch: int = 1) -> int:
+        """Bytes the keys and values of ``tokens`` positions take, every layer (an upper bound:
+        sliding-window layers hold less)."""
+        text = hf.text_config(self.config)
+        heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", 1)
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        return batch * tokens * kv_bytes_per_token(self.layout.num_layers, kv_heads, head_dim, self.kv_dtype)
 
     @property
     def timings(self) -> List[LayerTiming]:
@@ -308,6 +329,16 @@ class UniversalSLIProcessor:
         ids = self._check_ids(prompts)
         return ids, torch.ones_like(ids)
 
+    def _check_length(self, total: int) -> None:
+        if self.max_positions is not None and total > self.max_positions:
+            raise ValueError(f"the prompt and new tokens need {total} positions, more than this model's "
+                             f"{self.max_positions} (max_position_embeddings); shorten the prompt or max_new_tokens")
+
+    def new_session(self) -> GenerationSession:
+        """An empty conversation: pass it to :meth:`generate` turn after turn, and each turn
+        feeds only its own tokens (the KV cache keeps the rest)."""
+        return GenerationSession(hf.new_kv_cache(self.config, self.kv_dtype, reserve=self.max_context_tokens))
+
     def _step(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, kv_cache):
         """One forward over new positions with the KV cache: (last logits [B, V], cache)."""
         out = self._run(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
@@ -318,13 +349,16 @@ class UniversalSLIProcessor:
     def generate(self, input_ids_or_prompt, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                  eos_token_id: Optional[Union[int, Sequence[int]]] = None, attention_mask: Optional[torch.Tensor] = None,
-                 callback: Optional[Callable[[torch.Tensor], None]] = None, seed: Optional[int] = None) -> torch.Tensor:
+                 callback: Optional[Callable[[torch.Tensor], None]] = None, seed: Optional[int] = None,
+                 session: Optional[GenerationSession] = None) -> torch.Tensor:
         """Generate up to ``max_new_tokens`` tokens with a KV cache; returns the new ids ``[B, T]``.
 
         ``input_ids_or_prompt``: token ids ``[S]``/``[B, S]`` (left-padded with
         ``attention_mask`` for a batch), or text / a list of texts (needs a tokenizer).
         Each new token streams the layers once over one position. ``callback`` gets each
         step's new tokens ``[B]`` as they come. A finished row (EOS) keeps emitting EOS.
+        ``session`` (:meth:`new_session`, one sequence) continues a conversation: the call feeds
+        only the new prompt, after what the session's KV cache already holds.
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens} is negative; pass 0 or more")
@@ -337,13 +371,25 @@ class UniversalSLIProcessor:
             eos_token_id = self.config.eos_token_id
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-        return generate_tokens(self._step, input_ids, mask, hf.new_kv_cache(self.config), max_new_tokens, eos,
-                               do_sample, temperature, top_k, top_p, generator, callback)
+        if session is None:
+            self._check_length(input_ids.shape[1] + max_new_tokens)
+            kv_cache = hf.new_kv_cache(self.config, self.kv_dtype, reserve=input_ids.shape[1] + max_new_tokens)
+            return generate_tokens(self._step, input_ids, mask, kv_cache, max_new_tokens, eos,
+                                   do_sample, temperature, top_k, top_p, generator, callback)
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"a session holds one conversation; got a batch of {input_ids.shape[0]} prompts")
+        ids, mask = session.continue_with(input_ids[mask.bool()].view(1, -1))
+        self._check_length(session.length + ids.shape[1] + max_new_tokens)
+        new = generate_tokens(self._step, ids, mask, session.kv_cache, max_new_tokens, eos,
+                              do_sample, temperature, top_k, top_p, generator, callback)
+        session.record(ids, new)
+        return new
 
     def stats(self) -> Dict[str, object]:
         """Cache statistics and the memory plan."""
         return {"cache": self.cache.stats().to_dict(), "memory_plan": self.plan.describe(),
-                "resident_layers": len(self.plan.resident_layers), "num_layers": self.layout.num_layers}
+                "resident_layers": len(self.plan.resident_layers), "num_layers": self.layout.num_layers,
+                "kv_dtype": self.kv_dtype, "kv_bytes_planned": self.plan.kv_bytes}
 
     def close(self) -> None:
         self.streamer.close()

@@ -101,9 +101,25 @@ class KeyMapper:
             convert_and_load_state_dict_in_model(model, state, config)
 
 
-def new_kv_cache(config) -> Any:
-    """An empty KV cache object for a model of ``config``."""
-    return transformers.DynamicCache(config=config)
+def new_kv_cache(config, kv_dtype: Optional[str] = None, reserve: int = 0) -> Any:
+    """An empty KV cache object for a model of ``config``. With ``kv_dtype``, each
+    full-attention layer keeps its keys and values in a :func:`sli.kv_cache.compact_kv_layer`
+    (preallocated for ``reserve`` positions); sliding-window and other layer kinds keep
+    transformers' own."""
+    cache = transformers.DynamicCache(config=config)
+    if kv_dtype is not None:
+        from .kv_cache import compact_kv_layer
+
+        if not cache.layers:  # no per-layer types in the config: one full-attention layer each
+            cache.layers = [transformers.DynamicLayer() for _ in range(text_config(config).num_hidden_layers)]
+        cache.layers = [compact_kv_layer(kv_dtype, reserve) if type(layer) is transformers.DynamicLayer else layer
+                        for layer in cache.layers]
+    return cache
+
+
+def full_attention_cache_layer() -> type:
+    """transformers' per-layer cache class for full attention (what a compact layer replaces)."""
+    return transformers.DynamicLayer
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -137,4 +153,6 @@ def internals_used() -> List[Tuple[Any, List[str]]]:
         (get_model_conversion_mapping, ["model"]),
         (LoadStateDictConfig, ["dtype", "weight_mapping", "device_map"]),
         (transformers.DynamicCache, ["config"]),
+        (transformers.DynamicLayer.update, ["key_states", "value_states"]),
+        (transformers.DynamicLayer.get_mask_sizes, ["query_length"]),
     ]

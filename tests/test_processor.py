@@ -354,7 +354,7 @@ def test_dequantize_strategy_plans_in_dequantized_bytes_and_keeps_resident_layer
     model_dir = model_factory("llama", num_layers=4)
     probe = UniversalSLIProcessor(model_dir, "nf4", cache_dir=tmp_path / "cache", strategy="dequantize", device="cpu")
     layer_bytes = sum(p.numel() for p in probe.layers[0].parameters()) * 4  # float32
-    budget = probe.shared_bytes + (2 + 2) * layer_bytes + 1  # two in flight, two resident
+    budget = probe.shared_bytes + probe.plan.kv_bytes + (2 + 2) * layer_bytes + 1  # two in flight, two resident
     probe.close()
     with UniversalSLIProcessor(model_dir, "nf4", cache_dir=tmp_path / "cache", strategy="dequantize", device="cpu",
                                memory_budget_gb=budget / 2**30) as proc:

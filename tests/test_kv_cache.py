@@ -1,0 +1,94 @@
+"""Keys and values in preallocated compact buffers, in the memory plan, and across turns."""
+import pytest
+import torch
+
+from sli import UniversalSLIProcessor
+from sli import transformers_adapter as hf
+from sli.kv_cache import compact_kv_layer, kv_bytes_per_token
+
+
+def open_processor(model_factory, tmp_path, **kwargs):
+    return UniversalSLIProcessor(model_factory("llama"), "none", cache_dir=tmp_path / "cache", device="cpu",
+                                 memory_budget_gb=0.0, **kwargs)
+
+
+def test_float32_kv_gives_transformers_own_results(model_factory, tmp_path):
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(4))
+    with open_processor(model_factory, tmp_path, kv_dtype="float32") as proc:
+        compact = proc.generate(ids, max_new_tokens=8, eos_token_id=[])
+        proc.kv_dtype = None  # transformers' DynamicCache (torch.cat per token)
+        dynamic = proc.generate(ids, max_new_tokens=8, eos_token_id=[])
+    assert compact.tolist() == dynamic.tolist()
+
+
+@pytest.mark.parametrize("kv_dtype, tolerance", [("bfloat16", 1e-2), ("int8", 2e-2)])
+def test_compact_kv_reads_back_what_was_written(kv_dtype, tolerance):
+    layer = compact_kv_layer(kv_dtype, reserve=64)
+    keys, values = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    layer.update(keys, values)
+    more_k, more_v = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
+    k, v = layer.update(more_k, more_v)
+    assert k.dtype == torch.float32 and k.shape == (1, 2, 6, 16) and layer.get_seq_length() == 6
+    expected = torch.cat([keys, more_k], dim=2)
+    assert float((k - expected).abs().max() / expected.abs().max()) < tolerance
+    assert float((v - torch.cat([values, more_v], dim=2)).abs().max()) < tolerance * 5
+
+
+def test_buffers_are_written_in_place_token_after_token(model_factory, tmp_path):
+    # No torch.cat per token: the reserved buffer is the same storage at every step.
+    with open_processor(model_factory, tmp_path) as proc:
+        pointers = []
+        real_step = proc._step
+
+        def step(ids, mask, positions, kv_cache):
+            out = real_step(ids, mask, positions, kv_cache)
+            pointers.append(kv_cache.layers[0]._keys.data.data_ptr())
+            return out
+
+        proc._step = step
+        proc.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=6, eos_token_id=[])
+    assert len(set(pointers)) == 1 and len(pointers) == 6
+
+
+def test_a_session_turn_feeds_only_its_own_tokens_and_matches_one_long_call(model_factory, tmp_path):
+    first, second = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 10, 11]])
+    with open_processor(model_factory, tmp_path, kv_dtype="float32") as proc:
+        fed = []
+        real_step = proc._step
+        proc._step = lambda ids, *rest: fed.append(ids.shape[1]) or real_step(ids, *rest)
+        session = proc.new_session()
+        answer1 = proc.generate(first, max_new_tokens=4, eos_token_id=[], session=session)
+        fed.clear()
+        answer2 = proc.generate(second, max_new_tokens=4, eos_token_id=[], session=session)
+        assert fed[0] == 1 + 3  # the first turn's last token, then the new prompt: nothing re-run
+        assert session.length == 4 + 4 + 3 + 3 and session.pending == answer2[0, -1:].tolist()
+        whole = torch.cat([first, answer1, second], dim=1)
+        assert proc.generate(whole, max_new_tokens=4, eos_token_id=[]).tolist() == answer2.tolist()
+
+
+def test_the_plan_reserves_the_context_keys_and_values(model_factory, tmp_path):
+    with open_processor(model_factory, tmp_path, kv_dtype="int8", max_context_tokens=100) as proc:
+        config = proc.config
+        per_token = kv_bytes_per_token(config.num_hidden_layers, config.num_key_value_heads,
+                                       config.hidden_size // config.num_attention_heads, "int8")
+        assert proc.plan.kv_bytes == 100 * per_token and "KV" in proc.plan.describe()
+        assert proc.stats()["kv_bytes_planned"] == 100 * per_token
+
+
+def test_a_prompt_past_the_models_positions_is_refused_naming_the_limit(model_factory, tmp_path):
+    with open_processor(model_factory, tmp_path) as proc:
+        limit = proc.max_positions
+        with pytest.raises(ValueError, match=f"more than this model's {limit}"):
+            proc.generate(torch.ones(1, limit - 2, dtype=torch.long), max_new_tokens=5)
+
+
+def test_unknown_kv_dtype_is_named(model_factory, tmp_path):
+    with pytest.raises(ValueError, match="kv_dtype='fp16' is not one of float32, bfloat16, int8"):
+        open_processor(model_factory, tmp_path, kv_dtype="fp16")
+
+
+def test_sliding_window_layers_keep_transformers_cache(model_factory):
+    config = hf.load_config(model_factory("gemma2"))
+    cache = hf.new_kv_cache(config, "bfloat16")
+    kinds = {type(layer).__name__ for layer in cache.layers}
+    assert "CompactKVLayer" in kinds and len(kinds) == 2  # full attention compact, sliding as transformers keeps it
