@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -21,6 +22,16 @@ from .quantization import QuantizedLinear
 from .streaming import LayerStreamer, LayerTiming, LoadedLayer
 
 T = TypeVar("T")
+
+
+@dataclass
+class LayerJob:
+    """One piece of work for :meth:`LayerRunner.run_layer_major`: the hidden states entering
+    layer 0 and, per layer, the other arguments its forward takes."""
+
+    hidden: torch.Tensor
+    layer_inputs: List[Tuple[tuple, dict]]  # per layer: (positional args after hidden, kwargs)
+    returns_tuple: bool = False  # whether the layers return (hidden, ...) rather than hidden
 
 
 class LayerRunner:
@@ -36,6 +47,7 @@ class LayerRunner:
         self.timings: List[LayerTiming] = []
         self._span: Tuple[int, int] = (0, len(layers))  # the layers the current pass runs
         self._pass_start = 0.0
+        self._forwards = [layer.forward for layer in layers]  # each layer's own forward
         for index, layer in enumerate(layers):
             layer.forward = functools.partial(self._run_layer, index, layer.forward)
 
@@ -101,12 +113,36 @@ class LayerRunner:
 
         return self.run(body, span=(start, stop))
 
+    def run_layer_major(self, jobs: Sequence["LayerJob"]) -> None:
+        """One pass over the layers carrying several independent jobs (a long prompt's chunks,
+        several sequences): layer i is fetched once and runs every job's call i, in order,
+        before layer i + 1. Each job's ``hidden`` ends as its last layer's output."""
+
+        def body() -> None:
+            for index in range(len(self.layers)):
+                forward = self._forwards[index]
+
+                def calls(forward=forward, index=index) -> None:
+                    for job in jobs:
+                        args, kwargs = job.layer_inputs[index]
+                        out = forward(job.hidden, *args, **kwargs)
+                        job.returns_tuple = isinstance(out, tuple)
+                        job.hidden = out[0] if job.returns_tuple else out
+
+                self._with_layer(index, calls)
+
+        self.run(body)
+
     def _run_layer(self, index: int, forward: Callable, *args, **kwargs):
+        return self._with_layer(index, lambda: forward(*args, **kwargs))
+
+    def _with_layer(self, index: int, body: Callable[[], T]) -> T:
+        """Fetch layer ``index``, run ``body``, record the timing, release the layer."""
         timing = self._fetch(index)
         self._prefetch_after(index)
         timing.start = time.perf_counter() - self._pass_start
         t0 = time.perf_counter()
-        out = forward(*args, **kwargs)
+        out = body()
         device_calls.synchronize(self.device)
         timing.compute_s = time.perf_counter() - t0
         self.timings.append(timing)

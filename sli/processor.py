@@ -20,6 +20,7 @@ from . import transformers_adapter as hf
 from .architectures import ModelLayout, discover_layout
 from .checkpoint import Checkpoint, SkeletonLoader, resolve_model_dir
 from .errors import ModelLoadError, SLIError, UnsupportedArchitectureError
+from .chunked_prefill import capture_layer_inputs, chunk_bounds, chunkable, finish_forward, set_cache_length
 from .generation import GenerationSession, generate_tokens
 from .kv_cache import KV_DTYPES, kv_bytes_per_token
 from .layer_cache import LayerCache
@@ -90,6 +91,10 @@ class UniversalSLIProcessor:
             token and head) or "float32" (exactly what transformers keeps on CPU).
         max_context_tokens: the context the memory plan reserves keys and values for (default:
             the model's positions, at most 4096).
+        prefill_chunk_tokens: a prompt longer than this runs in chunks of it inside each layer
+            (activations bounded by the chunk; one pass over the weights all the same).
+            Default: what an eighth of the memory budget holds of one token's activations
+            (64 to 2048 tokens), or 512 without a budget.
         strategy: how a streamed layer computes. "packed" (CPU's default): its linears
             multiply by the cached bytes (fused kernels, no dequantized copy). "dequantize"
             (CUDA's, and selectable on CPU): each layer is dequantized into reused
@@ -105,7 +110,7 @@ class UniversalSLIProcessor:
                  max_gpu_memory_gb: Optional[float] = None, memory_budget_gb: Optional[float] = None,
                  prefetch: bool = True, prefetch_depth: int = 1, model_id: Optional[str] = None,
                  strategy: Optional[str] = None, kv_dtype: str = "bfloat16",
-                 max_context_tokens: Optional[int] = None) -> None:
+                 max_context_tokens: Optional[int] = None, prefill_chunk_tokens: Optional[int] = None) -> None:
         self.model_dir = resolve_model_dir(model_name)
         _return_freed_buffers_to_the_os()
         try:
@@ -120,6 +125,8 @@ class UniversalSLIProcessor:
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype={kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
         self.kv_dtype = kv_dtype
+        if prefill_chunk_tokens is not None and prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens={prefill_chunk_tokens} must be >= 1")
         self.checkpoint = Checkpoint(self.model_dir)
         self.config = self._read_config()
         self.max_positions = max_positions(self.config.to_dict())
@@ -152,6 +159,7 @@ class UniversalSLIProcessor:
         self.streamer = LayerStreamer(self._cached_layer, self.device, self.compute_dtype,
                                       depth=prefetch_depth, prefetch=prefetch, packed=self.packed)
         self.runner = LayerRunner(self.layers, self.streamer, self.device)
+        self.prefill_chunk_tokens = prefill_chunk_tokens or self._default_chunk_tokens()
 
     # ------------------------------------------------------------------ building
     def _check_strategy(self, strategy: Optional[str]) -> str:
@@ -245,6 +253,17 @@ class UniversalSLIProcessor:
             logger.info("%s: %d layers at %s; %s", self.model_id, self.layout.num_layers, self.layout.layers_path,
                         self._plan.describe())
         return self._plan
+
+    def _default_chunk_tokens(self) -> int:
+        """What an eighth of the budget holds of one token's activations in a layer (hidden
+        states, attention projections, the MLP's intermediates), 64 to 2048 tokens."""
+        if self.memory_budget is None:
+            return 512
+        text = hf.text_config(self.config)
+        hidden = text.hidden_size
+        intermediate = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
+        per_token = torch.finfo(self.compute_dtype).bits // 8 * (4 * hidden + 3 * intermediate)
+        return int(min(2048, max(64, self.memory_budget // 8 // per_token)))
 
     def _kv_bytes(self, tokens: int, batch: int = 1) -> int:
         """Bytes the keys and values of ``tokens`` positions take, every layer (an upper bound:
@@ -340,10 +359,38 @@ class UniversalSLIProcessor:
         return GenerationSession(hf.new_kv_cache(self.config, self.kv_dtype, reserve=self.max_context_tokens))
 
     def _step(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, kv_cache):
-        """One forward over new positions with the KV cache: (last logits [B, V], cache)."""
+        """One forward over new positions with the KV cache: (last logits [B, V], cache).
+        A prompt longer than a chunk runs in chunks inside each layer (one pass)."""
+        if ids.shape[1] > self.prefill_chunk_tokens and chunkable(kv_cache):
+            return self._prefill_in_chunks(ids, mask, positions, kv_cache), kv_cache
         out = self._run(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                         **{hf.cache_argument(self.model): kv_cache}, **hf.last_logits_kwargs(self.model))
         return out.logits[:, -1, :], hf.output_cache(out)
+
+    def _prefill_in_chunks(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                           kv_cache) -> torch.Tensor:
+        """The last position's logits after ``ids`` ran through every layer a chunk at a time
+        (see :mod:`sli.chunked_prefill`)."""
+        past, length = kv_cache.get_seq_length(), ids.shape[1]
+
+        def forward_kwargs(start: int, stop: int) -> dict:
+            return dict(input_ids=ids[:, start:stop], attention_mask=mask[:, :mask.shape[1] - length + stop],
+                        position_ids=positions[:, start:stop], use_cache=True,
+                        **{hf.cache_argument(self.model): kv_cache}, **hf.last_logits_kwargs(self.model))
+
+        bounds = chunk_bounds(length, self.prefill_chunk_tokens)
+        with torch.inference_mode():
+            jobs = []
+            for start, stop in bounds:
+                set_cache_length(kv_cache, past + start)  # what the mask of this chunk sees before it
+                jobs.append(capture_layer_inputs(self.model, self.layers, forward_kwargs(start, stop)))
+            set_cache_length(kv_cache, past)
+            self.runner.make_resident(self.plan.resident_layers)
+            self.runner.run_layer_major(jobs)
+            set_cache_length(kv_cache, past + bounds[-1][0])
+            out = finish_forward(self.model, self.layers, forward_kwargs(*bounds[-1]), jobs[-1])
+            set_cache_length(kv_cache, past + length)
+        return out.logits[:, -1, :]
 
     @torch.inference_mode()
     def generate(self, input_ids_or_prompt, max_new_tokens: int = 32, do_sample: bool = False,

@@ -92,3 +92,18 @@ def test_sliding_window_layers_keep_transformers_cache(model_factory):
     cache = hf.new_kv_cache(config, "bfloat16")
     kinds = {type(layer).__name__ for layer in cache.layers}
     assert "CompactKVLayer" in kinds and len(kinds) == 2  # full attention compact, sliding as transformers keeps it
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "mixtral", "phi3"])
+def test_a_prompt_in_chunks_inside_each_layer_equals_one_piece(family, model_factory, tmp_path):
+    model_dir = model_factory(family)
+    ids = torch.randint(0, 200, (1, 23), generator=torch.Generator().manual_seed(5))
+    with UniversalSLIProcessor(model_dir, "none", cache_dir=tmp_path / "c", device="cpu", memory_budget_gb=0.0,
+                               kv_dtype="float32") as proc:
+        whole = proc.generate(ids, max_new_tokens=5, eos_token_id=[])
+        proc.prefill_chunk_tokens = 6  # 4 chunks: 6, 6, 6, 5
+        proc.runner.timings.clear()
+        chunked = proc.generate(ids, max_new_tokens=5, eos_token_id=[])
+        first_pass = [t.layer for t in proc.timings if t.step == proc.timings[0].step]
+    assert chunked.tolist() == whole.tolist()
+    assert first_pass == list(range(proc.layout.num_layers))  # one pass over the layers for the prompt
