@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -38,6 +38,9 @@ from .streaming import LayerStreamer, LayerTiming, ready_bytes
 logger = logging.getLogger(__name__)
 
 __all__ = ["UniversalSLIProcessor", "default_cache_dir"]
+
+# step_many's input: (new ids [B, S], attention mask [B, P + S], positions [B, S], KV cache)
+StepInput = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]
 
 # "packed": linears multiply by the cached bytes (CPU); "dequantize": each layer is
 # dequantized into reused compute-dtype buffers and runs as plain modules (CUDA, or CPU).
@@ -362,35 +365,50 @@ class UniversalSLIProcessor:
         """One forward over new positions with the KV cache: (last logits [B, V], cache).
         A prompt longer than a chunk runs in chunks inside each layer (one pass)."""
         if ids.shape[1] > self.prefill_chunk_tokens and chunkable(kv_cache):
-            return self._prefill_in_chunks(ids, mask, positions, kv_cache), kv_cache
+            return self.step_many([(ids, mask, positions, kv_cache)])[0], kv_cache
         out = self._run(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                         **{hf.cache_argument(self.model): kv_cache}, **hf.last_logits_kwargs(self.model))
         return out.logits[:, -1, :], hf.output_cache(out)
 
-    def _prefill_in_chunks(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                           kv_cache) -> torch.Tensor:
-        """The last position's logits after ``ids`` ran through every layer a chunk at a time
-        (see :mod:`sli.chunked_prefill`)."""
-        past, length = kv_cache.get_seq_length(), ids.shape[1]
-
-        def forward_kwargs(start: int, stop: int) -> dict:
-            return dict(input_ids=ids[:, start:stop], attention_mask=mask[:, :mask.shape[1] - length + stop],
-                        position_ids=positions[:, start:stop], use_cache=True,
-                        **{hf.cache_argument(self.model): kv_cache}, **hf.last_logits_kwargs(self.model))
-
-        bounds = chunk_bounds(length, self.prefill_chunk_tokens)
+    def step_many(self, items: Sequence[StepInput]) -> List[torch.Tensor]:
+        """One pass over the layers for several independent sequences, each with its own new
+        ids ``[B, S]``, attention mask ``[B, P + S]`` (``P`` positions already in its cache),
+        positions ``[B, S]`` and KV cache: each layer is fetched once and runs every sequence
+        (a long prompt a chunk at a time, see :mod:`sli.chunked_prefill`) before the next.
+        Returns each sequence's last-position logits ``[B, V]``; the caches hold the new positions.
+        """
+        plans = []  # per item: (past, length, bounds, forward_kwargs, jobs)
         with torch.inference_mode():
-            jobs = []
-            for start, stop in bounds:
-                set_cache_length(kv_cache, past + start)  # what the mask of this chunk sees before it
-                jobs.append(capture_layer_inputs(self.model, self.layers, forward_kwargs(start, stop)))
-            set_cache_length(kv_cache, past)
+            for ids, mask, positions, kv_cache in items:
+                past, length = kv_cache.get_seq_length(), ids.shape[1]
+                chunked = chunkable(kv_cache)
+                bounds = chunk_bounds(length, self.prefill_chunk_tokens if chunked else length)
+
+                def forward_kwargs(start, stop, ids=ids, mask=mask, positions=positions, kv_cache=kv_cache,
+                                   length=length) -> dict:
+                    return dict(input_ids=ids[:, start:stop], attention_mask=mask[:, :mask.shape[1] - length + stop],
+                                position_ids=positions[:, start:stop], use_cache=True,
+                                **{hf.cache_argument(self.model): kv_cache}, **hf.last_logits_kwargs(self.model))
+
+                jobs = []
+                for start, stop in bounds:
+                    if chunked:
+                        set_cache_length(kv_cache, past + start)  # what this chunk's mask sees before it
+                    jobs.append(capture_layer_inputs(self.model, self.layers, forward_kwargs(start, stop)))
+                if chunked:
+                    set_cache_length(kv_cache, past)
+                plans.append((kv_cache, chunked, past, length, bounds, forward_kwargs, jobs))
             self.runner.make_resident(self.plan.resident_layers)
-            self.runner.run_layer_major(jobs)
-            set_cache_length(kv_cache, past + bounds[-1][0])
-            out = finish_forward(self.model, self.layers, forward_kwargs(*bounds[-1]), jobs[-1])
-            set_cache_length(kv_cache, past + length)
-        return out.logits[:, -1, :]
+            self.runner.run_layer_major([job for plan in plans for job in plan[-1]])
+            logits = []
+            for kv_cache, chunked, past, length, bounds, forward_kwargs, jobs in plans:
+                if chunked:
+                    set_cache_length(kv_cache, past + bounds[-1][0])
+                out = finish_forward(self.model, self.layers, forward_kwargs(*bounds[-1]), jobs[-1])
+                if chunked:
+                    set_cache_length(kv_cache, past + length)
+                logits.append(out.logits[:, -1, :])
+        return logits
 
     @torch.inference_mode()
     def generate(self, input_ids_or_prompt, max_new_tokens: int = 32, do_sample: bool = False,

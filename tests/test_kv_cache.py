@@ -107,3 +107,21 @@ def test_a_prompt_in_chunks_inside_each_layer_equals_one_piece(family, model_fac
         first_pass = [t.layer for t in proc.timings if t.step == proc.timings[0].step]
     assert chunked.tolist() == whole.tolist()
     assert first_pass == list(range(proc.layout.num_layers))  # one pass over the layers for the prompt
+
+
+def test_several_sequences_share_one_pass_and_each_gets_its_own_answer(model_factory, tmp_path):
+    # What a server's batching step does: each layer fetched once, every sequence run through it.
+    prompts = [torch.tensor([[3, 4, 5, 6, 7, 8, 9]]), torch.tensor([[20, 21]]), torch.tensor([[40, 41, 42, 43]])]
+    with UniversalSLIProcessor(model_factory("llama"), "int8", cache_dir=tmp_path / "c", device="cpu",
+                               memory_budget_gb=0.0, prefill_chunk_tokens=3) as proc:
+        alone = [proc.generate(p, max_new_tokens=1, eos_token_id=[])[0, 0].item() for p in prompts]
+        sessions = [proc.new_session() for _ in prompts]
+        items = []
+        for p, session in zip(prompts, sessions):
+            ids, mask = session.continue_with(p)
+            items.append((ids, mask, torch.arange(ids.shape[1]).view(1, -1), session.kv_cache))
+        proc.runner.timings.clear()
+        logits = proc.step_many(items)
+        assert [int(l.argmax(-1)) for l in logits] == alone
+        assert [t.layer for t in proc.timings] == list(range(proc.layout.num_layers))  # one pass for all
+        assert [s.kv_cache.get_seq_length() for s in sessions] == [7, 2, 4]
