@@ -1,12 +1,15 @@
 """Fused CPU kernels vs dequantize-then-BLAS, one Llama-2-7B feed-forward weight.
 
-Run: .venv/bin/python benchmarks/kernels.py [--repeats 5] [--shape 11008 4096]
+Run: .venv/bin/python benchmarks/kernels.py [--repeats 7] [--shape 11008 4096] [--modes nf4 int8]
+     [--rows 1 4 16] [--no-dequantize]
 
-For each mode, the time of ``codec.linear(q, x)`` (what a streamed layer's linear does) for
-1, 4 and 16 activation rows — the fused kernel path (sli.kernels) — beside, in the same run:
-the float32 ``F.linear`` with the weight already dequantized (the compute floor: what a fully
-loaded float32 model pays), and dequantize-into-a-reused-buffer + ``F.linear`` (what a
-streamed layer would pay without the kernels). Median of --repeats after a warm-up call.
+For each mode, the time of ``sli.quantization.execution.linear(q, x)`` (what a streamed
+layer's linear does) for 1, 4 and 16 activation rows — the fused kernel path (sli.kernels) —
+beside, in the same run: the float32 ``F.linear`` with the weight already dequantized (the
+compute floor: what a fully loaded float32 model pays), and dequantize-into-a-reused-buffer
++ ``F.linear`` (what a streamed layer would pay without the kernels). Median of --repeats
+after a warm-up call, the float32 floor measured right before each mode's kernels. The SIMD
+level is the CPU's best unless ``SLI_SIMD=avx512|avx2|plain`` asks for another one.
 """
 import argparse
 import datetime
@@ -16,7 +19,9 @@ import time
 
 import torch
 
+from sli import kernels
 from sli.quantization import QuantizationConfig, codec_for
+from sli.quantization.execution import linear
 
 MODES = ["none", "int8", "int8_dynamic", "nf4", "fp4", "int4", "fp8"]
 
@@ -31,36 +36,63 @@ def median_ms(fn, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def _level() -> str:
+    level = getattr(kernels, "simd_path", None) or getattr(kernels, "four_bit_path")  # the name before 2026-12
+    return level()
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--shape", type=int, nargs=2, default=[11008, 4096], metavar=("OUT", "IN"))
+    ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--no-dequantize", action="store_true", help="skip the dequantize columns (faster)")
     args = ap.parse_args()
     out_f, in_f = args.shape
     g = torch.Generator().manual_seed(0)
     weight = (torch.randn(out_f, in_f, generator=g) * 0.02).to(torch.bfloat16)
     dense = weight.float()
-    rows = (1, 4, 16)
+    rows = tuple(args.rows)
     xs = {r: torch.randn(r, in_f, generator=g) for r in rows}
-    floor = {r: median_ms(lambda r=r: torch.nn.functional.linear(xs[r], dense), args.repeats) for r in rows}
-    print(f"Command: .venv/bin/python benchmarks/kernels.py --repeats {args.repeats} --shape {out_f} {in_f}")
-    print(f"Machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{datetime.datetime.now().isoformat(timespec='minutes')}; weight {out_f}x{in_f} from bf16")
+    print(f"Command: SLI_SIMD={os.environ.get('SLI_SIMD', '')} .venv/bin/python benchmarks/kernels.py "
+          f"--repeats {args.repeats} --shape {out_f} {in_f} --modes {' '.join(args.modes)} "
+          f"--rows {' '.join(map(str, rows))}{' --no-dequantize' if args.no_dequantize else ''}")
+    print(f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads, kernels {_level()}; {datetime.datetime.now().isoformat(timespec='minutes')}; "
+          f"weight {out_f}x{in_f} from bf16")
     print()
-    print("| mode | " + " | ".join(f"fused {r} row{'s' if r > 1 else ''} ms" for r in rows)
-          + " | dequantize ms | dequantize + F.linear, 1 row ms | fused ÷ fp32 floor, 1 row | fused ÷ dequantize+F.linear, 1 row |")
-    print("|---" * (len(rows) + 5) + "|")
-    print("| fp32 F.linear (floor) | " + " | ".join(f"{floor[r]:.1f}" for r in rows) + " | - | - | 1.00x | - |")
-    for mode in MODES:
+    head = "| mode | " + " | ".join(f"{r} row{'s' if r > 1 else ''}: fused ms (÷ fp32 floor)" for r in rows)
+    if not args.no_dequantize:
+        head += " | dequantize ms | dequantize + F.linear, 1 row ms"
+    print(head + " |")
+    print("|---" * (len(rows) + 1 + (0 if args.no_dequantize else 2)) + "|")
+    for mode in args.modes:
         codec = codec_for(mode)
         q = codec.prepare(codec.quantize(weight, QuantizationConfig(mode=mode)))
-        fused = {r: median_ms(lambda r=r: codec.linear(q, xs[r]), args.repeats) for r in rows}
-        scratch = torch.empty(out_f, in_f)
-        deq = median_ms(lambda: codec.dequantize(q, torch.float32, out=scratch), args.repeats)
-        both = median_ms(lambda: torch.nn.functional.linear(xs[1], codec.dequantize(q, torch.float32, out=scratch)),
-                         args.repeats)
-        print(f"| {mode} | " + " | ".join(f"{fused[r]:.1f}" for r in rows)
-              + f" | {deq:.1f} | {both:.1f} | {fused[1] / floor[1]:.2f}x | {fused[1] / both:.2f}x |")
+        xq = {r: codec.prepare_input(xs[r]) for r in rows}
+        floor = {r: median_ms(lambda r=r: torch.nn.functional.linear(xs[r], dense), args.repeats) for r in rows}
+        fused = {r: median_ms(lambda r=r: linear(q, xq[r]), args.repeats) for r in rows}
+        line = f"| {mode} | " + " | ".join(f"{fused[r]:.1f} ({fused[r] / floor[r]:.2f}x of {floor[r]:.1f})" for r in rows)
+        if not args.no_dequantize:
+            scratch = torch.empty(out_f, in_f)
+            deq = median_ms(lambda: codec.dequantize(q, torch.float32, out=scratch), args.repeats)
+            both = median_ms(lambda: torch.nn.functional.linear(xs[rows[0]], codec.dequantize(q, torch.float32,
+                                                                                               out=scratch)),
+                             args.repeats)
+            line += f" | {deq:.1f} | {both:.1f}"
+        print(line + " |", flush=True)
 
 
 if __name__ == "__main__":

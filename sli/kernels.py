@@ -2,17 +2,19 @@
 
 Decoding one token multiplies each weight by one activation row. Dequantizing a 4-bit
 weight to float32 first costs several times the product itself, so a streamed decode would
-be dequantization-bound (docs/benchmarks.md). The kernels here read the packed bytes once and accumulate in registers instead: a row of the
-output is a dot product of the row's decoded values with the activations.
+be dequantization-bound (docs/benchmarks.md). The kernels here read the packed bytes once
+and accumulate in registers instead: a row of the output is a dot product of the row's
+decoded values with the activations, up to four activation rows per pass over a weight row.
 
-The 4-bit kernels decode 64 values at a time with AVX2 table lookups (:mod:`sli.simd`,
-numba intrinsics; :mod:`sli.simd_fallback`'s plain numba code on other CPUs, chosen at run
-time by :func:`four_bit_helpers`). They are compiled with numba (``nogil``,
-split by output rows across a small thread pool;
-``cache=True``: compiled once per machine, then loaded from ``__pycache__``). Every kernel has a plain
-torch equivalent in :mod:`sli.codecs` (dequantize, then ``F.linear``); the processor uses
-the kernels for up to :data:`FUSED_MAX_TOKENS` activation rows on CPU in float32, where
-they win, and the torch path otherwise. ``SLI_NO_NUMBA=1`` turns them off.
+The inner loops are SIMD helpers chosen at run time by what the CPU has (:func:`simd_path`):
+AVX-512 or AVX2 numba intrinsics (:mod:`sli.simd`), else :mod:`sli.simd_fallback`'s plain
+numba code. ``SLI_SIMD=avx512|avx2|plain`` asks for a level (capped at what the CPU has),
+``SLI_NO_SIMD=1`` for the plain one. They are compiled with numba (``nogil``, split by output
+rows across a small thread pool; ``cache=True``: compiled once per machine and level, then
+loaded from ``__pycache__``). Every kernel has a plain torch equivalent in the codecs
+(dequantize, then ``F.linear``); the processor uses the kernels for up to
+:data:`FUSED_MAX_TOKENS` activation rows on CPU in float32, where they win, and the torch
+path otherwise. ``SLI_NO_NUMBA=1`` turns them off.
 
 All kernels take ``x`` as float32 ``[T, in]`` and write ``y`` float32 ``[T, out]``.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
@@ -37,8 +40,11 @@ FUSED_MAX_TOKENS = settings.DEFAULT_SETTINGS["fused_max_tokens"]
 # What numba adds to a process's peak RSS; the memory plan reserves it.
 RUNTIME_BYTES = settings.DEFAULT_SETTINGS["kernel_runtime_bytes"]
 
+SIMD_LEVELS = ("avx512", "avx2", "plain")  # best first
+
 _lock = threading.Lock()
 _kernels = None
+_helpers = None
 
 
 def kernels_enabled() -> bool:
@@ -46,105 +52,106 @@ def kernels_enabled() -> bool:
     return not settings.flag("SLI_NO_NUMBA") and importlib.util.find_spec("numba") is not None
 
 
-_four_bit_path: Optional[str] = None
+def requested_level() -> str:
+    """The level ``SLI_SIMD`` / ``SLI_NO_SIMD`` ask for: "auto" (the best the CPU runs) or one
+    of :data:`SIMD_LEVELS`."""
+    if settings.flag("SLI_NO_SIMD"):
+        return "plain"
+    asked = os.environ.get("SLI_SIMD", "").strip().lower() or "auto"
+    if asked not in SIMD_LEVELS + ("auto",):
+        logger.warning("SLI_SIMD=%s is not one of %s; using the best this CPU runs", asked,
+                       ", ".join(SIMD_LEVELS + ("auto",)))
+        return "auto"
+    return asked
 
 
-def four_bit_helpers():
-    """``(dot64_4bit, decode64_4bit, path)``: the SIMD helpers of :mod:`sli.simd` where they
-    build and the CPU has what they need, else :mod:`sli.simd_fallback`'s plain numba ones.
+def simd_helpers():
+    """The helpers the kernels are built with: :mod:`sli.simd`'s for the best level the CPU
+    runs (at most the one asked for), else :mod:`sli.simd_fallback`'s plain numba ones.
 
     :mod:`sli.simd` writes LLVM IR through numba's internals, which a numba release may
     move: a failure to import or build it falls back (with one warning), never breaks the
-    kernels. ``path`` is "avx2" or "plain".
+    kernels.
     """
-    if not settings.flag("SLI_NO_SIMD"):
+    asked = requested_level()
+    if asked != "plain":
         try:
             from . import simd
 
-            if simd.ENABLED:
-                return simd.dot64_4bit, simd.decode64_4bit, "avx2"
+            runs = simd.host_levels()
+            allowed = SIMD_LEVELS if asked == "auto" else SIMD_LEVELS[SIMD_LEVELS.index(asked):]
+            chosen = next((level for level in allowed if level in runs), None)
+            if asked != "auto" and chosen != asked:
+                logger.warning("SLI_SIMD=%s: this CPU does not run it; using %s", asked, chosen or "plain")
+            if chosen is not None:
+                return simd.helpers(chosen)
         except Exception as exc:  # ImportError, AttributeError, LLVM errors: numba internals changed
-            logger.warning("the SIMD 4-bit helpers cannot be built against this numba (%s: %s); "
+            logger.warning("the SIMD helpers cannot be built against this numba (%s: %s); "
                            "using the plain kernels", type(exc).__name__, exc)
     from . import simd_fallback
 
-    return simd_fallback.dot64_4bit, simd_fallback.decode64_4bit, "plain"
+    return simd_fallback.HELPERS
 
 
-def four_bit_path() -> str:
-    """Which 4-bit helpers the kernels were built with: "avx2" or "plain" (builds them)."""
+def simd_path() -> str:
+    """The level the kernels were built with: "avx512", "avx2" or "plain" (builds them)."""
     _table()
-    return _four_bit_path
+    return _helpers.level
 
 
-def _build():
-    """Compile (or load from the on-disk cache) the kernels; called once, lazily."""
+four_bit_path = simd_path  # the name before AVX-512
+
+
+def _build(h):
+    """Compile (or load from the on-disk cache) the kernels over helpers ``h``; called once, lazily."""
     import numpy as np
     from numba import njit
 
-    global _four_bit_path
-    dot64_4bit, decode64_4bit, _four_bit_path = four_bit_helpers()
-    # The plain path compiles afresh rather than meet, in numba's on-disk cache, kernels
-    # compiled with the SIMD helpers under the same names.
-    cache = _four_bit_path != "plain"
-    jit = njit(fastmath=True, cache=cache, nogil=True)
-
-    @njit(fastmath=True, cache=cache, nogil=True, inline="always")  # inlined: as fast as one kernel
-    def row_4bit(packed, scales, code, x, xflat, y, o, blocksize, decoded, acc):
-        # y[:, o] = x · row o of a 4-bit weight whose block maxima are ``scales``;
-        # packed: uint8 [out*in/2], first value in the high nibble; xflat: x as 1-D.
-        # 64 values at a time through sli.simd (AVX2 table lookups; blocksize is a multiple of 64).
-        rows, cols = x.shape
-        row_first = o * (cols // 2)
-        if rows == 1:  # decoding a token: one fused pass, nothing stored
-            s = np.float32(0.0)
-            for blk in range(cols // blocksize):
-                j0 = blk * blocksize
-                d = np.float32(0.0)
-                for sub in range(j0, j0 + blocksize, 64):
-                    d += dot64_4bit(packed, row_first + sub // 2, xflat, sub, code)
-                s += d * scales[blk]
-            y[0, o] = s
-            return
-        acc[:] = 0.0
-        for blk in range(cols // blocksize):  # a few rows: decode each block once, reuse it per row
-            j0 = blk * blocksize
-            for sub in range(0, blocksize, 64):
-                decode64_4bit(packed, row_first + (j0 + sub) // 2, code, scales[blk], decoded, sub)
-            for t in range(rows):
-                s = np.float32(0.0)
-                for j in range(blocksize):
-                    s += decoded[j] * x[t, j0 + j]
-                acc[t] += s
-        for t in range(rows):
-            y[t, o] = acc[t]
+    lut4, lut4z, dot8, dotbf16, decode64_4bit = h.lut4, h.lut4z, h.dot8, h.dotbf16, h.decode64_4bit
+    most = h.max_rows  # activation rows a helper multiplies in one pass
+    # numba's cache keys each kernel by its closure (the helpers, with ids naming their level
+    # and source; sli.simd_fallback.stable_id): each level has its own cached kernels.
+    jit = njit(fastmath=True, cache=True, nogil=True)
 
     @jit
     def matmul_4bit(packed, absmax, code, x, y, blocksize, start, stop):
-        # absmax: fp32 [out*in/blocksize]
-        blocks_per_row = x.shape[1] // blocksize
-        decoded = np.empty(blocksize, np.float32)
-        acc = np.empty(x.shape[0], np.float32)
+        # packed: uint8 [out*in/2] (first value in the high nibble); absmax: fp32 [out*in/blocksize];
+        # x: fp32 [T, in] in lut4_order
+        rows, cols = x.shape
+        blocks_per_row = cols // blocksize
         xflat = x.reshape(x.size)
+        acc = np.empty(most, np.float32)
         for o in range(start, stop):
-            row_4bit(packed, absmax[o * blocks_per_row:(o + 1) * blocks_per_row], code, x, xflat, y, o, blocksize,
-                     decoded, acc)
+            t = 0
+            while t < rows:
+                k = min(most, rows - t)
+                lut4(packed, o * (cols // 2), code, absmax, o * blocks_per_row, blocksize, xflat, t * cols, cols, cols,
+                     k, acc)
+                for i in range(k):
+                    y[t + i, o] = acc[i]
+                t += k
 
     @jit
     def matmul_4bit_nested(packed, qabsmax, nested, nested_code, offset, nested_blocksize, code, x, y, blocksize,
                            start, stop):
         # double-quantized block maxima, decoded a row at a time, out of the hot loop:
         # absmax[b] = nested_code[qabsmax[b]] * nested[b // nested_blocksize] + offset
-        blocks_per_row = x.shape[1] // blocksize
+        rows, cols = x.shape
+        blocks_per_row = cols // blocksize
         scales = np.empty(blocks_per_row, np.float32)
-        decoded = np.empty(blocksize, np.float32)
-        acc = np.empty(x.shape[0], np.float32)
         xflat = x.reshape(x.size)
+        acc = np.empty(most, np.float32)
         for o in range(start, stop):
             for blk in range(blocks_per_row):
                 b = o * blocks_per_row + blk
                 scales[blk] = nested_code[qabsmax[b]] * nested[b // nested_blocksize] + offset
-            row_4bit(packed, scales, code, x, xflat, y, o, blocksize, decoded, acc)
+            t = 0
+            while t < rows:
+                k = min(most, rows - t)
+                lut4(packed, o * (cols // 2), code, scales, 0, blocksize, xflat, t * cols, cols, cols, k, acc)
+                for i in range(k):
+                    y[t + i, o] = acc[i]
+                t += k
 
     @jit
     def dequantize_4bit(packed, absmax, code, out, blocksize, start, stop):
@@ -173,14 +180,22 @@ def _build():
 
     @jit
     def matmul_int8(q, scale, x, y, start, stop):
-        # q: int8 [out, in]; y = (x @ q^T) * scale
+        # q: int8 [out*in]; y = (x @ q^T) * scale
         rows, cols = x.shape
+        whole = cols // 64 * 64
+        xflat = x.reshape(x.size)
+        acc = np.empty(most, np.float32)
         for o in range(start, stop):
-            for t in range(rows):
-                s = np.float32(0.0)
-                for j in range(cols):
-                    s += np.float32(q[o, j]) * x[t, j]
-                y[t, o] = s * scale[o]
+            t = 0
+            while t < rows:
+                k = min(most, rows - t)
+                dot8(q, o * cols, xflat, t * cols, whole, cols, k, acc)
+                for i in range(k):
+                    s = acc[i]
+                    for j in range(whole, cols):
+                        s += np.float32(q[o * cols + j]) * x[t + i, j]
+                    y[t + i, o] = s * scale[o]
+                t += k
 
     @jit
     def matmul_lut8(q, lut, scale, x, y, start, stop):
@@ -198,48 +213,44 @@ def _build():
 
     @jit
     def matmul_int4(packed, scales, zeros, x, y, group, start, stop):
-        # packed: uint8 [out, padded_in/2] (first value high nibble); x: fp32 [T, padded_in]
-        # w = (q - zero) * scale per group, so x·w = scale * (x·q - zero * sum(x))
+        # packed: uint8 [out*padded_in/2] (first value high nibble); scales, zeros: fp32 [out*groups];
+        # x: fp32 [T, padded_in] in lut4_order. w = (q - zero) * scale: a 16-entry table per group.
         rows, cols = x.shape
         groups = cols // group
-        xsum = np.zeros((rows, groups), np.float32)
-        for t in range(rows):
-            for g in range(groups):
-                s = np.float32(0.0)
-                for j in range(g * group, (g + 1) * group):
-                    s += x[t, j]
-                xsum[t, g] = s
-        half_group = group // 2
+        code = np.arange(16).astype(np.float32)
+        xflat = x.reshape(x.size)
+        acc = np.empty(most, np.float32)
         for o in range(start, stop):
-            decoded = np.empty(group, np.float32)
-            acc = np.zeros(rows, np.float32)
-            for g in range(groups):
-                for k in range(half_group):
-                    b = packed[o, g * half_group + k]
-                    decoded[2 * k] = np.float32(b >> 4)
-                    decoded[2 * k + 1] = np.float32(b & 15)
-                for t in range(rows):
-                    s = np.float32(0.0)
-                    for j in range(group):
-                        s += decoded[j] * x[t, g * group + j]
-                    acc[t] += scales[o, g] * (s - zeros[o, g] * xsum[t, g])
-            for t in range(rows):
-                y[t, o] = acc[t]
+            t = 0
+            while t < rows:
+                k = min(most, rows - t)
+                lut4z(packed, o * (cols // 2), code, scales, zeros, o * groups, group, xflat, t * cols, cols, cols, k,
+                      acc)
+                for i in range(k):
+                    y[t + i, o] = acc[i]
+                t += k
 
     @jit
     def matmul_bf16(w, x, y, start, stop):
-        # w: bfloat16 bits as uint16 [out, in]; a bfloat16 is the top half of a float32
+        # w: bfloat16 bits as uint16 [out*in]; a bfloat16 is the top half of a float32
         rows, cols = x.shape
+        whole = cols // 64 * 64
+        xflat = x.reshape(x.size)
+        acc = np.empty(most, np.float32)
+        tail = np.empty(1, np.uint32)
+        tail_value = tail.view(np.float32)
         for o in range(start, stop):
-            bits = np.empty(cols, np.uint32)
-            for j in range(cols):
-                bits[j] = np.uint32(w[o, j]) << 16
-            decoded = bits.view(np.float32)
-            for t in range(rows):
-                s = np.float32(0.0)
-                for j in range(cols):
-                    s += decoded[j] * x[t, j]
-                y[t, o] = s
+            t = 0
+            while t < rows:
+                k = min(most, rows - t)
+                dotbf16(w, o * cols, xflat, t * cols, whole, cols, k, acc)
+                for i in range(k):
+                    s = acc[i]
+                    for j in range(whole, cols):
+                        tail[0] = np.uint32(w[o * cols + j]) << 16
+                        s += tail_value[0] * x[t + i, j]
+                    y[t + i, o] = s
+                t += k
 
     return {"matmul_4bit": matmul_4bit, "matmul_4bit_nested": matmul_4bit_nested, "dequantize_4bit": dequantize_4bit,
             "dequantize_blockwise8": dequantize_blockwise8, "matmul_int8": matmul_int8,
@@ -248,12 +259,30 @@ def _build():
 
 def _table() -> dict:
     """The kernels by name: numba dispatchers, built on first use."""
-    global _kernels
+    global _kernels, _helpers
     if _kernels is None:
         with _lock:
             if _kernels is None:
-                _kernels = _build()
+                _helpers = simd_helpers()
+                _kernels = _build(_helpers)
     return _kernels
+
+
+def lanes() -> int:
+    """How :func:`lut4_order` groups values for the 4-bit helpers (1: the weight's own order)."""
+    _table()
+    return _helpers.lanes
+
+
+def lut4_order(rows: Tensor) -> Tensor:
+    """``rows`` (float32 ``[T, n]``, ``n`` a multiple of 64) in the order the 4-bit helpers
+    read: each ``2*lanes`` values as the even ones, then the odd ones (a register of high
+    nibbles decodes the even values of ``2*lanes``). Once per call, shared by every weight row."""
+    w = lanes()
+    if w == 1:
+        return rows
+    t, n = rows.shape
+    return rows.view(t, n // (2 * w), w, 2).transpose(2, 3).contiguous().view(t, n)
 
 
 def _get(name: str):
@@ -318,31 +347,40 @@ def _finish(y: Tensor, x: Tensor, out_features: int, bias: Optional[Tensor]) -> 
     return y.view(*x.shape[:-1], out_features)
 
 
+def _flat(t: Tensor) -> Tensor:
+    return t.reshape(-1).contiguous()
+
+
 def matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, out_features: int,
-                bias: Optional[Tensor] = None) -> Tensor:
-    """``x @ W^T (+ bias)`` for a bitsandbytes-layout 4-bit weight (``in`` a multiple of ``blocksize``)."""
-    rows = _rows(x, x.shape[-1])
+                bias: Optional[Tensor] = None) -> Optional[Tensor]:
+    """``x @ W^T (+ bias)`` for a bitsandbytes-layout 4-bit weight (``in`` a multiple of
+    ``blocksize``, itself a multiple of 64), or None for other block sizes."""
+    if blocksize % 64:
+        return None
+    rows = lut4_order(_rows(x, x.shape[-1]))
     y = _out(rows, out_features)
     _run("matmul_4bit", out_features, out_features * x.shape[-1] * rows.shape[0],
-         _np(packed.reshape(-1)), _np(absmax), _np(code), _np(rows), _np(y), blocksize)
+         _np(_flat(packed)), _np(_flat(absmax)), _np(code), _np(rows), _np(y), blocksize)
     return _finish(y, x, out_features, bias)
 
 
 def matmul_4bit_nested(x: Tensor, packed: Tensor, qabsmax: Tensor, nested: Tensor, nested_code: Tensor, offset: float,
                        nested_blocksize: int, code: Tensor, blocksize: int, out_features: int,
-                       bias: Optional[Tensor] = None) -> Tensor:
+                       bias: Optional[Tensor] = None) -> Optional[Tensor]:
     """:func:`matmul_4bit` with bitsandbytes' double-quantized (8-bit) block maxima."""
-    rows = _rows(x, x.shape[-1])
+    if blocksize % 64:
+        return None
+    rows = lut4_order(_rows(x, x.shape[-1]))
     y = _out(rows, out_features)
     _run("matmul_4bit_nested", out_features, out_features * x.shape[-1] * rows.shape[0],
-         _np(packed.reshape(-1)), _np(qabsmax.reshape(-1)), _np(nested), _np(nested_code), offset, nested_blocksize,
+         _np(_flat(packed)), _np(_flat(qabsmax)), _np(nested), _np(nested_code), offset, nested_blocksize,
          _np(code), _np(rows), _np(y), blocksize)
     return _finish(y, x, out_features, bias)
 
 
 def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, out: Tensor) -> Tensor:
     """Fill float32 ``out`` with ``code[nibble] * absmax[block]`` (bitsandbytes' values, ~5x faster here)."""
-    _run("dequantize_4bit", absmax.shape[0], out.numel(), _np(packed.reshape(-1)), _np(absmax), _np(code),
+    _run("dequantize_4bit", absmax.shape[0], out.numel(), _np(_flat(packed)), _np(absmax), _np(code),
          _np(out.view(-1)), blocksize)
     return out
 
@@ -361,7 +399,7 @@ def matmul_int8(x: Tensor, q: Tensor, scale: Tensor, bias: Optional[Tensor] = No
     """``x @ (q * scale[:, None])^T (+ bias)`` for an int8 ``[out, in]`` weight."""
     rows = _rows(x, q.shape[1])
     y = _out(rows, q.shape[0])
-    _run("matmul_int8", q.shape[0], q.numel() * rows.shape[0], _np(q), _np(scale), _np(rows), _np(y))
+    _run("matmul_int8", q.shape[0], q.numel() * rows.shape[0], _np(_flat(q)), _np(scale), _np(rows), _np(y))
     return _finish(y, x, q.shape[0], bias)
 
 
@@ -375,15 +413,19 @@ def matmul_lut8(x: Tensor, q: Tensor, lut: Tensor, scale: Tensor, bias: Optional
 
 
 def matmul_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group: int, in_features: int,
-                bias: Optional[Tensor] = None) -> Tensor:
-    """``x @ W^T (+ bias)`` for group-wise affine int4 (``w = (q - zero) * scale``)."""
+                bias: Optional[Tensor] = None) -> Optional[Tensor]:
+    """``x @ W^T (+ bias)`` for group-wise affine int4 (``w = (q - zero) * scale``), or None
+    for a group size that is not a multiple of 64."""
+    if group % 64:
+        return None
     rows = _rows(x, in_features)
     padded = packed.shape[1] * 2
     if padded != in_features:
         rows = torch.nn.functional.pad(rows, (0, padded - in_features))
+    rows = lut4_order(rows)
     y = _out(rows, packed.shape[0])
-    _run("matmul_int4", packed.shape[0], packed.numel() * 2 * rows.shape[0], _np(packed), _np(scales), _np(zeros),
-         _np(rows), _np(y), group)
+    _run("matmul_int4", packed.shape[0], packed.numel() * 2 * rows.shape[0], _np(_flat(packed)), _np(_flat(scales)),
+         _np(_flat(zeros)), _np(rows), _np(y), group)
     return _finish(y, x, packed.shape[0], bias)
 
 
@@ -392,5 +434,5 @@ def matmul_bf16(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Ten
     rows = _rows(x, weight.shape[1])
     y = _out(rows, weight.shape[0])
     _run("matmul_bf16", weight.shape[0], weight.numel() * rows.shape[0],
-         _np(weight.view(torch.int16)).view("uint16"), _np(rows), _np(y))
+         _np(_flat(weight).view(torch.int16)).view("uint16"), _np(rows), _np(y))
     return _finish(y, x, weight.shape[0], bias)

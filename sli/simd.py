@@ -1,132 +1,358 @@
-"""AVX2 building blocks for the 4-bit kernels in :mod:`sli.kernels`.
+"""AVX-512 and AVX2 building blocks for the kernels in :mod:`sli.kernels`.
 
-A 4-bit weight value is ``code[nibble]``, a lookup in a 16-entry table. Written as plain
-numba code that lookup stays scalar (LLVM does not vectorize it here: 2–3 instructions per
-value), and it bounds the whole kernel. AVX2 has the instruction it needs: ``vpermps``
-picks 8 floats out of an 8-entry register table by 8 indices at once. Two of them (table
-halves 0–7 and 8–15) and a blend on the index's top bit decode 8 values in ~4 instructions.
+numba cannot express a 16-entry table lookup, an int8 dot product or a 512-bit register,
+and LLVM does not vectorize the plain loops well here (the 4-bit lookup stays scalar:
+2–3 instructions a value). The helpers here are numba intrinsics that write the LLVM IR
+directly, through llvmlite; callers use them like functions inside ``@njit`` code. Each
+multiplies a whole weight row (or a few) by up to four activation rows, keeping its sums
+in vector registers from the row's first value to its last.
 
-numba cannot express that, so the two helpers here are numba intrinsics that write the LLVM
-IR directly, through llvmlite. Callers use them like functions inside ``@njit`` code:
+:func:`helpers` builds one set per instruction level, with the same names and arguments
+as :mod:`sli.simd_fallback`'s plain numba functions:
 
-- ``dot64_4bit(packed, pofs, x, xofs, code)`` → float32: the dot product of the 64 values
-  packed in ``packed[pofs:pofs+32]`` (high nibble first) with ``x[xofs:xofs+64]``;
-- ``decode64_4bit(packed, pofs, code, scale, out, oofs)``: ``out[oofs:oofs+64] = code[nibbles] * scale``.
+- ``"avx512"`` (AVX-512 F/BW/DQ/VL + FMA): 16 floats a register. A 4-bit code's 16 float
+  levels fill one register, so one ``vpermps`` decodes 16 values, no blend;
+- ``"avx2"`` (AVX2 + FMA): 8 floats a register; a lookup is two ``vpermps`` (table halves
+  0–7 and 8–15) and a blend on the index's bit 3.
 
-All arrays are 1-D and contiguous (``code`` float32 with 16 entries, ``x``/``out``
-float32, ``packed`` uint8). This module reaches into numba's and llvmlite's internals
-(``numba.core.cgutils``, LLVM IR): :mod:`sli.kernels` imports it inside a guard and uses
-:mod:`sli.simd_fallback`'s plain numba functions (same names, same results) when it cannot be
-built, when the CPU lacks AVX2, or with ``SLI_NO_SIMD=1``.
+The helpers (``n`` values of each row, a multiple of 64; ``rows`` from 1 to 4 activation
+rows ``x[xofs + r*stride : ...]``; ``out[r]`` receives row ``r``'s sum):
+
+- ``lut4(packed, pofs, code, scales, sofs, blocksize, x, xofs, n, stride, rows, out)``: a
+  4-bit row (``packed[pofs:]``, two values a byte, the first in the high nibble) whose
+  value is ``code[nibble] * scales[sofs + block]``. ``x`` is in the order of
+  :data:`LANES` (:func:`sli.kernels.lut4_order`): each ``2*LANES`` values as the even ones,
+  then the odd ones, so that a register of high nibbles meets a register of ``x``;
+- ``lut4z(packed, pofs, code, scales, zeros, sofs, blocksize, ...)``: the same with value
+  ``(code[nibble] - zeros[sofs + block]) * scales[sofs + block]`` (INT4, ``code`` = 0..15);
+- ``dot8(q, qofs, x, xofs, n, stride, rows, out)``: an int8 row times float rows;
+- ``dotbf16(w, wofs, ...)``: a bfloat16 row (its bits as uint16) times float rows;
+- ``decode64_4bit(packed, pofs, code, scale, out, oofs)``: ``out[oofs:oofs+64] =
+  code[nibbles] * scale`` in the weight's order (dequantizing).
+
+Every value meets ``x`` through one float32 multiply-add, and each 4-bit value is the
+float32 product ``code * scale`` that dequantizing writes, so results equal
+dequantize-then-``F.linear`` to float32 rounding (only the order of the sums differs).
+
+This module reaches into numba's and llvmlite's internals (``numba.core.cgutils``, LLVM
+IR): :mod:`sli.kernels` imports it inside a guard and uses the plain functions when it
+cannot be built, when the CPU lacks the instructions, or when ``SLI_SIMD`` /
+``SLI_NO_SIMD`` ask for another level.
 """
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
+from typing import Dict, Tuple
 
 from llvmlite import binding, ir
 from numba import types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
+from .simd_fallback import source_hash, stable_id
 
-def _use_avx2() -> bool:
+# Best first. What each level needs from the CPU (llvmlite's feature names).
+LEVELS: Tuple[str, ...] = ("avx512", "avx2")
+_NEEDS = {"avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"),
+          "avx2": ("avx2", "fma")}
+_WIDTH = {"avx512": 16, "avx2": 8}
+MAX_ROWS = 4  # activation rows one pass over a weight row multiplies
+
+
+def host_levels() -> Tuple[str, ...]:
+    """The levels this CPU runs, best first (none when numba compiles for another CPU)."""
     if os.environ.get("NUMBA_CPU_NAME", "host") != "host":
-        return False  # numba compiles for another (e.g. generic) CPU: it may lack AVX2
+        return ()  # numba compiles for another (e.g. generic) CPU: it may lack them
     features = binding.get_host_cpu_features()
-    return bool(features.get("avx2")) and bool(features.get("fma"))
+    return tuple(level for level in LEVELS if all(features.get(name) for name in _NEEDS[level]))
 
 
-ENABLED = _use_avx2()
+SOURCE_HASH = source_hash(__file__)  # in each helper's id: numba's cache keys kernels by it
 
-_f32, _i32, _i8, _i64 = ir.FloatType(), ir.IntType(32), ir.IntType(8), ir.IntType(64)
-_v8f, _v8i = ir.VectorType(_f32, 8), ir.VectorType(_i32, 8)
+
+_f32, _i32, _i16, _i8, _i64 = ir.FloatType(), ir.IntType(32), ir.IntType(16), ir.IntType(8), ir.IntType(64)
 
 
 def _data(context, builder, array_type, value):
     return context.make_array(array_type)(context, builder, value).data
 
 
-def _offset(context, builder, value, value_type):
+def _intp(context, builder, value, value_type):
     return context.cast(builder, value, value_type, types.intp)
 
 
-def _load(builder, pointer, index: ir.Value, vector_type):
+def _vload(builder, pointer, index, vector_type):
     return builder.load(builder.bitcast(builder.gep(pointer, [index]), vector_type.as_pointer()), align=1)
 
 
-def _decode(builder, packed_ptr, pofs, code_ptr):
-    """The 64 values of 32 packed bytes as eight <8 x float>, in order (high nibble first)."""
-    permps = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_v8f, [_v8f, _v8i]),
-                                            "llvm.x86.avx2.permps")
-    table_low = _load(builder, code_ptr, ir.Constant(_i64, 0), _v8f)
-    table_high = _load(builder, code_ptr, ir.Constant(_i64, 8), _v8f)
-    v32 = ir.VectorType(_i8, 32)
-    raw = _load(builder, packed_ptr, pofs, v32)
-    high = builder.lshr(raw, ir.Constant(v32, [4] * 32))
-    low = builder.and_(raw, ir.Constant(v32, [15] * 32))
-    interleave = [i for k in range(32) for i in (k, 32 + k)]
-    nibbles = builder.shuffle_vector(high, low, ir.Constant(ir.VectorType(_i32, 64), interleave))
-    seven = ir.Constant(_v8i, [7] * 8)
-    undef = ir.Constant(ir.VectorType(_i8, 64), None)
-    values = []
-    for group in range(8):
-        index = builder.zext(builder.shuffle_vector(nibbles, undef, ir.Constant(_v8i, list(range(8 * group, 8 * group + 8)))),
-                             _v8i)
-        from_low = builder.call(permps, [table_low, index])  # permps reads the index's low 3 bits
-        from_high = builder.call(permps, [table_high, index])
-        values.append(builder.select(builder.icmp_unsigned(">", index, seven), from_high, from_low))
-    return values
+def _vstore(builder, value, pointer, index):
+    builder.store(value, builder.bitcast(builder.gep(pointer, [index]), value.type.as_pointer()), align=1)
 
 
-def _horizontal_sum(builder, vector):
-    def half(v, lanes, first):
-        return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, lanes), list(range(first, first + lanes))))
-    four = builder.fadd(half(vector, 4, 0), half(vector, 4, 4))
-    two = builder.fadd(half(four, 2, 0), half(four, 2, 2))
-    return builder.fadd(builder.extract_element(two, ir.Constant(_i32, 0)), builder.extract_element(two, ir.Constant(_i32, 1)))
+def _splat(builder, scalar, vector_type):
+    lanes = vector_type.count
+    one = builder.insert_element(ir.Constant(vector_type, None), scalar, ir.Constant(_i32, 0))
+    return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(_i32, lanes), [0] * lanes))
 
 
-@intrinsic
-def _dot64_4bit_avx2(typingctx, packed, pofs, x, xofs, code):
-    sig = types.float32(packed, pofs, x, xofs, code)
+def _const(vector_type, value):
+    return ir.Constant(vector_type, [value] * vector_type.count)
+
+
+def _add(builder, a, b):
+    return builder.add(a, b)
+
+
+def _i(value: int):
+    return ir.Constant(_i64, value)
+
+
+class _Emit:
+    """IR for one level: its vector types, lookups and reductions."""
+
+    def __init__(self, builder, level: str):
+        self.b = builder
+        self.level = level
+        self.w = _WIDTH[level]
+        self.vf = ir.VectorType(_f32, self.w)
+        self.vi = ir.VectorType(_i32, self.w)
+
+    def fn(self, name, ret, args):
+        return cgutils.get_or_insert_function(self.b.module, ir.FunctionType(ret, args), name)
+
+    def fma(self, a, x, acc):
+        return self.b.call(self.fn(f"llvm.fma.v{self.w}f32", self.vf, [self.vf] * 3), [a, x, acc])
+
+    def table(self, code_ptr):
+        """The 16 float levels at ``code_ptr`` as a table :meth:`lookup` reads."""
+        if self.w == 16:
+            return (_vload(self.b, code_ptr, _i(0), self.vf),)
+        return _vload(self.b, code_ptr, _i(0), self.vf), _vload(self.b, code_ptr, _i(8), self.vf)
+
+    def map_table(self, table, f):
+        return tuple(f(part) for part in table)
+
+    def lookup(self, table, index):
+        """``table[index & 15]`` for each lane (only the index's low 4 bits are read)."""
+        b = self.b
+        if self.w == 16:
+            return b.call(self.fn("llvm.x86.avx512.permvar.sf.512", self.vf, [self.vf, self.vi]), [table[0], index])
+        permps = self.fn("llvm.x86.avx2.permps", self.vf, [self.vf, self.vi])
+        low = b.call(permps, [table[0], index])  # permps reads the index's low 3 bits
+        high = b.call(permps, [table[1], index])
+        bit3 = b.shl(index, _const(self.vi, 28))  # bit 3 to the sign: a vblendvps
+        return b.select(b.icmp_signed("<", bit3, _const(self.vi, 0)), high, low)
+
+    def hsum(self, vector):
+        b = self.b
+        lanes = self.w
+        while lanes > 1:
+            lanes //= 2
+            low = b.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(_i32, lanes), list(range(lanes))))
+            high = b.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(_i32, lanes), list(range(lanes, 2 * lanes))))
+            vector = b.fadd(low, high)
+        return b.extract_element(vector, ir.Constant(_i32, 0))
+
+
+def _chains(rows: int) -> int:
+    # independent sums a row: an FMA's result is ready 4 cycles later and two start a cycle
+    return max(1, 4 // rows)
+
+
+def _row_pass(context, builder, level, n, block, x_ptr, xofs, stride, rows_value, out_ptr, begin_block, body):
+    """Emit, for each ``rows`` in 1..MAX_ROWS (switched on ``rows_value`` at run time), the
+    loop over ``n`` values (blocks of ``block`` values, 64 at a time) and the store of each
+    activation row's sum to ``out[r]``.
+
+    ``begin_block(e, index)`` emits what a block needs first (its table). ``body(e, unit,
+    multiply)`` emits one 64-value step at value offset ``unit``: it calls ``multiply(vector,
+    xoffset)`` for each register of decoded weights, whose values meet
+    ``x[xofs + r*stride + xoffset :][:lanes]`` in each row ``r``.
+    """
+    b = builder
+    done = b.append_basic_block("rows.done")
+    switch = b.switch(rows_value, done)
+    for rows in range(1, MAX_ROWS + 1):
+        case = b.append_basic_block(f"rows.{rows}")
+        switch.add_case(ir.Constant(rows_value.type, rows), case)
+        with b.goto_block(case):
+            e = _Emit(b, level)
+            chains = _chains(rows)
+            sums = [[cgutils.alloca_once(b, e.vf, zfill=True) for _ in range(chains)] for _ in range(rows)]
+            count = [0]
+
+            def multiply(vector, xoffset, sums=sums, chains=chains, rows=rows, e=e):
+                chain = count[0] % chains
+                count[0] += 1
+                for r in range(rows):
+                    xv = _vload(b, x_ptr, b.add(b.add(xofs, b.mul(stride, _i(r))), xoffset), e.vf)
+                    b.store(e.fma(vector, xv, b.load(sums[r][chain])), sums[r][chain])
+
+            with cgutils.for_range(b, b.sdiv(n, block)) as outer:
+                first = b.mul(outer.index, block)
+                begin_block(e, outer.index)
+                with cgutils.for_range(b, b.sdiv(block, _i(64))) as inner:
+                    body(e, b.add(first, b.mul(inner.index, _i(64))), multiply)
+            for r in range(rows):
+                total = b.load(sums[r][0])
+                for chain in range(1, chains):
+                    total = b.fadd(total, b.load(sums[r][chain]))
+                b.store(e.hsum(total), b.gep(out_ptr, [_i(r)]))
+            b.branch(done)
+    b.position_at_end(done)
+
+
+def _make_lut4(level: str, affine: bool):
+    w = _WIDTH[level]
+
+    def typer(typingctx, packed, pofs, code, scales, *rest):
+        return types.void(packed, pofs, code, scales, *rest), codegen
+
+    if affine:
+        def lut4(typingctx, packed, pofs, code, scales, zeros, sofs, blocksize, x, xofs, n, stride, rows, out):
+            return typer(typingctx, packed, pofs, code, scales, zeros, sofs, blocksize, x, xofs, n, stride, rows, out)
+    else:
+        def lut4(typingctx, packed, pofs, code, scales, sofs, blocksize, x, xofs, n, stride, rows, out):
+            return typer(typingctx, packed, pofs, code, scales, sofs, blocksize, x, xofs, n, stride, rows, out)
 
     def codegen(context, builder, signature, args):
-        packed_v, pofs_v, x_v, xofs_v, code_v = args
         at = signature.args
-        values = _decode(builder, _data(context, builder, at[0], packed_v), _offset(context, builder, pofs_v, at[1]),
-                         _data(context, builder, at[4], code_v))
-        x_ptr = builder.gep(_data(context, builder, at[2], x_v), [_offset(context, builder, xofs_v, at[3])])
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_v8f, [_v8f] * 3), "llvm.fma.v8f32")
-        sums = [ir.Constant(_v8f, [0.0] * 8) for _ in range(4)]  # 4 chains: an FMA's latency is 4 cycles
-        for group, value in enumerate(values):
-            xv = _load(builder, x_ptr, ir.Constant(_i64, 8 * group), _v8f)
-            sums[group % 4] = builder.call(fma, [value, xv, sums[group % 4]])
-        total = builder.fadd(builder.fadd(sums[0], sums[1]), builder.fadd(sums[2], sums[3]))
-        return _horizontal_sum(builder, total)
+        b = builder
+        if affine:
+            packed_v, pofs_v, code_v, scales_v, zeros_v, sofs_v, bs_v, x_v, xofs_v, n_v, stride_v, rows_v, out_v = args
+            zeros_ptr = _data(context, b, at[4], zeros_v)
+            k = 5
+        else:
+            packed_v, pofs_v, code_v, scales_v, sofs_v, bs_v, x_v, xofs_v, n_v, stride_v, rows_v, out_v = args
+            k = 4
+        packed_ptr = _data(context, b, at[0], packed_v)
+        pofs_i = _intp(context, b, pofs_v, at[1])
+        code_ptr = _data(context, b, at[2], code_v)
+        scales_ptr = _data(context, b, at[3], scales_v)
+        sofs_i = _intp(context, b, sofs_v, at[k])
+        bs_i = _intp(context, b, bs_v, at[k + 1])
+        x_ptr = _data(context, b, at[k + 2], x_v)
+        xofs_i = _intp(context, b, xofs_v, at[k + 3])
+        n_i = _intp(context, b, n_v, at[k + 4])
+        stride_i = _intp(context, b, stride_v, at[k + 5])
+        rows_i = _intp(context, b, rows_v, at[k + 6])
+        out_ptr = _data(context, b, at[k + 7], out_v)
+        slots = []
 
-    return sig, codegen
+        def begin_block(e, index):  # the block's table: code * scale (or (code - zero) * scale)
+            if not slots:
+                slots.extend(cgutils.alloca_once(b, e.vf) for _ in range(16 // e.w))
+            at_block = b.add(sofs_i, index)
+            scale = _splat(b, b.load(b.gep(scales_ptr, [at_block])), e.vf)
+            code = e.table(code_ptr)
+            if affine:
+                zero = _splat(b, b.load(b.gep(zeros_ptr, [at_block])), e.vf)
+                table = e.map_table(code, lambda part: b.fmul(b.fsub(part, zero), scale))
+            else:
+                table = e.map_table(code, lambda part: b.fmul(part, scale))
+            for slot, part in zip(slots, table):
+                b.store(part, slot)
 
+        def body(e, unit, multiply):
+            table = tuple(b.load(slot) for slot in slots)
+            for chunk in range(64 // (2 * w)):  # 2w values from w bytes
+                raw = _vload(b, packed_ptr, b.add(pofs_i, b.add(b.lshr(unit, _i(1)), _i(chunk * w))),
+                             ir.VectorType(_i8, w))
+                index = b.zext(raw, e.vi)  # the low nibble is the index's low 4 bits
+                high = b.lshr(index, _const(e.vi, 4))
+                xoffset = b.add(unit, _i(chunk * 2 * w))
+                multiply(e.lookup(table, high), xoffset)
+                multiply(e.lookup(table, index), b.add(xoffset, _i(w)))
 
-@intrinsic
-def _decode64_4bit_avx2(typingctx, packed, pofs, code, scale, out, oofs):
-    sig = types.void(packed, pofs, code, scale, out, oofs)
-
-    def codegen(context, builder, signature, args):
-        packed_v, pofs_v, code_v, scale_v, out_v, oofs_v = args
-        at = signature.args
-        values = _decode(builder, _data(context, builder, at[0], packed_v), _offset(context, builder, pofs_v, at[1]),
-                         _data(context, builder, at[2], code_v))
-        scale32 = context.cast(builder, scale_v, at[3], types.float32)
-        scales = builder.insert_element(ir.Constant(_v8f, None), scale32, ir.Constant(_i32, 0))
-        scales = builder.shuffle_vector(scales, scales, ir.Constant(_v8i, [0] * 8))
-        out_ptr = builder.gep(_data(context, builder, at[4], out_v), [_offset(context, builder, oofs_v, at[5])])
-        for group, value in enumerate(values):
-            target = builder.bitcast(builder.gep(out_ptr, [ir.Constant(_i64, 8 * group)]), _v8f.as_pointer())
-            builder.store(builder.fmul(value, scales), target, align=1)
+        _row_pass(context, b, level, n_i, bs_i, x_ptr, xofs_i, stride_i, rows_i, out_ptr, begin_block, body)
         return context.get_dummy_value()
 
-    return sig, codegen
+    lut4.__name__ = f"lut4{'z' if affine else ''}_{level}"
+    return stable_id(intrinsic(lut4), f"simd.{lut4.__name__}:{SOURCE_HASH}")
 
 
-dot64_4bit = _dot64_4bit_avx2
-decode64_4bit = _decode64_4bit_avx2
+def _make_widening_dot(level: str, kind: str):
+    """``dot8`` (int8 weights) or ``dotbf16`` (bfloat16 bits): natural order, no table."""
+    w = _WIDTH[level]
+
+    def dot(typingctx, weights, wofs, x, xofs, n, stride, rows, out):
+        sig = types.void(weights, wofs, x, xofs, n, stride, rows, out)
+
+        def codegen(context, builder, signature, args):
+            at = signature.args
+            b = builder
+            w_ptr = _data(context, b, at[0], args[0])
+            wofs_i = _intp(context, b, args[1], at[1])
+            x_ptr = _data(context, b, at[2], args[2])
+            xofs_i = _intp(context, b, args[3], at[3])
+            n_i = _intp(context, b, args[4], at[4])
+            stride_i = _intp(context, b, args[5], at[5])
+            rows_i = _intp(context, b, args[6], at[6])
+            out_ptr = _data(context, b, at[7], args[7])
+
+            def body(e, unit, multiply):
+                for part in range(64 // w):
+                    at_value = b.add(unit, _i(part * w))
+                    if kind == "int8":
+                        raw = _vload(b, w_ptr, b.add(wofs_i, at_value), ir.VectorType(_i8, w))
+                        values = b.sitofp(b.sext(raw, e.vi), e.vf)
+                    else:
+                        raw = _vload(b, w_ptr, b.add(wofs_i, at_value), ir.VectorType(_i16, w))
+                        values = b.bitcast(b.shl(b.zext(raw, e.vi), _const(e.vi, 16)), e.vf)
+                    multiply(values, at_value)
+
+            _row_pass(context, b, level, n_i, _i(64), x_ptr, xofs_i, stride_i, rows_i, out_ptr, lambda e, index: None, body)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    dot.__name__ = f"dot{'8' if kind == 'int8' else 'bf16'}_{level}"
+    return stable_id(intrinsic(dot), f"simd.{dot.__name__}:{SOURCE_HASH}")
+
+
+def _make_decode64(level: str):
+    w = _WIDTH[level]
+
+    def decode64_4bit(typingctx, packed, pofs, code, scale, out, oofs):
+        sig = types.void(packed, pofs, code, scale, out, oofs)
+
+        def codegen(context, builder, signature, args):
+            packed_v, pofs_v, code_v, scale_v, out_v, oofs_v = args
+            at = signature.args
+            b = builder
+            e = _Emit(b, level)
+            scale = _splat(b, context.cast(b, scale_v, at[3], types.float32), e.vf)
+            table = e.map_table(e.table(_data(context, b, at[2], code_v)), lambda part: b.fmul(part, scale))
+            v32 = ir.VectorType(_i8, 32)
+            raw = _vload(b, _data(context, b, at[0], packed_v), _intp(context, b, pofs_v, at[1]), v32)
+            high = b.lshr(raw, ir.Constant(v32, [4] * 32))
+            low = b.and_(raw, ir.Constant(v32, [15] * 32))
+            interleave = [i for k in range(32) for i in (k, 32 + k)]
+            nibbles = b.shuffle_vector(high, low, ir.Constant(ir.VectorType(_i32, 64), interleave))
+            out_ptr = b.gep(_data(context, b, at[4], out_v), [_intp(context, b, oofs_v, at[5])])
+            undef = ir.Constant(ir.VectorType(_i8, 64), None)
+            for group in range(64 // w):
+                pick = ir.Constant(ir.VectorType(_i32, w), list(range(w * group, w * group + w)))
+                index = b.zext(b.shuffle_vector(nibbles, undef, pick), e.vi)
+                _vstore(b, e.lookup(table, index), out_ptr, _i(w * group))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    decode64_4bit.__name__ = f"decode64_4bit_{level}"
+    return stable_id(intrinsic(decode64_4bit), f"simd.{decode64_4bit.__name__}:{SOURCE_HASH}")
+
+
+_built: Dict[str, SimpleNamespace] = {}
+
+
+def helpers(level: str) -> SimpleNamespace:
+    """The helpers of ``level`` ("avx512" or "avx2"), built once."""
+    if level not in _built:
+        _built[level] = SimpleNamespace(
+            level=level, lanes=_WIDTH[level], max_rows=MAX_ROWS,
+            lut4=_make_lut4(level, False), lut4z=_make_lut4(level, True),
+            dot8=_make_widening_dot(level, "int8"), dotbf16=_make_widening_dot(level, "bf16"),
+            decode64_4bit=_make_decode64(level))
+    return _built[level]

@@ -122,37 +122,70 @@ def test_4bit_kernel_walks_blocks_larger_than_its_64_value_step(block_size, rows
     assert _rel_err(codec.fused_linear(codec.prepare(q), x, None), _reference(codec, q, x)) < 1e-5
 
 
-_PLAIN_4BIT_CHECK = """
-import torch, bitsandbytes.functional as bnbf
+_LEVEL_CHECK = """
+import sys, torch, bitsandbytes.functional as bnbf
 from sli import kernels
 from sli.quantization import QuantizationConfig, codec_for
-assert kernels.four_bit_path() == "plain"
+assert kernels.simd_path() == sys.argv[1], kernels.simd_path()
+g = torch.Generator().manual_seed(0)
+w = torch.randn(96, 1024, generator=g) * 0.02
 codec = codec_for("nf4")
-w = (torch.randn(96, 1024, generator=torch.Generator().manual_seed(0)) * 0.02)
 q = codec.prepare(codec.quantize(w, QuantizationConfig(mode="nf4")))
-dense = codec.dequantize(q, torch.float32)
 packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-assert (dense - bnbf.dequantize_4bit(packed, state)).abs().max() <= 1e-7
-for rows in (1, 3):
-    x = torch.randn(rows, 1024)
-    ref = torch.nn.functional.linear(x, dense)
-    err = float((codec.fused_linear(q, x, None) - ref).abs().max() / ref.abs().max())
-    assert err < 1e-5, err
-print("plain path ok")
+assert (codec.dequantize(q, torch.float32) - bnbf.dequantize_4bit(packed, state)).abs().max() <= 1e-7
+for mode in ("none", "int8", "int8_dynamic", "nf4", "fp4", "int4", "fp8"):
+    codec = codec_for(mode)
+    for shape in ((96, 1024), (40, 200)):  # 200: a tail after the last 64 values, int4 padding
+        w = torch.randn(*shape, generator=g) * 0.02
+        q = codec.prepare(codec.quantize(w.to(torch.bfloat16), QuantizationConfig(mode=mode)))
+        dense = codec.dequantize(q, torch.float32)
+        for rows in (1, 3, 4, 5, 16):
+            x = codec.prepare_input(torch.randn(rows, shape[1], generator=g))
+            y = codec.fused_linear(q, x, None)
+            if y is None:
+                assert shape[1] % 64 and mode in ("nf4", "fp4"), (mode, shape)
+                continue
+            ref = torch.nn.functional.linear(x, dense)
+            err = float((y - ref).abs().max() / ref.abs().max())
+            assert err < 1e-5, (mode, shape, rows, err)
+print("path ok", kernels.simd_path())
 """
 
 
-def test_4bit_kernels_without_avx2_give_the_same_values():
-    # SLI_NO_SIMD=1 is the path a CPU without AVX2 takes; a fresh process, as the kernels
-    # are compiled once per process.
+def _levels():
+    try:
+        from sli import simd
+        return list(simd.host_levels()) + ["plain"]
+    except Exception:
+        return ["plain"]
+
+
+@pytest.mark.parametrize("level", ["avx512", "avx2", "plain"])
+def test_each_simd_level_gives_the_values_of_dequantize_then_linear(level):
+    # SLI_SIMD forces a level (SLI_SIMD=plain is the path of a CPU without AVX2); a fresh
+    # process each, as the kernels are compiled once per process.
     import os
     import subprocess
     import sys
-    env = dict(os.environ, SLI_NO_SIMD="1")
-    done = subprocess.run([sys.executable, "-c", _PLAIN_4BIT_CHECK], env=env, capture_output=True, text=True,
-                          timeout=600)
+    if level not in _levels():
+        pytest.skip(f"this CPU does not run {level}")
+    env = dict(os.environ, SLI_SIMD=level)
+    env.pop("SLI_NO_SIMD", None)
+    done = subprocess.run([sys.executable, "-c", _LEVEL_CHECK, level], env=env, capture_output=True, text=True,
+                          timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "plain path ok" in done.stdout
+    assert f"path ok {level}" in done.stdout
+
+
+def test_sli_no_simd_takes_the_plain_kernels():
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, SLI_NO_SIMD="1", SLI_SIMD="avx512")
+    code = "from sli import kernels; print('path', kernels.simd_path())"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "path plain" in done.stdout
 
 
 _SIMD_BUILD_FAILS = """
@@ -177,4 +210,4 @@ def test_a_simd_build_failure_falls_back_to_the_plain_kernels():
     done = subprocess.run([sys.executable, "-c", _SIMD_BUILD_FAILS], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "path plain" in done.stdout
-    assert "SIMD 4-bit helpers cannot be built" in done.stderr
+    assert "SIMD helpers cannot be built" in done.stderr
