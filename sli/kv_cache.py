@@ -5,15 +5,28 @@ token (a full copy per layer per token) and keeps them in the compute dtype (flo
 CPU). :class:`CompactKVLayer` takes the place of each full-attention layer's cache: buffers
 reserved for the whole conversation (grown by doubling when a call outruns them), written in
 place, stored in bfloat16 (half of float32, lossless to ~3 digits) or int8 with a scale per
-token and head; attention reads a float view.
+token and head; attention reads a float copy.
+
+When the memory budget cannot hold every layer's keys and values, a layer's buffers are a
+shared map of a file in the cache directory (unlinked at once: nothing to clean up) and its
+pages are dropped from the process as soon as its attention has read them: only the layer
+being computed holds its KV in memory, the rest waits in the page cache or on disk, like
+the streamed weights.
 """
 from __future__ import annotations
 
+import ctypes
+import math
+import mmap
+import os
+import tempfile
+from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 
 KV_DTYPES = ("float32", "bfloat16", "int8")
+MADV_DONTNEED = 4
 
 
 def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, kv_dtype: str) -> int:
@@ -25,11 +38,41 @@ def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, kv_dtype: 
     return num_layers * kv_heads * (2 * head_dim * per_value + scales)
 
 
+_libc = None
+
+
+def _drop_pages(tensor: Optional[torch.Tensor]) -> None:
+    """Drop a file-mapped tensor's pages from this process (they stay in the page cache)."""
+    global _libc
+    if tensor is None or tensor.numel() == 0:
+        return
+    if _libc is None:
+        _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    start = tensor.data_ptr() - tensor.data_ptr() % mmap.PAGESIZE
+    size = tensor.data_ptr() + tensor.numel() * tensor.element_size() - start
+    _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(size), MADV_DONTNEED)
+
+
+def _empty(shape, dtype: torch.dtype, device, spill_dir: Optional[Path]) -> torch.Tensor:
+    """An uninitialized tensor: in memory, or a shared map of a fresh, already unlinked file."""
+    if spill_dir is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(suffix=".kv", dir=spill_dir)
+    os.close(fd)
+    try:
+        flat = torch.from_file(path, shared=True, size=max(1, math.prod(shape)), dtype=dtype)
+    finally:
+        os.unlink(path)  # the map keeps the file alive; nothing is left behind
+    return flat[:math.prod(shape)].view(shape)
+
+
 class _Store:
     """One growing ``[B, H, capacity, D]`` buffer (plus int8 scales) written in place."""
 
-    def __init__(self, kv_dtype: str) -> None:
+    def __init__(self, kv_dtype: str, spill_dir: Optional[Path] = None) -> None:
         self.kv_dtype = kv_dtype
+        self.spill_dir = spill_dir
         self.data: Optional[torch.Tensor] = None
         self.scale: Optional[torch.Tensor] = None
 
@@ -47,8 +90,9 @@ class _Store:
             return
         b, h, _, d = like.shape
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}[self.kv_dtype]
-        data = torch.empty(b, h, tokens, d, dtype=dtype, device=like.device)
-        scale = torch.empty(b, h, tokens, 1, dtype=torch.float32, device=like.device) if self.kv_dtype == "int8" else None
+        data = _empty((b, h, tokens, d), dtype, like.device, self.spill_dir)
+        scale = _empty((b, h, tokens, 1), torch.float32, like.device, self.spill_dir) \
+            if self.kv_dtype == "int8" else None
         if keep:
             data[:, :, :keep] = self.data[:, :, :keep]
             if scale is not None:
@@ -63,6 +107,10 @@ class _Store:
             self.data[:, :, start:stop] = torch.round(states.float() / scale).clamp_(-127, 127).to(torch.int8)
         else:
             self.data[:, :, start:stop] = states
+
+    def drop_pages(self) -> None:
+        _drop_pages(self.data)
+        _drop_pages(self.scale)
 
     def read(self, length: int, dtype: torch.dtype) -> torch.Tensor:
         """The first ``length`` positions in ``dtype`` (a view when stored in it)."""
@@ -81,14 +129,18 @@ def _compact_layer_class():
     class CompactKVLayer(base):
         """One layer's keys and values in preallocated buffers of a compact dtype."""
 
-        def __init__(self, kv_dtype: str = "bfloat16", reserve: int = 0) -> None:
+        def __init__(self, kv_dtype: str = "bfloat16", reserve: int = 0, spill_dir: Optional[Path] = None) -> None:
             super().__init__()
             if kv_dtype not in KV_DTYPES:
                 raise ValueError(f"kv_dtype={kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
+            if spill_dir is not None and kv_dtype == "float32":
+                raise ValueError("float32 keys and values are read in place and cannot spill to disk; "
+                                 "use kv_dtype='bfloat16' or 'int8'")
             self.kv_dtype = kv_dtype
             self.reserved = reserve
+            self.spilled = spill_dir is not None
             self.length = 0
-            self._keys, self._values = _Store(kv_dtype), _Store(kv_dtype)
+            self._keys, self._values = _Store(kv_dtype, spill_dir), _Store(kv_dtype, spill_dir)
 
         def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
             self.device, self.dtype = key_states.device, key_states.dtype
@@ -107,7 +159,11 @@ def _compact_layer_class():
             self._keys.write(self.length, key_states)
             self._values.write(self.length, value_states)
             self.length = needed
-            return self._keys.read(needed, key_states.dtype), self._values.read(needed, value_states.dtype)
+            keys, values = self._keys.read(needed, key_states.dtype), self._values.read(needed, value_states.dtype)
+            if self.spilled:  # attention reads the float copies: the stored pages can go
+                self._keys.drop_pages()
+                self._values.drop_pages()
+            return keys, values
 
         def get_seq_length(self) -> int:
             return self.length
@@ -121,6 +177,7 @@ def _compact_layer_class():
 
         @property
         def nbytes(self) -> int:
+            """Bytes of its buffers (in memory, or on disk when spilled)."""
             return self._keys.nbytes + self._values.nbytes
 
     return CompactKVLayer
@@ -129,14 +186,17 @@ def _compact_layer_class():
 _CLASS = None
 
 
-def compact_kv_layer(kv_dtype: str = "bfloat16", reserve: int = 0):
-    """A new :class:`CompactKVLayer` (the class is built once, on first use)."""
+def compact_kv_layer(kv_dtype: str = "bfloat16", reserve: int = 0, spill_dir: Optional[Path] = None):
+    """A new :class:`CompactKVLayer` (the class is built once, on first use); with
+    ``spill_dir`` its buffers are file maps there, in memory only while it runs."""
     global _CLASS
     if _CLASS is None:
         _CLASS = _compact_layer_class()
-    return _CLASS(kv_dtype, reserve)
+    return _CLASS(kv_dtype, reserve, spill_dir)
 
 
-def kv_cache_bytes(cache) -> int:
-    """Bytes a cache's compact layers hold now."""
-    return sum(getattr(layer, "nbytes", 0) for layer in getattr(cache, "layers", []))
+def kv_cache_bytes(cache) -> "tuple[int, int]":
+    """(bytes held in memory, bytes spilled to disk) by a cache's compact layers."""
+    layers = [layer for layer in getattr(cache, "layers", []) if hasattr(layer, "spilled")]
+    return (sum(layer.nbytes for layer in layers if not layer.spilled),
+            sum(layer.nbytes for layer in layers if layer.spilled))

@@ -22,7 +22,7 @@ from .checkpoint import Checkpoint, SkeletonLoader, resolve_model_dir
 from .errors import ModelLoadError, SLIError, UnsupportedArchitectureError
 from .chunked_prefill import capture_layer_inputs, chunk_bounds, chunkable, finish_forward, set_cache_length
 from .generation import GenerationSession, generate_tokens
-from .kv_cache import KV_DTYPES, kv_bytes_per_token
+from .kv_cache import KV_DTYPES, compact_kv_layer, kv_bytes_per_token
 from .layer_cache import LayerCache
 from .layer_runner import LayerRunner
 from .memory_plan import MemoryPlan, plan_memory
@@ -249,10 +249,13 @@ class UniversalSLIProcessor:
             self._plan = plan_memory(self.memory_budget, num_layers=self.layout.num_layers,
                                      shared_bytes=self.shared_bytes, layer_bytes=layer_bytes, scratch_bytes=scratch,
                                      prefetch_depth=self._prefetch_depth, runtime_bytes=runtime,
-                                     available_bytes=int(available), kv_bytes=self._kv_bytes(self.max_context_tokens))
+                                     available_bytes=int(available),
+                                     kv_layer_bytes=self._kv_bytes(self.max_context_tokens) // self.layout.num_layers,
+                                     kv_can_spill=self.kv_dtype in ("bfloat16", "int8"))
             if self._plan.over_budget:
-                logger.warning("memory budget %.2f GB is below the shared modules + streaming + kernel runtime "
-                               "(%.2f GB); every layer streams", self._plan.budget / GB, self._plan.fixed_bytes / GB)
+                logger.warning("memory budget %.2f GB is below the shared modules + streaming + kernel runtime + "
+                               "KV in flight (%.2f GB); every layer streams", self._plan.budget / GB,
+                               self._plan.fixed_bytes / GB)
             logger.info("%s: %d layers at %s; %s", self.model_id, self.layout.num_layers, self.layout.layers_path,
                         self._plan.describe())
         return self._plan
@@ -359,7 +362,16 @@ class UniversalSLIProcessor:
     def new_session(self) -> GenerationSession:
         """An empty conversation: pass it to :meth:`generate` turn after turn, and each turn
         feeds only its own tokens (the KV cache keeps the rest)."""
-        return GenerationSession(hf.new_kv_cache(self.config, self.kv_dtype, reserve=self.max_context_tokens))
+        return GenerationSession(self._new_kv_cache(self.max_context_tokens))
+
+    def _new_kv_cache(self, reserve: int):
+        """An empty KV cache: compact layers with room for ``reserve`` positions, the plan's
+        spilled layers as file maps in the cache directory."""
+        if self.kv_dtype is None:  # transformers' own (a test's reference)
+            return hf.new_kv_cache(self.config)
+        spilled, spill_dir = set(self.plan.kv_spilled_layers), self.cache.cache_dir / "kv-spill"
+        return hf.new_kv_cache(self.config, lambda index: compact_kv_layer(
+            self.kv_dtype, reserve, spill_dir if index in spilled else None))
 
     def _step(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, kv_cache):
         """One forward over new positions with the KV cache: (last logits [B, V], cache).
@@ -438,7 +450,7 @@ class UniversalSLIProcessor:
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         if session is None:
             self._check_length(input_ids.shape[1] + max_new_tokens)
-            kv_cache = hf.new_kv_cache(self.config, self.kv_dtype, reserve=input_ids.shape[1] + max_new_tokens)
+            kv_cache = self._new_kv_cache(input_ids.shape[1] + max_new_tokens)
             return generate_tokens(self._step, input_ids, mask, kv_cache, max_new_tokens, eos,
                                    do_sample, temperature, top_k, top_p, generator, callback)
         if input_ids.shape[0] != 1:
@@ -454,7 +466,8 @@ class UniversalSLIProcessor:
         """Cache statistics and the memory plan."""
         return {"cache": self.cache.stats().to_dict(), "memory_plan": self.plan.describe(),
                 "resident_layers": len(self.plan.resident_layers), "num_layers": self.layout.num_layers,
-                "kv_dtype": self.kv_dtype, "kv_bytes_planned": self.plan.kv_bytes}
+                "kv_dtype": self.kv_dtype, "kv_bytes_in_memory": self.plan.kv_bytes,
+                "kv_bytes_spilled": self.plan.kv_spilled_bytes}
 
     def close(self) -> None:
         self.streamer.close()

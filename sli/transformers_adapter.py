@@ -101,19 +101,16 @@ class KeyMapper:
             convert_and_load_state_dict_in_model(model, state, config)
 
 
-def new_kv_cache(config, kv_dtype: Optional[str] = None, reserve: int = 0) -> Any:
-    """An empty KV cache object for a model of ``config``. With ``kv_dtype``, each
-    full-attention layer keeps its keys and values in a :func:`sli.kv_cache.compact_kv_layer`
-    (preallocated for ``reserve`` positions); sliding-window and other layer kinds keep
-    transformers' own."""
+def new_kv_cache(config, make_layer=None) -> Any:
+    """An empty KV cache object for a model of ``config``. With ``make_layer(index)``, each
+    full-attention layer's cache is what it returns (sli's compact layers); sliding-window and
+    other layer kinds keep transformers' own."""
     cache = transformers.DynamicCache(config=config)
-    if kv_dtype is not None:
-        from .kv_cache import compact_kv_layer
-
+    if make_layer is not None:
         if not cache.layers:  # no per-layer types in the config: one full-attention layer each
             cache.layers = [transformers.DynamicLayer() for _ in range(text_config(config).num_hidden_layers)]
-        cache.layers = [compact_kv_layer(kv_dtype, reserve) if type(layer) is transformers.DynamicLayer else layer
-                        for layer in cache.layers]
+        cache.layers = [make_layer(index) if type(layer) is transformers.DynamicLayer else layer
+                        for index, layer in enumerate(cache.layers)]
     return cache
 
 

@@ -67,12 +67,13 @@ def test_a_session_turn_feeds_only_its_own_tokens_and_matches_one_long_call(mode
 
 
 def test_the_plan_reserves_the_context_keys_and_values(model_factory, tmp_path):
-    with open_processor(model_factory, tmp_path, kv_dtype="int8", max_context_tokens=100) as proc:
+    with UniversalSLIProcessor(model_factory("llama"), "none", cache_dir=tmp_path / "cache", device="cpu",
+                               kv_dtype="int8", max_context_tokens=100) as proc:  # no budget: all in memory
         config = proc.config
         per_token = kv_bytes_per_token(config.num_hidden_layers, config.num_key_value_heads,
                                        config.hidden_size // config.num_attention_heads, "int8")
         assert proc.plan.kv_bytes == 100 * per_token and "KV" in proc.plan.describe()
-        assert proc.stats()["kv_bytes_planned"] == 100 * per_token
+        assert proc.stats()["kv_bytes_in_memory"] == 100 * per_token and proc.stats()["kv_bytes_spilled"] == 0
 
 
 def test_a_prompt_past_the_models_positions_is_refused_naming_the_limit(model_factory, tmp_path):
@@ -89,7 +90,7 @@ def test_unknown_kv_dtype_is_named(model_factory, tmp_path):
 
 def test_sliding_window_layers_keep_transformers_cache(model_factory):
     config = hf.load_config(model_factory("gemma2"))
-    cache = hf.new_kv_cache(config, "bfloat16")
+    cache = hf.new_kv_cache(config, lambda index: compact_kv_layer("bfloat16"))
     kinds = {type(layer).__name__ for layer in cache.layers}
     assert "CompactKVLayer" in kinds and len(kinds) == 2  # full attention compact, sliding as transformers keeps it
 
@@ -125,3 +126,24 @@ def test_several_sequences_share_one_pass_and_each_gets_its_own_answer(model_fac
         assert [int(l.argmax(-1)) for l in logits] == alone
         assert [t.layer for t in proc.timings] == list(range(proc.layout.num_layers))  # one pass for all
         assert [s.kv_cache.get_seq_length() for s in sessions] == [7, 2, 4]
+
+
+def test_kv_the_budget_cannot_hold_spills_to_disk_and_leaves_memory_after_each_layer(model_factory, tmp_path):
+    model_dir = model_factory("llama", num_layers=4)
+    ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(6))
+    with UniversalSLIProcessor(model_dir, "int8", cache_dir=tmp_path / "c", device="cpu", kv_dtype="bfloat16",
+                               memory_budget_gb=0.0, max_context_tokens=64) as reference:
+        expected = reference.generate(ids, max_new_tokens=6, eos_token_id=[])
+    probe = UniversalSLIProcessor(model_dir, "int8", cache_dir=tmp_path / "c", device="cpu", max_context_tokens=64)
+    kv_layer = probe.plan.kv_bytes // 4
+    budget = probe.shared_bytes + probe.plan.streaming_bytes + probe.plan.runtime_bytes + 2 * kv_layer + 1
+    probe.close()
+    with UniversalSLIProcessor(model_dir, "int8", cache_dir=tmp_path / "c", device="cpu", kv_dtype="bfloat16",
+                               memory_budget_gb=budget / 2**30, max_context_tokens=64) as proc:
+        assert proc.plan.kv_spilled_layers == [1, 2, 3] and proc.plan.kv_bytes == 2 * kv_layer
+        assert proc.stats()["kv_bytes_spilled"] == 3 * kv_layer
+        session = proc.new_session()
+        got = proc.generate(ids, max_new_tokens=6, eos_token_id=[], session=session)
+        spilled = [layer for layer in session.kv_cache.layers if layer.spilled]
+        assert len(spilled) == 3 and not list((tmp_path / "c" / "kv-spill").glob("*"))  # unlinked at once
+    assert got.tolist() == expected.tolist()  # same bytes, wherever they wait

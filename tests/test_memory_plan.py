@@ -36,3 +36,16 @@ def test_deeper_prefetch_keeps_more_layers_in_flight():
 def test_no_budget_uses_the_available_memory():
     p = plan(None, available_bytes=308 * MB)
     assert p.resident_layers == [0, 1] and not p.over_budget
+
+
+def test_kv_the_budget_cannot_hold_spills_from_the_last_layer_back():
+    # 10 layers of 20 MB KV: 200 MB will not fit beside the 208 MB fixed part of a 300 MB budget
+    p = plan(300 * MB, kv_layer_bytes=20 * MB, kv_can_spill=True)
+    # room for KV: 300 - 208 - 20 (one spilled layer in flight) = 72 MB: 3 layers stay in memory
+    assert p.kv_spilled_layers == list(range(3, 10)) and p.kv_bytes == 4 * 20 * MB
+    assert p.kv_spilled_bytes == 7 * 20 * MB and not p.over_budget and p.resident_layers == []
+
+
+def test_kv_that_cannot_spill_stays_in_the_plan_whole():
+    p = plan(300 * MB, kv_layer_bytes=20 * MB, kv_can_spill=False)
+    assert p.kv_spilled_layers == [] and p.kv_bytes == 200 * MB and p.over_budget
