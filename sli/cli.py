@@ -18,9 +18,9 @@ logger = logging.getLogger("sli")
 DEFAULT_PROMPT = "What is the capital of France?"
 MODES = "none, int8, int8_dynamic, nf4, fp4, int4, fp8"
 # The demo's memory budget, GiB: above what the processor holds whatever the budget (for SmolLM2
-# in int8: the 0.05 GiB embedding, 0.01 GiB of layers in flight, the 0.16 GiB kernel runtime; 0.22
-# GiB in all), so the plan has room and does not warn; below the checkpoint's 0.25 GiB (0.27 GB) of
-# bf16 weights, so most of its 30 layers stream from the cache every token.
+# in int8: the 0.05 GiB embedding, 0.01 GiB of layers in flight, the 0.16 GiB kernel runtime and the
+# KV of the run's few dozen positions; 0.22 GiB in all), so the plan has room and does not warn;
+# below the checkpoint's 0.25 GiB (0.27 GB) of bf16 weights, so most of its 30 layers stream.
 DEMO_BUDGET_GB = 0.24
 
 
@@ -172,7 +172,7 @@ def _model_dir(args) -> Path:
     return ensure_default_model(progress=not args.quiet)
 
 
-def _processor(args, model_dir: Path):
+def _processor(args, model_dir: Path, **kwargs):
     from .processor import UniversalSLIProcessor
 
     _check_mode(args.mode)
@@ -181,7 +181,7 @@ def _processor(args, model_dir: Path):
     return UniversalSLIProcessor(model_dir, _config(args.mode), cache_dir=args.cache_dir, device=args.device,
                                  max_cache_size_gb=args.max_cache_size_gb,
                                  memory_budget_gb=getattr(args, "memory_budget_gb", None),
-                                 max_gpu_memory_gb=getattr(args, "memory_budget_gb", None))
+                                 max_gpu_memory_gb=getattr(args, "memory_budget_gb", None), **kwargs)
 
 
 def cmd_warm(args) -> int:
@@ -286,12 +286,17 @@ def cmd_generate(args) -> int:
             raise SLIError(f"the prompt is {len(prompt.ids)} tokens{' with the chat template' if prompt.templated else ''}"
                            f", more than this model's limit of {limit} positions (max_position_embeddings); "
                            "shorten it")
-        room = limit - len(prompt.ids) + 1  # the last new token is never fed back
+        room = limit - len(prompt.ids)  # the processor reserves a position for every new token
+        if room == 0 and max_new_tokens > 0:
+            raise SLIError(f"the prompt is {len(prompt.ids)} tokens, all of this model's {limit} positions "
+                           "(max_position_embeddings): none is left for an answer; shorten it")
         if max_new_tokens > room:
             logger.warning("--max-new-tokens %d would run past the model's %d positions after a %d-token prompt; "
                            "generating at most %d", max_new_tokens, limit, len(prompt.ids), room)
             max_new_tokens = room
-    proc = _processor(args, model_dir)
+    # The plan reserves keys and values for this run's context, no more (the processor's default
+    # is the model's whole context, up to 4096 positions: 0.09 GB for SmolLM2 at bfloat16).
+    proc = _processor(args, model_dir, max_context_tokens=len(prompt.ids) + max_new_tokens)
     proc.plan  # made (and logged once, by the processor) before the warm-up, as the first thing said
     warm_t0 = time.perf_counter()
     proc.prewarm(progress=_bars(args))
@@ -341,26 +346,99 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _mode_labels():
+    from .cache_report import mode_labels
+    from .quantization import QuantizationConfig
+
+    labels = mode_labels(valid_modes(), _config)
+    for fingerprint, mode in mode_labels([m for m in valid_modes() if m != "mixed"],
+                                         lambda m: QuantizationConfig(mode=m)).items():
+        labels.setdefault(fingerprint, mode)
+    return labels
+
+
+def _when(timestamp: Optional[float]) -> str:
+    return "unknown" if timestamp is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def _megabytes(size: Optional[int]) -> str:
+    return "? MB" if size is None else f"{size / 1e6:.1f} MB"
+
+
 def cmd_cache(args) -> int:
+    from .cache_report import Fingerprint, group_entries, index_rows, is_layer_cache
     from .layer_cache import LayerCache
     from .processor import default_cache_dir
 
-    cache_dir = Path(args.cache_dir or default_cache_dir())
-    if args.action != "clear" and not cache_dir.exists():
-        raise SLIError(f"no cache at {cache_dir}; warm one with `sli warm MODEL_DIR --cache-dir {cache_dir}`")
+    cache_dir = Path(args.cache_dir or default_cache_dir()).expanduser()
+    if not cache_dir.exists():
+        raise SLIError(f"no layer cache at {cache_dir}: the folder does not exist (`sli warm MODEL_DIR "
+                       f"--cache-dir {cache_dir}` makes one)")
+    if not is_layer_cache(cache_dir):
+        # Opening it would create an index there: a user's ordinary folder is left as it is.
+        raise SLIError(f"{cache_dir} is not a layer cache (no cache.db in it); nothing was changed")
     with LayerCache(cache_dir) as cache:
         if args.action == "info":
-            stats = cache.stats().to_dict()
-            _emit(args, {"cache_dir": str(cache_dir), **stats},
-                  f"{cache_dir}: {stats['entries']} entries, {stats['disk_bytes'] / 1e6:.1f} MB on disk")
+            groups = group_entries(cache.entries(), index_rows(cache_dir), _mode_labels())
+            stats = cache.stats()
+            data = {"cache_dir": str(cache_dir), "entries": stats.entries, "disk_bytes": stats.disk_bytes,
+                    "models": [g.to_dict() for g in groups]}
+            lines = [f"{cache_dir}: {stats.entries} entries, {stats.disk_bytes / 1e6:.1f} MB on disk"]
+            width = max([len(g.model_id) for g in groups] + [5])
+            if groups:
+                lines.append(f"  {'model':<{width}}  {'mode':<12}  {'entries':>7}  {'size':>10}  last used")
+            for g in groups:
+                mode = g.mode if g.mode != "custom" else f"custom:{g.fingerprint[:8]}"
+                lines.append(f"  {g.model_id:<{width}}  {mode:<12}  {len(g.layers):>7}  {_megabytes(g.bytes):>10}  "
+                             f"{_when(g.last_used)}")
+            _emit(args, data, "\n".join(lines))
         elif args.action == "verify":
-            bad = cache.verify(remove=args.remove)
-            _emit(args, {"cache_dir": str(cache_dir), "bad": [str(b) for b in bad]},
-                  f"{len(bad)} bad entries" + (" removed" if args.remove and bad else ""))
+            store_logger = logging.getLogger("sli.layer_store")
+            level = store_logger.level
+            if not args.remove:
+                # The store logs each bad entry as "removed" even when it is not; the lines
+                # below say what happened instead.
+                store_logger.setLevel(logging.ERROR)
+            try:
+                total = len(cache.entries())
+                bad = cache.verify(remove=args.remove)
+            finally:
+                store_logger.setLevel(level)
+            if not bad:
+                line = f"{total} entries checked; no bad entries found"
+            elif args.remove:
+                line = f"{len(bad)} bad entries found and removed (of {total} checked)"
+            else:
+                line = (f"{len(bad)} bad entries found (of {total} checked); nothing was removed: rerun with --remove "
+                        "to delete them")
+            bad_lines = [f"  bad: {b}" for b in bad]
+            _emit(args, {"cache_dir": str(cache_dir), "checked": total, "bad": [str(b) for b in bad],
+                         "removed": bool(args.remove and bad)}, "\n".join(bad_lines + [line]))
             return 1 if bad and not args.remove else 0
+        elif args.action == "rm":
+            entries = [e for e in cache.entries() if e["model_id"] == args.model_id]
+            if not entries:
+                known = sorted({e["model_id"] for e in cache.entries()})
+                raise SLIError(f"no entries for model {args.model_id!r} in {cache_dir}; cached models: "
+                               f"{', '.join(known) if known else 'none'} (see `sli cache info`)")
+            labels = _mode_labels()
+            if args.mode is not None:
+                _check_mode(args.mode)
+                chosen = [e for e in entries if labels.get(e["fingerprint"]) == args.mode]
+                if not chosen:
+                    held = sorted({labels.get(e["fingerprint"], "custom") for e in entries})
+                    raise SLIError(f"no {args.mode} entries for model {args.model_id!r} in {cache_dir}; it has: "
+                                   f"{', '.join(held)}")
+                entries = chosen
+            removed = sum(cache.delete(e["model_id"], e["layer"], Fingerprint(e["fingerprint"])) for e in entries)
+            what = f"{args.model_id}" + (f" ({args.mode})" if args.mode else "")
+            _emit(args, {"cache_dir": str(cache_dir), "model_id": args.model_id, "mode": args.mode,
+                         "removed": removed}, f"removed {removed} entries of {what} from {cache_dir}")
         else:
+            count = len(cache.entries())
             cache.clear()
-            _emit(args, {"cache_dir": str(cache_dir), "cleared": True}, f"cleared {cache_dir}")
+            _emit(args, {"cache_dir": str(cache_dir), "cleared": True, "removed": count},
+                  f"cleared {cache_dir}: {count} entries removed")
     return 0
 
 
@@ -529,12 +607,27 @@ def build_parser() -> argparse.ArgumentParser:
     sampling(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("cache", help="inspect, verify or clear a cache directory")
-    p.add_argument("action", choices=["info", "verify", "clear"], help="what to do")
-    p.add_argument("--cache-dir", help="layer cache directory (default: $SLI_CACHE_DIR, else $SLI_HOME/layer-cache, "
-                                       "else ~/.cache/sli/layer-cache)")
-    p.add_argument("--remove", action="store_true", help="verify: remove bad entries")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p = sub.add_parser("cache", help="inspect, verify, clear a layer cache or remove one model from it",
+                       description="sli cache info | verify [--remove] | clear | rm MODEL_ID [--mode M]")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=CLIParser)
+    cache_dir_help = ("layer cache directory (default: $SLI_CACHE_DIR, else $SLI_HOME/layer-cache, else "
+                      "~/.cache/sli/layer-cache)")
+    for name, helptext in (("info", "entries, bytes and last use per model and mode"),
+                           ("verify", "check every entry's checksum and format; --remove deletes the bad ones"),
+                           ("clear", "remove every entry (of every model and mode)"),
+                           ("rm", "remove one model's entries, or one mode's of it")):
+        q = actions.add_parser(name, help=helptext, description=helptext, formatter_class=HelpFormatter)
+        q.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+        q.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="no progress bars or info lines, errors only")
+        if name == "rm":
+            q.add_argument("model_id", metavar="MODEL_ID", help="a model id as `sli cache info` lists it")
+            q.add_argument("--mode", default=None, help=f"only this mode's entries: {MODES}, or mixed "
+                                                        "(default: every mode)")
+        q.add_argument("--cache-dir", help=cache_dir_help)
+        if name == "verify":
+            q.add_argument("--remove", action="store_true", help="delete the bad entries (default: report them)")
+        q.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("eval", help="quality per quantization mode: perplexity, KL, top-1 agreement, bytes")

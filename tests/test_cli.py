@@ -356,8 +356,11 @@ def test_new_tokens_are_capped_at_the_positions(tiny, tmp_path, capsys):
     captured = capsys.readouterr()
     import json
 
-    assert json.loads(captured.out)["new_tokens"] <= 128 - 120 + 1
-    assert "generating at most 9" in captured.err
+    assert json.loads(captured.out)["new_tokens"] <= 128 - 120
+    assert "generating at most 8" in captured.err
+    prompt.write_text("a" * 128)  # every position taken: nothing left to answer with
+    assert main(["generate", str(tiny), "-f", str(prompt), "--cache-dir", str(tmp_path / "c")]) == 1
+    assert "none is left" in _error_line(capsys)
 
 
 # ---------------------------------------------------------------- output noise
@@ -517,3 +520,118 @@ def test_help_imports_nothing_heavy_from_the_cli_and_takes_under_a_second():
         pytest.xfail(f"`sli --help` took {seconds:.1f} s: `import sli` itself imports {by_package} "
                      "(sli/__init__.py, outside the CLI)")
     assert seconds < 1.0
+
+
+# ---------------------------------------------------------------- sli cache
+
+
+@pytest.fixture
+def two_models_cache(tiny, tmp_path, capsys):
+    """A cache with two models (the tiny llama and a copy under another name), int8 and nf4 each."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny, other)
+    cache = tmp_path / "cache"
+    for model in (tiny, other):
+        for mode in ("int8", "nf4"):
+            assert main(["warm", str(model), "--mode", mode, "--cache-dir", str(cache), "-q"]) == 0
+    capsys.readouterr()
+    return cache
+
+
+def _cache_json(capsys, *argv):
+    assert main(["cache", *argv, "--json"]) == 0
+    return _json_out(capsys)
+
+
+def _model_ids(cache):
+    from sli.layer_cache import LayerCache
+
+    with LayerCache(cache) as c:
+        return sorted({e["model_id"] for e in c.entries()})
+
+
+def test_cache_info_per_model_and_mode(two_models_cache, capsys):
+    import time
+
+    info = _cache_json(capsys, "info", "--cache-dir", str(two_models_cache))
+    groups = {(g["model_id"].split("-")[0], g["mode"]): g for g in info["models"]}
+    assert set(groups) == {("llama", "int8"), ("llama", "nf4"), ("other", "int8"), ("other", "nf4")}
+    for g in groups.values():
+        assert g["entries"] == 2 and g["layers"] == ["0", "1"]
+        assert g["bytes"] > 0 and abs(g["last_used"] - time.time()) < 600
+    assert groups[("llama", "nf4")]["bytes"] < groups[("llama", "int8")]["bytes"]  # 4 bits against 8
+    assert sum(g["bytes"] for g in groups.values()) <= info["disk_bytes"] and info["entries"] == 8
+    assert not any("hits" in key or "misses" in key for key in info)  # no per-process counters
+    assert main(["cache", "info", "--cache-dir", str(two_models_cache)]) == 0
+    text = capsys.readouterr().out
+    assert "8 entries" in text and "hits" not in text
+    rows = [line.split() for line in text.splitlines()[2:]]
+    assert sorted((r[0].split("-")[0], r[1], r[2]) for r in rows) == [
+        ("llama", "int8", "2"), ("llama", "nf4", "2"), ("other", "int8", "2"), ("other", "nf4", "2")]
+
+
+def test_cache_rm_one_mode_then_the_model(two_models_cache, capsys):
+    cache = str(two_models_cache)
+    llama = next(m for m in _model_ids(two_models_cache) if m.startswith("llama-"))
+    assert main(["cache", "rm", llama, "--mode", "nf4", "--cache-dir", cache]) == 0
+    assert "removed 2 entries" in capsys.readouterr().out
+    info = _cache_json(capsys, "info", "--cache-dir", cache)
+    assert sorted((g["model_id"].split("-")[0], g["mode"]) for g in info["models"]) == [
+        ("llama", "int8"), ("other", "int8"), ("other", "nf4")]
+    assert main(["cache", "rm", llama, "--mode", "nf4", "--cache-dir", cache]) == 1
+    assert "no nf4 entries" in _error_line(capsys)
+    assert main(["cache", "rm", llama, "--cache-dir", cache]) == 0
+    assert [m.split("-")[0] for m in _model_ids(two_models_cache)] == ["other"]
+    capsys.readouterr()
+    assert main(["cache", "rm", "no-such-model", "--cache-dir", cache]) == 1
+    line = _error_line(capsys)
+    assert "no-such-model" in line and "other-" in line
+
+
+def _corrupt_one_entry(cache):
+    import sqlite3
+
+    connection = sqlite3.connect(str(cache / "cache.db"))
+    (filename,) = connection.execute("SELECT filename FROM Cache ORDER BY rowid LIMIT 1").fetchone()
+    connection.close()
+    path = cache / filename
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_cache_verify_reports_and_removes_only_with_remove(two_models_cache, capsys):
+    cache = str(two_models_cache)
+    bad_file = _corrupt_one_entry(two_models_cache)
+    assert main(["cache", "verify", "--cache-dir", cache]) == 1
+    captured = capsys.readouterr()
+    assert "1 bad entries found (of 8 checked); nothing was removed: rerun with --remove to delete them" in captured.out
+    assert "removed," not in captured.err and "treated as a miss" not in captured.err
+    assert bad_file.exists() and _cache_json(capsys, "info", "--cache-dir", cache)["entries"] == 8
+    assert main(["cache", "verify", "--cache-dir", cache, "--remove"]) == 0
+    assert "1 bad entries found and removed" in capsys.readouterr().out
+    assert not bad_file.exists() and _cache_json(capsys, "info", "--cache-dir", cache)["entries"] == 7
+    assert main(["cache", "verify", "--cache-dir", cache]) == 0
+    assert "no bad entries" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("action", ["info", "verify", "clear"])
+def test_cache_commands_refuse_a_folder_that_is_not_a_cache(tmp_path, capsys, action):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "todo.txt").write_text("mine")
+    assert main(["cache", action, "--cache-dir", str(folder)]) == 1
+    assert "not a layer cache" in _error_line(capsys)
+    assert sorted(p.name for p in folder.iterdir()) == ["todo.txt"]
+    assert main(["cache", action, "--cache-dir", str(tmp_path / "missing")]) == 1
+    assert "does not exist" in _error_line(capsys)
+    assert not (tmp_path / "missing").exists()
+
+
+def test_cache_clear_empties_a_cache(two_models_cache, capsys):
+    assert main(["cache", "clear", "--cache-dir", str(two_models_cache)]) == 0
+    assert "8 entries removed" in capsys.readouterr().out
+    assert _cache_json(capsys, "info", "--cache-dir", str(two_models_cache))["entries"] == 0

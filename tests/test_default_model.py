@@ -94,7 +94,8 @@ def test_ensure_default_model_reuses(monkeypatch, tmp_path, smollm2_dir):
 def test_ensure_default_model_converts_into_cache_root(monkeypatch, tmp_path, smollm2_dir):
     calls = []
 
-    def fake_import(gguf_path, out_dir):
+    def fake_import(gguf_path, out_dir, force=False):
+        assert force  # the default model's folder is sli's own: an incomplete one is replaced
         calls.append(gguf_path)
         shutil.copytree(smollm2_dir, out_dir)
         return out_dir
