@@ -107,7 +107,7 @@ def _build(h):
     import numpy as np
     from numba import njit
 
-    lut4, lut4z, dot8, dotbf16, decode64_4bit = h.lut4, h.lut4z, h.dot8, h.dotbf16, h.decode64_4bit
+    lut4, lut4z, lut4n, dot8, dotbf16, decode64_4bit = h.lut4, h.lut4z, h.lut4n, h.dot8, h.dotbf16, h.decode64_4bit
     most = h.max_rows  # activation rows a helper multiplies in one pass
     # numba's cache keys each kernel by its closure (the helpers, with ids naming their level
     # and source; sli.simd_fallback.stable_id): each level has its own cached kernels.
@@ -134,23 +134,32 @@ def _build(h):
     @jit
     def matmul_4bit_nested(packed, qabsmax, nested, nested_code, offset, nested_blocksize, code, x, y, blocksize,
                            start, stop):
-        # double-quantized block maxima, decoded a row at a time, out of the hot loop:
+        # double-quantized block maxima, decoded by the helper as each block starts:
         # absmax[b] = nested_code[qabsmax[b]] * nested[b // nested_blocksize] + offset
         rows, cols = x.shape
         blocks_per_row = cols // blocksize
-        scales = np.empty(blocks_per_row, np.float32)
         xflat = x.reshape(x.size)
         acc = np.empty(most, np.float32)
+        total = np.empty(most, np.float32)
         for o in range(start, stop):
-            for blk in range(blocks_per_row):
-                b = o * blocks_per_row + blk
-                scales[blk] = nested_code[qabsmax[b]] * nested[b // nested_blocksize] + offset
+            b0 = o * blocks_per_row
             t = 0
             while t < rows:
                 k = min(most, rows - t)
-                lut4(packed, o * (cols // 2), code, scales, 0, blocksize, xflat, t * cols, cols, cols, k, acc)
+                total[:k] = 0.0
+                blk = 0
+                group = b0 // nested_blocksize
+                while blk < blocks_per_row:  # one pass per group of block maxima the row meets (mostly one)
+                    last = min(blocks_per_row, (group + 1) * nested_blocksize - b0)
+                    lut4n(packed, o * (cols // 2) + blk * blocksize // 2, code, qabsmax, nested_code, nested[group],
+                          offset, b0 + blk, blocksize, xflat, t * cols + blk * blocksize, (last - blk) * blocksize, cols,
+                          k, acc)
+                    for i in range(k):
+                        total[i] += acc[i]
+                    blk = last
+                    group += 1
                 for i in range(k):
-                    y[t + i, o] = acc[i]
+                    y[t + i, o] = total[i]
                 t += k
 
     @jit

@@ -203,15 +203,24 @@ def _row_pass(context, builder, level, n, block, x_ptr, xofs, stride, rows_value
     b.position_at_end(done)
 
 
-def _make_lut4(level: str, affine: bool):
+def _make_lut4(level: str, kind: str):
+    """``lut4`` (kind "scale"), ``lut4z`` ("affine": a zero point too) or ``lut4n`` ("nested":
+    8-bit block maxima ``nested_code[qabsmax[block]] * nested + offset``, bitsandbytes' double
+    quantization, decoded as each block starts)."""
     w = _WIDTH[level]
+    extra = {"scale": 1, "affine": 2, "nested": 4}[kind]  # arguments between code and sofs
 
-    def typer(typingctx, packed, pofs, code, scales, *rest):
-        return types.void(packed, pofs, code, scales, *rest), codegen
+    def typer(typingctx, *args):
+        return types.void(*args), codegen
 
-    if affine:
+    if kind == "affine":
         def lut4(typingctx, packed, pofs, code, scales, zeros, sofs, blocksize, x, xofs, n, stride, rows, out):
             return typer(typingctx, packed, pofs, code, scales, zeros, sofs, blocksize, x, xofs, n, stride, rows, out)
+    elif kind == "nested":
+        def lut4(typingctx, packed, pofs, code, qabsmax, nested_code, nested, offset, sofs, blocksize, x, xofs, n,
+                 stride, rows, out):
+            return typer(typingctx, packed, pofs, code, qabsmax, nested_code, nested, offset, sofs, blocksize, x, xofs,
+                         n, stride, rows, out)
     else:
         def lut4(typingctx, packed, pofs, code, scales, sofs, blocksize, x, xofs, n, stride, rows, out):
             return typer(typingctx, packed, pofs, code, scales, sofs, blocksize, x, xofs, n, stride, rows, out)
@@ -219,34 +228,39 @@ def _make_lut4(level: str, affine: bool):
     def codegen(context, builder, signature, args):
         at = signature.args
         b = builder
-        if affine:
-            packed_v, pofs_v, code_v, scales_v, zeros_v, sofs_v, bs_v, x_v, xofs_v, n_v, stride_v, rows_v, out_v = args
-            zeros_ptr = _data(context, b, at[4], zeros_v)
-            k = 5
-        else:
-            packed_v, pofs_v, code_v, scales_v, sofs_v, bs_v, x_v, xofs_v, n_v, stride_v, rows_v, out_v = args
-            k = 4
-        packed_ptr = _data(context, b, at[0], packed_v)
-        pofs_i = _intp(context, b, pofs_v, at[1])
-        code_ptr = _data(context, b, at[2], code_v)
-        scales_ptr = _data(context, b, at[3], scales_v)
-        sofs_i = _intp(context, b, sofs_v, at[k])
-        bs_i = _intp(context, b, bs_v, at[k + 1])
-        x_ptr = _data(context, b, at[k + 2], x_v)
-        xofs_i = _intp(context, b, xofs_v, at[k + 3])
-        n_i = _intp(context, b, n_v, at[k + 4])
-        stride_i = _intp(context, b, stride_v, at[k + 5])
-        rows_i = _intp(context, b, rows_v, at[k + 6])
-        out_ptr = _data(context, b, at[k + 7], out_v)
+        k = 3 + extra
+        packed_ptr = _data(context, b, at[0], args[0])
+        pofs_i = _intp(context, b, args[1], at[1])
+        code_ptr = _data(context, b, at[2], args[2])
+        scales_ptr = _data(context, b, at[3], args[3])
+        if kind == "affine":
+            zeros_ptr = _data(context, b, at[4], args[4])
+        elif kind == "nested":
+            nested_code_ptr = _data(context, b, at[4], args[4])
+            nested = context.cast(b, args[5], at[5], types.float32)
+            offset = context.cast(b, args[6], at[6], types.float32)
+        sofs_i = _intp(context, b, args[k], at[k])
+        bs_i = _intp(context, b, args[k + 1], at[k + 1])
+        x_ptr = _data(context, b, at[k + 2], args[k + 2])
+        xofs_i = _intp(context, b, args[k + 3], at[k + 3])
+        n_i = _intp(context, b, args[k + 4], at[k + 4])
+        stride_i = _intp(context, b, args[k + 5], at[k + 5])
+        rows_i = _intp(context, b, args[k + 6], at[k + 6])
+        out_ptr = _data(context, b, at[k + 7], args[k + 7])
         slots = []
 
         def begin_block(e, index):  # the block's table: code * scale (or (code - zero) * scale)
             if not slots:
                 slots.extend(cgutils.alloca_once(b, e.vf) for _ in range(16 // e.w))
             at_block = b.add(sofs_i, index)
-            scale = _splat(b, b.load(b.gep(scales_ptr, [at_block])), e.vf)
+            if kind == "nested":
+                q = b.zext(b.load(b.gep(scales_ptr, [at_block])), _i64)
+                scale = b.fadd(b.fmul(b.load(b.gep(nested_code_ptr, [q])), nested), offset)
+            else:
+                scale = b.load(b.gep(scales_ptr, [at_block]))
+            scale = _splat(b, scale, e.vf)
             code = e.table(code_ptr)
-            if affine:
+            if kind == "affine":
                 zero = _splat(b, b.load(b.gep(zeros_ptr, [at_block])), e.vf)
                 table = e.map_table(code, lambda part: b.fmul(b.fsub(part, zero), scale))
             else:
@@ -268,7 +282,7 @@ def _make_lut4(level: str, affine: bool):
         _row_pass(context, b, level, n_i, bs_i, x_ptr, xofs_i, stride_i, rows_i, out_ptr, begin_block, body)
         return context.get_dummy_value()
 
-    lut4.__name__ = f"lut4{'z' if affine else ''}_{level}"
+    lut4.__name__ = f"lut4{dict(scale='', affine='z', nested='n')[kind]}_{level}"
     return stable_id(intrinsic(lut4), f"simd.{lut4.__name__}:{SOURCE_HASH}")
 
 
@@ -352,7 +366,7 @@ def helpers(level: str) -> SimpleNamespace:
     if level not in _built:
         _built[level] = SimpleNamespace(
             level=level, lanes=_WIDTH[level], max_rows=MAX_ROWS,
-            lut4=_make_lut4(level, False), lut4z=_make_lut4(level, True),
+            lut4=_make_lut4(level, "scale"), lut4z=_make_lut4(level, "affine"), lut4n=_make_lut4(level, "nested"),
             dot8=_make_widening_dot(level, "int8"), dotbf16=_make_widening_dot(level, "bf16"),
             decode64_4bit=_make_decode64(level))
     return _built[level]

@@ -64,6 +64,21 @@ def lut4z(packed, pofs, code, scales, zeros, sofs, blocksize, x, xofs, n, stride
 
 
 @_jit
+def lut4n(packed, pofs, code, qabsmax, nested_code, nested, offset, sofs, blocksize, x, xofs, n, stride, rows, out):
+    for r in range(rows):
+        base = xofs + r * stride
+        s = np.float32(0.0)
+        for blk in range(n // blocksize):
+            scale = nested_code[qabsmax[sofs + blk]] * nested + offset
+            d = np.float32(0.0)
+            for k in range(blk * blocksize // 2, (blk + 1) * blocksize // 2):
+                b = packed[pofs + k]
+                d += (code[b >> 4] * scale) * x[base + 2 * k] + (code[b & 15] * scale) * x[base + 2 * k + 1]
+            s += d
+        out[r] = s
+
+
+@_jit
 def dot8(q, qofs, x, xofs, n, stride, rows, out):
     for r in range(rows):
         base = xofs + r * stride
@@ -95,8 +110,8 @@ def decode64_4bit(packed, pofs, code, scale, out, oofs):
         out[oofs + 2 * k + 1] = code[b & 15] * scale
 
 
-for _f in (lut4, lut4z, dot8, dotbf16, decode64_4bit):
+for _f in (lut4, lut4z, lut4n, dot8, dotbf16, decode64_4bit):
     stable_id(_f, f"simd_fallback.{_f.__name__}:{source_hash(__file__)}")
 
-HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=4, lut4=lut4, lut4z=lut4z, dot8=dot8, dotbf16=dotbf16,
+HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=4, lut4=lut4, lut4z=lut4z, lut4n=lut4n, dot8=dot8, dotbf16=dotbf16,
                           decode64_4bit=decode64_4bit)

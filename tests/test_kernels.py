@@ -112,6 +112,16 @@ def test_4bit_kernel_reads_plain_and_double_quantized_block_maxima(double_quant)
     assert _rel_err(codec.fused_linear(codec.prepare(q), x, None), _reference(codec, q, x)) < 1e-5
 
 
+def test_4bit_rows_that_straddle_groups_of_double_quantized_block_maxima():
+    # 2560 values = 40 blocks a row; a group of 256 block maxima ends inside rows 6, 12, ...
+    codec = codec_for("nf4")
+    q = codec.quantize(_weight((64, 2560), seed=5), QuantizationConfig(mode="nf4"))
+    assert "weight.nested_absmax" in q.tensors
+    for rows in (1, 6):
+        x = torch.randn(rows, 2560)
+        assert _rel_err(codec.fused_linear(codec.prepare(q), x, None), _reference(codec, q, x)) < 1e-5
+
+
 @pytest.mark.parametrize("block_size", [128, 256])
 @pytest.mark.parametrize("rows", [1, 5])
 def test_4bit_kernel_walks_blocks_larger_than_its_64_value_step(block_size, rows):
@@ -135,7 +145,8 @@ packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_s
 assert (codec.dequantize(q, torch.float32) - bnbf.dequantize_4bit(packed, state)).abs().max() <= 1e-7
 for mode in ("none", "int8", "int8_dynamic", "nf4", "fp4", "int4", "fp8"):
     codec = codec_for(mode)
-    for shape in ((96, 1024), (40, 200)):  # 200: a tail after the last 64 values, int4 padding
+    # 200: a tail after the last 64 values, int4 padding; 2560: rows straddling 4-bit groups of 256 block maxima
+    for shape in ((96, 1024), (40, 200), (24, 2560)):
         w = torch.randn(*shape, generator=g) * 0.02
         q = codec.prepare(codec.quantize(w.to(torch.bfloat16), QuantizationConfig(mode=mode)))
         dense = codec.dequantize(q, torch.float32)
