@@ -340,7 +340,8 @@ def cmd_generate(args) -> int:
         if not args.quiet:  # stdout holds the text alone; the figures go to stderr
             print(f"[{n} tokens: prefill {prefill:.2f} s, decode {decode_tps:.2f} tokens/s, peak RSS "
                   f"{result['peak_rss_mb']:.0f} MB; {result['resident_layers']}/{result['num_layers']} layers "
-                  f"resident, the rest streamed; cache hits: memory {stats['memory_hits']}, disk "
+                  f"resident, {result['num_layers'] - result['resident_layers']} streamed; cache hits: memory "
+                  f"{stats['memory_hits']}, disk "
                   f"{stats['disk_hits']}, misses {stats['disk_misses']}]", file=sys.stderr)
     proc.close()
     return 0
@@ -730,9 +731,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         return args.func(args)
-    except (SLIError, ValueError, KeyError, FileNotFoundError, PermissionError) as exc:
+    except (SLIError, ValueError, KeyError, OSError) as exc:
+        if args.verbose:
+            raise  # -v: the whole traceback, for a bug report
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"sli: error: {message}", file=sys.stderr)
+        print(f"sli: error: {' '.join(str(message).split())}", file=sys.stderr)  # one line, always
         return 1
     except KeyboardInterrupt:
         print("sli: interrupted", file=sys.stderr)

@@ -43,6 +43,20 @@ def test_import_gguf_refuses_an_occupied_path(tmp_path, capsys, kind):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "out"]
 
 
+def test_an_error_message_is_one_line_and_v_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    import sli.default_model as dm
+    from sli.errors import ModelLoadError
+
+    def fails(*args, **kwargs):
+        raise ModelLoadError("cannot load GGUF file x.gguf: first line\n  second line")
+
+    monkeypatch.setattr(dm, "import_gguf", fails)
+    assert main(["import-gguf", "x.gguf", str(tmp_path / "out")]) == 1
+    assert _error_line(capsys) == "sli: error: cannot load GGUF file x.gguf: first line second line"
+    with pytest.raises(ModelLoadError):
+        main(["import-gguf", "x.gguf", str(tmp_path / "out"), "-v"])
+
+
 def test_import_gguf_force_and_empty_folder_reach_the_conversion(tmp_path, capsys, monkeypatch):
     import sli.default_model as dm
 
