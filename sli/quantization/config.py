@@ -47,6 +47,7 @@ class ModeSpec:
     upgrade: Optional[QuantizationMode] = None  # one step up the precision ladder (AdaptiveQuantizer)
     preset: Dict[str, Any] = field(default_factory=dict)  # config fields of the named preset
     description: str = ""
+    methods: Tuple[str, ...] = ("rtn",)  # how its values may be chosen (see METHOD_FIELDS)
 
 
 _MODE_SPECS: Dict[QuantizationMode, ModeSpec] = {}
@@ -69,6 +70,19 @@ def mode_spec(mode: Union[QuantizationMode, str]) -> ModeSpec:
 def available_modes() -> List[str]:
     """The names of every mode that has a codec, in the enum's order."""
     return [m.value for m in QuantizationMode if m in _MODE_SPECS]
+
+
+# How a weight's values are chosen. "rtn" rounds each weight to its nearest code (no data);
+# "gptq" chooses them layer by layer against calibration activations (sli.calibration,
+# sli.quantization.gptq) and writes the same byte layout. A method's fields change the bytes,
+# so they enter the fingerprint, but only for that method: an "rtn" config's fingerprint is
+# exactly what it was before methods existed.
+METHOD_FIELDS: Dict[str, Tuple[str, ...]] = {
+    "rtn": (),
+    "gptq": ("method", "gptq_damp", "gptq_block_size", "gptq_act_order", "gptq_scale_search", "calibration",
+             "calibration_tokens", "calibration_window"),
+}
+DEFAULT_CALIBRATION = "default"  # the built-in calibration text (sli.calibration.default_calibration_text)
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -118,9 +132,33 @@ class QuantizationConfig:
     llm_int8_skip_modules: Optional[List[str]] = None
     block_size: int = 64  # NF4/FP4 values per absmax
     group_size: int = 128  # INT4 values per scale/zero point
+    # -- how values are chosen (METHOD_FIELDS): "rtn" (nearest code) or "gptq" (calibrated) --
+    method: str = "rtn"
+    gptq_damp: float = 0.01  # added to the Hessian's diagonal, as a fraction of its mean
+    gptq_block_size: int = 128  # columns solved together before the rest of the weight is updated
+    gptq_act_order: bool = True  # solve columns in decreasing Hessian diagonal (groups stay static)
+    gptq_scale_search: bool = True  # group scales / block absmax chosen by a small clipping search
+    calibration: str = DEFAULT_CALIBRATION  # the calibration text: "default" or calibration_id(text)
+    calibration_tokens: int = 32768  # tokens of calibration text (windows of calibration_window)
+    calibration_window: int = 512
 
     def __post_init__(self) -> None:
         self.mode = QuantizationMode(self.mode)
+        self.method = str(self.method).lower()
+        if self.method not in METHOD_FIELDS:
+            raise ValueError(f"method={self.method!r} is not supported; use one of {', '.join(METHOD_FIELDS)}")
+        spec = _MODE_SPECS.get(self.mode)
+        if spec is not None and self.method not in spec.methods:
+            raise ValueError(f"method={self.method!r} is not available for mode={self.mode.value!r} "
+                             f"(it has {', '.join(spec.methods)})")
+        if self.calibrated:  # the method's fields are read (and checked) only when it is used
+            if not 0 <= float(self.gptq_damp) < 1:
+                raise ValueError(f"gptq_damp={self.gptq_damp} must be in [0, 1); 0.01 is the usual value")
+            if int(self.gptq_block_size) < 1:
+                raise ValueError(f"gptq_block_size={self.gptq_block_size} must be >= 1")
+            if int(self.calibration_window) < 2 or int(self.calibration_tokens) < int(self.calibration_window):
+                raise ValueError(f"calibration_tokens={self.calibration_tokens} and calibration_window="
+                                 f"{self.calibration_window} must give at least one window of >= 2 tokens")
         self.compute_dtype = parse_dtype(self.compute_dtype, "compute_dtype")
         self.quant_storage_dtype = parse_dtype(self.quant_storage_dtype, "quant_storage_dtype") or torch.uint8
         if self.quant_storage_dtype != torch.uint8:
@@ -169,7 +207,13 @@ class QuantizationConfig:
         """The fields that change the bytes this config writes to the cache (its codec says which)."""
         fields: Dict[str, Any] = {"mode": self.mode.value, "skip": sorted(self.llm_int8_skip_modules or [])}
         fields.update((name, getattr(self, name)) for name in mode_spec(self.mode).byte_fields)
+        fields.update((name, getattr(self, name)) for name in METHOD_FIELDS[self.method])
         return fields
+
+    @property
+    def calibrated(self) -> bool:
+        """True when the bytes come from calibration (:mod:`sli.calibration`), not from the weight alone."""
+        return self.method != "rtn"
 
     def fingerprint(self) -> str:
         """A short stable hash of :meth:`byte_fields`: the layer cache keys on it.

@@ -52,10 +52,15 @@ class LayerQuantizer:
         """Every config this quantizer may give a linear."""
         return [self.config]
 
+    def needs_calibration(self) -> bool:
+        """True when some linear's bytes come from calibration (``method="gptq"``): its layers are
+        made by :func:`sli.calibration.calibrate`, never from the weights alone."""
+        return any(c.calibrated for c in self.configs())
+
     # -- module level ---------------------------------------------------
     def quantize_linear(self, module: nn.Module, config: QuantizationConfig) -> QuantizedLinear:
         weight = linear_weight(module).detach()
-        qweight = codec_for(config.mode).quantize(weight, config)
+        qweight = _quantize_alone(weight, config)
         return QuantizedLinear.from_quantized(qweight, module.bias, config.resolved_compute_dtype(weight.device),
                                               transposed=is_conv1d(module))
 
@@ -129,12 +134,15 @@ class LayerQuantizer:
         return CachedLayer(tensors, linears)
 
     def quantize_state_dict(self, state_dict: Dict[str, torch.Tensor], linear_paths: Dict[str, bool],
-                            layer_name: str = "") -> CachedLayer:
+                            layer_name: str = "", quantized: Optional[Dict[str, QuantizedTensor]] = None) -> CachedLayer:
         """Quantize a layer's checkpoint tensors without building the module.
 
         ``linear_paths`` maps each linear module path inside the layer to whether it is
         a Conv1D (``[in, out]`` weight). Tensors of other modules are kept as they are.
+        ``quantized`` gives linears already quantized (by path: calibrated methods, see
+        :mod:`sli.calibration`); the others are quantized here.
         """
+        quantized = quantized or {}
         tensors: Dict[str, torch.Tensor] = {}
         linears: Dict[str, Dict[str, Any]] = {}
         for name, tensor in state_dict.items():
@@ -145,11 +153,22 @@ class LayerQuantizer:
                 continue
             transposed = linear_paths[path]
             weight = tensor.t() if transposed else tensor
-            qweight = codec_for(config.mode).quantize(weight, config)
+            qweight = quantized[path] if path in quantized else _quantize_alone(weight, config, join_path(layer_name, path))
             linears[path] = dict(qweight.metadata, transposed=transposed)
             for key, value in qweight.tensors.items():
                 tensors[join_path(path, key)] = value
         return CachedLayer(tensors, linears)
+
+
+def _quantize_alone(weight: torch.Tensor, config: QuantizationConfig, name: str = "") -> QuantizedTensor:
+    """``weight`` quantized from its values alone; a calibrated config cannot be."""
+    if config.calibrated:
+        from ..errors import SLIError
+
+        raise SLIError(f"{name or 'this linear'}: method={config.method!r} needs calibration data; calibrate the "
+                       "model first (UniversalSLIProcessor.prewarm(calibration=...), sli.calibration.calibrate, "
+                       "or sli warm --calibrate)")
+    return codec_for(config.mode).quantize(weight, config)
 
 
 def dequantize_cached(cached: CachedLayer, dtype: torch.dtype,
@@ -208,8 +227,10 @@ class AdaptiveQuantizer(LayerQuantizer):
         base = base_config or QuantizationConfig()
         super().__init__(base)
         self.base_config = base
+        upgrade = mode_spec(base.mode).upgrade
         self.attention_config = attention_config or dataclasses.replace(
-            base, mode=mode_spec(base.mode).upgrade, quant_type=None)
+            base, mode=upgrade, quant_type=None,
+            method=base.method if base.method in mode_spec(upgrade).methods else "rtn")
         self.ffn_config = ffn_config or base
 
     def config_for(self, module_name: str) -> Optional[QuantizationConfig]:

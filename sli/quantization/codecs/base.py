@@ -31,6 +31,7 @@ class Codec:
     byte_fields: ClassVar[Tuple[str, ...]] = ()  # config fields that change this codec's bytes
     upgrade: ClassVar[Optional[QuantizationMode]] = None  # the next mode up in precision
     preset: ClassVar[Dict[str, Any]] = {}  # config fields of the mode's named preset
+    methods: ClassVar[Tuple[str, ...]] = ("rtn",)  # how values may be chosen ("gptq": sli.quantization.gptq)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -40,7 +41,8 @@ class Codec:
             raise ValueError(f"a codec for mode {cls.mode.value!r} is already registered "
                              f"({type(_REGISTRY[cls.mode]).__name__}); each mode has one codec")
         register_mode(ModeSpec(cls.mode, tuple(cls.byte_fields), cls.upgrade, dict(cls.preset),
-                               (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""))
+                               (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
+                               tuple(cls.methods)))
         _REGISTRY[cls.mode] = cls()
 
     def quantize(self, weight: Tensor, config: QuantizationConfig) -> QuantizedTensor:

@@ -12,8 +12,8 @@ from ... import kernels
 from ..config import QuantizationConfig, QuantizationMode, dtype_name
 from ..formats import QuantizedTensor
 from .base import Codec, check_float, compute_into, write_into
-from .four_bit_quantizer import (dequantize_blockwise_torch, dynamic_map, four_bit_code, quantize_4bit_torch,
-                                 quantize_blockwise_torch)
+from .four_bit_quantizer import (dequantize_blockwise_torch, dynamic_map, four_bit_code, nearest_codes,
+                                 quantize_4bit_torch, quantize_blockwise_torch)
 
 # bitsandbytes is optional: every codec has a pure-torch path with the same bytes. It is
 # found here, not imported: importing it costs ~100 MB of RSS, which a process streaming
@@ -33,34 +33,80 @@ class _FourBitCodec(Codec):
     quant_type: ClassVar[str]
     byte_fields = ("block_size", "double_quant")
     upgrade = QuantizationMode.INT8
+    methods = ("rtn", "gptq")
     preset = {"double_quant": True, "compress_statistics": True}
 
     def quantize(self, weight: Tensor, config: QuantizationConfig) -> QuantizedTensor:
         check_float(weight)
         w = weight.detach().contiguous()
-        bs = int(config.block_size)
+        packed, absmax = quantize_4bit_torch(w, int(config.block_size), self.quant_type)
+        stored, state = self.encode_absmax(absmax, config, w.device)
+        return self._assemble(w, packed, stored, state, config)
+
+    def encode_absmax(self, absmax: Tensor, config: QuantizationConfig,
+                      device: torch.device) -> "tuple[Dict[str, Tensor], Dict[str, Any]]":
+        """The stored form of the block maxima (8-bit codes + nested absmax with double quant) and
+        what the quant state records about them."""
         qt = self.quant_type
-        packed, absmax = quantize_4bit_torch(w, bs, qt)
-        state: Dict[str, Any] = {"quant_type": qt, "blocksize": bs, "dtype": dtype_name(w.dtype), "shape": list(w.shape)}
-        tensors: Dict[str, Tensor] = {"weight": packed}
+        state: Dict[str, Any] = {}
+        tensors: Dict[str, Tensor] = {}
         if config.double_quant:
             offset = absmax.mean()
-            if BITSANDBYTES_AVAILABLE and w.device.type == "cpu":
+            if BITSANDBYTES_AVAILABLE and device.type == "cpu":
                 import bitsandbytes.functional as bnbf
 
                 qabsmax, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
                 nested_absmax, nested_code = state2.absmax, state2.code
             else:
-                nested_code = dynamic_map().to(w.device)
+                nested_code = dynamic_map().to(device)
                 qabsmax, nested_absmax = quantize_blockwise_torch(absmax - offset, nested_code, 256)
             tensors["weight.absmax"] = qabsmax
-            tensors["weight.quant_map"] = four_bit_code(qt).to(w.device)
+            tensors["weight.quant_map"] = four_bit_code(qt).to(device)
             tensors["weight.nested_absmax"] = nested_absmax.float()
             tensors["weight.nested_quant_map"] = nested_code.float().clone()
             state.update(nested_blocksize=256, nested_dtype="float32", nested_offset=float(offset.item()))
         else:
             tensors["weight.absmax"] = absmax
-            tensors["weight.quant_map"] = four_bit_code(qt).to(w.device)
+            tensors["weight.quant_map"] = four_bit_code(qt).to(device)
+        return tensors, state
+
+    @staticmethod
+    def decoded_absmax(stored: Dict[str, Tensor], state: Dict[str, Any]) -> Tensor:
+        """The block maxima as dequantization reads them (double quant decoded), float32."""
+        if "weight.nested_absmax" not in stored:
+            return stored["weight.absmax"].float()
+        nested = dequantize_blockwise_torch(stored["weight.absmax"], stored["weight.nested_absmax"],
+                                            stored["weight.nested_quant_map"], int(state["nested_blocksize"]))
+        return nested + float(state["nested_offset"])
+
+    def quantize_with(self, weight: Tensor, config: QuantizationConfig, absmax: Tensor,
+                      source_dtype: Optional[torch.dtype] = None) -> QuantizedTensor:
+        """``weight`` coded against the given block maxima (fp32, one per block of the flattened
+        weight): how a calibrated method (GPTQ) writes its result. The maxima are stored as
+        :meth:`quantize` stores them (double-quantized when configured) and each value gets the
+        code nearest to it times the maximum as stored, so a weight already on that grid
+        (:meth:`decoded_absmax` times a code) gives back its own codes. ``source_dtype``: the dtype
+        the entry records as the original weight's (default ``weight``'s)."""
+        check_float(weight)
+        w = weight.detach().contiguous()
+        bs = int(config.block_size)
+        if w.numel() % bs:
+            raise ValueError(f"quantize_with needs whole blocks: {w.numel()} values, block size {bs}")
+        stored, state = self.encode_absmax(absmax.float(), config, w.device)
+        scale = self.decoded_absmax(stored, state).clamp(min=1e-38)
+        scaled = torch.clamp(w.reshape(-1, bs).float() / scale.unsqueeze(1), -1, 1)
+        codes = nearest_codes(scaled, self.quant_type).view(-1, 2)
+        packed = ((codes[:, 0] << 4) | codes[:, 1]).unsqueeze(1)
+        like = w if source_dtype is None else torch.empty(w.shape, dtype=source_dtype, device="meta")
+        return self._assemble(like, packed, stored, state, config)
+
+    def _assemble(self, w: Tensor, packed: Tensor, stored: Dict[str, Tensor], nested_state: Dict[str, Any],
+                  config: QuantizationConfig) -> QuantizedTensor:
+        qt = self.quant_type
+        bs = int(config.block_size)
+        state: Dict[str, Any] = {"quant_type": qt, "blocksize": bs, "dtype": dtype_name(w.dtype), "shape": list(w.shape)}
+        state.update(nested_state)
+        tensors: Dict[str, Tensor] = {"weight": packed, **stored}
         blob = json.dumps(state).encode("utf-8")
         tensors[f"weight.quant_state.bitsandbytes__{qt}"] = torch.tensor(list(blob), dtype=torch.uint8)
         meta = self._meta(w, self.mode, blocksize=bs, double_quant=bool(config.double_quant))

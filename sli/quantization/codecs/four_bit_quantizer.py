@@ -109,6 +109,11 @@ def _codes_reference(scaled: Tensor, quant_type: str) -> Tensor:
     return q.to(torch.uint8)
 
 
+def nearest_codes(scaled: Tensor, quant_type: str) -> Tensor:
+    """uint8 index of the code nearest to each value of ``scaled`` (in [-1, 1]), bitsandbytes' rule."""
+    return _codes_reference(scaled, quant_type)
+
+
 def _q4_reference(a: Tensor, quant_type: str) -> "tuple[Tensor, Tensor]":
     af = a.float()
     absmax = af.abs().amax(dim=-1)

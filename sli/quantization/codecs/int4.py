@@ -7,9 +7,35 @@ import torch
 from torch import Tensor
 
 from ... import kernels
-from ..config import QuantizationConfig, QuantizationMode
+from ..config import QuantizationConfig, QuantizationMode, dtype_name
 from ..formats import QuantizedTensor
 from .base import Codec, check_float, compute_into, write_into
+
+
+def grouped(weight: Tensor, g: int) -> Tensor:
+    """``weight`` as float32 ``[out, groups, g]``, ``in`` zero-padded to a multiple of ``g``."""
+    w = weight.detach().float()
+    if w.dim() != 2:
+        w = w.reshape(w.shape[0], -1)
+    rows, cols = w.shape
+    padded = -(-cols // g) * g
+    if padded != cols:
+        w = torch.nn.functional.pad(w, (0, padded - cols))
+    return w.view(rows, padded // g, g)
+
+
+def group_params(wmin: Tensor, wmax: Tensor) -> "tuple[Tensor, Tensor]":
+    """The fp16 scale and the zero point (float, 0..15) whose grid spans ``[wmin, wmax]`` (0 included)."""
+    wmin, wmax = wmin.clamp(max=0), wmax.clamp(min=0)
+    scale = ((wmax - wmin) / 15.0).clamp(min=1e-8).to(torch.float16)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # fp16 underflow
+    zero = torch.round(-wmin / scale.float()).clamp(0, 15)
+    return scale, zero
+
+
+def group_codes(wg: Tensor, s: Tensor, zero: Tensor) -> Tensor:
+    """uint8 codes ``clamp(round(w / s) + z, 0, 15)`` of ``wg`` ``[..., g]`` (``s``, ``zero`` one per group)."""
+    return (torch.round(wg / s.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp_(0, 15).to(torch.uint8)
 
 
 class Int4Codec(Codec):
@@ -20,28 +46,36 @@ class Int4Codec(Codec):
     mode = QuantizationMode.INT4
     byte_fields = ("group_size",)
     upgrade = QuantizationMode.INT8
+    methods = ("rtn", "gptq")
 
     def quantize(self, weight: Tensor, config: QuantizationConfig) -> QuantizedTensor:
         check_float(weight)
         g = int(config.group_size)
-        w = weight.detach().float()
-        if w.dim() != 2:
-            w = w.reshape(w.shape[0], -1)
-        rows, cols = w.shape
-        padded = -(-cols // g) * g
-        if padded != cols:
-            w = torch.nn.functional.pad(w, (0, padded - cols))
-        wg = w.view(rows, padded // g, g)
-        wmin = wg.amin(dim=-1).clamp(max=0)
-        wmax = wg.amax(dim=-1).clamp(min=0)
-        scale = ((wmax - wmin) / 15.0).clamp(min=1e-8).to(torch.float16)
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # fp16 underflow
-        s = scale.float()
-        zero = torch.round(-wmin / s).clamp(0, 15)
-        q = (torch.round(wg / s.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp_(0, 15).to(torch.uint8).view(rows, padded)
+        wg = grouped(weight, g)
+        scale, zero = group_params(wg.amin(dim=-1), wg.amax(dim=-1))
+        return self._pack(weight, wg, scale, zero, g)
+
+    def quantize_with(self, weight: Tensor, config: QuantizationConfig, scale: Tensor, zero: Tensor,
+                      source_dtype: Optional[torch.dtype] = None) -> QuantizedTensor:
+        """``weight`` rounded on the grid of the given per-group ``scale`` (fp16 ``[out, groups]``) and
+        ``zero`` (``[out, groups]``, integers 0..15): how a calibrated method (GPTQ) writes its result.
+        A weight already on that grid gives back its own codes. ``source_dtype``: the dtype the
+        entry records as the original weight's (default ``weight``'s)."""
+        check_float(weight)
+        g = int(config.group_size)
+        return self._pack(weight, grouped(weight, g), scale.to(torch.float16), zero.float(), g, source_dtype)
+
+    def _pack(self, weight: Tensor, wg: Tensor, scale: Tensor, zero: Tensor, g: int,
+              source_dtype: Optional[torch.dtype] = None) -> QuantizedTensor:
+        rows, groups, _ = wg.shape
+        padded = groups * g
+        q = group_codes(wg, scale.float(), zero).view(rows, padded)
         packed = (q[:, 0::2] << 4) | q[:, 1::2]
         tensors = {"weight": packed.contiguous(), "weight.scales": scale, "weight.zeros": zero.to(torch.uint8)}
-        return QuantizedTensor(tensors, self._meta(weight, self.mode, group_size=g, padded_in=padded))
+        meta = self._meta(weight, self.mode, group_size=g, padded_in=padded)
+        if source_dtype is not None:
+            meta["dtype"] = dtype_name(source_dtype)
+        return QuantizedTensor(tensors, meta)
 
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
         t = q.tensors
