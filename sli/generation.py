@@ -55,9 +55,19 @@ class GenerationSession:
                          new_ids.view(1, -1)], dim=1)
         return ids, torch.ones(1, self.length + ids.shape[1], dtype=torch.long, device=new_ids.device)
 
+    def rewind(self, length: int) -> None:
+        """Forget every position from ``length`` on (the cache keeps the first ``length``)."""
+        if length < self.length:
+            for layer in self.kv_cache.layers:
+                layer.crop(length)
+            self.length = length
+        self.token_ids = self.token_ids[:length]
+        self.pending = []
+
     def record(self, fed: torch.Tensor, generated: torch.Tensor) -> None:
         """After a turn: ``fed`` went into the cache, and ``generated`` (all but its last token)."""
-        self.token_ids += fed.view(-1).tolist() + generated.view(-1).tolist()
+        # fed starts with the pending token, which token_ids already ends with
+        self.token_ids = self.token_ids[:self.length] + fed.view(-1).tolist() + generated.view(-1).tolist()
         count = generated.numel()
         self.length += fed.shape[-1] + max(0, count - 1)
         self.pending = generated.view(-1)[-1:].tolist() if count else []
@@ -67,12 +77,14 @@ def generate_tokens(step: Step, input_ids: torch.Tensor, attention_mask: torch.T
                     max_new_tokens: int, eos_token_ids: Sequence[int] = (), do_sample: bool = False,
                     temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                     generator: Optional[torch.Generator] = None,
-                    callback: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
+                    callback: Optional[Callable[[torch.Tensor], None]] = None,
+                    should_stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
     """The decode loop over a model ``step``: prefill ``input_ids`` ``[B, S]``, then one token
     per step until ``max_new_tokens`` or every row has emitted an EOS; returns the new ids
     ``[B, T]``. ``attention_mask`` ``[B, P + S]`` covers the ``P`` positions already in
     ``kv_cache`` and the (left-padded) prompt. A finished row keeps emitting its EOS.
-    ``callback`` gets each step's tokens ``[B]``.
+    ``callback`` gets each step's tokens ``[B]``; ``should_stop()`` returning True ends the loop
+    after the token in hand (a user's Ctrl-C, a stop string), the KV cache consistent.
     """
     device = input_ids.device
     batch, new = input_ids.shape
@@ -90,7 +102,7 @@ def generate_tokens(step: Step, input_ids: torch.Tensor, attention_mask: torch.T
         tokens.append(token)
         if callback is not None:
             callback(token)
-        if eos.numel() and bool(finished.all()):
+        if (eos.numel() and bool(finished.all())) or (should_stop is not None and should_stop()):
             break
         ids = token[:, None]
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)

@@ -427,7 +427,8 @@ class UniversalSLIProcessor:
                  temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                  eos_token_id: Optional[Union[int, Sequence[int]]] = None, attention_mask: Optional[torch.Tensor] = None,
                  callback: Optional[Callable[[torch.Tensor], None]] = None, seed: Optional[int] = None,
-                 session: Optional[GenerationSession] = None) -> torch.Tensor:
+                 session: Optional[GenerationSession] = None,
+                 should_stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
         """Generate up to ``max_new_tokens`` tokens with a KV cache; returns the new ids ``[B, T]``.
 
         ``input_ids_or_prompt``: token ids ``[S]``/``[B, S]`` (left-padded with
@@ -435,7 +436,8 @@ class UniversalSLIProcessor:
         Each new token streams the layers once over one position. ``callback`` gets each
         step's new tokens ``[B]`` as they come. A finished row (EOS) keeps emitting EOS.
         ``session`` (:meth:`new_session`, one sequence) continues a conversation: the call feeds
-        only the new prompt, after what the session's KV cache already holds.
+        only the new prompt, after what the session's KV cache already holds. ``should_stop()``
+        returning True ends generation after the current token.
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens} is negative; pass 0 or more")
@@ -452,13 +454,13 @@ class UniversalSLIProcessor:
             self._check_length(input_ids.shape[1] + max_new_tokens)
             kv_cache = self._new_kv_cache(input_ids.shape[1] + max_new_tokens)
             return generate_tokens(self._step, input_ids, mask, kv_cache, max_new_tokens, eos,
-                                   do_sample, temperature, top_k, top_p, generator, callback)
+                                   do_sample, temperature, top_k, top_p, generator, callback, should_stop)
         if input_ids.shape[0] != 1:
             raise ValueError(f"a session holds one conversation; got a batch of {input_ids.shape[0]} prompts")
         ids, mask = session.continue_with(input_ids[mask.bool()].view(1, -1))
         self._check_length(session.length + ids.shape[1] + max_new_tokens)
         new = generate_tokens(self._step, ids, mask, session.kv_cache, max_new_tokens, eos,
-                              do_sample, temperature, top_k, top_p, generator, callback)
+                              do_sample, temperature, top_k, top_p, generator, callback, should_stop)
         session.record(ids, new)
         return new
 
