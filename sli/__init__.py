@@ -1,46 +1,36 @@
 """sli: run language models larger than memory by streaming them layer by layer
-through a quantized on-disk layer cache."""
-from .quantization import (
-    BITSANDBYTES_AVAILABLE,
-    AdaptiveQuantizer,
-    CachedLayer,
-    LayerQuantizer,
-    QuantizationConfig,
-    QuantizationMode,
-    QuantizationRegistry,
-    QuantizedLinear,
-    QuantizedTensor,
-    calculate_quantization_error,
-    codec_for,
-    dequantize_layer,
-    get_fp4_config,
-    get_int8_config,
-    get_mixed_precision_config,
-    get_nf4_config,
-    quantize_layer,
-)
-from .errors import CacheError, ModelLoadError, SLIError, UnsupportedArchitectureError
+through a quantized on-disk layer cache.
+
+The public names load on first use (``sli.UniversalSLIProcessor`` imports torch and
+transformers; ``import sli`` alone, as ``sli --help`` does, imports neither).
+"""
+from importlib import import_module
 
 __version__ = "0.1.0"
 
+# public name -> the module that defines it
+_EXPORTS = {
+    **dict.fromkeys(["BITSANDBYTES_AVAILABLE", "AdaptiveQuantizer", "CachedLayer", "LayerQuantizer",
+                     "QuantizationConfig", "QuantizationMode", "QuantizationRegistry", "QuantizedLinear",
+                     "QuantizedTensor", "calculate_quantization_error", "codec_for", "dequantize_layer",
+                     "get_fp4_config", "get_int8_config", "get_mixed_precision_config", "get_nf4_config",
+                     "quantize_layer"], ".quantization"),
+    **dict.fromkeys(["CacheError", "ModelLoadError", "SLIError", "UnsupportedArchitectureError"], ".errors"),
+    "LayerCache": ".layer_cache",
+    "UniversalSLIProcessor": ".processor",
+}
+
 
 def __getattr__(name):
-    # The cache and the processor pull in diskcache and transformers: import on first use.
-    if name == "LayerCache":
-        from .layer_cache import LayerCache
-
-        return LayerCache
-    if name == "UniversalSLIProcessor":
-        from .processor import UniversalSLIProcessor
-
-        return UniversalSLIProcessor
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value  # next time a plain attribute
+        return value
     raise AttributeError(f"module 'sli' has no attribute {name!r}")
 
 
-__all__ = [
-    "AdaptiveQuantizer", "BITSANDBYTES_AVAILABLE", "CacheError", "CachedLayer", "LayerCache", "LayerQuantizer",
-    "ModelLoadError", "QuantizationConfig", "QuantizationMode", "QuantizationRegistry", "QuantizedLinear",
-    "QuantizedTensor", "SLIError", "UniversalSLIProcessor", "UnsupportedArchitectureError",
-    "calculate_quantization_error", "codec_for", "dequantize_layer", "get_fp4_config", "get_int8_config",
-    "get_mixed_precision_config", "get_nf4_config", "quantize_layer",
-]
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))
+
+
+__all__ = sorted(_EXPORTS)

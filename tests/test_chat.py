@@ -75,10 +75,13 @@ def test_sli_chat_in_a_real_terminal(tmp_path):
         raise AssertionError(f"{text!r} never appeared; the screen shows:\n{screen()}")
 
     try:
-        wait_for(">>> ")
+        wait_for(">>>")  # (capture-pane drops the prompt's trailing space)
         subprocess.run(["tmux", "send-keys", "-t", session, "What is the capital of France?", "Enter"], check=True)
-        shown = wait_for("Paris")
-        wait_for(">>> ", 120) if shown.count(">>> ") < 2 else None
+        wait_for("Paris")
+        deadline = time.time() + 120
+        while screen().count(">>>") < 2 and time.time() < deadline:  # the answer ended: a new prompt
+            time.sleep(0.5)
+        assert screen().count(">>>") == 2
         subprocess.run(["tmux", "send-keys", "-t", session, "C-d"], check=True)
         deadline = time.time() + 30
         while time.time() < deadline and subprocess.run(["tmux", "has-session", "-t", session]).returncode == 0:

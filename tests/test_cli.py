@@ -512,11 +512,10 @@ def test_generate_and_warm_default_to_int8_and_the_mode_list_is_current():
 HEAVY = ("torch", "transformers", "sli.processor", "sli.layer_cache", "numba")
 
 
-def test_help_imports_nothing_heavy_from_the_cli_and_takes_under_a_second():
-    """`sli --help` in a fresh process. The CLI itself imports torch, transformers and the
-    processor only inside its commands; `import sli` (sli/__init__.py) decides the rest."""
-    import time
-
+def test_help_imports_nothing_heavy():
+    """`sli --help` in a fresh process imports neither torch nor transformers nor the processor:
+    `import sli` loads its names lazily and the CLI imports them inside its commands. (How long
+    --help takes is measured by hand, not asserted: see docs/benchmarks.md.)"""
     import json
 
     probe = ("import json, sys; import sli; before = set(sys.modules); from sli.cli import main, build_parser; "
@@ -527,13 +526,7 @@ def test_help_imports_nothing_heavy_from_the_cli_and_takes_under_a_second():
     assert done.returncode == 0, done.stderr
     added_by_cli, by_package = json.loads(done.stdout.strip().splitlines()[-1])
     assert added_by_cli == [], f"the CLI's --help imported {added_by_cli}"
-    t0 = time.perf_counter()
-    subprocess.run([SLI, "--help"], capture_output=True, check=True, timeout=120)
-    seconds = time.perf_counter() - t0
-    if by_package and seconds >= 1.0:
-        pytest.xfail(f"`sli --help` took {seconds:.1f} s: `import sli` itself imports {by_package} "
-                     "(sli/__init__.py, outside the CLI)")
-    assert seconds < 1.0
+    assert by_package == [], f"`import sli` imported {by_package}"
 
 
 # ---------------------------------------------------------------- sli cache
