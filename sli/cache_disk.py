@@ -9,7 +9,8 @@ here, pinned by tests (tests/test_cache_disk.py):
   values (temporary name, fsync, rename) and hands every other value to diskcache;
 - exact least-recently-used eviction: :func:`least_recently_used` reads the index's
   ``access_time`` column (diskcache maintains it for ``eviction_policy="least-recently-used"``)
-  through a read-only connection of its own; the deletions go through ``Cache.delete``.
+  through a read-only connection of its own; the deletions go through ``Cache.delete``;
+- each entry's size and last use for ``sli cache info`` (:func:`index_rows`), read the same way.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import shutil
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import diskcache
 from diskcache.core import MODE_BINARY
@@ -104,6 +105,28 @@ def least_recently_used(cache_dir: Path, exclude: str) -> Optional[str]:
     finally:
         connection.close()
     return row[0] if row else None
+
+
+def is_layer_cache(cache_dir: Path) -> bool:
+    """True when ``cache_dir`` holds a layer cache's index."""
+    return (Path(cache_dir) / INDEX_FILE).is_file()
+
+
+def index_rows(cache_dir: Path) -> Dict[str, Tuple[Optional[int], Optional[float]]]:
+    """key -> (bytes, last access time in seconds since the epoch) from the index, read-only;
+    {} when it cannot be read (``size`` and ``access_time`` columns of diskcache's table)."""
+    uri = f"file:{Path(cache_dir) / INDEX_FILE}?mode=ro"
+    try:
+        connection = sqlite3.connect(uri, uri=True, timeout=10)
+    except sqlite3.Error:
+        return {}
+    try:
+        rows = connection.execute("SELECT key, size, access_time FROM Cache").fetchall()
+    except sqlite3.Error:
+        return {}
+    finally:
+        connection.close()
+    return {key: (size, access) for key, size, access in rows if isinstance(key, str)}
 
 
 _devnull: Optional[int] = None

@@ -1,41 +1,16 @@
 """What a layer cache directory holds, per model and mode, for ``sli cache info`` and ``rm``.
 
-The entries come from :meth:`LayerCache.entries` (model id, layer, config fingerprint). The
-cache's public API has no per-entry size or last use, so those are read from the index that
-``diskcache`` keeps beside the files (``cache.db``, table ``Cache``: ``size`` in bytes,
-``access_time`` in seconds since the epoch, updated on every read under the LRU policy),
-opened read-only; when it cannot be read the report still lists entries, without bytes or times.
+The entries come from :meth:`LayerCache.entries` (model id, layer, config fingerprint); each
+one's bytes and last use from :func:`sli.cache_disk.index_rows` (diskcache's index, read-only);
+when it cannot be read the report still lists entries, without bytes or times.
 A fingerprint is named by the mode whose config (as ``sli`` builds it for ``--mode``) has it.
 """
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
-INDEX_FILE = "cache.db"  # diskcache's index (diskcache.core.DBNAME)
 
-
-def is_layer_cache(cache_dir: Path) -> bool:
-    """True when ``cache_dir`` holds a layer cache's index."""
-    return (Path(cache_dir) / INDEX_FILE).is_file()
-
-
-def index_rows(cache_dir: Path) -> Dict[str, Tuple[Optional[int], Optional[float]]]:
-    """key -> (bytes, last access time) from the index, read-only; {} when it cannot be read."""
-    uri = f"file:{Path(cache_dir) / INDEX_FILE}?mode=ro"
-    try:
-        connection = sqlite3.connect(uri, uri=True, timeout=10)
-    except sqlite3.Error:
-        return {}
-    try:
-        rows = connection.execute("SELECT key, size, access_time FROM Cache").fetchall()
-    except sqlite3.Error:
-        return {}
-    finally:
-        connection.close()
-    return {key: (size, access) for key, size, access in rows if isinstance(key, str)}
 
 
 @dataclass

@@ -327,7 +327,8 @@ class LayerStore:
             if metadata.get("format") != str(FORMAT_VERSION):
                 raise ValueError(f"format {metadata.get('format')} is not {FORMAT_VERSION}")
         except (ValueError, KeyError, TypeError, json.JSONDecodeError, RuntimeError) as exc:
-            logger.warning("corrupt layer cache entry %s (%s): removed, treated as a miss", path, exc)
+            logger.warning("corrupt layer cache entry %s (%s): %s", path, exc,
+                           "removed, treated as a miss" if remove else "left in place (not removed)")
             self._verified.pop((key, tag), None)
             with self._lock:
                 self._stats.corrupt += 1

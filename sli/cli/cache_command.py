@@ -30,7 +30,8 @@ def _megabytes(size: Optional[int]) -> str:
 
 
 def cmd_cache(args) -> int:
-    from ..cache_report import Fingerprint, group_entries, index_rows, is_layer_cache
+    from ..cache_disk import index_rows, is_layer_cache
+    from ..cache_report import Fingerprint, group_entries
     from ..layer_cache import LayerCache
     from ..processor import default_cache_dir
 
