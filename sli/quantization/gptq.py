@@ -1,0 +1,273 @@
+"""GPTQ: 4-bit weights chosen against calibration activations, in the codecs' own byte layouts.
+
+For a linear ``y = x W^T`` whose inputs ``X`` were seen during calibration, GPTQ (Frantar et
+al., 2022) quantizes ``W`` column by column and spreads each column's rounding error over the
+columns not yet quantized, weighted by the inverse of the Hessian ``H = 2 X^T X`` of the
+layer-wise loss ``||X W^T - X Wq^T||^2``. Here:
+
+- the Hessian is dampened (``gptq_damp`` of its mean diagonal on the diagonal), inverted through
+  its Cholesky factor, and the upper Cholesky factor of the inverse drives the updates;
+- columns are solved ``gptq_block_size`` at a time; inside a block, 16 at a time; the rest of
+  the weight is updated with one matrix product per block and per 16 columns (the only Python
+  loop over single columns touches 16 columns of one block);
+- ``gptq_act_order`` solves columns in decreasing ``diag(H)`` but keeps **static groups**: each
+  column's scale (INT4: scale and zero point per 128 columns of a row; NF4/FP4: absmax per 64
+  values) is fixed before the solve from the original weight, for the group it has in the
+  original column order. The stored bytes are the codec's ordinary layout (no group index, no
+  permutation), so the fused kernels and the GPU path read them unchanged;
+- ``gptq_scale_search`` picks each group's scale (INT4: the clipping of ``[min, max]``) or each
+  block's absmax (NF4/FP4) from a small grid, by the rounding error weighted by ``diag(H)``;
+- NF4/FP4 maxima are double-quantized before the solve, and the solve rounds against the
+  maxima as they will be decoded, so the stored codes are exactly the solve's.
+
+The result goes through the codec's ``quantize_with`` (the weight GPTQ chose, on the grid of the
+scales it used), which gives a :class:`QuantizedTensor` like the codec's own ``quantize``.
+
+Linears that read the same input (q/k/v, gate/up) share one Hessian; :func:`gptq_quantize`
+solves them as one matrix (rows are independent given ``H``).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .codecs import codec_for
+from .codecs.four_bit_quantizer import four_bit_code
+from .codecs.int4 import group_params
+from .config import QuantizationConfig, QuantizationMode
+from .formats import QuantizedTensor
+
+logger = logging.getLogger(__name__)
+
+# Clipping candidates of the scale search: the group's range (INT4) or absmax (4-bit) times these.
+SEARCH_GRID = tuple(1.0 - 0.025 * k for k in range(13))  # 1.0 .. 0.70
+_INNER = 16  # columns a rank-1 update touches at most (inside a block)
+
+
+class Hessian:
+    """The running ``sum x^T x`` of a linear's inputs (``x`` rows are tokens), float32."""
+
+    def __init__(self, in_features: int, device: Optional[torch.device] = None) -> None:
+        self.matrix = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.matrix.addmm_(x.t(), x)
+        self.tokens += x.shape[0]
+
+
+def supports(config: QuantizationConfig, weight_shape: Tuple[int, int]) -> bool:
+    """Whether GPTQ can write this weight in ``config``'s layout (4-bit blocks must not straddle rows)."""
+    if config.mode in (QuantizationMode.NF4, QuantizationMode.FP4):
+        return weight_shape[1] % int(config.block_size) == 0
+    return config.mode == QuantizationMode.INT4
+
+
+class _Grid:
+    """A format's grid, one scale per (row, group of columns in the original order)."""
+
+    def __init__(self, config: QuantizationConfig, weight: Tensor, importance: Tensor) -> None:
+        self.config = config
+        self.int4 = config.mode == QuantizationMode.INT4
+        self.group = int(config.group_size if self.int4 else config.block_size)
+        rows, cols = weight.shape
+        wg = weight.view(rows, cols // self.group, self.group)
+        imp = importance.view(1, cols // self.group, self.group)
+        grid = SEARCH_GRID if config.gptq_scale_search else (1.0,)
+        if self.int4:
+            self.scale, self.zero = self._search_int4(wg, imp, grid)  # fp16, float
+            self.col_scale = self.scale.float()
+        else:
+            self.code = four_bit_code(config.quant_type).to(weight.device)
+            self.sorted_code, _ = torch.sort(self.code)
+            self.midpoints = (self.sorted_code[1:] + self.sorted_code[:-1]) / 2
+            self.absmax = self._search_absmax(wg, imp, grid)  # raw, before double quant
+            codec = codec_for(config.mode)
+            stored, state = codec.encode_absmax(self.absmax.reshape(-1), config, weight.device)
+            self.col_scale = codec.decoded_absmax(stored, state).view(rows, -1)  # what dequantization reads
+            self.zero = None
+
+    # -- the scale search (static groups: from the original weight) --------------------------
+    @staticmethod
+    def _search_int4(wg: Tensor, imp: Tensor, grid) -> Tuple[Tensor, Tensor]:
+        wmin, wmax = wg.amin(dim=-1), wg.amax(dim=-1)
+        best_err = best_scale = best_zero = None
+        for p in grid:
+            scale, zero = group_params(wmin * p, wmax * p)
+            s = scale.float().unsqueeze(-1)
+            z = zero.unsqueeze(-1)
+            dq = (torch.round(wg / s) + z).clamp_(0, 15).sub_(z).mul_(s)
+            err = dq.sub_(wg).square_().mul_(imp).sum(dim=-1)
+            if best_err is None:
+                best_err, best_scale, best_zero = err, scale, zero
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_scale = torch.where(better, scale, best_scale)
+                best_zero = torch.where(better, zero, best_zero)
+        return best_scale, best_zero
+
+    def _search_absmax(self, wg: Tensor, imp: Tensor, grid) -> Tensor:
+        absmax = wg.abs().amax(dim=-1)
+        best_err = best = None
+        for p in grid:
+            a = (absmax * p).clamp(min=1e-38).unsqueeze(-1)
+            dq = self._round4(wg / a).mul_(a)
+            err = dq.sub_(wg).square_().mul_(imp).sum(dim=-1)
+            if best_err is None:
+                best_err, best = err, absmax * p
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best = torch.where(better, absmax * p, best)
+        return best
+
+    def _round4(self, scaled: Tensor) -> Tensor:
+        """The nearest code value of each ``scaled``: the count of midpoints below it (bucketize's
+        rule) indexes the sorted code; 15 vectorized compares beat torch's scalar binary search."""
+        idx = torch.zeros(scaled.shape, dtype=torch.uint8, device=scaled.device)
+        for m in self.midpoints.tolist():
+            idx.add_(scaled > m)
+        return self.sorted_code[idx.long()]
+
+    # -- one column ----------------------------------------------------------------------------
+    def quantize(self, w: Tensor, s: Tensor, z: Optional[Tensor]) -> Tensor:
+        """Column ``w`` [rows] on the grid of its rows' scales ``s`` (and zero points ``z``)."""
+        if self.int4:
+            q = torch.round(w / s).add_(z).clamp_(0, 15)
+            return q.sub_(z).mul_(s)
+        # the nearest code: how many midpoints lie below (bucketize's rule); compares, not a
+        # binary search, which torch runs threaded even on a few thousand values
+        scaled = (w / s.clamp(min=1e-38)).unsqueeze(1)
+        return self.sorted_code[(scaled > self.midpoints).sum(dim=1)].mul_(s)
+
+    def finish(self, config: QuantizationConfig, wq: Tensor, rows: slice, source_dtype: torch.dtype) -> QuantizedTensor:
+        codec = codec_for(config.mode)
+        if self.int4:
+            return codec.quantize_with(wq, config, self.scale[rows], self.zero[rows], source_dtype=source_dtype)
+        return codec.quantize_with(wq, config, self.absmax[rows].reshape(-1), source_dtype=source_dtype)
+
+
+def _inverse_factor(H: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + damp·mean(diag H)·I)^-1`` (``U^T U = H^-1``), more
+    damping if ``H`` is not positive definite enough.
+
+    With ``J`` the reversal permutation and ``J H J = M M^T`` (Cholesky), ``R = J M J`` is upper
+    triangular with ``H = R R^T``, so ``H^-1 = (R^-1)^T R^-1`` and ``U = R^-1``: one Cholesky and
+    one triangular solve, half the work of inverting ``H`` and factoring the inverse."""
+    n = H.shape[0]
+    mean_diag = float(torch.diagonal(H).mean())
+    for attempt in range(6):
+        Hd = H.flip(0, 1)
+        Hd.diagonal().add_(max(damp, 1e-6) * (10 ** attempt) * mean_diag)
+        M, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
+        if int(info) == 0:
+            U = torch.linalg.solve_triangular(M.flip(0, 1), torch.eye(n, dtype=H.dtype, device=H.device), upper=True)
+            if bool(torch.isfinite(U).all()):
+                if attempt:
+                    logger.info("GPTQ: Hessian needed %.3g dampening", damp * 10 ** attempt)
+                return U
+    raise RuntimeError("GPTQ: the Hessian is not positive definite even with strong dampening")
+
+
+def _solve(Wt: Tensor, U: Tensor, grid: _Grid, group_of: Tensor, block: int) -> None:
+    """GPTQ over the columns of ``W`` in the order given, in place on ``Wt`` (``W`` transposed:
+    a column is a contiguous row): each becomes its quantized value."""
+    n, rows = Wt.shape
+    scale_t = grid.col_scale.t().contiguous()  # [groups, rows]
+    zero_t = grid.zero.t().contiguous() if grid.zero is not None else None
+    group_of = group_of.tolist()
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        W1 = Wt[i1:i2]  # a view: updated in place
+        U1 = U[i1:i2, i1:i2]
+        Err = torch.empty_like(W1)
+        count = i2 - i1
+        for j1 in range(0, count, _INNER):
+            j2 = min(j1 + _INNER, count)
+            for j in range(j1, j2):
+                w = W1[j]
+                g = group_of[i1 + j]
+                q = grid.quantize(w, scale_t[g], zero_t[g] if zero_t is not None else None)
+                err = Err[j]
+                torch.sub(w, q, out=err)
+                err.div_(U1[j, j])
+                w.copy_(q)
+                if j + 1 < j2:
+                    W1[j + 1:j2].addr_(U1[j, j + 1:j2], err, alpha=-1)
+            if j2 < count:
+                W1[j2:].addmm_(U1[j1:j2, j2:].t(), Err[j1:j2], alpha=-1)
+        if i2 < n:
+            Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err, alpha=-1)
+
+
+def gptq_quantize(weights: Dict[str, Tensor], hessian: Tensor, config: QuantizationConfig) -> Dict[str, QuantizedTensor]:
+    """GPTQ-quantize linears that read the same inputs (``weights``: name → ``[out, in]``, one
+    ``in``) against their inputs' Hessian ``sum x^T x`` (``[in, in]``), solved as one matrix.
+
+    Returns name → the codec's :class:`QuantizedTensor` in ``config``'s layout.
+    """
+    names = list(weights)
+    source_dtypes = {name: weights[name].dtype for name in names}
+    W = torch.cat([weights[name].detach().float() for name in names], dim=0)
+    device = W.device
+    rows, cols = W.shape
+    H = hessian.to(device=device, dtype=torch.float32)
+    if H.shape != (cols, cols):
+        raise ValueError(f"Hessian of shape {tuple(H.shape)} for weights with {cols} input features")
+    int4 = config.mode == QuantizationMode.INT4
+    group = int(config.group_size if int4 else config.block_size)
+    if not int4 and cols % group:
+        raise ValueError(f"GPTQ {config.mode.value}: {cols} input features are not whole blocks of {group}")
+    padded = -(-cols // group) * group
+    if padded != cols:  # INT4 pads each row with zeros; they are dead columns here
+        W = torch.nn.functional.pad(W, (0, padded - cols))
+        H = torch.nn.functional.pad(H, (0, padded - cols, 0, padded - cols))
+    H = H.clone()
+    dead = torch.diagonal(H) == 0
+    H.diagonal()[dead] = 1.0
+    W[:, dead] = 0.0
+    importance = torch.diagonal(H).clone()
+    importance[dead] = 0.0
+    grid = _Grid(config, W, importance)
+
+    if config.gptq_act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    else:
+        perm = torch.arange(padded, device=device)
+    H = H[perm][:, perm]
+    U = _inverse_factor(H, float(config.gptq_damp))
+    del H
+    Wt = W.t()[perm].contiguous()  # [cols in solve order, rows]
+    del W
+    _solve(Wt, U, grid, perm // group, int(config.gptq_block_size))
+    Wq = torch.empty_like(Wt)
+    Wq[perm] = Wt
+    Wq = Wq.t()[:, :cols]
+    out: Dict[str, QuantizedTensor] = {}
+    start = 0
+    for name in names:
+        stop = start + weights[name].shape[0]
+        out[name] = grid.finish(config, Wq[start:stop].contiguous(), slice(start, stop), source_dtypes[name])
+        start = stop
+    return out
+
+
+def layer_output_error(x: Tensor, weight: Tensor, qweight: QuantizedTensor) -> float:
+    """``||x W^T - x Wq^T||^2 / ||x W^T||^2`` (what GPTQ minimizes, relative)."""
+    ref = x.float() @ weight.float().t()
+    approx = x.float() @ codec_for(qweight.metadata["codec"]).dequantize(qweight, torch.float32).t()
+    return float((ref - approx).square().sum() / ref.square().sum().clamp(min=1e-30))
+
+
+def group_by_input(inputs: Dict[str, int]) -> List[List[str]]:
+    """Linear names grouped by the identity of the input they read (``inputs``: name → id)."""
+    groups: Dict[int, List[str]] = {}
+    for name, key in inputs.items():
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
