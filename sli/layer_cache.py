@@ -10,8 +10,8 @@ from typing import Optional, Union
 import torch
 
 from .layer_store import ConfigLike, LayerStore, as_config
-from .quantization import CachedLayer, LayerQuantizer
-from .quantization.modules import is_conv1d, is_linear
+from .quantization import CachedLayer, LayerQuantizer, QuantizedLinear, split_cached
+from .quantization.modules import is_conv1d, is_linear, set_submodule
 
 
 class LayerCache(LayerStore):
@@ -57,20 +57,49 @@ class LayerCache(LayerStore):
         return self.put(model_id, layer_index, config, layer)
 
     def get_layer(self, model_id: str, layer_index: Union[int, str],
-                  quantization_config: Optional[ConfigLike] = None) -> Optional[CachedLayer]:
+                  quantization_config: Optional[ConfigLike] = None,
+                  into: Optional[torch.nn.Module] = None) -> Union[CachedLayer, torch.nn.Module, None]:
         """The cached layer, or None.
+
+        ``into``: a module of the cached layer's architecture (fresh, or on the meta device):
+        it is returned holding the cached layer, quantized as stored (:class:`QuantizedLinear`
+        in each quantized linear's place; ``LayerQuantizer.dequantize_layer`` makes it plain).
+        Without it, the stored tensors (a :class:`CachedLayer`): the cache stores no code, so
+        it cannot build the module by itself.
 
         With no config, the only entry cached for that layer; raises ``ValueError`` naming
         the fingerprints when several configs are cached for it.
         """
         if quantization_config is not None:
-            return self.get(model_id, layer_index, quantization_config)
-        keys = self._layer_keys(model_id, layer_index)
-        if not keys:
-            return None
-        if len(keys) > 1:
-            raise ValueError(f"layer {layer_index} of {model_id} is cached under {len(keys)} configs "
-                             f"(fingerprints {', '.join(k.rsplit(chr(0), 1)[1] for k in keys)}); "
-                             "pass quantization_config")
-        return self._get(keys[0], memory=True)
+            cached = self.get(model_id, layer_index, quantization_config)
+        else:
+            keys = self._layer_keys(model_id, layer_index)
+            if len(keys) > 1:
+                raise ValueError(f"layer {layer_index} of {model_id} is cached under {len(keys)} configs "
+                                 f"(fingerprints {', '.join(k.rsplit(chr(0), 1)[1] for k in keys)}); "
+                                 "pass quantization_config")
+            cached = self._get(keys[0], memory=True) if keys else None
+        if cached is None or into is None:
+            return cached
+        return load_into(into, cached)
+
+
+def load_into(module: torch.nn.Module, cached: CachedLayer, compute_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """``module`` holding ``cached``: its quantized linears as :class:`QuantizedLinear`, the rest
+    of its tensors assigned in place."""
+    qweights, plain = split_cached(cached)
+    for path, qweight in qweights.items():
+        meta = cached.linears[path]
+        bias = plain.pop(f"{path}.bias", None)
+        linear = QuantizedLinear.from_quantized(qweight, bias, compute_dtype, transposed=bool(meta.get("transposed")))
+        if path:
+            set_submodule(module, path, linear)
+        else:
+            module = linear
+    state = {k: (v.to(compute_dtype) if v.is_floating_point() else v) for k, v in plain.items()}
+    missing = module.load_state_dict(state, strict=False, assign=True).unexpected_keys
+    if missing:
+        raise ValueError(f"the cached layer has tensors the module lacks ({missing[:3]}); pass a module of the "
+                         "cached layer's architecture")
+    return module
 

@@ -241,3 +241,59 @@ def test_every_mode_has_a_codec_and_a_preset():
     assert QuantizationRegistry.list_configs()[:len(available_modes())] == available_modes()
     for mode in available_modes():
         assert QuantizationRegistry.get(mode).mode == QuantizationMode(mode)
+
+
+# -- the reference API as its documents describe it --------------------------------------------
+
+def test_quantize_layer_takes_a_config_or_a_quantizer_as_well_as_a_mode():
+    from sli.quantization import LayerQuantizer
+
+    for how in (QuantizationConfig(mode="nf4"), LayerQuantizer(QuantizationConfig(mode="nf4")), "nf4"):
+        layer = quantize_layer(nn.Sequential(nn.Linear(64, 64)), how)
+        assert layer[0].metadata["codec"] == "nf4"
+    assert quantize_layer(nn.Sequential(nn.Linear(64, 64)), QuantizationConfig(mode="nf4"),
+                          block_size=128)[0].metadata["blocksize"] == 128
+
+
+def test_the_mixed_config_registers_round_trips_and_leaves_the_head_alone():
+    mixed = get_mixed_precision_config()
+    assert AdaptiveQuantizer.from_dict(mixed.to_dict()).fingerprint() == mixed.fingerprint()
+    QuantizationRegistry.register("balanced", mixed)
+    try:
+        assert QuantizationRegistry.get("balanced").fingerprint() == mixed.fingerprint()
+    finally:
+        QuantizationRegistry.unregister("balanced")
+    model = nn.ModuleDict({"q_proj": nn.Linear(64, 64), "up_proj": nn.Linear(64, 64), "lm_head": nn.Linear(64, 64)})
+    quantized = AdaptiveQuantizer(get_mixed_precision_config()).quantize_model(model)
+    assert quantized["q_proj"].metadata["codec"] == "int8" and quantized["up_proj"].metadata["codec"] == "nf4"
+    assert type(quantized["lm_head"]) is nn.Linear
+
+
+def test_a_built_in_name_cannot_be_registered_over():
+    with pytest.raises(ValueError, match="'nf4' is a built-in mode's preset"):
+        QuantizationRegistry.register("nf4", QuantizationConfig(mode="int8"))
+    assert QuantizationRegistry.get("nf4").mode == QuantizationMode.NF4
+
+
+def test_get_layer_into_a_module_gives_back_the_layer_quantized_as_stored(model_factory, tmp_path):
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from sli import LayerCache
+
+    config = AutoConfig.from_pretrained(model_factory("llama"))
+    torch.manual_seed(0)
+    layer = LlamaDecoderLayer(config, 0).eval()
+    quantized = LayerQuantizer(get_nf4_config()).quantize_layer(layer)
+    with LayerCache(tmp_path) as cache:
+        cache.cache_layer("m", 0, quantized, "nf4")
+        restored = cache.get_layer("m", 0, "nf4", into=LlamaDecoderLayer(config, 0).eval())
+    assert LayerQuantizer.is_quantized(restored)
+    x = torch.randn(1, 5, config.hidden_size)
+    rotary = (torch.ones(1, 5, config.head_dim), torch.zeros(1, 5, config.head_dim))
+    with torch.no_grad():
+        expected = quantized(x, position_embeddings=rotary, attention_mask=None)
+        got = restored(x, position_embeddings=rotary, attention_mask=None)
+    expected = expected[0] if isinstance(expected, tuple) else expected
+    got = got[0] if isinstance(got, tuple) else got
+    torch.testing.assert_close(got, expected)

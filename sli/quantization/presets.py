@@ -2,6 +2,7 @@
 user's own."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Dict, List
 
@@ -30,18 +31,26 @@ def get_fp4_config() -> QuantizationConfig:
 class QuantizationRegistry:
     """Named configs: each mode's preset plus whatever a user registers."""
 
-    _custom: Dict[str, QuantizationConfig] = {}
+    _custom: Dict[str, object] = {}
 
     @classmethod
-    def register(cls, name: str, config: QuantizationConfig) -> None:
-        if not isinstance(config, QuantizationConfig):
-            raise TypeError(f"register({name!r}, ...) needs a QuantizationConfig, got {type(config).__name__}")
+    def register(cls, name: str, config) -> None:
+        """Name a :class:`QuantizationConfig` or a quantizer (an :class:`AdaptiveQuantizer`,
+        e.g. ``get_mixed_precision_config()``). A mode's own name is refused: it names its preset."""
+        from .quantizer import LayerQuantizer
+
+        if not isinstance(config, (QuantizationConfig, LayerQuantizer)):
+            raise TypeError(f"register({name!r}, ...) needs a QuantizationConfig or a quantizer, "
+                            f"got {type(config).__name__}")
+        if name in available_modes():
+            raise ValueError(f"{name!r} is a built-in mode's preset; register your config under another name")
         cls._custom = {**cls._custom, name: config}
 
     @classmethod
-    def get(cls, name: str) -> QuantizationConfig:
+    def get(cls, name: str):
         if name in cls._custom:
-            return dataclasses.replace(cls._custom[name])
+            found = cls._custom[name]
+            return dataclasses.replace(found) if isinstance(found, QuantizationConfig) else copy.deepcopy(found)
         if name in available_modes():
             return preset_config(name)
         raise KeyError(f"no quantization config named {name!r}; known: {', '.join(cls.list_configs())}")

@@ -221,9 +221,13 @@ class AdaptiveQuantizer(LayerQuantizer):
     precision ladder (NF4/FP4/INT4/FP8 → INT8 → INT8_DYNAMIC → NONE).
     """
 
-    def __init__(self, base_config: Optional[QuantizationConfig] = None,
+    def __init__(self, base_config: Union[QuantizationConfig, "AdaptiveQuantizer", None] = None,
                  attention_config: Optional[QuantizationConfig] = None,
                  ffn_config: Optional[QuantizationConfig] = None) -> None:
+        if isinstance(base_config, AdaptiveQuantizer):  # AdaptiveQuantizer(get_mixed_precision_config())
+            attention_config = attention_config or base_config.attention_config
+            ffn_config = ffn_config or base_config.ffn_config
+            base_config = base_config.base_config
         base = base_config or QuantizationConfig()
         super().__init__(base)
         self.base_config = base
@@ -247,9 +251,16 @@ class AdaptiveQuantizer(LayerQuantizer):
         parts = [c.fingerprint() for c in (self.base_config, self.attention_config, self.ffn_config)]
         return hashlib.sha256(("adaptive:" + ":".join(parts)).encode()).hexdigest()[:16]
 
+    def to_dict(self) -> Dict[str, Any]:
+        """The three configs as JSON-able dicts (:meth:`from_dict` gives the quantizer back)."""
+        return {name: getattr(self, name).to_dict() for name in ("base_config", "attention_config", "ffn_config")}
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "AdaptiveQuantizer":
+        return cls(**{name: QuantizationConfig.from_dict(value) for name, value in data.items()})
+
     def describe(self) -> str:
-        return json.dumps({name: getattr(self, name).to_dict() for name in ("base_config", "attention_config", "ffn_config")},
-                          sort_keys=True)
+        return json.dumps(self.to_dict(), sort_keys=True)
 
     def configs(self) -> "list[QuantizationConfig]":
         return [self.base_config, self.attention_config, self.ffn_config]
@@ -260,16 +271,27 @@ class AdaptiveQuantizer(LayerQuantizer):
 
 
 def get_mixed_precision_config() -> AdaptiveQuantizer:
-    """Attention in INT8, feed-forward in NF4."""
+    """Attention in INT8, feed-forward in NF4; the head and embeddings untouched."""
     from .presets import get_nf4_config
 
-    return AdaptiveQuantizer(get_nf4_config(), attention_config=QuantizationConfig(mode=QuantizationMode.INT8),
-                             ffn_config=get_nf4_config())
+    keep = ["lm_head", "embed_tokens"]
+    nf4 = dataclasses.replace(get_nf4_config(), llm_int8_skip_modules=keep)
+    return AdaptiveQuantizer(nf4, attention_config=QuantizationConfig(mode=QuantizationMode.INT8,
+                                                                      llm_int8_skip_modules=keep),
+                             ffn_config=nf4)
 
 
-def quantize_layer(layer: nn.Module, mode: Union[str, QuantizationMode] = "int8", **kwargs: Any) -> nn.Module:
-    """One-line quantization: ``quantize_layer(layer, mode="nf4")``."""
-    return LayerQuantizer(QuantizationConfig(mode=mode, **kwargs)).quantize_layer(layer)
+def quantize_layer(layer: nn.Module, mode: Union[str, QuantizationMode, QuantizationConfig, LayerQuantizer] = "int8",
+                   **kwargs: Any) -> nn.Module:
+    """One-line quantization: ``quantize_layer(layer, mode="nf4")``, or with a config or quantizer
+    (``kwargs`` then replace its fields)."""
+    if isinstance(mode, LayerQuantizer):
+        if kwargs:
+            raise ValueError("quantize_layer(layer, quantizer) takes no other settings; put them in the quantizer")
+        return mode.quantize_layer(layer)
+    config = dataclasses.replace(mode, **kwargs) if isinstance(mode, QuantizationConfig) else \
+        QuantizationConfig(mode=mode, **kwargs)
+    return LayerQuantizer(config).quantize_layer(layer)
 
 
 def dequantize_layer(layer: nn.Module, compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
