@@ -223,7 +223,21 @@ class UniversalSLIProcessor:
         cached = self.quantizer.quantize_state_dict(state, self._linears[index], self._layer_key(index))
         del state
         self.cache.put(self.model_id, index, self.quantizer, cached)
+        self._check_cache_room(cached.nbytes)
         return cached
+
+    def _check_cache_room(self, layer_bytes: int) -> None:
+        """Warn once when the disk cache cannot hold the whole quantized model: its oldest
+        layers would be evicted and quantized again on every pass."""
+        if getattr(self, "_cache_room_checked", False):
+            return
+        self._cache_room_checked = True
+        needed = layer_bytes * self.layout.num_layers
+        if needed > self.cache.size_limit:
+            logger.warning("the layer cache's limit (%.3f GB) is below this model's %d quantized layers (~%.3f GB): "
+                           "evicted layers are quantized again on every pass; raise max_cache_size_gb "
+                           "(--max-cache-size-gb) above %.3f", self.cache.size_limit / GB, self.layout.num_layers,
+                           needed / GB, needed * 1.05 / GB)
 
     # ------------------------------------------------------------------ memory
     def _layer_bytes(self) -> "tuple[int, int]":

@@ -367,3 +367,13 @@ def test_dequantize_strategy_plans_in_dequantized_bytes_and_keeps_resident_layer
 def test_packed_strategy_is_refused_off_cpu_and_unknown_strategies_are_named(model_factory, tmp_path):
     with pytest.raises(ValueError, match="strategy='fast' is not one of packed, dequantize"):
         UniversalSLIProcessor(model_factory("llama"), "int8", cache_dir=tmp_path, strategy="fast", device="cpu")
+
+
+def test_a_disk_cache_smaller_than_the_model_is_said_once(model_factory, tmp_path, caplog):
+    model_dir = model_factory("llama", num_layers=4)
+    with UniversalSLIProcessor(model_dir, "none", cache_dir=tmp_path / "c", device="cpu",
+                               max_cache_size_gb=0.0002) as proc:  # ~200 KB: about two layers
+        with caplog.at_level("WARNING", logger="sli.processor"):
+            proc.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, eos_token_id=[])
+    said = [r.getMessage() for r in caplog.records if "layer cache's limit" in r.getMessage()]
+    assert len(said) == 1 and "quantized layers" in said[0] and "--max-cache-size-gb" in said[0]
