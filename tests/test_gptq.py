@@ -1,0 +1,226 @@
+"""GPTQ (sli.quantization.gptq) and streamed calibration (sli.calibration)."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from sli import UniversalSLIProcessor
+from sli.errors import SLIError
+from sli.quantization import LayerQuantizer, QuantizationConfig, QuantizedLinear, codec_for, get_int8_config
+from sli.quantization import gptq as gptq_module
+from sli.quantization.gptq import Hessian, gptq_quantize, layer_output_error
+
+FOUR_BIT = ["int4", "nf4", "fp4"]
+
+
+def _problem(rows=128, cols=256, tokens=1024, seed=0):
+    """A weight and inputs with correlated features and a few outlier channels (as LLM activations have)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g) / cols ** 0.5
+    x = torch.randn(tokens, cols, generator=g) @ mix + 0.1 * torch.randn(tokens, cols, generator=g)
+    x[:, :4] *= 8
+    weight = (0.02 * torch.randn(rows, cols, generator=g)).to(torch.bfloat16)
+    hessian = Hessian(cols)
+    hessian.add(x)
+    return weight, x, hessian.matrix
+
+
+# -- the solver -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", FOUR_BIT)
+def test_gptq_output_error_is_lower_than_rtn_in_the_same_layout(mode):
+    weight, x, H = _problem()
+    rtn = codec_for(mode).quantize(weight, QuantizationConfig(mode=mode))
+    for options in ({}, {"gptq_act_order": False, "gptq_scale_search": False}):
+        q = gptq_quantize({"w": weight}, H, QuantizationConfig(mode=mode, method="gptq", **options))["w"]
+        # the codec's own layout: same tensors, shapes and dtypes (the quant state is JSON), same metadata keys
+        def layout(qt):
+            return {k: (v.dtype, None if "quant_state" in k else v.shape) for k, v in qt.tensors.items()}
+
+        assert layout(q) == layout(rtn)
+        assert q.metadata.keys() == rtn.metadata.keys() and q.metadata["dtype"] == "bfloat16"
+        assert layer_output_error(x, weight, q) < 0.6 * layer_output_error(x, weight, rtn), options
+
+
+@pytest.mark.parametrize("mode", FOUR_BIT)
+def test_gptq_bytes_are_what_the_codec_and_its_kernels_read(mode):
+    weight, x, H = _problem(rows=96, cols=512, seed=1)
+    config = QuantizationConfig(mode=mode, method="gptq")
+    q = gptq_quantize({"w": weight}, H, config)["w"]
+    codec = codec_for(mode)
+    dense = codec.dequantize(q, torch.float32)
+    # codes are exactly the solve's: coding the dequantized weight on the same scales gives the same bytes
+    if mode == "int4":
+        again = codec.quantize_with(dense, config, q.tensors["weight.scales"], q.tensors["weight.zeros"])
+    else:
+        grid = gptq_module._Grid(config, weight.float(), torch.ones(weight.shape[1]))
+        absmax = codec.decoded_absmax({k: v for k, v in q.tensors.items() if k != "weight"},
+                                      json.loads(bytes(q.tensors[f"weight.quant_state.bitsandbytes__{mode}"].tolist())))
+        again = codec.quantize_with(dense, config, absmax)
+        assert grid.col_scale.shape == (96, 512 // 64)
+    assert torch.equal(again.tensors["weight"], q.tensors["weight"])
+    # the fused kernel (one row), the kernels for a few rows and the row-chunk / dequantize path (a
+    # prompt) compute dequantize-then-linear (a few rows may go through int8 activations: 2%)
+    module = QuantizedLinear.from_quantized(q, None, torch.float32)
+    for rows, tolerance in ((1, 1e-5), (4, 2e-2), (40, 1e-5)):
+        xs = x[:rows]
+        ref = torch.nn.functional.linear(xs, dense)
+        assert float((module(xs) - ref).abs().max() / ref.abs().max()) < tolerance, rows
+
+
+def test_linears_sharing_an_input_solve_as_one_matrix():
+    weight, x, H = _problem(rows=64, cols=256, seed=2)
+    other = (0.02 * torch.randn(32, 256, generator=torch.Generator().manual_seed(3))).to(torch.bfloat16)
+    config = QuantizationConfig(mode="int4", method="gptq")
+    joint = gptq_quantize({"a": weight, "b": other}, H, config)
+    alone = gptq_quantize({"b": other}, H, config)["b"]
+    assert joint["a"].metadata["shape"] == [64, 256] and joint["b"].metadata["shape"] == [32, 256]
+    for name, tensor in alone.tensors.items():  # rows are independent given H
+        assert torch.equal(joint["b"].tensors[name], tensor), name
+
+
+def test_int4_gptq_pads_input_features_like_the_codec():
+    weight, x, H = _problem(rows=32, cols=200, seed=4)  # 200 is not a multiple of 128
+    rtn = codec_for("int4").quantize(weight, QuantizationConfig(mode="int4"))
+    q = gptq_quantize({"w": weight}, H, QuantizationConfig(mode="int4", method="gptq"))["w"]
+    assert q.metadata["padded_in"] == rtn.metadata["padded_in"] == 256
+    assert layer_output_error(x, weight, q) < layer_output_error(x, weight, rtn)
+
+
+# -- the config -------------------------------------------------------------------------------
+
+def test_rtn_fingerprints_are_unchanged_and_gptq_ones_differ():
+    # existing caches are keyed on these: the method fields must not enter an RTN fingerprint
+    assert QuantizationConfig(mode="nf4").fingerprint() == "74d24539471c9e33"
+    assert get_int8_config().fingerprint() == "1c3d8a07d2a56a68"
+    assert QuantizationConfig(mode="int4").fingerprint() == "dc0bbb9e51ad73c5"
+    rtn = QuantizationConfig(mode="int4")
+    gptq = QuantizationConfig(mode="int4", method="gptq")
+    assert gptq.fingerprint() != rtn.fingerprint()
+    assert dataclasses.replace(rtn, gptq_damp=0.1, calibration_tokens=64).fingerprint() == rtn.fingerprint()
+    for change in ({"gptq_damp": 0.1}, {"gptq_block_size": 64}, {"gptq_act_order": False},
+                   {"gptq_scale_search": False}, {"calibration": "sha256:0123456789abcdef"},
+                   {"calibration_tokens": 1024}, {"calibration_window": 256}, {"group_size": 64}):
+        assert dataclasses.replace(gptq, **change).fingerprint() != gptq.fingerprint(), change
+    assert QuantizationConfig.from_dict(json.loads(json.dumps(gptq.to_dict()))) == gptq
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"mode": "int8", "method": "gptq"}, "method"),  # no calibrated int8 layout
+    ({"mode": "int4", "method": "awq"}, "method"),
+    ({"mode": "int4", "method": "gptq", "gptq_damp": 1.5}, "gptq_damp"),
+    ({"mode": "int4", "method": "gptq", "calibration_tokens": 8}, "calibration_tokens"),
+])
+def test_invalid_calibrated_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        QuantizationConfig(**kwargs)
+
+
+def test_a_calibrated_config_never_rounds_silently():
+    quantizer = LayerQuantizer(QuantizationConfig(mode="nf4", method="gptq"))
+    assert quantizer.needs_calibration() and not LayerQuantizer(QuantizationConfig(mode="nf4")).needs_calibration()
+    with pytest.raises(SLIError, match="calibrat"):
+        quantizer.quantize_state_dict({"fc.weight": torch.randn(8, 64)}, {"fc": False}, "model.layers.0")
+
+
+# -- streamed calibration ---------------------------------------------------------------------
+
+def _config(**kwargs):
+    return QuantizationConfig(**{"mode": "int4", "method": "gptq", "group_size": 32, "calibration_tokens": 1024,
+                                 "calibration_window": 64, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from sli.synth import synth_model
+
+    return synth_model(tmp_path_factory.mktemp("gptq-llama"), family="llama", preset="tiny", num_layers=3,
+                       with_tokenizer=True)
+
+
+def _entries(proc):
+    return [proc.cache.get(proc.model_id, i, proc.quantizer, mapped=False) for i in range(proc.layout.num_layers)]
+
+
+def test_streamed_calibration_fills_the_cache_resumes_and_generates(tiny, tmp_path, monkeypatch):
+    from sli import calibration
+
+    # an uninterrupted run
+    with UniversalSLIProcessor(tiny, _config(), cache_dir=tmp_path / "straight", device="cpu") as proc:
+        assert calibration.calibrate(proc, progress=False) == 3
+        straight = _entries(proc)
+        assert calibration.calibrate(proc, progress=False) == 0  # all cached: nothing to do
+    assert all(e is not None for e in straight)
+    assert straight[0].linears["self_attn.q_proj"]["codec"] == "int4"
+
+    # a run killed while storing layer 1 resumes there, from the activations it left on disk
+    solved = []
+    real_solve = calibration.gptq_quantize
+    monkeypatch.setattr(calibration, "gptq_quantize", lambda *a, **k: solved.append(1) or real_solve(*a, **k))
+    with UniversalSLIProcessor(tiny, _config(), cache_dir=tmp_path / "killed", device="cpu") as proc:
+        real_put = proc.cache.put
+
+        def put(model_id, layer, *args, **kwargs):
+            if layer == 1:
+                raise KeyboardInterrupt  # the kill
+            return real_put(model_id, layer, *args, **kwargs)
+
+        monkeypatch.setattr(proc.cache, "put", put)
+        with pytest.raises(KeyboardInterrupt):
+            calibration.calibrate(proc, progress=False)
+        work = next((tmp_path / "killed" / "calibration").iterdir())
+        assert json.loads((work / "state.json").read_text())["layer"] == 1
+        per_layer = len(solved) // 2  # layers 0 and 1 were solved, 1 never stored
+        monkeypatch.setattr(proc.cache, "put", real_put)
+        assert calibration.calibrate(proc, progress=False) == 2  # layers 1 and 2
+        assert len(solved) == 4 * per_layer  # layer 0 was not solved again
+        assert not work.exists()  # the activations are removed at the end
+        resumed = _entries(proc)
+        for a, b in zip(straight, resumed):
+            assert a.tensors.keys() == b.tensors.keys()
+            assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+        # the processor streams the calibrated entries (a miss would raise: GPTQ never rounds silently)
+        out = proc.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=4)
+        assert out.shape == (1, 4)
+
+
+def test_calibrated_layers_track_the_float_model_better_than_rtn(tiny, tmp_path):
+    from sli import calibration
+    from sli.evaluation import load_eval_text
+
+    with UniversalSLIProcessor(tiny, "none", cache_dir=tmp_path, device="cpu") as proc:
+        # text like the calibration text's, from the half it does not use
+        ids = torch.tensor([proc.tokenizer()(load_eval_text()[:2000], add_special_tokens=False)["input_ids"][:128]])
+        ref = proc.forward(ids)
+    errors = {}
+    for name, config in (("rtn", dataclasses.replace(_config(), method="rtn")), ("gptq", _config())):
+        with UniversalSLIProcessor(tiny, config, cache_dir=tmp_path, device="cpu") as proc:
+            if config.calibrated:
+                calibration.calibrate(proc, progress=False)
+            errors[name] = float((proc.forward(ids) - ref).square().mean())
+    assert errors["gptq"] < 0.5 * errors["rtn"]  # measured: 0.24x
+
+
+def test_calibration_text_is_recorded_and_checked(tiny, tmp_path):
+    from sli import calibration
+    from sli.evaluation import load_eval_text
+
+    text = load_eval_text()
+    assert calibration.default_calibration_text() == text[len(text) // 2:]  # eval windows come from the start
+    own = "calibrate on this. " * 400
+    config = calibration.calibration_config(QuantizationConfig(mode="nf4"), text=own, tokens=256)
+    assert config.method == "gptq" and config.calibration == calibration.calibration_id(own)
+    assert config.calibration_tokens == 256 and config.calibration_window == 256
+    with UniversalSLIProcessor(tiny, dataclasses.replace(config, calibration_window=64), cache_dir=tmp_path,
+                               device="cpu") as proc:
+        with pytest.raises(SLIError, match="hash"):
+            calibration.calibrate(proc, "another text " * 400, progress=False)
+        with pytest.raises(SLIError, match="pass that text"):
+            calibration.calibrate(proc, progress=False)
+        assert calibration.calibrate(proc, own, progress=False) == 3
+    with UniversalSLIProcessor(tiny, _config(calibration_window=512, calibration_tokens=512), cache_dir=tmp_path,
+                               device="cpu") as proc:
+        with pytest.raises(SLIError, match="positions"):
+            calibration.calibrate(proc, progress=False)
