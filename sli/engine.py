@@ -1,0 +1,439 @@
+"""Continuous batching: one background thread owns the processor and runs every active
+sequence through each pass over the layers.
+
+A streamed model pays for its weights once per pass over the layers, however many sequences
+the pass carries. :class:`BatchingEngine` keeps a bounded queue of :class:`Request` objects;
+before each step it admits waiting requests (first come, first served) up to a maximum batch
+size and while the keys and values of the active sequences fit a byte budget; then one
+:meth:`UniversalSLIProcessor.step_many` call feeds new sequences their prompt and running
+ones their last token, each with its own positions and KV cache. Each sequence samples its own
+next token (its own seeded ``torch.Generator``); text deltas go to the request's output queue;
+a sequence that finished (an end token, ``max_tokens``, a stop string) or was cancelled (its
+client went away) leaves at once, and its KV cache is freed.
+
+The engine knows nothing about HTTP: :mod:`sli.server` puts requests in and reads events out.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import itertools
+import logging
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Deque, Dict, List, Optional, Sequence
+
+import torch
+
+from .generation import sample_next_token
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BatchingEngine", "Event", "Request", "QueueFull", "InvalidRequest", "RequestTooLarge", "EngineStopped"]
+
+_TIMINGS_KEPT = 4096  # the runner records every layer of every pass: a server keeps the last ones
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound: try again later (HTTP 429)."""
+
+
+class InvalidRequest(ValueError):
+    """The request cannot run: a token id outside the vocabulary, ..."""
+
+
+class RequestTooLarge(InvalidRequest):
+    """The request's keys and values would never fit the engine's KV budget."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is not running (stopped, or never started)."""
+
+
+@dataclass
+class Event:
+    """What a request's output queue receives: after each step, the new token and the text it
+    completes; the last event has ``finish_reason`` (``"stop"``, ``"length"``, ``"cancelled"``
+    or ``"error"``, with ``error`` saying what went wrong)."""
+
+    text: str = ""
+    token_ids: List[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+_ids = itertools.count(1)
+
+
+class Request:
+    """One generation: prompt ids, sampling parameters and where its events go.
+
+    ``temperature`` 0 is greedy; ``top_p`` in (0, 1] filters the distribution; ``seed`` makes a
+    sampled answer repeatable (each request has its own generator, so other requests in the
+    batch do not change it); ``stop`` strings end the answer before them. ``output`` is any
+    object with ``put(event)`` (default: a :class:`queue.Queue`, read with :meth:`events`).
+    """
+
+    def __init__(self, prompt_ids: Sequence[int], max_tokens: int = 16, temperature: float = 1.0,
+                 top_p: Optional[float] = None, seed: Optional[int] = None, stop: Sequence[str] = (),
+                 output: Any = None, ignore_eos: bool = False) -> None:
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens={max_tokens} must be >= 1")
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        self.id = next(_ids)
+        self.prompt_ids = [int(i) for i in prompt_ids]
+        if not self.prompt_ids:
+            raise ValueError("the prompt is empty; pass at least one token")
+        self.max_tokens = int(max_tokens)
+        self.temperature = float(temperature)
+        self.top_p = top_p
+        self.seed = seed if seed is not None else random.SystemRandom().randrange(2 ** 63)
+        self.stop = [s for s in stop if s]
+        self.ignore_eos = bool(ignore_eos)  # run to max_tokens (benchmarks)
+        self.output = output if output is not None else queue.Queue()
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: Optional[float] = None
+        self.finished_at: Optional[float] = None
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request at its next step (the client went away)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def events(self, timeout: Optional[float] = None):
+        """The events of a request made with the default output queue, up to the last one."""
+        while True:
+            event = self.output.get(timeout=timeout)
+            yield event
+            if event.finish_reason is not None:
+                return
+
+
+class _Sequence:
+    """An admitted request: its KV cache, what it has fed and generated, the text sent."""
+
+    def __init__(self, request: Request, kv_cache, kv_bytes: int, eos_ids: Sequence[int], device) -> None:
+        self.request = request
+        self.kv_cache = kv_cache
+        self.kv_bytes = kv_bytes
+        self.eos_ids = set() if request.ignore_eos else set(eos_ids)
+        self.length = 0  # positions in the KV cache
+        self.feed: List[int] = list(request.prompt_ids)  # what the next step feeds
+        self.generated: List[int] = []
+        self.sent = 0  # characters of the answer's text already emitted
+        self.done = False
+        self.generator = torch.Generator(device=device).manual_seed(request.seed)
+
+
+class BatchingEngine:
+    """Runs requests in one background thread, several sequences per pass over the layers.
+
+    Args:
+        processor: a :class:`sli.processor.UniversalSLIProcessor` (the engine's thread is
+            the only one that runs it once started).
+        tokenizer: turns generated ids into text (deep-copied: the engine's thread has its
+            own); None emits ids only (no text, no stop strings).
+        max_batch_size: sequences in one step at most.
+        max_queue: requests waiting for admission at most; :meth:`submit` raises
+            :class:`QueueFull` beyond it.
+        kv_budget_bytes: the keys and values all active sequences may reserve together (each
+            reserves its prompt + ``max_tokens`` positions); default: what the processor's
+            memory plan declares for its context (``max_context_tokens`` positions).
+        eos_token_ids: ids that end an answer (default: the model config's ``eos_token_id``).
+    """
+
+    def __init__(self, processor, tokenizer=None, *, max_batch_size: int = 8, max_queue: int = 64,
+                 kv_budget_bytes: Optional[int] = None, eos_token_ids: Optional[Sequence[int]] = None) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
+        if max_queue < 1:
+            raise ValueError(f"max_queue={max_queue} must be >= 1")
+        self.processor = processor
+        self.tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else None
+        self.max_batch_size = int(max_batch_size)
+        self.max_queue = int(max_queue)
+        self.kv_bytes_per_token = int(processor._kv_bytes(1))
+        if kv_budget_bytes is None:
+            kv_budget_bytes = self.kv_bytes_per_token * int(processor.max_context_tokens)
+        self.kv_budget_bytes = int(kv_budget_bytes)
+        if eos_token_ids is None:
+            eos = getattr(processor.config, "eos_token_id", None)
+            eos_token_ids = eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
+        self.eos_token_ids = [int(i) for i in eos_token_ids]
+        self.vocab_size = int(processor.model.get_input_embeddings().num_embeddings)
+        self._waiting: Deque[Request] = collections.deque()
+        self._active: List[_Sequence] = []
+        self._cond = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = False
+        self.counters: Dict[str, int] = collections.Counter()
+        self._counters_lock = threading.Lock()
+        self.peak_batch = 0
+        self.peak_kv_bytes = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "BatchingEngine":
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="sli-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: Optional[float] = 30.0) -> None:
+        """Stop the thread after its current step; requests still waiting or active end with
+        an ``"error"`` event."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for request in waiting:
+            self._finish_request(request, "error", error="the server is shutting down")
+        for seq in self._active:
+            self._finish(seq, "error", error="the server is shutting down")
+        self._active = []
+
+    def __enter__(self) -> "BatchingEngine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ requests
+    def kv_bytes_for(self, request: Request) -> int:
+        """The KV bytes ``request`` reserves while active: its prompt and ``max_tokens`` positions."""
+        return self.kv_bytes_per_token * (len(request.prompt_ids) + request.max_tokens)
+
+    def submit(self, request: Request) -> Request:
+        """Queue ``request``; its events go to ``request.output``.
+
+        :raises QueueFull: ``max_queue`` requests are already waiting.
+        :raises RequestTooLarge: its KV bytes exceed the whole budget.
+        :raises InvalidRequest: a token id is outside the vocabulary.
+        :raises EngineStopped: the engine is not running.
+        """
+        bad = [i for i in request.prompt_ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        need = self.kv_bytes_for(request)
+        if need > self.kv_budget_bytes:
+            raise RequestTooLarge(
+                f"the prompt ({len(request.prompt_ids)} tokens) and max_tokens ({request.max_tokens}) need "
+                f"{need / 1e6:.1f} MB of keys and values, more than this server's KV budget of "
+                f"{self.kv_budget_bytes / 1e6:.1f} MB ({self.kv_budget_bytes // self.kv_bytes_per_token} "
+                "positions); shorten the prompt or lower max_tokens")
+        with self._cond:
+            if self._stopping or not self.running:
+                raise EngineStopped("the engine is not running")
+            if len(self._waiting) >= self.max_queue:
+                self._count("rejected_queue_full")
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting (max_queue={self.max_queue}); "
+                                "retry later")
+            self._waiting.append(request)
+            self._count("submitted")
+            self._cond.notify_all()
+        return request
+
+    def wake(self) -> None:
+        """Have the engine look at its queue now (e.g. after a waiting request was cancelled)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def stats(self) -> Dict[str, Any]:
+        with self._cond:
+            waiting = len(self._waiting)
+        active = list(self._active)
+        return {"running": self.running, "active": len(active), "waiting": waiting,
+                "max_batch_size": self.max_batch_size, "max_queue": self.max_queue,
+                "kv_bytes_active": sum(s.kv_bytes for s in active), "kv_budget_bytes": self.kv_budget_bytes,
+                "kv_bytes_per_token": self.kv_bytes_per_token, "peak_batch": self.peak_batch,
+                "peak_kv_bytes": self.peak_kv_bytes, **self._counts()}
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._counters_lock:
+            self.counters[name] += n
+
+    def _counts(self) -> Dict[str, int]:
+        with self._counters_lock:
+            return dict(self.counters)
+
+    # ------------------------------------------------------------------ the thread
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                while not self._stopping and not self._active and not self._waiting:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                admitted = self._take_admissible()
+            for request in admitted:
+                try:
+                    self._admit(request)
+                except Exception as exc:  # e.g. its KV cache could not be made: this request fails alone
+                    logger.exception("admitting request %d failed", request.id)
+                    self._finish_request(request, "error", error=f"{type(exc).__name__}: {exc}")
+            try:
+                self._drop_cancelled()
+                if self._active:
+                    self._step()
+                    self._drop_cancelled()
+            except Exception as exc:  # a failed step ends its sequences, never the engine
+                logger.exception("engine step failed; ending the %d active sequences", len(self._active))
+                for seq in self._active:
+                    self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+                self._active = [s for s in self._active if not s.done]
+            timings = self.processor.runner.timings
+            if len(timings) > 2 * _TIMINGS_KEPT:
+                del timings[:-_TIMINGS_KEPT]
+
+    def _take_admissible(self) -> List[Request]:
+        """Under the lock: waiting requests (in order) that fit the batch size and the KV budget."""
+        taken: List[Request] = []
+        used = sum(s.kv_bytes for s in self._active)
+        slots = self.max_batch_size - len(self._active)
+        while self._waiting:
+            request = self._waiting[0]
+            if request.cancelled:
+                self._waiting.popleft()
+                taken.append(request)  # ended as cancelled by _admit
+                continue
+            need = self.kv_bytes_for(request)
+            if slots <= 0 or used + need > self.kv_budget_bytes:
+                break  # first come, first served: a large request is not overtaken
+            self._waiting.popleft()
+            taken.append(request)
+            used += need
+            slots -= 1
+        return taken
+
+    def _new_kv_cache(self, positions: int):
+        """An empty KV cache with room for ``positions``: the processor's own when it takes a size."""
+        make = getattr(self.processor, "_new_kv_cache", None)
+        if make is not None:
+            return make(positions)
+        cache = self.processor.new_session().kv_cache
+        for layer in getattr(cache, "layers", []):  # new_session reserves the whole context
+            if hasattr(layer, "reserved"):
+                layer.reserved = positions
+        return cache
+
+    def _admit(self, request: Request) -> None:
+        if request.cancelled:
+            self._finish_request(request, "cancelled")
+            return
+        need = self.kv_bytes_for(request)
+        seq = _Sequence(request, self._new_kv_cache(len(request.prompt_ids) + request.max_tokens), need,
+                        self.eos_token_ids, self.processor.device)
+        self._active.append(seq)
+        self._count("admitted")
+        self.peak_batch = max(self.peak_batch, len(self._active))
+        self.peak_kv_bytes = max(self.peak_kv_bytes, sum(s.kv_bytes for s in self._active))
+
+    def _drop_cancelled(self) -> None:
+        for seq in self._active:
+            if seq.request.cancelled and not seq.done:
+                self._finish(seq, "cancelled")
+        self._active = [s for s in self._active if not s.done]
+
+    def _step(self) -> None:
+        device = self.processor.device
+        items = []
+        for seq in self._active:
+            count = len(seq.feed)
+            ids = torch.tensor([seq.feed], dtype=torch.long, device=device)
+            mask = torch.ones(1, seq.length + count, dtype=torch.long, device=device)
+            positions = torch.arange(seq.length, seq.length + count, device=device).view(1, -1)
+            items.append((ids, mask, positions, seq.kv_cache))
+        logits = self.processor.step_many(items)
+        del items
+        self._count("steps")
+        for seq, row in zip(self._active, logits):
+            seq.length += len(seq.feed)
+            request = seq.request
+            token = int(sample_next_token(row.float(), request.temperature > 0, request.temperature or 1.0,
+                                          None, request.top_p, seq.generator)[0])
+            self._advance(seq, token)
+        self._active = [s for s in self._active if not s.done]
+
+    # ------------------------------------------------------------------ text and endings
+    def _decode(self, ids: List[int]) -> str:
+        if self.tokenizer is None or not ids:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _advance(self, seq: _Sequence, token: int) -> None:
+        request = seq.request
+        if request.first_token_at is None:
+            request.first_token_at = time.perf_counter()
+        self._count("tokens")
+        if token in seq.eos_ids:
+            self._finish(seq, "stop", token_ids=[token])
+            return
+        seq.generated.append(token)
+        seq.feed = [token]
+        text = self._decode(seq.generated)
+        for stop in request.stop:
+            at = text.find(stop)
+            if at >= 0:
+                self._finish(seq, "stop", text=text[:at], token_ids=[token])
+                return
+        if len(seq.generated) >= request.max_tokens:
+            self._finish(seq, "length", text=text, token_ids=[token])
+            return
+        safe = len(text.rstrip("\ufffd"))  # a character whose bytes are not all there yet waits
+        for stop in request.stop:  # the start of a stop string waits until it is known not to be one
+            for k in range(min(len(stop) - 1, safe), 0, -1):
+                if text[:safe].endswith(stop[:k]):
+                    safe -= k
+                    break
+        safe = max(safe, seq.sent)
+        self._emit(request, Event(text=text[seq.sent:safe], token_ids=[token]))
+        seq.sent = safe
+
+    def _finish(self, seq: _Sequence, reason: str, text: Optional[str] = None, token_ids: Sequence[int] = (),
+                error: Optional[str] = None) -> None:
+        if seq.done:
+            return
+        seq.done = True
+        seq.kv_cache = None  # the only reference: its buffers are freed now
+        delta = text[seq.sent:] if text is not None and len(text) > seq.sent else ""
+        self._finish_request(seq.request, reason, Event(text=delta, token_ids=list(token_ids)),
+                             completion_tokens=len(seq.generated) + (1 if reason == "stop" and token_ids and
+                                                                     token_ids[-1] in seq.eos_ids else 0),
+                             error=error)
+
+    def _finish_request(self, request: Request, reason: str, event: Optional[Event] = None,
+                        completion_tokens: int = 0, error: Optional[str] = None) -> None:
+        event = event or Event()
+        event.finish_reason, event.error = reason, error
+        event.prompt_tokens, event.completion_tokens = len(request.prompt_ids), completion_tokens
+        request.finished_at = time.perf_counter()
+        self._count(f"finished_{reason}")
+        self._emit(request, event)
+
+    def _emit(self, request: Request, event: Event) -> None:
+        try:
+            request.output.put(event)
+        except Exception:  # a closed consumer must not stop the engine
+            logger.debug("request %d: its output queue refused an event", request.id, exc_info=True)
+            request.cancel()
