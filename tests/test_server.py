@@ -7,7 +7,11 @@ concurrent clients then provably share one pass, and the queue provably fills.
 import contextlib
 import http.client
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -301,6 +305,44 @@ def test_admission_waits_for_kv_memory(tiny_dir, tmp_path):
     # 30 positions each: three fit in 100 at a time, the others waited for memory
     assert stats["peak_batch"] == 3 and stats["peak_kv_bytes"] == 90 * per_token <= stats["kv_budget_bytes"]
     assert stats["kv_bytes_active"] == 0 and stats["admitted"] == 5
+
+
+def test_sli_serve_command_serves_until_interrupted(tiny_dir, tmp_path):
+    from sli.cli import main
+
+    assert main(["serve", str(tiny_dir), "--port", "0"]) == 2  # a usage error, before loading anything
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-c", "import sys; from sli.cli import main; sys.exit(main(sys.argv[1:]))", "serve",
+               str(tiny_dir), "--port", str(port), "--memory-budget-gb", "0.5", "--cache-dir", str(tmp_path / "c"),
+               "--model-name", "tiny", "--json", "-q"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, SLI_API_KEY=KEY))
+    try:
+        ready = json.loads(server.stdout.readline())
+        assert ready["url"] == f"http://127.0.0.1:{port}/v1" and ready["model"] == "tiny"
+        def healthy():
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/health")
+                return conn.getresponse().status == 200
+            except OSError:  # the JSON line comes just before uvicorn listens
+                return False
+
+        until(healthy, 60, "sli serve to listen")
+        client = openai.OpenAI(base_url=ready["url"], api_key=KEY, max_retries=0, timeout=60)
+        assert complete(client, "hi", max_tokens=3).usage.completion_tokens == 3
+        with pytest.raises(openai.AuthenticationError):  # the key came from $SLI_API_KEY
+            openai.OpenAI(base_url=ready["url"], api_key="wrong", max_retries=0).models.list()
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            code = server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            raise
+    assert code == 0, server.stderr.read()
 
 
 def test_default_model_answers_16_concurrent_chat_clients_like_lone_ones(tmp_path):

@@ -262,3 +262,32 @@ def cmd_demo(args) -> int:
     args.system, args.raw = None, False
     return cmd_generate(args)
 
+
+def cmd_serve(args) -> int:
+    """An OpenAI-compatible server over the streamed model (sli/server.py); Ctrl-C stops it."""
+    import os
+
+    from ..server import serve
+    from ..settings import GB
+
+    progress_bars(args)
+    model_dir, _ = checked_model_dir(model_dir_of(args))
+    api_key = args.api_key or os.environ.get("SLI_API_KEY") or None
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("serving on %s without an API key: anyone who can reach it can use it "
+                       "(--api-key or $SLI_API_KEY)", args.host)
+    proc = open_processor(args, model_dir)
+    proc.plan  # made (and logged once, by the processor) before the warm-up
+    proc.prewarm(progress=progress_bars(args))
+    name = args.model_name or model_dir.name
+    if args.json:
+        print(json.dumps({"url": f"http://{args.host}:{args.port}/v1", "model": name, "model_id": proc.model_id,
+                          "max_batch_size": args.max_batch_size, "max_queue": args.max_queue}), flush=True)
+    try:
+        serve(proc, host=args.host, port=args.port, model_name=name, api_key=api_key,
+              max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+              kv_budget_bytes=int(args.kv_budget_gb * GB) if args.kv_budget_gb else None,
+              log_level="warning" if args.quiet else "info")
+    finally:
+        proc.close()
+    return 0

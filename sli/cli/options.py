@@ -97,6 +97,13 @@ def int_at_least(low: int):
 DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
+def port_number(text: str) -> int:
+    value = _finite(text, int)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 1 to 65535, got {text}")
+    return value
+
+
 def device_name(text: str) -> str:
     if not DEVICE_RE.match(text):
         raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")

@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 
 from .cache_command import cmd_cache
-from .commands import (cmd_bench, cmd_chat, cmd_demo, cmd_eval, cmd_generate, cmd_import_gguf, cmd_synth,
-                       cmd_warm)
+from .commands import (cmd_bench, cmd_chat, cmd_demo, cmd_eval, cmd_generate, cmd_import_gguf, cmd_serve,
+                       cmd_synth, cmd_warm)
 from .options import (DEFAULT_PROMPT, DEMO_BUDGET_GB, MODES, CLIParser, HelpFormatter, device_name, int_at_least,
-                      non_negative_float, positive_float, probability)
+                      non_negative_float, port_number, positive_float, probability)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +96,29 @@ def build_parser() -> argparse.ArgumentParser:
     engine(p, "int8", None)
     sampling(p)
     p.set_defaults(func=cmd_chat, max_new_tokens=256)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server; concurrent requests share each pass "
+                                     "over the layers",
+                       description="sli serve [MODEL]: POST /v1/chat/completions (the tokenizer's chat template; "
+                                   "stream: true as server-sent events), POST /v1/completions, GET /v1/models, "
+                                   "GET /health. Requests that arrive while others run join the next pass over "
+                                   "the layers (continuous batching). See docs/serving.md.")
+    p.add_argument("model_dir", nargs="?", help="local model directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port")
+    p.add_argument("--model-name", default=None,
+                   help="the model id clients pass (default: the model directory's name)")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on /v1 routes (default: $SLI_API_KEY, else none)")
+    p.add_argument("--max-batch-size", type=int_at_least(1), default=8, help="sequences in one pass at most")
+    p.add_argument("--max-queue", type=int_at_least(1), default=64,
+                   help="requests waiting for a place in the batch at most; more are answered 429")
+    p.add_argument("--kv-budget-gb", type=positive_float, default=None,
+                   help="GiB the keys and values of all active sequences may take together; a request waits "
+                        "until its prompt + max_tokens fit (default: the memory plan's KV allowance, the "
+                        "model's context up to 4096 positions)")
+    engine(p, "int8", None, json_help="print the server's address and settings as one JSON line once it is ready")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="the default model end to end under a small memory budget")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question to ask")
