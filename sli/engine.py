@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["BatchingEngine", "Event", "Request", "QueueFull", "InvalidRequest", "RequestTooLarge", "EngineStopped"]
 
-_TIMINGS_KEPT = 4096  # the runner records every layer of every pass: a server keeps the last ones
 
 
 class QueueFull(Exception):
@@ -302,9 +301,6 @@ class BatchingEngine:
                 for seq in self._active:
                     self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
                 self._active = [s for s in self._active if not s.done]
-            timings = self.processor.runner.timings
-            if len(timings) > 2 * _TIMINGS_KEPT:
-                del timings[:-_TIMINGS_KEPT]
 
     def _take_admissible(self) -> List[Request]:
         """Under the lock: waiting requests (in order) that fit the batch size and the KV budget."""
@@ -328,14 +324,7 @@ class BatchingEngine:
 
     def _new_kv_cache(self, positions: int):
         """An empty KV cache with room for ``positions``: the processor's own when it takes a size."""
-        make = getattr(self.processor, "_new_kv_cache", None)
-        if make is not None:
-            return make(positions)
-        cache = self.processor.new_session().kv_cache
-        for layer in getattr(cache, "layers", []):  # new_session reserves the whole context
-            if hasattr(layer, "reserved"):
-                layer.reserved = positions
-        return cache
+        return self.processor.new_session(reserve=positions).kv_cache
 
     def _admit(self, request: Request) -> None:
         if request.cancelled:

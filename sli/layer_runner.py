@@ -22,6 +22,7 @@ from .quantization import QuantizedLinear
 from .streaming import LayerStreamer, LayerTiming, LoadedLayer
 
 T = TypeVar("T")
+TIMINGS_KEPT = 100_000  # layer timings a runner keeps (about a thousand passes of a 70B model)
 
 
 @dataclass
@@ -146,6 +147,8 @@ class LayerRunner:
         device_calls.synchronize(self.device)
         timing.compute_s = time.perf_counter() - t0
         self.timings.append(timing)
+        if len(self.timings) > 2 * TIMINGS_KEPT:  # a long-running process (a server) keeps the recent ones
+            del self.timings[:-TIMINGS_KEPT]
         loaded = self.in_flight.pop(index, None)
         if loaded is not None:
             self._unload(index)

@@ -373,10 +373,11 @@ class UniversalSLIProcessor:
             raise ValueError(f"the prompt and new tokens need {total} positions, more than this model's "
                              f"{self.max_positions} (max_position_embeddings); shorten the prompt or max_new_tokens")
 
-    def new_session(self) -> GenerationSession:
+    def new_session(self, reserve: Optional[int] = None) -> GenerationSession:
         """An empty conversation: pass it to :meth:`generate` turn after turn, and each turn
-        feeds only its own tokens (the KV cache keeps the rest)."""
-        return GenerationSession(self._new_kv_cache(self.max_context_tokens))
+        feeds only its own tokens (the KV cache keeps the rest). ``reserve``: the positions its
+        keys and values get room for at once (default ``max_context_tokens``; more grow it)."""
+        return GenerationSession(self._new_kv_cache(reserve or self.max_context_tokens))
 
     def _new_kv_cache(self, reserve: int):
         """An empty KV cache: compact layers with room for ``reserve`` positions, the plan's
