@@ -89,6 +89,13 @@ def set_cache_length(kv_cache, length: int) -> None:
         layer.length = length
 
 
+def set_row_lengths(stacked_cache, delta: int) -> None:
+    """Move every row of a stacked (decode batch) cache ``delta`` positions."""
+    for layer in stacked_cache.layers:
+        for row in layer.rows:
+            row.length += delta
+
+
 def chunkable(kv_cache) -> bool:
     """Whether every layer of ``kv_cache`` is a compact layer (whose length can be set)."""
     layers = getattr(kv_cache, "layers", None)

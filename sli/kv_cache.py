@@ -200,3 +200,50 @@ def kv_cache_bytes(cache) -> "tuple[int, int]":
     layers = [layer for layer in getattr(cache, "layers", []) if hasattr(layer, "spilled")]
     return (sum(layer.nbytes for layer in layers if not layer.spilled),
             sum(layer.nbytes for layer in layers if layer.spilled))
+
+
+def _stacked_layer_class():
+    from .transformers_adapter import full_attention_cache_layer
+
+    class StackedKVLayer(full_attention_cache_layer()):
+        """Several sequences' layers seen as one batch: each row writes into and reads from its
+        own sequence's layer; the reads are left-padded to the longest (the attention mask,
+        left-padded alike, hides the padding)."""
+
+        def __init__(self, rows) -> None:
+            super().__init__()
+            self.rows = rows
+            self.is_initialized = True
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+            keys, values = [], []
+            for index, row in enumerate(self.rows):
+                k, v = row.update(key_states[index:index + 1], value_states[index:index + 1], *args, **kwargs)
+                keys.append(k)
+                values.append(v)
+            longest = max(k.shape[2] for k in keys)
+
+            def stack(parts):
+                return torch.cat([torch.nn.functional.pad(t, (0, 0, longest - t.shape[2], 0)) for t in parts])
+
+            return stack(keys), stack(values)
+
+        def get_seq_length(self) -> int:
+            return max(row.get_seq_length() for row in self.rows)
+
+    return StackedKVLayer
+
+
+_STACKED = None
+
+
+def stack_caches(caches, new_cache):
+    """One cache object for a batch whose row i is the sequence of ``caches[i]`` (every layer of
+    each a compact layer); ``new_cache()`` makes the empty container (transformers' cache class)."""
+    global _STACKED
+    if _STACKED is None:
+        _STACKED = _stacked_layer_class()
+    stacked = new_cache()
+    stacked.layers = [_STACKED([cache.layers[index] for cache in caches]) for index in range(len(caches[0].layers))]
+    return stacked

@@ -20,9 +20,10 @@ from . import transformers_adapter as hf
 from .architectures import ModelLayout, discover_layout
 from .checkpoint import Checkpoint, SkeletonLoader, resolve_model_dir
 from .errors import ModelLoadError, SLIError, UnsupportedArchitectureError
-from .chunked_prefill import capture_layer_inputs, chunk_bounds, chunkable, finish_forward, set_cache_length
+from .chunked_prefill import (capture_layer_inputs, chunk_bounds, chunkable, finish_forward, set_cache_length,
+                              set_row_lengths)
 from .generation import GenerationSession, generate_tokens
-from .kv_cache import KV_DTYPES, compact_kv_layer, kv_bytes_per_token
+from .kv_cache import KV_DTYPES, compact_kv_layer, kv_bytes_per_token, stack_caches
 from .layer_cache import LayerCache
 from .layer_runner import LayerRunner
 from .memory_plan import MemoryPlan, plan_memory
@@ -403,7 +404,15 @@ class UniversalSLIProcessor:
         positions ``[B, S]`` and KV cache: each layer is fetched once and runs every sequence
         (a long prompt a chunk at a time, see :mod:`sli.chunked_prefill`) before the next.
         Returns each sequence's last-position logits ``[B, V]``; the caches hold the new positions.
+        Single tokens of several sequences (decoding) run as one batch: each layer multiplies
+        them together, every row attending to its own keys and values.
         """
+        items = list(items)
+        tokens = [i for i, (ids, _, _, kv) in enumerate(items) if ids.shape == (1, 1) and chunkable(kv)]
+        batched = None
+        if len(tokens) > 1:
+            batched = self._decode_batch([items[i] for i in tokens])
+            items = [item for i, item in enumerate(items) if i not in set(tokens)] + [batched]
         plans = []  # per item: (past, length, bounds, forward_kwargs, jobs)
         with torch.inference_mode():
             for ids, mask, positions, kv_cache in items:
@@ -429,13 +438,36 @@ class UniversalSLIProcessor:
             self.runner.run_layer_major([job for plan in plans for job in plan[-1]])
             logits = []
             for kv_cache, chunked, past, length, bounds, forward_kwargs, jobs in plans:
-                if chunked:
+                # the norm and head's forward sees the cache as the last chunk's mask did
+                rows = getattr(kv_cache.layers[0], "rows", None) if kv_cache.layers else None
+                if rows is not None:  # a decode batch: each row one position back, then forward again
+                    set_row_lengths(kv_cache, -1)
+                elif chunked:
                     set_cache_length(kv_cache, past + bounds[-1][0])
                 out = finish_forward(self.model, self.layers, forward_kwargs(*bounds[-1]), jobs[-1])
-                if chunked:
+                if rows is not None:
+                    set_row_lengths(kv_cache, +1)
+                elif chunked:
                     set_cache_length(kv_cache, past + length)
                 logits.append(out.logits[:, -1, :])
-        return logits
+        if batched is None:
+            return logits
+        rows = iter(logits.pop().split(1))  # the batch came last, its rows in the order of `tokens`
+        others = iter(logits)
+        return [next(rows) if i in set(tokens) else next(others) for i in range(len(tokens) + len(logits))]
+
+    def _decode_batch(self, items: Sequence[StepInput]) -> StepInput:
+        """Single-token items of several sequences as one batch: ids ``[N, 1]``, each row's own
+        position, a mask left-padded to the longest history, and a cache whose rows are theirs."""
+        lengths = [kv.get_seq_length() for _, _, _, kv in items]
+        longest = max(lengths)
+        mask = torch.zeros(len(items), longest + 1, dtype=torch.long)
+        for row, length in enumerate(lengths):
+            mask[row, longest - length:] = 1
+        ids = torch.cat([ids for ids, _, _, _ in items])
+        positions = torch.cat([positions for _, _, positions, _ in items])
+        cache = stack_caches([kv for _, _, _, kv in items], lambda: hf.new_kv_cache(self.config))
+        return ids.to(self.device), mask.to(self.device), positions.to(self.device), cache
 
     @torch.inference_mode()
     def generate(self, input_ids_or_prompt, max_new_tokens: int = 32, do_sample: bool = False,

@@ -147,3 +147,34 @@ def test_kv_the_budget_cannot_hold_spills_to_disk_and_leaves_memory_after_each_l
         spilled = [layer for layer in session.kv_cache.layers if layer.spilled]
         assert len(spilled) == 3 and not list((tmp_path / "c" / "kv-spill").glob("*"))  # unlinked at once
     assert got.tolist() == expected.tolist()  # same bytes, wherever they wait
+
+
+def test_single_tokens_of_several_sequences_run_as_one_batch_and_match_each_alone(model_factory, tmp_path):
+    # A server's decode step: N sequences at different lengths, one [N, 1] batch through each layer.
+    prompts = [torch.tensor([[3, 4, 5, 6, 7, 8, 9]]), torch.tensor([[20, 21]]), torch.tensor([[40, 41, 42, 43]])]
+    with UniversalSLIProcessor(model_factory("llama"), "int8", cache_dir=tmp_path / "c", device="cpu",
+                               memory_budget_gb=0.0, kv_dtype="float32") as proc:
+        alone = [proc.generate(p, max_new_tokens=4, eos_token_id=[])[0].tolist() for p in prompts]
+        sessions = [proc.new_session() for _ in prompts]
+        answers = [[] for _ in prompts]
+        items = []
+        for p, session in zip(prompts, sessions):
+            ids, mask = session.continue_with(p)
+            items.append((ids, mask, torch.arange(ids.shape[1]).view(1, -1), session.kv_cache))
+        for step in range(4):
+            rows = []
+            logits = proc.step_many(items)
+            for i, (l, session) in enumerate(zip(logits, sessions)):
+                token = int(l.argmax(-1))
+                answers[i].append(token)
+                length = session.kv_cache.get_seq_length()
+                rows.append((torch.tensor([[token]]), torch.ones(1, length + 1, dtype=torch.long),
+                             torch.tensor([[length]]), session.kv_cache))
+            items = rows
+            if step == 1:
+                seen = []
+                real = proc.runner._forwards[0]
+                proc.runner._forwards[0] = lambda hidden, *a, **k: seen.append(hidden.shape[0]) or real(hidden, *a, **k)
+        proc.runner._forwards[0] = real
+        assert seen == [3, 3]  # steps 3 and 4: one call of layer 0 carrying all three rows
+    assert answers == alone
