@@ -107,7 +107,8 @@ def _build(h):
     import numpy as np
     from numba import njit
 
-    lut4, lut4z, lut4n, dot8, dotbf16, decode64_4bit = h.lut4, h.lut4z, h.lut4n, h.dot8, h.dotbf16, h.decode64_4bit
+    lut4, lut4z, lut4n, dot8, dot8q, dot4q, dotbf16 = h.lut4, h.lut4z, h.lut4n, h.dot8, h.dot8q, h.dot4q, h.dotbf16
+    decode64_4bit = h.decode64_4bit
     most = h.max_rows  # activation rows a helper multiplies in one pass
     # numba's cache keys each kernel by its closure (the helpers, with ids naming their level
     # and source; sli.simd_fallback.stable_id): each level has its own cached kernels.
@@ -207,6 +208,110 @@ def _build(h):
                 t += k
 
     @jit
+    def quantize_rows(x, xblock, sumblock, xq, xs, corr, bsum, oidx, oval):
+        # x fp32 [T, in] -> xq int8 [T*in] with a scale a block of xblock values (xs [T*(in/xblock)]),
+        # the oidx.shape[1] largest |x| of each row kept in float (oidx, oval [T, K]; 0 in xq);
+        # corr[t] = 128 * sum over blocks of xs * sum(xq) (what dot8q's AVX-512 form subtracts);
+        # bsum [T*(in/sumblock)]: sum(xq) a block of sumblock values
+        rows, cols = x.shape
+        sums = cols // sumblock
+        keep = oidx.shape[1]
+        blocks = cols // xblock
+        row = np.empty(cols, np.float32)
+        top = np.empty(max(keep, 1), np.float32)
+        for t in range(rows):
+            for j in range(cols):
+                row[j] = x[t, j]
+            for k in range(keep):  # the keep largest |x|, by insertion
+                top[k] = -1.0
+                oidx[t, k] = 0
+            for j in range(cols):
+                a = abs(row[j])
+                if keep and a > top[keep - 1]:
+                    k = keep - 1
+                    while k > 0 and top[k - 1] < a:
+                        top[k] = top[k - 1]
+                        oidx[t, k] = oidx[t, k - 1]
+                        k -= 1
+                    top[k] = a
+                    oidx[t, k] = j
+            for k in range(keep):
+                oval[t, k] = row[oidx[t, k]]
+                row[oidx[t, k]] = 0.0
+            c = np.float32(0.0)
+            for blk in range(blocks):
+                amax = np.float32(0.0)
+                for j in range(blk * xblock, (blk + 1) * xblock):
+                    amax = max(amax, abs(row[j]))
+                inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+                total = 0
+                for j in range(blk * xblock, (blk + 1) * xblock):
+                    v = np.rint(row[j] * inv)
+                    xq[t * cols + j] = np.int8(v)
+                    total += np.int32(v)
+                s = amax / np.float32(127.0)
+                xs[t * blocks + blk] = s
+                c += s * np.float32(total)
+            corr[t] = np.float32(128.0) * c
+            for blk in range(sums):
+                total = 0
+                for j in range(blk * sumblock, (blk + 1) * sumblock):
+                    total += np.int32(xq[t * cols + j])
+                bsum[t * sums + blk] = np.float32(total)
+
+    @jit
+    def matmul_int8q(q, scale, xq, xs, corr, oidx, oval, xblock, y, start, stop):
+        # q: int8 [out*in]; activations quantize_rows' int8 blocks + float outliers; y = (x @ q^T) * scale
+        rows = y.shape[0]
+        cols = q.shape[0] // y.shape[1]
+        keep = oidx.shape[1]
+        acc = np.empty(most, np.float32)
+        for o in range(start, stop):
+            t = 0
+            while t < rows:
+                k = min(most, rows - t)
+                dot8q(q, o * cols, xq, xs, corr, t, k, cols, xblock, acc)
+                for i in range(k):
+                    s = acc[i]
+                    for m in range(keep):
+                        s += np.float32(q[o * cols + oidx[t + i, m]]) * oval[t + i, m]
+                    y[t + i, o] = s * scale[o]
+                t += k
+
+    @jit
+    def matmul_int4q(packed, scales, zeros, xq, xs, gsum, oidx, oval, group, y, start, stop):
+        # matmul_int4 with int8 activations (quantize_rows, one scale a row, in q4_order) and
+        # their largest values in float (oidx: natural columns)
+        rows = y.shape[0]
+        cols = xq.shape[0] // rows
+        half = cols // 2
+        groups = cols // group
+        keep = oidx.shape[1]
+        at_byte = np.empty((rows, keep), np.int64)  # where each kept value's nibble is, once a call
+        shift = np.empty((rows, keep), np.int64)
+        at_group = np.empty((rows, keep), np.int64)
+        for t in range(rows):
+            for m in range(keep):
+                j = oidx[t, m]
+                at_byte[t, m] = j // 2
+                shift[t, m] = 4 * (1 - j % 2)
+                at_group[t, m] = j // group
+        acc = np.empty(most, np.float32)
+        for o in range(start, stop):
+            t = 0
+            while t < rows:
+                k = min(most, rows - t)
+                dot4q(packed, o * half, scales, zeros, o * groups, group, xq, gsum, t, k, cols, acc)
+                for i in range(k):
+                    s = acc[i] * xs[t + i]
+                    for m in range(keep):
+                        nibble = (packed[o * half + at_byte[t + i, m]] >> shift[t + i, m]) & 15
+                        g = o * groups + at_group[t + i, m]
+                        s += ((np.float32(nibble) - zeros[g]) * scales[g]) * oval[t + i, m]
+                    y[t + i, o] = s
+                t += k
+
+    @jit
     def matmul_lut8(q, lut, scale, x, y, start, stop):
         # q: uint8 codes [out, in] (float8 bytes), lut: fp32 [256]; y = (x @ lut[q]^T) * scale
         rows, cols = x.shape
@@ -263,6 +368,7 @@ def _build(h):
 
     return {"matmul_4bit": matmul_4bit, "matmul_4bit_nested": matmul_4bit_nested, "dequantize_4bit": dequantize_4bit,
             "dequantize_blockwise8": dequantize_blockwise8, "matmul_int8": matmul_int8,
+            "quantize_rows": quantize_rows, "matmul_int8q": matmul_int8q, "matmul_int4q": matmul_int4q,
             "matmul_lut8": matmul_lut8, "matmul_int4": matmul_int4, "matmul_bf16": matmul_bf16}
 
 
@@ -404,12 +510,61 @@ def dequantize_blockwise8(q: Tensor, absmax: Tensor, code: Tensor, blocksize: in
     return out
 
 
-def matmul_int8(x: Tensor, q: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``x @ (q * scale[:, None])^T (+ bias)`` for an int8 ``[out, in]`` weight."""
+# From this many activation rows on, INT8 and INT4 weights meet int8 activations (one scale
+# a row, its KEEP_FLOAT largest |x| in float) in integer dot products, on a SIMD level: ~2x
+# the float kernels at 16 rows (docs/benchmarks.md). One row stays float: it is bound by
+# memory, not arithmetic, so int8 would cost accuracy for nothing. SLI_FLOAT_ACTIVATIONS=1
+# keeps every product float.
+INT8_ACTIVATION_ROWS = 2
+KEEP_FLOAT = 4  # = INT8_DYNAMIC's outliers per token
+
+
+def int8_activations(rows: int) -> bool:
+    """Whether a product of ``rows`` activation rows by an INT8 or INT4 weight quantizes the
+    activations to int8 (see :data:`INT8_ACTIVATION_ROWS`)."""
+    return (rows >= INT8_ACTIVATION_ROWS and not settings.flag("SLI_FLOAT_ACTIVATIONS")
+            and simd_path() != "plain")
+
+
+def matmul_int8(x: Tensor, q: Tensor, scale: Tensor, bias: Optional[Tensor] = None,
+                activations: str = "auto") -> Tensor:
+    """``x @ (q * scale[:, None])^T (+ bias)`` for an int8 ``[out, in]`` weight.
+
+    ``activations``: "float" multiplies ``x`` as it is; "int8" quantizes each row of ``x`` to
+    int8 (one scale, its :data:`KEEP_FLOAT` largest |x| in float) and multiplies with integer
+    dot products; "auto" picks by :func:`int8_activations`; "on-grid" is for an ``x`` already
+    on that grid (INT8_DYNAMIC's :meth:`prepare_input`), where both give the same values: the
+    faster one (int8 on a SIMD level).
+    """
     rows = _rows(x, q.shape[1])
     y = _out(rows, q.shape[0])
-    _run("matmul_int8", q.shape[0], q.numel() * rows.shape[0], _np(_flat(q)), _np(scale), _np(rows), _np(y))
+    if activations == "auto":
+        activations = "int8" if int8_activations(rows.shape[0]) else "float"
+    elif activations == "on-grid":
+        activations = "int8" if simd_path() != "plain" else "float"
+    if activations == "int8" and q.shape[1] % 64 == 0:
+        xq, xs, corr, _, oidx, oval = quantize_rows(rows, q.shape[1], min(KEEP_FLOAT, q.shape[1] - 1))
+        _run("matmul_int8q", q.shape[0], q.numel() * rows.shape[0] // 4, _np(_flat(q)), _np(scale), _np(xq), _np(xs),
+             _np(corr), _np(oidx), _np(oval), q.shape[1], _np(y))
+    else:
+        _run("matmul_int8", q.shape[0], q.numel() * rows.shape[0], _np(_flat(q)), _np(scale), _np(rows), _np(y))
     return _finish(y, x, q.shape[0], bias)
+
+
+def quantize_rows(rows: Tensor, xblock: int, keep: int = 0, sumblock: Optional[int] = None):
+    """``rows`` (float32 ``[T, in]``) as int8 blocks of ``xblock`` values with a float scale
+    each, the ``keep`` largest |x| of each row kept in float: ``(xq, xs, corr, bsum, oidx, oval)``
+    (``bsum``: the sum of ``xq`` a block of ``sumblock`` values)."""
+    t, n = rows.shape
+    sumblock = sumblock or n
+    xq = torch.empty(t * n, dtype=torch.int8)
+    xs = torch.empty(t * (n // xblock), dtype=torch.float32)
+    corr = torch.empty(t, dtype=torch.float32)
+    bsum = torch.empty(t * (n // sumblock), dtype=torch.float32)
+    oidx = torch.empty(t, keep, dtype=torch.int64)
+    oval = torch.empty(t, keep, dtype=torch.float32)
+    _get("quantize_rows")(_np(rows), xblock, sumblock, _np(xq), _np(xs), _np(corr), _np(bsum), _np(oidx), _np(oval))
+    return xq, xs, corr, bsum, oidx, oval
 
 
 def matmul_lut8(x: Tensor, q: Tensor, lut: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -421,20 +576,35 @@ def matmul_lut8(x: Tensor, q: Tensor, lut: Tensor, scale: Tensor, bias: Optional
     return _finish(y, x, q.shape[0], bias)
 
 
+def q4_order(rows: Tensor) -> Tensor:
+    """int8 ``rows`` ``[T, n]`` (``n`` a multiple of 128) with each 128 values as the 64 even
+    ones, then the 64 odd ones: the order of the nibbles of 64 packed bytes."""
+    t, n = rows.shape
+    return rows.view(t, n // 128, 64, 2).transpose(2, 3).contiguous().view(t, n)
+
+
 def matmul_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group: int, in_features: int,
-                bias: Optional[Tensor] = None) -> Optional[Tensor]:
+                bias: Optional[Tensor] = None, activations: str = "auto") -> Optional[Tensor]:
     """``x @ W^T (+ bias)`` for group-wise affine int4 (``w = (q - zero) * scale``), or None
-    for a group size that is not a multiple of 64."""
+    for a group size that is not a multiple of 64. ``activations`` as in :func:`matmul_int8`
+    (int8 needs a group size that is a multiple of 128)."""
     if group % 64:
         return None
     rows = _rows(x, in_features)
     padded = packed.shape[1] * 2
     if padded != in_features:
         rows = torch.nn.functional.pad(rows, (0, padded - in_features))
-    rows = lut4_order(rows)
     y = _out(rows, packed.shape[0])
-    _run("matmul_int4", packed.shape[0], packed.numel() * 2 * rows.shape[0], _np(_flat(packed)), _np(_flat(scales)),
-         _np(_flat(zeros)), _np(rows), _np(y), group)
+    if activations == "auto":
+        activations = "int8" if int8_activations(rows.shape[0]) else "float"
+    if activations == "int8" and group % 128 == 0:
+        xq, xs, _, gsum, oidx, oval = quantize_rows(rows, padded, min(KEEP_FLOAT, in_features - 1), group)
+        _run("matmul_int4q", packed.shape[0], packed.numel() * 2 * rows.shape[0] // 4, _np(_flat(packed)),
+             _np(_flat(scales)), _np(_flat(zeros)), _np(q4_order(xq.view(rows.shape)).view(-1)), _np(xs), _np(gsum),
+             _np(oidx), _np(oval), group, _np(y))
+    else:
+        _run("matmul_int4", packed.shape[0], packed.numel() * 2 * rows.shape[0], _np(_flat(packed)),
+             _np(_flat(scales)), _np(_flat(zeros)), _np(lut4_order(rows)), _np(y), group)
     return _finish(y, x, packed.shape[0], bias)
 
 

@@ -10,7 +10,8 @@ in vector registers from the row's first value to its last.
 :func:`helpers` builds one set per instruction level, with the same names and arguments
 as :mod:`sli.simd_fallback`'s plain numba functions:
 
-- ``"avx512"`` (AVX-512 F/BW/DQ/VL + FMA): 16 floats a register. A 4-bit code's 16 float
+- ``"avx512"`` (AVX-512 F/BW/DQ/VL/VNNI + FMA; a CPU with AVX-512 but not VNNI takes
+  "avx2"): 16 floats a register. A 4-bit code's 16 float
   levels fill one register, so one ``vpermps`` decodes 16 values, no blend;
 - ``"avx2"`` (AVX2 + FMA): 8 floats a register; a lookup is two ``vpermps`` (table halves
   0–7 and 8–15) and a blend on the index's bit 3.
@@ -54,7 +55,7 @@ from .simd_fallback import source_hash, stable_id
 
 # Best first. What each level needs from the CPU (llvmlite's feature names).
 LEVELS: Tuple[str, ...] = ("avx512", "avx2")
-_NEEDS = {"avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"),
+_NEEDS = {"avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512vnni", "avx2", "fma"),
           "avx2": ("avx2", "fma")}
 _WIDTH = {"avx512": 16, "avx2": 8}
 MAX_ROWS = 4  # activation rows one pass over a weight row multiplies
@@ -325,6 +326,182 @@ def _make_widening_dot(level: str, kind: str):
     return stable_id(intrinsic(dot), f"simd.{dot.__name__}:{SOURCE_HASH}")
 
 
+def _make_dot8q(level: str):
+    """``dot8q(q, qofs, xq, xs, corr, t0, rows, cols, xblock, out)``: an int8 weight row times
+    int8 activation rows ``xq[(t0 + r)*cols:]`` whose blocks of ``xblock`` values have scales
+    ``xs[(t0 + r)*(cols // xblock) + block]``: ``out[r] = sum over blocks of xs * (q . xq)``,
+    the block's dot product exact in int32.
+
+    AVX-512 VNNI's ``vpdpbusd`` multiplies unsigned by signed bytes: it takes ``q + 128`` (a
+    xor) and ``corr[t0 + r]`` = 128 * sum over blocks of xs * sum(xq) takes the excess back.
+    AVX2's ``vpmaddubsw`` would saturate there, so it takes ``|q|`` and ``xq`` with ``q``'s sign
+    (llama.cpp's way), which needs no correction (``corr`` unread).
+    """
+    w = _WIDTH[level]
+
+    def dot8q(typingctx, q, qofs, xq, xs, corr, t0, rows, cols, xblock, out):
+        sig = types.void(q, qofs, xq, xs, corr, t0, rows, cols, xblock, out)
+
+        def codegen(context, builder, signature, args):
+            at = signature.args
+            b = builder
+            q_ptr = _data(context, b, at[0], args[0])
+            qofs_i = _intp(context, b, args[1], at[1])
+            xq_ptr = _data(context, b, at[2], args[2])
+            xs_ptr = _data(context, b, at[3], args[3])
+            corr_ptr = _data(context, b, at[4], args[4])
+            t0_i = _intp(context, b, args[5], at[5])
+            rows_i = _intp(context, b, args[6], at[6])
+            cols_i = _intp(context, b, args[7], at[7])
+            xblock_i = _intp(context, b, args[8], at[8])
+            out_ptr = _data(context, b, at[9], args[9])
+            blocks = b.sdiv(cols_i, xblock_i)
+            vi = ir.VectorType(_i32, w)
+            vb = ir.VectorType(_i8, 4 * w)
+            done = b.append_basic_block("rows.done")
+            switch = b.switch(rows_i, done)
+            for rows in range(1, MAX_ROWS + 1):
+                case = b.append_basic_block(f"rows.{rows}")
+                switch.add_case(ir.Constant(rows_i.type, rows), case)
+                with b.goto_block(case):
+                    e = _Emit(b, level)
+                    fsum = [cgutils.alloca_once(b, e.vf, zfill=True) for _ in range(rows)]
+                    isum = [cgutils.alloca_once(b, vi) for _ in range(rows)]
+                    xrow = [b.mul(b.add(t0_i, _i(r)), cols_i) for r in range(rows)]
+                    srow = [b.mul(b.add(t0_i, _i(r)), blocks) for r in range(rows)]
+                    with cgutils.for_range(b, blocks) as block:
+                        first = b.mul(block.index, xblock_i)
+                        for r in range(rows):
+                            b.store(ir.Constant(vi, None), isum[r])
+                        with cgutils.for_range(b, b.sdiv(xblock_i, _i(4 * w))) as step:
+                            at_value = b.add(first, b.mul(step.index, _i(4 * w)))
+                            weights = _vload(b, q_ptr, b.add(qofs_i, at_value), vb)
+                            if level == "avx512":
+                                unsigned = b.bitcast(b.xor(weights, _const(vb, -128)), vi)  # q + 128
+                                dpbusd = e.fn("llvm.x86.avx512.vpdpbusd.512", vi, [vi, vi, vi])
+                            else:
+                                unsigned = b.call(e.fn(f"llvm.abs.v{4 * w}i8", vb, [vb, ir.IntType(1)]),
+                                                  [weights, ir.Constant(ir.IntType(1), 0)])
+                                psign = e.fn("llvm.x86.avx2.psign.b", vb, [vb, vb])
+                                maddubs = e.fn("llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(_i16, 2 * w), [vb, vb])
+                                maddwd = e.fn("llvm.x86.avx2.pmadd.wd", vi, [ir.VectorType(_i16, 2 * w)] * 2)
+                                ones = _const(ir.VectorType(_i16, 2 * w), 1)
+                            for r in range(rows):
+                                xv = _vload(b, xq_ptr, b.add(xrow[r], at_value), vb)
+                                if level == "avx512":
+                                    b.store(b.call(dpbusd, [b.load(isum[r]), unsigned, b.bitcast(xv, vi)]), isum[r])
+                                else:
+                                    pairs = b.call(maddubs, [unsigned, b.call(psign, [xv, weights])])
+                                    b.store(b.add(b.load(isum[r]), b.call(maddwd, [pairs, ones])), isum[r])
+                        for r in range(rows):
+                            scale = _splat(b, b.load(b.gep(xs_ptr, [b.add(srow[r], block.index)])), e.vf)
+                            b.store(e.fma(b.sitofp(b.load(isum[r]), e.vf), scale, b.load(fsum[r])), fsum[r])
+                    for r in range(rows):
+                        total = e.hsum(b.load(fsum[r]))
+                        if level == "avx512":
+                            total = b.fsub(total, b.load(b.gep(corr_ptr, [b.add(t0_i, _i(r))])))
+                        b.store(total, b.gep(out_ptr, [_i(r)]))
+                    b.branch(done)
+            b.position_at_end(done)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    dot8q.__name__ = f"dot8q_{level}"
+    return stable_id(intrinsic(dot8q), f"simd.{dot8q.__name__}:{SOURCE_HASH}")
+
+
+def _make_dot4q(level: str):
+    """``dot4q(packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, rows, cols, out)``: a
+    group-wise affine 4-bit row (INT4: ``w = (q - zero) * scale``, ``q`` the nibble) times int8
+    activation rows ``xq[(t0 + r)*cols:]``, each 128 values ordered as the 64 even ones then
+    the 64 odd ones (:func:`sli.kernels.q4_order`), ``gsum`` their sum per group:
+    ``out[r] = sum over groups of scale * (q . xq - zero * gsum)``, ``q . xq`` exact in int32.
+
+    The nibbles are unsigned bytes as they are: ``vpdpbusd`` on AVX-512 VNNI, ``vpmaddubsw``
+    (15 * 127 * 2 fits 16 bits) and ``vpmaddwd`` on AVX2.
+    """
+    w = _WIDTH[level]
+
+    def dot4q(typingctx, packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, rows, cols, out):
+        sig = types.void(packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, rows, cols, out)
+
+        def codegen(context, builder, signature, args):
+            at = signature.args
+            b = builder
+            packed_ptr = _data(context, b, at[0], args[0])
+            pofs_i = _intp(context, b, args[1], at[1])
+            scales_ptr = _data(context, b, at[2], args[2])
+            zeros_ptr = _data(context, b, at[3], args[3])
+            sofs_i = _intp(context, b, args[4], at[4])
+            group_i = _intp(context, b, args[5], at[5])
+            xq_ptr = _data(context, b, at[6], args[6])
+            gsum_ptr = _data(context, b, at[7], args[7])
+            t0_i = _intp(context, b, args[8], at[8])
+            rows_i = _intp(context, b, args[9], at[9])
+            cols_i = _intp(context, b, args[10], at[10])
+            out_ptr = _data(context, b, at[11], args[11])
+            groups = b.sdiv(cols_i, group_i)
+            vi = ir.VectorType(_i32, w)
+            vb = ir.VectorType(_i8, 4 * w)
+            v16 = ir.VectorType(_i16, 2 * w)
+            done = b.append_basic_block("rows.done")
+            switch = b.switch(rows_i, done)
+            for rows in range(1, MAX_ROWS + 1):
+                case = b.append_basic_block(f"rows.{rows}")
+                switch.add_case(ir.Constant(rows_i.type, rows), case)
+                with b.goto_block(case):
+                    e = _Emit(b, level)
+                    fsum = [cgutils.alloca_once(b, e.vf, zfill=True) for _ in range(rows)]
+                    fix = [cgutils.alloca_once(b, _f32, zfill=True) for _ in range(rows)]
+                    isum = [cgutils.alloca_once(b, vi) for _ in range(rows)]
+                    xrow = [b.mul(b.add(t0_i, _i(r)), cols_i) for r in range(rows)]
+                    grow = [b.mul(b.add(t0_i, _i(r)), groups) for r in range(rows)]
+                    with cgutils.for_range(b, groups) as loop:
+                        g = loop.index
+                        first = b.mul(g, group_i)
+                        for r in range(rows):
+                            b.store(ir.Constant(vi, None), isum[r])
+                        # 128 values (64 bytes) a step, in 4w-byte registers: 64/(4w) of them
+                        with cgutils.for_range(b, b.sdiv(group_i, _i(128))) as step:
+                            at_value = b.add(first, b.mul(step.index, _i(128)))
+                            for part in range(64 // (4 * w)):
+                                raw = _vload(b, packed_ptr, b.add(pofs_i, b.add(b.lshr(at_value, _i(1)), _i(part * 4 * w))),
+                                             vb)
+                                low = b.and_(raw, _const(vb, 15))
+                                high = b.and_(b.bitcast(b.lshr(b.bitcast(raw, v16), _const(v16, 4)), vb), _const(vb, 15))
+                                for nibbles, half in ((high, 0), (low, 64)):
+                                    xoff = b.add(at_value, _i(half + part * 4 * w))
+                                    for r in range(rows):
+                                        xv = _vload(b, xq_ptr, b.add(xrow[r], xoff), vb)
+                                        if level == "avx512":
+                                            dp = e.fn("llvm.x86.avx512.vpdpbusd.512", vi, [vi, vi, vi])
+                                            b.store(b.call(dp, [b.load(isum[r]), b.bitcast(nibbles, vi), b.bitcast(xv, vi)]),
+                                                    isum[r])
+                                        else:
+                                            maddubs = e.fn("llvm.x86.avx2.pmadd.ub.sw", v16, [vb, vb])
+                                            maddwd = e.fn("llvm.x86.avx2.pmadd.wd", vi, [v16, v16])
+                                            pairs = b.call(maddubs, [nibbles, xv])
+                                            b.store(b.add(b.load(isum[r]), b.call(maddwd, [pairs, _const(v16, 1)])), isum[r])
+                        at_group = b.add(sofs_i, g)
+                        scale = b.load(b.gep(scales_ptr, [at_group]))
+                        zero_scale = b.fmul(b.load(b.gep(zeros_ptr, [at_group])), scale)
+                        for r in range(rows):
+                            b.store(e.fma(b.sitofp(b.load(isum[r]), e.vf), _splat(b, scale, e.vf), b.load(fsum[r])), fsum[r])
+                            gs = b.load(b.gep(gsum_ptr, [b.add(grow[r], g)]))
+                            b.store(b.fadd(b.load(fix[r]), b.fmul(zero_scale, gs)), fix[r])
+                    for r in range(rows):
+                        b.store(b.fsub(e.hsum(b.load(fsum[r])), b.load(fix[r])), b.gep(out_ptr, [_i(r)]))
+                    b.branch(done)
+            b.position_at_end(done)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    dot4q.__name__ = f"dot4q_{level}"
+    return stable_id(intrinsic(dot4q), f"simd.{dot4q.__name__}:{SOURCE_HASH}")
+
+
 def _make_decode64(level: str):
     w = _WIDTH[level]
 
@@ -367,6 +544,6 @@ def helpers(level: str) -> SimpleNamespace:
         _built[level] = SimpleNamespace(
             level=level, lanes=_WIDTH[level], max_rows=MAX_ROWS,
             lut4=_make_lut4(level, "scale"), lut4z=_make_lut4(level, "affine"), lut4n=_make_lut4(level, "nested"),
-            dot8=_make_widening_dot(level, "int8"), dotbf16=_make_widening_dot(level, "bf16"),
+            dot8=_make_widening_dot(level, "int8"), dot8q=_make_dot8q(level), dot4q=_make_dot4q(level), dotbf16=_make_widening_dot(level, "bf16"),
             decode64_4bit=_make_decode64(level))
     return _built[level]

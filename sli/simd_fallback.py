@@ -33,73 +33,98 @@ _jit = njit(fastmath=True, nogil=True, inline="always")
 
 
 @_jit
-def lut4(packed, pofs, code, scales, sofs, blocksize, x, xofs, n, stride, rows, out):
+def _rows_dot(values, x, base, stride, rows, out):
     for r in range(rows):
-        base = xofs + r * stride
         s = np.float32(0.0)
-        for blk in range(n // blocksize):
-            scale = scales[sofs + blk]
-            d = np.float32(0.0)
-            for k in range(blk * blocksize // 2, (blk + 1) * blocksize // 2):
-                b = packed[pofs + k]
-                d += (code[b >> 4] * scale) * x[base + 2 * k] + (code[b & 15] * scale) * x[base + 2 * k + 1]
-            s += d
-        out[r] = s
+        for j in range(values.shape[0]):
+            s += values[j] * x[base + r * stride + j]
+        out[r] += s
+
+
+@_jit
+def _decode_block(packed, first, code, scale, zero, values):
+    # values[0:2n] = (code[nibble] - zero) * scale for the n bytes from packed[first]
+    for k in range(values.shape[0] // 2):
+        b = packed[first + k]
+        values[2 * k] = (code[b >> 4] - zero) * scale
+        values[2 * k + 1] = (code[b & 15] - zero) * scale
+
+
+@_jit
+def lut4(packed, pofs, code, scales, sofs, blocksize, x, xofs, n, stride, rows, out):
+    values = np.empty(blocksize, np.float32)  # a block decoded once, then met by every row
+    out[:rows] = 0.0
+    for blk in range(n // blocksize):
+        _decode_block(packed, pofs + blk * blocksize // 2, code, scales[sofs + blk], np.float32(0.0), values)
+        _rows_dot(values, x, xofs + blk * blocksize, stride, rows, out)
 
 
 @_jit
 def lut4z(packed, pofs, code, scales, zeros, sofs, blocksize, x, xofs, n, stride, rows, out):
-    for r in range(rows):
-        base = xofs + r * stride
-        s = np.float32(0.0)
-        for blk in range(n // blocksize):
-            scale = scales[sofs + blk]
-            zero = zeros[sofs + blk]
-            d = np.float32(0.0)
-            for k in range(blk * blocksize // 2, (blk + 1) * blocksize // 2):
-                b = packed[pofs + k]
-                d += ((code[b >> 4] - zero) * scale) * x[base + 2 * k] + ((code[b & 15] - zero) * scale) * x[base + 2 * k + 1]
-            s += d
-        out[r] = s
+    values = np.empty(blocksize, np.float32)
+    out[:rows] = 0.0
+    for blk in range(n // blocksize):
+        _decode_block(packed, pofs + blk * blocksize // 2, code, scales[sofs + blk], zeros[sofs + blk], values)
+        _rows_dot(values, x, xofs + blk * blocksize, stride, rows, out)
 
 
 @_jit
 def lut4n(packed, pofs, code, qabsmax, nested_code, nested, offset, sofs, blocksize, x, xofs, n, stride, rows, out):
-    for r in range(rows):
-        base = xofs + r * stride
-        s = np.float32(0.0)
-        for blk in range(n // blocksize):
-            scale = nested_code[qabsmax[sofs + blk]] * nested + offset
-            d = np.float32(0.0)
-            for k in range(blk * blocksize // 2, (blk + 1) * blocksize // 2):
-                b = packed[pofs + k]
-                d += (code[b >> 4] * scale) * x[base + 2 * k] + (code[b & 15] * scale) * x[base + 2 * k + 1]
-            s += d
-        out[r] = s
+    values = np.empty(blocksize, np.float32)
+    out[:rows] = 0.0
+    for blk in range(n // blocksize):
+        scale = nested_code[qabsmax[sofs + blk]] * nested + offset
+        _decode_block(packed, pofs + blk * blocksize // 2, code, scale, np.float32(0.0), values)
+        _rows_dot(values, x, xofs + blk * blocksize, stride, rows, out)
 
 
 @_jit
 def dot8(q, qofs, x, xofs, n, stride, rows, out):
+    values = np.empty(n, np.float32)
+    for j in range(n):
+        values[j] = np.float32(q[qofs + j])
+    out[:rows] = 0.0
+    _rows_dot(values, x, xofs, stride, rows, out)
+
+
+@_jit
+def dot8q(q, qofs, xq, xs, corr, t0, rows, cols, xblock, out):
+    blocks = cols // xblock
     for r in range(rows):
-        base = xofs + r * stride
+        base = (t0 + r) * cols
         s = np.float32(0.0)
-        for j in range(n):
-            s += np.float32(q[qofs + j]) * x[base + j]
+        for blk in range(blocks):
+            d = np.int32(0)
+            for j in range(blk * xblock, (blk + 1) * xblock):
+                d += np.int32(q[qofs + j]) * np.int32(xq[base + j])
+            s += np.float32(d) * xs[(t0 + r) * blocks + blk]
+        out[r] = s
+
+
+@_jit
+def dot4q(packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, rows, cols, out):
+    # xq: each 128 values as the 64 even ones, then the 64 odd ones
+    groups = cols // group
+    for r in range(rows):
+        base = (t0 + r) * cols
+        s = np.float32(0.0)
+        for g in range(groups):
+            d = np.int32(0)
+            for c in range(g * group, (g + 1) * group, 128):
+                for k in range(64):
+                    byte = packed[pofs + c // 2 + k]
+                    d += np.int32(byte >> 4) * np.int32(xq[base + c + k]) + np.int32(byte & 15) * np.int32(xq[base + c + 64 + k])
+            s += scales[sofs + g] * (np.float32(d) - zeros[sofs + g] * gsum[(t0 + r) * groups + g])
         out[r] = s
 
 
 @_jit
 def dotbf16(w, wofs, x, xofs, n, stride, rows, out):
-    for r in range(rows):
-        base = xofs + r * stride
-        bits = np.empty(n, np.uint32)
-        for j in range(n):
-            bits[j] = np.uint32(w[wofs + j]) << 16
-        values = bits.view(np.float32)
-        s = np.float32(0.0)
-        for j in range(n):
-            s += values[j] * x[base + j]
-        out[r] = s
+    bits = np.empty(n, np.uint32)
+    for j in range(n):
+        bits[j] = np.uint32(w[wofs + j]) << 16
+    out[:rows] = 0.0
+    _rows_dot(bits.view(np.float32), x, xofs, stride, rows, out)
 
 
 @_jit
@@ -110,8 +135,8 @@ def decode64_4bit(packed, pofs, code, scale, out, oofs):
         out[oofs + 2 * k + 1] = code[b & 15] * scale
 
 
-for _f in (lut4, lut4z, lut4n, dot8, dotbf16, decode64_4bit):
+for _f in (_rows_dot, _decode_block, lut4, lut4z, lut4n, dot8, dot8q, dot4q, dotbf16, decode64_4bit):
     stable_id(_f, f"simd_fallback.{_f.__name__}:{source_hash(__file__)}")
 
-HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=4, lut4=lut4, lut4z=lut4z, lut4n=lut4n, dot8=dot8, dotbf16=dotbf16,
+HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=4, lut4=lut4, lut4z=lut4z, lut4n=lut4n, dot8=dot8, dot8q=dot8q, dot4q=dot4q, dotbf16=dotbf16,
                           decode64_4bit=decode64_4bit)

@@ -1,4 +1,5 @@
-"""The fused CPU kernels compute what dequantize-then-``F.linear`` computes."""
+"""The fused CPU kernels compute what dequantize-then-``F.linear`` computes (with int8
+activations: what it computes on the activations as INT8_DYNAMIC quantizes them)."""
 import pytest
 import torch
 
@@ -24,16 +25,29 @@ def _rel_err(y, ref):
     return float((y - ref).abs().max() / ref.abs().max())
 
 
+def _int8_reference(codec, q, x, bias=None):
+    """dequantize-then-F.linear on x quantized as the int8-activation kernels quantize it
+    (INT8_DYNAMIC's per-token int8, its 4 largest |x| kept); INT8's outlier columns meet x itself."""
+    dense = codec.dequantize(q, torch.float32)
+    xq = codec_for("int8_dynamic").prepare_input(x)
+    y = torch.nn.functional.linear(xq, dense, bias)
+    cols = q.tensors.get("weight.outlier_cols")
+    if cols is not None and cols.numel():
+        y += (x[..., cols] - xq[..., cols]) @ dense[:, cols].t()
+    return y
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("rows", [1, 3, kernels.FUSED_MAX_TOKENS])
-def test_fused_linear_equals_dequantize_then_linear(mode, rows):
+def test_fused_linear_equals_dequantize_then_linear(mode, rows, monkeypatch):
     # 384 x 1024: enough work to be split across threads
+    monkeypatch.setenv("SLI_FLOAT_ACTIVATIONS", "1")  # INT8/INT4 with float activations; int8: below
     codec = codec_for(mode)
     weight = _weight((384, 1024), seed=rows)
     if mode == "int8":
         weight[:, 5] = 9.0  # an outlier column, kept in 16-bit
     q = codec.quantize(weight, QuantizationConfig(mode=mode))
-    x = torch.randn(rows, 1024)
+    x = codec.prepare_input(torch.randn(rows, 1024))
     bias = torch.randn(384)
     assert kernels.use_fused(x, 1024)
     fused = codec.fused_linear(codec.prepare(q), x, bias)
@@ -41,14 +55,56 @@ def test_fused_linear_equals_dequantize_then_linear(mode, rows):
     assert _rel_err(fused, _reference(codec, q, x, bias)) < 1e-5
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [2, 5, kernels.FUSED_MAX_TOKENS])
+def test_int8_activations_are_int8_dynamic_s_quantization_of_x(mode, rows):
+    # From INT8_ACTIVATION_ROWS rows on (on a SIMD level) INT8 and INT4 multiply int8
+    # activations with integer dot products: exactly INT8_DYNAMIC's quantization of x, and
+    # within ~1% of the float product on Gaussian activations with an outlier feature.
+    if not kernels.int8_activations(rows):
+        pytest.skip("the plain level multiplies float activations")
+    codec = codec_for(mode)
+    weight = _weight((384, 1024), seed=rows)
+    if mode == "int8":
+        weight[:, 5] = 9.0  # an outlier column, kept in 16-bit: it meets x itself
+    q = codec.prepare(codec.quantize(weight, QuantizationConfig(mode=mode)))
+    x = torch.randn(rows, 1024)
+    x[:, 7] *= 20  # an outlier feature: kept in float
+    bias = torch.randn(384)
+    fused = codec.fused_linear(q, x, bias)
+    assert _rel_err(fused, _int8_reference(codec, q, x, bias)) < 1e-5
+    exact = _reference(codec, q, x, bias)
+    assert float((fused - exact).norm() / exact.norm()) < 1.5e-2
+
+
+def test_int8_dynamic_takes_integer_products_exactly():
+    # Its prepare_input put x on the int8 grid: the integer path gives the float path's values.
+    codec = codec_for("int8_dynamic")
+    q = codec.prepare(codec.quantize(_weight((256, 576)), QuantizationConfig(mode="int8_dynamic")))
+    x = torch.randn(64, 576) * torch.rand(64, 1) * 3
+    x[:, [3, 77, 200]] *= 30
+    x[5] = 0
+    x = codec.prepare_input(x)
+    on_grid = kernels.matmul_int8(x, q.tensors["weight"], q.tensors["_scale"], activations="on-grid")
+    as_float = kernels.matmul_int8(x, q.tensors["weight"], q.tensors["_scale"], activations="float")
+    assert _rel_err(on_grid, as_float) < 1e-5
+
+
+def test_one_row_and_sli_float_activations_keep_float_activations(monkeypatch):
+    assert not kernels.int8_activations(1)
+    monkeypatch.setenv("SLI_FLOAT_ACTIVATIONS", "1")
+    assert not kernels.int8_activations(kernels.FUSED_MAX_TOKENS)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_linear_keeps_leading_dimensions(mode):
     codec = codec_for(mode)
     q = codec.quantize(_weight((96, 128)), QuantizationConfig(mode=mode))
-    x = torch.randn(2, 3, 128)
+    x = codec.prepare_input(torch.randn(2, 3, 128))
     y = linear(q, x)
     assert y.shape == (2, 3, 96)
-    assert _rel_err(y, _reference(codec, q, x)) < 1e-5
+    ref = _int8_reference if mode in ("int8", "int4") and kernels.int8_activations(6) else _reference
+    assert _rel_err(y, ref(codec, q, x)) < 1e-5
 
 
 def test_4bit_weights_whose_rows_straddle_blocks_are_dequantized_instead():
@@ -62,8 +118,10 @@ def test_4bit_weights_whose_rows_straddle_blocks_are_dequantized_instead():
 def test_int4_pads_inputs_to_its_group_size():
     codec = codec_for("int4")
     q = codec.quantize(_weight((40, 200)), QuantizationConfig(mode="int4"))  # padded to 256
-    x = torch.randn(2, 200)
-    assert _rel_err(codec.fused_linear(codec.prepare(q), x, None), _reference(codec, q, x)) < 1e-5
+    for rows in (1, 2):
+        x = torch.randn(rows, 200)
+        ref = _int8_reference if kernels.int8_activations(rows) else _reference
+        assert _rel_err(codec.fused_linear(codec.prepare(q), x, None), ref(codec, q, x)) < 1e-5
 
 
 def test_prompts_go_to_blas():
@@ -156,7 +214,11 @@ for mode in ("none", "int8", "int8_dynamic", "nf4", "fp4", "int4", "fp8"):
             if y is None:
                 assert shape[1] % 64 and mode in ("nf4", "fp4"), (mode, shape)
                 continue
-            ref = torch.nn.functional.linear(x, dense)
+            # int8 activations: INT8 and INT4 from 2 rows on a SIMD level, INT8 where in % 64 == 0
+            as_int8 = mode in ("int8", "int4") and kernels.int8_activations(rows) and (mode == "int4" or shape[1] % 64 == 0)
+            assert kernels.int8_activations(rows) == (rows > 1 and sys.argv[1] != "plain")
+            xr = codec_for("int8_dynamic").prepare_input(x) if as_int8 else x
+            ref = torch.nn.functional.linear(xr, dense)
             err = float((y - ref).abs().max() / ref.abs().max())
             assert err < 1e-5, (mode, shape, rows, err)
 print("path ok", kernels.simd_path())

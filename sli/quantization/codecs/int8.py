@@ -96,7 +96,9 @@ class Int8Codec(Codec):
 
     def fused_linear(self, q: QuantizedTensor, x: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
         t = q.tensors
-        y = kernels.matmul_int8(x, t["weight"], t["_scale"], bias)
+        # INT8_DYNAMIC's x is on the int8 grid already (prepare_input): integer products are exact
+        activations = "on-grid" if self.mode == QuantizationMode.INT8_DYNAMIC else "auto"
+        y = kernels.matmul_int8(x, t["weight"], t["_scale"], bias, activations=activations)
         cols = t.get("weight.outlier_cols")
         if cols is not None and cols.numel():
             y += x[..., cols] @ t["_outliers"].t()  # the outlier columns' 16-bit part
