@@ -108,6 +108,10 @@ def _build(h):
     from numba import njit
 
     lut4, lut4z, lut4n, dot8, dot8q, dot4q, dotbf16 = h.lut4, h.lut4z, h.lut4n, h.dot8, h.dot8q, h.dot4q, h.dotbf16
+    dotfp8 = h.dotfp8
+    from .simd_fallback import e4m3_values
+
+    e4m3 = e4m3_values()  # float8_e4m3fn byte -> float32, for the values after the last 64
     decode64_4bit = h.decode64_4bit
     most = h.max_rows  # activation rows a helper multiplies in one pass
     # numba's cache keys each kernel by its closure (the helpers, with ids naming their level
@@ -312,6 +316,25 @@ def _build(h):
                 t += k
 
     @jit
+    def matmul_fp8(q, scale, x, y, start, stop):
+        # q: float8_e4m3fn bytes [out*in]; y = (x @ float(q)^T) * scale
+        rows, cols = x.shape
+        whole = cols // 64 * 64
+        xflat = x.reshape(x.size)
+        acc = np.empty(most, np.float32)
+        for o in range(start, stop):
+            t = 0
+            while t < rows:
+                k = min(most, rows - t)
+                dotfp8(q, o * cols, xflat, t * cols, whole, cols, k, acc)
+                for i in range(k):
+                    s = acc[i]
+                    for j in range(whole, cols):
+                        s += e4m3[q[o * cols + j]] * x[t + i, j]
+                    y[t + i, o] = s * scale[o]
+                t += k
+
+    @jit
     def matmul_lut8(q, lut, scale, x, y, start, stop):
         # q: uint8 codes [out, in] (float8 bytes), lut: fp32 [256]; y = (x @ lut[q]^T) * scale
         rows, cols = x.shape
@@ -369,7 +392,7 @@ def _build(h):
     return {"matmul_4bit": matmul_4bit, "matmul_4bit_nested": matmul_4bit_nested, "dequantize_4bit": dequantize_4bit,
             "dequantize_blockwise8": dequantize_blockwise8, "matmul_int8": matmul_int8,
             "quantize_rows": quantize_rows, "matmul_int8q": matmul_int8q, "matmul_int4q": matmul_int4q,
-            "matmul_lut8": matmul_lut8, "matmul_int4": matmul_int4, "matmul_bf16": matmul_bf16}
+            "matmul_lut8": matmul_lut8, "matmul_fp8": matmul_fp8, "matmul_int4": matmul_int4, "matmul_bf16": matmul_bf16}
 
 
 def _table() -> dict:
@@ -573,6 +596,16 @@ def matmul_lut8(x: Tensor, q: Tensor, lut: Tensor, scale: Tensor, bias: Optional
     y = _out(rows, q.shape[0])
     _run("matmul_lut8", q.shape[0], q.numel() * rows.shape[0], _np(q.view(torch.uint8)), _np(lut), _np(scale),
          _np(rows), _np(y))
+    return _finish(y, x, q.shape[0], bias)
+
+
+def matmul_fp8(x: Tensor, q: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ (float(q) * scale[:, None])^T (+ bias)`` for a float8_e4m3fn ``[out, in]`` weight,
+    its bytes decoded by arithmetic in registers (no table)."""
+    rows = _rows(x, q.shape[1])
+    y = _out(rows, q.shape[0])
+    _run("matmul_fp8", q.shape[0], q.numel() * rows.shape[0], _np(_flat(q).view(torch.uint8)), _np(scale), _np(rows),
+         _np(y))
     return _finish(y, x, q.shape[0], bias)
 
 

@@ -27,6 +27,7 @@ rows ``x[xofs + r*stride : ...]``; ``out[r]`` receives row ``r``'s sum):
 - ``lut4z(packed, pofs, code, scales, zeros, sofs, blocksize, ...)``: the same with value
   ``(code[nibble] - zeros[sofs + block]) * scales[sofs + block]`` (INT4, ``code`` = 0..15);
 - ``dot8(q, qofs, x, xofs, n, stride, rows, out)``: an int8 row times float rows;
+- ``dotfp8(q, qofs, ...)``: a float8_e4m3fn row (its bytes), decoded by arithmetic;
 - ``dotbf16(w, wofs, ...)``: a bfloat16 row (its bits as uint16) times float rows;
 - ``decode64_4bit(packed, pofs, code, scale, out, oofs)``: ``out[oofs:oofs+64] =
   code[nibbles] * scale`` in the weight's order (dequantizing).
@@ -287,8 +288,22 @@ def _make_lut4(level: str, kind: str):
     return stable_id(intrinsic(lut4), f"simd.{lut4.__name__}:{SOURCE_HASH}")
 
 
+def _e4m3(b, e, byte):
+    """float8_e4m3fn bytes (zero-extended to i32 lanes) as float32, exactly: a normal value's
+    exponent and mantissa move into place and the bias grows by 120; a subnormal (exponent
+    0) is its mantissa times 2**-9; 0x7f and 0xff are NaN."""
+    magnitude = b.and_(byte, _const(e.vi, 0x7F))
+    normal = b.add(b.shl(magnitude, _const(e.vi, 20)), _const(e.vi, 120 << 23))
+    subnormal = b.bitcast(b.fmul(b.sitofp(magnitude, e.vf), _const(e.vf, 2.0 ** -9)), e.vi)
+    bits = b.select(b.icmp_unsigned("<", magnitude, _const(e.vi, 8)), subnormal, normal)
+    bits = b.or_(bits, b.shl(b.and_(byte, _const(e.vi, 0x80)), _const(e.vi, 24)))
+    value = b.bitcast(bits, e.vf)
+    return b.select(b.icmp_unsigned("==", magnitude, _const(e.vi, 0x7F)), _const(e.vf, float("nan")), value)
+
+
 def _make_widening_dot(level: str, kind: str):
-    """``dot8`` (int8 weights) or ``dotbf16`` (bfloat16 bits): natural order, no table."""
+    """``dot8`` (int8 weights), ``dotfp8`` (float8_e4m3fn bytes) or ``dotbf16`` (bfloat16
+    bits): natural order, no table."""
     w = _WIDTH[level]
 
     def dot(typingctx, weights, wofs, x, xofs, n, stride, rows, out):
@@ -312,6 +327,9 @@ def _make_widening_dot(level: str, kind: str):
                     if kind == "int8":
                         raw = _vload(b, w_ptr, b.add(wofs_i, at_value), ir.VectorType(_i8, w))
                         values = b.sitofp(b.sext(raw, e.vi), e.vf)
+                    elif kind == "fp8":
+                        raw = _vload(b, w_ptr, b.add(wofs_i, at_value), ir.VectorType(_i8, w))
+                        values = _e4m3(b, e, b.zext(raw, e.vi))
                     else:
                         raw = _vload(b, w_ptr, b.add(wofs_i, at_value), ir.VectorType(_i16, w))
                         values = b.bitcast(b.shl(b.zext(raw, e.vi), _const(e.vi, 16)), e.vf)
@@ -322,7 +340,7 @@ def _make_widening_dot(level: str, kind: str):
 
         return sig, codegen
 
-    dot.__name__ = f"dot{'8' if kind == 'int8' else 'bf16'}_{level}"
+    dot.__name__ = f"dot{dict(int8='8', fp8='fp8', bf16='bf16')[kind]}_{level}"
     return stable_id(intrinsic(dot), f"simd.{dot.__name__}:{SOURCE_HASH}")
 
 
@@ -544,6 +562,6 @@ def helpers(level: str) -> SimpleNamespace:
         _built[level] = SimpleNamespace(
             level=level, lanes=_WIDTH[level], max_rows=MAX_ROWS,
             lut4=_make_lut4(level, "scale"), lut4z=_make_lut4(level, "affine"), lut4n=_make_lut4(level, "nested"),
-            dot8=_make_widening_dot(level, "int8"), dot8q=_make_dot8q(level), dot4q=_make_dot4q(level), dotbf16=_make_widening_dot(level, "bf16"),
+            dot8=_make_widening_dot(level, "int8"), dotfp8=_make_widening_dot(level, "fp8"), dot8q=_make_dot8q(level), dot4q=_make_dot4q(level), dotbf16=_make_widening_dot(level, "bf16"),
             decode64_4bit=_make_decode64(level))
     return _built[level]

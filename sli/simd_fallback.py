@@ -87,6 +87,28 @@ def dot8(q, qofs, x, xofs, n, stride, rows, out):
     _rows_dot(values, x, xofs, stride, rows, out)
 
 
+def e4m3_values() -> np.ndarray:
+    """The float32 value of each float8_e4m3fn byte (0x7f, 0xff: NaN)."""
+    values = np.empty(256, np.float32)
+    for byte in range(256):
+        exponent, mantissa = (byte >> 3) & 15, byte & 7
+        value = mantissa * 2.0 ** -9 if exponent == 0 else (1 + mantissa / 8) * 2.0 ** (exponent - 7)
+        values[byte] = np.nan if byte & 0x7F == 0x7F else (-value if byte & 0x80 else value)
+    return values
+
+
+_E4M3 = e4m3_values()
+
+
+@_jit
+def dotfp8(q, qofs, x, xofs, n, stride, rows, out):
+    values = np.empty(n, np.float32)
+    for j in range(n):
+        values[j] = _E4M3[q[qofs + j]]
+    out[:rows] = 0.0
+    _rows_dot(values, x, xofs, stride, rows, out)
+
+
 @_jit
 def dot8q(q, qofs, xq, xs, corr, t0, rows, cols, xblock, out):
     blocks = cols // xblock
@@ -135,8 +157,8 @@ def decode64_4bit(packed, pofs, code, scale, out, oofs):
         out[oofs + 2 * k + 1] = code[b & 15] * scale
 
 
-for _f in (_rows_dot, _decode_block, lut4, lut4z, lut4n, dot8, dot8q, dot4q, dotbf16, decode64_4bit):
+for _f in (_rows_dot, _decode_block, lut4, lut4z, lut4n, dot8, dotfp8, dot8q, dot4q, dotbf16, decode64_4bit):
     stable_id(_f, f"simd_fallback.{_f.__name__}:{source_hash(__file__)}")
 
-HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=4, lut4=lut4, lut4z=lut4z, lut4n=lut4n, dot8=dot8, dot8q=dot8q, dot4q=dot4q, dotbf16=dotbf16,
+HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=4, lut4=lut4, lut4z=lut4z, lut4n=lut4n, dot8=dot8, dotfp8=dotfp8, dot8q=dot8q, dot4q=dot4q, dotbf16=dotbf16,
                           decode64_4bit=decode64_4bit)

@@ -160,6 +160,19 @@ def test_fp8_table_holds_every_float8_value():
     assert torch.equal(lut[~lut.isnan()], finite[~finite.isnan()])
 
 
+def test_fp8_kernel_decodes_every_float8_byte_exactly():
+    # The kernel decodes e4m3 bytes by arithmetic (exponent shift, subnormals, NaN), not a table.
+    from sli.simd_fallback import e4m3_values
+    lut = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    table = torch.from_numpy(e4m3_values())
+    assert torch.equal(lut.isnan(), table.isnan()) and torch.equal(lut[~lut.isnan()], table[~table.isnan()])
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    every = every[(every & 0x7F) != 0x7F].repeat(2)[:448]  # no NaN: a product with NaN is NaN
+    q = every.view(7, 64).contiguous().view(torch.float8_e4m3fn)
+    x = torch.eye(64)  # row j picks weight column j
+    assert torch.equal(kernels.matmul_fp8(x, q, torch.ones(7)), q.float().t())
+
+
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_4bit_kernel_reads_plain_and_double_quantized_block_maxima(double_quant):
     codec = codec_for("nf4")

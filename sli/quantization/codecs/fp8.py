@@ -43,7 +43,7 @@ class FP8Codec(Codec):
 
     def fused_linear(self, q: QuantizedTensor, x: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
         t = q.tensors
-        return kernels.matmul_lut8(x, t["weight"], t["_lut"], t["_scale"], bias)
+        return kernels.matmul_fp8(x, t["weight"], t["_scale"], bias)
 
 
 _FLOAT8_VALUES: Optional[Tensor] = None
