@@ -107,8 +107,10 @@ def _build(h):
     import numpy as np
     from numba import njit
 
+    from .simd_fallback import source_hash, stable_id
+
     lut4, lut4z, lut4n, dot8, dot8q, dot4q, dotbf16 = h.lut4, h.lut4z, h.lut4n, h.dot8, h.dot8q, h.dot4q, h.dotbf16
-    dotfp8 = h.dotfp8
+    dotfp8, dot4l = h.dotfp8, h.dot4l
     from .simd_fallback import e4m3_values
 
     e4m3 = e4m3_values()  # float8_e4m3fn byte -> float32, for the values after the last 64
@@ -211,7 +213,7 @@ def _build(h):
                     y[t + i, o] = s * scale[o]
                 t += k
 
-    @jit
+    @njit(cache=True, nogil=True)  # no fastmath: x * 127 / a rounds as INT8_DYNAMIC's torch code does
     def quantize_rows(x, xblock, sumblock, xq, xs, corr, bsum, oidx, oval):
         # x fp32 [T, in] -> xq int8 [T*in] with a scale a block of xblock values (xs [T*(in/xblock)]),
         # the oidx.shape[1] largest |x| of each row kept in float (oidx, oval [T, K]; 0 in xq);
@@ -222,35 +224,39 @@ def _build(h):
         keep = oidx.shape[1]
         blocks = cols // xblock
         row = np.empty(cols, np.float32)
-        top = np.empty(max(keep, 1), np.float32)
+        top = np.empty(keep + 1, np.float32)  # the keep + 1 largest |x|: the last is the rest's maximum
+        at = np.empty(keep + 1, np.int64)
         for t in range(rows):
             for j in range(cols):
                 row[j] = x[t, j]
-            for k in range(keep):  # the keep largest |x|, by insertion
+            for k in range(keep + 1):
                 top[k] = -1.0
-                oidx[t, k] = 0
-            for j in range(cols):
+                at[k] = 0
+            for j in range(cols):  # by insertion: one pass, rarely taken
                 a = abs(row[j])
-                if keep and a > top[keep - 1]:
-                    k = keep - 1
+                if a > top[keep]:
+                    k = keep
                     while k > 0 and top[k - 1] < a:
                         top[k] = top[k - 1]
-                        oidx[t, k] = oidx[t, k - 1]
+                        at[k] = at[k - 1]
                         k -= 1
                     top[k] = a
-                    oidx[t, k] = j
+                    at[k] = j
             for k in range(keep):
-                oval[t, k] = row[oidx[t, k]]
-                row[oidx[t, k]] = 0.0
+                oidx[t, k] = at[k]
+                oval[t, k] = row[at[k]]
+                row[at[k]] = 0.0
             c = np.float32(0.0)
             for blk in range(blocks):
-                amax = np.float32(0.0)
-                for j in range(blk * xblock, (blk + 1) * xblock):
-                    amax = max(amax, abs(row[j]))
-                inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+                amax = top[keep]  # a row's one block: known from the pass above
+                if blocks > 1:
+                    amax = np.float32(0.0)
+                    for j in range(blk * xblock, (blk + 1) * xblock):
+                        amax = max(amax, abs(row[j]))
+                amax = max(amax, np.float32(1e-8))
                 total = 0
                 for j in range(blk * xblock, (blk + 1) * xblock):
-                    v = np.rint(row[j] * inv)
+                    v = np.rint(row[j] * np.float32(127.0) / amax)
                     xq[t * cols + j] = np.int8(v)
                     total += np.int32(v)
                 s = amax / np.float32(127.0)
@@ -334,6 +340,91 @@ def _build(h):
                     y[t + i, o] = s * scale[o]
                 t += k
 
+    offset_levels = h.offset_levels  # dot4l subtracts corr (128 * sum of scale * sum(xq)): AVX-512's vpdpbusd
+
+    @njit(fastmath=True, cache=True, nogil=True)
+    def _rows_4bitq(packed, o, scales, levels, code, xq, bsum, xs, kept, oval, blocksize, corr, y, acc):
+        # row o of a 4-bit weight (scales: its block maxima / 127) times int8 activations
+        rows = y.shape[0]
+        cols = xq.shape[0] // rows
+        half = cols // 2
+        blocks = cols // blocksize
+        keep = oval.shape[1]
+        if offset_levels:
+            for t in range(rows):
+                c = np.float32(0.0)
+                for blk in range(blocks):
+                    c += scales[blk] * bsum[t * blocks + blk]
+                corr[t] = np.float32(128.0) * c
+        t = 0
+        while t < rows:
+            k = min(most, rows - t)
+            dot4l(packed, o * half, levels, scales, 0, blocksize, xq, corr, t, k, cols, acc)
+            for i in range(k):
+                s = acc[i] * xs[t + i]
+                for m in range(keep):  # the kept values meet the weight itself: code * absmax
+                    byte = np.int64(packed[o * half + kept[t + i, m, 0]])
+                    nibble = (byte >> kept[t + i, m, 1]) & 15
+                    s += (code[nibble] * (scales[kept[t + i, m, 2]] * np.float32(127.0))) * oval[t + i, m]
+                y[t + i, o] = s
+            t += k
+
+    stable_id(_rows_4bitq, f"kernels._rows_4bitq:{h.level}:{source_hash(__file__)}")  # see stable_id
+
+    @njit(cache=True, nogil=True)
+    def _kept_at(oidx, blocksize):
+        # where each kept value's nibble is: byte, shift, block (once a call)
+        rows, keep = oidx.shape
+        kept = np.empty((rows, keep, 3), np.int64)
+        for t in range(rows):
+            for m in range(keep):
+                j = oidx[t, m]
+                kept[t, m, 0] = j // 2
+                kept[t, m, 1] = 4 * (1 - j % 2)
+                kept[t, m, 2] = j // blocksize
+        return kept
+
+    stable_id(_kept_at, f"kernels._kept_at:{h.level}:{source_hash(__file__)}")
+
+    @jit
+    def matmul_4bitq(packed, absmax, levels, code, xq, bsum, xs, oidx, oval, blocksize, y, start, stop):
+        # matmul_4bit with the 16 levels as int8 (levels = round(127 * code)) and int8 activations
+        # (quantize_rows: one scale a row, in q4_order(..., 32); bsum a block)
+        rows = y.shape[0]
+        cols = xq.shape[0] // rows
+        blocks_per_row = cols // blocksize
+        scales = np.empty(blocks_per_row, np.float32)
+        corr = np.empty(rows, np.float32)
+        kept = _kept_at(oidx, blocksize)
+        acc = np.empty(most, np.float32)
+        for o in range(start, stop):
+            for blk in range(blocks_per_row):
+                scales[blk] = absmax[o * blocks_per_row + blk] * np.float32(1.0 / 127.0)
+            _rows_4bitq(packed, o, scales, levels, code, xq, bsum, xs, kept, oval, blocksize, corr, y, acc)
+
+    @jit
+    def matmul_4bitq_nested(packed, qabsmax, nested, nested_code, offset, nested_blocksize, levels, code, xq, bsum,
+                            xs, oidx, oval, blocksize, y, start, stop):
+        rows = y.shape[0]
+        cols = xq.shape[0] // rows
+        blocks_per_row = cols // blocksize
+        scales = np.empty(blocks_per_row, np.float32)
+        corr = np.empty(rows, np.float32)
+        kept = _kept_at(oidx, blocksize)
+        acc = np.empty(most, np.float32)
+        for o in range(start, stop):
+            b = o * blocks_per_row
+            group = b // nested_blocksize
+            first = min(blocks_per_row, (group + 1) * nested_blocksize - b)
+            scale = nested[group] * np.float32(1.0 / 127.0)
+            add = offset * np.float32(1.0 / 127.0)
+            for blk in range(first):
+                scales[blk] = nested_code[qabsmax[b + blk]] * scale + add
+            for blk in range(first, blocks_per_row):
+                scales[blk] = (nested_code[qabsmax[b + blk]] * nested[(b + blk) // nested_blocksize] + offset) \
+                    * np.float32(1.0 / 127.0)
+            _rows_4bitq(packed, o, scales, levels, code, xq, bsum, xs, kept, oval, blocksize, corr, y, acc)
+
     @jit
     def matmul_lut8(q, lut, scale, x, y, start, stop):
         # q: uint8 codes [out, in] (float8 bytes), lut: fp32 [256]; y = (x @ lut[q]^T) * scale
@@ -392,7 +483,8 @@ def _build(h):
     return {"matmul_4bit": matmul_4bit, "matmul_4bit_nested": matmul_4bit_nested, "dequantize_4bit": dequantize_4bit,
             "dequantize_blockwise8": dequantize_blockwise8, "matmul_int8": matmul_int8,
             "quantize_rows": quantize_rows, "matmul_int8q": matmul_int8q, "matmul_int4q": matmul_int4q,
-            "matmul_lut8": matmul_lut8, "matmul_fp8": matmul_fp8, "matmul_int4": matmul_int4, "matmul_bf16": matmul_bf16}
+            "matmul_lut8": matmul_lut8, "matmul_fp8": matmul_fp8, "matmul_4bitq": matmul_4bitq,
+            "matmul_4bitq_nested": matmul_4bitq_nested, "matmul_int4": matmul_int4, "matmul_bf16": matmul_bf16}
 
 
 def _table() -> dict:
@@ -489,12 +581,43 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1).contiguous()
 
 
+# NF4/FP4 can meet int8 activations too, their 16 levels as int8 (round(127 * code), llama.cpp
+# IQ4_NL's way), from this many rows on: 0.75x their float kernel's time at 16 rows, 0.86x at 8,
+# slower below 6 (each row pays a convert and a multiply-add per 64-value block). Off (0) by
+# default: the int8 levels alone moved SmolLM2's NF4 perplexity by +0.8% (19.55 -> 19.71), past
+# the 0.5% the issue allows (docs/benchmarks.md); bitsandbytes' levels are not on an int8 grid.
+INT8_LEVELS_ROWS = 0
+
+
+def _levels(code: Tensor) -> Tensor:
+    return torch.round(code.float() * 127).clamp_(-127, 127).to(torch.int8)
+
+
+def _int8_4bit(x: Tensor, blocksize: int):
+    """``x``'s rows quantized for :func:`matmul_4bit`'s int8 path, or None where it stays float."""
+    rows = _rows(x, x.shape[-1])
+    if not (INT8_LEVELS_ROWS and rows.shape[0] >= INT8_LEVELS_ROWS and int8_activations(rows.shape[0])
+            and blocksize % 64 == 0):
+        return None
+    xq, xs, _, bsum, oidx, oval = quantize_rows(rows, rows.shape[1], min(KEEP_FLOAT, rows.shape[1] - 1), blocksize)
+    return rows, q4_order(xq.view(rows.shape), 32).view(-1), xs, bsum, oidx, oval
+
+
 def matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, out_features: int,
                 bias: Optional[Tensor] = None) -> Optional[Tensor]:
     """``x @ W^T (+ bias)`` for a bitsandbytes-layout 4-bit weight (``in`` a multiple of
-    ``blocksize``, itself a multiple of 64), or None for other block sizes."""
+    ``blocksize``, itself a multiple of 64), or None for other block sizes. From
+    :data:`INT8_ACTIVATION_ROWS` rows on, the 16 levels as int8 meet int8 activations."""
     if blocksize % 64:
         return None
+    quantized = _int8_4bit(x, blocksize)
+    if quantized is not None:
+        rows, xq, xs, bsum, oidx, oval = quantized
+        y = _out(rows, out_features)
+        _run("matmul_4bitq", out_features, out_features * x.shape[-1] * rows.shape[0] // 4, _np(_flat(packed)),
+             _np(_flat(absmax)), _np(_levels(code)), _np(code), _np(xq), _np(bsum), _np(xs), _np(oidx), _np(oval),
+             blocksize, _np(y))
+        return _finish(y, x, out_features, bias)
     rows = lut4_order(_rows(x, x.shape[-1]))
     y = _out(rows, out_features)
     _run("matmul_4bit", out_features, out_features * x.shape[-1] * rows.shape[0],
@@ -508,6 +631,14 @@ def matmul_4bit_nested(x: Tensor, packed: Tensor, qabsmax: Tensor, nested: Tenso
     """:func:`matmul_4bit` with bitsandbytes' double-quantized (8-bit) block maxima."""
     if blocksize % 64:
         return None
+    quantized = _int8_4bit(x, blocksize)
+    if quantized is not None:
+        rows, xq, xs, bsum, oidx, oval = quantized
+        y = _out(rows, out_features)
+        _run("matmul_4bitq_nested", out_features, out_features * x.shape[-1] * rows.shape[0] // 4,
+             _np(_flat(packed)), _np(_flat(qabsmax)), _np(nested), _np(nested_code), offset, nested_blocksize,
+             _np(_levels(code)), _np(code), _np(xq), _np(bsum), _np(xs), _np(oidx), _np(oval), blocksize, _np(y))
+        return _finish(y, x, out_features, bias)
     rows = lut4_order(_rows(x, x.shape[-1]))
     y = _out(rows, out_features)
     _run("matmul_4bit_nested", out_features, out_features * x.shape[-1] * rows.shape[0],
@@ -609,11 +740,11 @@ def matmul_fp8(x: Tensor, q: Tensor, scale: Tensor, bias: Optional[Tensor] = Non
     return _finish(y, x, q.shape[0], bias)
 
 
-def q4_order(rows: Tensor) -> Tensor:
-    """int8 ``rows`` ``[T, n]`` (``n`` a multiple of 128) with each 128 values as the 64 even
-    ones, then the 64 odd ones: the order of the nibbles of 64 packed bytes."""
+def q4_order(rows: Tensor, half: int = 64) -> Tensor:
+    """int8 ``rows`` ``[T, n]`` (``n`` a multiple of ``2*half``) with each ``2*half`` values as
+    the even ones, then the odd ones: the order of the nibbles of ``half`` packed bytes."""
     t, n = rows.shape
-    return rows.view(t, n // 128, 64, 2).transpose(2, 3).contiguous().view(t, n)
+    return rows.view(t, n // (2 * half), half, 2).transpose(2, 3).contiguous().view(t, n)
 
 
 def matmul_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group: int, in_features: int,

@@ -520,6 +520,121 @@ def _make_dot4q(level: str):
     return stable_id(intrinsic(dot4q), f"simd.{dot4q.__name__}:{SOURCE_HASH}")
 
 
+def _make_dot4l(level: str):
+    """``dot4l(packed, pofs, levels, scales, sofs, blocksize, xq, corr, t0, rows, cols, out)``: a
+    4-bit row whose value is ``levels[nibble] * scales[sofs + block]`` (NF4/FP4 with their 16
+    levels as int8, IQ4_NL's way) times int8 activation rows ``xq[(t0 + r)*cols:]``, each 64
+    values ordered as the 32 even ones then the 32 odd ones (:func:`sli.kernels.q4_order`):
+    ``out[r] = sum over blocks of scale * (levels[q] . xq)``, the dot product exact in int32.
+
+    A byte shuffle (``vpshufb``) looks the levels up. AVX-512 VNNI's ``vpdpbusd`` takes them
+    as unsigned bytes ``level + 128`` and subtracts ``corr[t0 + r]`` = 128 * sum over blocks of
+    scale * sum(xq) (the caller's, see :data:`OFFSET_LEVELS`); AVX2 takes ``|level|`` and
+    ``xq`` with the level's sign (``corr`` unread).
+    """
+    w = _WIDTH[level]
+
+    def dot4l(typingctx, packed, pofs, levels, scales, sofs, blocksize, xq, corr, t0, rows, cols, out):
+        sig = types.void(packed, pofs, levels, scales, sofs, blocksize, xq, corr, t0, rows, cols, out)
+
+        def codegen(context, builder, signature, args):
+            at = signature.args
+            b = builder
+            packed_ptr = _data(context, b, at[0], args[0])
+            pofs_i = _intp(context, b, args[1], at[1])
+            levels_ptr = _data(context, b, at[2], args[2])
+            scales_ptr = _data(context, b, at[3], args[3])
+            sofs_i = _intp(context, b, args[4], at[4])
+            bs_i = _intp(context, b, args[5], at[5])
+            xq_ptr = _data(context, b, at[6], args[6])
+            corr_ptr = _data(context, b, at[7], args[7])
+            t0_i = _intp(context, b, args[8], at[8])
+            rows_i = _intp(context, b, args[9], at[9])
+            cols_i = _intp(context, b, args[10], at[10])
+            out_ptr = _data(context, b, at[11], args[11])
+            blocks = b.sdiv(cols_i, bs_i)
+            vi = ir.VectorType(_i32, w)
+            vb = ir.VectorType(_i8, 4 * w)
+            v32 = ir.VectorType(_i8, 32)
+            v16 = ir.VectorType(_i16, 2 * w)
+            # the 16 levels in each 128-bit lane (vpshufb looks up within a lane)
+            table16 = _vload(b, levels_ptr, _i(0), ir.VectorType(_i8, 16))
+            table = b.shuffle_vector(table16, table16, ir.Constant(ir.VectorType(_i32, 4 * w),
+                                                                     [k % 16 for k in range(4 * w)]))
+            if level == "avx512":
+                table = b.xor(table, _const(vb, -128))  # level + 128, unsigned
+                pshufb = cgutils.get_or_insert_function(b.module, ir.FunctionType(vb, [vb, vb]),
+                                                        "llvm.x86.avx512.pshuf.b.512")
+            else:
+                pshufb = cgutils.get_or_insert_function(b.module, ir.FunctionType(vb, [vb, vb]),
+                                                        "llvm.x86.avx2.pshuf.b")
+            done = b.append_basic_block("rows.done")
+            switch = b.switch(rows_i, done)
+            for rows in range(1, MAX_ROWS + 1):
+                case = b.append_basic_block(f"rows.{rows}")
+                switch.add_case(ir.Constant(rows_i.type, rows), case)
+                with b.goto_block(case):
+                    e = _Emit(b, level)
+                    fsum = [cgutils.alloca_once(b, e.vf, zfill=True) for _ in range(rows)]
+                    isum = [cgutils.alloca_once(b, vi) for _ in range(rows)]
+                    xrow = [b.mul(b.add(t0_i, _i(r)), cols_i) for r in range(rows)]
+                    def blocks_pass(bs_v, rows=rows, e=e, fsum=fsum, isum=isum, xrow=xrow):
+                        with cgutils.for_range(b, blocks) as loop:
+                            blk = loop.index
+                            first = b.mul(blk, bs_v)
+                            for r in range(rows):
+                                b.store(ir.Constant(vi, None), isum[r])
+                            with cgutils.for_range(b, b.sdiv(bs_v, _i(64))) as step:  # 64 values: 32 bytes
+                                at_value = b.add(first, b.mul(step.index, _i(64)))
+                                raw = _vload(b, packed_ptr, b.add(pofs_i, b.lshr(at_value, _i(1))), v32)
+                                low = b.and_(raw, _const(v32, 15))
+                                high = b.and_(b.bitcast(b.lshr(b.bitcast(raw, ir.VectorType(_i16, 16)),
+                                                               _const(ir.VectorType(_i16, 16), 4)), v32), _const(v32, 15))
+                                if level == "avx512":  # one register: 32 even values, then 32 odd ones
+                                    index = b.shuffle_vector(high, low, ir.Constant(ir.VectorType(_i32, 64), list(range(64))))
+                                    parts = [(b.call(pshufb, [table, index]), 0)]
+                                else:
+                                    parts = [(b.call(pshufb, [table, high]), 0), (b.call(pshufb, [table, low]), 32)]
+                                for values, half in parts:
+                                    if level != "avx512":
+                                        magnitude = b.call(e.fn("llvm.abs.v32i8", vb, [vb, ir.IntType(1)]),
+                                                           [values, ir.Constant(ir.IntType(1), 0)])
+                                    for r in range(rows):
+                                        xv = _vload(b, xq_ptr, b.add(xrow[r], b.add(at_value, _i(half))), vb)
+                                        if level == "avx512":
+                                            dp = e.fn("llvm.x86.avx512.vpdpbusd.512", vi, [vi, vi, vi])
+                                            b.store(b.call(dp, [b.load(isum[r]), b.bitcast(values, vi), b.bitcast(xv, vi)]),
+                                                    isum[r])
+                                        else:
+                                            signed = b.call(e.fn("llvm.x86.avx2.psign.b", vb, [vb, vb]), [xv, values])
+                                            pairs = b.call(e.fn("llvm.x86.avx2.pmadd.ub.sw", v16, [vb, vb]), [magnitude, signed])
+                                            wide = b.call(e.fn("llvm.x86.avx2.pmadd.wd", vi, [v16, v16]), [pairs, _const(v16, 1)])
+                                            b.store(b.add(b.load(isum[r]), wide), isum[r])
+                            scale = _splat(b, b.load(b.gep(scales_ptr, [b.add(sofs_i, blk)])), e.vf)
+                            for r in range(rows):
+                                b.store(e.fma(b.sitofp(b.load(isum[r]), e.vf), scale, b.load(fsum[r])), fsum[r])
+
+                    # NF4/FP4's 64-value block: one step a block, no inner loop; any other size: a loop
+                    with b.if_else(b.icmp_signed("==", bs_i, _i(64))) as (then, otherwise):
+                        with then:
+                            blocks_pass(_i(64))
+                        with otherwise:
+                            blocks_pass(bs_i)
+                    for r in range(rows):
+                        total = e.hsum(b.load(fsum[r]))
+                        if level == "avx512":
+                            total = b.fsub(total, b.load(b.gep(corr_ptr, [b.add(t0_i, _i(r))])))
+                        b.store(total, b.gep(out_ptr, [_i(r)]))
+                    b.branch(done)
+            b.position_at_end(done)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    dot4l.__name__ = f"dot4l_{level}"
+    return stable_id(intrinsic(dot4l), f"simd.{dot4l.__name__}:{SOURCE_HASH}")
+
+
 def _make_decode64(level: str):
     w = _WIDTH[level]
 
@@ -561,7 +676,8 @@ def helpers(level: str) -> SimpleNamespace:
     if level not in _built:
         _built[level] = SimpleNamespace(
             level=level, lanes=_WIDTH[level], max_rows=MAX_ROWS,
+            offset_levels=level == "avx512",  # dot4l takes back an offset: see its corr
             lut4=_make_lut4(level, "scale"), lut4z=_make_lut4(level, "affine"), lut4n=_make_lut4(level, "nested"),
-            dot8=_make_widening_dot(level, "int8"), dotfp8=_make_widening_dot(level, "fp8"), dot8q=_make_dot8q(level), dot4q=_make_dot4q(level), dotbf16=_make_widening_dot(level, "bf16"),
+            dot8=_make_widening_dot(level, "int8"), dotfp8=_make_widening_dot(level, "fp8"), dot8q=_make_dot8q(level), dot4q=_make_dot4q(level), dot4l=_make_dot4l(level), dotbf16=_make_widening_dot(level, "bf16"),
             decode64_4bit=_make_decode64(level))
     return _built[level]

@@ -141,6 +141,24 @@ def dot4q(packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, rows, cols, ou
 
 
 @_jit
+def dot4l(packed, pofs, levels, scales, sofs, blocksize, xq, corr, t0, rows, cols, out):
+    # xq: each 64 values as the 32 even ones, then the 32 odd ones
+    blocks = cols // blocksize
+    for r in range(rows):
+        base = (t0 + r) * cols
+        s = np.float32(0.0)
+        for blk in range(blocks):
+            d = np.int32(0)
+            for c in range(blk * blocksize, (blk + 1) * blocksize, 64):
+                for k in range(32):
+                    byte = packed[pofs + c // 2 + k]
+                    d += np.int32(levels[byte >> 4]) * np.int32(xq[base + c + k]) + \
+                        np.int32(levels[byte & 15]) * np.int32(xq[base + c + 32 + k])
+            s += scales[sofs + blk] * np.float32(d)
+        out[r] = s
+
+
+@_jit
 def dotbf16(w, wofs, x, xofs, n, stride, rows, out):
     bits = np.empty(n, np.uint32)
     for j in range(n):
@@ -157,8 +175,8 @@ def decode64_4bit(packed, pofs, code, scale, out, oofs):
         out[oofs + 2 * k + 1] = code[b & 15] * scale
 
 
-for _f in (_rows_dot, _decode_block, lut4, lut4z, lut4n, dot8, dotfp8, dot8q, dot4q, dotbf16, decode64_4bit):
+for _f in (_rows_dot, _decode_block, lut4, lut4z, lut4n, dot8, dotfp8, dot8q, dot4q, dot4l, dotbf16, decode64_4bit):
     stable_id(_f, f"simd_fallback.{_f.__name__}:{source_hash(__file__)}")
 
-HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=4, lut4=lut4, lut4z=lut4z, lut4n=lut4n, dot8=dot8, dotfp8=dotfp8, dot8q=dot8q, dot4q=dot4q, dotbf16=dotbf16,
+HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=4, offset_levels=False, lut4=lut4, lut4z=lut4z, lut4n=lut4n, dot8=dot8, dotfp8=dotfp8, dot8q=dot8q, dot4q=dot4q, dot4l=dot4l, dotbf16=dotbf16,
                           decode64_4bit=decode64_4bit)

@@ -27,14 +27,35 @@ def _rel_err(y, ref):
 
 def _int8_reference(codec, q, x, bias=None):
     """dequantize-then-F.linear on x quantized as the int8-activation kernels quantize it
-    (INT8_DYNAMIC's per-token int8, its 4 largest |x| kept); INT8's outlier columns meet x itself."""
+    (INT8_DYNAMIC's per-token int8, its 4 largest |x| kept in float); NF4/FP4's levels as int8
+    (round(127 * code) / 127) meet the int8 part; kept values and INT8's outlier columns meet x."""
     dense = codec.dequantize(q, torch.float32)
-    xq = codec_for("int8_dynamic").prepare_input(x)
-    y = torch.nn.functional.linear(xq, dense, bias)
+    weight = dense
+    if codec.mode.value in ("nf4", "fp4"):
+        q = codec.prepare(q)
+        code = q.tensors["_code"]
+        weight = torch.empty_like(dense)
+        kernels.dequantize_4bit(q.tensors["weight"], codec._absmax(q), torch.round(code * 127) / 127,
+                                int(q.metadata["blocksize"]), weight)
+    keep = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, x.abs().topk(min(4, x.shape[-1] - 1), dim=-1).indices,
+                                                          True)
+    xq = codec_for("int8_dynamic").prepare_input(x).masked_fill(keep, 0.0)
+    y = torch.nn.functional.linear(xq, weight, bias) + torch.nn.functional.linear(x * keep, dense)
     cols = q.tensors.get("weight.outlier_cols")
     if cols is not None and cols.numel():
-        y += (x[..., cols] - xq[..., cols]) @ dense[:, cols].t()
+        y += (x[..., cols] * ~keep[..., cols] - xq[..., cols]) @ dense[:, cols].t()
     return y
+
+
+def _expected(codec, q, x, bias=None):
+    """The reference for the path the kernels take: int8 activations from 2 rows on (SIMD
+    levels; INT8 where in % 64 == 0; INT4; NF4 and FP4 from INT8_LEVELS_ROWS rows), float otherwise."""
+    rows = x.numel() // x.shape[-1]
+    mode = codec.mode.value
+    levels = bool(kernels.INT8_LEVELS_ROWS) and rows >= kernels.INT8_LEVELS_ROWS
+    as_int8 = kernels.int8_activations(rows) and (mode == "int4" or (mode in ("nf4", "fp4") and levels)
+                                                  or (mode == "int8" and x.shape[-1] % 64 == 0))
+    return (_int8_reference if as_int8 else _reference)(codec, q, x, bias)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -55,14 +76,19 @@ def test_fused_linear_equals_dequantize_then_linear(mode, rows, monkeypatch):
     assert _rel_err(fused, _reference(codec, q, x, bias)) < 1e-5
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-@pytest.mark.parametrize("rows", [2, 5, kernels.FUSED_MAX_TOKENS])
-def test_int8_activations_are_int8_dynamic_s_quantization_of_x(mode, rows):
+@pytest.mark.parametrize("mode", ["int8", "int4", "nf4", "fp4"])
+@pytest.mark.parametrize("rows", [2, 5, 8, kernels.FUSED_MAX_TOKENS])
+def test_int8_activations_are_int8_dynamic_s_quantization_of_x(mode, rows, monkeypatch):
     # From INT8_ACTIVATION_ROWS rows on (on a SIMD level) INT8 and INT4 multiply int8
-    # activations with integer dot products: exactly INT8_DYNAMIC's quantization of x, and
-    # within ~1% of the float product on Gaussian activations with an outlier feature.
+    # activations with integer dot products (NF4/FP4 too, their 16 levels as int8, when
+    # INT8_LEVELS_ROWS turns it on): exactly INT8_DYNAMIC's quantization of x, and within ~1.5%
+    # of the float product on Gaussian activations with an outlier feature.
     if not kernels.int8_activations(rows):
         pytest.skip("the plain level multiplies float activations")
+    if mode in ("nf4", "fp4"):
+        monkeypatch.setattr(kernels, "INT8_LEVELS_ROWS", 8)  # off by default (quality), tested on
+        if rows < 8:
+            pytest.skip("NF4/FP4 take int8 activations from INT8_LEVELS_ROWS rows on")
     codec = codec_for(mode)
     weight = _weight((384, 1024), seed=rows)
     if mode == "int8":
@@ -73,6 +99,7 @@ def test_int8_activations_are_int8_dynamic_s_quantization_of_x(mode, rows):
     bias = torch.randn(384)
     fused = codec.fused_linear(q, x, bias)
     assert _rel_err(fused, _int8_reference(codec, q, x, bias)) < 1e-5
+    assert _rel_err(fused, _expected(codec, q, x, bias)) < 1e-5
     exact = _reference(codec, q, x, bias)
     assert float((fused - exact).norm() / exact.norm()) < 1.5e-2
 
@@ -103,8 +130,7 @@ def test_linear_keeps_leading_dimensions(mode):
     x = codec.prepare_input(torch.randn(2, 3, 128))
     y = linear(q, x)
     assert y.shape == (2, 3, 96)
-    ref = _int8_reference if mode in ("int8", "int4") and kernels.int8_activations(6) else _reference
-    assert _rel_err(y, ref(codec, q, x)) < 1e-5
+    assert _rel_err(y, _expected(codec, q, x)) < 1e-5
 
 
 def test_4bit_weights_whose_rows_straddle_blocks_are_dequantized_instead():
@@ -120,8 +146,7 @@ def test_int4_pads_inputs_to_its_group_size():
     q = codec.quantize(_weight((40, 200)), QuantizationConfig(mode="int4"))  # padded to 256
     for rows in (1, 2):
         x = torch.randn(rows, 200)
-        ref = _int8_reference if kernels.int8_activations(rows) else _reference
-        assert _rel_err(codec.fused_linear(codec.prepare(q), x, None), ref(codec, q, x)) < 1e-5
+        assert _rel_err(codec.fused_linear(codec.prepare(q), x, None), _expected(codec, q, x)) < 1e-5
 
 
 def test_prompts_go_to_blas():
@@ -180,7 +205,7 @@ def test_4bit_kernel_reads_plain_and_double_quantized_block_maxima(double_quant)
     q = codec.quantize(_weight((320, 1024), seed=4), config)
     assert ("weight.nested_absmax" in q.tensors) == double_quant
     x = torch.randn(2, 1024)
-    assert _rel_err(codec.fused_linear(codec.prepare(q), x, None), _reference(codec, q, x)) < 1e-5
+    assert _rel_err(codec.fused_linear(codec.prepare(q), x, None), _expected(codec, q, x)) < 1e-5
 
 
 def test_4bit_rows_that_straddle_groups_of_double_quantized_block_maxima():
@@ -190,7 +215,7 @@ def test_4bit_rows_that_straddle_groups_of_double_quantized_block_maxima():
     assert "weight.nested_absmax" in q.tensors
     for rows in (1, 6):
         x = torch.randn(rows, 2560)
-        assert _rel_err(codec.fused_linear(codec.prepare(q), x, None), _reference(codec, q, x)) < 1e-5
+        assert _rel_err(codec.fused_linear(codec.prepare(q), x, None), _expected(codec, q, x)) < 1e-5
 
 
 @pytest.mark.parametrize("block_size", [128, 256])
@@ -200,14 +225,17 @@ def test_4bit_kernel_walks_blocks_larger_than_its_64_value_step(block_size, rows
     config = QuantizationConfig(mode="fp4", block_size=block_size)
     q = codec.quantize(_weight((96, 1024), seed=block_size), config)
     x = torch.randn(rows, 1024)
-    assert _rel_err(codec.fused_linear(codec.prepare(q), x, None), _reference(codec, q, x)) < 1e-5
+    assert _rel_err(codec.fused_linear(codec.prepare(q), x, None), _expected(codec, q, x)) < 1e-5
 
 
 _LEVEL_CHECK = """
 import sys, torch, bitsandbytes.functional as bnbf
 from sli import kernels
 from sli.quantization import QuantizationConfig, codec_for
+sys.path.insert(0, sys.argv[2])
+from test_kernels import _expected
 assert kernels.simd_path() == sys.argv[1], kernels.simd_path()
+kernels.INT8_LEVELS_ROWS = 8  # NF4/FP4's int8 levels: off by default (quality), tested on each level
 g = torch.Generator().manual_seed(0)
 w = torch.randn(96, 1024, generator=g) * 0.02
 codec = codec_for("nf4")
@@ -220,18 +248,14 @@ for mode in ("none", "int8", "int8_dynamic", "nf4", "fp4", "int4", "fp8"):
     for shape in ((96, 1024), (40, 200), (24, 2560)):
         w = torch.randn(*shape, generator=g) * 0.02
         q = codec.prepare(codec.quantize(w.to(torch.bfloat16), QuantizationConfig(mode=mode)))
-        dense = codec.dequantize(q, torch.float32)
-        for rows in (1, 3, 4, 5, 16):
+        for rows in (1, 3, 4, 5, 8, 16):
             x = codec.prepare_input(torch.randn(rows, shape[1], generator=g))
             y = codec.fused_linear(q, x, None)
             if y is None:
                 assert shape[1] % 64 and mode in ("nf4", "fp4"), (mode, shape)
                 continue
-            # int8 activations: INT8 and INT4 from 2 rows on a SIMD level, INT8 where in % 64 == 0
-            as_int8 = mode in ("int8", "int4") and kernels.int8_activations(rows) and (mode == "int4" or shape[1] % 64 == 0)
             assert kernels.int8_activations(rows) == (rows > 1 and sys.argv[1] != "plain")
-            xr = codec_for("int8_dynamic").prepare_input(x) if as_int8 else x
-            ref = torch.nn.functional.linear(xr, dense)
+            ref = _expected(codec, q, x)
             err = float((y - ref).abs().max() / ref.abs().max())
             assert err < 1e-5, (mode, shape, rows, err)
 print("path ok", kernels.simd_path())
@@ -257,7 +281,8 @@ def test_each_simd_level_gives_the_values_of_dequantize_then_linear(level):
         pytest.skip(f"this CPU does not run {level}")
     env = dict(os.environ, SLI_SIMD=level)
     env.pop("SLI_NO_SIMD", None)
-    done = subprocess.run([sys.executable, "-c", _LEVEL_CHECK, level], env=env, capture_output=True, text=True,
+    here = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, "-c", _LEVEL_CHECK, level, here], env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"path ok {level}" in done.stdout
