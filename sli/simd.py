@@ -16,7 +16,7 @@ as :mod:`sli.simd_fallback`'s plain numba functions:
 - ``"avx2"`` (AVX2 + FMA): 8 floats a register; a lookup is two ``vpermps`` (table halves
   0–7 and 8–15) and a blend on the index's bit 3.
 
-The helpers (``n`` values of each row, a multiple of 64; ``rows`` from 1 to 4 activation
+The helpers (``n`` values of each row, a multiple of 64; ``rows`` from 1 to MAX_ROWS activation
 rows ``x[xofs + r*stride : ...]``; ``out[r]`` receives row ``r``'s sum):
 
 - ``lut4(packed, pofs, code, scales, sofs, blocksize, x, xofs, n, stride, rows, out)``: a
@@ -59,7 +59,9 @@ LEVELS: Tuple[str, ...] = ("avx512", "avx2")
 _NEEDS = {"avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512vnni", "avx2", "fma"),
           "avx2": ("avx2", "fma")}
 _WIDTH = {"avx512": 16, "avx2": 8}
-MAX_ROWS = 4  # activation rows one pass over a weight row multiplies
+# Activation rows one pass over a weight row multiplies: their sums stay in registers (32
+# on AVX-512, 16 on AVX2).
+MAX_ROWS = {"avx512": 8, "avx2": 4}
 
 
 def host_levels() -> Tuple[str, ...]:
@@ -163,7 +165,7 @@ def _chains(rows: int) -> int:
 
 
 def _row_pass(context, builder, level, n, block, x_ptr, xofs, stride, rows_value, out_ptr, begin_block, body):
-    """Emit, for each ``rows`` in 1..MAX_ROWS (switched on ``rows_value`` at run time), the
+    """Emit, for each ``rows`` in 1..MAX_ROWS[level] (switched on ``rows_value`` at run time), the
     loop over ``n`` values (blocks of ``block`` values, 64 at a time) and the store of each
     activation row's sum to ``out[r]``.
 
@@ -175,7 +177,7 @@ def _row_pass(context, builder, level, n, block, x_ptr, xofs, stride, rows_value
     b = builder
     done = b.append_basic_block("rows.done")
     switch = b.switch(rows_value, done)
-    for rows in range(1, MAX_ROWS + 1):
+    for rows in range(1, MAX_ROWS[level] + 1):
         case = b.append_basic_block(f"rows.{rows}")
         switch.add_case(ir.Constant(rows_value.type, rows), case)
         with b.goto_block(case):
@@ -378,7 +380,7 @@ def _make_dot8q(level: str):
             vb = ir.VectorType(_i8, 4 * w)
             done = b.append_basic_block("rows.done")
             switch = b.switch(rows_i, done)
-            for rows in range(1, MAX_ROWS + 1):
+            for rows in range(1, MAX_ROWS[level] + 1):
                 case = b.append_basic_block(f"rows.{rows}")
                 switch.add_case(ir.Constant(rows_i.type, rows), case)
                 with b.goto_block(case):
@@ -465,7 +467,7 @@ def _make_dot4q(level: str):
             v16 = ir.VectorType(_i16, 2 * w)
             done = b.append_basic_block("rows.done")
             switch = b.switch(rows_i, done)
-            for rows in range(1, MAX_ROWS + 1):
+            for rows in range(1, MAX_ROWS[level] + 1):
                 case = b.append_basic_block(f"rows.{rows}")
                 switch.add_case(ir.Constant(rows_i.type, rows), case)
                 with b.goto_block(case):
@@ -570,7 +572,7 @@ def _make_dot4l(level: str):
                                                         "llvm.x86.avx2.pshuf.b")
             done = b.append_basic_block("rows.done")
             switch = b.switch(rows_i, done)
-            for rows in range(1, MAX_ROWS + 1):
+            for rows in range(1, MAX_ROWS[level] + 1):
                 case = b.append_basic_block(f"rows.{rows}")
                 switch.add_case(ir.Constant(rows_i.type, rows), case)
                 with b.goto_block(case):
@@ -675,7 +677,7 @@ def helpers(level: str) -> SimpleNamespace:
     """The helpers of ``level`` ("avx512" or "avx2"), built once."""
     if level not in _built:
         _built[level] = SimpleNamespace(
-            level=level, lanes=_WIDTH[level], max_rows=MAX_ROWS,
+            level=level, lanes=_WIDTH[level], max_rows=MAX_ROWS[level],
             offset_levels=level == "avx512",  # dot4l takes back an offset: see its corr
             lut4=_make_lut4(level, "scale"), lut4z=_make_lut4(level, "affine"), lut4n=_make_lut4(level, "nested"),
             dot8=_make_widening_dot(level, "int8"), dotfp8=_make_widening_dot(level, "fp8"), dot8q=_make_dot8q(level), dot4q=_make_dot4q(level), dot4l=_make_dot4l(level), dotbf16=_make_widening_dot(level, "bf16"),

@@ -248,7 +248,7 @@ for mode in ("none", "int8", "int8_dynamic", "nf4", "fp4", "int4", "fp8"):
     for shape in ((96, 1024), (40, 200), (24, 2560)):
         w = torch.randn(*shape, generator=g) * 0.02
         q = codec.prepare(codec.quantize(w.to(torch.bfloat16), QuantizationConfig(mode=mode)))
-        for rows in (1, 3, 4, 5, 8, 16):
+        for rows in (1, 2, 3, 4, 5, 6, 7, 8, 16):  # every pass size up to MAX_ROWS (8 on AVX-512)
             x = codec.prepare_input(torch.randn(rows, shape[1], generator=g))
             y = codec.fused_linear(q, x, None)
             if y is None:
