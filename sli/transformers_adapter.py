@@ -120,7 +120,7 @@ def full_attention_cache_layer() -> type:
 
 
 def cache_argument(model: nn.Module) -> str:
-    """The forward's KV-cache argument: ``cache`` from transformers 5.2x on (``past_key_values``
+    """The forward's KV-cache argument: ``cache`` from transformers 5.24 on (``past_key_values``
     is deprecated there), ``past_key_values`` before."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"

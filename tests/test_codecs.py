@@ -303,3 +303,13 @@ def test_4bit_row_slices_never_split_a_block_or_a_group_of_block_maxima(monkeypa
     torch.testing.assert_close(execution.linear(straddling, x),
                                torch.nn.functional.linear(x, codec.dequantize(straddling, torch.float32)),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_double_quant_imports_bitsandbytes_without_its_hub_kernel_warning(caplog):
+    # On AVX-512 BF16 CPUs, importing bitsandbytes logs that it could not fetch a kernel sli never uses.
+    import logging
+
+    from sli.quantization.codecs.four_bit import _bitsandbytes_functional
+
+    _bitsandbytes_functional()
+    assert logging.getLogger("bitsandbytes.backends.cpu.ops").getEffectiveLevel() >= logging.ERROR

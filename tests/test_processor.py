@@ -344,6 +344,7 @@ def test_dequantize_strategy_reuses_its_buffer_slots_and_prefetches_in_order(mod
         real_take = proc.streamer.pool.take
         proc.streamer.pool.take = lambda template: (lambda s: slots.add(id(s)) or s)(real_take(template))
         proc.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, eos_token_id=[])
+        proc.streamer.cancel()  # waits for the last prefetch (the next pass's first layer) to finish
         assert proc.streamer.pool.made == 2  # the running layer and the one prefetched
         assert len(slots) == 2  # the same two slots, pass after pass
         # layer 0 first (no pass before it), then each next layer ahead, wrapping to 0 at the end

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from typing import Any, ClassVar, Dict, Optional
 
 import torch
@@ -19,6 +20,16 @@ from .four_bit_quantizer import (dequantize_blockwise_torch, dynamic_map, four_b
 # found here, not imported: importing it costs ~100 MB of RSS, which a process streaming
 # under a memory budget should not pay unless a codec actually calls it.
 BITSANDBYTES_AVAILABLE = importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _bitsandbytes_functional():
+    """``bitsandbytes.functional``, imported quietly. Importing bitsandbytes on a CPU with
+    AVX-512 BF16 tries to fetch an optional matmul kernel from a model hub and logs a warning
+    when it cannot (offline, always here); sli never calls that kernel, so the line is noise."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    import bitsandbytes.functional as bnbf
+
+    return bnbf
 
 class _FourBitCodec(Codec):
     """NF4 / FP4 in bitsandbytes' bytes and transformers' checkpoint layout.
@@ -53,7 +64,7 @@ class _FourBitCodec(Codec):
         if config.double_quant:
             offset = absmax.mean()
             if BITSANDBYTES_AVAILABLE and device.type == "cpu":
-                import bitsandbytes.functional as bnbf
+                bnbf = _bitsandbytes_functional()
 
                 qabsmax, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
                 nested_absmax, nested_code = state2.absmax, state2.code
@@ -199,7 +210,7 @@ class _FourBitCodec(Codec):
                                   shape, dtype, device, out)
         if BITSANDBYTES_AVAILABLE and device.type == "cpu":
             # bitsandbytes' native CPU kernel (it has no out= on CPU, hence the copy)
-            import bitsandbytes.functional as bnbf
+            bnbf = _bitsandbytes_functional()
 
             state2 = None
             offset = None
