@@ -305,9 +305,10 @@ class _HessianHooks:
             h.remove()
 
 
-def _quantize_layer(processor, index: int, layer: nn.Module, state: Dict[str, torch.Tensor],
-                    activations: _Activations, chunks: List[Tuple[int, Dict[str, Any]]], timing: Dict[str, float]):
-    """Collect the Hessians of layer ``index`` on its stored inputs and quantize its linears."""
+def _quantize_layer(processor, index: int, state: Dict[str, torch.Tensor], activations: _Activations,
+                    chunks: List[Tuple[int, Dict[str, Any]]], timing: Dict[str, float]):
+    """Collect the Hessians of layer ``index`` (``state``: its checkpoint tensors) on its stored
+    inputs, then quantize its linears; the float layer is freed before the solve."""
     quantizer = processor.quantizer
     layer_key = processor._layer_key(index)
     conv1d = processor._linears[index]
@@ -316,6 +317,7 @@ def _quantize_layer(processor, index: int, layer: nn.Module, state: Dict[str, to
     solved: Dict[str, QuantizedTensor] = {}
     if calibrated:
         t0 = time.perf_counter()
+        layer = _layer_module(processor, index, state)
         hooks = _HessianHooks(layer, calibrated, processor.device)
         try:
             for chunk, kwargs in chunks:
@@ -323,6 +325,7 @@ def _quantize_layer(processor, index: int, layer: nn.Module, state: Dict[str, to
                 hooks.end_chunk()
         finally:
             hooks.remove()
+        del layer
         t1 = time.perf_counter()
         timing["hessians_s"] = t1 - t0
         for leader, paths in hooks.groups().items():
@@ -361,7 +364,7 @@ def _signature(processor, ids: torch.Tensor, chunk_windows: int) -> str:
     return h.hexdigest()[:16]
 
 
-def calibrate(processor, text: Optional[str] = None, *, progress: bool = True,
+def calibrate(processor, text: Union[None, str, Path] = None, *, progress: bool = True,
               chunk_tokens: int = CHUNK_TOKENS, work_dir: Optional[Union[str, Path]] = None,
               report: Optional[List[Dict[str, float]]] = None) -> int:
     """Calibrate every decoder layer of ``processor`` into its cache (see the module docstring);
@@ -369,11 +372,14 @@ def calibrate(processor, text: Optional[str] = None, *, progress: bool = True,
     run continues from the activations it left on disk.
 
     ``processor.quantizer`` must hold a calibrated config (``method="gptq"``); ``text`` is the
-    calibration text its config names (None: the default text). ``report``, a list, gets one
+    calibration text its config names (None: the default text; a :class:`~pathlib.Path`: that
+    file's text). ``report``, a list, gets one
     dict of timings per layer (``load_s``, ``hessians_s``, ``solve_s``, ``store_s``, ``forward_s``).
     """
     from tqdm.auto import tqdm
 
+    if isinstance(text, Path):
+        text = text.read_text(encoding="utf-8")
     quantizer = processor.quantizer
     settings = _calibration_settings(quantizer)
     num_layers = processor.layout.num_layers
@@ -421,10 +427,9 @@ def calibrate(processor, text: Optional[str] = None, *, progress: bool = True,
             cached = cache.get(model_id, index, quantizer, mapped=False)
             if cached is None:  # solve it: Hessians from the float layer on its inputs, then GPTQ
                 state = _checkpoint_state(processor, index)
-                layer = _layer_module(processor, index, state)
                 timing["load_s"] = time.perf_counter() - t0
-                cached = _quantize_layer(processor, index, layer, state, activations, chunks, timing)
-                del state, layer
+                cached = _quantize_layer(processor, index, state, activations, chunks, timing)
+                del state
                 t1 = time.perf_counter()
                 cache.put(model_id, index, quantizer, cached, memory=False)
                 timing["store_s"] = time.perf_counter() - t1

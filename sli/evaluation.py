@@ -18,20 +18,61 @@ import torch.nn.functional as F
 from torch import nn
 
 from .quantization import available_modes
+from .quantization.presets import calibrated_names
 
 logger = logging.getLogger(__name__)
 
 ALL_MODES = (*available_modes(), "mixed")  # every registered mode, then attention INT8 + FFN NF4
+CALIBRATED_MODES = tuple(calibrated_names())  # int4-gptq, nf4-gptq, fp4-gptq: calibrated through sli.calibration
+
+
+def calibrated_config(name: str, **fields: Any):
+    """The config of a calibrated mode name (``"int4-gptq"`` → int4's preset with ``method="gptq"``
+    and ``fields``), or None when ``name`` is not one."""
+    from .quantization.presets import calibrated_preset
+
+    return calibrated_preset(name, **fields)
+
+
+def second_eval_text() -> str:
+    """A second evaluation text from the standard library, unlike ``pydoc_data.topics``: IDLE's
+    manual (``idlelib/help.html``) as plain text."""
+    import html.parser
+    import idlelib
+
+    class _Text(html.parser.HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.parts: List[str] = []
+            self._skip = 0
+
+        def handle_starttag(self, tag, attrs):
+            self._skip += tag in ("script", "style", "head")
+
+        def handle_endtag(self, tag):
+            self._skip -= tag in ("script", "style", "head") and self._skip > 0
+
+        def handle_data(self, data):
+            if not self._skip:
+                self.parts.append(data)
+
+    parser = _Text()
+    parser.feed((Path(idlelib.__file__).parent / "help.html").read_text(encoding="utf-8"))
+    lines = (" ".join(line.split()) for line in "".join(parser.parts).splitlines())
+    return "\n".join(line for line in lines if line)
 
 
 def load_eval_text(path: Optional[Union[str, Path]] = None) -> str:
     """The text of ``path``, or by default every ``pydoc_data.topics`` entry in key order.
 
-    ``pydoc_data`` ships with CPython, so the default needs no download.
+    ``pydoc_data`` ships with CPython, so the default needs no download. ``path="idle-help"``
+    is :func:`second_eval_text` (IDLE's manual).
 
     >>> load_eval_text().startswith('The "assert" statement')
     True
     """
+    if path is not None and str(path) == "idle-help":
+        return second_eval_text()
     if path is not None:
         return Path(path).read_text(encoding="utf-8")
     from pydoc_data.topics import topics
@@ -180,6 +221,41 @@ def _quantize_model(model: nn.Module, mode: str, checkpoint_dtype: torch.dtype) 
     return {"weight_snr_db": snr, "linear_bytes": qbytes, "checkpoint_linear_bytes": orig_bytes}
 
 
+def _load_calibrated(model: nn.Module, mode: str, model_dir: Path, checkpoint_dtype: torch.dtype,
+                     cache_dir: Optional[Union[str, Path]], progress: bool,
+                     calibration: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Calibrate ``mode`` (e.g. ``"int4-gptq"``) into the layer cache through a processor (resumable;
+    nothing to do when the cache holds it), then put the cached weights in ``model``'s decoder
+    layers; return SNR and byte counts as :func:`_quantize_model` does."""
+    from .calibration import calibrate
+    from .processor import UniversalSLIProcessor
+    from .quantization import QuantizedLinear, linear_weight, split_cached
+    from .quantization.modules import set_submodule
+
+    config = calibrated_config(mode, **(calibration or {}))
+    _, layers = _decoder_layers(model)
+    snrs: List[float] = []
+    qbytes = orig_bytes = 0
+    with UniversalSLIProcessor(model_dir, config, cache_dir=cache_dir, device="cpu", prefetch=False) as proc:
+        calibrate(proc, progress=progress)
+        for i, layer in enumerate(layers):
+            cached = proc.cache.get(proc.model_id, i, proc.quantizer, mapped=False)
+            qweights, _ = split_cached(cached)
+            for path, q in qweights.items():
+                module = layer.get_submodule(path)
+                w = linear_weight(module).detach().to(checkpoint_dtype)
+                q = type(q)({k: v.clone() for k, v in q.tensors.items()}, dict(q.metadata))
+                transposed = bool(q.metadata.get("transposed", False))
+                new = QuantizedLinear.from_quantized(q, module.bias, torch.float32, transposed=transposed)
+                set_submodule(layer, path, new)
+                snrs.append(_snr_db(w, new.dequantized_weight(torch.float32)))
+                qbytes += q.nbytes
+                orig_bytes += w.numel() * w.element_size()
+    finite = [s for s in snrs if math.isfinite(s)]
+    return {"weight_snr_db": (sum(finite) / len(finite)) if finite else None, "linear_bytes": qbytes,
+            "checkpoint_linear_bytes": orig_bytes}
+
+
 def _checkpoint_dtype(model_dir: Path) -> torch.dtype:
     """The dtype of the weights stored in ``model_dir`` (read from the files, not from a loaded
     config: loading with ``dtype=torch.float32`` rewrites ``config.dtype``)."""
@@ -199,7 +275,8 @@ def _checkpoint_dtype(model_dir: Path) -> torch.dtype:
 
 def evaluate_modes(model_dir: Union[str, Path], modes: Iterable[str] = ALL_MODES,
                    text_path: Optional[Union[str, Path]] = None, num_windows: int = 4, window: int = 512,
-                   progress: bool = True) -> Dict[str, Any]:
+                   progress: bool = True, cache_dir: Optional[Union[str, Path]] = None,
+                   calibration: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Perplexity, KL and top-1 agreement versus ``none``, weight SNR, bytes and latency per mode.
 
     Loads the full transformers model from ``model_dir`` (fp32 compute), and for each mode
@@ -207,6 +284,12 @@ def evaluate_modes(model_dir: Union[str, Path], modes: Iterable[str] = ALL_MODES
     .quantize_layer(layer)`` (``mixed``: the adaptive INT8-attention / NF4-MLP quantizer), then
     scores the same ``num_windows`` windows of ``window`` tokens of the text. ``none`` is always
     run first as the reference. ``progress`` logs each mode at INFO (else DEBUG).
+
+    Calibrated modes (:data:`CALIBRATED_MODES`, e.g. ``int4-gptq``) are calibrated on the default
+    calibration text (:func:`sli.calibration.default_calibration_text`, disjoint from the default
+    evaluation windows) into the layer cache at ``cache_dir`` (default: sli's cache directory),
+    through a streamed processor, once: a later evaluation reads the cached entries. ``calibration``
+    sets config fields of those modes (e.g. ``{"calibration_tokens": 65536}``).
 
     :returns: ``{"modes": {mode: {"perplexity", "perplexity_change_pct", "kl", "top1_agreement",
         "weight_snr_db", "linear_bytes", "checkpoint_linear_bytes", "forward_latency_s",
@@ -218,8 +301,8 @@ def evaluate_modes(model_dir: Union[str, Path], modes: Iterable[str] = ALL_MODES
     model_dir = Path(model_dir)
     modes = [str(m).lower() for m in modes]
     for m in modes:
-        if m not in ALL_MODES:
-            raise ValueError(f"unknown mode {m!r}; known modes: {', '.join(ALL_MODES)}")
+        if m not in ALL_MODES and calibrated_config(m) is None:
+            raise ValueError(f"unknown mode {m!r}; known modes: {', '.join(ALL_MODES + CALIBRATED_MODES)}")
 
     def log(msg: str) -> None:
         logger.log(logging.INFO if progress else logging.DEBUG, "%s", msg)
@@ -239,7 +322,10 @@ def evaluate_modes(model_dir: Union[str, Path], modes: Iterable[str] = ALL_MODES
     for mode in run_order:
         t0 = time.perf_counter()
         model = copy.deepcopy(base)
-        stats = _quantize_model(model, mode, ckpt_dtype)
+        if calibrated_config(mode) is not None:
+            stats = _load_calibrated(model, mode, model_dir, ckpt_dtype, cache_dir, progress, calibration)
+        else:
+            stats = _quantize_model(model, mode, ckpt_dtype)
         quant_s = time.perf_counter() - t0
         total, count, latencies = 0.0, 0, []
         kls, agree, ntok = 0.0, 0.0, 0
@@ -271,6 +357,8 @@ def evaluate_modes(model_dir: Union[str, Path], modes: Iterable[str] = ALL_MODES
     ref_ppl = results["none"]["perplexity"]
     for r in results.values():
         r["perplexity_change_pct"] = 100.0 * (r["perplexity"] / ref_ppl - 1.0)
+        weights = r["checkpoint_linear_bytes"] / ckpt_dtype.itemsize
+        r["bits_per_weight"] = 8.0 * r["linear_bytes"] / weights if weights else None
     return {
         "model_dir": str(model_dir),
         "text": str(text_path) if text_path else "pydoc_data.topics",

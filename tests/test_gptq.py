@@ -224,3 +224,29 @@ def test_calibration_text_is_recorded_and_checked(tiny, tmp_path):
                                device="cpu") as proc:
         with pytest.raises(SLIError, match="positions"):
             calibration.calibrate(proc, progress=False)
+
+
+# -- names and evaluation ---------------------------------------------------------------------
+
+def test_calibrated_modes_have_names():
+    from sli.quantization import QuantizationRegistry
+    from sli.quantization.presets import calibrated_names
+
+    assert set(calibrated_names()) == {"int4-gptq", "nf4-gptq", "fp4-gptq"}
+    config = QuantizationRegistry.get("nf4-gptq")
+    assert config.method == "gptq" and config.double_quant and config.block_size == 64
+    assert "int4-gptq" in QuantizationRegistry.list_configs()
+    with pytest.raises(KeyError):
+        QuantizationRegistry.get("int8-gptq")
+
+
+def test_eval_reports_calibrated_modes(tiny, tmp_path):
+    from sli.evaluation import evaluate_modes
+
+    report = evaluate_modes(tiny, ["none", "int4", "int4-gptq"], num_windows=2, window=64, progress=False,
+                            cache_dir=tmp_path, calibration={"group_size": 32, "calibration_tokens": 1024,
+                                                             "calibration_window": 64})
+    modes = report["modes"]
+    assert modes["int4-gptq"]["perplexity"] > 0 and modes["int4-gptq"]["weight_snr_db"] > 0
+    # int4's layout at g32 (the tiny model's inputs, 64 and 128, are whole groups): 4 bits + fp16 scale + u8 zero
+    assert modes["int4-gptq"]["bits_per_weight"] == pytest.approx(4 + 24 / 32, abs=1e-6)

@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 # Clipping candidates of the scale search: the group's range (INT4) or absmax (4-bit) times these.
 SEARCH_GRID = tuple(1.0 - 0.025 * k for k in range(13))  # 1.0 .. 0.70
 _INNER = 16  # columns a rank-1 update touches at most (inside a block)
+_BINS = 4096  # the nearest-code table's bins over [-1, 1]
 
 
 class Hessian:
@@ -85,6 +86,12 @@ class _Grid:
             self.code = four_bit_code(config.quant_type).to(weight.device)
             self.sorted_code, _ = torch.sort(self.code)
             self.midpoints = (self.sorted_code[1:] + self.sorted_code[:-1]) / 2
+            # nearest code by table: [-1, 1] in _BINS bins, each holding at most one midpoint (the
+            # smallest gap, FP4's, is 0.0026); a bin gives how many midpoints lie below it, one
+            # compare with the next midpoint finishes bucketize's count
+            edges = torch.linspace(-1, 1, _BINS + 1, device=weight.device)[:-1]
+            self.below = torch.bucketize(edges, self.midpoints)
+            self.next_mid = torch.cat([self.midpoints, self.midpoints.new_tensor([float("inf")])])
             self.absmax = self._search_absmax(wg, imp, grid)  # raw, before double quant
             codec = codec_for(config.mode)
             stored, state = codec.encode_absmax(self.absmax.reshape(-1), config, weight.device)
@@ -128,11 +135,10 @@ class _Grid:
 
     def _round4(self, scaled: Tensor) -> Tensor:
         """The nearest code value of each ``scaled``: the count of midpoints below it (bucketize's
-        rule) indexes the sorted code; 15 vectorized compares beat torch's scalar binary search."""
-        idx = torch.zeros(scaled.shape, dtype=torch.uint8, device=scaled.device)
-        for m in self.midpoints.tolist():
-            idx.add_(scaled > m)
-        return self.sorted_code[idx.long()]
+        rule, by table: torch's bucketize is a scalar binary search) indexes the sorted code."""
+        bins = (scaled.clamp(-1, 1) + 1).mul_(_BINS / 2).long().clamp_(max=_BINS - 1)
+        below = self.below[bins]
+        return self.sorted_code[below.add_(scaled > self.next_mid[below])]
 
     # -- one column ----------------------------------------------------------------------------
     def quantize(self, w: Tensor, s: Tensor, z: Optional[Tensor]) -> Tensor:
@@ -140,10 +146,7 @@ class _Grid:
         if self.int4:
             q = torch.round(w / s).add_(z).clamp_(0, 15)
             return q.sub_(z).mul_(s)
-        # the nearest code: how many midpoints lie below (bucketize's rule); compares, not a
-        # binary search, which torch runs threaded even on a few thousand values
-        scaled = (w / s.clamp(min=1e-38)).unsqueeze(1)
-        return self.sorted_code[(scaled > self.midpoints).sum(dim=1)].mul_(s)
+        return self._round4(w / s.clamp(min=1e-38)).mul_(s)
 
     def finish(self, config: QuantizationConfig, wq: Tensor, rows: slice, source_dtype: torch.dtype) -> QuantizedTensor:
         codec = codec_for(config.mode)

@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Dict, List
+from typing import Any, Dict, List, Optional
 
-from .config import QuantizationConfig, QuantizationMode, available_modes, mode_spec
+from .config import METHOD_FIELDS, QuantizationConfig, QuantizationMode, available_modes, mode_spec
 
 
 def preset_config(mode: str) -> QuantizationConfig:
     """The preset of ``mode``: the config its codec declares as the mode's sensible default."""
     return QuantizationConfig(mode=mode, **mode_spec(mode).preset)
+
+
+def calibrated_names() -> List[str]:
+    """``MODE-METHOD`` names of every calibrated method a mode offers: ``int4-gptq``, ``nf4-gptq``, ..."""
+    return [f"{m}-{method}" for m in available_modes() for method in mode_spec(m).methods if method != "rtn"]
+
+
+def calibrated_preset(name: str, **fields: Any) -> Optional[QuantizationConfig]:
+    """The config a calibrated name stands for (``"int4-gptq"``: int4's preset with ``method="gptq"``,
+    plus ``fields``), or None when ``name`` is not one."""
+    mode, sep, method = str(name).lower().rpartition("-")
+    if not sep or method not in METHOD_FIELDS or f"{mode}-{method}" not in calibrated_names():
+        return None
+    return QuantizationConfig.from_dict({**preset_config(mode).to_dict(), "method": method, **fields})
 
 
 def get_int8_config() -> QuantizationConfig:
@@ -53,11 +67,15 @@ class QuantizationRegistry:
             return dataclasses.replace(found) if isinstance(found, QuantizationConfig) else copy.deepcopy(found)
         if name in available_modes():
             return preset_config(name)
+        calibrated = calibrated_preset(name)
+        if calibrated is not None:
+            return calibrated
         raise KeyError(f"no quantization config named {name!r}; known: {', '.join(cls.list_configs())}")
 
     @classmethod
     def list_configs(cls) -> List[str]:
-        return available_modes() + [n for n in cls._custom if n not in available_modes()]
+        named = available_modes() + calibrated_names()
+        return named + [n for n in cls._custom if n not in named]
 
     @classmethod
     def unregister(cls, name: str) -> None:
