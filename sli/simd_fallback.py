@@ -46,42 +46,51 @@ def _rows_dot(values, x, base, stride, rows, out):
 
 
 @_jit
-def _decode_block(packed, first, code, scale, zero, values):
-    # values[0:2n] = (code[nibble] - zero) * scale for the n bytes from packed[first]
-    half = values.shape[0] // 2
-    pairs = packed[first:first + half]
-    for k in range(half):
+def _decode(packed, first, code, scale, zero, values, at, count):
+    # values[at:at + 2*count] = (code[nibble] - zero) * scale for count bytes from packed[first]
+    pairs = packed[first:first + count]
+    out = values[at:at + 2 * count]
+    for k in range(count):
         b = pairs[k]
-        values[2 * k] = (code[b >> 4] - zero) * scale
-        values[2 * k + 1] = (code[b & 15] - zero) * scale
+        out[2 * k] = (code[b >> 4] - zero) * scale
+        out[2 * k + 1] = (code[b & 15] - zero) * scale
 
 
 @_jit
 def lut4(packed, pofs, code, scales, sofs, blocksize, x, xofs, n, stride, rows, out):
-    values = np.empty(blocksize, np.float32)  # a block decoded once, then met by every row
-    out[:rows] = 0.0
+    values = np.empty(n, np.float32)  # the row decoded once, then met by every activation row
     for blk in range(n // blocksize):
-        _decode_block(packed, pofs + blk * blocksize // 2, code, scales[sofs + blk], np.float32(0.0), values)
-        _rows_dot(values, x, xofs + blk * blocksize, stride, rows, out)
+        _decode(packed, pofs + blk * blocksize // 2, code, scales[sofs + blk], np.float32(0.0), values,
+                blk * blocksize, blocksize // 2)
+    out[:rows] = 0.0
+    _rows_dot(values, x, xofs, stride, rows, out)
 
 
 @_jit
 def lut4z(packed, pofs, code, scales, zeros, sofs, blocksize, x, xofs, n, stride, rows, out):
-    values = np.empty(blocksize, np.float32)
-    out[:rows] = 0.0
+    # INT4's helper: code is 0..15, so a value is (nibble - zero) * scale, no lookup (vectorizes)
+    values = np.empty(n, np.float32)
     for blk in range(n // blocksize):
-        _decode_block(packed, pofs + blk * blocksize // 2, code, scales[sofs + blk], zeros[sofs + blk], values)
-        _rows_dot(values, x, xofs + blk * blocksize, stride, rows, out)
+        scale, zero = scales[sofs + blk], zeros[sofs + blk]
+        pairs = packed[pofs + blk * blocksize // 2:pofs + (blk + 1) * blocksize // 2]
+        block = values[blk * blocksize:(blk + 1) * blocksize]
+        for k in range(blocksize // 2):
+            b = pairs[k]
+            block[2 * k] = (np.float32(b >> 4) - zero) * scale
+            block[2 * k + 1] = (np.float32(b & 15) - zero) * scale
+    out[:rows] = 0.0
+    _rows_dot(values, x, xofs, stride, rows, out)
 
 
 @_jit
 def lut4n(packed, pofs, code, qabsmax, nested_code, nested, offset, sofs, blocksize, x, xofs, n, stride, rows, out):
-    values = np.empty(blocksize, np.float32)
-    out[:rows] = 0.0
+    values = np.empty(n, np.float32)
     for blk in range(n // blocksize):
         scale = nested_code[qabsmax[sofs + blk]] * nested + offset
-        _decode_block(packed, pofs + blk * blocksize // 2, code, scale, np.float32(0.0), values)
-        _rows_dot(values, x, xofs + blk * blocksize, stride, rows, out)
+        _decode(packed, pofs + blk * blocksize // 2, code, scale, np.float32(0.0), values, blk * blocksize,
+                blocksize // 2)
+    out[:rows] = 0.0
+    _rows_dot(values, x, xofs, stride, rows, out)
 
 
 @_jit
@@ -191,7 +200,7 @@ def decode64_4bit(packed, pofs, code, scale, out, oofs):
         out[oofs + 2 * k + 1] = code[b & 15] * scale
 
 
-for _f in (_rows_dot, _decode_block, lut4, lut4z, lut4n, dot8, dotfp8, dot8q, dot4q, dot4l, dotbf16, decode64_4bit):
+for _f in (_rows_dot, _decode, lut4, lut4z, lut4n, dot8, dotfp8, dot8q, dot4q, dot4l, dotbf16, decode64_4bit):
     stable_id(_f, f"simd_fallback.{_f.__name__}:{source_hash(__file__)}")
 
 # max_rows: the loops take any number of rows, so a block is decoded once for all of them
