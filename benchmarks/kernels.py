@@ -1,15 +1,17 @@
 """Fused CPU kernels vs dequantize-then-BLAS, one Llama-2-7B feed-forward weight.
 
 Run: .venv/bin/python benchmarks/kernels.py [--repeats 7] [--shape 11008 4096] [--modes nf4 int8]
-     [--rows 1 4 16] [--no-dequantize]
+     [--rows 1 4 16] [--no-dequantize] [--threads N] [--stat median|min] [--torch-ops]
 
 For each mode, the time of ``sli.quantization.execution.linear(q, x)`` (what a streamed
 layer's linear does) for 1, 4 and 16 activation rows — the fused kernel path (sli.kernels) —
 beside, in the same run: the float32 ``F.linear`` with the weight already dequantized (the
 compute floor: what a fully loaded float32 model pays), and dequantize-into-a-reused-buffer
 + ``F.linear`` (what a streamed layer would pay without the kernels). Median of --repeats
-after a warm-up call, the float32 floor measured right before each mode's kernels. The SIMD
-level is the CPU's best unless ``SLI_SIMD=avx512|avx2|plain`` asks for another one.
+after a warm-up call (``--stat min``: the fastest, the least disturbed on a shared machine), the
+float32 floor measured right before each mode's kernels. The SIMD level is the CPU's best
+unless ``SLI_SIMD=avx512|avx2|plain`` asks for another one. ``--torch-ops`` adds torch's own
+quantized CPU products (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``, group 128).
 """
 import argparse
 import datetime
@@ -26,6 +28,9 @@ from sli.quantization.execution import linear
 MODES = ["none", "int8", "int8_dynamic", "nf4", "fp4", "int4", "fp8"]
 
 
+STAT = statistics.median
+
+
 def median_ms(fn, repeats: int) -> float:
     fn()
     times = []
@@ -33,7 +38,28 @@ def median_ms(fn, repeats: int) -> float:
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    return 1e3 * STAT(times)
+
+
+def torch_ops(weight: torch.Tensor, xs: dict, repeats: int) -> str:
+    """torch's int8 (per row) and int4 (group 128, asymmetric) packed CPU products, ms per row count."""
+    w = weight.float()
+    out_f, in_f = w.shape
+    scale = w.abs().amax(1) / 127
+    q8 = torch.round(w / scale[:, None]).to(torch.int8)
+    g = 128
+    wg = w.view(out_f, in_f // g, g)
+    low, high = wg.amin(-1), wg.amax(-1)
+    step = ((high - low) / 15).clamp(min=1e-8)
+    q4 = torch.clamp(torch.round((wg - low[..., None]) / step[..., None]), 0, 15).to(torch.int32).view(out_f, in_f)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4, 8)
+    scales_zeros = torch.stack([step, low + 8 * step], -1).transpose(0, 1).contiguous()  # w = (q - 8) * s + z
+    cells = []
+    for r, x in xs.items():
+        i8 = median_ms(lambda: torch.ops.aten._weight_int8pack_mm(x, q8, scale), repeats)
+        i4 = median_ms(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, g, scales_zeros), repeats)
+        cells.append(f"{r} row{'s' if r > 1 else ''}: _weight_int8pack_mm {i8:.1f} ms, _weight_int4pack_mm_for_cpu {i4:.1f} ms")
+    return "; ".join(cells)
 
 
 def _level() -> str:
@@ -59,7 +85,14 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--no-dequantize", action="store_true", help="skip the dequantize columns (faster)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (the kernels use as many)")
+    ap.add_argument("--stat", choices=["median", "min"], default="median")
+    ap.add_argument("--torch-ops", action="store_true", help="also time torch's int8/int4 packed products")
     args = ap.parse_args()
+    global STAT
+    STAT = min if args.stat == "min" else statistics.median
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out_f, in_f = args.shape
     g = torch.Generator().manual_seed(0)
     weight = (torch.randn(out_f, in_f, generator=g) * 0.02).to(torch.bfloat16)
@@ -68,7 +101,9 @@ def main() -> None:
     xs = {r: torch.randn(r, in_f, generator=g) for r in rows}
     print(f"Command: SLI_SIMD={os.environ.get('SLI_SIMD', '')} .venv/bin/python benchmarks/kernels.py "
           f"--repeats {args.repeats} --shape {out_f} {in_f} --modes {' '.join(args.modes)} "
-          f"--rows {' '.join(map(str, rows))}{' --no-dequantize' if args.no_dequantize else ''}")
+          f"--rows {' '.join(map(str, rows))}{' --no-dequantize' if args.no_dequantize else ''}"
+          f"{f' --threads {args.threads}' if args.threads else ''} --stat {args.stat}"
+          f"{' --torch-ops' if args.torch_ops else ''}")
     print(f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads, kernels {_level()}; {datetime.datetime.now().isoformat(timespec='minutes')}; "
           f"weight {out_f}x{in_f} from bf16")
@@ -84,7 +119,7 @@ def main() -> None:
         xq = {r: codec.prepare_input(xs[r]) for r in rows}
         floor = {r: median_ms(lambda r=r: torch.nn.functional.linear(xs[r], dense), args.repeats) for r in rows}
         fused = {r: median_ms(lambda r=r: linear(q, xq[r]), args.repeats) for r in rows}
-        line = f"| {mode} | " + " | ".join(f"{fused[r]:.1f} ({fused[r] / floor[r]:.2f}x of {floor[r]:.1f})" for r in rows)
+        line = f"| {mode} | " + " | ".join(f"{fused[r]:.2f} ({fused[r] / floor[r]:.2f}x of {floor[r]:.2f})" for r in rows)
         if not args.no_dequantize:
             scratch = torch.empty(out_f, in_f)
             deq = median_ms(lambda: codec.dequantize(q, torch.float32, out=scratch), args.repeats)
@@ -93,6 +128,9 @@ def main() -> None:
                              args.repeats)
             line += f" | {deq:.1f} | {both:.1f}"
         print(line + " |", flush=True)
+    if args.torch_ops:
+        print()
+        print("torch: " + torch_ops(weight, xs, args.repeats))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,9 @@ DEFAULT_SETTINGS = {
 #   SLI_CACHE_DIR   the layer cache directory (default $SLI_HOME/layer-cache)
 #   SLI_NO_NUMBA=1  no numba kernels: every linear dequantizes and uses torch
 #   SLI_NO_SIMD=1   the plain numba kernels, not the SIMD ones (what a CPU without AVX2 runs)
+#   SLI_SIMD=avx512|avx2|plain  the kernels' SIMD level (default: the best the CPU runs; capped at it)
+#   SLI_FLOAT_ACTIVATIONS=1  INT8/INT4 kernels keep float activations at every row count (default:
+#                   int8 activations from 2 rows on; see sli.kernels.INT8_ACTIVATION_ROWS)
 #   SLI_NO_COMPILE=1  no torch.compile for the 4-bit quantizer (the eager path, same bytes)
 
 
