@@ -288,6 +288,8 @@ def cmd_serve(args) -> int:
               max_batch_size=args.max_batch_size, max_queue=args.max_queue,
               kv_budget_bytes=int(args.kv_budget_gb * GB) if args.kv_budget_gb else None,
               log_level="warning" if args.quiet else "info")
+    except KeyboardInterrupt:  # Ctrl-C is how a server stops (uvicorn before 0.3x re-raises it after shutting down)
+        pass
     finally:
         proc.close()
     return 0
