@@ -76,19 +76,20 @@ def test_fused_linear_equals_dequantize_then_linear(mode, rows, monkeypatch):
     assert _rel_err(fused, _reference(codec, q, x, bias)) < 1e-5
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4", "nf4", "fp4"])
-@pytest.mark.parametrize("rows", [2, 5, 8, kernels.FUSED_MAX_TOKENS])
+# (mode, rows): NF4/FP4 take int8 activations from INT8_LEVELS_ROWS (set to 8 below) rows on
+_INT8_ACTIVATION_CASES = [(mode, rows) for mode in ("int8", "int4", "nf4", "fp4")
+                          for rows in (2, 5, 8, kernels.FUSED_MAX_TOKENS) if mode in ("int8", "int4") or rows >= 8]
+
+
+@pytest.mark.parametrize("mode, rows", _INT8_ACTIVATION_CASES)
 def test_int8_activations_are_int8_dynamic_s_quantization_of_x(mode, rows, monkeypatch):
     # From INT8_ACTIVATION_ROWS rows on (on a SIMD level) INT8 and INT4 multiply int8
     # activations with integer dot products (NF4/FP4 too, their 16 levels as int8, when
     # INT8_LEVELS_ROWS turns it on): exactly INT8_DYNAMIC's quantization of x, and within ~1.5%
-    # of the float product on Gaussian activations with an outlier feature.
-    if not kernels.int8_activations(rows):
-        pytest.skip("the plain level multiplies float activations")
+    # of the float product on Gaussian activations with an outlier feature. On the plain level
+    # (a CPU without AVX2) the activations stay float: the product is the float one.
     if mode in ("nf4", "fp4"):
         monkeypatch.setattr(kernels, "INT8_LEVELS_ROWS", 8)  # off by default (quality), tested on
-        if rows < 8:
-            pytest.skip("NF4/FP4 take int8 activations from INT8_LEVELS_ROWS rows on")
     codec = codec_for(mode)
     weight = _weight((384, 1024), seed=rows)
     if mode == "int8":
@@ -98,9 +99,12 @@ def test_int8_activations_are_int8_dynamic_s_quantization_of_x(mode, rows, monke
     x[:, 7] *= 20  # an outlier feature: kept in float
     bias = torch.randn(384)
     fused = codec.fused_linear(q, x, bias)
+    exact = _reference(codec, q, x, bias)
+    if not kernels.int8_activations(rows):
+        assert _rel_err(fused, exact) < 1e-5
+        return
     assert _rel_err(fused, _int8_reference(codec, q, x, bias)) < 1e-5
     assert _rel_err(fused, _expected(codec, q, x, bias)) < 1e-5
-    exact = _reference(codec, q, x, bias)
     assert float((fused - exact).norm() / exact.norm()) < 1.5e-2
 
 
@@ -147,6 +151,14 @@ def test_int4_pads_inputs_to_its_group_size():
     for rows in (1, 2):
         x = torch.randn(rows, 200)
         assert _rel_err(codec.fused_linear(codec.prepare(q), x, None), _expected(codec, q, x)) < 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int4_groups_the_simd_helpers_do_not_step_in_take_the_plain_loops(rows):
+    codec = codec_for("int4")
+    q = codec.prepare(codec.quantize(_weight((48, 256)), QuantizationConfig(mode="int4", group_size=32)))
+    x = torch.randn(rows, 256)
+    assert _rel_err(codec.fused_linear(q, x, None), _reference(codec, q, x)) < 1e-5
 
 
 def test_prompts_go_to_blas():
@@ -270,15 +282,13 @@ def _levels():
         return ["plain"]
 
 
-@pytest.mark.parametrize("level", ["avx512", "avx2", "plain"])
+@pytest.mark.parametrize("level", _levels())  # every level this CPU runs (plain always)
 def test_each_simd_level_gives_the_values_of_dequantize_then_linear(level):
     # SLI_SIMD forces a level (SLI_SIMD=plain is the path of a CPU without AVX2); a fresh
     # process each, as the kernels are compiled once per process.
     import os
     import subprocess
     import sys
-    if level not in _levels():
-        pytest.skip(f"this CPU does not run {level}")
     env = dict(os.environ, SLI_SIMD=level)
     env.pop("SLI_NO_SIMD", None)
     here = os.path.dirname(os.path.abspath(__file__))
