@@ -439,6 +439,21 @@ def _build(h):
                     s += decoded[j] * x[t, j]
                 y[t, o] = s * scale[o]
 
+    from .simd_fallback import lut4z as lut4z_any  # any even group size, x in the weight's order
+
+    @jit
+    def matmul_int4_any(packed, scales, zeros, x, y, group, start, stop):
+        # matmul_int4 for a group size the SIMD helpers do not step in (not a multiple of 64)
+        rows, cols = x.shape
+        groups = cols // group
+        code = np.arange(16).astype(np.float32)
+        xflat = x.reshape(x.size)
+        acc = np.empty(rows, np.float32)
+        for o in range(start, stop):
+            lut4z_any(packed, o * (cols // 2), code, scales, zeros, o * groups, group, xflat, 0, cols, cols, rows, acc)
+            for t in range(rows):
+                y[t, o] = acc[t]
+
     @jit
     def matmul_int4(packed, scales, zeros, x, y, group, start, stop):
         # packed: uint8 [out*padded_in/2] (first value high nibble); scales, zeros: fp32 [out*groups];
@@ -484,7 +499,7 @@ def _build(h):
             "dequantize_blockwise8": dequantize_blockwise8, "matmul_int8": matmul_int8,
             "quantize_rows": quantize_rows, "matmul_int8q": matmul_int8q, "matmul_int4q": matmul_int4q,
             "matmul_lut8": matmul_lut8, "matmul_fp8": matmul_fp8, "matmul_4bitq": matmul_4bitq,
-            "matmul_4bitq_nested": matmul_4bitq_nested, "matmul_int4": matmul_int4, "matmul_bf16": matmul_bf16}
+            "matmul_4bitq_nested": matmul_4bitq_nested, "matmul_int4": matmul_int4, "matmul_int4_any": matmul_int4_any, "matmul_bf16": matmul_bf16}
 
 
 def _table() -> dict:
@@ -749,16 +764,18 @@ def q4_order(rows: Tensor, half: int = 64) -> Tensor:
 
 def matmul_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group: int, in_features: int,
                 bias: Optional[Tensor] = None, activations: str = "auto") -> Optional[Tensor]:
-    """``x @ W^T (+ bias)`` for group-wise affine int4 (``w = (q - zero) * scale``), or None
-    for a group size that is not a multiple of 64. ``activations`` as in :func:`matmul_int8`
-    (int8 needs a group size that is a multiple of 128)."""
-    if group % 64:
-        return None
+    """``x @ W^T (+ bias)`` for group-wise affine int4 (``w = (q - zero) * scale``).
+    ``activations`` as in :func:`matmul_int8` (int8 needs a group size that is a multiple of
+    128; a group size that is not a multiple of 64 takes the plain loops)."""
     rows = _rows(x, in_features)
     padded = packed.shape[1] * 2
     if padded != in_features:
         rows = torch.nn.functional.pad(rows, (0, padded - in_features))
     y = _out(rows, packed.shape[0])
+    if group % 64:
+        _run("matmul_int4_any", packed.shape[0], packed.numel() * 2 * rows.shape[0], _np(_flat(packed)),
+             _np(_flat(scales)), _np(_flat(zeros)), _np(rows), _np(y), group)
+        return _finish(y, x, packed.shape[0], bias)
     if activations == "auto":
         activations = "int8" if int8_activations(rows.shape[0]) else "float"
     if activations == "int8" and group % 128 == 0:
