@@ -43,6 +43,7 @@ from .errors import SLIError
 from .quantization import QuantizationConfig, QuantizedTensor, codec_for, dequantize_cached
 from .quantization.config import DEFAULT_CALIBRATION
 from .quantization.gptq import Hessian, gptq_quantize, supports
+from .quantization.modules import is_conv1d
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def calibration_windows(tokenizer, config: QuantizationConfig, text: Optional[st
     chars = max(count * 8, 4096)
     while True:  # tokenize a prefix: a long text need not be tokenized whole
         part = text[:chars]
-        ids = tokenizer(part, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(part, add_special_tokens=False, verbose=False)["input_ids"]
         if len(ids) > count or len(part) == len(text):
             break
         chars *= 4
@@ -139,9 +140,17 @@ class _Stop(Exception):
     pass
 
 
+@dataclasses.dataclass
+class LayerArgs:
+    """What a decoder layer's forward takes besides the hidden states (the same for every layer)."""
+
+    args: Tuple[Any, ...]
+    kwargs: Dict[str, Any]
+
+
 @torch.inference_mode()
-def layer_inputs(processor, ids: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
-    """(hidden states, keyword arguments) that the processor's model gives decoder layer 0 for
+def layer_inputs(processor, ids: torch.Tensor) -> Tuple[torch.Tensor, LayerArgs]:
+    """(hidden states, the other arguments) that the processor's model gives decoder layer 0 for
     ``ids`` ``[B, S]``: one forward stopped before the layer runs (nothing is streamed)."""
     seen: Dict[str, Any] = {}
 
@@ -160,11 +169,7 @@ def layer_inputs(processor, ids: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, 
         raise SLIError("the model's forward never reached decoder layer 0")
     args, kwargs = seen["args"], seen["kwargs"]
     hidden = args[0] if args else kwargs.pop("hidden_states")
-    if args[1:]:
-        raise SLIError("decoder layer 0 takes positional arguments beyond the hidden states; calibration "
-                       "passes keyword arguments only")
-    kwargs.pop("hidden_states", None)
-    return hidden, kwargs
+    return hidden, LayerArgs(tuple(args[1:]), kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,82 +259,113 @@ def _checkpoint_state(processor, index: int) -> Dict[str, torch.Tensor]:
     return state
 
 
-def _run(layer: nn.Module, hidden: torch.Tensor, kwargs: Dict[str, Any]) -> torch.Tensor:
-    out = layer(hidden, **kwargs)
+def _run(layer: nn.Module, hidden: torch.Tensor, inputs: LayerArgs) -> torch.Tensor:
+    out = layer(hidden, *inputs.args, **inputs.kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
-class _HessianHooks:
-    """Forward hooks adding each linear's input to its Hessian; linears that read the same
-    tensor (found on the first chunk) share one."""
-
-    def __init__(self, layer: nn.Module, paths: List[str], device: torch.device) -> None:
-        self.paths = paths
-        self.device = device
-        self.hessians: Dict[str, Hessian] = {}  # leader path → Hessian
-        self.leader: Dict[str, str] = {}  # path → its group's leader
-        self._first: List[Tuple[str, torch.Tensor]] = []
-        self._handles = [layer.get_submodule(p).register_forward_hook(self._hook(p)) for p in paths]
-
-    def _hook(self, path: str):
-        def hook(module, args, output):
-            x = args[0]
-            if not self.leader:  # first chunk: remember inputs to see which are shared
-                self._first.append((path, x))
-            elif self.leader.get(path) == path:
-                self.hessians[path].add(x)
-        return hook
-
-    def end_chunk(self) -> None:
-        if self.leader:
-            return
-        for path, x in self._first:
-            leader = next((p for p, y in self._first if y is x), path)
-            self.leader[path] = leader
-            if leader == path:
-                self.hessians[path] = Hessian(x.shape[-1], self.device)
-                self.hessians[path].add(x)
-        missing = [p for p in self.paths if p not in self.leader]
-        if missing:
-            raise SLIError(f"linears {missing[:3]} never ran during calibration; cannot collect their inputs")
-        self._first = []
-
-    def groups(self) -> Dict[str, List[str]]:
-        out: Dict[str, List[str]] = {}
-        for path in self.paths:
-            out.setdefault(self.leader[path], []).append(path)
-        return out
-
-    def remove(self) -> None:
-        for h in self._handles:
+def _input_groups(layer: nn.Module, paths: List[str], hidden: torch.Tensor, kwargs: LayerArgs) -> List[List[str]]:
+    """``paths`` grouped by the tensor they read (q/k/v, gate/up share one), groups and members in the
+    order they run (one forward of ``hidden``)."""
+    seen: List[Tuple[str, torch.Tensor]] = []
+    handles = [layer.get_submodule(p).register_forward_hook(lambda m, args, out, p=p: seen.append((p, args[0])))
+               for p in paths]
+    try:
+        _run(layer, hidden, kwargs)
+    finally:
+        for h in handles:
             h.remove()
+    groups: List[Tuple[List[str], torch.Tensor]] = []
+    for path, x in seen:
+        same = next((g for g, y in groups if y is x), None)
+        if same is None:
+            groups.append(([path], x))
+        elif path not in same:
+            same.append(path)
+    found = {p for g, _ in groups for p in g}
+    missing = [p for p in paths if p not in found]
+    if missing:
+        raise SLIError(f"linears {missing[:3]} never ran during calibration; cannot collect their inputs")
+    return [g for g, _ in groups]
+
+
+def _hessians(layer: nn.Module, groups: List[List[str]], stop_after: Optional[str], read, chunks,
+              device: torch.device) -> List[Hessian]:
+    """Each group's Hessian over every chunk (``read(chunk)``: its input); the forward stops after
+    ``stop_after`` runs (the rest of the layer is not needed yet)."""
+    hessians = [Hessian(_in_features(layer.get_submodule(g[0])), device) for g in groups]
+    handles = [layer.get_submodule(g[0]).register_forward_hook(lambda m, args, out, h=h: h.add(args[0]))
+               for g, h in zip(groups, hessians)]
+    if stop_after is not None:
+        handles.append(layer.get_submodule(stop_after).register_forward_hook(_raise_stop))
+    try:
+        for chunk, kwargs in chunks:
+            try:
+                _run(layer, read(chunk), kwargs)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return hessians
+
+
+def _in_features(module: nn.Module) -> int:
+    return module.weight.shape[0] if is_conv1d(module) else module.weight.shape[1]
+
+
+def _raise_stop(module, args, out):
+    raise _Stop
+
+
+def _set_weight(layer: nn.Module, path: str, q: QuantizedTensor, conv1d: bool) -> None:
+    """Put ``q``'s dequantized weight in the float layer's linear ``path``."""
+    module = layer.get_submodule(path)
+    weight = codec_for(q.metadata["codec"]).dequantize(q, torch.float32)
+    module.weight.copy_(weight.t() if conv1d else weight)
 
 
 def _quantize_layer(processor, index: int, state: Dict[str, torch.Tensor], activations: _Activations,
-                    chunks: List[Tuple[int, Dict[str, Any]]], timing: Dict[str, float]):
+                    chunks: List[Tuple[int, LayerArgs]], timing: Dict[str, float]):
     """Collect the Hessians of layer ``index`` (``state``: its checkpoint tensors) on its stored
-    inputs, then quantize its linears; the float layer is freed before the solve."""
+    inputs and quantize its linears; the float layer is freed before the last solve.
+
+    Sequential (``gptq_sequential``): the linears that read one input are solved in the order
+    they run, each on inputs computed with the linears before it already quantized (as the layer
+    will run); each such pass stops after the linears it collects for. Otherwise one float pass
+    collects every Hessian."""
     quantizer = processor.quantizer
     layer_key = processor._layer_key(index)
     conv1d = processor._linears[index]
     configs = {path: quantizer.config_for(f"{layer_key}.{path}") for path in conv1d}
     calibrated = [p for p, c in configs.items() if c is not None and c.calibrated]
     solved: Dict[str, QuantizedTensor] = {}
-    if calibrated:
+    if not calibrated:
+        return quantizer.quantize_state_dict(state, conv1d, layer_key)
+    sequential = any(configs[p].gptq_sequential for p in calibrated)
+    device, dtype = processor.device, processor.compute_dtype
+
+    def read(chunk: int) -> torch.Tensor:
+        return activations.read(index, chunk).to(device, dtype)
+
+    layer = _layer_module(processor, index, state)
+    if sequential:  # rounded linears run as they will
+        for p, config in configs.items():
+            if config is not None and not config.calibrated:
+                solved[p] = codec_for(config.mode).quantize(_checkpoint_weight(state, p, conv1d[p]), config)
+                _set_weight(layer, p, solved[p], conv1d[p])
+    groups = _input_groups(layer, calibrated, read(chunks[0][0]), chunks[0][1])
+    stages = [[g] for g in groups] if sequential else [groups]
+    timing["hessians_s"] = timing["solve_s"] = 0.0
+    for number, stage in enumerate(stages):
         t0 = time.perf_counter()
-        layer = _layer_module(processor, index, state)
-        hooks = _HessianHooks(layer, calibrated, processor.device)
-        try:
-            for chunk, kwargs in chunks:
-                _run(layer, activations.read(index, chunk).to(processor.device, processor.compute_dtype), kwargs)
-                hooks.end_chunk()
-        finally:
-            hooks.remove()
-        del layer
+        last = number == len(stages) - 1
+        hessians = _hessians(layer, stage, None if last else stage[-1][-1], read, chunks, device)
+        if last:
+            del layer
         t1 = time.perf_counter()
-        timing["hessians_s"] = t1 - t0
-        for leader, paths in hooks.groups().items():
-            hessian = hooks.hessians.pop(leader).matrix
+        timing["hessians_s"] += t1 - t0
+        for paths, hessian in zip(stage, hessians):
             by_config: Dict[str, List[str]] = {}
             for p in paths:
                 by_config.setdefault(configs[p].fingerprint(), []).append(p)
@@ -343,9 +379,12 @@ def _quantize_layer(processor, index: int, state: Dict[str, torch.Tensor], activ
                                        index, p, tuple(weights[p].shape), config.mode.value)
                         solved[p] = codec_for(config.mode).quantize(weights[p], config)
                 if ok:
-                    solved.update(gptq_quantize({p: weights[p].to(processor.device) for p in ok}, hessian, config))
-            del hessian
-        timing["solve_s"] = time.perf_counter() - t1
+                    solved.update(gptq_quantize({p: weights[p].to(device) for p in ok}, hessian.matrix, config))
+            if not last:
+                for p in paths:
+                    _set_weight(layer, p, solved[p], conv1d[p])
+        del hessians
+        timing["solve_s"] += time.perf_counter() - t1
     solved = {p: QuantizedTensor({k: v.cpu() for k, v in q.tensors.items()}, q.metadata) for p, q in solved.items()}
     return quantizer.quantize_state_dict(state, conv1d, layer_key, quantized=solved)
 
@@ -399,7 +438,7 @@ def calibrate(processor, text: Union[None, str, Path] = None, *, progress: bool 
         f"{model_id}-{quantizer.fingerprint()}")
     activations = _Activations(root, signature)
 
-    kwargs_by_size: Dict[int, Dict[str, Any]] = {}
+    kwargs_by_size: Dict[int, LayerArgs] = {}
     start = activations.resume_layer()
     if start is not None and not all(cache.contains(model_id, i, quantizer) for i in range(start)):
         start = None  # an earlier layer left the cache: its entry must be made again, from layer 0

@@ -186,7 +186,8 @@ def test_streamed_calibration_fills_the_cache_resumes_and_generates(tiny, tmp_pa
         assert out.shape == (1, 4)
 
 
-def test_calibrated_layers_track_the_float_model_better_than_rtn(tiny, tmp_path):
+@pytest.mark.parametrize("sequential", [False, True])
+def test_calibrated_layers_track_the_float_model_better_than_rtn(tiny, tmp_path, sequential):
     from sli import calibration
     from sli.evaluation import load_eval_text
 
@@ -195,7 +196,8 @@ def test_calibrated_layers_track_the_float_model_better_than_rtn(tiny, tmp_path)
         ids = torch.tensor([proc.tokenizer()(load_eval_text()[:2000], add_special_tokens=False)["input_ids"][:128]])
         ref = proc.forward(ids)
     errors = {}
-    for name, config in (("rtn", dataclasses.replace(_config(), method="rtn")), ("gptq", _config())):
+    for name, config in (("rtn", dataclasses.replace(_config(), method="rtn")),
+                         ("gptq", _config(gptq_sequential=sequential))):
         with UniversalSLIProcessor(tiny, config, cache_dir=tmp_path, device="cpu") as proc:
             if config.calibrated:
                 calibration.calibrate(proc, progress=False)
@@ -250,3 +252,17 @@ def test_eval_reports_calibrated_modes(tiny, tmp_path):
     assert modes["int4-gptq"]["perplexity"] > 0 and modes["int4-gptq"]["weight_snr_db"] > 0
     # int4's layout at g32 (the tiny model's inputs, 64 and 128, are whole groups): 4 bits + fp16 scale + u8 zero
     assert modes["int4-gptq"]["bits_per_weight"] == pytest.approx(4 + 24 / 32, abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "phi3"])
+def test_calibration_runs_other_layouts(model_factory, tmp_path, family):
+    # GPT-2: Conv1D weights ([in, out]) and blocks that take positional arguments; Phi-3: fused qkv / gate_up
+    from sli import calibration
+    from sli.synth import synth_model
+
+    path = synth_model(tmp_path / family, family=family, preset="tiny", with_tokenizer=True)
+    config = QuantizationConfig(mode="nf4", method="gptq", calibration_tokens=512, calibration_window=64,
+                                gptq_sequential=True)
+    with UniversalSLIProcessor(path, config, cache_dir=tmp_path / "cache", device="cpu") as proc:
+        assert calibration.calibrate(proc, progress=False) == proc.layout.num_layers
+        assert proc.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2).shape == (1, 2)

@@ -79,8 +79,8 @@ def available_modes() -> List[str]:
 # exactly what it was before methods existed.
 METHOD_FIELDS: Dict[str, Tuple[str, ...]] = {
     "rtn": (),
-    "gptq": ("method", "gptq_damp", "gptq_block_size", "gptq_act_order", "gptq_scale_search", "calibration",
-             "calibration_tokens", "calibration_window"),
+    "gptq": ("method", "gptq_damp", "gptq_block_size", "gptq_act_order", "gptq_scale_search", "gptq_sequential",
+             "calibration", "calibration_tokens", "calibration_window"),
 }
 DEFAULT_CALIBRATION = "default"  # the built-in calibration text (sli.calibration.default_calibration_text)
 
@@ -138,6 +138,7 @@ class QuantizationConfig:
     gptq_block_size: int = 128  # columns solved together before the rest of the weight is updated
     gptq_act_order: bool = True  # solve columns in decreasing Hessian diagonal (groups stay static)
     gptq_scale_search: bool = True  # group scales / block absmax chosen by a small clipping search
+    gptq_sequential: bool = False  # each linear's Hessian from inputs with the linears before it quantized
     calibration: str = DEFAULT_CALIBRATION  # the calibration text: "default" or calibration_id(text)
     calibration_tokens: int = 32768  # tokens of calibration text (windows of calibration_window)
     calibration_window: int = 512
