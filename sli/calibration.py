@@ -4,9 +4,9 @@
 Only one layer's weights, its Hessians and one chunk of activations are in memory at a time:
 
 1. the calibration text is cut into windows (``calibration_window`` tokens each, the first
-   ``calibration_tokens`` tokens of the text); one forward of the processor's model stops at
-   layer 0 (a pre-hook) and gives its inputs: the embeddings and the layer's keyword arguments
-   (attention mask, position embeddings, ...), per batch size;
+   ``calibration_tokens`` tokens of the text); one forward of the processor's model, its decoder
+   layers standing in as the identity, gives layer 0's inputs (the embeddings) and each layer's
+   other arguments (attention mask, position embeddings, ...), per batch size;
 2. for each layer ``i``: its float weights are read from the checkpoint; the layer runs in
    float on the stored inputs, with a hook on each linear adding ``x^T x`` to the Hessian of
    its input (linears that read the same tensor, q/k/v and gate/up, share one); the linears are
@@ -149,27 +149,43 @@ class LayerArgs:
 
 
 @torch.inference_mode()
-def layer_inputs(processor, ids: torch.Tensor) -> Tuple[torch.Tensor, LayerArgs]:
-    """(hidden states, the other arguments) that the processor's model gives decoder layer 0 for
-    ``ids`` ``[B, S]``: one forward stopped before the layer runs (nothing is streamed)."""
-    seen: Dict[str, Any] = {}
+def layer_inputs(processor, ids: torch.Tensor) -> Tuple[torch.Tensor, List[LayerArgs]]:
+    """(hidden states, each decoder layer's other arguments) that the processor's model gives its
+    layers for ``ids`` ``[B, S]``. One forward with every layer standing in as the identity (it
+    records its arguments), stopped at the last: nothing is streamed or computed but the embeddings.
+    Per layer, because layers may differ (sliding-window masks, local rotary tables)."""
+    layers = processor.layers
+    seen: List[Tuple[tuple, Dict[str, Any]]] = []
 
-    def hook(module, args, kwargs):
-        seen["args"], seen["kwargs"] = args, dict(kwargs)
-        raise _Stop
+    def recorder(index: int):
+        def forward(*args, **kwargs):
+            seen.append((args, dict(kwargs)))
+            if index == len(layers) - 1:
+                raise _Stop
+            return args[0] if args else kwargs["hidden_states"]
+        return forward
 
-    handle = processor.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    saved = [layer.__dict__.get("forward") for layer in layers]  # the runner's own, when it set one
+    for index, layer in enumerate(layers):
+        layer.forward = recorder(index)
     try:
         processor.model(input_ids=ids.to(processor.device), use_cache=False)
     except _Stop:
         pass
     finally:
-        handle.remove()
-    if "kwargs" not in seen:
-        raise SLIError("the model's forward never reached decoder layer 0")
-    args, kwargs = seen["args"], seen["kwargs"]
-    hidden = args[0] if args else kwargs.pop("hidden_states")
-    return hidden, LayerArgs(tuple(args[1:]), kwargs)
+        for layer, forward in zip(layers, saved):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+    if len(seen) != len(layers):
+        raise SLIError(f"the model's forward called {len(seen)} of its {len(layers)} decoder layers")
+    hidden = seen[0][0][0] if seen[0][0] else seen[0][1]["hidden_states"]
+    out = []
+    for args, kwargs in seen:
+        kwargs.pop("hidden_states", None)
+        out.append(LayerArgs(tuple(args[1:]), kwargs))
+    return hidden, out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,23 +454,22 @@ def calibrate(processor, text: Union[None, str, Path] = None, *, progress: bool 
         f"{model_id}-{quantizer.fingerprint()}")
     activations = _Activations(root, signature)
 
-    kwargs_by_size: Dict[int, LayerArgs] = {}
+    args_by_size: Dict[int, List[LayerArgs]] = {}  # chunk size → each layer's arguments
     start = activations.resume_layer()
     if start is not None and not all(cache.contains(model_id, i, quantizer) for i in range(start)):
         start = None  # an earlier layer left the cache: its entry must be made again, from layer 0
     if start is None:
         for c, (s, e) in enumerate(bounds):
-            hidden, kwargs = layer_inputs(processor, ids[s:e])
-            kwargs_by_size.setdefault(e - s, kwargs)
+            hidden, layer_args = layer_inputs(processor, ids[s:e])
+            args_by_size.setdefault(e - s, layer_args)
             activations.write(0, c, hidden)
         activations.commit(0, len(bounds))
         start = 0
     else:
         logger.info("calibration of %s resumes at layer %d (activations in %s)", model_id, start, root)
     for s, e in bounds:
-        if e - s not in kwargs_by_size:
-            kwargs_by_size[e - s] = layer_inputs(processor, ids[s:e])[1]
-    chunks = [(c, kwargs_by_size[e - s]) for c, (s, e) in enumerate(bounds)]
+        if e - s not in args_by_size:
+            args_by_size[e - s] = layer_inputs(processor, ids[s:e])[1]
 
     added = 0
     t_start = time.perf_counter()
@@ -463,6 +478,7 @@ def calibrate(processor, text: Union[None, str, Path] = None, *, progress: bool 
                           disable=not progress, initial=start, total=num_layers):
             t0, cpu0 = time.perf_counter(), time.process_time()
             timing: Dict[str, float] = {"layer": index}
+            chunks = [(c, args_by_size[e - s][index]) for c, (s, e) in enumerate(bounds)]
             cached = cache.get(model_id, index, quantizer, mapped=False)
             if cached is None:  # solve it: Hessians from the float layer on its inputs, then GPTQ
                 state = _checkpoint_state(processor, index)

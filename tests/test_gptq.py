@@ -254,15 +254,21 @@ def test_eval_reports_calibrated_modes(tiny, tmp_path):
     assert modes["int4-gptq"]["bits_per_weight"] == pytest.approx(4 + 24 / 32, abs=1e-6)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "phi3"])
-def test_calibration_runs_other_layouts(model_factory, tmp_path, family):
-    # GPT-2: Conv1D weights ([in, out]) and blocks that take positional arguments; Phi-3: fused qkv / gate_up
+@pytest.mark.parametrize("family", ["gpt2", "phi3", "gemma2"])
+def test_calibration_runs_other_layouts(tmp_path, family):
+    # GPT-2: Conv1D weights ([in, out]) and blocks that take positional arguments; Phi-3: fused qkv /
+    # gate_up; Gemma-2: sliding-window and full layers alternate (windows of 128 > its window of 64),
+    # so each layer gets its own mask
     from sli import calibration
     from sli.synth import synth_model
 
     path = synth_model(tmp_path / family, family=family, preset="tiny", with_tokenizer=True)
-    config = QuantizationConfig(mode="nf4", method="gptq", calibration_tokens=512, calibration_window=64,
+    config = QuantizationConfig(mode="nf4", method="gptq", calibration_tokens=512, calibration_window=128,
                                 gptq_sequential=True)
     with UniversalSLIProcessor(path, config, cache_dir=tmp_path / "cache", device="cpu") as proc:
+        if family == "gemma2":
+            _, per_layer = calibration.layer_inputs(proc, torch.arange(128).unsqueeze(0))
+            masks = [args.kwargs["attention_mask"] for args in per_layer]
+            assert masks[0] is not None and not torch.equal(masks[0], masks[1])
         assert calibration.calibrate(proc, progress=False) == proc.layout.num_layers
         assert proc.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2).shape == (1, 2)
