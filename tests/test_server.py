@@ -106,7 +106,10 @@ def tiny_dir(tmp_path_factory):
 
 @contextlib.contextmanager
 def serving(model_dir, cache_dir, **app_kwargs):
-    processor = UniversalSLIProcessor(model_dir, "int8", cache_dir=cache_dir, device="cpu", memory_budget_gb=0.5)
+    # NF4 multiplies float activations at any row count, so a request batched with others must
+    # give exactly its lone answer. (INT8/INT4 take int8 activations from 2 rows on: a batched
+    # answer can differ from a lone one in its last bits, within those modes' quality bounds.)
+    processor = UniversalSLIProcessor(model_dir, "nf4", cache_dir=cache_dir, device="cpu", memory_budget_gb=0.5)
     app, engine = build_app(processor, **app_kwargs)
     served = Served(app, engine, processor)
     try:
