@@ -269,6 +269,9 @@ def test_calibration_runs_other_layouts(tmp_path, family):
         if family == "gemma2":
             _, per_layer = calibration.layer_inputs(proc, torch.arange(128).unsqueeze(0))
             masks = [args.kwargs["attention_mask"] for args in per_layer]
-            assert masks[0] is not None and not torch.equal(masks[0], masks[1])
+            # the sliding layer's mask is a tensor; the full layer's is another tensor, or None where
+            # transformers leaves plain causal attention to SDPA (5.16)
+            assert masks[0] is not None
+            assert masks[1] is None or not torch.equal(masks[0], masks[1])
         assert calibration.calibrate(proc, progress=False) == proc.layout.num_layers
         assert proc.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2).shape == (1, 2)
