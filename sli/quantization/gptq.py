@@ -24,7 +24,7 @@ The result goes through the codec's ``quantize_with`` (the weight GPTQ chose, on
 scales it used), which gives a :class:`QuantizedTensor` like the codec's own ``quantize``.
 
 Linears that read the same input (q/k/v, gate/up) share one Hessian; :func:`gptq_quantize`
-solves them as one matrix (rows are independent given ``H``).
+factors it once for them.
 """
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 SEARCH_GRID = tuple(1.0 - 0.025 * k for k in range(13))  # 1.0 .. 0.70
 _INNER = 16  # columns a rank-1 update touches at most (inside a block)
 _BINS = 4096  # the nearest-code table's bins over [-1, 1]
+_SEARCH_VALUES = 1 << 20  # weight values the scale search takes at once
+_SOLVE_VALUES = 1 << 25  # weight values solved at once (a slab of rows, 128 MB of float32)
 
 
 class Hessian:
@@ -79,8 +81,11 @@ class _Grid:
         wg = weight.view(rows, cols // self.group, self.group)
         imp = importance.view(1, cols // self.group, self.group)
         grid = SEARCH_GRID if config.gptq_scale_search else (1.0,)
+        step = max(1, _SEARCH_VALUES // cols)  # rows searched at once: bounded temporaries
         if self.int4:
-            self.scale, self.zero = self._search_int4(wg, imp, grid)  # fp16, float
+            found = [self._search_int4(wg[r:r + step], imp, grid) for r in range(0, rows, step)]
+            self.scale = torch.cat([f[0] for f in found])  # fp16
+            self.zero = torch.cat([f[1] for f in found])  # float
             self.col_scale = self.scale.float()
         else:
             self.code = four_bit_code(config.quant_type).to(weight.device)
@@ -92,7 +97,8 @@ class _Grid:
             edges = torch.linspace(-1, 1, _BINS + 1, device=weight.device)[:-1]
             self.below = torch.bucketize(edges, self.midpoints)
             self.next_mid = torch.cat([self.midpoints, self.midpoints.new_tensor([float("inf")])])
-            self.absmax = self._search_absmax(wg, imp, grid)  # raw, before double quant
+            # raw, before double quant
+            self.absmax = torch.cat([self._search_absmax(wg[r:r + step], imp, grid) for r in range(0, rows, step)])
             codec = codec_for(config.mode)
             stored, state = codec.encode_absmax(self.absmax.reshape(-1), config, weight.device)
             self.col_scale = codec.decoded_absmax(stored, state).view(rows, -1)  # what dequantization reads
@@ -178,13 +184,12 @@ def _inverse_factor(H: Tensor, damp: float) -> Tensor:
     raise RuntimeError("GPTQ: the Hessian is not positive definite even with strong dampening")
 
 
-def _solve(Wt: Tensor, U: Tensor, grid: _Grid, group_of: Tensor, block: int) -> None:
-    """GPTQ over the columns of ``W`` in the order given, in place on ``Wt`` (``W`` transposed:
-    a column is a contiguous row): each becomes its quantized value."""
-    n, rows = Wt.shape
-    scale_t = grid.col_scale.t().contiguous()  # [groups, rows]
-    zero_t = grid.zero.t().contiguous() if grid.zero is not None else None
-    group_of = group_of.tolist()
+def _solve(Wt: Tensor, U: Tensor, grid: _Grid, rows: slice, group_of: List[int], block: int) -> None:
+    """GPTQ over the columns of ``W`` (its ``rows`` of the grid) in the order given, in place on
+    ``Wt`` (``W`` transposed: a column is a contiguous row): each becomes its quantized value."""
+    n = Wt.shape[0]
+    scale_t = grid.col_scale[rows].t().contiguous()  # [groups, rows]
+    zero_t = grid.zero[rows].t().contiguous() if grid.zero is not None else None
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         W1 = Wt[i1:i2]  # a view: updated in place
@@ -211,15 +216,18 @@ def _solve(Wt: Tensor, U: Tensor, grid: _Grid, group_of: Tensor, block: int) -> 
 
 def gptq_quantize(weights: Dict[str, Tensor], hessian: Tensor, config: QuantizationConfig) -> Dict[str, QuantizedTensor]:
     """GPTQ-quantize linears that read the same inputs (``weights``: name → ``[out, in]``, one
-    ``in``) against their inputs' Hessian ``sum x^T x`` (``[in, in]``), solved as one matrix.
+    ``in``) against their inputs' Hessian ``sum x^T x`` (``[in, in]``).
 
+    The Hessian's factor and the column order are computed once for all of them; each weight
+    gets its own scales (NF4/FP4: its own double-quantized maxima, as the codec stores them) and is
+    solved a slab of rows at a time (rows are independent given ``H``: bounded memory).
     Returns name → the codec's :class:`QuantizedTensor` in ``config``'s layout.
     """
-    names = list(weights)
-    source_dtypes = {name: weights[name].dtype for name in names}
-    W = torch.cat([weights[name].detach().float() for name in names], dim=0)
-    device = W.device
-    rows, cols = W.shape
+    cols = {w.shape[1] for w in weights.values()}
+    if len(cols) != 1:
+        raise ValueError(f"weights sharing a Hessian must have one input size, got {sorted(cols)}")
+    cols = cols.pop()
+    device = next(iter(weights.values())).device
     H = hessian.to(device=device, dtype=torch.float32)
     if H.shape != (cols, cols):
         raise ValueError(f"Hessian of shape {tuple(H.shape)} for weights with {cols} input features")
@@ -229,35 +237,38 @@ def gptq_quantize(weights: Dict[str, Tensor], hessian: Tensor, config: Quantizat
         raise ValueError(f"GPTQ {config.mode.value}: {cols} input features are not whole blocks of {group}")
     padded = -(-cols // group) * group
     if padded != cols:  # INT4 pads each row with zeros; they are dead columns here
-        W = torch.nn.functional.pad(W, (0, padded - cols))
         H = torch.nn.functional.pad(H, (0, padded - cols, 0, padded - cols))
     H = H.clone()
     dead = torch.diagonal(H) == 0
     H.diagonal()[dead] = 1.0
-    W[:, dead] = 0.0
-    importance = torch.diagonal(H).clone()
-    importance[dead] = 0.0
-    grid = _Grid(config, W, importance)
-
     if config.gptq_act_order:
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
     else:
         perm = torch.arange(padded, device=device)
+    importance = torch.diagonal(H).clone()
     H = H[perm][:, perm]
     U = _inverse_factor(H, float(config.gptq_damp))
     del H
-    Wt = W.t()[perm].contiguous()  # [cols in solve order, rows]
-    del W
-    _solve(Wt, U, grid, perm // group, int(config.gptq_block_size))
-    Wq = torch.empty_like(Wt)
-    Wq[perm] = Wt
-    Wq = Wq.t()[:, :cols]
+    importance[dead] = 0.0
+    group_of = (perm // group).tolist()
+    slab = max(1, _SOLVE_VALUES // padded)
     out: Dict[str, QuantizedTensor] = {}
-    start = 0
-    for name in names:
-        stop = start + weights[name].shape[0]
-        out[name] = grid.finish(config, Wq[start:stop].contiguous(), slice(start, stop), source_dtypes[name])
-        start = stop
+    for name, weight in weights.items():
+        W = weight.detach().float()
+        if padded != cols:
+            W = torch.nn.functional.pad(W, (0, padded - cols))
+        elif W.data_ptr() == weight.data_ptr():
+            W = W.clone()
+        W[:, dead] = 0.0
+        grid = _Grid(config, W, importance)
+        for r0 in range(0, W.shape[0], slab):
+            rows = slice(r0, min(r0 + slab, W.shape[0]))
+            Wt = W[rows].t()[perm].contiguous()  # [columns in solve order, rows]
+            _solve(Wt, U, grid, rows, group_of, int(config.gptq_block_size))
+            W[rows, perm] = Wt.t()  # the quantized values, back in the original column order
+            del Wt
+        out[name] = grid.finish(config, W[:, :cols], slice(None), weight.dtype)
+        del W
     return out
 
 

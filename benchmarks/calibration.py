@@ -1,0 +1,68 @@
+"""GPTQ calibration cost of one 7B-shaped decoder layer (Llama-2-7B: 4096 hidden, 11008 MLP).
+
+    python benchmarks/calibration.py --tokens 8192 --mode int4
+
+Writes a two-layer random model of Llama-2-7B's shapes (``sli.synth``, byte tokenizer), calibrates
+it through :func:`sli.calibration.calibrate` on ``--tokens`` tokens of the default calibration text
+in windows of 512, and prints where layer 0's time went: the float pass(es) that collect the
+Hessians, the GPTQ solve (token count does not matter to it), the store, and the pass through
+the quantized layer that makes layer 1's inputs. The passes grow linearly with the token count;
+the issue's setting is 128 windows of 512 (65536 tokens), estimated from the run. Wall and CPU
+seconds are both printed (on a shared machine CPU time is the steadier figure), and the
+process's peak RSS (VmHWM).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from sli import UniversalSLIProcessor
+from sli.calibration import calibrate
+from sli.quantization import QuantizationConfig
+from sli.synth import synth_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192, help="calibration tokens (windows of 512)")
+    parser.add_argument("--mode", default="int4", choices=["int4", "nf4", "fp4"])
+    parser.add_argument("--preset", default="7b", help="sli.synth preset of the layer's shapes")
+    parser.add_argument("--sequential", action="store_true", help="gptq_sequential=True")
+    parser.add_argument("--work", help="folder for the model and the cache (default: a temporary one)")
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="sli-calib-bench-"))
+    model = work / f"{args.preset}-2layers"
+    if not (model / "config.json").is_file():
+        synth_model(model, family="llama", preset=args.preset, num_layers=2, with_tokenizer=True)
+    config = QuantizationConfig(mode=args.mode, method="gptq", calibration_tokens=args.tokens, calibration_window=512,
+                                gptq_sequential=args.sequential)
+    report: list = []
+    t0, c0 = time.perf_counter(), time.process_time()
+    with UniversalSLIProcessor(model, config, cache_dir=work / "cache", device="cpu", prefetch=False) as proc:
+        calibrate(proc, progress=False, report=report)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    layer = report[0] if report else {}
+    scale = 65536 / args.tokens
+    estimate = layer.get("load_s", 0) + layer.get("solve_s", 0) + layer.get("store_s", 0) + scale * (
+        layer.get("hessians_s", 0) + layer.get("forward_s", 0))
+    print(json.dumps({"preset": args.preset, "mode": args.mode, "tokens": args.tokens, "threads": torch.get_num_threads(),
+                      "layer": {k: round(v, 2) for k, v in layer.items()}, "run_wall_s": round(wall, 1),
+                      "run_cpu_s": round(cpu, 1), "layer0_wall_s_at_65536_tokens_estimate": round(estimate, 1),
+                      "peak_rss_mb": round(_peak_rss_kb() / 1024)}, indent=1))
+
+
+def _peak_rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return -1
+
+
+if __name__ == "__main__":
+    main()
