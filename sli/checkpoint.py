@@ -4,10 +4,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import threading
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -107,14 +108,98 @@ class Checkpoint:
         return self.get(name).dtype
 
     def identity(self) -> str:
-        """A short hash of what the checkpoint holds: config, shard names and sizes.
+        """The checkpoint's content hash: :func:`checkpoint_identity`."""
+        return checkpoint_identity(self.model_dir)
 
-        Not the path: a cache warmed from one copy of a model serves every copy.
-        """
-        h = hashlib.sha256((self.model_dir / "config.json").read_bytes())
-        for file_name in sorted(set(self.weight_map.values())):
-            h.update(f"{file_name}:{(self.model_dir / file_name).stat().st_size}".encode())
-        return h.hexdigest()[:12]
+
+IDENTITY_SAMPLES = 64
+IDENTITY_SAMPLE_BYTES = 4096
+
+
+def _weight_files(model_dir: Path) -> List[Path]:
+    """The checkpoint's weight files, as :class:`Checkpoint` finds them (index, else glob)."""
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        if (model_dir / index_name).is_file():
+            try:
+                names = set(json.loads((model_dir / index_name).read_text())["weight_map"].values())
+            except (ValueError, KeyError, AttributeError) as exc:
+                raise ModelLoadError(f"{model_dir / index_name} is not a valid shard index ({exc}); re-save the model") from exc
+            return [model_dir / n for n in sorted(names)]
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("pytorch_model*.bin"))
+    if not files:
+        raise ModelLoadError(f"no weights in {str(model_dir)!r}: expected model.safetensors, shards with "
+                             f"{SAFETENSORS_INDEX}, or pytorch_model*.bin; save the model with save_pretrained")
+    return files
+
+
+def _hash_weight_file(h, path: Path) -> None:
+    """Feed ``h`` a safetensors file's header, or a .bin file's size, plus sampled data bytes."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            start = 0
+            if path.suffix == ".safetensors":
+                head = f.read(8)
+                header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+                if header_len < 0 or 8 + header_len > size:
+                    raise ModelLoadError(f"cannot read shard {str(path)!r} (bad safetensors header); the file is "
+                                         "corrupt or truncated: re-save it")
+                h.update(b"safetensors" + f.read(header_len))  # names, dtypes, shapes, offsets
+                start = 8 + header_len
+            else:
+                h.update(f"bin:{size}".encode())
+            span = size - start
+            if span <= IDENTITY_SAMPLES * IDENTITY_SAMPLE_BYTES:
+                offsets = [start]
+                chunk = span
+            else:  # evenly spaced, the first at the data's start and the last at its end
+                step = (span - IDENTITY_SAMPLE_BYTES) / (IDENTITY_SAMPLES - 1)
+                offsets = [start + round(i * step) for i in range(IDENTITY_SAMPLES)]
+                chunk = IDENTITY_SAMPLE_BYTES
+            for offset in offsets:
+                f.seek(offset)
+                h.update(f.read(chunk))
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read shard {str(path)!r} ({exc}); re-download or re-save the model") from exc
+
+
+def checkpoint_identity(model_dir: Union[str, Path]) -> str:
+    """A short hash of what the checkpoint holds, from its content only.
+
+    It covers ``config.json``'s bytes and, for each weight file (in file-name order), the
+    safetensors header (tensor names, dtypes, shapes and offsets; for a ``.bin`` file its size)
+    plus a sample of the tensor bytes: 64 chunks of 4 KiB at evenly spaced offsets over the
+    data (all of it when smaller), ~256 KiB read per file. Neither the folder's name nor its
+    path nor the files' names or times enter it: copies of a model share cache entries, and a
+    model re-saved with other weights (a fine-tune with the same shapes) gets another id.
+
+    It is a sample, not a full hash (a full one would read every byte, minutes on a large
+    model): a change confined to bytes outside the samples (say one small tensor edited in
+    place in a large shard) keeps the id, and the cache keeps serving the old layers. Remove
+    them with ``sli cache rm MODEL_DIR`` (or the model id) before the next warm-up.
+    """
+    model_dir = Path(model_dir)
+    h = hashlib.sha256()
+    try:
+        config = (model_dir / "config.json").read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {model_dir / 'config.json'} ({exc})") from exc
+    h.update(len(config).to_bytes(8, "little") + config)
+    for path in _weight_files(model_dir):
+        _hash_weight_file(h, path)
+    return h.hexdigest()[:12]
+
+
+def checkpoint_model_id(model_dir: Union[str, Path]) -> str:
+    """The cache's id of the model in ``model_dir``: ``{model_type}-{checkpoint_identity}``
+    (e.g. ``llama-1f2e3d4c5b6a``), computed without building the model."""
+    model_dir = Path(model_dir)
+    try:
+        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"cannot read {model_dir / 'config.json'} ({exc}); is it a transformers model?") from exc
+    model_type = re.sub(r"[^A-Za-z0-9_.]+", "_", str(model_type or "model"))
+    return f"{model_type}-{checkpoint_identity(model_dir)}"
 
 
 class _BinFile:

@@ -18,7 +18,7 @@ from . import device as device_calls
 from . import kernels
 from . import transformers_adapter as hf
 from .architectures import ModelLayout, discover_layout
-from .checkpoint import Checkpoint, SkeletonLoader, resolve_model_dir
+from .checkpoint import Checkpoint, SkeletonLoader, checkpoint_model_id, resolve_model_dir
 from .errors import ModelLoadError, SLIError, UnsupportedArchitectureError
 from .chunked_prefill import (capture_layer_inputs, chunk_bounds, chunkable, finish_forward, set_cache_length,
                               set_row_lengths)
@@ -140,7 +140,9 @@ class UniversalSLIProcessor:
         self.layers: nn.ModuleList = self.model.get_submodule(self.layout.layers_path)
         self._loader = SkeletonLoader(self.checkpoint, loader_model, self.layout.layers_path)
         self._loader_layers = loader_model.get_submodule(self.layout.layers_path)
-        self.model_id = model_id or f"{self.model_dir.name}-{self.checkpoint.identity()}"
+        # from the content (config, safetensors headers, sampled weight bytes), not the folder:
+        # copies share entries, a re-saved model does not reuse stale ones
+        self.model_id = model_id or checkpoint_model_id(self.model_dir)
         # linear path → is it a Conv1D, per layer (read before the linears are swapped)
         self._linears: List[Dict[str, bool]] = [linear_paths(layer) for layer in self.layers]
         self.packed = self.strategy == "packed"

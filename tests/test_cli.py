@@ -216,23 +216,25 @@ def _generate_json(capsys, *argv):
 def test_generate_forms_route_model_and_prompt(routed, tmp_path, capsys, monkeypatch):
     import io
 
-    cache = ["--cache-dir", str(tmp_path / "c")]
-    other = tmp_path / "other"
-    import shutil
+    from sli.checkpoint import checkpoint_model_id
+    from sli.synth import synth_model
 
-    shutil.copytree(routed, other)
+    cache = ["--cache-dir", str(tmp_path / "c")]
+    # another model (other weights: a copy would share the default's content id)
+    other = synth_model(tmp_path / "other", "llama", "tiny", seed=1, with_tokenizer=True)
+    other_id = checkpoint_model_id(other)
     # PROMPT alone: the default model
     result = _generate_json(capsys, "Hello there", *cache)
-    assert result["prompt"] == "Hello there" and result["model_id"].startswith("llama-")
+    assert result["prompt"] == "Hello there" and result["model_id"] == checkpoint_model_id(routed) != other_id
     # MODEL PROMPT, and --model DIR PROMPT
-    assert _generate_json(capsys, str(other), "Hi", *cache)["model_id"].startswith("other-")
+    assert _generate_json(capsys, str(other), "Hi", *cache)["model_id"] == other_id
     result = _generate_json(capsys, "--model", str(other), "Hi", *cache)
-    assert result["model_id"].startswith("other-") and result["prompt"] == "Hi"
+    assert result["model_id"] == other_id and result["prompt"] == "Hi"
     result = _generate_json(capsys, str(other), *cache, "Options between")  # MODEL --opt ... PROMPT
-    assert result["model_id"].startswith("other-") and result["prompt"] == "Options between"
+    assert result["model_id"] == other_id and result["prompt"] == "Options between"
     # an existing directory alone is the model, with the default prompt
     result = _generate_json(capsys, str(other), *cache)
-    assert result["model_id"].startswith("other-") and result["prompt"] == "What is the capital of France?"
+    assert result["model_id"] == other_id and result["prompt"] == "What is the capital of France?"
     # -f FILE and -f - (stdin); one trailing newline dropped
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("From a file\n")
@@ -534,11 +536,11 @@ def test_help_imports_nothing_heavy():
 
 @pytest.fixture
 def two_models_cache(tiny, tmp_path, capsys):
-    """A cache with two models (the tiny llama and a copy under another name), int8 and nf4 each."""
-    import shutil
+    """A cache with two models (the tiny llama and a tiny qwen2: ids "llama-…" and "qwen2-…"),
+    int8 and nf4 each. (A copy of the llama would share its content id.)"""
+    from sli.synth import synth_model
 
-    other = tmp_path / "other"
-    shutil.copytree(tiny, other)
+    other = synth_model(tmp_path / "other", "qwen2", "tiny")
     cache = tmp_path / "cache"
     for model in (tiny, other):
         for mode in ("int8", "nf4"):
@@ -564,7 +566,7 @@ def test_cache_info_per_model_and_mode(two_models_cache, capsys):
 
     info = _cache_json(capsys, "info", "--cache-dir", str(two_models_cache))
     groups = {(g["model_id"].split("-")[0], g["mode"]): g for g in info["models"]}
-    assert set(groups) == {("llama", "int8"), ("llama", "nf4"), ("other", "int8"), ("other", "nf4")}
+    assert set(groups) == {("llama", "int8"), ("llama", "nf4"), ("qwen2", "int8"), ("qwen2", "nf4")}
     for g in groups.values():
         assert g["entries"] == 2 and g["layers"] == ["0", "1"]
         assert g["bytes"] > 0 and abs(g["last_used"] - time.time()) < 600
@@ -576,7 +578,7 @@ def test_cache_info_per_model_and_mode(two_models_cache, capsys):
     assert "8 entries" in text and "hits" not in text
     rows = [line.split() for line in text.splitlines()[2:]]
     assert sorted((r[0].split("-")[0], r[1], r[2]) for r in rows) == [
-        ("llama", "int8", "2"), ("llama", "nf4", "2"), ("other", "int8", "2"), ("other", "nf4", "2")]
+        ("llama", "int8", "2"), ("llama", "nf4", "2"), ("qwen2", "int8", "2"), ("qwen2", "nf4", "2")]
 
 
 def test_cache_rm_one_mode_then_the_model(two_models_cache, capsys):
@@ -586,15 +588,15 @@ def test_cache_rm_one_mode_then_the_model(two_models_cache, capsys):
     assert "removed 2 entries" in capsys.readouterr().out
     info = _cache_json(capsys, "info", "--cache-dir", cache)
     assert sorted((g["model_id"].split("-")[0], g["mode"]) for g in info["models"]) == [
-        ("llama", "int8"), ("other", "int8"), ("other", "nf4")]
+        ("llama", "int8"), ("qwen2", "int8"), ("qwen2", "nf4")]
     assert main(["cache", "rm", llama, "--mode", "nf4", "--cache-dir", cache]) == 1
     assert "no nf4 entries" in _error_line(capsys)
     assert main(["cache", "rm", llama, "--cache-dir", cache]) == 0
-    assert [m.split("-")[0] for m in _model_ids(two_models_cache)] == ["other"]
+    assert [m.split("-")[0] for m in _model_ids(two_models_cache)] == ["qwen2"]
     capsys.readouterr()
     assert main(["cache", "rm", "no-such-model", "--cache-dir", cache]) == 1
     line = _error_line(capsys)
-    assert "no-such-model" in line and "other-" in line
+    assert "no-such-model" in line and "qwen2-" in line
 
 
 def _corrupt_one_entry(cache):

@@ -81,6 +81,11 @@ def cmd_cache(args) -> int:
                          "removed": bool(args.remove and bad)}, "\n".join(bad_lines + [line]))
             return 1 if bad and not args.remove else 0
         elif args.action == "rm":
+            model_dir = Path(args.model_id).expanduser()
+            if model_dir.is_dir() and (model_dir / "config.json").is_file():
+                from ..checkpoint import checkpoint_model_id
+
+                args.model_id = checkpoint_model_id(model_dir)  # a model directory: its content's id
             entries = [e for e in cache.entries() if e["model_id"] == args.model_id]
             if not entries:
                 known = sorted({e["model_id"] for e in cache.entries()})

@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                        help="no progress bars or info lines, errors only")
         if name == "rm":
-            q.add_argument("model_id", metavar="MODEL_ID", help="a model id as `sli cache info` lists it")
+            q.add_argument("model_id", metavar="MODEL_ID", help="a model id as `sli cache info` lists it, or a model "
+                                                             "directory (its id is computed from its content)")
             q.add_argument("--mode", default=None, help=f"only this mode's entries: {MODES}, or mixed "
                                                         "(default: every mode)")
         q.add_argument("--cache-dir", help=cache_dir_help)
