@@ -229,6 +229,15 @@ class UniversalSLIProcessor:
         self._check_cache_room(cached.nbytes)
         return cached
 
+    def _sizing_layer(self) -> CachedLayer:
+        """Layer 0 as the cache holds it, or would: a calibrated entry not made yet has the
+        rounded entry's layout, so that one (not stored) tells its size."""
+        if not self.quantizer.needs_calibration() or self.cache.contains(self.model_id, 0, self.quantizer):
+            return self._cached_layer(0)
+        state = self._loader.layer_state(0, self._loader_layers[0])
+        self.checkpoint.release()
+        return self.quantizer.quantize_state_dict(state, self._linears[0], self._layer_key(0), round_calibrated=True)
+
     def _check_cache_room(self, layer_bytes: int) -> None:
         """Warn once when the disk cache cannot hold the whole quantized model: its oldest
         layers would be evicted and quantized again on every pass."""
@@ -250,7 +259,7 @@ class UniversalSLIProcessor:
             return params * torch.finfo(self.compute_dtype).bits // 8, 0
         # What a loaded layer holds: the cached bytes, the kernels' precomputed scales and
         # the norms in compute dtype; plus, for a prompt, one weight's dequantized row chunk.
-        cached = self._cached_layer(0)
+        cached = self._sizing_layer()
         qweights, _ = split_cached(cached)
         chunk = max((prompt_chunk_rows(q) * int(q.metadata["shape"][1]) for q in qweights.values()), default=0)
         return ready_bytes(cached, self.compute_dtype), chunk * torch.finfo(self.compute_dtype).bits // 8
@@ -303,14 +312,24 @@ class UniversalSLIProcessor:
         return self.runner.timings
 
     # ------------------------------------------------------------------ public API
-    def prewarm(self, progress: bool = True) -> int:
+    def prewarm(self, progress: bool = True, calibration: Union[None, str, Path] = None) -> int:
         """Quantize every decoder layer into the cache; returns how many were added.
 
         Resumable: layers already in the cache are skipped, so a prewarm killed half-way
-        and started again does only the missing ones.
+        and started again does only the missing ones. A calibrated config (``method="gptq"``)
+        is warmed by :func:`sli.calibration.calibrate` on ``calibration``: the text (a ``str``),
+        a file holding it (a :class:`~pathlib.Path`), or None for the default text; the config
+        must name the same text (:func:`sli.calibration.calibration_config`).
         """
         from tqdm.auto import tqdm
 
+        if self.quantizer.needs_calibration():
+            from .calibration import calibrate
+
+            return calibrate(self, calibration, progress=progress)
+        if calibration is not None:
+            raise SLIError("prewarm(calibration=...) needs a calibrated config: QuantizationConfig(mode='int4' or "
+                           "'nf4', method='gptq'), or sli.calibration.calibration_config(config, text=...)")
         added = 0
         for index in tqdm(range(self.layout.num_layers), desc=f"warming {self.model_id}", unit="layer",
                           disable=not progress):

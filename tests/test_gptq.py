@@ -275,3 +275,81 @@ def test_calibration_runs_other_layouts(tmp_path, family):
             assert masks[1] is None or not torch.equal(masks[0], masks[1])
         assert calibration.calibrate(proc, progress=False) == proc.layout.num_layers
         assert proc.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2).shape == (1, 2)
+
+
+# -- the API and CLI ways in: prewarm(calibration=...), sli warm --calibrate -----------------------
+
+def _cli_error(capsys):
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("sli: error: "), err
+    return err[0]
+
+
+def test_prewarm_calibrates_a_calibrated_config_on_the_text_given(tmp_path):
+    from sli.calibration import calibration_config, default_calibration_text
+    from sli.synth import synth_model
+
+    path = synth_model(tmp_path / "m", family="llama", preset="tiny", with_tokenizer=True)
+    text = default_calibration_text()[:20000][::-1]  # not the default text
+    base = QuantizationConfig(mode="int4", calibration_window=64)
+    config = calibration_config(base, text=text, tokens=256)
+    assert config.method == "gptq" and config.calibration.startswith("sha256:") and config.calibration_tokens == 256
+    with UniversalSLIProcessor(path, config, cache_dir=tmp_path / "cache", device="cpu") as proc:
+        with pytest.raises(SLIError, match="pass that text"):
+            proc.prewarm(progress=False)  # the config names another text than the default
+        with pytest.raises(SLIError, match="hash"):
+            proc.prewarm(progress=False, calibration="some other text " * 200)
+        assert proc.prewarm(progress=False, calibration=text) == proc.layout.num_layers
+        assert proc.prewarm(progress=False) == 0  # all cached: the text is not needed again
+        calibrated = proc.cache.entries()
+    with UniversalSLIProcessor(path, base, cache_dir=tmp_path / "cache", device="cpu") as proc:
+        with pytest.raises(SLIError, match="needs a calibrated config"):
+            proc.prewarm(progress=False, calibration=text)
+        assert proc.prewarm(progress=False) == proc.layout.num_layers  # RTN entries never mix with calibrated ones
+        assert {e["fingerprint"] for e in proc.cache.entries()} > {e["fingerprint"] for e in calibrated}
+
+
+def test_sli_warm_calibrate_then_generate_reads_the_calibrated_entries(tmp_path, capsys):
+    from sli.cli import main
+    from sli.synth import synth_model
+
+    path = str(synth_model(tmp_path / "m", family="llama", preset="tiny", with_tokenizer=True))
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 300, encoding="utf-8")
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    calib = ["--calibration-file", str(text), "--calibration-tokens", "256"]
+    assert main(["warm", path, "--mode", "nf4", "--calibrate", *calib, *cache, "--json", "-q"]) == 0
+    warmed = json.loads(capsys.readouterr().out)
+    assert warmed["added"] == warmed["layers"] == 2
+    # the same calibrated config by its name: nothing to calibrate again
+    assert main(["warm", path, "--mode", "nf4-gptq", *calib, *cache, "--json", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)["added"] == 0
+    assert main(["generate", path, "Hello", "--mode", "nf4-gptq", *calib, *cache, "--max-new-tokens", "2",
+                 "--json", "-q"]) == 0
+    generated = json.loads(capsys.readouterr().out)
+    assert generated["cache"]["disk_misses"] == 0 and generated["new_tokens"] == 2
+    # the file is part of the config's identity: without it (the default text) the entries are another
+    # config's, calibrated anew beside the first
+    assert main(["generate", path, "Hello", "--mode", "nf4-gptq", "--calibration-tokens", "256", *cache,
+                 "--max-new-tokens", "1", "--json", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)["new_tokens"] == 1
+    from sli.layer_cache import LayerCache
+
+    with LayerCache(tmp_path / "cache") as layer_cache:
+        entries = layer_cache.entries()
+    assert len(entries) == 4 and len({e["fingerprint"] for e in entries}) == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mode", "int8", "--calibrate"], "has no calibrated method"),
+    (["--mode", "int8", "--calibration-tokens", "64"], "apply to calibrated modes"),
+    (["--mode", "int4-gptq", "--calibration-file", "/no/such/file.txt"], "is not a file"),
+])
+def test_sli_warm_calibration_options_are_checked(tmp_path, capsys, argv, message):
+    from sli.cli import main
+    from sli.synth import synth_model
+
+    path = str(synth_model(tmp_path / "m", family="llama", preset="tiny", with_tokenizer=True))
+    assert main(["warm", path, *argv, "--cache-dir", str(tmp_path / "cache"), "-q"]) == 1
+    assert message in _cli_error(capsys)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").glob("*.safetensors"))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..errors import SLIError
-from .options import (DEFAULT_PROMPT, check_device, check_mode, checked_model_dir, emit, logger,
+from .options import (DEFAULT_PROMPT, calibration_text_of, check_device, check_mode, checked_model_dir, emit, logger,
                       model_dir_of, open_processor, peak_rss_mb, progress_bars, reset_peak_rss, valid_modes)
 
 
@@ -18,7 +18,7 @@ def cmd_warm(args) -> int:
     progress_bars(args)
     proc = open_processor(args, model_dir_of(args))
     t0 = time.perf_counter()
-    added = proc.prewarm(progress=progress_bars(args))
+    added = proc.prewarm(progress=progress_bars(args), calibration=calibration_text_of(args))
     stats = proc.cache.stats().to_dict()
     result = {"model_id": proc.model_id, "layers": proc.layout.num_layers, "added": added,
               "seconds": round(time.perf_counter() - t0, 2), "cache": stats}
@@ -129,7 +129,7 @@ def cmd_generate(args) -> int:
     proc = open_processor(args, model_dir, max_context_tokens=len(prompt.ids) + max_new_tokens)
     proc.plan  # made (and logged once, by the processor) before the warm-up, as the first thing said
     warm_t0 = time.perf_counter()
-    proc.prewarm(progress=progress_bars(args))
+    proc.prewarm(progress=progress_bars(args), calibration=calibration_text_of(args))
     warm_s = time.perf_counter() - warm_t0
     printed: List[int] = []
 
@@ -246,7 +246,7 @@ def cmd_chat(args) -> int:
     progress_bars(args)
     model_dir, _ = checked_model_dir(model_dir_of(args))
     proc = open_processor(args, model_dir)
-    proc.prewarm(progress=progress_bars(args))
+    proc.prewarm(progress=progress_bars(args), calibration=calibration_text_of(args))
     sampling = dict(do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed)
     conversation = Conversation(proc, system=args.system, max_new_tokens=args.max_new_tokens, sampling=sampling)
@@ -278,7 +278,7 @@ def cmd_serve(args) -> int:
                        "(--api-key or $SLI_API_KEY)", args.host)
     proc = open_processor(args, model_dir)
     proc.plan  # made (and logged once, by the processor) before the warm-up
-    proc.prewarm(progress=progress_bars(args))
+    proc.prewarm(progress=progress_bars(args), calibration=calibration_text_of(args))
     name = args.model_name or model_dir.name
     if args.json:
         print(json.dumps({"url": f"http://{args.host}:{args.port}/v1", "model": name, "model_id": proc.model_id,

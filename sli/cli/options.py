@@ -112,8 +112,9 @@ def device_name(text: str) -> str:
 
 def valid_modes() -> List[str]:
     from ..quantization import QuantizationMode
+    from ..quantization.presets import calibrated_names
 
-    return [m.value for m in QuantizationMode] + ["mixed"]
+    return [m.value for m in QuantizationMode] + ["mixed"] + calibrated_names()
 
 
 def check_mode(mode: str, option: str = "--mode") -> str:
@@ -160,6 +161,47 @@ def config_for(mode: str):
         return QuantizationConfig(mode=mode)  # raises ValueError listing the modes
 
 
+def quantization_config_of(args, positions: Optional[int] = None):
+    """The quantization ``--mode`` names, made calibrated by ``--calibrate`` (sli warm) and set to
+    ``--calibration-file`` / ``--calibration-tokens`` where it is calibrated; its calibration
+    windows no longer than the model's ``positions``."""
+    import dataclasses
+
+    from ..calibration import calibration_config
+    from ..quantization import QuantizationConfig
+    from ..quantization.presets import calibrated_names
+
+    config = config_for(args.mode)
+    path, tokens = getattr(args, "calibration_file", None), getattr(args, "calibration_tokens", None)
+    calibrated = isinstance(config, QuantizationConfig) and config.calibrated
+    if getattr(args, "calibrate", False) and not calibrated:
+        if f"{args.mode}-gptq" not in calibrated_names():
+            raise SLIError(f"--calibrate: mode {args.mode!r} has no calibrated method; use --mode "
+                           f"{' or '.join(n.split('-')[0] for n in calibrated_names())}")
+        calibrated = True
+    if not calibrated:
+        if path is not None or tokens is not None:
+            raise SLIError("--calibration-file and --calibration-tokens apply to calibrated modes: add --calibrate "
+                           f"(sli warm) or use --mode {' / '.join(calibrated_names())}")
+        return config
+    if path is not None:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise SLIError(f"--calibration-file {str(path)!r} is not a file; pass a UTF-8 text file")
+    if positions and config.calibration_window > positions:
+        config = dataclasses.replace(config, calibration_window=int(positions))
+    try:
+        return calibration_config(config, path=path, tokens=tokens)
+    except UnicodeDecodeError as exc:
+        raise SLIError(f"--calibration-file {str(path)!r} is not UTF-8 text ({exc.reason})") from None
+
+
+def calibration_text_of(args) -> Optional[Path]:
+    """The file ``--calibration-file`` names (None: the default calibration text)."""
+    path = getattr(args, "calibration_file", None)
+    return Path(path).expanduser() if path is not None else None
+
+
 def progress_bars(args) -> bool:
     """Progress bars: only on a terminal, and not with -q. Turns transformers' own bars (loading,
     saving shards) off otherwise; sli's are passed the answer."""
@@ -180,12 +222,14 @@ def model_dir_of(args) -> Path:
 
 
 def open_processor(args, model_dir: Path, **kwargs):
+    from ..model_check import max_positions
     from ..processor import UniversalSLIProcessor
 
     check_mode(args.mode)
     check_device(args.device)
-    model_dir, _ = checked_model_dir(model_dir)
-    return UniversalSLIProcessor(model_dir, config_for(args.mode), cache_dir=args.cache_dir, device=args.device,
+    model_dir, hf_config = checked_model_dir(model_dir)
+    positions = max_positions(hf_config)
+    return UniversalSLIProcessor(model_dir, quantization_config_of(args, positions), cache_dir=args.cache_dir, device=args.device,
                                  max_cache_size_gb=args.max_cache_size_gb,
                                  memory_budget_gb=getattr(args, "memory_budget_gb", None),
                                  max_gpu_memory_gb=getattr(args, "memory_budget_gb", None), **kwargs)

@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def engine(p, mode: str, budget, json_help: str = "print the result as JSON"):
         """The options of a command that runs the streamed model."""
-        p.add_argument("--mode", default=mode, help=f"quantization mode of the cached layers: {MODES}, or mixed "
-                                                     "(INT8 attention, NF4 MLP)")
+        p.add_argument("--mode", default=mode, help=f"quantization mode of the cached layers: {MODES}; mixed "
+                                                     "(INT8 attention, NF4 MLP); int4-gptq, nf4-gptq, fp4-gptq "
+                                                     "(calibrated)")
         p.add_argument("--cache-dir", help="layer cache directory (default: $SLI_CACHE_DIR, else "
                                            "$SLI_HOME/layer-cache, else ~/.cache/sli/layer-cache)")
         p.add_argument("--max-cache-size-gb", type=positive_float, default=None,
@@ -46,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", type=device_name, default=None,
                        help="cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu)")
         p.add_argument("--json", action="store_true", help=json_help)
+        p.add_argument("--calibration-file", metavar="FILE",
+                       help="UTF-8 text a calibrated mode (--mode int4-gptq, nf4-gptq, or sli warm --calibrate) "
+                            "was calibrated on (default: the text that ships with sli)")
+        p.add_argument("--calibration-tokens", type=int_at_least(1), default=None, metavar="N",
+                       help="tokens of the calibration text to calibrate on, >= 1 (default: the mode's preset)")
         if budget is not False:
             p.add_argument("--memory-budget-gb", type=positive_float, default=budget,
                            help="RAM (CPU) or GPU memory for the model in GiB, > 0; layers beyond it stream "
@@ -93,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Ctrl-C stops an answer. Each turn feeds only its own tokens.")
     p.add_argument("model_dir", nargs="?", help="local model directory (default: SmolLM2-135M-Instruct, converted once)")
     p.add_argument("--system", metavar="TEXT", help="a system prompt (default: the template's own, if any)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="calibrate the 4-bit --mode (GPTQ, layer by layer on sample text) instead of rounding: "
+                        "--mode int4 --calibrate is --mode int4-gptq")
     engine(p, "int8", None)
     sampling(p)
     p.set_defaults(func=cmd_chat, max_new_tokens=256)

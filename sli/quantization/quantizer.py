@@ -134,13 +134,15 @@ class LayerQuantizer:
         return CachedLayer(tensors, linears)
 
     def quantize_state_dict(self, state_dict: Dict[str, torch.Tensor], linear_paths: Dict[str, bool],
-                            layer_name: str = "", quantized: Optional[Dict[str, QuantizedTensor]] = None) -> CachedLayer:
+                            layer_name: str = "", quantized: Optional[Dict[str, QuantizedTensor]] = None,
+                            round_calibrated: bool = False) -> CachedLayer:
         """Quantize a layer's checkpoint tensors without building the module.
 
         ``linear_paths`` maps each linear module path inside the layer to whether it is
         a Conv1D (``[in, out]`` weight). Tensors of other modules are kept as they are.
         ``quantized`` gives linears already quantized (by path: calibrated methods, see
-        :mod:`sli.calibration`); the others are quantized here.
+        :mod:`sli.calibration`); the others are quantized here. ``round_calibrated``: a calibrated
+        linear not given is rounded instead (the same byte layout, not its values: for sizing).
         """
         quantized = quantized or {}
         tensors: Dict[str, torch.Tensor] = {}
@@ -153,7 +155,12 @@ class LayerQuantizer:
                 continue
             transposed = linear_paths[path]
             weight = tensor.t() if transposed else tensor
-            qweight = quantized[path] if path in quantized else _quantize_alone(weight, config, join_path(layer_name, path))
+            if path in quantized:
+                qweight = quantized[path]
+            elif round_calibrated and config.calibrated:
+                qweight = codec_for(config.mode).quantize(weight, config)
+            else:
+                qweight = _quantize_alone(weight, config, join_path(layer_name, path))
             linears[path] = dict(qweight.metadata, transposed=transposed)
             for key, value in qweight.tensors.items():
                 tensors[join_path(path, key)] = value
