@@ -5,11 +5,12 @@ from __future__ import annotations
 import signal
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, TextIO
+from typing import Callable, Dict, List, Optional, Sequence, TextIO
 
 import torch
 
-from .chat_template import has_chat_template, stop_token_ids
+from .chat_template import has_chat_template
+from .stopping import StopStrings, end_token_ids
 
 EXIT_COMMANDS = ("/exit", "/quit", "/bye")
 
@@ -36,8 +37,9 @@ class Conversation:
     processor: object
     system: Optional[str] = None
     max_new_tokens: int = 256
-    sampling: Dict[str, object] = field(default_factory=dict)  # do_sample, temperature, top_k, top_p, seed
+    sampling: Dict[str, object] = field(default_factory=dict)  # do_sample, temperature, top_k, top_p, min_p, ...
     messages: List[Dict[str, str]] = field(default_factory=list)
+    stop: Sequence[str] = ()  # stop strings: an answer ends before the first (which is not kept)
 
     def __post_init__(self) -> None:
         self.tokenizer = self.processor.tokenizer()
@@ -47,7 +49,8 @@ class Conversation:
         if self.system:
             self.messages.append({"role": "system", "content": self.system})
         self.session = self.processor.new_session()
-        self.stop_ids = stop_token_ids(self.tokenizer, self.processor.config)
+        self.stop_ids = end_token_ids(self.processor.model_dir, self.processor.config, self.tokenizer)
+        StopStrings(self.stop)  # a stop that is not a string fails here, not in a turn
 
     def _conversation_ids(self) -> List[int]:
         text = self.tokenizer.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=True)
@@ -56,7 +59,8 @@ class Conversation:
     def ask(self, text: str, on_text: Callable[[str], None] = lambda piece: None,
             should_stop: Optional[Callable[[], bool]] = None) -> str:
         """The model's answer to ``text``, streamed piece by piece to ``on_text``; ``should_stop()``
-        ends it early (the partial answer stays in the conversation)."""
+        ends it early (the partial answer stays in the conversation), as does a stop string (the
+        answer is cut before it; the start of one is not shown until it is known not to be one)."""
         if not text.strip():
             raise ValueError("the message is empty")
         self.messages.append({"role": "user", "content": text})
@@ -67,18 +71,26 @@ class Conversation:
             session.rewind(min(agree, session.length))
         new_ids = torch.tensor([wanted[len(session.token_ids):]], dtype=torch.long)
         answer: List[int] = []
+        shown = StopStrings(self.stop)
 
         def on_token(token: torch.Tensor) -> None:
             token_id = int(token[0])
             if token_id in self.stop_ids:
                 return
-            before = self.tokenizer.decode(answer, skip_special_tokens=True)
             answer.append(token_id)
-            on_text(self.tokenizer.decode(answer, skip_special_tokens=True)[len(before):])
+            piece = shown.update(self.tokenizer.decode(answer, skip_special_tokens=True))
+            if piece:
+                on_text(piece)
+
+        def stop() -> bool:
+            return shown.stopped or (should_stop is not None and should_stop())
 
         self.processor.generate(new_ids, max_new_tokens=self.max_new_tokens, eos_token_id=self.stop_ids,
-                                callback=on_token, session=session, should_stop=should_stop, **self.sampling)
-        reply = self.tokenizer.decode(answer, skip_special_tokens=True)
+                                callback=on_token, session=session, should_stop=stop, **self.sampling)
+        rest = shown.flush()
+        if rest:
+            on_text(rest)
+        reply = shown.text
         self.messages.append({"role": "assistant", "content": reply})
         return reply
 

@@ -496,7 +496,8 @@ class UniversalSLIProcessor:
                  eos_token_id: Optional[Union[int, Sequence[int]]] = None, attention_mask: Optional[torch.Tensor] = None,
                  callback: Optional[Callable[[torch.Tensor], None]] = None, seed: Optional[int] = None,
                  session: Optional[GenerationSession] = None,
-                 should_stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+                 should_stop: Optional[Callable[[], bool]] = None, min_p: Optional[float] = None,
+                 repetition_penalty: float = 1.0) -> torch.Tensor:
         """Generate up to ``max_new_tokens`` tokens with a KV cache; returns the new ids ``[B, T]``.
 
         ``input_ids_or_prompt``: token ids ``[S]``/``[B, S]`` (left-padded with
@@ -505,7 +506,9 @@ class UniversalSLIProcessor:
         step's new tokens ``[B]`` as they come. A finished row (EOS) keeps emitting EOS.
         ``session`` (:meth:`new_session`, one sequence) continues a conversation: the call feeds
         only the new prompt, after what the session's KV cache already holds. ``should_stop()``
-        returning True ends generation after the current token.
+        returning True ends generation after the current token. ``repetition_penalty`` (> 0, 1 =
+        off) and ``min_p`` (in [0, 1], 0 = off) act as transformers' (:mod:`sli.generation`); the
+        penalty counts the prompt, a session's earlier turns and the answer.
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens} is negative; pass 0 or more")
@@ -522,13 +525,16 @@ class UniversalSLIProcessor:
             self._check_length(input_ids.shape[1] + max_new_tokens)
             kv_cache = self._new_kv_cache(input_ids.shape[1] + max_new_tokens)
             return generate_tokens(self._step, input_ids, mask, kv_cache, max_new_tokens, eos,
-                                   do_sample, temperature, top_k, top_p, generator, callback, should_stop)
+                                   do_sample, temperature, top_k, top_p, generator, callback, should_stop,
+                                   min_p=min_p, repetition_penalty=repetition_penalty)
         if input_ids.shape[0] != 1:
             raise ValueError(f"a session holds one conversation; got a batch of {input_ids.shape[0]} prompts")
         ids, mask = session.continue_with(input_ids[mask.bool()].view(1, -1))
         self._check_length(session.length + ids.shape[1] + max_new_tokens)
+        history = torch.tensor([session.token_ids[:session.length]], dtype=torch.long, device=self.device)
         new = generate_tokens(self._step, ids, mask, session.kv_cache, max_new_tokens, eos,
-                              do_sample, temperature, top_k, top_p, generator, callback, should_stop)
+                              do_sample, temperature, top_k, top_p, generator, callback, should_stop,
+                              min_p=min_p, repetition_penalty=repetition_penalty, history=history)
         session.record(ids, new)
         return new
 
