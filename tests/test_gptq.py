@@ -156,8 +156,8 @@ def test_streamed_calibration_fills_the_cache_resumes_and_generates(tiny, tmp_pa
 
     # a run killed while storing layer 1 resumes there, from the activations it left on disk
     solved = []
-    real_solve = calibration.gptq_quantize
-    monkeypatch.setattr(calibration, "gptq_quantize", lambda *a, **k: solved.append(1) or real_solve(*a, **k))
+    real_solve = calibration.layer_solve.gptq_quantize
+    monkeypatch.setattr(calibration.layer_solve, "gptq_quantize", lambda *a, **k: solved.append(1) or real_solve(*a, **k))
     with UniversalSLIProcessor(tiny, _config(), cache_dir=tmp_path / "killed", device="cpu") as proc:
         real_put = proc.cache.put
 

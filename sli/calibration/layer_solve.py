@@ -1,0 +1,166 @@
+"""One decoder layer's calibration: its float module, the Hessians of its linears' inputs
+(linears reading one tensor share one), and the GPTQ solve into the codec's bytes."""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import SLIError
+from ..quantization import QuantizedTensor, codec_for
+from ..quantization.gptq import Hessian, gptq_quantize, supports
+from ..quantization.modules import is_conv1d
+from .activations import Activations
+from .layer_inputs import LayerArgs, Stop, run_layer
+
+logger = logging.getLogger(__name__)
+
+
+def layer_module(processor, index: int, state: Dict[str, torch.Tensor]) -> nn.Module:
+    """Decoder layer ``index`` as a module holding ``state`` in compute dtype on the processor's device."""
+    layer = copy.deepcopy(processor._loader_layers[index])  # on the meta device: costs nothing
+    dtype = processor.compute_dtype
+    layer.load_state_dict({k: v.to(processor.device, dtype if v.is_floating_point() else v.dtype)
+                           for k, v in state.items()}, strict=True, assign=True)
+    return layer.eval()
+
+
+def checkpoint_state(processor, index: int) -> Dict[str, torch.Tensor]:
+    """Layer ``index``'s tensors as the checkpoint stores them."""
+    state = processor._loader.layer_state(index, processor._loader_layers[index])
+    processor.checkpoint.release()
+    return state
+
+
+def _input_groups(layer: nn.Module, paths: List[str], hidden: torch.Tensor, kwargs: LayerArgs) -> List[List[str]]:
+    """``paths`` grouped by the tensor they read (q/k/v, gate/up share one), groups and members in the
+    order they run (one forward of ``hidden``)."""
+    seen: List[Tuple[str, torch.Tensor]] = []
+    handles = [layer.get_submodule(p).register_forward_hook(lambda m, args, out, p=p: seen.append((p, args[0])))
+               for p in paths]
+    try:
+        run_layer(layer, hidden, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: List[Tuple[List[str], torch.Tensor]] = []
+    for path, x in seen:
+        same = next((g for g, y in groups if y is x), None)
+        if same is None:
+            groups.append(([path], x))
+        elif path not in same:
+            same.append(path)
+    found = {p for g, _ in groups for p in g}
+    missing = [p for p in paths if p not in found]
+    if missing:
+        raise SLIError(f"linears {missing[:3]} never ran during calibration; cannot collect their inputs")
+    return [g for g, _ in groups]
+
+
+def _hessians(layer: nn.Module, groups: List[List[str]], stop_after: Optional[str], read, chunks,
+              device: torch.device) -> List[Hessian]:
+    """Each group's Hessian over every chunk (``read(chunk)``: its input); the forward stops after
+    ``stop_after`` runs (the rest of the layer is not needed yet)."""
+    hessians = [Hessian(_in_features(layer.get_submodule(g[0])), device) for g in groups]
+    handles = [layer.get_submodule(g[0]).register_forward_hook(lambda m, args, out, h=h: h.add(args[0]))
+               for g, h in zip(groups, hessians)]
+    if stop_after is not None:
+        handles.append(layer.get_submodule(stop_after).register_forward_hook(_raise_stop))
+    try:
+        for chunk, kwargs in chunks:
+            try:
+                run_layer(layer, read(chunk), kwargs)
+            except Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return hessians
+
+
+def _in_features(module: nn.Module) -> int:
+    return module.weight.shape[0] if is_conv1d(module) else module.weight.shape[1]
+
+
+def _raise_stop(module, args, out):
+    raise Stop
+
+
+def _set_weight(layer: nn.Module, path: str, q: QuantizedTensor, conv1d: bool) -> None:
+    """Put ``q``'s dequantized weight in the float layer's linear ``path``."""
+    module = layer.get_submodule(path)
+    weight = codec_for(q.metadata["codec"]).dequantize(q, torch.float32)
+    module.weight.copy_(weight.t() if conv1d else weight)
+
+
+def quantize_layer(processor, index: int, state: Dict[str, torch.Tensor], activations: Activations,
+                    chunks: List[Tuple[int, LayerArgs]], timing: Dict[str, float]):
+    """Collect the Hessians of layer ``index`` (``state``: its checkpoint tensors) on its stored
+    inputs and quantize its linears; the float layer is freed before the last solve.
+
+    Sequential (``gptq_sequential``): the linears that read one input are solved in the order
+    they run, each on inputs computed with the linears before it already quantized (as the layer
+    will run); each such pass stops after the linears it collects for. Otherwise one float pass
+    collects every Hessian."""
+    quantizer = processor.quantizer
+    layer_key = processor._layer_key(index)
+    conv1d = processor._linears[index]
+    configs = {path: quantizer.config_for(f"{layer_key}.{path}") for path in conv1d}
+    calibrated = [p for p, c in configs.items() if c is not None and c.calibrated]
+    solved: Dict[str, QuantizedTensor] = {}
+    if not calibrated:
+        return quantizer.quantize_state_dict(state, conv1d, layer_key)
+    sequential = any(configs[p].gptq_sequential for p in calibrated)
+    device, dtype = processor.device, processor.compute_dtype
+
+    def read(chunk: int) -> torch.Tensor:
+        return activations.read(index, chunk).to(device, dtype)
+
+    layer = layer_module(processor, index, state)
+    if sequential:  # rounded linears run as they will
+        for p, config in configs.items():
+            if config is not None and not config.calibrated:
+                solved[p] = codec_for(config.mode).quantize(_checkpoint_weight(state, p, conv1d[p]), config)
+                _set_weight(layer, p, solved[p], conv1d[p])
+    groups = _input_groups(layer, calibrated, read(chunks[0][0]), chunks[0][1])
+    stages = [[g] for g in groups] if sequential else [groups]
+    timing["hessians_s"] = timing["solve_s"] = 0.0
+    for number, stage in enumerate(stages):
+        t0 = time.perf_counter()
+        last = number == len(stages) - 1
+        hessians = _hessians(layer, stage, None if last else stage[-1][-1], read, chunks, device)
+        if last:
+            del layer
+        t1 = time.perf_counter()
+        timing["hessians_s"] += t1 - t0
+        for paths, hessian in zip(stage, hessians):
+            by_config: Dict[str, List[str]] = {}
+            for p in paths:
+                by_config.setdefault(configs[p].fingerprint(), []).append(p)
+            for same in by_config.values():
+                config = configs[same[0]]
+                weights = {p: _checkpoint_weight(state, p, conv1d[p]) for p in same}
+                ok = [p for p in same if supports(config, tuple(weights[p].shape))]
+                for p in same:
+                    if p not in ok:  # e.g. NF4 blocks that would straddle rows
+                        logger.warning("layer %d %s: GPTQ cannot write %s in %s blocks; rounded to nearest",
+                                       index, p, tuple(weights[p].shape), config.mode.value)
+                        solved[p] = codec_for(config.mode).quantize(weights[p], config)
+                if ok:
+                    solved.update(gptq_quantize({p: weights[p].to(device) for p in ok}, hessian.matrix, config))
+            if not last:
+                for p in paths:
+                    _set_weight(layer, p, solved[p], conv1d[p])
+        del hessians
+        timing["solve_s"] += time.perf_counter() - t1
+    solved = {p: QuantizedTensor({k: v.cpu() for k, v in q.tensors.items()}, q.metadata) for p, q in solved.items()}
+    return quantizer.quantize_state_dict(state, conv1d, layer_key, quantized=solved)
+
+
+def _checkpoint_weight(state: Dict[str, torch.Tensor], path: str, conv1d: bool) -> torch.Tensor:
+    weight = state[f"{path}.weight"]
+    return weight.t() if conv1d else weight
