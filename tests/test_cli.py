@@ -644,3 +644,73 @@ def test_cache_clear_empties_a_cache(two_models_cache, capsys):
     assert main(["cache", "clear", "--cache-dir", str(two_models_cache)]) == 0
     assert "8 entries removed" in capsys.readouterr().out
     assert _cache_json(capsys, "info", "--cache-dir", str(two_models_cache))["entries"] == 0
+
+
+# ---------------------------------------------------------------- sampling and stop strings
+
+
+def _stop_in(text):
+    """Two printable ASCII characters of ``text`` after its start, and where they first appear."""
+    for i in range(2, len(text) - 1):
+        pair = text[i:i + 2]
+        if pair.isascii() and pair.isprintable():
+            return pair, text.index(pair)
+    raise AssertionError(f"no two printable ASCII characters in a row to stop at in {text!r}")
+
+
+def test_generate_stop_cuts_the_answer_before_it_and_ends_early(tiny, tmp_path, capsys):
+    base = ["generate", str(tiny), "Hello there", "--mode", "int8", "--max-new-tokens", "32",
+            "--cache-dir", str(tmp_path / "c")]
+    assert main(base + ["--json"]) == 0
+    whole = _json_out(capsys)
+    stop, at = _stop_in(whole["text"])
+    assert main(base + ["--json", "--stop", "never seen", "--stop", stop]) == 0
+    cut = _json_out(capsys)
+    assert cut["text"] == whole["text"][:at] and (cut["finish_reason"], cut["stop"]) == ("stop", stop)
+    assert cut["new_tokens"] < whole["new_tokens"]  # generation ended at the stop string
+    # streamed: what stdout shows is append-only, so a stop string's start printed early would stay in it
+    assert main(base + ["-q", "--stop", stop]) == 0
+    assert capsys.readouterr().out == "Hello there" + whole["text"][:at] + "\n"
+    # the start of a stop string that never comes is held back, then printed all the same
+    assert main(base + ["-q", "--stop", stop[0] + "\x01never"]) == 0
+    assert capsys.readouterr().out == "Hello there" + whole["text"] + "\n"
+
+
+def test_generate_passes_min_p_and_the_repetition_penalty(tiny, tmp_path, capsys, monkeypatch):
+    from sli.processor import UniversalSLIProcessor
+
+    received = {}
+    real = UniversalSLIProcessor.generate
+
+    def generate(self, *args, **kwargs):
+        received.update(kwargs)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(UniversalSLIProcessor, "generate", generate)
+    base = ["generate", str(tiny), "Hello there", "--mode", "int8", "--max-new-tokens", "24", "--json",
+            "--cache-dir", str(tmp_path / "c")]
+    assert main(base) == 0
+    greedy = _json_out(capsys)["text"]
+    assert (received["min_p"], received["repetition_penalty"]) == (None, 1.0)
+    assert main(base + ["--repetition-penalty", "1.8"]) == 0
+    assert _json_out(capsys)["text"] != greedy and received["repetition_penalty"] == 1.8
+    assert main(base + ["--temperature", "0.7", "--min-p", "1", "--seed", "3"]) == 0
+    assert _json_out(capsys)["text"] == greedy and received["min_p"] == 1.0  # min-p 1 keeps the top token alone
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("option, value, expected", [
+    ("--min-p", "1.5", "must be in [0, 1] (0 = off), got 1.5"),
+    ("--min-p", "-0.1", "must be in [0, 1] (0 = off), got -0.1"),
+    ("--min-p", "nan", "not a finite number"),
+    ("--repetition-penalty", "0", "must be > 0 (1 = off), got 0"),
+    ("--repetition-penalty", "-1.2", "must be > 0 (1 = off), got -1.2"),
+    ("--repetition-penalty", "strong", "'strong' is not a number"),
+    ("--stop", "", "must be a non-empty string"),
+])
+def test_sampling_options_out_of_range_are_one_line(tiny, tmp_path, capsys, command, option, value, expected):
+    argv = [command, str(tiny)] + (["Hi"] if command == "generate" else [])
+    assert main(argv + [option, value, "--cache-dir", str(tmp_path / "c")]) == 2
+    line = _error_line(capsys)
+    assert option in line and expected in line
+    assert not (tmp_path / "c").exists()

@@ -2,7 +2,6 @@
 import-gguf, bench)."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -82,16 +81,9 @@ def _generate_inputs(args) -> "tuple[Optional[str], str]":
 
 
 def _stop_ids(proc, tok) -> List[int]:
-    from ..chat_template import stop_token_ids
+    from ..stopping import end_token_ids
 
-    generation_config = None
-    path = Path(proc.model_dir) / "generation_config.json"
-    if path.is_file():
-        try:
-            generation_config = argparse.Namespace(**json.loads(path.read_text()))
-        except (ValueError, TypeError):
-            generation_config = None
-    return stop_token_ids(tok, proc.config, generation_config)
+    return end_token_ids(proc.model_dir, proc.config, tok)
 
 
 def cmd_generate(args) -> int:
@@ -100,6 +92,7 @@ def cmd_generate(args) -> int:
     from ..chat_template import encode_prompt
 
     from ..model_check import load_tokenizer, max_positions
+    from ..stopping import StopStrings
 
     model, prompt_text = _generate_inputs(args)
     check_mode(args.mode)
@@ -132,13 +125,13 @@ def cmd_generate(args) -> int:
     proc.prewarm(progress=progress_bars(args), calibration=calibration_text_of(args))
     warm_s = time.perf_counter() - warm_t0
     printed: List[int] = []
+    answer = StopStrings(args.stop)  # cut before a stop string; never prints one's start before it is resolved
 
     def on_token(token):
         printed.append(int(token[0]))
-        if not args.json:
-            text = tok.decode(printed, skip_special_tokens=True)
-            previous = tok.decode(printed[:-1], skip_special_tokens=True)
-            sys.stdout.write(text[len(previous):])
+        piece = answer.update(tok.decode(printed, skip_special_tokens=True))
+        if piece and not args.json:
+            sys.stdout.write(piece)
             sys.stdout.flush()
 
     if not args.json and not prompt.templated:
@@ -147,19 +140,25 @@ def cmd_generate(args) -> int:
     reset_peak_rss()  # conversion and warm-up are not part of the generation's peak
     t0 = time.perf_counter()
     first_token_at = []
+    eos = _stop_ids(proc, tok)
     new = proc.generate(torch.tensor([prompt.ids], dtype=torch.long), max_new_tokens=max_new_tokens,
                         do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_k=args.top_k,
-                        top_p=args.top_p, eos_token_id=_stop_ids(proc, tok),
+                        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                        eos_token_id=eos, should_stop=lambda: answer.stopped,
                         callback=lambda t: (first_token_at.append(time.perf_counter()) if not first_token_at else None,
                                             on_token(t)), seed=args.seed)
     total = time.perf_counter() - t0
+    rest = answer.flush()  # held back as the possible start of a stop string that never came
+    if rest and not args.json:
+        sys.stdout.write(rest)
     n = new.shape[1]
     prefill = (first_token_at[0] - t0) if first_token_at else total
     decode_tps = (n - 1) / (total - prefill) if n > 1 and total > prefill else 0.0
     stats = proc.cache.stats().to_dict()
     result = {"model_id": proc.model_id, "mode": args.mode, "prompt": prompt_text, "chat_template": prompt.templated,
-              "prompt_tokens": len(prompt.ids), "text": tok.decode(new[0], skip_special_tokens=True),
-              "new_tokens": n, "prefill_s": round(prefill, 3), "decode_tokens_per_s": round(decode_tps, 2),
+              "prompt_tokens": len(prompt.ids), "text": answer.text, "new_tokens": n,
+              "finish_reason": "stop" if answer.stopped or (n and int(new[0, -1]) in eos) else "length",
+              "stop": answer.matched, "prefill_s": round(prefill, 3), "decode_tokens_per_s": round(decode_tps, 2),
               "warm_s": round(warm_s, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
               "resident_layers": len(proc.plan.resident_layers), "num_layers": proc.layout.num_layers,
               "cache": stats}
@@ -248,8 +247,9 @@ def cmd_chat(args) -> int:
     proc = open_processor(args, model_dir)
     proc.prewarm(progress=progress_bars(args), calibration=calibration_text_of(args))
     sampling = dict(do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_k=args.top_k,
-                    top_p=args.top_p, seed=args.seed)
-    conversation = Conversation(proc, system=args.system, max_new_tokens=args.max_new_tokens, sampling=sampling)
+                    top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    conversation = Conversation(proc, system=args.system, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                stop=args.stop or ())
     try:
         return run_chat(conversation)
     finally:

@@ -59,6 +59,25 @@ def build_parser() -> argparse.ArgumentParser:
                                                     else ""))
 
     def sampling(p):
+        from .options import _finite
+
+        def unit_interval(text: str) -> float:
+            value = _finite(text)
+            if not 0 <= value <= 1:
+                raise argparse.ArgumentTypeError(f"must be in [0, 1] (0 = off), got {text}")
+            return value
+
+        def penalty(text: str) -> float:
+            value = _finite(text)
+            if value <= 0:
+                raise argparse.ArgumentTypeError(f"must be > 0 (1 = off), got {text}")
+            return value
+
+        def stop_string(text: str) -> str:
+            if not text:
+                raise argparse.ArgumentTypeError("must be a non-empty string")
+            return text
+
         p.add_argument("--max-new-tokens", type=int_at_least(0), default=24, help="tokens to generate at most, >= 0")
         p.add_argument("--temperature", type=non_negative_float, default=0.0,
                        help="sampling temperature, >= 0; 0 = greedy (the most likely token)")
@@ -67,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-p", type=probability, default=None,
                        help="sample among the most likely tokens whose probabilities add up to p, in (0, 1] "
                             "(default: 1, all)")
+        p.add_argument("--min-p", type=unit_interval, default=None,
+                       help="sample only among tokens at least MIN_P times as likely as the most likely one (after "
+                            "the temperature, as transformers), in [0, 1] (default: 0, off)")
+        p.add_argument("--repetition-penalty", type=penalty, default=1.0,
+                       help="divide the logits of tokens already in the prompt or the answer by this (multiply "
+                            "negative ones; greedy too), > 0; 1 = off, 1.1 to 1.3 usual")
+        p.add_argument("--stop", action="append", type=stop_string, metavar="TEXT",
+                       help="end the answer where TEXT appears, TEXT not included; repeatable (default: none)")
         p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: a fresh one)")
 
     p = sub.add_parser("warm", help="quantize every layer of a model into the layer cache (resumable)")
