@@ -312,7 +312,7 @@ def evaluate_modes(model_dir: Union[str, Path], modes: Iterable[str] = ALL_MODES
     base.eval()
     ckpt_dtype = _checkpoint_dtype(model_dir)
     text = load_eval_text(text_path)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][: num_windows * window]
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False)["input_ids"][0][: num_windows * window]
     windows = _windows(ids, window, num_windows)
     log(f"{model_dir.name}: {len(windows)} windows of up to {window} tokens ({ids.numel()} tokens)")
 
