@@ -28,7 +28,9 @@ from typing import Any, Deque, Dict, List, Optional, Sequence
 
 import torch
 
-from .generation import sample_next_token
+from .generation import (apply_frequency_presence_penalty, apply_repetition_penalty, check_sampling,
+                         sample_next_token, seen_tokens)
+from .stopping import StopStrings
 
 logger = logging.getLogger(__name__)
 
@@ -72,21 +74,26 @@ _ids = itertools.count(1)
 class Request:
     """One generation: prompt ids, sampling parameters and where its events go.
 
-    ``temperature`` 0 is greedy; ``top_p`` in (0, 1] filters the distribution; ``seed`` makes a
-    sampled answer repeatable (each request has its own generator, so other requests in the
-    batch do not change it); ``stop`` strings end the answer before them. ``output`` is any
-    object with ``put(event)`` (default: a :class:`queue.Queue`, read with :meth:`events`).
+    ``temperature`` 0 is greedy; ``top_p`` in (0, 1] and ``min_p`` in [0, 1] filter the
+    distribution; ``repetition_penalty`` (> 0, 1 = off) penalizes every token of the prompt and
+    the answer, ``frequency_penalty`` and ``presence_penalty`` (OpenAI's, in [-2, 2]) those of the
+    answer (see :mod:`sli.generation`); ``seed`` makes a sampled answer repeatable (each request
+    has its own generator, so other requests in the batch do not change it); ``stop`` strings
+    end the answer before them. ``output`` is any object with ``put(event)`` (default: a
+    :class:`queue.Queue`, read with :meth:`events`).
     """
 
     def __init__(self, prompt_ids: Sequence[int], max_tokens: int = 16, temperature: float = 1.0,
                  top_p: Optional[float] = None, seed: Optional[int] = None, stop: Sequence[str] = (),
-                 output: Any = None, ignore_eos: bool = False) -> None:
+                 output: Any = None, ignore_eos: bool = False, min_p: Optional[float] = None,
+                 repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0) -> None:
         if max_tokens < 1:
             raise ValueError(f"max_tokens={max_tokens} must be >= 1")
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        check_sampling(temperature, None, top_p, min_p, repetition_penalty)
+        for name, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
+            if not -2 <= value <= 2:
+                raise ValueError(f"{name}={value} must be in [-2, 2]")
         self.id = next(_ids)
         self.prompt_ids = [int(i) for i in prompt_ids]
         if not self.prompt_ids:
@@ -94,8 +101,11 @@ class Request:
         self.max_tokens = int(max_tokens)
         self.temperature = float(temperature)
         self.top_p = top_p
+        self.min_p = min_p
+        self.repetition_penalty = float(repetition_penalty)
+        self.frequency_penalty, self.presence_penalty = float(frequency_penalty), float(presence_penalty)
         self.seed = seed if seed is not None else random.SystemRandom().randrange(2 ** 63)
-        self.stop = [s for s in stop if s]
+        self.stop = StopStrings(stop).stops
         self.ignore_eos = bool(ignore_eos)  # run to max_tokens (benchmarks)
         self.output = output if output is not None else queue.Queue()
         self.submitted_at = time.perf_counter()
@@ -131,9 +141,34 @@ class _Sequence:
         self.length = 0  # positions in the KV cache
         self.feed: List[int] = list(request.prompt_ids)  # what the next step feeds
         self.generated: List[int] = []
-        self.sent = 0  # characters of the answer's text already emitted
+        self.text = StopStrings(request.stop)  # the answer's text: what was emitted, what is held back
         self.done = False
         self.generator = torch.Generator(device=device).manual_seed(request.seed)
+        self.seen: Optional[torch.Tensor] = None  # [1, V] tokens of the prompt and the answer
+        self.counts: Optional[torch.Tensor] = None  # [1, V] how often the answer has each token
+
+    def penalized(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` ``[1, V]`` after the request's penalties (unchanged without any)."""
+        request, vocab = self.request, logits.shape[-1]
+        if request.repetition_penalty != 1.0:
+            if self.seen is None:
+                ids = torch.tensor([request.prompt_ids + self.generated], dtype=torch.long, device=logits.device)
+                self.seen = seen_tokens(ids, vocab)
+            logits = apply_repetition_penalty(logits, self.seen, request.repetition_penalty)
+        if request.frequency_penalty or request.presence_penalty:
+            if self.counts is None:
+                generated = torch.tensor(self.generated, dtype=torch.long, device=logits.device)
+                self.counts = torch.bincount(generated.clamp(max=vocab), minlength=vocab + 1)[:vocab].view(1, -1)
+            logits = apply_frequency_presence_penalty(logits, self.counts, request.frequency_penalty,
+                                                      request.presence_penalty)
+        return logits
+
+    def record(self, token: int) -> None:
+        """``token`` was generated: the penalties count it from the next step on."""
+        if self.seen is not None:
+            self.seen[0, token] = True
+        if self.counts is not None:
+            self.counts[0, token] += 1
 
 
 class BatchingEngine:
@@ -359,8 +394,10 @@ class BatchingEngine:
         for seq, row in zip(self._active, logits):
             seq.length += len(seq.feed)
             request = seq.request
-            token = int(sample_next_token(row.float(), request.temperature > 0, request.temperature or 1.0,
-                                          None, request.top_p, seq.generator)[0])
+            token = int(sample_next_token(seq.penalized(row.float()), request.temperature > 0,
+                                          request.temperature or 1.0, None, request.top_p, seq.generator,
+                                          request.min_p)[0])
+            seq.record(token)
             self._advance(seq, token)
         self._active = [s for s in self._active if not s.done]
 
@@ -375,38 +412,29 @@ class BatchingEngine:
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
         self._count("tokens")
-        if token in seq.eos_ids:
-            self._finish(seq, "stop", token_ids=[token])
+        if token in seq.eos_ids:  # the text held back (the start of a stop string that never came) goes out
+            self._finish(seq, "stop", text=seq.text.flush(), token_ids=[token])
             return
         seq.generated.append(token)
         seq.feed = [token]
-        text = self._decode(seq.generated)
-        for stop in request.stop:
-            at = text.find(stop)
-            if at >= 0:
-                self._finish(seq, "stop", text=text[:at], token_ids=[token])
-                return
-        if len(seq.generated) >= request.max_tokens:
-            self._finish(seq, "length", text=text, token_ids=[token])
+        # a character whose bytes are not all there yet, or the start of a stop string, waits
+        piece = seq.text.update(self._decode(seq.generated))
+        if seq.text.stopped:
+            self._finish(seq, "stop", text=piece, token_ids=[token])
             return
-        safe = len(text.rstrip("\ufffd"))  # a character whose bytes are not all there yet waits
-        for stop in request.stop:  # the start of a stop string waits until it is known not to be one
-            for k in range(min(len(stop) - 1, safe), 0, -1):
-                if text[:safe].endswith(stop[:k]):
-                    safe -= k
-                    break
-        safe = max(safe, seq.sent)
-        self._emit(request, Event(text=text[seq.sent:safe], token_ids=[token]))
-        seq.sent = safe
+        if len(seq.generated) >= request.max_tokens:
+            self._finish(seq, "length", text=piece + seq.text.flush(), token_ids=[token])
+            return
+        self._emit(request, Event(text=piece, token_ids=[token]))
 
-    def _finish(self, seq: _Sequence, reason: str, text: Optional[str] = None, token_ids: Sequence[int] = (),
+    def _finish(self, seq: _Sequence, reason: str, text: str = "", token_ids: Sequence[int] = (),
                 error: Optional[str] = None) -> None:
+        """End ``seq``; ``text`` is the last piece of its answer (not yet emitted)."""
         if seq.done:
             return
         seq.done = True
         seq.kv_cache = None  # the only reference: its buffers are freed now
-        delta = text[seq.sent:] if text is not None and len(text) > seq.sent else ""
-        self._finish_request(seq.request, reason, Event(text=delta, token_ids=list(token_ids)),
+        self._finish_request(seq.request, reason, Event(text=text, token_ids=list(token_ids)),
                              completion_tokens=len(seq.generated) + (1 if reason == "stop" and token_ids and
                                                                      token_ids[-1] in seq.eos_ids else 0),
                              error=error)

@@ -19,6 +19,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import time
 import uuid
 from pathlib import Path
@@ -146,10 +147,11 @@ def _number(body: Dict[str, Any], name: str, low: float, high: float, default: O
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise APIError(400, f"'{name}' must be a number", param=name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise APIError(400, f"'{name}' must be a finite number", param=name)
     if value < low or value > high or (low_open and value == low):
-        raise APIError(400, f"'{name}' is {value}; it must be in {'(' if low_open else '['}{low}, {high}]", param=name)
+        where = f"> {low:g}" if high == math.inf else f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+        raise APIError(400, f"'{name}' is {value}; it must be {where}", param=name)
     return float(value)
 
 
@@ -164,15 +166,19 @@ def _integer(body: Dict[str, Any], name: str, low: int) -> Optional[int]:
     return value
 
 
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+
+
 def _stop(body: Dict[str, Any]) -> List[str]:
+    """OpenAI's ``stop``: a string or a list of up to 4; the answer ends before the first one."""
     stop = body.get("stop")
     if stop is None:
         return []
     if isinstance(stop, str):
         return [stop] if stop else []
-    if isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 16:
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= MAX_STOP_STRINGS:
         return [s for s in stop if s]
-    raise APIError(400, "'stop' must be a string or a list of at most 16 strings", param="stop")
+    raise APIError(400, f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} strings", param="stop")
 
 
 def _unsupported(body: Dict[str, Any]) -> None:
@@ -213,6 +219,10 @@ def _make_request(settings: ServerSettings, engine: BatchingEngine, body: Dict[s
         max_tokens = min(default_max_tokens, context - prompt)
     temperature = _number(body, "temperature", 0.0, 2.0, 1.0)
     top_p = _number(body, "top_p", 0.0, 1.0, None, low_open=True)
+    min_p = _number(body, "min_p", 0.0, 1.0, None)  # vLLM's and llama.cpp's extensions, as transformers applies them
+    repetition_penalty = _number(body, "repetition_penalty", 0.0, math.inf, 1.0, low_open=True)
+    frequency_penalty = _number(body, "frequency_penalty", -2.0, 2.0, 0.0)
+    presence_penalty = _number(body, "presence_penalty", -2.0, 2.0, 0.0)
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise APIError(400, "'seed' must be an integer", param="seed")
@@ -221,7 +231,8 @@ def _make_request(settings: ServerSettings, engine: BatchingEngine, body: Dict[s
         raise APIError(400, "'ignore_eos' must be true or false", param="ignore_eos")
     return Request(prompt_ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                    seed=None if seed is None else seed % (2 ** 63), stop=_stop(body), output=output,
-                   ignore_eos=ignore_eos)
+                   ignore_eos=ignore_eos, min_p=min_p, repetition_penalty=repetition_penalty,
+                   frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
 
 
 # ---------------------------------------------------------------------- events across threads
@@ -488,18 +499,9 @@ class _ApiKeyMiddleware:
 # ---------------------------------------------------------------------- building it from a processor
 def stop_ids_for(processor, tokenizer) -> List[int]:
     """The ids that end an answer: the config's, generation_config.json's and the tokenizer's eos."""
-    import argparse
+    from .stopping import end_token_ids
 
-    from .chat_template import stop_token_ids
-
-    generation_config = None
-    path = Path(processor.model_dir) / "generation_config.json"
-    if path.is_file():
-        try:
-            generation_config = argparse.Namespace(**json.loads(path.read_text()))
-        except (ValueError, TypeError):
-            generation_config = None
-    return stop_token_ids(tokenizer, processor.config, generation_config)
+    return end_token_ids(processor.model_dir, processor.config, tokenizer)
 
 
 def build_app(processor, *, tokenizer=None, model_name: Optional[str] = None, api_key: Optional[str] = None,

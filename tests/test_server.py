@@ -384,3 +384,122 @@ def test_default_model_answers_16_concurrent_chat_clients_like_lone_ones(tmp_pat
     finally:
         served.stop()
         processor.close()
+
+
+# ---------------------------------------------------------------- sampling fields and stop strings
+
+
+@contextlib.contextmanager
+def recorded(processor):
+    """Each step's (fed ids, last logits) of the one sequence running."""
+    steps, real = [], processor.step_many
+
+    def step_many(items):
+        logits = real(items)
+        steps.append((items[0][0][0].tolist(), logits[0][0].float().clone()))
+        return logits
+
+    processor.step_many = step_many
+    try:
+        yield steps
+    finally:
+        del processor.step_many
+
+
+def _chosen(steps):
+    """The tokens the steps chose: each step feeds the one chosen before it (the last is not fed)."""
+    return [fed[0] for fed, _ in steps[1:]]
+
+
+def test_penalties_act_on_each_step_as_transformers_and_openai_define_them(tiny):
+    import torch
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    prompt = tiny.engine.tokenizer("Hello there")["input_ids"]
+    changed = 0
+    with recorded(tiny.processor) as steps:
+        complete(tiny.client(), "Hello there", max_tokens=16, extra_body={"repetition_penalty": 1.8, "ignore_eos": True})
+    chosen = _chosen(steps)
+    assert len(steps) == 16
+    for t, token in enumerate(chosen):  # the CTRL rule over the prompt and the answer so far
+        logits = steps[t][1].view(1, -1)
+        context = torch.tensor([prompt + chosen[:t]])
+        assert token == int(RepetitionPenaltyLogitsProcessor(1.8)(context, logits.clone()).argmax())
+        changed += token != int(logits.argmax())
+    assert changed, "the penalty never changed a choice: the test shows nothing"
+    with recorded(tiny.processor) as steps:
+        complete(tiny.client(), "Hello there", max_tokens=16, frequency_penalty=1.5, presence_penalty=0.5,
+                 extra_body={"ignore_eos": True})
+    chosen, changed = _chosen(steps), 0
+    for t, token in enumerate(chosen):  # OpenAI's: the answer's tokens only, by count and by presence
+        logits = steps[t][1]
+        counts = torch.bincount(torch.tensor(chosen[:t], dtype=torch.long), minlength=logits.numel()).float()
+        assert token == int((logits - counts * 1.5 - (counts > 0).float() * 0.5).argmax())
+        changed += token != int(logits.argmax())
+    assert changed
+
+
+def test_min_p_one_samples_the_greedy_answer(tiny):
+    client = tiny.client()
+    greedy = complete(client, "Hello there", max_tokens=16).choices[0].text
+    sampled = complete(client, "Hello there", max_tokens=16, temperature=1.0, seed=11, extra_body={"min_p": 1.0})
+    assert sampled.choices[0].text == greedy
+    other = complete(client, "Hello there", max_tokens=16, temperature=1.0, seed=11, extra_body={"min_p": 0.0})
+    assert other.choices[0].text != greedy  # (min_p 0 is off: this seed samples another answer)
+
+
+def _pair_in(text):
+    for i in range(2, len(text) - 1):
+        if text[i:i + 2].isascii() and text[i:i + 2].isprintable():
+            return text[i:i + 2], text.index(text[i:i + 2])
+    raise AssertionError(f"no two printable ASCII characters in a row to stop at in {text!r}")
+
+
+def test_a_stream_never_shows_part_of_a_stop_string(tiny):
+    client = tiny.client()
+    whole = complete(client, "Once upon a time", max_tokens=32, extra_body={"ignore_eos": True})
+    greedy = whole.choices[0].text
+    stop, at = _pair_in(greedy)
+    cut = complete(client, "Once upon a time", max_tokens=32, stop=[stop, "zz-never"])
+    assert cut.choices[0].text == greedy[:at] and cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens < whole.usage.completion_tokens  # the answer ended there
+    pieces = [chunk.choices[0].text for chunk in complete(client, "Once upon a time", max_tokens=32, stream=True,
+                                                          stop=stop) if chunk.choices]
+    assert "".join(pieces) == greedy[:at]  # chunks only add text: a partial stop string would still be there
+    # the start of a stop string that never comes is held back, then sent (here: at max_tokens)
+    text, finish = streamed_text(complete(client, "Once upon a time", max_tokens=32, stream=True,
+                                          stop=stop[0] + "\x01never", extra_body={"ignore_eos": True}))
+    assert (text, finish) == (greedy, "length")
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Once"}],
+                                          max_tokens=32, temperature=0, extra_body={"ignore_eos": True})
+    answer = chat.choices[0].message.content
+    stop, at = _pair_in(answer)
+    streamed = streamed_text(client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Once"}], max_tokens=32, temperature=0, stop=[stop],
+        stream=True), chat=True)
+    assert streamed == (answer[:at], "stop")
+
+
+@pytest.mark.parametrize("fields, param, says", [
+    ({"min_p": 1.5}, "min_p", "'min_p' is 1.5; it must be in [0, 1]"),
+    ({"min_p": -0.1}, "min_p", "it must be in [0, 1]"),
+    ({"min_p": "high"}, "min_p", "'min_p' must be a finite number"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "'repetition_penalty' is 0; it must be > 0"),
+    ({"repetition_penalty": -1.1}, "repetition_penalty", "it must be > 0"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty", "'frequency_penalty' is 2.5; it must be in [-2, 2]"),
+    ({"presence_penalty": -3}, "presence_penalty", "it must be in [-2, 2]"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "a list of at most 4 strings"),
+    ({"stop": 3}, "stop", "'stop' must be a string"),
+])
+def test_sampling_fields_out_of_range_are_a_400_naming_the_field(tiny, fields, param, says):
+    with pytest.raises(openai.BadRequestError) as caught:
+        tiny.client().completions.create(model="tiny", prompt="hi", max_tokens=4, extra_body=fields)
+    error = caught.value.body
+    assert error["param"] == param and says in error["message"] and "\n" not in error["message"]
+
+
+def test_a_nan_sampling_field_is_a_400(tiny):
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    for name in ("temperature", "min_p", "repetition_penalty"):
+        status, text = tiny.raw("POST", "/v1/completions", f'{{"model": "tiny", "prompt": "hi", "{name}": NaN}}', auth)
+        assert status == 400 and json.loads(text)["error"]["param"] == name
