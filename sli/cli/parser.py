@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("warm", help="quantize every layer of a model into the layer cache (resumable)")
     p.add_argument("model_dir", help="local Hugging Face model directory")
     engine(p, "int8", False)
+    p.add_argument("--calibrate", action="store_true",
+                   help="calibrate the 4-bit --mode (GPTQ, layer by layer on sample text) instead of rounding: "
+                        "--mode int4 --calibrate is --mode int4-gptq")
     p.set_defaults(func=cmd_warm)
 
     p = sub.add_parser("generate", help="stream an answer to a prompt",
@@ -126,9 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Ctrl-C stops an answer. Each turn feeds only its own tokens.")
     p.add_argument("model_dir", nargs="?", help="local model directory (default: SmolLM2-135M-Instruct, converted once)")
     p.add_argument("--system", metavar="TEXT", help="a system prompt (default: the template's own, if any)")
-    p.add_argument("--calibrate", action="store_true",
-                   help="calibrate the 4-bit --mode (GPTQ, layer by layer on sample text) instead of rounding: "
-                        "--mode int4 --calibrate is --mode int4-gptq")
     engine(p, "int8", None)
     sampling(p)
     p.set_defaults(func=cmd_chat, max_new_tokens=256)
