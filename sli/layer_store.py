@@ -4,8 +4,10 @@ memory tier, keyed by (model id, layer, config fingerprint).
 Serialization and policy are split as in diskcache itself: :mod:`sli.cache_format` is the
 file format and checksum, :mod:`sli.cache_disk` how bytes reach a file (temporary name,
 fsync, rename); ``diskcache.Cache`` owns the SQLite index, the size limit and the locking
-that make one directory safe for several processes. The store knows entries and
-fingerprints: anything with ``fingerprint()`` and ``describe()`` names a config.
+that make one directory safe for several processes. :mod:`sli.memory_tier` is the LRU memory
+tier, :mod:`sli.cache_recovery` what keeps the directory sound under crashes and other writers.
+The store knows entries and fingerprints: anything with ``fingerprint()`` and ``describe()``
+names a config.
 """
 from __future__ import annotations
 
@@ -13,11 +15,8 @@ import json
 import logging
 import mmap
 import os
-import glob
 import sqlite3
 import threading
-import time
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Protocol, Tuple, Union
@@ -27,7 +26,9 @@ import psutil
 
 from .cache_disk import DurableDisk, check_diskcache_version, free_space, least_recently_used, page_in
 from .cache_format import FORMAT_VERSION, SerializedEntry, checksum, deserialize
+from .cache_recovery import HashedFiles, remove_if_unchanged, sweep_temporaries
 from .errors import CacheError
+from .memory_tier import MemoryTier
 from .quantization.config import QuantizationConfig, QuantizationMode
 from .quantization.formats import CachedLayer
 from .settings import DEFAULT_SETTINGS, GB
@@ -69,8 +70,6 @@ class CacheStats:
 
     def to_dict(self) -> Dict[str, int]:
         return asdict(self)
-
-
 
 
 class LayerStore:
@@ -123,12 +122,11 @@ class LayerStore:
         except (OSError, sqlite3.Error) as exc:
             raise CacheError(f"cannot open the layer cache at {self.cache_dir} ({exc}); "
                              f"{free_space(self.cache_dir)}; pass a writable --cache-dir") from exc
-        self._sweep_temporaries()
-        self._memory: "OrderedDict[str, CachedLayer]" = OrderedDict()
-        self._memory_bytes = 0
+        sweep_temporaries(self.cache_dir)
+        self._memory = MemoryTier(self.memory_limit)
         self._lock = threading.RLock()  # guards the memory tier and the counters
         self._stats = CacheStats()
-        self._verified: Dict[Tuple[str, str], Tuple[int, int, int, int]] = {}  # (key, tag) → file identity
+        self._hashed = HashedFiles()
 
     # -- keys -------------------------------------------------------------------------
     @staticmethod
@@ -178,7 +176,7 @@ class LayerStore:
             self._remember(key, entry)
         else:
             with self._lock:
-                self._forget(key)  # never serve an older entry from memory
+                self._memory.pop(key)  # never serve an older entry from memory
         return data.size
 
     def get(self, model_id: str, layer: Union[int, str], config: ConfigLike,
@@ -222,7 +220,7 @@ class LayerStore:
         removed = 0
         for key in keys:
             with self._lock:
-                in_memory = self._forget(key)
+                in_memory = self._memory.pop(key)
             removed += bool(self._disk.delete(key)) or in_memory
         return removed
 
@@ -230,14 +228,13 @@ class LayerStore:
         """Remove every entry of both tiers (other processes' entries too)."""
         with self._lock:
             self._memory.clear()
-            self._memory_bytes = 0
         self._disk.clear()
 
     def stats(self) -> CacheStats:
         """Counters of this process, entry count and bytes of both tiers."""
         with self._lock:
             stats = CacheStats(**self._stats.to_dict())
-            stats.memory_bytes, stats.memory_entries = self._memory_bytes, len(self._memory)
+            stats.memory_bytes, stats.memory_entries = self._memory.nbytes, len(self._memory)
         stats.entries = len(self._disk)
         stats.disk_bytes = self._disk.volume()
         return stats
@@ -263,13 +260,11 @@ class LayerStore:
                     bad.append(key.replace("\x00", ":"))
         return bad
 
-
     # -- internals --------------------------------------------------------------------
     def _get(self, key: str, memory: bool, mapped: bool = False) -> Optional[CachedLayer]:
         with self._lock:
             entry = self._memory.get(key)
             if entry is not None:
-                self._memory.move_to_end(key)
                 self._stats.memory_hits += 1
                 return entry
             self._stats.memory_misses += 1
@@ -314,40 +309,26 @@ class LayerStore:
             except (OSError, ValueError) as exc:
                 logger.warning("cannot read %s: %s", path, exc)
                 return None
-        identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
         try:
             if read != size:
                 raise ValueError("checksum mismatch (truncated file)")
-            if recheck or self._verified.get((key, tag)) != identity:
+            if recheck or self._hashed.needs_hash(key, tag, stat):
                 if checksum(buffer) != tag:
                     raise ValueError("checksum mismatch (truncated or altered file)")
-                if time.time() - stat.st_mtime_ns / 1e9 >= DEFAULT_SETTINGS["racy_mtime_s"]:
-                    self._verified[(key, tag)] = identity
+                self._hashed.hashed(key, tag, stat)
             entry, metadata = deserialize(buffer)
             if metadata.get("format") != str(FORMAT_VERSION):
                 raise ValueError(f"format {metadata.get('format')} is not {FORMAT_VERSION}")
         except (ValueError, KeyError, TypeError, json.JSONDecodeError, RuntimeError) as exc:
             logger.warning("corrupt layer cache entry %s (%s): %s", path, exc,
                            "removed, treated as a miss" if remove else "left in place (not removed)")
-            self._verified.pop((key, tag), None)
+            self._hashed.forget(key, tag)
             with self._lock:
                 self._stats.corrupt += 1
             if remove:
-                self._remove_if_unchanged(key, tag)
+                remove_if_unchanged(self._disk, key, tag)
             return None
         return entry
-
-    def _remove_if_unchanged(self, key: str, tag: str) -> None:
-        """Delete ``key`` only while its checksum is still ``tag``: another process may have
-        rewritten it since we read it. (Inside a transaction diskcache unlinks the file
-        before the commit; a crash in between leaves a row without a file, which reads as a
-        miss and is overwritten by the next put.)"""
-        with self._disk.transact():
-            handle, current = self._disk.get(key, read=True, tag=True)
-            if handle is not None:
-                handle.close()
-            if current == tag:
-                self._disk.delete(key)
 
     def _evict_to_limit(self, keep: str) -> None:
         """Evict least recently used entries (never ``keep``), one at a time, until the volume
@@ -362,45 +343,14 @@ class LayerStore:
             if key is None:
                 break
             with self._lock:
-                self._forget(key)
+                self._memory.pop(key)
             evicted += bool(self._disk.delete(key))
         with self._lock:
             self._stats.disk_evictions += evicted
 
-    def _sweep_temporaries(self, max_age_s: float = DEFAULT_SETTINGS["temporary_max_age_s"]) -> None:
-        """Delete temporary files that writers killed mid-write left behind.
-
-        They were never in the index (never served) but take space the size limit does not
-        see. Only old ones go: a young one may be another process's write in progress.
-        """
-        cutoff = time.time() - max_age_s
-        # glob.glob, not Path.glob: it skips sub-directories that vanish mid-walk (another
-        # process's diskcache prunes empty ones), where Path.glob raises FileNotFoundError.
-        for name in glob.glob(os.path.join(glob.escape(str(self.cache_dir)), "*", "*", "*.tmp")):
-            try:
-                if os.stat(name).st_mtime < cutoff:
-                    os.remove(name)
-            except OSError:  # tolerated race: another process swept it first
-                pass
-
     def _remember(self, key: str, entry: CachedLayer) -> None:
-        nbytes = entry.nbytes
         with self._lock:
-            self._forget(key)
-            if nbytes > self.memory_limit:
-                return
-            self._memory[key] = entry
-            self._memory_bytes += nbytes
-            while self._memory_bytes > self.memory_limit:
-                _, old = self._memory.popitem(last=False)
-                self._memory_bytes -= old.nbytes
-                self._stats.evictions += 1
-
-    def _forget(self, key: str) -> bool:
-        old = self._memory.pop(key, None)
-        if old is not None:
-            self._memory_bytes -= old.nbytes
-        return old is not None
+            self._stats.evictions += self._memory.put(key, entry)
 
     def close(self) -> None:
         """Close the index connection; the files stay for the next process."""
