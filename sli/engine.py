@@ -11,164 +11,27 @@ next token (its own seeded ``torch.Generator``); text deltas go to the request's
 a sequence that finished (an end token, ``max_tokens``, a stop string) or was cancelled (its
 client went away) leaves at once, and its KV cache is freed.
 
-The engine knows nothing about HTTP: :mod:`sli.server` puts requests in and reads events out.
+What goes in and out (:class:`Request`, :class:`Event`, the exceptions) is
+:mod:`sli.engine_request`; one admitted request's state is :mod:`sli.engine_sequence`. The
+engine knows nothing about HTTP: :mod:`sli.server` puts requests in and reads events out.
 """
 from __future__ import annotations
 
 import collections
 import copy
-import itertools
 import logging
-import queue
-import random
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, List, Optional, Sequence
 
 import torch
 
-from .generation import (apply_frequency_presence_penalty, apply_repetition_penalty, check_sampling,
-                         sample_next_token, seen_tokens)
-from .stopping import StopStrings
+from .engine_request import EngineStopped, Event, InvalidRequest, QueueFull, Request, RequestTooLarge
+from .engine_sequence import ActiveSequence
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["BatchingEngine", "Event", "Request", "QueueFull", "InvalidRequest", "RequestTooLarge", "EngineStopped"]
-
-
-
-class QueueFull(Exception):
-    """The waiting queue is at its bound: try again later (HTTP 429)."""
-
-
-class InvalidRequest(ValueError):
-    """The request cannot run: a token id outside the vocabulary, ..."""
-
-
-class RequestTooLarge(InvalidRequest):
-    """The request's keys and values would never fit the engine's KV budget."""
-
-
-class EngineStopped(RuntimeError):
-    """The engine is not running (stopped, or never started)."""
-
-
-@dataclass
-class Event:
-    """What a request's output queue receives: after each step, the new token and the text it
-    completes; the last event has ``finish_reason`` (``"stop"``, ``"length"``, ``"cancelled"``
-    or ``"error"``, with ``error`` saying what went wrong)."""
-
-    text: str = ""
-    token_ids: List[int] = field(default_factory=list)
-    finish_reason: Optional[str] = None
-    error: Optional[str] = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-_ids = itertools.count(1)
-
-
-class Request:
-    """One generation: prompt ids, sampling parameters and where its events go.
-
-    ``temperature`` 0 is greedy; ``top_p`` in (0, 1] and ``min_p`` in [0, 1] filter the
-    distribution; ``repetition_penalty`` (> 0, 1 = off) penalizes every token of the prompt and
-    the answer, ``frequency_penalty`` and ``presence_penalty`` (OpenAI's, in [-2, 2]) those of the
-    answer (see :mod:`sli.generation`); ``seed`` makes a sampled answer repeatable (each request
-    has its own generator, so other requests in the batch do not change it); ``stop`` strings
-    end the answer before them. ``output`` is any object with ``put(event)`` (default: a
-    :class:`queue.Queue`, read with :meth:`events`).
-    """
-
-    def __init__(self, prompt_ids: Sequence[int], max_tokens: int = 16, temperature: float = 1.0,
-                 top_p: Optional[float] = None, seed: Optional[int] = None, stop: Sequence[str] = (),
-                 output: Any = None, ignore_eos: bool = False, min_p: Optional[float] = None,
-                 repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
-                 presence_penalty: float = 0.0) -> None:
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens={max_tokens} must be >= 1")
-        check_sampling(temperature, None, top_p, min_p, repetition_penalty)
-        for name, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
-            if not -2 <= value <= 2:
-                raise ValueError(f"{name}={value} must be in [-2, 2]")
-        self.id = next(_ids)
-        self.prompt_ids = [int(i) for i in prompt_ids]
-        if not self.prompt_ids:
-            raise ValueError("the prompt is empty; pass at least one token")
-        self.max_tokens = int(max_tokens)
-        self.temperature = float(temperature)
-        self.top_p = top_p
-        self.min_p = min_p
-        self.repetition_penalty = float(repetition_penalty)
-        self.frequency_penalty, self.presence_penalty = float(frequency_penalty), float(presence_penalty)
-        self.seed = seed if seed is not None else random.SystemRandom().randrange(2 ** 63)
-        self.stop = StopStrings(stop).stops
-        self.ignore_eos = bool(ignore_eos)  # run to max_tokens (benchmarks)
-        self.output = output if output is not None else queue.Queue()
-        self.submitted_at = time.perf_counter()
-        self.first_token_at: Optional[float] = None
-        self.finished_at: Optional[float] = None
-        self._cancelled = threading.Event()
-
-    def cancel(self) -> None:
-        """Ask the engine to drop this request at its next step (the client went away)."""
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def events(self, timeout: Optional[float] = None):
-        """The events of a request made with the default output queue, up to the last one."""
-        while True:
-            event = self.output.get(timeout=timeout)
-            yield event
-            if event.finish_reason is not None:
-                return
-
-
-class _Sequence:
-    """An admitted request: its KV cache, what it has fed and generated, the text sent."""
-
-    def __init__(self, request: Request, kv_cache, kv_bytes: int, eos_ids: Sequence[int], device) -> None:
-        self.request = request
-        self.kv_cache = kv_cache
-        self.kv_bytes = kv_bytes
-        self.eos_ids = set() if request.ignore_eos else set(eos_ids)
-        self.length = 0  # positions in the KV cache
-        self.feed: List[int] = list(request.prompt_ids)  # what the next step feeds
-        self.generated: List[int] = []
-        self.text = StopStrings(request.stop)  # the answer's text: what was emitted, what is held back
-        self.done = False
-        self.generator = torch.Generator(device=device).manual_seed(request.seed)
-        self.seen: Optional[torch.Tensor] = None  # [1, V] tokens of the prompt and the answer
-        self.counts: Optional[torch.Tensor] = None  # [1, V] how often the answer has each token
-
-    def penalized(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits`` ``[1, V]`` after the request's penalties (unchanged without any)."""
-        request, vocab = self.request, logits.shape[-1]
-        if request.repetition_penalty != 1.0:
-            if self.seen is None:
-                ids = torch.tensor([request.prompt_ids + self.generated], dtype=torch.long, device=logits.device)
-                self.seen = seen_tokens(ids, vocab)
-            logits = apply_repetition_penalty(logits, self.seen, request.repetition_penalty)
-        if request.frequency_penalty or request.presence_penalty:
-            if self.counts is None:
-                generated = torch.tensor(self.generated, dtype=torch.long, device=logits.device)
-                self.counts = torch.bincount(generated.clamp(max=vocab), minlength=vocab + 1)[:vocab].view(1, -1)
-            logits = apply_frequency_presence_penalty(logits, self.counts, request.frequency_penalty,
-                                                      request.presence_penalty)
-        return logits
-
-    def record(self, token: int) -> None:
-        """``token`` was generated: the penalties count it from the next step on."""
-        if self.seen is not None:
-            self.seen[0, token] = True
-        if self.counts is not None:
-            self.counts[0, token] += 1
 
 
 class BatchingEngine:
@@ -208,7 +71,7 @@ class BatchingEngine:
         self.eos_token_ids = [int(i) for i in eos_token_ids]
         self.vocab_size = int(processor.model.get_input_embeddings().num_embeddings)
         self._waiting: Deque[Request] = collections.deque()
-        self._active: List[_Sequence] = []
+        self._active: List[ActiveSequence] = []
         self._cond = threading.Condition()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
@@ -292,6 +155,12 @@ class BatchingEngine:
         with self._cond:
             self._cond.notify_all()
 
+    def cancel(self, request: Request) -> None:
+        """End ``request`` as ``"cancelled"`` at the engine's next look, waiting or active (its
+        client went away); its KV cache is freed then."""
+        request.cancel()
+        self.wake()
+
     def stats(self) -> Dict[str, Any]:
         with self._cond:
             waiting = len(self._waiting)
@@ -366,7 +235,7 @@ class BatchingEngine:
             self._finish_request(request, "cancelled")
             return
         need = self.kv_bytes_for(request)
-        seq = _Sequence(request, self._new_kv_cache(len(request.prompt_ids) + request.max_tokens), need,
+        seq = ActiveSequence(request, self._new_kv_cache(len(request.prompt_ids) + request.max_tokens), need,
                         self.eos_token_ids, self.processor.device)
         self._active.append(seq)
         self._count("admitted")
@@ -380,25 +249,12 @@ class BatchingEngine:
         self._active = [s for s in self._active if not s.done]
 
     def _step(self) -> None:
-        device = self.processor.device
-        items = []
-        for seq in self._active:
-            count = len(seq.feed)
-            ids = torch.tensor([seq.feed], dtype=torch.long, device=device)
-            mask = torch.ones(1, seq.length + count, dtype=torch.long, device=device)
-            positions = torch.arange(seq.length, seq.length + count, device=device).view(1, -1)
-            items.append((ids, mask, positions, seq.kv_cache))
+        items = [seq.step_input(self.processor.device) for seq in self._active]
         logits = self.processor.step_many(items)
         del items
         self._count("steps")
         for seq, row in zip(self._active, logits):
-            seq.length += len(seq.feed)
-            request = seq.request
-            token = int(sample_next_token(seq.penalized(row.float()), request.temperature > 0,
-                                          request.temperature or 1.0, None, request.top_p, seq.generator,
-                                          request.min_p)[0])
-            seq.record(token)
-            self._advance(seq, token)
+            self._advance(seq, seq.next_token(row))
         self._active = [s for s in self._active if not s.done]
 
     # ------------------------------------------------------------------ text and endings
@@ -407,27 +263,18 @@ class BatchingEngine:
             return ""
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _advance(self, seq: _Sequence, token: int) -> None:
+    def _advance(self, seq: ActiveSequence, token: int) -> None:
         request = seq.request
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
         self._count("tokens")
-        if token in seq.eos_ids:  # the text held back (the start of a stop string that never came) goes out
-            self._finish(seq, "stop", text=seq.text.flush(), token_ids=[token])
-            return
-        seq.generated.append(token)
-        seq.feed = [token]
-        # a character whose bytes are not all there yet, or the start of a stop string, waits
-        piece = seq.text.update(self._decode(seq.generated))
-        if seq.text.stopped:
-            self._finish(seq, "stop", text=piece, token_ids=[token])
-            return
-        if len(seq.generated) >= request.max_tokens:
-            self._finish(seq, "length", text=piece + seq.text.flush(), token_ids=[token])
-            return
-        self._emit(request, Event(text=piece, token_ids=[token]))
+        reason, piece = seq.accept(token, self._decode)
+        if reason is None:
+            self._emit(request, Event(text=piece, token_ids=[token]))
+        else:
+            self._finish(seq, reason, text=piece, token_ids=[token])
 
-    def _finish(self, seq: _Sequence, reason: str, text: str = "", token_ids: Sequence[int] = (),
+    def _finish(self, seq: ActiveSequence, reason: str, text: str = "", token_ids: Sequence[int] = (),
                 error: Optional[str] = None) -> None:
         """End ``seq``; ``text`` is the last piece of its answer (not yet emitted)."""
         if seq.done:
@@ -435,9 +282,7 @@ class BatchingEngine:
         seq.done = True
         seq.kv_cache = None  # the only reference: its buffers are freed now
         self._finish_request(seq.request, reason, Event(text=text, token_ids=list(token_ids)),
-                             completion_tokens=len(seq.generated) + (1 if reason == "stop" and token_ids and
-                                                                     token_ids[-1] in seq.eos_ids else 0),
-                             error=error)
+                             completion_tokens=seq.completion_tokens(reason, token_ids), error=error)
 
     def _finish_request(self, request: Request, reason: str, event: Optional[Event] = None,
                         completion_tokens: int = 0, error: Optional[str] = None) -> None:
