@@ -199,7 +199,7 @@ def test_fp8_table_holds_every_float8_value():
 
 def test_fp8_kernel_decodes_every_float8_byte_exactly():
     # The kernel decodes e4m3 bytes by arithmetic (exponent shift, subnormals, NaN), not a table.
-    from sli.simd_fallback import e4m3_values
+    from sli.kernels.plain import e4m3_values
     lut = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
     table = torch.from_numpy(e4m3_values())
     assert torch.equal(lut.isnan(), table.isnan()) and torch.equal(lut[~lut.isnan()], table[~table.isnan()])
@@ -276,7 +276,7 @@ print("path ok", kernels.simd_path())
 
 def _levels():
     try:
-        from sli import simd
+        from sli.kernels import simd
         return list(simd.host_levels()) + ["plain"]
     except Exception:
         return ["plain"]
@@ -311,7 +311,7 @@ def test_sli_no_simd_takes_the_plain_kernels():
 
 _SIMD_BUILD_FAILS = """
 import logging, sys, torch
-sys.modules["sli.simd"] = None  # as if numba's internals moved: importing the intrinsics fails
+sys.modules["sli.kernels.simd"] = None  # as if numba's internals moved: importing the intrinsics fails
 logging.basicConfig(level=logging.WARNING)
 from sli import kernels
 from sli.quantization import QuantizationConfig, codec_for

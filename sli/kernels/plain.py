@@ -1,33 +1,15 @@
-"""Plain numba versions of :mod:`sli.simd`'s helpers: same names, same arguments, same results.
+"""Plain numba versions of :mod:`sli.kernels.simd`'s helpers: same names, same arguments, same results.
 
 What the kernels use on a CPU without AVX2, with ``SLI_SIMD=plain`` or ``SLI_NO_SIMD=1``,
 or when the intrinsics cannot be built against the installed numba. ``x`` is in the
 weight's own order here (:data:`lanes` 1: nothing to reorder).
 """
-import hashlib
 from types import SimpleNamespace
 
 import numpy as np
 from numba import njit
 
-
-def stable_id(obj, name: str):
-    """Give a numba intrinsic or dispatcher the id ``name`` before anything pickles it.
-
-    numba's on-disk cache keys a kernel by its bytecode and its closure, pickled; an
-    intrinsic or a jitted function in a closure pickles as a random id unless given one, so
-    each process would compile the kernel again. A stable id that names the helper's level
-    and the contents of the file that emits it keeps the cache valid across processes and
-    apart across levels and versions.
-    """
-    obj._set_uuid(f"sli:{name}")
-    return obj
-
-
-def source_hash(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
-
+from .jit import stable_id
 
 # Arrays are sliced before the loops: an index that is a range's variable needs no negative-
 # index check, which would keep LLVM from vectorizing (30x slower here).
@@ -36,7 +18,9 @@ _jit = njit(fastmath=True, nogil=True)
 
 @_jit
 def _rows_dot(values, x, base, stride, rows, out):
+    # out[r] = values . x[base + r*stride:][:n] for each of the rows
     n = values.shape[0]
+    out[:rows] = 0.0
     for r in range(rows):
         row = x[base + r * stride:base + r * stride + n]
         s = np.float32(0.0)
@@ -46,7 +30,7 @@ def _rows_dot(values, x, base, stride, rows, out):
 
 
 @_jit
-def _decode(packed, first, code, scale, zero, values, at, count):
+def decode_pairs(packed, first, code, scale, zero, values, at, count):
     # values[at:at + 2*count] = (code[nibble] - zero) * scale for count bytes from packed[first]
     pairs = packed[first:first + count]
     out = values[at:at + 2 * count]
@@ -60,9 +44,8 @@ def _decode(packed, first, code, scale, zero, values, at, count):
 def lut4(packed, pofs, code, scales, sofs, blocksize, x, xofs, n, stride, rows, out):
     values = np.empty(n, np.float32)  # the row decoded once, then met by every activation row
     for blk in range(n // blocksize):
-        _decode(packed, pofs + blk * blocksize // 2, code, scales[sofs + blk], np.float32(0.0), values,
-                blk * blocksize, blocksize // 2)
-    out[:rows] = 0.0
+        decode_pairs(packed, pofs + blk * blocksize // 2, code, scales[sofs + blk], np.float32(0.0), values,
+                     blk * blocksize, blocksize // 2)
     _rows_dot(values, x, xofs, stride, rows, out)
 
 
@@ -78,7 +61,6 @@ def lut4z(packed, pofs, code, scales, zeros, sofs, blocksize, x, xofs, n, stride
             b = pairs[k]
             block[2 * k] = (np.float32(b >> 4) - zero) * scale
             block[2 * k + 1] = (np.float32(b & 15) - zero) * scale
-    out[:rows] = 0.0
     _rows_dot(values, x, xofs, stride, rows, out)
 
 
@@ -87,9 +69,8 @@ def lut4n(packed, pofs, code, qabsmax, nested_code, nested, offset, sofs, blocks
     values = np.empty(n, np.float32)
     for blk in range(n // blocksize):
         scale = nested_code[qabsmax[sofs + blk]] * nested + offset
-        _decode(packed, pofs + blk * blocksize // 2, code, scale, np.float32(0.0), values, blk * blocksize,
-                blocksize // 2)
-    out[:rows] = 0.0
+        decode_pairs(packed, pofs + blk * blocksize // 2, code, scale, np.float32(0.0), values, blk * blocksize,
+                     blocksize // 2)
     _rows_dot(values, x, xofs, stride, rows, out)
 
 
@@ -106,7 +87,6 @@ def dot8(q, qofs, x, xofs, n, stride, rows, out):
     values = np.empty(n, np.float32)
     for j in range(n):
         values[j] = np.float32(weights[j])
-    out[:rows] = 0.0
     _rows_dot(values, x, xofs, stride, rows, out)
 
 
@@ -120,7 +100,7 @@ def e4m3_values() -> np.ndarray:
     return values
 
 
-_E4M3 = e4m3_values()
+E4M3 = e4m3_values()
 
 
 @_jit
@@ -128,8 +108,7 @@ def dotfp8(q, qofs, x, xofs, n, stride, rows, out):
     values = np.empty(n, np.float32)
     weights = q[qofs:qofs + n]
     for j in range(n):
-        values[j] = _E4M3[weights[j]]
-    out[:rows] = 0.0
+        values[j] = E4M3[weights[j]]
     _rows_dot(values, x, xofs, stride, rows, out)
 
 
@@ -188,22 +167,19 @@ def dotbf16(w, wofs, x, xofs, n, stride, rows, out):
     weights = w[wofs:wofs + n]
     for j in range(n):
         bits[j] = np.uint32(weights[j]) << 16
-    out[:rows] = 0.0
     _rows_dot(bits.view(np.float32), x, xofs, stride, rows, out)
 
 
 @_jit
 def decode64_4bit(packed, pofs, code, scale, out, oofs):
-    for k in range(32):
-        b = packed[pofs + k]
-        out[oofs + 2 * k] = code[b >> 4] * scale
-        out[oofs + 2 * k + 1] = code[b & 15] * scale
+    decode_pairs(packed, pofs, code, scale, np.float32(0.0), out, oofs, 32)
 
 
-for _f in (_rows_dot, _decode, lut4, lut4z, lut4n, dot8, dotfp8, dot8q, dot4q, dot4l, dotbf16, decode64_4bit):
-    stable_id(_f, f"simd_fallback.{_f.__name__}:{source_hash(__file__)}")
+for _f in (_rows_dot, decode_pairs, lut4, lut4z, lut4n, dot8, dotfp8, dot8q, dot4q, dot4l, dotbf16, decode64_4bit):
+    stable_id(_f, f"plain.{_f.__name__}")
 
-# max_rows: the loops take any number of rows, so a block is decoded once for all of them
-HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=16, offset_levels=False, lut4=lut4, lut4z=lut4z,
+# The loops take any number of rows, so a block is decoded once for up to this many of them.
+MAX_ROWS = 16
+HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=MAX_ROWS, offset_levels=False, lut4=lut4, lut4z=lut4z,
                           lut4n=lut4n, dot8=dot8, dotfp8=dotfp8, dot8q=dot8q, dot4q=dot4q, dot4l=dot4l,
                           dotbf16=dotbf16, decode64_4bit=decode64_4bit)

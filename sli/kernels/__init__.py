@@ -1,0 +1,290 @@
+"""CPU kernels that multiply by quantized weights without dequantizing them first.
+
+Decoding one token multiplies each weight by one activation row. Dequantizing a 4-bit
+weight to float32 first costs several times the product itself, so a streamed decode would
+be dequantization-bound (docs/benchmarks.md). The kernels read the packed bytes once
+and accumulate in registers instead: a row of the output is a dot product of the row's
+decoded values with the activations, a few activation rows per pass over a weight row.
+
+This module holds the entry points on torch tensors and the knobs that choose a path. The
+package below it, each importing only those after it:
+
+- :mod:`~sli.kernels.dispatch`: the SIMD level chosen at run time (:func:`simd_path`;
+  ``SLI_SIMD=avx512|avx2|plain``, ``SLI_NO_SIMD=1``), the kernels built once, a thread pool;
+- :mod:`~sli.kernels.four_bit`, :mod:`~sli.kernels.int4`, :mod:`~sli.kernels.unpacked`,
+  :mod:`~sli.kernels.activations`: the numba kernels per format, built over one level's helpers;
+- :mod:`~sli.kernels.simd` (with :mod:`~sli.kernels.simd_float`, :mod:`~sli.kernels.simd_int8`,
+  :mod:`~sli.kernels.simd_ir`): the AVX-512 / AVX2 helpers, numba intrinsics, imported behind a
+  guard; :mod:`~sli.kernels.plain`: the same helpers in plain numba;
+- :mod:`~sli.kernels.jit`: numba's options and the ids that keep its on-disk cache valid.
+
+The kernels are compiled with numba (``nogil``, split by output rows across a small thread
+pool; ``cache=True``: compiled once per machine and level, then loaded from ``__pycache__``).
+Every kernel has a plain torch equivalent in the codecs (dequantize, then ``F.linear``); the
+processor uses the kernels for up to :data:`FUSED_MAX_TOKENS` activation rows on CPU in
+float32, where they win, and the torch path otherwise. ``SLI_NO_NUMBA=1`` turns them off.
+
+All kernels take ``x`` as float32 ``[T, in]`` and write ``y`` float32 ``[T, out]``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import settings
+from .dispatch import SIMD_LEVELS, kernels_enabled, lanes, requested_level, simd_helpers, simd_path
+from .dispatch import run as _run
+from .dispatch import table as _table  # tests/test_processor.py counts the compiled signatures
+
+__all__ = [
+    "FUSED_MAX_TOKENS", "RUNTIME_BYTES", "SIMD_LEVELS", "INT8_LEVELS_ROWS", "INT8_ACTIVATION_ROWS", "KEEP_FLOAT",
+    "kernels_enabled", "requested_level", "simd_helpers", "simd_path", "four_bit_path", "lanes", "lut4_order",
+    "q4_order", "use_fused", "int8_activations", "quantize_rows", "matmul_4bit", "matmul_4bit_nested",
+    "dequantize_4bit", "dequantize_blockwise8", "matmul_int8", "matmul_int4", "matmul_lut8", "matmul_fp8",
+    "matmul_bf16",
+]
+
+# Above this many activation rows dequantize-then-BLAS beats the fused kernels.
+FUSED_MAX_TOKENS = settings.DEFAULT_SETTINGS["fused_max_tokens"]
+
+# What numba adds to a process's peak RSS; the memory plan reserves it.
+RUNTIME_BYTES = settings.DEFAULT_SETTINGS["kernel_runtime_bytes"]
+
+# From this many activation rows on, INT8 and INT4 weights meet int8 activations (one scale
+# a row, its KEEP_FLOAT largest |x| in float) in integer dot products, on a SIMD level: ~2x
+# the float kernels at 16 rows (docs/benchmarks.md). One row stays float: it is bound by
+# memory, not arithmetic, so int8 would cost accuracy for nothing. SLI_FLOAT_ACTIVATIONS=1
+# keeps every product float.
+INT8_ACTIVATION_ROWS = 2
+KEEP_FLOAT = 4  # = INT8_DYNAMIC's outliers per token
+
+# NF4/FP4 can meet int8 activations too, their 16 levels as int8 (round(127 * code), llama.cpp
+# IQ4_NL's way), from this many rows on: 0.75x their float kernel's time at 16 rows, 0.86x at 8,
+# slower below 6 (each row pays a convert and a multiply-add per 64-value block). Off (0) by
+# default: the int8 levels alone moved SmolLM2's NF4 perplexity by +0.8% (19.55 -> 19.71), past
+# the 0.5% the issue allows (docs/benchmarks.md); bitsandbytes' levels are not on an int8 grid.
+INT8_LEVELS_ROWS = 0
+
+
+four_bit_path = simd_path  # the name before AVX-512
+
+
+def use_fused(x: Tensor, in_features: int) -> bool:
+    """Whether ``x`` (``[..., in]``) should go through a fused kernel rather than dequantize + BLAS."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() // max(1, in_features) <= FUSED_MAX_TOKENS
+            and kernels_enabled())
+
+
+def int8_activations(rows: int) -> bool:
+    """Whether a product of ``rows`` activation rows by an INT8 or INT4 weight quantizes the
+    activations to int8 (see :data:`INT8_ACTIVATION_ROWS`)."""
+    return (rows >= INT8_ACTIVATION_ROWS and not settings.flag("SLI_FLOAT_ACTIVATIONS")
+            and simd_path() != "plain")
+
+
+def _rows(x: Tensor, in_features: int) -> Tensor:
+    return x.reshape(-1, in_features).contiguous()
+
+
+def _np(t: Tensor):
+    return t.detach().numpy()
+
+
+def _out(rows: Tensor, out_features: int) -> Tensor:
+    return torch.empty(rows.shape[0], out_features, dtype=torch.float32)
+
+
+def _finish(y: Tensor, x: Tensor, out_features: int, bias: Optional[Tensor]) -> Tensor:
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], out_features)
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t.reshape(-1).contiguous()
+
+
+def lut4_order(rows: Tensor) -> Tensor:
+    """``rows`` (float32 ``[T, n]``, ``n`` a multiple of 64) in the order the 4-bit helpers
+    read: each ``2*lanes`` values as the even ones, then the odd ones (a register of high
+    nibbles decodes the even values of ``2*lanes``). Once per call, shared by every weight row."""
+    w = lanes()
+    if w == 1:
+        return rows
+    t, n = rows.shape
+    return rows.view(t, n // (2 * w), w, 2).transpose(2, 3).contiguous().view(t, n)
+
+
+def q4_order(rows: Tensor, half: int = 64) -> Tensor:
+    """int8 ``rows`` ``[T, n]`` (``n`` a multiple of ``2*half``) with each ``2*half`` values as
+    the even ones, then the odd ones: the order of the nibbles of ``half`` packed bytes."""
+    t, n = rows.shape
+    return rows.view(t, n // (2 * half), half, 2).transpose(2, 3).contiguous().view(t, n)
+
+
+def quantize_rows(rows: Tensor, xblock: int, keep: int = 0, sumblock: Optional[int] = None):
+    """``rows`` (float32 ``[T, in]``) as int8 blocks of ``xblock`` values with a float scale
+    each, the ``keep`` largest |x| of each row kept in float: ``(xq, xs, corr, bsum, oidx, oval)``
+    (``bsum``: the sum of ``xq`` a block of ``sumblock`` values)."""
+    t, n = rows.shape
+    sumblock = sumblock or n
+    xq = torch.empty(t * n, dtype=torch.int8)
+    xs = torch.empty(t * (n // xblock), dtype=torch.float32)
+    corr = torch.empty(t, dtype=torch.float32)
+    bsum = torch.empty(t * (n // sumblock), dtype=torch.float32)
+    oidx = torch.empty(t, keep, dtype=torch.int64)
+    oval = torch.empty(t, keep, dtype=torch.float32)
+    _table()["quantize_rows"](_np(rows), xblock, sumblock, _np(xq), _np(xs), _np(corr), _np(bsum), _np(oidx), _np(oval))
+    return xq, xs, corr, bsum, oidx, oval
+
+
+def _levels(code: Tensor) -> Tensor:
+    return torch.round(code.float() * 127).clamp_(-127, 127).to(torch.int8)
+
+
+def _int8_4bit(x: Tensor, blocksize: int):
+    """``x``'s rows quantized for :func:`matmul_4bit`'s int8 path, or None where it stays float."""
+    rows = _rows(x, x.shape[-1])
+    if not (INT8_LEVELS_ROWS and rows.shape[0] >= INT8_LEVELS_ROWS and int8_activations(rows.shape[0])
+            and blocksize % 64 == 0):
+        return None
+    xq, xs, _, bsum, oidx, oval = quantize_rows(rows, rows.shape[1], min(KEEP_FLOAT, rows.shape[1] - 1), blocksize)
+    return rows, q4_order(xq.view(rows.shape), 32).view(-1), xs, bsum, oidx, oval
+
+
+def _matmul_4bit(x: Tensor, packed: Tensor, code: Tensor, blocksize: int, out_features: int, bias: Optional[Tensor],
+                 kind: str, *maxima) -> Optional[Tensor]:
+    # kind "" (float32 block maxima) or "_nested"; maxima: the kernel's arguments for them
+    if blocksize % 64:
+        return None
+    quantized = _int8_4bit(x, blocksize)
+    if quantized is not None:
+        rows, xq, xs, bsum, oidx, oval = quantized
+        y = _out(rows, out_features)
+        _run(f"matmul_4bitq{kind}", out_features, out_features * x.shape[-1] * rows.shape[0] // 4, _np(_flat(packed)),
+             *maxima, _np(_levels(code)), _np(code), _np(xq), _np(bsum), _np(xs), _np(oidx), _np(oval), blocksize,
+             _np(y))
+        return _finish(y, x, out_features, bias)
+    rows = lut4_order(_rows(x, x.shape[-1]))
+    y = _out(rows, out_features)
+    _run(f"matmul_4bit{kind}", out_features, out_features * x.shape[-1] * rows.shape[0], _np(_flat(packed)), *maxima,
+         _np(code), _np(rows), _np(y), blocksize)
+    return _finish(y, x, out_features, bias)
+
+
+def matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, out_features: int,
+                bias: Optional[Tensor] = None) -> Optional[Tensor]:
+    """``x @ W^T (+ bias)`` for a bitsandbytes-layout 4-bit weight (``in`` a multiple of
+    ``blocksize``, itself a multiple of 64), or None for other block sizes. From
+    :data:`INT8_LEVELS_ROWS` rows on, the 16 levels as int8 meet int8 activations."""
+    return _matmul_4bit(x, packed, code, blocksize, out_features, bias, "", _np(_flat(absmax)))
+
+
+def matmul_4bit_nested(x: Tensor, packed: Tensor, qabsmax: Tensor, nested: Tensor, nested_code: Tensor, offset: float,
+                       nested_blocksize: int, code: Tensor, blocksize: int, out_features: int,
+                       bias: Optional[Tensor] = None) -> Optional[Tensor]:
+    """:func:`matmul_4bit` with bitsandbytes' double-quantized (8-bit) block maxima."""
+    return _matmul_4bit(x, packed, code, blocksize, out_features, bias, "_nested", _np(_flat(qabsmax)), _np(nested),
+                        _np(nested_code), offset, nested_blocksize)
+
+
+def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, out: Tensor) -> Tensor:
+    """Fill float32 ``out`` with ``code[nibble] * absmax[block]`` (bitsandbytes' values, ~5x faster here)."""
+    _run("dequantize_4bit", absmax.shape[0], out.numel(), _np(_flat(packed)), _np(absmax), _np(code),
+         _np(out.view(-1)), blocksize)
+    return out
+
+
+def dequantize_blockwise8(q: Tensor, absmax: Tensor, code: Tensor, blocksize: int, offset: float = 0.0) -> Tensor:
+    """``code[q] * absmax[block] + offset`` as float32 (bitsandbytes' blockwise 8-bit, e.g. the
+    double-quantized block maxima of a 4-bit weight)."""
+    flat = q.reshape(-1)
+    out = torch.empty(flat.numel(), dtype=torch.float32)
+    _run("dequantize_blockwise8", absmax.numel(), flat.numel(), _np(flat), _np(absmax.float().reshape(-1)),
+         _np(code.float()), _np(out), blocksize, offset)
+    return out
+
+
+def matmul_int8(x: Tensor, q: Tensor, scale: Tensor, bias: Optional[Tensor] = None,
+                activations: str = "auto") -> Tensor:
+    """``x @ (q * scale[:, None])^T (+ bias)`` for an int8 ``[out, in]`` weight.
+
+    ``activations``: "float" multiplies ``x`` as it is; "int8" quantizes each row of ``x`` to
+    int8 (one scale, its :data:`KEEP_FLOAT` largest |x| in float) and multiplies with integer
+    dot products; "auto" picks by :func:`int8_activations`; "on-grid" is for an ``x`` already
+    on that grid (INT8_DYNAMIC's :meth:`prepare_input`), where both give the same values: the
+    faster one (int8 on a SIMD level).
+    """
+    rows = _rows(x, q.shape[1])
+    y = _out(rows, q.shape[0])
+    if activations == "auto":
+        activations = "int8" if int8_activations(rows.shape[0]) else "float"
+    elif activations == "on-grid":
+        activations = "int8" if simd_path() != "plain" else "float"
+    if activations == "int8" and q.shape[1] % 64 == 0:
+        xq, xs, corr, _, oidx, oval = quantize_rows(rows, q.shape[1], min(KEEP_FLOAT, q.shape[1] - 1))
+        _run("matmul_int8q", q.shape[0], q.numel() * rows.shape[0] // 4, _np(_flat(q)), _np(scale), _np(xq), _np(xs),
+             _np(corr), _np(oidx), _np(oval), q.shape[1], _np(y))
+    else:
+        _run("matmul_int8", q.shape[0], q.numel() * rows.shape[0], _np(_flat(q)), _np(scale), _np(rows), _np(y))
+    return _finish(y, x, q.shape[0], bias)
+
+
+def matmul_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group: int, in_features: int,
+                bias: Optional[Tensor] = None, activations: str = "auto") -> Optional[Tensor]:
+    """``x @ W^T (+ bias)`` for group-wise affine int4 (``w = (q - zero) * scale``).
+    ``activations`` as in :func:`matmul_int8` (int8 needs a group size that is a multiple of
+    128; a group size that is not a multiple of 64 takes the plain loops)."""
+    rows = _rows(x, in_features)
+    padded = packed.shape[1] * 2
+    if padded != in_features:
+        rows = torch.nn.functional.pad(rows, (0, padded - in_features))
+    y = _out(rows, packed.shape[0])
+    if group % 64:
+        _run("matmul_int4_any", packed.shape[0], packed.numel() * 2 * rows.shape[0], _np(_flat(packed)),
+             _np(_flat(scales)), _np(_flat(zeros)), _np(rows), _np(y), group)
+        return _finish(y, x, packed.shape[0], bias)
+    if activations == "auto":
+        activations = "int8" if int8_activations(rows.shape[0]) else "float"
+    if activations == "int8" and group % 128 == 0:
+        xq, xs, _, gsum, oidx, oval = quantize_rows(rows, padded, min(KEEP_FLOAT, in_features - 1), group)
+        _run("matmul_int4q", packed.shape[0], packed.numel() * 2 * rows.shape[0] // 4, _np(_flat(packed)),
+             _np(_flat(scales)), _np(_flat(zeros)), _np(q4_order(xq.view(rows.shape)).view(-1)), _np(xs), _np(gsum),
+             _np(oidx), _np(oval), group, _np(y))
+    else:
+        _run("matmul_int4", packed.shape[0], packed.numel() * 2 * rows.shape[0], _np(_flat(packed)),
+             _np(_flat(scales)), _np(_flat(zeros)), _np(lut4_order(rows)), _np(y), group)
+    return _finish(y, x, packed.shape[0], bias)
+
+
+def matmul_lut8(x: Tensor, q: Tensor, lut: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ (lut[q] * scale[:, None])^T (+ bias)`` for a one-byte code ``[out, in]`` (e.g. float8)."""
+    rows = _rows(x, q.shape[1])
+    y = _out(rows, q.shape[0])
+    _run("matmul_lut8", q.shape[0], q.numel() * rows.shape[0], _np(q.view(torch.uint8)), _np(lut), _np(scale),
+         _np(rows), _np(y))
+    return _finish(y, x, q.shape[0], bias)
+
+
+def matmul_fp8(x: Tensor, q: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ (float(q) * scale[:, None])^T (+ bias)`` for a float8_e4m3fn ``[out, in]`` weight,
+    its bytes decoded by arithmetic in registers (no table)."""
+    rows = _rows(x, q.shape[1])
+    y = _out(rows, q.shape[0])
+    _run("matmul_fp8", q.shape[0], q.numel() * rows.shape[0], _np(_flat(q).view(torch.uint8)), _np(scale), _np(rows),
+         _np(y))
+    return _finish(y, x, q.shape[0], bias)
+
+
+_NO_SCALE = torch.empty(0).numpy()  # matmul_bf16's kernel: the INT8 / FP8 one, unscaled
+
+
+def matmul_bf16(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ weight^T (+ bias)`` in float32 for a bfloat16 weight, without converting it first."""
+    rows = _rows(x, weight.shape[1])
+    y = _out(rows, weight.shape[0])
+    _run("matmul_bf16", weight.shape[0], weight.numel() * rows.shape[0],
+         _np(_flat(weight).view(torch.int16)).view("uint16"), _NO_SCALE, _np(rows), _np(y))
+    return _finish(y, x, weight.shape[0], bias)

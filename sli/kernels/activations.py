@@ -1,0 +1,86 @@
+"""int8 activations: float32 rows quantized for the integer dot products (what
+:func:`sli.kernels.quantize_rows` runs), and where each value a row keeps in float sits in a
+packed 4-bit weight row."""
+import numpy as np
+from numba import njit
+
+from .jit import stable_id
+
+
+@njit(cache=True, nogil=True)  # no fastmath: x * 127 / a rounds as INT8_DYNAMIC's torch code does
+def quantize_rows(x, xblock, sumblock, xq, xs, corr, bsum, oidx, oval):
+    # x fp32 [T, in] -> xq int8 [T*in] with a scale a block of xblock values (xs [T*(in/xblock)]),
+    # the oidx.shape[1] largest |x| of each row kept in float (oidx, oval [T, K]; 0 in xq);
+    # corr[t] = 128 * sum over blocks of xs * sum(xq) (what dot8q's AVX-512 form subtracts);
+    # bsum [T*(in/sumblock)]: sum(xq) a block of sumblock values
+    rows, cols = x.shape
+    sums = cols // sumblock
+    keep = oidx.shape[1]
+    blocks = cols // xblock
+    row = np.empty(cols, np.float32)
+    top = np.empty(keep + 1, np.float32)  # the keep + 1 largest |x|: the last is the rest's maximum
+    at = np.empty(keep + 1, np.int64)
+    for t in range(rows):
+        for j in range(cols):
+            row[j] = x[t, j]
+        for k in range(keep + 1):
+            top[k] = -1.0
+            at[k] = 0
+        for j in range(cols):  # by insertion: one pass, rarely taken
+            a = abs(row[j])
+            if a > top[keep]:
+                k = keep
+                while k > 0 and top[k - 1] < a:
+                    top[k] = top[k - 1]
+                    at[k] = at[k - 1]
+                    k -= 1
+                top[k] = a
+                at[k] = j
+        for k in range(keep):
+            oidx[t, k] = at[k]
+            oval[t, k] = row[at[k]]
+            row[at[k]] = 0.0
+        c = np.float32(0.0)
+        for blk in range(blocks):
+            amax = top[keep]  # a row's one block: known from the pass above
+            if blocks > 1:
+                amax = np.float32(0.0)
+                for j in range(blk * xblock, (blk + 1) * xblock):
+                    amax = max(amax, abs(row[j]))
+            amax = max(amax, np.float32(1e-8))
+            total = 0
+            for j in range(blk * xblock, (blk + 1) * xblock):
+                v = np.rint(row[j] * np.float32(127.0) / amax)
+                xq[t * cols + j] = np.int8(v)
+                total += np.int32(v)
+            s = amax / np.float32(127.0)
+            xs[t * blocks + blk] = s
+            c += s * np.float32(total)
+        corr[t] = np.float32(128.0) * c
+        for blk in range(sums):
+            total = 0
+            for j in range(blk * sumblock, (blk + 1) * sumblock):
+                total += np.int32(xq[t * cols + j])
+            bsum[t * sums + blk] = np.float32(total)
+
+
+@njit(cache=True, nogil=True)
+def kept_nibbles(oidx, blocksize):
+    # where each kept value's nibble is in a packed 4-bit row: byte, shift, block (once a call)
+    rows, keep = oidx.shape
+    kept = np.empty((rows, keep, 3), np.int64)
+    for t in range(rows):
+        for m in range(keep):
+            j = oidx[t, m]
+            kept[t, m, 0] = j // 2
+            kept[t, m, 1] = 4 * (1 - j % 2)
+            kept[t, m, 2] = j // blocksize
+    return kept
+
+
+stable_id(kept_nibbles, "activations.kept_nibbles")  # the 4-bit kernels hold it in their closures
+
+
+def build(h) -> dict:
+    """The kernel by name (the same at every SIMD level)."""
+    return {"quantize_rows": quantize_rows}

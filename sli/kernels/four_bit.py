@@ -1,0 +1,156 @@
+"""numba kernels for NF4/FP4 weights: bitsandbytes' 4-bit layout (two values a byte, the first
+in the high nibble; 16 float levels ``code``; a float32 maximum a block of ``blocksize``
+values, or 8-bit ones, double-quantized). They multiply by float32 activations through the
+``lut4``/``lut4n`` helpers, by int8 activations with the levels as int8 through ``dot4l``, and
+dequantize through ``decode64_4bit``.
+"""
+import numpy as np
+
+from .jit import KERNEL, stable_id
+
+
+def build(h) -> dict:
+    """The kernels by name, over helpers ``h`` (one SIMD level's or the plain ones)."""
+    from .activations import kept_nibbles  # in the closures, so the cache sees them (sli.kernels.jit)
+    from .plain import decode_pairs
+
+    lut4, lut4n, dot4l, decode64_4bit = h.lut4, h.lut4n, h.dot4l, h.decode64_4bit
+    most = h.max_rows  # activation rows a helper multiplies in one pass
+    offset_levels = h.offset_levels  # dot4l subtracts corr (128 * sum of scale * sum(xq)): AVX-512's vpdpbusd
+
+    @KERNEL
+    def matmul_4bit(packed, absmax, code, x, y, blocksize, start, stop):
+        # packed: uint8 [out*in/2] (first value in the high nibble); absmax: fp32 [out*in/blocksize];
+        # x: fp32 [T, in] in lut4_order
+        rows, cols = x.shape
+        blocks_per_row = cols // blocksize
+        xflat = x.reshape(x.size)
+        acc = np.empty(most, np.float32)
+        for o in range(start, stop):
+            for t in range(0, rows, most):
+                k = min(most, rows - t)
+                lut4(packed, o * (cols // 2), code, absmax, o * blocks_per_row, blocksize, xflat, t * cols, cols, cols,
+                     k, acc)
+                for i in range(k):
+                    y[t + i, o] = acc[i]
+
+    @KERNEL
+    def matmul_4bit_nested(packed, qabsmax, nested, nested_code, offset, nested_blocksize, code, x, y, blocksize,
+                           start, stop):
+        # double-quantized block maxima, decoded by the helper as each block starts:
+        # absmax[b] = nested_code[qabsmax[b]] * nested[b // nested_blocksize] + offset
+        rows, cols = x.shape
+        blocks_per_row = cols // blocksize
+        xflat = x.reshape(x.size)
+        acc = np.empty(most, np.float32)
+        total = np.empty(most, np.float32)
+        for o in range(start, stop):
+            b0 = o * blocks_per_row
+            for t in range(0, rows, most):
+                k = min(most, rows - t)
+                total[:k] = 0.0
+                blk = 0
+                group = b0 // nested_blocksize
+                while blk < blocks_per_row:  # one pass per group of block maxima the row meets (mostly one)
+                    last = min(blocks_per_row, (group + 1) * nested_blocksize - b0)
+                    lut4n(packed, o * (cols // 2) + blk * blocksize // 2, code, qabsmax, nested_code, nested[group],
+                          offset, b0 + blk, blocksize, xflat, t * cols + blk * blocksize, (last - blk) * blocksize, cols,
+                          k, acc)
+                    for i in range(k):
+                        total[i] += acc[i]
+                    blk = last
+                    group += 1
+                for i in range(k):
+                    y[t + i, o] = total[i]
+
+    @KERNEL
+    def dequantize_4bit(packed, absmax, code, out, blocksize, start, stop):
+        # out: fp32 [n]; the last block may be partial
+        half_block = blocksize // 2
+        n_pairs = packed.shape[0]
+        for blk in range(start, stop):
+            scale = absmax[blk]
+            first = blk * half_block
+            last = min(first + half_block, n_pairs)
+            whole = first + (last - first) // 32 * 32
+            for k in range(first, whole, 32):
+                decode64_4bit(packed, k, code, scale, out, 2 * k)
+            decode_pairs(packed, whole, code, scale, np.float32(0.0), out, 2 * whole, last - whole)
+
+    @KERNEL
+    def dequantize_blockwise8(q, absmax, code, out, blocksize, offset, start, stop):
+        # one byte per value: out[i] = code[q[i]] * absmax[i // blocksize] + offset
+        for blk in range(start, stop):
+            scale = absmax[blk]
+            for i in range(blk * blocksize, min((blk + 1) * blocksize, q.shape[0])):
+                out[i] = code[q[i]] * scale + offset
+
+    @KERNEL
+    def rows_4bitq(packed, o, scales, levels, code, xq, bsum, xs, kept, oval, blocksize, corr, y, acc):
+        # row o of a 4-bit weight (scales: its block maxima / 127) times int8 activations
+        rows = y.shape[0]
+        cols = xq.shape[0] // rows
+        half = cols // 2
+        blocks = cols // blocksize
+        keep = oval.shape[1]
+        if offset_levels:
+            for t in range(rows):
+                c = np.float32(0.0)
+                for blk in range(blocks):
+                    c += scales[blk] * bsum[t * blocks + blk]
+                corr[t] = np.float32(128.0) * c
+        for t in range(0, rows, most):
+            k = min(most, rows - t)
+            dot4l(packed, o * half, levels, scales, 0, blocksize, xq, corr, t, k, cols, acc)
+            for i in range(k):
+                s = acc[i] * xs[t + i]
+                for m in range(keep):  # the kept values meet the weight itself: code * absmax
+                    byte = np.int64(packed[o * half + kept[t + i, m, 0]])
+                    nibble = (byte >> kept[t + i, m, 1]) & 15
+                    s += (code[nibble] * (scales[kept[t + i, m, 2]] * np.float32(127.0))) * oval[t + i, m]
+                y[t + i, o] = s
+
+    stable_id(rows_4bitq, f"four_bit.rows_4bitq:{h.level}")  # the two kernels below hold it
+
+    @KERNEL
+    def matmul_4bitq(packed, absmax, levels, code, xq, bsum, xs, oidx, oval, blocksize, y, start, stop):
+        # matmul_4bit with the 16 levels as int8 (levels = round(127 * code)) and int8 activations
+        # (quantize_rows: one scale a row, in q4_order(..., 32); bsum a block)
+        rows = y.shape[0]
+        cols = xq.shape[0] // rows
+        blocks_per_row = cols // blocksize
+        scales = np.empty(blocks_per_row, np.float32)
+        corr = np.empty(rows, np.float32)
+        kept = kept_nibbles(oidx, blocksize)
+        acc = np.empty(most, np.float32)
+        for o in range(start, stop):
+            for blk in range(blocks_per_row):
+                scales[blk] = absmax[o * blocks_per_row + blk] * np.float32(1.0 / 127.0)
+            rows_4bitq(packed, o, scales, levels, code, xq, bsum, xs, kept, oval, blocksize, corr, y, acc)
+
+    @KERNEL
+    def matmul_4bitq_nested(packed, qabsmax, nested, nested_code, offset, nested_blocksize, levels, code, xq, bsum,
+                            xs, oidx, oval, blocksize, y, start, stop):
+        rows = y.shape[0]
+        cols = xq.shape[0] // rows
+        blocks_per_row = cols // blocksize
+        scales = np.empty(blocks_per_row, np.float32)
+        corr = np.empty(rows, np.float32)
+        kept = kept_nibbles(oidx, blocksize)
+        acc = np.empty(most, np.float32)
+        for o in range(start, stop):
+            b = o * blocks_per_row
+            group = b // nested_blocksize
+            first = min(blocks_per_row, (group + 1) * nested_blocksize - b)
+            scale = nested[group] * np.float32(1.0 / 127.0)
+            add = offset * np.float32(1.0 / 127.0)
+            for blk in range(first):
+                scales[blk] = nested_code[qabsmax[b + blk]] * scale + add
+            for blk in range(first, blocks_per_row):
+                scales[blk] = (nested_code[qabsmax[b + blk]] * nested[(b + blk) // nested_blocksize] + offset) \
+                    * np.float32(1.0 / 127.0)
+            rows_4bitq(packed, o, scales, levels, code, xq, bsum, xs, kept, oval, blocksize, corr, y, acc)
+
+    return {"matmul_4bit": matmul_4bit, "matmul_4bit_nested": matmul_4bit_nested, "dequantize_4bit": dequantize_4bit,
+            "dequantize_blockwise8": dequantize_blockwise8, "matmul_4bitq": matmul_4bitq,
+            "matmul_4bitq_nested": matmul_4bitq_nested}

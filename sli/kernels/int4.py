@@ -1,0 +1,65 @@
+"""numba kernels for INT4 weights: group-wise affine 4-bit values (``w = (q - zero) * scale``,
+two a byte, the first in the high nibble; a scale and a zero point a group of ``group``
+values). They multiply by float32 activations through the ``lut4z`` helper (a group size
+the SIMD helpers do not step in, not a multiple of 64: the plain one), by int8 activations
+through ``dot4q``.
+"""
+import numpy as np
+
+from .jit import KERNEL
+
+
+def build(h) -> dict:
+    """The kernels by name, over helpers ``h`` (one SIMD level's or the plain ones)."""
+    from . import plain  # in the closures, so the cache sees them (sli.kernels.jit)
+    from .activations import kept_nibbles
+
+    dot4q = h.dot4q
+    most = h.max_rows  # activation rows a helper multiplies in one pass
+
+    def float_kernel(lut4z, most):
+        @KERNEL
+        def matmul_int4(packed, scales, zeros, x, y, group, start, stop):
+            # packed: uint8 [out*padded_in/2] (first value high nibble); scales, zeros: fp32 [out*groups];
+            # x: fp32 [T, padded_in] in the helper's order. w = (q - zero) * scale: a 16-entry table per group.
+            rows, cols = x.shape
+            groups = cols // group
+            code = np.arange(16).astype(np.float32)
+            xflat = x.reshape(x.size)
+            acc = np.empty(most, np.float32)
+            for o in range(start, stop):
+                for t in range(0, rows, most):
+                    k = min(most, rows - t)
+                    lut4z(packed, o * (cols // 2), code, scales, zeros, o * groups, group, xflat, t * cols, cols, cols,
+                          k, acc)
+                    for i in range(k):
+                        y[t + i, o] = acc[i]
+
+        return matmul_int4
+
+    @KERNEL
+    def matmul_int4q(packed, scales, zeros, xq, xs, gsum, oidx, oval, group, y, start, stop):
+        # matmul_int4 with int8 activations (quantize_rows, one scale a row, in q4_order) and
+        # their largest values in float (oidx: natural columns)
+        rows = y.shape[0]
+        cols = xq.shape[0] // rows
+        half = cols // 2
+        groups = cols // group
+        keep = oidx.shape[1]
+        kept = kept_nibbles(oidx, group)
+        acc = np.empty(most, np.float32)
+        for o in range(start, stop):
+            for t in range(0, rows, most):
+                k = min(most, rows - t)
+                dot4q(packed, o * half, scales, zeros, o * groups, group, xq, gsum, t, k, cols, acc)
+                for i in range(k):
+                    s = acc[i] * xs[t + i]
+                    for m in range(keep):
+                        nibble = (packed[o * half + kept[t + i, m, 0]] >> kept[t + i, m, 1]) & 15
+                        g = o * groups + kept[t + i, m, 2]
+                        s += ((np.float32(nibble) - zeros[g]) * scales[g]) * oval[t + i, m]
+                    y[t + i, o] = s
+
+    return {"matmul_int4": float_kernel(h.lut4z, most), "matmul_int4q": matmul_int4q,
+            # a group size the SIMD helpers do not step in: the plain helper, x in the weight's order
+            "matmul_int4_any": float_kernel(plain.lut4z, plain.MAX_ROWS)}

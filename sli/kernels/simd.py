@@ -1,0 +1,81 @@
+"""AVX-512 and AVX2 building blocks for the kernels in :mod:`sli.kernels`: the levels this
+CPU runs, and the set of helpers each level builds.
+
+numba cannot express a 16-entry table lookup, an int8 dot product or a 512-bit register,
+and LLVM does not vectorize the plain loops well here (the 4-bit lookup stays scalar:
+2–3 instructions a value). The helpers are numba intrinsics that write the LLVM IR
+directly, through llvmlite; callers use them like functions inside ``@njit`` code. Each
+multiplies a whole weight row (or a few) by up to ``MAX_ROWS`` activation rows, keeping its
+sums in vector registers from the row's first value to its last.
+
+:func:`helpers` builds one set per instruction level, with the same names and arguments
+as :mod:`sli.kernels.plain`'s numba functions (:mod:`sli.kernels.simd_float` and
+:mod:`sli.kernels.simd_int8` emit them; :mod:`sli.kernels.simd_ir` holds their shared IR):
+
+- ``"avx512"`` (AVX-512 F/BW/DQ/VL/VNNI + FMA; a CPU with AVX-512 but not VNNI takes
+  "avx2"): 16 floats a register. A 4-bit code's 16 float
+  levels fill one register, so one ``vpermps`` decodes 16 values, no blend;
+- ``"avx2"`` (AVX2 + FMA): 8 floats a register; a lookup is two ``vpermps`` (table halves
+  0–7 and 8–15) and a blend on the index's bit 3.
+
+The float helpers (``n`` values of each row, a multiple of 64; ``rows`` from 1 to MAX_ROWS
+activation rows ``x[xofs + r*stride : ...]``; ``out[r]`` receives row ``r``'s sum):
+
+- ``lut4(packed, pofs, code, scales, sofs, blocksize, x, xofs, n, stride, rows, out)``: a
+  4-bit row (``packed[pofs:]``, two values a byte, the first in the high nibble) whose
+  value is ``code[nibble] * scales[sofs + block]``. ``x`` is in the order of the level's
+  ``lanes`` (:func:`sli.kernels.lut4_order`): each ``2*lanes`` values as the even ones,
+  then the odd ones, so that a register of high nibbles meets a register of ``x``;
+- ``lut4z(packed, pofs, code, scales, zeros, sofs, blocksize, ...)``: the same with value
+  ``(code[nibble] - zeros[sofs + block]) * scales[sofs + block]`` (INT4, ``code`` = 0..15);
+- ``lut4n(packed, pofs, code, qabsmax, nested_code, nested, offset, sofs, blocksize, ...)``:
+  the same with double-quantized block maxima (:func:`sli.kernels.simd_float.make_lut4`);
+- ``dot8(q, qofs, x, xofs, n, stride, rows, out)``: an int8 row times float rows;
+- ``dotfp8(q, qofs, ...)``: a float8_e4m3fn row (its bytes), decoded by arithmetic;
+- ``dotbf16(w, wofs, ...)``: a bfloat16 row (its bits as uint16) times float rows;
+- ``decode64_4bit(packed, pofs, code, scale, out, oofs)``: ``out[oofs:oofs+64] =
+  code[nibbles] * scale`` in the weight's order (dequantizing).
+
+The int8 helpers ``dot8q``, ``dot4q`` and ``dot4l`` (:mod:`sli.kernels.simd_int8`) meet int8
+activation rows.
+
+This module and the three it builds on reach into numba's and llvmlite's internals:
+:mod:`sli.kernels.dispatch` imports it inside a guard and uses the plain functions when it
+cannot be built, when the CPU lacks the instructions, or when ``SLI_SIMD`` /
+``SLI_NO_SIMD`` ask for another level.
+"""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import Dict, Tuple
+
+from llvmlite import binding
+
+from .simd_float import make_decode64, make_lut4, make_widening_dot
+from .simd_int8 import make_dot4l, make_dot4q, make_dot8q
+from .simd_ir import LEVELS, MAX_ROWS, NEEDS, WIDTH
+
+
+def host_levels() -> Tuple[str, ...]:
+    """The levels this CPU runs, best first (none when numba compiles for another CPU)."""
+    if os.environ.get("NUMBA_CPU_NAME", "host") != "host":
+        return ()  # numba compiles for another (e.g. generic) CPU: it may lack them
+    features = binding.get_host_cpu_features()
+    return tuple(level for level in LEVELS if all(features.get(name) for name in NEEDS[level]))
+
+
+_built: Dict[str, SimpleNamespace] = {}
+
+
+def helpers(level: str) -> SimpleNamespace:
+    """The helpers of ``level`` ("avx512" or "avx2"), built once."""
+    if level not in _built:
+        _built[level] = SimpleNamespace(
+            level=level, lanes=WIDTH[level], max_rows=MAX_ROWS[level],
+            offset_levels=level == "avx512",  # dot4l takes back an offset: see its corr
+            lut4=make_lut4(level, "scale"), lut4z=make_lut4(level, "affine"), lut4n=make_lut4(level, "nested"),
+            dot8=make_widening_dot(level, "int8"), dotfp8=make_widening_dot(level, "fp8"),
+            dotbf16=make_widening_dot(level, "bf16"), decode64_4bit=make_decode64(level),
+            dot8q=make_dot8q(level), dot4q=make_dot4q(level), dot4l=make_dot4l(level))
+    return _built[level]

@@ -1,0 +1,236 @@
+"""The SIMD helpers that meet int8 activations (rows quantized by
+:func:`sli.kernels.quantize_rows`) in integer dot products, exact in int32 within a block:
+``dot8q`` (INT8 weights), ``dot4q`` (INT4's nibbles) and ``dot4l`` (NF4/FP4's 16 levels as
+int8). Each block's int32 sums are scaled into float32 sums as the block ends.
+
+AVX-512 VNNI's ``vpdpbusd`` multiplies unsigned by signed bytes; AVX2's ``vpmaddubsw`` does
+too but saturates its int16 pairs (see :meth:`sli.kernels.simd_ir.Emit.dot_bytes`).
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.core.extending import intrinsic
+
+from .jit import stable_id
+from .simd_ir import F32, I8, I32, WIDTH, Emit, const, idx, rows_switch, splat, unpack, vload
+
+
+def _accumulate(e, fsum, isum, scale):
+    """``fsum += float(isum) * scale``: a block's exact int32 sums into the row's float sums."""
+    b = e.b
+    b.store(e.fma(b.sitofp(b.load(isum), e.vf), scale, b.load(fsum)), fsum)
+
+
+def _store_sums(e, out_ptr, fsum, minus=None):
+    """``out[r]`` = the sum of ``fsum[r]``'s lanes, less ``minus(r)`` where given."""
+    b = e.b
+    for r in range(len(fsum)):
+        total = e.hsum(b.load(fsum[r]))
+        if minus is not None:
+            total = b.fsub(total, minus(r))
+        b.store(total, b.gep(out_ptr, [idx(r)]))
+
+
+def _corr(b, corr_ptr, t0):
+    """AVX-512's correction of row ``r``: ``corr[t0 + r]`` (what the levels' + 128 added)."""
+    return lambda r: b.load(b.gep(corr_ptr, [b.add(t0, idx(r))]))
+
+
+def make_dot8q(level: str):
+    """``dot8q(q, qofs, xq, xs, corr, t0, rows, cols, xblock, out)``: an int8 weight row times
+    int8 activation rows ``xq[(t0 + r)*cols:]`` whose blocks of ``xblock`` values have scales
+    ``xs[(t0 + r)*(cols // xblock) + block]``: ``out[r] = sum over blocks of xs * (q . xq)``,
+    the block's dot product exact in int32.
+
+    AVX-512 VNNI's ``vpdpbusd`` multiplies unsigned by signed bytes: it takes ``q + 128`` (a
+    xor) and ``corr[t0 + r]`` = 128 * sum over blocks of xs * sum(xq) takes the excess back.
+    AVX2's ``vpmaddubsw`` would saturate there, so it takes ``|q|`` and ``xq`` with ``q``'s sign
+    (llama.cpp's way), which needs no correction (``corr`` unread).
+    """
+    w = WIDTH[level]
+
+    def dot8q(typingctx, q, qofs, xq, xs, corr, t0, rows, cols, xblock, out):
+        sig = types.void(q, qofs, xq, xs, corr, t0, rows, cols, xblock, out)
+
+        def codegen(context, builder, signature, args):
+            b = builder
+            q_ptr, qofs_i, xq_ptr, xs_ptr, corr_ptr, t0_i, rows_i, cols_i, xblock_i, out_ptr = \
+                unpack(context, b, signature, args)
+            blocks = b.sdiv(cols_i, xblock_i)
+
+            def case(e, rows):
+                fsum = [cgutils.alloca_once(b, e.vf, zfill=True) for _ in range(rows)]
+                isum = [cgutils.alloca_once(b, e.vi) for _ in range(rows)]
+                xrow = [b.mul(b.add(t0_i, idx(r)), cols_i) for r in range(rows)]
+                srow = [b.mul(b.add(t0_i, idx(r)), blocks) for r in range(rows)]
+                with cgutils.for_range(b, blocks) as block:
+                    first = b.mul(block.index, xblock_i)
+                    for r in range(rows):
+                        b.store(ir.Constant(e.vi, None), isum[r])
+                    with cgutils.for_range(b, b.sdiv(xblock_i, idx(4 * w))) as step:
+                        at_value = b.add(first, b.mul(step.index, idx(4 * w)))
+                        weights = vload(b, q_ptr, b.add(qofs_i, at_value), e.vb)
+                        if level == "avx512":
+                            unsigned = b.xor(weights, const(e.vb, -128))  # q + 128
+                        else:
+                            unsigned = e.magnitude(weights)
+                        for r in range(rows):
+                            xv = vload(b, xq_ptr, b.add(xrow[r], at_value), e.vb)
+                            signed = xv if level == "avx512" else e.with_sign_of(xv, weights)
+                            b.store(e.dot_bytes(b.load(isum[r]), unsigned, signed), isum[r])
+                    for r in range(rows):
+                        scale = splat(b, b.load(b.gep(xs_ptr, [b.add(srow[r], block.index)])), e.vf)
+                        _accumulate(e, fsum[r], isum[r], scale)
+                _store_sums(e, out_ptr, fsum, _corr(b, corr_ptr, t0_i) if level == "avx512" else None)
+
+            rows_switch(b, level, rows_i, case)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    dot8q.__name__ = f"dot8q_{level}"
+    return stable_id(intrinsic(dot8q), f"simd.{dot8q.__name__}")
+
+
+def make_dot4q(level: str):
+    """``dot4q(packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, rows, cols, out)``: a
+    group-wise affine 4-bit row (INT4: ``w = (q - zero) * scale``, ``q`` the nibble) times int8
+    activation rows ``xq[(t0 + r)*cols:]``, each 128 values ordered as the 64 even ones then
+    the 64 odd ones (:func:`sli.kernels.q4_order`), ``gsum`` their sum per group:
+    ``out[r] = sum over groups of scale * (q . xq - zero * gsum)``, ``q . xq`` exact in int32.
+
+    The nibbles are unsigned bytes as they are: ``vpdpbusd`` on AVX-512 VNNI, ``vpmaddubsw``
+    (15 * 127 * 2 fits 16 bits) and ``vpmaddwd`` on AVX2.
+    """
+    w = WIDTH[level]
+
+    def dot4q(typingctx, packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, rows, cols, out):
+        sig = types.void(packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, rows, cols, out)
+
+        def codegen(context, builder, signature, args):
+            b = builder
+            packed_ptr, pofs_i, scales_ptr, zeros_ptr, sofs_i, group_i, xq_ptr, gsum_ptr, t0_i, rows_i, cols_i, \
+                out_ptr = unpack(context, b, signature, args)
+            groups = b.sdiv(cols_i, group_i)
+
+            def case(e, rows):
+                fsum = [cgutils.alloca_once(b, e.vf, zfill=True) for _ in range(rows)]
+                fix = [cgutils.alloca_once(b, F32, zfill=True) for _ in range(rows)]
+                isum = [cgutils.alloca_once(b, e.vi) for _ in range(rows)]
+                xrow = [b.mul(b.add(t0_i, idx(r)), cols_i) for r in range(rows)]
+                grow = [b.mul(b.add(t0_i, idx(r)), groups) for r in range(rows)]
+                with cgutils.for_range(b, groups) as loop:
+                    g = loop.index
+                    first = b.mul(g, group_i)
+                    for r in range(rows):
+                        b.store(ir.Constant(e.vi, None), isum[r])
+                    # 128 values (64 bytes) a step, in 4w-byte registers: 64/(4w) of them
+                    with cgutils.for_range(b, b.sdiv(group_i, idx(128))) as step:
+                        at_value = b.add(first, b.mul(step.index, idx(128)))
+                        for part in range(64 // (4 * w)):
+                            raw = vload(b, packed_ptr, b.add(pofs_i, b.add(b.lshr(at_value, idx(1)), idx(part * 4 * w))),
+                                        e.vb)
+                            high, low = e.nibbles(raw)
+                            for nibbles, half in ((high, 0), (low, 64)):
+                                xoff = b.add(at_value, idx(half + part * 4 * w))
+                                for r in range(rows):
+                                    xv = vload(b, xq_ptr, b.add(xrow[r], xoff), e.vb)
+                                    b.store(e.dot_bytes(b.load(isum[r]), nibbles, xv), isum[r])
+                    at_group = b.add(sofs_i, g)
+                    scale = b.load(b.gep(scales_ptr, [at_group]))
+                    zero_scale = b.fmul(b.load(b.gep(zeros_ptr, [at_group])), scale)
+                    for r in range(rows):
+                        _accumulate(e, fsum[r], isum[r], splat(b, scale, e.vf))
+                        gs = b.load(b.gep(gsum_ptr, [b.add(grow[r], g)]))
+                        b.store(b.fadd(b.load(fix[r]), b.fmul(zero_scale, gs)), fix[r])
+                _store_sums(e, out_ptr, fsum, lambda r: b.load(fix[r]))
+
+            rows_switch(b, level, rows_i, case)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    dot4q.__name__ = f"dot4q_{level}"
+    return stable_id(intrinsic(dot4q), f"simd.{dot4q.__name__}")
+
+
+def make_dot4l(level: str):
+    """``dot4l(packed, pofs, levels, scales, sofs, blocksize, xq, corr, t0, rows, cols, out)``: a
+    4-bit row whose value is ``levels[nibble] * scales[sofs + block]`` (NF4/FP4 with their 16
+    levels as int8, IQ4_NL's way) times int8 activation rows ``xq[(t0 + r)*cols:]``, each 64
+    values ordered as the 32 even ones then the 32 odd ones (:func:`sli.kernels.q4_order`):
+    ``out[r] = sum over blocks of scale * (levels[q] . xq)``, the dot product exact in int32.
+
+    A byte shuffle (``vpshufb``) looks the levels up. AVX-512 VNNI's ``vpdpbusd`` takes them
+    as unsigned bytes ``level + 128`` and subtracts ``corr[t0 + r]`` = 128 * sum over blocks of
+    scale * sum(xq) (the caller's, see the helpers' ``offset_levels``); AVX2 takes ``|level|``
+    and ``xq`` with the level's sign (``corr`` unread).
+    """
+    w = WIDTH[level]
+
+    def dot4l(typingctx, packed, pofs, levels, scales, sofs, blocksize, xq, corr, t0, rows, cols, out):
+        sig = types.void(packed, pofs, levels, scales, sofs, blocksize, xq, corr, t0, rows, cols, out)
+
+        def codegen(context, builder, signature, args):
+            b = builder
+            packed_ptr, pofs_i, levels_ptr, scales_ptr, sofs_i, bs_i, xq_ptr, corr_ptr, t0_i, rows_i, cols_i, \
+                out_ptr = unpack(context, b, signature, args)
+            blocks = b.sdiv(cols_i, bs_i)
+            v32 = ir.VectorType(I8, 32)
+            vb = ir.VectorType(I8, 4 * w)
+            # the 16 levels in each 128-bit lane (vpshufb looks up within a lane)
+            table16 = vload(b, levels_ptr, idx(0), ir.VectorType(I8, 16))
+            table = b.shuffle_vector(table16, table16, ir.Constant(ir.VectorType(I32, 4 * w),
+                                                                     [k % 16 for k in range(4 * w)]))
+            if level == "avx512":
+                table = b.xor(table, const(vb, -128))  # level + 128, unsigned
+                pshufb = Emit(b, level).fn("llvm.x86.avx512.pshuf.b.512", vb, [vb, vb])
+            else:
+                pshufb = Emit(b, level).fn("llvm.x86.avx2.pshuf.b", vb, [vb, vb])
+
+            def case(e, rows):
+                fsum = [cgutils.alloca_once(b, e.vf, zfill=True) for _ in range(rows)]
+                isum = [cgutils.alloca_once(b, e.vi) for _ in range(rows)]
+                xrow = [b.mul(b.add(t0_i, idx(r)), cols_i) for r in range(rows)]
+
+                def blocks_pass(bs_v):
+                    with cgutils.for_range(b, blocks) as loop:
+                        blk = loop.index
+                        first = b.mul(blk, bs_v)
+                        for r in range(rows):
+                            b.store(ir.Constant(e.vi, None), isum[r])
+                        with cgutils.for_range(b, b.sdiv(bs_v, idx(64))) as step:  # 64 values: 32 bytes
+                            at_value = b.add(first, b.mul(step.index, idx(64)))
+                            high, low = e.nibbles(vload(b, packed_ptr, b.add(pofs_i, b.lshr(at_value, idx(1))), v32))
+                            if level == "avx512":  # one register: 32 even values, then 32 odd ones
+                                index = b.shuffle_vector(high, low, ir.Constant(ir.VectorType(I32, 64), list(range(64))))
+                                parts = [(b.call(pshufb, [table, index]), 0)]
+                            else:
+                                parts = [(b.call(pshufb, [table, high]), 0), (b.call(pshufb, [table, low]), 32)]
+                            for values, half in parts:
+                                unsigned = values if level == "avx512" else e.magnitude(values)
+                                for r in range(rows):
+                                    xv = vload(b, xq_ptr, b.add(xrow[r], b.add(at_value, idx(half))), vb)
+                                    signed = xv if level == "avx512" else e.with_sign_of(xv, values)
+                                    b.store(e.dot_bytes(b.load(isum[r]), unsigned, signed), isum[r])
+                        scale = splat(b, b.load(b.gep(scales_ptr, [b.add(sofs_i, blk)])), e.vf)
+                        for r in range(rows):
+                            _accumulate(e, fsum[r], isum[r], scale)
+
+                # NF4/FP4's 64-value block: one step a block, no inner loop; any other size: a loop
+                with b.if_else(b.icmp_signed("==", bs_i, idx(64))) as (then, otherwise):
+                    with then:
+                        blocks_pass(idx(64))
+                    with otherwise:
+                        blocks_pass(bs_i)
+                _store_sums(e, out_ptr, fsum, _corr(b, corr_ptr, t0_i) if level == "avx512" else None)
+
+            rows_switch(b, level, rows_i, case)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    dot4l.__name__ = f"dot4l_{level}"
+    return stable_id(intrinsic(dot4l), f"simd.{dot4l.__name__}")

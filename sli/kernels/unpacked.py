@@ -1,0 +1,93 @@
+"""numba kernels for weights stored a value an element: INT8 (a float32 scale a row), FP8
+(float8_e4m3fn bytes, a scale a row), a one-byte code with a table (``lut8``) and bfloat16.
+INT8, FP8 and bfloat16 share one kernel: the ``dot8``/``dotfp8``/``dotbf16`` helpers widen
+each 64 values to float32 in registers, a loop takes the last ``in % 64``. INT8 also meets int8
+activations, through ``dot8q``.
+"""
+import numpy as np
+from numba import njit
+
+from .jit import KERNEL, stable_id
+from .plain import E4M3
+
+
+# One weight value as float32, for the values after the last 64 (the helpers take the rest).
+@njit(nogil=True)
+def _int8_value(q):
+    return np.float32(q)
+
+
+@njit(nogil=True)
+def _fp8_value(q):
+    return E4M3[q]
+
+
+@njit(nogil=True)
+def _bf16_value(bits):
+    return np.uint32(np.uint32(bits) << 16).view(np.float32)  # a bfloat16 is the top half of a float32
+
+
+for _f in (_int8_value, _fp8_value, _bf16_value):
+    stable_id(_f, f"unpacked.{_f.__name__}")  # the kernels hold them in their closures
+
+
+def build(h) -> dict:
+    """The kernels by name, over helpers ``h`` (one SIMD level's or the plain ones)."""
+    dot8q = h.dot8q
+    most = h.max_rows  # activation rows a helper multiplies in one pass
+
+    def widening_kernel(dot, value, scaled):
+        @KERNEL
+        def matmul(q, scale, x, y, start, stop):
+            # q: [out*in] values; y = (x @ value(q)^T) * scale (no scale where not scaled: bfloat16)
+            rows, cols = x.shape
+            whole = cols // 64 * 64
+            xflat = x.reshape(x.size)
+            acc = np.empty(most, np.float32)
+            for o in range(start, stop):
+                for t in range(0, rows, most):
+                    k = min(most, rows - t)
+                    dot(q, o * cols, xflat, t * cols, whole, cols, k, acc)
+                    for i in range(k):
+                        s = acc[i]
+                        for j in range(whole, cols):
+                            s += value(q[o * cols + j]) * x[t + i, j]
+                        y[t + i, o] = s * scale[o] if scaled else s
+
+        return matmul
+
+    @KERNEL
+    def matmul_int8q(q, scale, xq, xs, corr, oidx, oval, xblock, y, start, stop):
+        # q: int8 [out*in]; activations quantize_rows' int8 blocks + float outliers; y = (x @ q^T) * scale
+        rows = y.shape[0]
+        cols = q.shape[0] // y.shape[1]
+        keep = oidx.shape[1]
+        acc = np.empty(most, np.float32)
+        for o in range(start, stop):
+            for t in range(0, rows, most):
+                k = min(most, rows - t)
+                dot8q(q, o * cols, xq, xs, corr, t, k, cols, xblock, acc)
+                for i in range(k):
+                    s = acc[i]
+                    for m in range(keep):
+                        s += np.float32(q[o * cols + oidx[t + i, m]]) * oval[t + i, m]
+                    y[t + i, o] = s * scale[o]
+
+    @KERNEL
+    def matmul_lut8(q, lut, scale, x, y, start, stop):
+        # q: uint8 codes [out, in] (float8 bytes), lut: fp32 [256]; y = (x @ lut[q]^T) * scale
+        rows, cols = x.shape
+        for o in range(start, stop):
+            decoded = np.empty(cols, np.float32)
+            for j in range(cols):
+                decoded[j] = lut[q[o, j]]
+            for t in range(rows):
+                s = np.float32(0.0)
+                for j in range(cols):
+                    s += decoded[j] * x[t, j]
+                y[t, o] = s * scale[o]
+
+    return {"matmul_int8": widening_kernel(h.dot8, _int8_value, True),
+            "matmul_fp8": widening_kernel(h.dotfp8, _fp8_value, True),
+            "matmul_bf16": widening_kernel(h.dotbf16, _bf16_value, False),  # its wrapper passes no scale
+            "matmul_int8q": matmul_int8q, "matmul_lut8": matmul_lut8}
