@@ -24,6 +24,11 @@ WIDTH = {"avx512": 16, "avx2": 8}  # float32 lanes a register
 MAX_ROWS = {"avx512": 8, "avx2": 4}
 
 F32, I32, I16, I8, I64 = ir.FloatType(), ir.IntType(32), ir.IntType(16), ir.IntType(8), ir.IntType(64)
+# A type caches its text once printed, and the text is part of its pickle: of numba's cache key,
+# through the helpers that name these types, for every kernel. Printed now, they pickle the same
+# before and after the first compile (else a process's first kernel would never load from the cache).
+for _type in (F32, I32, I16, I8, I64):
+    str(_type)
 
 
 def unpack(context, builder, signature, args, floats=()):
