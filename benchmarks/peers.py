@@ -45,6 +45,19 @@ def mark_loaded() -> None:
     PHASES["peak_reset"] = M.reset_peak_rss()
 
 
+def memory_cgroup():
+    """This process's memory cgroup (``/proc/self/cgroup``): under ``--cap-mb`` the benchmark's cgroup."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                parts = line.rstrip("\n").split(":", 2)
+                if len(parts) == 3 and "memory" in parts[1].split(","):
+                    return parts[2]
+    except OSError:
+        pass
+    return None
+
+
 def prompt_ids(vocab: int, length: int, seed: int = 0) -> torch.Tensor:
     """The benchmark prompt: ``length`` token ids drawn from ``[3, vocab)`` with ``seed``."""
     g = torch.Generator().manual_seed(seed)
@@ -241,7 +254,8 @@ def main(argv=None) -> int:
     ids = prompt_ids(cfg["vocab_size"], args.prompt_len)
     result = {"contender": args.contender, "mode": args.mode if args.contender == "sli" else None,
               "cache": "cold" if args.cold else "warm", "baseline_rss_mb": BASELINE_RSS_MB, "ok": False,
-              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "torch_threads": torch.get_num_threads()}
+              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "torch_threads": torch.get_num_threads(),
+              "memory_cgroup": memory_cgroup()}
     try:
         result.update(RUNNERS[args.contender](args, ids))
         result["ok"] = True
