@@ -429,6 +429,10 @@ def io_floor_s(fl, key, cache, capped) -> tuple:
     return io.get("cold_s" if cold else "warm_s", io["warm_s"]), io["bytes"]
 
 
+def show_cache(args, cache: str) -> str:
+    return cache if not args.cap_mb else ("capped" if cache == "warm" else "cold, capped")
+
+
 def report(args, results, fl) -> str:
     lines = []
     ref = {}  # cache -> tokens of the first unquantized contender
@@ -445,8 +449,9 @@ def report(args, results, fl) -> str:
         cap = r.get("memory_cap") or {}
         cap_txt = (f" {fmt(cap.get('max_usage_mb'), '.0f')} | {'yes' if cap.get('hit_limit') else 'no'} / {cap.get('oom_kills')}"
                    + ("" if cap.get("child_in_cgroup", True) else " (child NOT in the cgroup)") + " |") if capped else ""
+        shown = show_cache(args, r["cache"])
         if not r.get("ok"):
-            lines.append(f"| {r['label']} | {r['cache']} | failed: {r.get('error', '?')} |||||||||" + cap_txt)
+            lines.append(f"| {r['label']} | {shown} | failed: {r.get('error', '?')} |||||||||" + cap_txt)
             continue
         toks = r.get("tokens")
         if toks is None:
@@ -463,7 +468,7 @@ def report(args, results, fl) -> str:
         extra = r.get("prewarm_s")
         load = fmt(r.get("load_s")) + (f" (+{extra:.1f} prewarm)" if extra is not None else "")
         rb = r.get("decode_read_bytes_per_token")
-        lines.append(f"| {r['label']} | {r['cache']} | {load} | {fmt(r['prefill_s'])} | {fmt(r.get('decode_tok_s'), '.3f')} "
+        lines.append(f"| {r['label']} | {shown} | {load} | {fmt(r['prefill_s'])} | {fmt(r.get('decode_tok_s'), '.3f')} "
                      f"| {fmt(r.get('decode_s_per_token'), '.3f')} | {r['peak_rss_mb']:.0f} "
                      f"| {fmt(r.get('baseline_rss_mb'), '.0f')} "
                      f"| {fmt(r.get('generate_peak_rss_mb'), '.0f')} "
@@ -478,9 +483,9 @@ def report(args, results, fl) -> str:
                      + f" ({row['bytes'] / MB / row['warm_s']:.0f} MB/s warm"
                      + (f", {row['bytes'] / MB / row['cold_s']:.0f} MB/s cold)" if "cold_s" in row else ")"))
     if capped:
-        lines.append(f"Under the {args.cap_mb} MB cap the files do not stay in the page cache: the disk floor is "
-                     "the cold read above (each token reads the streamed bytes again, less what the cap lets stay "
-                     "cached).")
+        lines.append(f"Under the {args.cap_mb} MB cap the disk floor is the cold read above: a model larger than the "
+                     "cap is read from disk again every token, less what the cap lets stay cached. Cache 'capped' = "
+                     "the model files evicted from the page cache before the run, not dropped during it.")
     lines.append("")
     # ratios
     by = {(r["contender"], r.get("mode"), r["cache"]): r for r in results if r.get("ok")}
@@ -498,7 +503,7 @@ def report(args, results, fl) -> str:
             lc_dec = f"{fmt(s['decode_tok_s'] / lc['decode_tok_s'])}x ({lname[10:]})" if lc and lc.get("decode_tok_s") else "-"
             lc_pre = (f"{fmt((args.prompt_len / s['prefill_s']) / lc['prompt_tok_s'])}x" if lc and lc.get("prompt_tok_s")
                       else "-")
-            rows.append(f"| sli[{mode}] | {cache} | {lc_dec} | {lc_pre} "
+            rows.append(f"| sli[{mode}] | {show_cache(args, cache)} | {lc_dec} | {lc_pre} "
                         f"| {fmt(s['decode_tok_s'] / air['decode_tok_s'] if air and air.get('decode_tok_s') else None)}x "
                         f"| {fmt(s['decode_tok_s'] / acc['decode_tok_s'] if acc and acc.get('decode_tok_s') else None)}x "
                         f"| {fmt(s['decode_s_per_token'] / floor)}x (floor {floor:.3f} s: {'I/O' if io_s >= comp['total_s'] else 'compute'}) "
@@ -515,7 +520,7 @@ def report(args, results, fl) -> str:
         if r.get("ok") and r["contender"].startswith("llama.cpp") and r.get("decode_s_per_token"):
             io_s, nbytes = io_floor_s(fl, r["contender"], r["cache"], capped)
             floor = max(io_s, comp["total_s"])
-            lrows.append(f"| {r['label']} | {r['cache']} | {nbytes / MB:.0f} | {args.prompt_len / r['prefill_s']:.1f} "
+            lrows.append(f"| {r['label']} | {show_cache(args, r['cache'])} | {nbytes / MB:.0f} | {args.prompt_len / r['prefill_s']:.1f} "
                          f"| {fmt(r['decode_s_per_token'] / floor)}x (floor {floor:.3f} s: "
                          f"{'I/O' if io_s >= comp['total_s'] else 'compute'}) |")
     if lrows:
