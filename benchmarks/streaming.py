@@ -573,6 +573,9 @@ def main(argv=None) -> int:
     p.add_argument("--keep-gguf-16bit", action="store_true",
                    help="keep the 16-bit GGUF after quantizing (as large as the checkpoint; needed again only "
                         "to re-quantize or for llama.cpp-bf16)")
+    p.add_argument("--keep-setup", action="store_true",
+                   help="reuse sli's layer caches (and AirLLM's shards) from an earlier run in --work-dir: the "
+                        "prewarm then only fills what is missing (its time is no longer a from-scratch figure)")
     p.add_argument("--cap-mb", type=int, default=None, metavar="N",
                    help="run every contender in a cgroup v1 memory cgroup limited to N MB of RAM + page cache "
                         "(root; set-ups run uncapped)")
@@ -649,11 +652,13 @@ def main(argv=None) -> int:
     # process, so that their time and peak RSS are reported apart from the runs.
     name = Path(args.model_dir).resolve().name
     if any(c.startswith("airllm") for c in contenders):
-        shutil.rmtree(Path(args.work_dir) / "airllm-shards" / name, ignore_errors=True)
+        if not args.keep_setup:
+            shutil.rmtree(Path(args.work_dir) / "airllm-shards" / name, ignore_errors=True)
         setup["airllm-split"] = run_child(args, "airllm", None, False, 1, ["--setup-only"], capped=False)
     if "sli" in contenders:
         for mode in args.modes:
-            shutil.rmtree(Path(args.work_dir) / "sli-cache" / f"{name}-{mode}", ignore_errors=True)
+            if not args.keep_setup:
+                shutil.rmtree(Path(args.work_dir) / "sli-cache" / f"{name}-{mode}", ignore_errors=True)
             setup[f"sli-{mode}-prewarm"] = run_child(args, "sli", mode, False, 1, ["--setup-only"], capped=False)
     for cache in args.caches:
         for c in contenders:
