@@ -1,0 +1,59 @@
+"""What the memory plan weighs, read from a model's config and its layers: one ready-to-run
+layer (and a prompt's work buffer), one token's keys and values, one prompt chunk's
+activations. :func:`sli.memory_plan.plan_memory` then decides how a budget is spent.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import transformers_adapter as hf
+from .kv_cache import kv_bytes_per_token
+from .quantization import CachedLayer, split_cached
+from .quantization.execution import prompt_chunk_rows
+from .streaming import ready_bytes
+
+
+def _element_bytes(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def module_layer_bytes(layer: nn.Module, compute_dtype: torch.dtype) -> int:
+    """Bytes of a layer that runs as plain modules (the dequantize strategy): every parameter
+    in the compute dtype."""
+    return sum(p.numel() for p in layer.parameters()) * _element_bytes(compute_dtype)
+
+
+def packed_layer_bytes(cached: CachedLayer, compute_dtype: torch.dtype) -> Tuple[int, int]:
+    """(bytes a packed layer holds while loaded, bytes of a prompt's transient buffer).
+
+    Loaded: the cached bytes, the kernels' precomputed scales and the norms in the compute
+    dtype; for a prompt, one weight's dequantized row chunk on top."""
+    qweights, _ = split_cached(cached)
+    chunk = max((prompt_chunk_rows(q) * int(q.metadata["shape"][1]) for q in qweights.values()), default=0)
+    return ready_bytes(cached, compute_dtype), chunk * _element_bytes(compute_dtype)
+
+
+def kv_bytes(config, num_layers: int, kv_dtype: Optional[str], tokens: int, batch: int = 1) -> int:
+    """Bytes the keys and values of ``tokens`` positions take, every layer (an upper bound:
+    sliding-window layers hold less)."""
+    text = hf.text_config(config)
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", 1)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return batch * tokens * kv_bytes_per_token(num_layers, kv_heads, head_dim, kv_dtype)
+
+
+def default_prefill_chunk_tokens(config, compute_dtype: torch.dtype, memory_budget: Optional[int]) -> int:
+    """What an eighth of the budget holds of one token's activations in a layer (hidden
+    states, attention projections, the MLP's intermediates), 64 to 2048 tokens; 512 without
+    a budget."""
+    if memory_budget is None:
+        return 512
+    text = hf.text_config(config)
+    hidden = text.hidden_size
+    intermediate = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
+    per_token = _element_bytes(compute_dtype) * (4 * hidden + 3 * intermediate)
+    return int(min(2048, max(64, memory_budget // 8 // per_token)))
