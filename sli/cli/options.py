@@ -83,6 +83,26 @@ def probability(text: str) -> float:
     return value
 
 
+def unit_interval(text: str) -> float:
+    value = _finite(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (0 = off), got {text}")
+    return value
+
+
+def penalty(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 (1 = off), got {text}")
+    return value
+
+
+def stop_string(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must be a non-empty string")
+    return text
+
+
 def int_at_least(low: int):
     def parse(text: str) -> int:
         value = _finite(text, int)

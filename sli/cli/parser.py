@@ -7,7 +7,8 @@ from .cache_command import cmd_cache
 from .commands import (cmd_bench, cmd_chat, cmd_demo, cmd_eval, cmd_generate, cmd_import_gguf, cmd_serve,
                        cmd_synth, cmd_warm)
 from .options import (DEFAULT_PROMPT, DEMO_BUDGET_GB, MODES, CLIParser, HelpFormatter, device_name, int_at_least,
-                      non_negative_float, port_number, positive_float, probability)
+                      non_negative_float, penalty, port_number, positive_float, probability, stop_string,
+                      unit_interval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,25 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                     else ""))
 
     def sampling(p):
-        from .options import _finite
-
-        def unit_interval(text: str) -> float:
-            value = _finite(text)
-            if not 0 <= value <= 1:
-                raise argparse.ArgumentTypeError(f"must be in [0, 1] (0 = off), got {text}")
-            return value
-
-        def penalty(text: str) -> float:
-            value = _finite(text)
-            if value <= 0:
-                raise argparse.ArgumentTypeError(f"must be > 0 (1 = off), got {text}")
-            return value
-
-        def stop_string(text: str) -> str:
-            if not text:
-                raise argparse.ArgumentTypeError("must be a non-empty string")
-            return text
-
         p.add_argument("--max-new-tokens", type=int_at_least(0), default=24, help="tokens to generate at most, >= 0")
         p.add_argument("--temperature", type=non_negative_float, default=0.0,
                        help="sampling temperature, >= 0; 0 = greedy (the most likely token)")
