@@ -42,7 +42,9 @@ def step_many(model: nn.Module, layers: nn.ModuleList, items: Sequence[StepInput
         for ids, mask, positions, kv_cache in items:
             past, length = kv_cache.get_seq_length(), ids.shape[1]
             chunked = chunkable(kv_cache)
-            bounds = chunk_bounds(length, chunk_tokens if chunked else length)
+            # a long context takes shorter chunks: a chunk's query x key pairs as at a context of one chunk
+            bounds = (chunk_bounds(length, chunk_tokens, past, max_pairs=chunk_tokens ** 2) if chunked
+                      else chunk_bounds(length, length))
 
             def forward_kwargs(start, stop, ids=ids, mask=mask, positions=positions, kv_cache=kv_cache,
                                length=length) -> dict:

@@ -13,7 +13,7 @@ final norm and head. transformers' code stays the source of truth for masks and 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -78,9 +78,22 @@ def finish_forward(model: nn.Module, layers: nn.ModuleList, forward_kwargs: Dict
         return model(**forward_kwargs)
 
 
-def chunk_bounds(length: int, chunk: int) -> List[Tuple[int, int]]:
-    """``[(start, stop), ...]`` covering ``length`` positions ``chunk`` at a time."""
-    return [(start, min(length, start + chunk)) for start in range(0, length, chunk)]
+MIN_CHUNK = 16  # the shortest chunk a long context shrinks one to
+
+
+def chunk_bounds(length: int, chunk: int, past: int = 0, max_pairs: Optional[int] = None) -> List[Tuple[int, int]]:
+    """``[(start, stop), ...]`` covering ``length`` positions ``chunk`` at a time, after ``past``
+    cached ones. With ``max_pairs``, a chunk is shortened so that its queries times the keys
+    they see (``past + stop``) stay within it: the attention's mask and scores (``heads x
+    queries x keys``) do not grow with the context (at least :data:`MIN_CHUNK` positions)."""
+    bounds, start = [], 0
+    while start < length:
+        size = chunk
+        if max_pairs is not None:
+            size = min(chunk, max(MIN_CHUNK, max_pairs // (past + start + chunk)))
+        bounds.append((start, min(length, start + size)))
+        start += size
+    return bounds
 
 
 def set_cache_length(kv_cache, length: int) -> None:

@@ -178,3 +178,17 @@ def test_single_tokens_of_several_sequences_run_as_one_batch_and_match_each_alon
         proc.runner._forwards[0] = real
         assert seen == [3, 3]  # steps 3 and 4: one call of layer 0 carrying all three rows
     assert answers == alone
+
+
+def test_a_long_context_takes_shorter_prompt_chunks():
+    from sli.chunked_prefill import MIN_CHUNK, chunk_bounds
+
+    assert chunk_bounds(23, 6) == [(0, 6), (6, 12), (12, 18), (18, 23)]
+    bounds = chunk_bounds(8191, 1456, max_pairs=1456 ** 2)
+    assert bounds[0] == (0, 1456) and bounds[-1][1] == 8191
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))  # contiguous, in order
+    # each chunk's queries x the keys they see stay within a chunk's square (or the shortest chunk)
+    assert all((stop - start) * stop <= 1456 ** 2 or stop - start == MIN_CHUNK for start, stop in bounds)
+    assert bounds[-1][1] - bounds[-1][0] < 300  # at 8k positions a chunk is a fifth of 1456
+    past = chunk_bounds(100, 64, past=10_000, max_pairs=64 ** 2)  # after a long cached history
+    assert {stop - start for start, stop in past[:-1]} == {MIN_CHUNK}
