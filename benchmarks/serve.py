@@ -63,7 +63,7 @@ def child(args) -> None:
     processor.prewarm(progress=False)
     info = {"baseline_rss_mb": round(baseline_mb, 1), "plan": processor.plan.describe(),
             "resident_layers": len(processor.plan.resident_layers),
-            "num_layers": processor.layout.num_layers, "kv_bytes_per_token": processor._kv_bytes(1)}
+            "num_layers": processor.layout.num_layers, "kv_bytes_per_token": processor.kv_bytes(1)}
     print("READY " + json.dumps(info), flush=True)
     Path("/proc/self/clear_refs").write_text("5")  # the serving peak, not the load's
     serve(processor, host="127.0.0.1", port=args.port, model_name="bench", max_batch_size=args.max_batch,

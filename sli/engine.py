@@ -61,7 +61,7 @@ class BatchingEngine:
         self.tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else None
         self.max_batch_size = int(max_batch_size)
         self.max_queue = int(max_queue)
-        self.kv_bytes_per_token = int(processor._kv_bytes(1))
+        self.kv_bytes_per_token = int(processor.kv_bytes(1))
         if kv_budget_bytes is None:
             kv_budget_bytes = self.kv_bytes_per_token * int(processor.max_context_tokens)
         self.kv_budget_bytes = int(kv_budget_bytes)

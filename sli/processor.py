@@ -197,7 +197,7 @@ class UniversalSLIProcessor:
                                      shared_bytes=self.shared_bytes, layer_bytes=layer_bytes, scratch_bytes=scratch,
                                      prefetch_depth=self._prefetch_depth, runtime_bytes=runtime,
                                      available_bytes=int(available),
-                                     kv_layer_bytes=self._kv_bytes(self.max_context_tokens) // self.layout.num_layers,
+                                     kv_layer_bytes=self.kv_bytes(self.max_context_tokens) // self.layout.num_layers,
                                      kv_can_spill=self.kv_dtype in ("bfloat16", "int8"))
             if self._plan.over_budget:
                 logger.warning("memory budget %.2f GB is below the shared modules + streaming + kernel runtime + "
@@ -210,7 +210,7 @@ class UniversalSLIProcessor:
     def _default_chunk_tokens(self) -> int:
         return memory_sizing.default_prefill_chunk_tokens(self.config, self.compute_dtype, self.memory_budget)
 
-    def _kv_bytes(self, tokens: int, batch: int = 1) -> int:
+    def kv_bytes(self, tokens: int, batch: int = 1) -> int:
         """Bytes the keys and values of ``tokens`` positions take, every layer (an upper bound:
         sliding-window layers hold less)."""
         return memory_sizing.kv_bytes(self.config, self.layout.num_layers, self.kv_dtype, tokens, batch)

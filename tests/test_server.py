@@ -296,7 +296,7 @@ def test_admission_waits_for_kv_memory(tiny_dir, tmp_path):
     from sli.engine import BatchingEngine, Request, RequestTooLarge
 
     processor = UniversalSLIProcessor(tiny_dir, "int8", cache_dir=tmp_path / "cache", device="cpu")
-    per_token = processor._kv_bytes(1)
+    per_token = processor.kv_bytes(1)
     with processor, BatchingEngine(processor, max_batch_size=8, kv_budget_bytes=100 * per_token,
                                    eos_token_ids=[]) as engine:
         with pytest.raises(RequestTooLarge):
