@@ -46,6 +46,18 @@ def kv_bytes(config, num_layers: int, kv_dtype: Optional[str], tokens: int, batc
     return batch * tokens * kv_bytes_per_token(num_layers, kv_heads, head_dim, kv_dtype)
 
 
+def prompt_work_bytes(config, compute_dtype: torch.dtype, tokens: int) -> int:
+    """Bytes a prompt of ``tokens`` positions holds while its layers run one after another: the
+    whole prompt's hidden states into and out of the running layer, and that layer's keys and
+    values as float copies for attention, also repeated to the query heads (an upper bound)."""
+    text = hf.text_config(config)
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", 1)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    per_token = 2 * text.hidden_size + 2 * (kv_heads + heads) * head_dim
+    return int(tokens) * per_token * _element_bytes(compute_dtype)
+
+
 def default_prefill_chunk_tokens(config, compute_dtype: torch.dtype, memory_budget: Optional[int]) -> int:
     """What an eighth of the budget holds of one token's activations in a layer (hidden
     states, attention projections, the MLP's intermediates), 64 to 2048 tokens; 512 without

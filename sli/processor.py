@@ -191,6 +191,8 @@ class UniversalSLIProcessor:
         quantizing it on a miss, to know what a ready layer weighs)."""
         if self._plan is None:
             layer_bytes, scratch = self._layer_bytes()
+            # a prompt of the planned context runs layer-major: its hidden states and one layer's keys and values
+            scratch += memory_sizing.prompt_work_bytes(self.config, self.compute_dtype, self.max_context_tokens)
             available = device_calls.available_bytes(self.device)
             runtime = kernels.RUNTIME_BYTES if self.packed and kernels.kernels_enabled() else 0
             self._plan = plan_memory(self.memory_budget, num_layers=self.layout.num_layers,

@@ -355,7 +355,9 @@ def test_dequantize_strategy_plans_in_dequantized_bytes_and_keeps_resident_layer
     model_dir = model_factory("llama", num_layers=4)
     probe = UniversalSLIProcessor(model_dir, "nf4", cache_dir=tmp_path / "cache", strategy="dequantize", device="cpu")
     layer_bytes = sum(p.numel() for p in probe.layers[0].parameters()) * 4  # float32
-    budget = probe.shared_bytes + probe.plan.kv_bytes + (2 + 2) * layer_bytes + 1  # two in flight, two resident
+    # two layers in flight and the prompt's work buffer (probe.plan.streaming_bytes), two resident
+    budget = probe.shared_bytes + probe.plan.kv_bytes + probe.plan.streaming_bytes + 2 * layer_bytes + 1
+    assert probe.plan.streaming_bytes > 2 * layer_bytes  # the planned context's prompt work counts
     probe.close()
     with UniversalSLIProcessor(model_dir, "nf4", cache_dir=tmp_path / "cache", strategy="dequantize", device="cpu",
                                memory_budget_gb=budget / 2**30) as proc:
@@ -378,3 +380,21 @@ def test_a_disk_cache_smaller_than_the_model_is_said_once(model_factory, tmp_pat
             proc.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, eos_token_id=[])
     said = [r.getMessage() for r in caplog.records if "layer cache's limit" in r.getMessage()]
     assert len(said) == 1 and "quantized layers" in said[0] and "--max-cache-size-gb" in said[0]
+
+
+def test_the_plan_holds_a_planned_prompts_hidden_states_and_one_layers_keys_and_values(model_factory, tmp_path):
+    """A long prompt runs layer-major: its hidden states into and out of a layer, and that layer's
+    keys and values as float copies, are in the plan (so long contexts stay inside the budget)."""
+    from sli.memory_sizing import prompt_work_bytes
+
+    model_dir = model_factory("llama", num_layers=2)
+    streaming = {}
+    for tokens in (64, 1024):
+        with UniversalSLIProcessor(model_dir, "int8", cache_dir=tmp_path / "cache", device="cpu",
+                                   max_context_tokens=tokens) as proc:
+            streaming[tokens] = proc.plan.streaming_bytes
+            config, dtype = proc.config, proc.compute_dtype
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    per_token = (2 * text.hidden_size + 2 * (text.num_key_value_heads + text.num_attention_heads) * text.head_dim) * 4
+    assert dtype == torch.float32 and prompt_work_bytes(config, dtype, 1) == per_token
+    assert streaming[1024] - streaming[64] == 960 * per_token
