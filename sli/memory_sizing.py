@@ -49,12 +49,14 @@ def kv_bytes(config, num_layers: int, kv_dtype: Optional[str], tokens: int, batc
 def prompt_work_bytes(config, compute_dtype: torch.dtype, tokens: int) -> int:
     """Bytes a prompt of ``tokens`` positions holds while its layers run one after another: the
     whole prompt's hidden states into and out of the running layer, and that layer's keys and
-    values as float copies for attention, also repeated to the query heads (an upper bound)."""
+    values as float copies for attention, and their copies repeated to the query heads where
+    the model groups its query heads (GQA: ``repeat_kv``)."""
     text = hf.text_config(config)
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", 1)
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    per_token = 2 * text.hidden_size + 2 * (kv_heads + heads) * head_dim
+    repeated = heads if kv_heads != heads else 0
+    per_token = 2 * text.hidden_size + 2 * (kv_heads + repeated) * head_dim
     return int(tokens) * per_token * _element_bytes(compute_dtype)
 
 

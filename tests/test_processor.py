@@ -395,6 +395,7 @@ def test_the_plan_holds_a_planned_prompts_hidden_states_and_one_layers_keys_and_
             streaming[tokens] = proc.plan.streaming_bytes
             config, dtype = proc.config, proc.compute_dtype
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    per_token = (2 * text.hidden_size + 2 * (text.num_key_value_heads + text.num_attention_heads) * text.head_dim) * 4
+    repeated = text.num_attention_heads if text.num_key_value_heads != text.num_attention_heads else 0
+    per_token = (2 * text.hidden_size + 2 * (text.num_key_value_heads + repeated) * text.head_dim) * 4
     assert dtype == torch.float32 and prompt_work_bytes(config, dtype, 1) == per_token
     assert streaming[1024] - streaming[64] == 960 * per_token
