@@ -36,13 +36,19 @@ def packed_layer_bytes(cached: CachedLayer, compute_dtype: torch.dtype) -> Tuple
     return ready_bytes(cached, compute_dtype), chunk * _element_bytes(compute_dtype)
 
 
-def kv_bytes(config, num_layers: int, kv_dtype: Optional[str], tokens: int, batch: int = 1) -> int:
-    """Bytes the keys and values of ``tokens`` positions take, every layer (an upper bound:
-    sliding-window layers hold less)."""
+def attention_heads(config) -> Tuple[int, int, int]:
+    """(query heads, key/value heads, head size) of a model's attention."""
     text = hf.text_config(config)
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", 1)
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return heads, kv_heads, head_dim
+
+
+def kv_bytes(config, num_layers: int, kv_dtype: Optional[str], tokens: int, batch: int = 1) -> int:
+    """Bytes the keys and values of ``tokens`` positions take, every layer (an upper bound:
+    sliding-window layers hold less)."""
+    _, kv_heads, head_dim = attention_heads(config)
     return batch * tokens * kv_bytes_per_token(num_layers, kv_heads, head_dim, kv_dtype)
 
 
@@ -51,12 +57,9 @@ def prompt_work_bytes(config, compute_dtype: torch.dtype, tokens: int) -> int:
     whole prompt's hidden states into and out of the running layer, and that layer's keys and
     values as float copies for attention, and their copies repeated to the query heads where
     the model groups its query heads (GQA: ``repeat_kv``)."""
-    text = hf.text_config(config)
-    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", 1)
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    heads, kv_heads, head_dim = attention_heads(config)
     repeated = heads if kv_heads != heads else 0
-    per_token = 2 * text.hidden_size + 2 * (kv_heads + repeated) * head_dim
+    per_token = 2 * hf.text_config(config).hidden_size + 2 * (kv_heads + repeated) * head_dim
     return int(tokens) * per_token * _element_bytes(compute_dtype)
 
 
