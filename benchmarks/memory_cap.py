@@ -50,10 +50,10 @@ def memory_mount() -> Optional[Path]:
     return p if (p / "memory.limit_in_bytes").exists() else None
 
 
-def own_memory_cgroup() -> Optional[str]:
-    """This process's memory cgroup path (``/a/b``) from ``/proc/self/cgroup``, or None."""
+def cgroup_of(pid) -> Optional[str]:
+    """The memory cgroup path of ``pid`` (``"self"`` or a number), or None."""
     try:
-        with open("/proc/self/cgroup") as f:
+        with open(f"/proc/{pid}/cgroup") as f:
             for line in f:
                 parts = line.rstrip("\n").split(":", 2)
                 if len(parts) == 3 and "memory" in parts[1].split(","):
@@ -61,6 +61,11 @@ def own_memory_cgroup() -> Optional[str]:
     except OSError:
         pass
     return None
+
+
+def own_memory_cgroup() -> Optional[str]:
+    """This process's memory cgroup path (``/a/b``) from ``/proc/self/cgroup``, or None."""
+    return cgroup_of("self")
 
 
 def check() -> Path:
@@ -91,19 +96,6 @@ def _read(path: Path) -> str:
 def _int(path: Path) -> Optional[int]:
     s = _read(path).strip()
     return int(s) if s.lstrip("-").isdigit() else None
-
-
-def cgroup_of(pid) -> Optional[str]:
-    """The memory cgroup path of ``pid`` (``"self"`` or a number), or None."""
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            for line in f:
-                parts = line.rstrip("\n").split(":", 2)
-                if len(parts) == 3 and "memory" in parts[1].split(","):
-                    return parts[2]
-    except OSError:
-        pass
-    return None
 
 
 class MemoryCap:

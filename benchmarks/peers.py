@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ import transformers  # noqa: F401,E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _measure as M  # noqa: E402
+from memory_cap import own_memory_cgroup  # noqa: E402
 
 BASELINE_RSS_MB = M.rss_mb()
 PHASES = {}
@@ -43,19 +43,6 @@ def mark_loaded() -> None:
     PHASES["load_peak_rss_mb"] = M.peak_rss_mb()
     PHASES["rss_after_load_mb"] = M.rss_mb()
     PHASES["peak_reset"] = M.reset_peak_rss()
-
-
-def memory_cgroup():
-    """This process's memory cgroup (``/proc/self/cgroup``): under ``--cap-mb`` the benchmark's cgroup."""
-    try:
-        with open("/proc/self/cgroup") as f:
-            for line in f:
-                parts = line.rstrip("\n").split(":", 2)
-                if len(parts) == 3 and "memory" in parts[1].split(","):
-                    return parts[2]
-    except OSError:
-        pass
-    return None
 
 
 def prompt_ids(vocab: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -255,7 +242,7 @@ def main(argv=None) -> int:
     result = {"contender": args.contender, "mode": args.mode if args.contender == "sli" else None,
               "cache": "cold" if args.cold else "warm", "baseline_rss_mb": BASELINE_RSS_MB, "ok": False,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "torch_threads": torch.get_num_threads(),
-              "memory_cgroup": memory_cgroup()}
+              "memory_cgroup": own_memory_cgroup()}
     try:
         result.update(RUNNERS[args.contender](args, ids))
         result["ok"] = True
