@@ -12,7 +12,7 @@ import os
 import struct
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 from sli.synth import layer_of  # the one parser of layer names
 
@@ -49,10 +49,10 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def read_bytes() -> int:
-    """Bytes this process (all threads) has read from the block device so far, or -1."""
+def read_bytes(pid="self") -> int:
+    """Bytes a process (all threads; default this one) has read from the block device so far, or -1."""
     try:
-        with open("/proc/self/io") as f:
+        with open(f"/proc/{pid}/io") as f:
             for line in f:
                 if line.startswith("read_bytes:"):
                     return int(line.split()[1])

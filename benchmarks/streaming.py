@@ -276,17 +276,6 @@ def _proc_status_kb(pid: int, fields=("VmHWM", "RssAnon", "RssFile")) -> dict:
     return out
 
 
-def _proc_read_bytes(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/io") as f:
-            for line in f:
-                if line.startswith("read_bytes:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
-
-
 def run_llama_cpp(args, contender, cold, new_tokens, capped=True) -> dict:
     """One ``llama-bench`` run of ``contender``'s GGUF, in the shape of ``peers.py``'s results."""
     import re
@@ -333,11 +322,11 @@ def run_llama_cpp(args, contender, cold, new_tokens, capped=True) -> dict:
             line = line.rstrip("\n")
             m = progress.search(line)
             if m:
-                marks.append((f"{m.group(1)}: {m.group(3)}", time.perf_counter(), _proc_read_bytes(proc.pid)))
+                marks.append((f"{m.group(1)}: {m.group(3)}", time.perf_counter(), M.read_bytes(proc.pid)))
             elif line.strip():
                 log_tail = (log_tail + [line.strip()])[-6:]
         os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped: /proc/PID/io still there
-        end_read = _proc_read_bytes(proc.pid)
+        end_read = M.read_bytes(proc.pid)
         done.set()
         poller.join()
         _, status, _ = os.wait4(proc.pid, 0)
