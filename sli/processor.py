@@ -148,10 +148,7 @@ class UniversalSLIProcessor:
         cached = self.cache.get(self.model_id, index, self.quantizer, mapped=self.packed)
         if cached is not None:
             return cached
-        state = self._loader.layer_state(index, self._loader_layers[index])
-        self.checkpoint.release()
-        cached = self.quantizer.quantize_state_dict(state, self._linears[index], self._layer_key(index))
-        del state
+        cached = self._quantized_from_checkpoint(index)
         self.cache.put(self.model_id, index, self.quantizer, cached)
         self._check_cache_room(cached.nbytes)
         return cached
@@ -161,9 +158,17 @@ class UniversalSLIProcessor:
         rounded entry's layout, so that one (not stored) tells its size."""
         if not self.quantizer.needs_calibration() or self.cache.contains(self.model_id, 0, self.quantizer):
             return self._cached_layer(0)
-        state = self._loader.layer_state(0, self._loader_layers[0])
+        return self._quantized_from_checkpoint(0, round_calibrated=True)
+
+    def _checkpoint_state(self, index: int) -> Dict[str, torch.Tensor]:
+        """Layer ``index``'s tensors as the checkpoint stores them (its files released after)."""
+        state = self._loader.layer_state(index, self._loader_layers[index])
         self.checkpoint.release()
-        return self.quantizer.quantize_state_dict(state, self._linears[0], self._layer_key(0), round_calibrated=True)
+        return state
+
+    def _quantized_from_checkpoint(self, index: int, round_calibrated: bool = False) -> CachedLayer:
+        return self.quantizer.quantize_state_dict(self._checkpoint_state(index), self._linears[index],
+                                                  self._layer_key(index), round_calibrated=round_calibrated)
 
     def _check_cache_room(self, layer_bytes: int) -> None:
         """Warn once when the disk cache cannot hold the whole quantized model: its oldest

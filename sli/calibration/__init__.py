@@ -40,7 +40,7 @@ from ..errors import SLIError
 from ..quantization import dequantize_cached
 from .activations import Activations
 from .layer_inputs import LayerArgs, layer_inputs, run_layer
-from .layer_solve import checkpoint_state, layer_module, quantize_layer
+from .layer_solve import layer_module, quantize_layer
 from .text import (calibration_config, calibration_id, calibration_settings, calibration_windows,
                    default_calibration_text)
 
@@ -123,7 +123,7 @@ def calibrate(processor, text: Union[None, str, Path] = None, *, progress: bool 
             chunks = [(c, args_by_size[e - s][index]) for c, (s, e) in enumerate(bounds)]
             cached = cache.get(model_id, index, quantizer, mapped=False)
             if cached is None:  # solve it: Hessians from the float layer on its inputs, then GPTQ
-                state = checkpoint_state(processor, index)
+                state = processor._checkpoint_state(index)
                 timing["load_s"] = time.perf_counter() - t0
                 cached = quantize_layer(processor, index, state, activations, chunks, timing)
                 del state

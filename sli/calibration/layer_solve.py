@@ -29,13 +29,6 @@ def layer_module(processor, index: int, state: Dict[str, torch.Tensor]) -> nn.Mo
     return layer.eval()
 
 
-def checkpoint_state(processor, index: int) -> Dict[str, torch.Tensor]:
-    """Layer ``index``'s tensors as the checkpoint stores them."""
-    state = processor._loader.layer_state(index, processor._loader_layers[index])
-    processor.checkpoint.release()
-    return state
-
-
 def _input_groups(layer: nn.Module, paths: List[str], hidden: torch.Tensor, kwargs: LayerArgs) -> List[List[str]]:
     """``paths`` grouped by the tensor they read (q/k/v, gate/up share one), groups and members in the
     order they run (one forward of ``hidden``)."""
