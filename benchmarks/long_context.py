@@ -113,15 +113,18 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     for mode in args.modes.split(","):
         rows = []
+        def child_cmd(length, budget_gb, new_tokens):
+            return [sys.executable, __file__, CHILD, mode, str(length), str(budget_gb), args.kv_dtype,
+                    args.cache_dir, args.model_dir, str(new_tokens)]
+
         for length in lengths:
-            cmd = [sys.executable, __file__, CHILD, mode, str(length), str(args.budget_gb), args.kv_dtype,
-                   args.cache_dir, args.model_dir, str(args.new_tokens)]
+            cmd = child_cmd(length, args.budget_gb, args.new_tokens)
             cap = None
             if args.cap_mb:
                 import memory_cap
 
                 if length == lengths[0]:  # fill the layer cache outside the cap, once
-                    subprocess.run(cmd[:4] + ["1", "64"] + cmd[6:9] + ["1"], capture_output=True)
+                    subprocess.run(child_cmd(1, 64, 1), capture_output=True)  # a 1-token prompt, no budget to speak of
                 memory_cap.evict([args.cache_dir, args.model_dir])
                 cap = memory_cap.MemoryCap(args.cap_mb)
                 cmd = cap.wrap(cmd)
