@@ -12,7 +12,7 @@ from torch import nn
 from . import transformers_adapter as hf
 from .kv_cache import kv_bytes_per_token
 from .quantization import CachedLayer, split_cached
-from .quantization.execution import prompt_chunk_rows
+from .quantization.execution import prompt_scratch_bytes
 from .streaming import ready_bytes
 
 
@@ -32,8 +32,8 @@ def packed_layer_bytes(cached: CachedLayer, compute_dtype: torch.dtype) -> Tuple
     Loaded: the cached bytes, the kernels' precomputed scales and the norms in the compute
     dtype; for a prompt, one weight's dequantized row chunk on top."""
     qweights, _ = split_cached(cached)
-    chunk = max((prompt_chunk_rows(q) * int(q.metadata["shape"][1]) for q in qweights.values()), default=0)
-    return ready_bytes(cached, compute_dtype), chunk * _element_bytes(compute_dtype)
+    scratch = max((prompt_scratch_bytes(q) for q in qweights.values()), default=0)
+    return ready_bytes(cached, compute_dtype), scratch
 
 
 def attention_heads(config) -> Tuple[int, int, int]:

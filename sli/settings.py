@@ -28,6 +28,9 @@ DEFAULT_SETTINGS = {
     # A prompt's linear dequantizes this many bytes (float32) of its weight at a time: small
     # enough to stay in the last-level cache while BLAS multiplies it, big enough for BLAS.
     "prompt_chunk_bytes": 8 * MB,
+    # The same in bfloat16 on the matrix units (AMX): oneDNN's set-up per product makes
+    # small chunks slow there, so a few large ones (see docs/benchmarks.md).
+    "prompt_chunk_bytes_bf16": 32 * MB,
     # What the numba kernels' runtime adds to a process's peak RSS (import, loading or
     # compiling a mode's kernels); the memory plan reserves it. Bytes.
     "kernel_runtime_bytes": 160 * MB,
@@ -45,6 +48,10 @@ DEFAULT_SETTINGS = {
 #   SLI_SIMD=avx512|avx2|plain  the kernels' SIMD level (default: the best the CPU runs; capped at it)
 #   SLI_FLOAT_ACTIVATIONS=1  INT8/INT4 kernels keep float activations at every row count (default:
 #                   int8 activations from 2 rows on; see sli.kernels.INT8_ACTIVATION_ROWS)
+#   SLI_PROMPT_DTYPE=bfloat16|float32  a prompt's matrix products (default: bfloat16 where the CPU
+#                   has AMX or AVX-512 BF16, else float32; NONE always float32)
+#   SLI_INT8_MATMUL=torch|numba  INT8 products of 8 rows or more in torch._int_mm (oneDNN's int8
+#                   tiles) or in sli's kernels (default: torch._int_mm on a CPU with AMX)
 #   SLI_NO_COMPILE=1  no torch.compile for the 4-bit quantizer (the eager path, same bytes)
 
 

@@ -7,6 +7,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# The same arithmetic on every CPU the suite meets: float32 prompts and sli's own INT8 kernels.
+# The matrix-unit paths a CPU with AMX takes by default (bfloat16 prompts, INT8 in
+# torch._int_mm) have tests of their own that force them (test_codecs, test_kernels, test_processor).
+os.environ.setdefault("SLI_PROMPT_DTYPE", "float32")
+os.environ.setdefault("SLI_INT8_MATMUL", "numba")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

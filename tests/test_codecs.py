@@ -276,6 +276,8 @@ def test_error_metrics():
                                                ("nf4", True), ("nf4", False), ("fp4", True), ("int4", False),
                                                ("fp8", False)])
 def test_a_prompt_dequantizes_its_weight_a_row_chunk_at_a_time(mode, double_quant, monkeypatch):
+    monkeypatch.setenv("SLI_PROMPT_DTYPE", "float32")  # bfloat16: the next test
+    monkeypatch.setenv("SLI_INT8_MATMUL", "numba")  # INT8 in torch._int_mm: tests/test_kernels.py
     monkeypatch.setattr(execution, "PROMPT_CHUNK_BYTES", 256 * 512 * 4)  # 256-row chunks of a 512-wide weight
     g = torch.Generator().manual_seed(1)
     weight = (torch.randn(700, 512, generator=g) * 0.02).to(torch.bfloat16)  # 3 chunks, the last partial
@@ -288,7 +290,44 @@ def test_a_prompt_dequantizes_its_weight_a_row_chunk_at_a_time(mode, double_quan
     y = execution.linear(q, x, bias, scratch=scratch)
     expected = torch.nn.functional.linear(x, codec.dequantize(q, torch.float32), bias)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
-    assert scratch._buffer.numel() == 256 * 512  # one chunk's buffer, never the whole weight
+    assert scratch.held(torch.float32) == 256 * 512  # one chunk's buffer, never the whole weight
+    assert scratch.held(torch.bfloat16) == 0
+
+
+@pytest.mark.parametrize("mode,double_quant", [("int8", False), ("nf4", True), ("nf4", False), ("fp4", False),
+                                               ("int4", False), ("fp8", False)])
+def test_a_prompt_in_bfloat16_dequantizes_large_chunks_through_small_float32_pieces(mode, double_quant, monkeypatch):
+    # what a CPU with AMX or AVX-512 BF16 runs by default; forced here on any CPU
+    monkeypatch.setenv("SLI_PROMPT_DTYPE", "bfloat16")
+    monkeypatch.setenv("SLI_INT8_MATMUL", "numba")
+    monkeypatch.setattr(execution, "PROMPT_CHUNK_BYTES", 256 * 512 * 4)  # float32 pieces of 256 rows
+    monkeypatch.setattr(execution, "PROMPT_CHUNK_BYTES_BF16", 512 * 512 * 2)  # bfloat16 chunks of 512 rows
+    g = torch.Generator().manual_seed(1)
+    weight = (torch.randn(1100, 512, generator=g) * 0.02).to(torch.bfloat16)  # 3 chunks, the last partial
+    weight[:, 7] = 9.0
+    codec = codec_for(mode)
+    q = codec.quantize(weight, QuantizationConfig(mode=mode, double_quant=double_quant,
+                                                  compress_statistics=double_quant))
+    x, bias = torch.randn(2, 40, 512, generator=g), torch.randn(1100, generator=g)
+    scratch = execution.WeightScratch()
+    y = execution.linear(q, x, bias, scratch=scratch)
+    expected = torch.nn.functional.linear(x, codec.dequantize(q, torch.float32), bias)
+    assert y.dtype == torch.float32 and y.shape == expected.shape
+    # bfloat16 rounds x and the weight (8 bits of mantissa): ~0.3% of the product's size, far
+    # below 4-bit rounding (~10%); float32 pieces of the chunks, never the whole weight
+    assert ((y - expected).norm() / (expected - bias).norm()).item() < 0.01
+    assert not torch.equal(y, expected)
+    assert scratch.held(torch.bfloat16) == 512 * 512 and scratch.held(torch.float32) == 256 * 512
+    assert execution.prompt_scratch_bytes(q) == 512 * 512 * 2 + 256 * 512 * 4
+
+
+def test_an_unquantized_prompt_stays_float32_on_any_cpu(monkeypatch):
+    # NONE is exactly transformers' product, matrix units or not
+    monkeypatch.setenv("SLI_PROMPT_DTYPE", "bfloat16")
+    weight = (torch.randn(300, 64) * 0.02).to(torch.bfloat16)
+    q = codec_for("none").quantize(weight, QuantizationConfig(mode="none"))
+    x = torch.randn(40, 64)
+    assert torch.equal(execution.linear(q, x), torch.nn.functional.linear(x, weight.float()))
 
 
 def test_4bit_row_slices_never_split_a_block_or_a_group_of_block_maxima(monkeypatch):

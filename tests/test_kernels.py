@@ -121,6 +121,53 @@ def test_int8_dynamic_takes_integer_products_exactly():
     assert _rel_err(on_grid, as_float) < 1e-5
 
 
+@pytest.mark.parametrize("mode, rows, in_features", [("int8", 8, 1024), ("int8", 40, 1024), ("int8", 40, 200),
+                                                      ("int8_dynamic", 8, 576), ("int8_dynamic", 100, 576)])
+def test_int8_on_the_matrix_units_takes_the_int8_kernels_values(mode, rows, in_features, monkeypatch):
+    # SLI_INT8_MATMUL=torch (the default on AMX): from INT8_MATRIX_ROWS rows on, also for a
+    # prompt's many rows, INT8 weights meet the same int8 activations in torch._int_mm (oneDNN)
+    monkeypatch.setenv("SLI_INT8_MATMUL", "torch")
+    assert kernels.int8_matrix_rows() == kernels.matrix_units_module.INT8_MATRIX_ROWS <= rows
+    codec = codec_for(mode)
+    weight = _weight((384, in_features), seed=rows)
+    weight[:, 5] = 9.0  # INT8: an outlier column, kept in 16-bit
+    q = codec.prepare(codec.quantize(weight, QuantizationConfig(mode=mode)))
+    x = torch.randn(rows, in_features)
+    x[:, 7] *= 20  # an outlier feature: kept in float
+    x = codec.prepare_input(x)
+    bias = torch.randn(384)
+    calls = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda *a: calls.append(a[0].shape) or real(*a))
+    y = linear(q, x, bias)  # 40 and 100 rows: past FUSED_MAX_TOKENS, still fused
+    assert calls == [(rows, in_features)]
+    assert _rel_err(y, _int8_reference(codec, q, x, bias)) < 1e-5
+    if mode == "int8_dynamic":  # x on the int8 grid: the product is exact
+        assert _rel_err(y, _reference(codec, q, x, bias)) < 1e-5
+    monkeypatch.setenv("SLI_INT8_MATMUL", "numba")
+    assert kernels.int8_matrix_rows() == 0
+    calls.clear()
+    linear(q, x[:kernels.FUSED_MAX_TOKENS], bias)
+    assert calls == []
+
+
+def test_the_cpu_s_matrix_units_choose_the_prompt_dtype(monkeypatch, caplog):
+    import logging
+    monkeypatch.delenv("SLI_PROMPT_DTYPE")
+    has_units = kernels.matrix_units() in ("amx", "avx512-bf16")
+    with caplog.at_level(logging.INFO, logger="sli.kernels.matrix_units"):
+        monkeypatch.setattr(kernels.matrix_units_module, "_chosen", None)
+        assert kernels.prompt_dtype() == (torch.bfloat16 if has_units else torch.float32)
+        kernels.prompt_dtype()
+    assert len([r for r in caplog.records if "prompt matrix products" in r.getMessage()]) == 1  # logged once
+    monkeypatch.setenv("SLI_PROMPT_DTYPE", "float32")
+    assert kernels.prompt_dtype() == torch.float32
+    monkeypatch.setenv("SLI_PROMPT_DTYPE", "bfloat16")
+    assert kernels.prompt_dtype() == torch.bfloat16
+    monkeypatch.delenv("SLI_INT8_MATMUL")
+    assert bool(kernels.int8_matrix_rows()) == (kernels.matrix_units() == "amx")
+
+
 def test_one_row_and_sli_float_activations_keep_float_activations(monkeypatch):
     assert not kernels.int8_activations(1)
     monkeypatch.setenv("SLI_FLOAT_ACTIVATIONS", "1")

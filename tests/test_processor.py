@@ -73,6 +73,24 @@ def test_quantized_mode_equals_dequantized_reference(mode, model_factory, tmp_pa
         torch.testing.assert_close(proc.forward(ids), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int8_dynamic", "nf4", "int4"])
+def test_a_prompt_on_the_matrix_units_stays_within_bfloat16_rounding_of_the_reference(mode, model_factory, tmp_path,
+                                                                                       monkeypatch):
+    # what a CPU with AMX runs by default: a prompt's products in bfloat16, INT8 in torch._int_mm
+    monkeypatch.setenv("SLI_PROMPT_DTYPE", "bfloat16")
+    monkeypatch.setenv("SLI_INT8_MATMUL", "torch")
+    model_dir = model_factory("llama")
+    config = QuantizationConfig(mode=mode)
+    reference = reference_model(model_dir, config)
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(2))  # past FUSED_MAX_TOKENS
+    with UniversalSLIProcessor(model_dir, config, cache_dir=tmp_path / "cache", memory_budget_gb=0.0) as proc:
+        with torch.no_grad():
+            expected = reference(ids).logits
+        got = proc.forward(ids)
+    error = ((got - expected).norm() / expected.norm()).item()
+    assert 0 < error < 0.01, error
+
+
 def test_generation_streams_each_layer_once_per_token_over_one_position(model_factory, tmp_path):
     model_dir = model_factory("llama")
     seen_lengths = []

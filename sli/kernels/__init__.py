@@ -16,7 +16,9 @@ package below it, each importing only those after it:
 - :mod:`~sli.kernels.simd` (with :mod:`~sli.kernels.simd_float`, :mod:`~sli.kernels.simd_int8`,
   :mod:`~sli.kernels.simd_ir`): the AVX-512 / AVX2 helpers, numba intrinsics, imported behind a
   guard; :mod:`~sli.kernels.plain`: the same helpers in plain numba;
-- :mod:`~sli.kernels.jit`: numba's options and the ids that keep its on-disk cache valid.
+- :mod:`~sli.kernels.jit`: numba's options and the ids that keep its on-disk cache valid;
+- :mod:`~sli.kernels.matrix_units`: the dtype of a prompt's matrix products (bfloat16 on AMX
+  or AVX-512 BF16, else float32; ``SLI_PROMPT_DTYPE``).
 
 The kernels are compiled with numba (``nogil``, split by output rows across a small thread
 pool; ``cache=True``: compiled once per machine and level, then loaded from ``__pycache__``).
@@ -36,6 +38,8 @@ from torch import Tensor
 from .. import settings
 from .dispatch import SIMD_LEVELS, kernels_enabled, lanes, requested_level, simd_helpers, simd_path
 from .dispatch import run as _run
+from . import matrix_units as matrix_units_module
+from .matrix_units import int8_matrix_rows, int_mm_int8, matrix_units, prompt_dtype
 from .dispatch import table as _table  # tests/test_processor.py counts the compiled signatures
 
 __all__ = [
@@ -43,7 +47,7 @@ __all__ = [
     "kernels_enabled", "requested_level", "simd_helpers", "simd_path", "four_bit_path", "lanes", "lut4_order",
     "q4_order", "use_fused", "int8_activations", "quantize_rows", "matmul_4bit", "matmul_4bit_nested",
     "dequantize_4bit", "dequantize_blockwise8", "matmul_int8", "matmul_int4", "matmul_lut8", "matmul_fp8",
-    "matmul_bf16",
+    "matmul_bf16", "matrix_units", "prompt_dtype", "int8_matrix_rows", "dequantize_int4",
 ]
 
 # Above this many activation rows dequantize-then-BLAS beats the fused kernels.
@@ -218,11 +222,15 @@ def matmul_int8(x: Tensor, q: Tensor, scale: Tensor, bias: Optional[Tensor] = No
     faster one (int8 on a SIMD level).
     """
     rows = _rows(x, q.shape[1])
-    y = _out(rows, q.shape[0])
     if activations == "auto":
         activations = "int8" if int8_activations(rows.shape[0]) else "float"
     elif activations == "on-grid":
-        activations = "int8" if simd_path() != "plain" else "float"
+        activations = "int8" if simd_path() != "plain" or int8_matrix_rows() else "float"
+    matrix_rows = int8_matrix_rows()
+    if activations != "float" and matrix_rows and rows.shape[0] >= matrix_rows:  # oneDNN's int8 tiles
+        xq, xs, _, _, oidx, oval = quantize_rows(rows, q.shape[1], min(KEEP_FLOAT, q.shape[1] - 1))
+        return _finish(int_mm_int8(xq.view(rows.shape), xs, oidx, oval, q, scale), x, q.shape[0], bias)
+    y = _out(rows, q.shape[0])
     if activations == "int8" and q.shape[1] % 64 == 0:
         xq, xs, corr, _, oidx, oval = quantize_rows(rows, q.shape[1], min(KEEP_FLOAT, q.shape[1] - 1))
         _run("matmul_int8q", q.shape[0], q.numel() * rows.shape[0] // 4, _np(_flat(q)), _np(scale), _np(xq), _np(xs),
@@ -230,6 +238,14 @@ def matmul_int8(x: Tensor, q: Tensor, scale: Tensor, bias: Optional[Tensor] = No
     else:
         _run("matmul_int8", q.shape[0], q.numel() * rows.shape[0], _np(_flat(q)), _np(scale), _np(rows), _np(y))
     return _finish(y, x, q.shape[0], bias)
+
+
+def dequantize_int4(packed: Tensor, scales: Tensor, zeros: Tensor, group: int, out: Tensor) -> Tensor:
+    """Fill float32 ``out`` ``[rows, in]`` with ``(q - zero) * scale`` of group-wise affine int4
+    (``packed`` ``[rows, padded_in / 2]``; the padding past ``in`` is dropped)."""
+    _run("dequantize_int4", packed.shape[0], out.numel(), _np(_flat(packed)), _np(_flat(scales)),
+         _np(_flat(zeros)), _np(out), group)
+    return out
 
 
 def matmul_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group: int, in_features: int,

@@ -1,0 +1,86 @@
+"""Which dtype a prompt's matrix products run in on CPU: bfloat16 on the CPU's matrix units
+where it has them, else float32.
+
+A prompt multiplies many activation rows by each weight, so it is bound by arithmetic, not by
+memory. On a CPU with AMX tiles (or AVX-512 BF16's dot products) oneDNN, through ``torch.mm``,
+multiplies bfloat16 several times faster than float32 (docs/benchmarks.md); elsewhere
+bfloat16 is emulated and slower. The choice is made once per process from what the CPU has,
+logged once; ``SLI_PROMPT_DTYPE=float32|bfloat16`` forces either (the tests run both).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PROMPT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+_chosen: Optional[torch.dtype] = None
+
+
+@functools.lru_cache(maxsize=1)
+def matrix_units() -> str:
+    """What bfloat16 matrix hardware this CPU has: "amx", "avx512-bf16" or "" (none)."""
+    cpu = getattr(torch, "cpu", None)
+    if cpu is not None and getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "amx"
+    if cpu is not None and getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "avx512-bf16"
+    return ""
+
+
+def prompt_dtype() -> torch.dtype:
+    """bfloat16 where the CPU multiplies it in hardware, else float32; ``SLI_PROMPT_DTYPE``
+    forces one. Read from the environment every call (cheap), logged the first time."""
+    global _chosen
+    asked = os.environ.get("SLI_PROMPT_DTYPE", "").strip().lower()
+    units = None
+    if asked in PROMPT_DTYPES:
+        dtype, why = PROMPT_DTYPES[asked], f"SLI_PROMPT_DTYPE={asked}"
+    else:
+        if asked:
+            logger.warning("SLI_PROMPT_DTYPE=%s is not one of %s; choosing by the CPU", asked, ", ".join(PROMPT_DTYPES))
+        units = matrix_units()
+        dtype = torch.bfloat16 if units else torch.float32
+        why = f"this CPU has {units}" if units else "this CPU has no AMX or AVX-512 BF16"
+    if dtype != _chosen:
+        _chosen = dtype
+        logger.info("prompt matrix products in %s (%s)", str(dtype).replace("torch.", ""), why)
+    return dtype
+
+
+# From this many activation rows on, on a CPU with AMX, an INT8 weight meets int8 activations
+# in ``torch._int_mm`` (oneDNN's int8 tiles) instead of sli's kernels: 2x them at 16 rows, 4x
+# at 128 (docs/benchmarks.md); below, the kernels, which read the weight at memory speed too.
+INT8_MATRIX_ROWS = 8
+
+
+def int8_matrix_rows() -> int:
+    """The row count from which INT8 products run in ``torch._int_mm``; 0: never.
+    ``SLI_INT8_MATMUL=torch`` uses it from :data:`INT8_MATRIX_ROWS` rows on any CPU (oneDNN
+    has int8 paths for AVX2 and AVX-512 too), ``=numba`` never; by default on AMX only."""
+    asked = os.environ.get("SLI_INT8_MATMUL", "").strip().lower()
+    if asked == "numba" or not hasattr(torch, "_int_mm"):
+        return 0
+    return INT8_MATRIX_ROWS if asked == "torch" or matrix_units() == "amx" else 0
+
+
+def int_mm_int8(xq: torch.Tensor, xs: torch.Tensor, oidx: torch.Tensor, oval: torch.Tensor,
+                q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (q * scale[:, None])^T`` as float32 ``[T, out]``, ``x`` given as int8 rows ``xq``
+    ``[T, in]`` with a scale ``xs`` ``[T]`` each and, per row, values kept in float (``oval`` at
+    columns ``oidx``, zero in ``xq``; :func:`sli.kernels.quantize_rows`' output)."""
+    y = torch._int_mm(xq, q.t()).float()
+    y *= xs.view(-1, 1)
+    if oidx.numel():  # the kept values times their weight columns: few distinct columns
+        cols, where = torch.unique(oidx, return_inverse=True)
+        kept = torch.zeros(xq.shape[0], cols.numel(), dtype=torch.float32)
+        kept.scatter_add_(1, where, oval)
+        y += kept @ q[:, cols].float().t()
+    y *= scale.view(1, -1)
+    return y
