@@ -1,7 +1,7 @@
 """Fused CPU kernels vs dequantize-then-BLAS, one Llama-2-7B feed-forward weight.
 
 Run: .venv/bin/python benchmarks/kernels.py [--repeats 7] [--shape 11008 4096] [--modes nf4 int8]
-     [--rows 1 4 16] [--no-dequantize] [--threads N] [--stat median|min] [--torch-ops]
+     [--rows 1 4 16] [--no-dequantize] [--threads N] [--stat median|min] [--torch-ops] [--compare-paths]
 
 For each mode, the time of ``sli.quantization.execution.linear(q, x)`` (what a streamed
 layer's linear does) for 1, 4 and 16 activation rows — the fused kernel path (sli.kernels) —
@@ -12,8 +12,11 @@ after a warm-up call (``--stat min``: the fastest, the least disturbed on a shar
 float32 floor measured right before each mode's kernels. The SIMD level is the CPU's best
 unless ``SLI_SIMD=avx512|avx2|plain`` asks for another one. ``--torch-ops`` adds torch's own
 quantized CPU products (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``, group 128).
+Rows above 16 are a prompt's (bfloat16 on a CPU with AMX or AVX-512 BF16, INT8 in
+``torch._int_mm`` on AMX); ``--compare-paths`` times them again with those paths off.
 """
 import argparse
+import contextlib
 import datetime
 import os
 import statistics
@@ -62,6 +65,21 @@ def torch_ops(weight: torch.Tensor, xs: dict, repeats: int) -> str:
     return "; ".join(cells)
 
 
+@contextlib.contextmanager
+def forced_env(**values):
+    """Environment variables set for the block, restored after."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _level() -> str:
     level = getattr(kernels, "simd_path", None) or getattr(kernels, "four_bit_path")  # the name before 2026-12
     return level()
@@ -88,6 +106,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (the kernels use as many)")
     ap.add_argument("--stat", choices=["median", "min"], default="median")
     ap.add_argument("--torch-ops", action="store_true", help="also time torch's int8/int4 packed products")
+    ap.add_argument("--compare-paths", action="store_true",
+                    help="also time each row count with the matrix units off (SLI_PROMPT_DTYPE=float32, "
+                         "SLI_INT8_MATMUL=numba): the float32 / numba path a CPU without AMX takes")
     args = ap.parse_args()
     global STAT
     STAT = min if args.stat == "min" else statistics.median
@@ -103,16 +124,20 @@ def main() -> None:
           f"--repeats {args.repeats} --shape {out_f} {in_f} --modes {' '.join(args.modes)} "
           f"--rows {' '.join(map(str, rows))}{' --no-dequantize' if args.no_dequantize else ''}"
           f"{f' --threads {args.threads}' if args.threads else ''} --stat {args.stat}"
-          f"{' --torch-ops' if args.torch_ops else ''}")
+          f"{' --torch-ops' if args.torch_ops else ''}{' --compare-paths' if args.compare_paths else ''}")
     print(f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads, kernels {_level()}; {datetime.datetime.now().isoformat(timespec='minutes')}; "
+          f"threads, kernels {_level()}, matrix units {kernels.matrix_units() or 'none'} (prompt dtype "
+          f"{str(kernels.prompt_dtype()).replace('torch.', '')}, INT8 in torch._int_mm from "
+          f"{kernels.int8_matrix_rows() or 'never'}); {datetime.datetime.now().isoformat(timespec='minutes')}; "
           f"weight {out_f}x{in_f} from bf16")
     print()
-    head = "| mode | " + " | ".join(f"{r} row{'s' if r > 1 else ''}: fused ms (÷ fp32 floor)" for r in rows)
+    head = "| mode | " + " | ".join(f"{r} row{'s' if r > 1 else ''}: sli ms (÷ fp32 floor)" for r in rows)
+    if args.compare_paths:
+        head += " | " + " | ".join(f"{r}: float32/numba ms (÷ sli)" for r in rows)
     if not args.no_dequantize:
         head += " | dequantize ms | dequantize + F.linear, 1 row ms"
     print(head + " |")
-    print("|---" * (len(rows) + 1 + (0 if args.no_dequantize else 2)) + "|")
+    print("|---" * (len(rows) * (2 if args.compare_paths else 1) + 1 + (0 if args.no_dequantize else 2)) + "|")
     for mode in args.modes:
         codec = codec_for(mode)
         q = codec.prepare(codec.quantize(weight, QuantizationConfig(mode=mode)))
@@ -120,6 +145,11 @@ def main() -> None:
         floor = {r: median_ms(lambda r=r: torch.nn.functional.linear(xs[r], dense), args.repeats) for r in rows}
         fused = {r: median_ms(lambda r=r: linear(q, xq[r]), args.repeats) for r in rows}
         line = f"| {mode} | " + " | ".join(f"{fused[r]:.2f} ({fused[r] / floor[r]:.2f}x of {floor[r]:.2f})" for r in rows)
+        if args.compare_paths:
+            plain = {}
+            with forced_env(SLI_PROMPT_DTYPE="float32", SLI_INT8_MATMUL="numba"):
+                plain = {r: median_ms(lambda r=r: linear(q, xq[r]), args.repeats) for r in rows}
+            line += " | " + " | ".join(f"{plain[r]:.2f} ({plain[r] / fused[r]:.2f}x)" for r in rows)
         if not args.no_dequantize:
             scratch = torch.empty(out_f, in_f)
             deq = median_ms(lambda: codec.dequantize(q, torch.float32, out=scratch), args.repeats)

@@ -121,8 +121,8 @@ def test_int8_dynamic_takes_integer_products_exactly():
     assert _rel_err(on_grid, as_float) < 1e-5
 
 
-@pytest.mark.parametrize("mode, rows, in_features", [("int8", 8, 1024), ("int8", 40, 1024), ("int8", 40, 200),
-                                                      ("int8_dynamic", 8, 576), ("int8_dynamic", 100, 576)])
+@pytest.mark.parametrize("mode, rows, in_features", [("int8", 16, 1024), ("int8", 40, 1024), ("int8", 40, 200),
+                                                      ("int8_dynamic", 16, 576), ("int8_dynamic", 100, 576)])
 def test_int8_on_the_matrix_units_takes_the_int8_kernels_values(mode, rows, in_features, monkeypatch):
     # SLI_INT8_MATMUL=torch (the default on AMX): from INT8_MATRIX_ROWS rows on, also for a
     # prompt's many rows, INT8 weights meet the same int8 activations in torch._int_mm (oneDNN)
@@ -133,7 +133,7 @@ def test_int8_on_the_matrix_units_takes_the_int8_kernels_values(mode, rows, in_f
     weight[:, 5] = 9.0  # INT8: an outlier column, kept in 16-bit
     q = codec.prepare(codec.quantize(weight, QuantizationConfig(mode=mode)))
     x = torch.randn(rows, in_features)
-    x[:, 7] *= 20  # an outlier feature: kept in float
+    x[:, [7, 50, 99, 150]] *= 20  # outlier features, as a model's: kept in float, few distinct columns
     x = codec.prepare_input(x)
     bias = torch.randn(384)
     calls = []
@@ -149,6 +149,23 @@ def test_int8_on_the_matrix_units_takes_the_int8_kernels_values(mode, rows, in_f
     calls.clear()
     linear(q, x[:kernels.FUSED_MAX_TOKENS], bias)
     assert calls == []
+
+
+def test_int8_keeping_many_distinct_features_leaves_the_matrix_units(monkeypatch):
+    # Each row keeps its own 4 features: gathering their many weight columns would cost more
+    # than the product, so the prompt dequantizes (16 rows keep at most 64 columns: always in).
+    monkeypatch.setenv("SLI_INT8_MATMUL", "torch")
+    codec = codec_for("int8")
+    q = codec.prepare(codec.quantize(_weight((384, 2048)), QuantizationConfig(mode="int8")))
+    rows = kernels.matrix_units_module.INT8_MATRIX_KEPT_COLUMNS + 8
+    x = torch.randn(rows, 2048)
+    x[torch.arange(rows), torch.arange(rows) * 3] = 50.0  # a different strong feature in each row
+    calls = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda *a: calls.append(a[0].shape) or real(*a))
+    assert kernels.matmul_int8(x, q.tensors["weight"], q.tensors["_scale"]) is None  # a prompt's rows
+    y = linear(q, x)  # dequantized instead
+    assert calls == [] and _rel_err(y, _reference(codec, q, x)) < 1e-5
 
 
 def test_the_cpu_s_matrix_units_choose_the_prompt_dtype(monkeypatch, caplog):
