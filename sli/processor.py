@@ -258,12 +258,16 @@ class UniversalSLIProcessor:
     def _run(self, **kwargs):
         """One pass of the model's own forward, its decoder layers streamed by the runner."""
         self.runner.make_resident(self.plan.resident_layers)
-        return self.runner.run(lambda: self.model(**kwargs))
+        ids = kwargs.get("input_ids")
+        with kernels.fused_pass(0 if ids is None else ids.numel(), self.device):
+            return self.runner.run(lambda: self.model(**kwargs))
 
     def _run_layer_major(self, jobs: List[LayerJob]) -> None:
         """Captured layer jobs, each layer once for all of them (see :meth:`step_many`)."""
         self.runner.make_resident(self.plan.resident_layers)
-        self.runner.run_layer_major(jobs)
+        rows = max((job.hidden.shape[:-1].numel() for job in jobs), default=0)
+        with kernels.fused_pass(rows, self.device):
+            self.runner.run_layer_major(jobs)
 
     def forward(self, input_ids, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits ``[B, S, V]`` for ``input_ids`` ``[B, S]`` (one pass over the layers)."""

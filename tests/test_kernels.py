@@ -231,6 +231,34 @@ def test_prompts_go_to_blas():
     assert not kernels.use_fused(torch.randn(1, 64, dtype=torch.bfloat16), 64)
 
 
+def test_a_decode_pass_holds_torch_to_one_thread_and_the_kernels_to_all(monkeypatch):
+    # torch's OpenMP workers spin after its ops on the cores the kernels' threads need
+    from sli.kernels import dispatch
+    monkeypatch.setattr(dispatch, "_INLINE_WORK", 0)  # split even a small product across threads
+    torch.set_num_threads(2)
+    codec = codec_for("nf4")
+    q = codec.prepare(codec.quantize(_weight((256, 128)), QuantizationConfig(mode="nf4")))
+    x = torch.randn(1, 128)
+    seen = []
+    real = dispatch.ThreadPoolExecutor.submit
+    monkeypatch.setattr(dispatch.ThreadPoolExecutor, "submit",
+                        lambda pool, *a, **k: seen.append(torch.get_num_threads()) or real(pool, *a, **k))
+    with kernels.fused_pass(1, torch.device("cpu")):
+        assert torch.get_num_threads() == 1
+        y = linear(q, x)
+        with kernels.fused_pass(4, torch.device("cpu")):  # nested: no change
+            assert torch.get_num_threads() == 1
+    assert seen == [1]  # the second share went to the pool while torch had one thread
+    assert torch.get_num_threads() == 2 and dispatch._threads() == 2
+    assert _rel_err(y, _reference(codec, q, x)) < 1e-5
+    with kernels.fused_pass(kernels.FUSED_MAX_TOKENS + 1, torch.device("cpu")):  # a prompt: torch's BLAS
+        assert torch.get_num_threads() == 2
+    with pytest.raises(RuntimeError):
+        with kernels.fused_pass(1, torch.device("cpu")):
+            raise RuntimeError("a failed pass")
+    assert torch.get_num_threads() == 2 and dispatch._kernel_threads is None
+
+
 def test_the_kernels_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("SLI_NO_NUMBA", "1")
     assert not kernels.use_fused(torch.randn(1, 64), 64)

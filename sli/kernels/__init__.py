@@ -30,13 +30,14 @@ All kernels take ``x`` as float32 ``[T, in]`` and write ``y`` float32 ``[T, out]
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import settings
-from .dispatch import SIMD_LEVELS, kernels_enabled, lanes, requested_level, simd_helpers, simd_path
+from .dispatch import SIMD_LEVELS, kernels_enabled, lanes, requested_level, simd_helpers, simd_path, torch_on_one_thread
 from .dispatch import run as _run
 from . import matrix_units as matrix_units_module
 from .matrix_units import int8_matrix_rows, int_mm_int8, matrix_units, prompt_dtype
@@ -47,7 +48,7 @@ __all__ = [
     "kernels_enabled", "requested_level", "simd_helpers", "simd_path", "four_bit_path", "lanes", "lut4_order",
     "q4_order", "use_fused", "int8_activations", "quantize_rows", "matmul_4bit", "matmul_4bit_nested",
     "dequantize_4bit", "dequantize_blockwise8", "matmul_int8", "matmul_int4", "matmul_lut8", "matmul_fp8",
-    "matmul_bf16", "matrix_units", "prompt_dtype", "int8_matrix_rows", "dequantize_int4",
+    "matmul_bf16", "matrix_units", "prompt_dtype", "int8_matrix_rows", "torch_on_one_thread", "fused_pass", "dequantize_int4",
 ]
 
 # Above this many activation rows dequantize-then-BLAS beats the fused kernels.
@@ -79,6 +80,14 @@ def use_fused(x: Tensor, in_features: int) -> bool:
     """Whether ``x`` (``[..., in]``) should go through a fused kernel rather than dequantize + BLAS."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() // max(1, in_features) <= FUSED_MAX_TOKENS
             and kernels_enabled())
+
+
+def fused_pass(rows: int, device: torch.device):
+    """The context a pass of ``rows`` activation rows runs in: :func:`torch_on_one_thread`
+    where its products are the fused kernels (CPU, up to :data:`FUSED_MAX_TOKENS` rows)."""
+    if device.type == "cpu" and 0 < rows <= FUSED_MAX_TOKENS and kernels_enabled():
+        return torch_on_one_thread()
+    return contextlib.nullcontext()
 
 
 def int8_activations(rows: int) -> bool:

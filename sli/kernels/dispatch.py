@@ -8,6 +8,7 @@ for the plain one. numba is imported only when the kernels are first built.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -112,8 +113,34 @@ _pool: Optional[ThreadPoolExecutor] = None
 _INLINE_WORK = settings.DEFAULT_SETTINGS["kernel_inline_work"]  # below: one thread beats handing out
 
 
+_kernel_threads: Optional[int] = None  # set while torch_on_one_thread() holds torch to one
+
+
 def _threads() -> int:
-    return max(1, torch.get_num_threads())
+    return max(1, _kernel_threads or torch.get_num_threads())
+
+
+@contextlib.contextmanager
+def torch_on_one_thread():
+    """For a pass whose products are the fused kernels (a token, a few rows): torch's own ops
+    on the calling thread alone, the kernels still on ``torch.get_num_threads()`` threads.
+
+    After each of its ops torch's OpenMP workers spin for a while on the cores the kernels'
+    threads need; between a layer's many small torch ops (norms, rotary, attention) that
+    took ~1/3 of a 7B-shaped model's decode on 2 cores (docs/benchmarks.md). The small ops
+    gain nothing from more threads."""
+    global _kernel_threads
+    threads = torch.get_num_threads()
+    if threads <= 1 or _kernel_threads is not None:
+        yield
+        return
+    _kernel_threads = threads
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _kernel_threads = None
 
 
 def run(name: str, count: int, work: int, *args) -> None:
