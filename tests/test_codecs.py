@@ -294,7 +294,7 @@ def test_a_prompt_dequantizes_its_weight_a_row_chunk_at_a_time(mode, double_quan
     assert scratch.held(torch.bfloat16) == 0
 
 
-@pytest.mark.parametrize("mode,double_quant", [("int8", False), ("nf4", True), ("nf4", False), ("fp4", False),
+@pytest.mark.parametrize("mode,double_quant", [("nf4", True), ("nf4", False), ("fp4", False),
                                                ("int4", False), ("fp8", False)])
 def test_a_prompt_in_bfloat16_dequantizes_large_chunks_through_small_float32_pieces(mode, double_quant, monkeypatch):
     # what a CPU with AMX or AVX-512 BF16 runs by default; forced here on any CPU
@@ -321,13 +321,19 @@ def test_a_prompt_in_bfloat16_dequantizes_large_chunks_through_small_float32_pie
     assert execution.prompt_scratch_bytes(q) == 512 * 512 * 2 + 256 * 512 * 4
 
 
-def test_an_unquantized_prompt_stays_float32_on_any_cpu(monkeypatch):
-    # NONE is exactly transformers' product, matrix units or not
+@pytest.mark.parametrize("mode", ["none", "int8", "int8_dynamic"])
+def test_unquantized_and_int8_prompts_stay_float32_on_any_cpu(mode, monkeypatch):
+    # NONE is exactly transformers' product; INT8's error is bfloat16's size: both stay float32
     monkeypatch.setenv("SLI_PROMPT_DTYPE", "bfloat16")
+    monkeypatch.setenv("SLI_INT8_MATMUL", "numba")
     weight = (torch.randn(300, 64) * 0.02).to(torch.bfloat16)
-    q = codec_for("none").quantize(weight, QuantizationConfig(mode="none"))
+    codec = codec_for(mode)
+    q = codec.quantize(weight, QuantizationConfig(mode=mode))
     x = torch.randn(40, 64)
-    assert torch.equal(execution.linear(q, x), torch.nn.functional.linear(x, weight.float()))
+    y, expected = execution.linear(q, x), torch.nn.functional.linear(x, codec.dequantize(q, torch.float32))
+    if mode == "none":
+        assert torch.equal(y, expected)
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_4bit_row_slices_never_split_a_block_or_a_group_of_block_maxima(monkeypatch):

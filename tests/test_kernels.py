@@ -151,21 +151,17 @@ def test_int8_on_the_matrix_units_takes_the_int8_kernels_values(mode, rows, in_f
     assert calls == []
 
 
-def test_int8_keeping_many_distinct_features_leaves_the_matrix_units(monkeypatch):
-    # Each row keeps its own 4 features: gathering their many weight columns would cost more
-    # than the product, so the prompt dequantizes (16 rows keep at most 64 columns: always in).
+def test_int8_keeping_many_distinct_features_meets_their_columns_a_block_at_a_time(monkeypatch):
+    # Each row keeps its own 4 features: their weight columns are gathered a bounded block at a time.
     monkeypatch.setenv("SLI_INT8_MATMUL", "torch")
+    monkeypatch.setattr(kernels.matrix_units_module, "KEPT_COLUMNS_AT_ONCE", 16)
     codec = codec_for("int8")
-    q = codec.prepare(codec.quantize(_weight((384, 2048)), QuantizationConfig(mode="int8")))
-    rows = kernels.matrix_units_module.INT8_MATRIX_KEPT_COLUMNS + 8
-    x = torch.randn(rows, 2048)
-    x[torch.arange(rows), torch.arange(rows) * 3] = 50.0  # a different strong feature in each row
-    calls = []
-    real = torch._int_mm
-    monkeypatch.setattr(torch, "_int_mm", lambda *a: calls.append(a[0].shape) or real(*a))
-    assert kernels.matmul_int8(x, q.tensors["weight"], q.tensors["_scale"]) is None  # a prompt's rows
-    y = linear(q, x)  # dequantized instead
-    assert calls == [] and _rel_err(y, _reference(codec, q, x)) < 1e-5
+    q = codec.prepare(codec.quantize(_weight((384, 1024)), QuantizationConfig(mode="int8")))
+    rows = 40
+    x = torch.randn(rows, 1024)
+    x[torch.arange(rows), torch.arange(rows) * 7] = 50.0  # a different strong feature in each row
+    y = kernels.matmul_int8(x, q.tensors["weight"], q.tensors["_scale"])
+    assert _rel_err(y, _int8_reference(codec, q, x)) < 1e-5
 
 
 def test_the_cpu_s_matrix_units_choose_the_prompt_dtype(monkeypatch, caplog):

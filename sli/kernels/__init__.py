@@ -221,15 +221,14 @@ def dequantize_blockwise8(q: Tensor, absmax: Tensor, code: Tensor, blocksize: in
 
 
 def matmul_int8(x: Tensor, q: Tensor, scale: Tensor, bias: Optional[Tensor] = None,
-                activations: str = "auto") -> Optional[Tensor]:
+                activations: str = "auto") -> Tensor:
     """``x @ (q * scale[:, None])^T (+ bias)`` for an int8 ``[out, in]`` weight.
 
     ``activations``: "float" multiplies ``x`` as it is; "int8" quantizes each row of ``x`` to
     int8 (one scale, its :data:`KEEP_FLOAT` largest |x| in float) and multiplies with integer
     dot products; "auto" picks by :func:`int8_activations`; "on-grid" is for an ``x`` already
     on that grid (INT8_DYNAMIC's :meth:`prepare_input`), where both give the same values: the
-    faster one (int8 on a SIMD level). None for more than :data:`FUSED_MAX_TOKENS` rows that
-    ``torch._int_mm`` does not take (:func:`int_mm_int8`): dequantize instead.
+    faster one (int8 on a SIMD level).
     """
     rows = _rows(x, q.shape[1])
     if activations == "auto":
@@ -237,18 +236,12 @@ def matmul_int8(x: Tensor, q: Tensor, scale: Tensor, bias: Optional[Tensor] = No
     elif activations == "on-grid":
         activations = "int8" if simd_path() != "plain" or int8_matrix_rows() else "float"
     matrix_rows = int8_matrix_rows()
-    quantized = None
     if activations != "float" and matrix_rows and rows.shape[0] >= matrix_rows:  # oneDNN's int8 tiles
-        quantized = quantize_rows(rows, q.shape[1], min(KEEP_FLOAT, q.shape[1] - 1))
-        xq, xs, _, _, oidx, oval = quantized
-        y = int_mm_int8(xq.view(rows.shape), xs, oidx, oval, q, scale)
-        if y is not None:
-            return _finish(y, x, q.shape[0], bias)
-        if rows.shape[0] > FUSED_MAX_TOKENS:
-            return None  # a prompt keeping many distinct features: the caller dequantizes instead
+        xq, xs, _, _, oidx, oval = quantize_rows(rows, q.shape[1], min(KEEP_FLOAT, q.shape[1] - 1))
+        return _finish(int_mm_int8(xq.view(rows.shape), xs, oidx, oval, q, scale), x, q.shape[0], bias)
     y = _out(rows, q.shape[0])
     if activations == "int8" and q.shape[1] % 64 == 0:
-        xq, xs, corr, _, oidx, oval = quantized or quantize_rows(rows, q.shape[1], min(KEEP_FLOAT, q.shape[1] - 1))
+        xq, xs, corr, _, oidx, oval = quantize_rows(rows, q.shape[1], min(KEEP_FLOAT, q.shape[1] - 1))
         _run("matmul_int8q", q.shape[0], q.numel() * rows.shape[0] // 4, _np(_flat(q)), _np(scale), _np(xq), _np(xs),
              _np(corr), _np(oidx), _np(oval), q.shape[1], _np(y))
     else:

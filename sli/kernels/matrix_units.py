@@ -56,7 +56,8 @@ def prompt_dtype() -> torch.dtype:
 
 # From this many activation rows on, on a CPU with AMX, an INT8 weight meets int8 activations
 # in ``torch._int_mm`` (oneDNN's int8 tiles) instead of sli's kernels: even with them at 16
-# rows, 5x them (and 5x the dequantized prompt path) at 24-32 (docs/benchmarks.md); below,
+# rows, 5x them (and 5x the float32 prompt path) at 24-32, 1.3-2x at 64-512 with random
+# activations, whose kept values fall in many columns (docs/benchmarks.md); below 16 rows,
 # sli's kernels are faster.
 INT8_MATRIX_ROWS = 16
 
@@ -71,27 +72,25 @@ def int8_matrix_rows() -> int:
     return INT8_MATRIX_ROWS if asked == "torch" or matrix_units() == "amx" else 0
 
 
-# The values kept in float meet their weight columns in a float product, gathered: past this
-# many distinct columns in a call (a long prompt whose tokens keep different features) that
-# costs more than dequantizing the weight (~40 ms for 11008x4096 at 500 columns, ~200 at 1600),
-# and the dequantized prompt path runs instead.
-INT8_MATRIX_KEPT_COLUMNS = 512
+# The values kept in float meet their weight columns, gathered as float32, this many columns at
+# a time: a bounded buffer (11 MB for a 11008-row weight) however many the rows keep.
+KEPT_COLUMNS_AT_ONCE = 256
 
 
 def int_mm_int8(xq: torch.Tensor, xs: torch.Tensor, oidx: torch.Tensor, oval: torch.Tensor,
-                q: torch.Tensor, scale: torch.Tensor) -> Optional[torch.Tensor]:
+                q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x @ (q * scale[:, None])^T`` as float32 ``[T, out]``, ``x`` given as int8 rows ``xq``
     ``[T, in]`` with a scale ``xs`` ``[T]`` each and, per row, values kept in float (``oval`` at
-    columns ``oidx``, zero in ``xq``; :func:`sli.kernels.quantize_rows`' output); None where
-    the kept values fall in more than :data:`INT8_MATRIX_KEPT_COLUMNS` distinct columns."""
-    cols, where = torch.unique(oidx, return_inverse=True)
-    if cols.numel() > INT8_MATRIX_KEPT_COLUMNS:
-        return None
+    columns ``oidx``, zero in ``xq``; :func:`sli.kernels.quantize_rows`' output). The integer
+    part is exact; the kept values meet their columns in float32, as in sli's kernels."""
     y = torch._int_mm(xq, q.t()).float()
     y *= xs.view(-1, 1)
-    if cols.numel():  # the kept values times their weight columns
+    cols, where = torch.unique(oidx, return_inverse=True)
+    if cols.numel():
         kept = torch.zeros(xq.shape[0], cols.numel(), dtype=torch.float32)
         kept.scatter_add_(1, where, oval)
-        y += kept @ q[:, cols].float().t()
+        for first in range(0, cols.numel(), KEPT_COLUMNS_AT_ONCE):
+            last = min(cols.numel(), first + KEPT_COLUMNS_AT_ONCE)
+            y += kept[:, first:last] @ q[:, cols[first:last]].float().t()
     y *= scale.view(1, -1)
     return y

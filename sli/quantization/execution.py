@@ -86,8 +86,10 @@ def _int8_on_matrix_units(codec: Codec, x: Tensor, q: QuantizedTensor) -> bool:
 
 def _prompt_dtype(q: QuantizedTensor) -> torch.dtype:
     """The dtype a prompt multiplies ``q`` in: float32 for NONE (exactly ``transformers``'
-    products), else :func:`sli.kernels.prompt_dtype`."""
-    if q.metadata["codec"] == "none" or len(q.metadata["shape"]) != 2:
+    products) and for INT8 / INT8_DYNAMIC (bfloat16's rounding of x would cost as much as their
+    quantization: INT8_DYNAMIC +0.08% -> +0.45% perplexity on SmolLM2), else
+    :func:`sli.kernels.prompt_dtype`."""
+    if q.metadata["codec"] in ("none", "int8", "int8_dynamic") or len(q.metadata["shape"]) != 2:
         return torch.float32
     return kernels.prompt_dtype()
 
