@@ -14,6 +14,8 @@ unless ``SLI_SIMD=avx512|avx2|plain`` asks for another one. ``--torch-ops`` adds
 quantized CPU products (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``, group 128).
 Rows above 16 are a prompt's (bfloat16 on a CPU with AMX or AVX-512 BF16, INT8 in
 ``torch._int_mm`` on AMX); ``--compare-paths`` times them again with those paths off.
+``--from-ram N`` times one row through N distinct copies of each weight instead (past the
+last-level cache) against a 1 GiB float32 read: how far each kernel is from the memory floor.
 """
 import argparse
 import contextlib
@@ -80,6 +82,28 @@ def forced_env(**values):
                 os.environ[k] = v
 
 
+def from_ram(weight: torch.Tensor, modes, copies: int, repeats: int) -> None:
+    """1 row times ``copies`` distinct copies of each mode's weight (so they come from RAM, not
+    the last-level cache), against the time a 1 GiB float32 read takes for the same bytes."""
+    big = torch.ones(256 * 1024 * 1024, dtype=torch.float32)
+    floor = big.numel() * 4 / (median_ms(lambda: big.sum(), repeats) / 1e3)
+    del big
+    print(f"memory read floor (1 GiB float32 sum): {floor / 1e9:.1f} GB/s; {copies} copies of each weight")
+    print()
+    print("| mode | ms per weight | GB/s | ÷ read floor |")
+    print("|---|---|---|---|")
+    x = torch.randn(1, weight.shape[1])
+    for mode in modes:
+        codec = codec_for(mode)
+        q0 = codec.quantize(weight, QuantizationConfig(mode=mode))
+        qs = [codec.prepare(type(q0)({k: v.clone() for k, v in q0.tensors.items()}, dict(q0.metadata)))
+              for _ in range(copies)]
+        nbytes = sum(v.numel() * v.element_size() for k, v in qs[0].tensors.items() if not k.startswith("_"))
+        xq = codec.prepare_input(x)
+        per = median_ms(lambda: [linear(q, xq) for q in qs], repeats) / copies
+        print(f"| {mode} | {per:.2f} | {nbytes / per / 1e6:.1f} | {per / (nbytes / floor * 1e3):.2f}x |", flush=True)
+
+
 def _level() -> str:
     level = getattr(kernels, "simd_path", None) or getattr(kernels, "four_bit_path")  # the name before 2026-12
     return level()
@@ -106,6 +130,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (the kernels use as many)")
     ap.add_argument("--stat", choices=["median", "min"], default="median")
     ap.add_argument("--torch-ops", action="store_true", help="also time torch's int8/int4 packed products")
+    ap.add_argument("--from-ram", type=int, default=0, metavar="N",
+                    help="instead: 1 row through N distinct copies of each mode's weight (past the L3 cache), "
+                         "beside a 1 GiB float32 read: each kernel's GB/s and its time over the memory floor")
     ap.add_argument("--compare-paths", action="store_true",
                     help="also time each row count with the matrix units off (SLI_PROMPT_DTYPE=float32, "
                          "SLI_INT8_MATMUL=numba): the float32 / numba path a CPU without AMX takes")
@@ -124,13 +151,17 @@ def main() -> None:
           f"--repeats {args.repeats} --shape {out_f} {in_f} --modes {' '.join(args.modes)} "
           f"--rows {' '.join(map(str, rows))}{' --no-dequantize' if args.no_dequantize else ''}"
           f"{f' --threads {args.threads}' if args.threads else ''} --stat {args.stat}"
-          f"{' --torch-ops' if args.torch_ops else ''}{' --compare-paths' if args.compare_paths else ''}")
+          f"{' --torch-ops' if args.torch_ops else ''}{' --compare-paths' if args.compare_paths else ''}"
+          f"{f' --from-ram {args.from_ram}' if args.from_ram else ''}")
     print(f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads, kernels {_level()}, matrix units {kernels.matrix_units() or 'none'} (prompt dtype "
           f"{str(kernels.prompt_dtype()).replace('torch.', '')}, INT8 in torch._int_mm from "
           f"{kernels.int8_matrix_rows() or 'never'}); {datetime.datetime.now().isoformat(timespec='minutes')}; "
           f"weight {out_f}x{in_f} from bf16")
     print()
+    if args.from_ram:
+        from_ram(weight, args.modes, args.from_ram, args.repeats)
+        return
     head = "| mode | " + " | ".join(f"{r} row{'s' if r > 1 else ''}: sli ms (÷ fp32 floor)" for r in rows)
     if args.compare_paths:
         head += " | " + " | ".join(f"{r}: float32/numba ms (÷ sli)" for r in rows)
