@@ -272,6 +272,21 @@ def test_error_metrics():
 
 # -- a prompt's linear, a few hundred rows at a time -----------------------------------------
 
+def _a_prompt_s_linear(mode, double_quant, out_features):
+    """A 512-wide weight of ``mode`` (an INT8 outlier column) times 2 x 40 rows through
+    ``execution.linear``: (y, dequantize-then-F.linear, bias, the scratch it used)."""
+    g = torch.Generator().manual_seed(1)
+    weight = (torch.randn(out_features, 512, generator=g) * 0.02).to(torch.bfloat16)
+    weight[:, 7] = 9.0  # an INT8 outlier column
+    codec = codec_for(mode)
+    q = codec.quantize(weight, QuantizationConfig(mode=mode, double_quant=double_quant,
+                                                  compress_statistics=double_quant))
+    x, bias = torch.randn(2, 40, 512, generator=g), torch.randn(out_features, generator=g)
+    scratch = execution.WeightScratch()
+    y = execution.linear(q, x, bias, scratch=scratch)
+    return y, torch.nn.functional.linear(x, codec.dequantize(q, torch.float32), bias), bias, scratch
+
+
 @pytest.mark.parametrize("mode,double_quant", [("none", False), ("int8", False), ("int8_dynamic", False),
                                                ("nf4", True), ("nf4", False), ("fp4", True), ("int4", False),
                                                ("fp8", False)])
@@ -279,16 +294,7 @@ def test_a_prompt_dequantizes_its_weight_a_row_chunk_at_a_time(mode, double_quan
     monkeypatch.setenv("SLI_PROMPT_DTYPE", "float32")  # bfloat16: the next test
     monkeypatch.setenv("SLI_INT8_MATMUL", "numba")  # INT8 in torch._int_mm: tests/test_kernels.py
     monkeypatch.setattr(execution, "PROMPT_CHUNK_BYTES", 256 * 512 * 4)  # 256-row chunks of a 512-wide weight
-    g = torch.Generator().manual_seed(1)
-    weight = (torch.randn(700, 512, generator=g) * 0.02).to(torch.bfloat16)  # 3 chunks, the last partial
-    weight[:, 7] = 9.0  # an INT8 outlier column
-    codec = codec_for(mode)
-    q = codec.quantize(weight, QuantizationConfig(mode=mode, double_quant=double_quant,
-                                                  compress_statistics=double_quant))
-    x, bias = torch.randn(2, 40, 512, generator=g), torch.randn(700, generator=g)
-    scratch = execution.WeightScratch()
-    y = execution.linear(q, x, bias, scratch=scratch)
-    expected = torch.nn.functional.linear(x, codec.dequantize(q, torch.float32), bias)
+    y, expected, _, scratch = _a_prompt_s_linear(mode, double_quant, 700)  # 3 chunks, the last partial
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     assert scratch.held(torch.float32) == 256 * 512  # one chunk's buffer, never the whole weight
     assert scratch.held(torch.bfloat16) == 0
@@ -302,22 +308,14 @@ def test_a_prompt_in_bfloat16_dequantizes_large_chunks_through_small_float32_pie
     monkeypatch.setenv("SLI_INT8_MATMUL", "numba")
     monkeypatch.setattr(execution, "PROMPT_CHUNK_BYTES", 256 * 512 * 4)  # float32 pieces of 256 rows
     monkeypatch.setattr(execution, "PROMPT_CHUNK_BYTES_BF16", 512 * 512 * 2)  # bfloat16 chunks of 512 rows
-    g = torch.Generator().manual_seed(1)
-    weight = (torch.randn(1100, 512, generator=g) * 0.02).to(torch.bfloat16)  # 3 chunks, the last partial
-    weight[:, 7] = 9.0
-    codec = codec_for(mode)
-    q = codec.quantize(weight, QuantizationConfig(mode=mode, double_quant=double_quant,
-                                                  compress_statistics=double_quant))
-    x, bias = torch.randn(2, 40, 512, generator=g), torch.randn(1100, generator=g)
-    scratch = execution.WeightScratch()
-    y = execution.linear(q, x, bias, scratch=scratch)
-    expected = torch.nn.functional.linear(x, codec.dequantize(q, torch.float32), bias)
+    y, expected, bias, scratch = _a_prompt_s_linear(mode, double_quant, 1100)  # 3 chunks, the last partial
     assert y.dtype == torch.float32 and y.shape == expected.shape
     # bfloat16 rounds x and the weight (8 bits of mantissa): ~0.3% of the product's size, far
     # below 4-bit rounding (~10%); float32 pieces of the chunks, never the whole weight
     assert ((y - expected).norm() / (expected - bias).norm()).item() < 0.01
     assert not torch.equal(y, expected)
     assert scratch.held(torch.bfloat16) == 512 * 512 and scratch.held(torch.float32) == 256 * 512
+    q = codec_for(mode).quantize(torch.zeros(1100, 512, dtype=torch.bfloat16), QuantizationConfig(mode=mode))
     assert execution.prompt_scratch_bytes(q) == 512 * 512 * 2 + 256 * 512 * 4
 
 
