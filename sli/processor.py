@@ -258,15 +258,18 @@ class UniversalSLIProcessor:
     def _run(self, **kwargs):
         """One pass of the model's own forward, its decoder layers streamed by the runner."""
         self.runner.make_resident(self.plan.resident_layers)
-        ids = kwargs.get("input_ids")
-        with kernels.fused_pass(0 if ids is None else ids.numel(), self.device):
+        ids, positions = kwargs.get("input_ids"), kwargs.get("position_ids")
+        context = 0 if positions is None or not positions.numel() else int(positions.max())
+        with kernels.fused_pass(0 if ids is None else ids.numel(), self.device, context):
             return self.runner.run(lambda: self.model(**kwargs))
 
     def _run_layer_major(self, jobs: List[LayerJob]) -> None:
         """Captured layer jobs, each layer once for all of them (see :meth:`step_many`)."""
         self.runner.make_resident(self.plan.resident_layers)
         rows = max((job.hidden.shape[:-1].numel() for job in jobs), default=0)
-        with kernels.fused_pass(rows, self.device):
+        positions = [job.layer_inputs[0][1].get("position_ids") for job in jobs if job.layer_inputs]
+        context = max((int(p.max()) for p in positions if p is not None and p.numel()), default=0)
+        with kernels.fused_pass(rows, self.device, context):
             self.runner.run_layer_major(jobs)
 
     def forward(self, input_ids, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -48,7 +48,7 @@ __all__ = [
     "kernels_enabled", "requested_level", "simd_helpers", "simd_path", "four_bit_path", "lanes", "lut4_order",
     "q4_order", "use_fused", "int8_activations", "quantize_rows", "matmul_4bit", "matmul_4bit_nested",
     "dequantize_4bit", "dequantize_blockwise8", "matmul_int8", "matmul_int4", "matmul_lut8", "matmul_fp8",
-    "matmul_bf16", "matrix_units", "prompt_dtype", "int8_matrix_rows", "torch_on_one_thread", "fused_pass", "dequantize_int4",
+    "matmul_bf16", "matrix_units", "prompt_dtype", "int8_matrix_rows", "torch_on_one_thread", "fused_pass", "FUSED_PASS_MAX_CONTEXT", "dequantize_int4",
 ]
 
 # Above this many activation rows dequantize-then-BLAS beats the fused kernels.
@@ -82,10 +82,19 @@ def use_fused(x: Tensor, in_features: int) -> bool:
             and kernels_enabled())
 
 
-def fused_pass(rows: int, device: torch.device):
-    """The context a pass of ``rows`` activation rows runs in: :func:`torch_on_one_thread`
-    where its products are the fused kernels (CPU, up to :data:`FUSED_MAX_TOKENS` rows)."""
-    if device.type == "cpu" and 0 < rows <= FUSED_MAX_TOKENS and kernels_enabled():
+# Below this many positions of context a decode pass holds torch to one thread: its own ops
+# (reading the keys and values, attention) grow with the context, and past ~512 positions they
+# want the threads back (7B-shaped NF4 with int8 KV in RAM: 0.48 vs 0.69 s/token at 16
+# positions, 1.41 vs 1.44 at 512, 2.21 vs 1.66 at 1024; docs/benchmarks.md).
+FUSED_PASS_MAX_CONTEXT = 512
+
+
+def fused_pass(rows: int, device: torch.device, context: int = 0):
+    """The context manager a pass of ``rows`` activation rows over ``context`` earlier
+    positions runs in: :func:`torch_on_one_thread` where its products are the fused kernels
+    (CPU, up to :data:`FUSED_MAX_TOKENS` rows) and its context is short."""
+    if (device.type == "cpu" and 0 < rows <= FUSED_MAX_TOKENS and context < FUSED_PASS_MAX_CONTEXT
+            and kernels_enabled()):
         return torch_on_one_thread()
     return contextlib.nullcontext()
 
