@@ -30,7 +30,8 @@ def packed_layer_bytes(cached: CachedLayer, compute_dtype: torch.dtype) -> Tuple
     """(bytes a packed layer holds while loaded, bytes of a prompt's transient buffer).
 
     Loaded: the cached bytes, the kernels' precomputed scales and the norms in the compute
-    dtype; for a prompt, one weight's dequantized row chunk on top."""
+    dtype; for a prompt, the buffers one weight's linear dequantizes into on top
+    (:func:`sli.quantization.execution.prompt_scratch_bytes`)."""
     qweights, _ = split_cached(cached)
     scratch = max((prompt_scratch_bytes(q) for q in qweights.values()), default=0)
     return ready_bytes(cached, compute_dtype), scratch

@@ -258,19 +258,22 @@ class UniversalSLIProcessor:
     def _run(self, **kwargs):
         """One pass of the model's own forward, its decoder layers streamed by the runner."""
         self.runner.make_resident(self.plan.resident_layers)
-        ids, positions = kwargs.get("input_ids"), kwargs.get("position_ids")
-        context = 0 if positions is None or not positions.numel() else int(positions.max())
-        with kernels.fused_pass(0 if ids is None else ids.numel(), self.device, context):
+        ids = kwargs.get("input_ids")
+        with self._fused_pass(0 if ids is None else ids.numel(), [kwargs.get("position_ids")]):
             return self.runner.run(lambda: self.model(**kwargs))
 
     def _run_layer_major(self, jobs: List[LayerJob]) -> None:
         """Captured layer jobs, each layer once for all of them (see :meth:`step_many`)."""
         self.runner.make_resident(self.plan.resident_layers)
         rows = max((job.hidden.shape[:-1].numel() for job in jobs), default=0)
-        positions = [job.layer_inputs[0][1].get("position_ids") for job in jobs if job.layer_inputs]
-        context = max((int(p.max()) for p in positions if p is not None and p.numel()), default=0)
-        with kernels.fused_pass(rows, self.device, context):
+        with self._fused_pass(rows, [job.layer_inputs[0][1].get("position_ids") for job in jobs if job.layer_inputs]):
             self.runner.run_layer_major(jobs)
+
+    def _fused_pass(self, rows: int, positions: List[Optional[torch.Tensor]]):
+        """:func:`sli.kernels.fused_pass` for a pass of ``rows`` rows at ``positions`` (the
+        context: the furthest of them)."""
+        context = max((int(p.max()) for p in positions if p is not None and p.numel()), default=0)
+        return kernels.fused_pass(rows, self.device, context)
 
     def forward(self, input_ids, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits ``[B, S, V]`` for ``input_ids`` ``[B, S]`` (one pass over the layers)."""

@@ -48,7 +48,8 @@ __all__ = [
     "kernels_enabled", "requested_level", "simd_helpers", "simd_path", "four_bit_path", "lanes", "lut4_order",
     "q4_order", "use_fused", "int8_activations", "quantize_rows", "matmul_4bit", "matmul_4bit_nested",
     "dequantize_4bit", "dequantize_blockwise8", "matmul_int8", "matmul_int4", "matmul_lut8", "matmul_fp8",
-    "matmul_bf16", "matrix_units", "prompt_dtype", "int8_matrix_rows", "torch_on_one_thread", "fused_pass", "FUSED_PASS_MAX_CONTEXT", "dequantize_int4",
+    "matmul_bf16", "dequantize_int4", "matrix_units", "prompt_dtype", "int8_matrix_rows", "torch_on_one_thread",
+    "fused_pass", "FUSED_PASS_MAX_CONTEXT",
 ]
 
 # Above this many activation rows dequantize-then-BLAS beats the fused kernels.
@@ -240,11 +241,11 @@ def matmul_int8(x: Tensor, q: Tensor, scale: Tensor, bias: Optional[Tensor] = No
     faster one (int8 on a SIMD level).
     """
     rows = _rows(x, q.shape[1])
+    matrix_rows = int8_matrix_rows()
     if activations == "auto":
         activations = "int8" if int8_activations(rows.shape[0]) else "float"
     elif activations == "on-grid":
-        activations = "int8" if simd_path() != "plain" or int8_matrix_rows() else "float"
-    matrix_rows = int8_matrix_rows()
+        activations = "int8" if simd_path() != "plain" or matrix_rows else "float"
     if activations != "float" and matrix_rows and rows.shape[0] >= matrix_rows:  # oneDNN's int8 tiles
         xq, xs, _, _, oidx, oval = quantize_rows(rows, q.shape[1], min(KEEP_FLOAT, q.shape[1] - 1))
         return _finish(int_mm_int8(xq.view(rows.shape), xs, oidx, oval, q, scale), x, q.shape[0], bias)

@@ -39,7 +39,6 @@ def prompt_dtype() -> torch.dtype:
     forces one. Read from the environment every call (cheap), logged the first time."""
     global _chosen
     asked = os.environ.get("SLI_PROMPT_DTYPE", "").strip().lower()
-    units = None
     if asked in PROMPT_DTYPES:
         dtype, why = PROMPT_DTYPES[asked], f"SLI_PROMPT_DTYPE={asked}"
     else:

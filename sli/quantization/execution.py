@@ -111,9 +111,10 @@ def prompt_chunk_rows(q: QuantizedTensor, dtype: Optional[torch.dtype] = None) -
 def prompt_scratch_bytes(q: QuantizedTensor) -> int:
     """Bytes of the buffers a prompt's linear of ``q`` dequantizes into (:class:`WeightScratch`)."""
     in_features = int(q.metadata["shape"][1]) if len(q.metadata["shape"]) == 2 else 0
-    if _prompt_dtype(q) != torch.bfloat16:
-        return prompt_chunk_rows(q, torch.float32) * in_features * 4
-    return prompt_chunk_rows(q, torch.bfloat16) * in_features * 2 + prompt_chunk_rows(q, torch.float32) * in_features * 4
+    scratch = prompt_chunk_rows(q, torch.float32) * in_features * 4  # float32 chunks, or bfloat16's pieces
+    if _prompt_dtype(q) == torch.bfloat16:
+        scratch += prompt_chunk_rows(q, torch.bfloat16) * in_features * 2
+    return scratch
 
 
 def _linear_bf16(codec: Codec, q: QuantizedTensor, x: Tensor, bias: Optional[Tensor],
