@@ -179,6 +179,16 @@ def test_the_cpu_s_matrix_units_choose_the_prompt_dtype(monkeypatch, caplog):
     assert kernels.prompt_dtype() == torch.bfloat16
     monkeypatch.delenv("SLI_INT8_MATMUL")
     assert bool(kernels.int8_matrix_rows()) == (kernels.matrix_units() == "amx")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sli.kernels.matrix_units"):
+        for _ in range(3):  # read on every product: a bad value is said once, the CPU's choice made
+            monkeypatch.setenv("SLI_PROMPT_DTYPE", "fp16")
+            assert kernels.prompt_dtype() == (torch.bfloat16 if has_units else torch.float32)
+            monkeypatch.setenv("SLI_INT8_MATMUL", "onednn")
+            assert bool(kernels.int8_matrix_rows()) == (kernels.matrix_units() == "amx")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["SLI_PROMPT_DTYPE=fp16 is not one of bfloat16, float32; choosing by the CPU",
+                        "SLI_INT8_MATMUL=onednn is not one of torch, numba; choosing by the CPU"]
 
 
 def test_one_row_and_sli_float_activations_keep_float_activations(monkeypatch):

@@ -23,6 +23,12 @@ PROMPT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _chosen: Optional[torch.dtype] = None
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_unknown(variable: str, value: str, known: str) -> None:
+    """One warning per unknown value of a switch (the switches are read on every product)."""
+    logger.warning("%s=%s is not one of %s; choosing by the CPU", variable, value, known)
+
+
 @functools.lru_cache(maxsize=1)
 def matrix_units() -> str:
     """What bfloat16 matrix hardware this CPU has: "amx", "avx512-bf16" or "" (none)."""
@@ -43,7 +49,7 @@ def prompt_dtype() -> torch.dtype:
         dtype, why = PROMPT_DTYPES[asked], f"SLI_PROMPT_DTYPE={asked}"
     else:
         if asked:
-            logger.warning("SLI_PROMPT_DTYPE=%s is not one of %s; choosing by the CPU", asked, ", ".join(PROMPT_DTYPES))
+            _warn_unknown("SLI_PROMPT_DTYPE", asked, ", ".join(PROMPT_DTYPES))
         units = matrix_units()
         dtype = torch.bfloat16 if units else torch.float32
         why = f"this CPU has {units}" if units else "this CPU has no AMX or AVX-512 BF16"
@@ -66,6 +72,8 @@ def int8_matrix_rows() -> int:
     ``SLI_INT8_MATMUL=torch`` uses it from :data:`INT8_MATRIX_ROWS` rows on any CPU (oneDNN
     has int8 paths for AVX2 and AVX-512 too), ``=numba`` never; by default on AMX only."""
     asked = os.environ.get("SLI_INT8_MATMUL", "").strip().lower()
+    if asked not in ("", "torch", "numba"):
+        _warn_unknown("SLI_INT8_MATMUL", asked, "torch, numba")
     if asked == "numba" or not hasattr(torch, "_int_mm"):
         return 0
     return INT8_MATRIX_ROWS if asked == "torch" or matrix_units() == "amx" else 0
