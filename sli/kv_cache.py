@@ -5,7 +5,10 @@ token (a full copy per layer per token) and keeps them in the compute dtype (flo
 CPU). :class:`CompactKVLayer` takes the place of each full-attention layer's cache: buffers
 reserved for the whole conversation (grown by doubling when a call outruns them), written in
 place, stored in bfloat16 (half of float32, lossless to ~3 digits) or int8 with a scale per
-token and head; attention reads a float copy.
+token and head. Attention gets a float copy, or, when the model runs sli's attention
+(:mod:`sli.attention`), a :class:`KVRead` of the stored bytes: a decode step then reads them in
+place (:func:`sli.kernels.decode_attention`) instead of widening the whole context to float32
+every layer, every token.
 
 When the memory budget cannot hold every layer's keys and values, a layer's buffers are a
 shared map of a file in the cache directory (unlinked at once: nothing to clean up) and its
@@ -21,12 +24,13 @@ import mmap
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
 KV_DTYPES = ("float32", "bfloat16", "int8")
-MADV_DONTNEED = 4
+MADV_WILLNEED, MADV_DONTNEED = 3, 4
 
 
 def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, kv_dtype: str) -> int:
@@ -41,8 +45,9 @@ def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, kv_dtype: 
 _libc = None
 
 
-def _drop_pages(tensor: Optional[torch.Tensor]) -> None:
-    """Drop a file-mapped tensor's pages from this process (they stay in the page cache)."""
+def _advise(tensor: Optional[torch.Tensor], advice: int) -> None:
+    """``madvise`` over a file-mapped tensor's pages: MADV_DONTNEED drops them from this
+    process (they stay in the page cache), MADV_WILLNEED starts reading them in the background."""
     global _libc
     if tensor is None or tensor.numel() == 0:
         return
@@ -50,7 +55,7 @@ def _drop_pages(tensor: Optional[torch.Tensor]) -> None:
         _libc = ctypes.CDLL("libc.so.6", use_errno=True)
     start = tensor.data_ptr() - tensor.data_ptr() % mmap.PAGESIZE
     size = tensor.data_ptr() + tensor.numel() * tensor.element_size() - start
-    _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(size), MADV_DONTNEED)
+    _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(size), advice)
 
 
 def _empty(shape, dtype: torch.dtype, device, spill_dir: Optional[Path]) -> torch.Tensor:
@@ -109,15 +114,72 @@ class _Store:
             self.data[:, :, start:stop] = states
 
     def drop_pages(self) -> None:
-        _drop_pages(self.data)
-        _drop_pages(self.scale)
+        _advise(self.data, MADV_DONTNEED)
+        _advise(self.scale, MADV_DONTNEED)
+
+    def will_need(self, length: int) -> None:
+        """Start reading the first ``length`` positions of every head from disk (not the
+        reserved positions past them: a sparse file's holes would be read as zero pages)."""
+        for t in (self.data, self.scale):
+            if t is not None:
+                for rows in t[:, :, :length].flatten(0, 1):
+                    _advise(rows, MADV_WILLNEED)
 
     def read(self, length: int, dtype: torch.dtype) -> torch.Tensor:
         """The first ``length`` positions in ``dtype`` (a view when stored in it)."""
-        part = self.data[:, :, :length]
-        if self.kv_dtype == "int8":
-            return (part.to(dtype) * self.scale[:, :, :length].to(dtype))
-        return part if part.dtype == dtype else part.to(dtype)
+        return _read(self.data, self.scale, length, dtype)
+
+
+@dataclass
+class KVRead:
+    """Keys or values of a batch as compact layers store them, for attention to read in place.
+
+    ``parts``: per stored layer, ``(data [B, H, capacity, D], scale [B, H, capacity, 1] or None,
+    length)``; the batch is their rows in order. ``release()`` drops a spilled layer's pages
+    once attention is done with them."""
+
+    parts: List[Tuple[torch.Tensor, Optional[torch.Tensor], int]]
+    releases: List[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0][0].dtype
+
+    def rows(self):
+        """``(data [H, capacity, D], scale [H, capacity] or None, length)`` per batch row."""
+        for data, scale, length in self.parts:
+            for b in range(data.shape[0]):
+                yield data[b], None if scale is None else scale[b, :, :, 0], length
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """``[B, H, L, D]`` in ``dtype``, each part left-padded with zeros to the longest ``L``
+        (the attention mask, left-padded alike, hides the padding)."""
+        reads = [_read(data, scale, length, dtype) for data, scale, length in self.parts]
+        if len(reads) == 1:
+            return reads[0]
+        longest = max(r.shape[2] for r in reads)
+        return torch.cat([torch.nn.functional.pad(r, (0, 0, longest - r.shape[2], 0)) for r in reads])
+
+    def release(self) -> None:
+        for release in self.releases:
+            release()
+
+
+def _dense(states, dtype: torch.dtype) -> torch.Tensor:
+    """``states`` as a float tensor: itself, or a :class:`KVRead` read out (and released)."""
+    if not isinstance(states, KVRead):
+        return states
+    dense = states.dense(dtype)
+    states.release()
+    return dense
+
+
+def _read(data: torch.Tensor, scale: Optional[torch.Tensor], length: int, dtype: torch.dtype) -> torch.Tensor:
+    """The first ``length`` positions of a store's buffers in ``dtype`` (a view when stored in it)."""
+    part = data[:, :, :length]
+    if scale is not None:
+        return part.to(dtype) * scale[:, :, :length].to(dtype)
+    return part if part.dtype == dtype else part.to(dtype)
 
 
 def _compact_layer_class():
@@ -129,7 +191,8 @@ def _compact_layer_class():
     class CompactKVLayer(base):
         """One layer's keys and values in preallocated buffers of a compact dtype."""
 
-        def __init__(self, kv_dtype: str = "bfloat16", reserve: int = 0, spill_dir: Optional[Path] = None) -> None:
+        def __init__(self, kv_dtype: str = "bfloat16", reserve: int = 0, spill_dir: Optional[Path] = None,
+                     packed_reads: bool = False) -> None:
             super().__init__()
             if kv_dtype not in KV_DTYPES:
                 raise ValueError(f"kv_dtype={kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
@@ -140,6 +203,8 @@ def _compact_layer_class():
             self.reserved = reserve
             self.spilled = spill_dir is not None
             self.length = 0
+            self.packed_reads = packed_reads and kv_dtype != "float32"  # update returns KVReads
+            self.next_spilled = None  # the spilled layer whose pages to read while this one computes
             self._keys, self._values = _Store(kv_dtype, spill_dir), _Store(kv_dtype, spill_dir)
 
         def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -159,11 +224,31 @@ def _compact_layer_class():
             self._keys.write(self.length, key_states)
             self._values.write(self.length, value_states)
             self.length = needed
+            if self.packed_reads:
+                return self.packed()
             keys, values = self._keys.read(needed, key_states.dtype), self._values.read(needed, value_states.dtype)
-            if self.spilled:  # attention reads the float copies: the stored pages can go
+            self.release()  # attention reads the float copies: a spilled layer's pages can go
+            return keys, values
+
+        def packed(self) -> "tuple[KVRead, KVRead]":
+            """The stored keys and values as :class:`KVRead` s (one pair: the keys' read
+            releases both stores' pages)."""
+            keys = KVRead([(self._keys.data, self._keys.scale, self.length)], [self.release])
+            values = KVRead([(self._values.data, self._values.scale, self.length)])
+            return keys, values
+
+        def release(self) -> None:
+            """Drop a spilled layer's pages from this process (attention has read them), and
+            start reading the next spilled layer's (see :func:`link_spilled`)."""
+            if self.spilled:
                 self._keys.drop_pages()
                 self._values.drop_pages()
-            return keys, values
+                if self.next_spilled is not None:
+                    self.next_spilled.will_need()
+
+        def will_need(self) -> None:
+            self._keys.will_need(self.length)
+            self._values.will_need(self.length)
 
         def get_seq_length(self) -> int:
             return self.length
@@ -186,13 +271,26 @@ def _compact_layer_class():
 _CLASS = None
 
 
-def compact_kv_layer(kv_dtype: str = "bfloat16", reserve: int = 0, spill_dir: Optional[Path] = None):
+def compact_kv_layer(kv_dtype: str = "bfloat16", reserve: int = 0, spill_dir: Optional[Path] = None,
+                     packed_reads: bool = False):
     """A new :class:`CompactKVLayer` (the class is built once, on first use); with
-    ``spill_dir`` its buffers are file maps there, in memory only while it runs."""
+    ``spill_dir`` its buffers are file maps there, in memory only while it runs; with
+    ``packed_reads`` its updates return :class:`KVRead` s (for :mod:`sli.attention`)."""
     global _CLASS
     if _CLASS is None:
         _CLASS = _compact_layer_class()
-    return _CLASS(kv_dtype, reserve, spill_dir)
+    return _CLASS(kv_dtype, reserve, spill_dir, packed_reads)
+
+
+def link_spilled(cache):
+    """``cache`` with each spilled compact layer pointing at the next one: when a layer's
+    attention is done, the next spilled layer's keys and values start coming in from disk
+    (``MADV_WILLNEED``) while the layers between compute, instead of faulting in during its
+    own attention."""
+    spilled = [layer for layer in getattr(cache, "layers", []) if getattr(layer, "spilled", False)]
+    for layer, after in zip(spilled, spilled[1:] + spilled[:1]):
+        layer.next_spilled = after if after is not layer else None
+    return cache
 
 
 def kv_cache_bytes(cache) -> "tuple[int, int]":
@@ -222,6 +320,11 @@ def _stacked_layer_class():
                 k, v = row.update(key_states[index:index + 1], value_states[index:index + 1], *args, **kwargs)
                 keys.append(k)
                 values.append(v)
+            if all(isinstance(k, KVRead) for k in keys):  # sli's attention reads each row in place
+                return (KVRead([p for k in keys for p in k.parts], [r for k in keys for r in k.releases]),
+                        KVRead([p for v in values for p in v.parts]))
+            keys = [_dense(k, key_states.dtype) for k in keys]
+            values = [_dense(v, value_states.dtype) for v in values]
             longest = max(k.shape[2] for k in keys)
 
             def stack(parts):

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import batched_step
+from . import attention, batched_step
 from . import device as device_calls
 from . import kernels
 from . import memory_sizing
@@ -27,7 +27,7 @@ from .checkpoint import Checkpoint, SkeletonLoader, checkpoint_model_id, resolve
 from .chunked_prefill import chunkable
 from .errors import ModelLoadError, SLIError
 from .generation import GenerationSession, generate_tokens
-from .kv_cache import compact_kv_layer
+from .kv_cache import compact_kv_layer, link_spilled
 from .layer_cache import LayerCache
 from .layer_runner import LayerJob, LayerRunner
 from .memory_plan import MemoryPlan, plan_memory
@@ -106,6 +106,7 @@ class UniversalSLIProcessor:
         self.max_positions = max_positions(self.config.to_dict())
         self.max_context_tokens = max_context_tokens or min(self.max_positions or 4096, 4096)
         self.model, loader_model = build_skeletons(self.config, self.compute_dtype, self.checkpoint.storage_dtype())
+        self.reads_kv_in_place = attention.install(self.model, kv_dtype, self.device)  # decode attention from KV bytes
         self.layout: ModelLayout = discover_layout(self.model, self.config)
         self.layers: nn.ModuleList = self.model.get_submodule(self.layout.layers_path)
         self._loader = SkeletonLoader(self.checkpoint, loader_model, self.layout.layers_path)
@@ -270,10 +271,10 @@ class UniversalSLIProcessor:
             self.runner.run_layer_major(jobs)
 
     def _fused_pass(self, rows: int, positions: List[Optional[torch.Tensor]]):
-        """:func:`sli.kernels.fused_pass` for a pass of ``rows`` rows at ``positions`` (the
-        context: the furthest of them)."""
-        context = max((int(p.max()) for p in positions if p is not None and p.numel()), default=0)
-        return kernels.fused_pass(rows, self.device, context)
+        """:func:`sli.kernels.fused_pass` for a pass of ``rows`` rows at ``positions`` (the context: the
+        furthest of them; none counts when attention reads the KV bytes in place, in the kernels)."""
+        context = [int(p.max()) for p in positions if p is not None and p.numel() and not self.reads_kv_in_place]
+        return kernels.fused_pass(rows, self.device, max(context, default=0))
 
     def forward(self, input_ids, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits ``[B, S, V]`` for ``input_ids`` ``[B, S]`` (one pass over the layers)."""
@@ -308,8 +309,8 @@ class UniversalSLIProcessor:
         if self.kv_dtype is None:  # transformers' own (a test's reference)
             return hf.new_kv_cache(self.config)
         spilled, spill_dir = set(self.plan.kv_spilled_layers), self.cache.cache_dir / "kv-spill"
-        return hf.new_kv_cache(self.config, lambda index: compact_kv_layer(
-            self.kv_dtype, reserve, spill_dir if index in spilled else None))
+        return link_spilled(hf.new_kv_cache(self.config, lambda index: compact_kv_layer(
+            self.kv_dtype, reserve, spill_dir if index in spilled else None, self.reads_kv_in_place)))
 
     def _step(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, kv_cache):
         """One forward over new positions with the KV cache: (last logits [B, V], cache).

@@ -40,6 +40,8 @@ check_transformers_version()
 from transformers.conversion_mapping import get_model_conversion_mapping  # noqa: E402
 from transformers.core_model_loading import (WeightConverter, WeightRenaming,  # noqa: E402
                                              convert_and_load_state_dict_in_model, rename_source_key)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 from transformers.modeling_utils import LoadStateDictConfig  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
@@ -119,6 +121,25 @@ def full_attention_cache_layer() -> type:
     return transformers.DynamicLayer
 
 
+def sdpa_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention function: ``(attn_output [B, S, H, D], None)``."""
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def use_attention(model: nn.Module, name: str, forward) -> bool:
+    """Run ``model``'s attention through ``forward`` (the attention-interface signature),
+    registered as ``name`` with SDPA's masks, when the model runs SDPA; returns whether it does
+    now. A model on another implementation (eager, flash), or whose modeling code does not
+    call the attention interface (``_supports_attention_backend`` unset: Falcon), keeps its own."""
+    if (getattr(model.config, "_attn_implementation", None) != "sdpa"
+            or not getattr(model, "_supports_attention_backend", False)):
+        return False
+    transformers.AttentionInterface.register(name, forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    model.set_attn_implementation(name)
+    return model.config._attn_implementation == name
+
+
 def cache_argument(model: nn.Module) -> str:
     """The forward's KV-cache argument: ``cache`` from transformers 5.24 on (``past_key_values``
     is deprecated there), ``past_key_values`` before."""
@@ -152,4 +173,6 @@ def internals_used() -> List[Tuple[Any, List[str]]]:
         (transformers.DynamicCache, ["config"]),
         (transformers.DynamicLayer.update, ["key_states", "value_states"]),
         (transformers.DynamicLayer.get_mask_sizes, ["query_length"]),
+        (sdpa_attention_forward, ["module", "query", "key", "value", "attention_mask", "dropout", "scaling"]),
+        (transformers.PreTrainedModel.set_attn_implementation, ["attn_implementation"]),
     ]

@@ -370,6 +370,9 @@ for mode in ("none", "int8", "int8_dynamic", "nf4", "fp4", "int4", "fp8"):
             ref = _expected(codec, q, x)
             err = float((y - ref).abs().max() / ref.abs().max())
             assert err < 1e-5, (mode, shape, rows, err)
+sys.path.insert(0, sys.argv[2])
+from test_attention import check_decode_attention  # the decode attention kernel on this level too
+check_decode_attention()
 print("path ok", kernels.simd_path())
 """
 

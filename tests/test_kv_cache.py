@@ -192,3 +192,23 @@ def test_a_long_context_takes_shorter_prompt_chunks():
     assert bounds[-1][1] - bounds[-1][0] < 300  # at 8k positions a chunk is a fifth of 1456
     past = chunk_bounds(100, 64, past=10_000, max_pairs=64 ** 2)  # after a long cached history
     assert {stop - start for start, stop in past[:-1]} == {MIN_CHUNK}
+
+
+def test_a_spilled_layer_done_with_its_attention_starts_reading_the_next_spilled_one(tmp_path):
+    from sli.kv_cache import link_spilled
+
+    class Cache:
+        layers = [compact_kv_layer("int8", 8, tmp_path), compact_kv_layer("int8", 8), compact_kv_layer("int8", 8, tmp_path),
+                  compact_kv_layer("int8", 8, tmp_path)]
+
+    cache = link_spilled(Cache())
+    first, in_memory, second, third = cache.layers
+    assert (first.next_spilled, second.next_spilled, third.next_spilled) == (second, third, first)  # wraps to the next token
+    assert in_memory.next_spilled is None
+    asked = []
+    second.will_need = lambda: asked.append("second")
+    first.update(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16))  # its float copies read: pages dropped
+    assert asked == ["second"]
+    third.update(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16))
+    first.will_need()  # madvise over the positions written: no error, nothing changes
+    assert first.get_seq_length() == 3

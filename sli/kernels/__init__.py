@@ -13,6 +13,7 @@ package below it, each importing only those after it:
   ``SLI_SIMD=avx512|avx2|plain``, ``SLI_NO_SIMD=1``), the kernels built once, a thread pool;
 - :mod:`~sli.kernels.four_bit`, :mod:`~sli.kernels.int4`, :mod:`~sli.kernels.unpacked`,
   :mod:`~sli.kernels.activations`: the numba kernels per format, built over one level's helpers;
+  :mod:`~sli.kernels.attention`: a decode step's attention over int8 or bfloat16 keys and values;
 - :mod:`~sli.kernels.simd` (with :mod:`~sli.kernels.simd_float`, :mod:`~sli.kernels.simd_int8`,
   :mod:`~sli.kernels.simd_ir`): the AVX-512 / AVX2 helpers, numba intrinsics, imported behind a
   guard; :mod:`~sli.kernels.plain`: the same helpers in plain numba;
@@ -49,7 +50,7 @@ __all__ = [
     "q4_order", "use_fused", "int8_activations", "quantize_rows", "matmul_4bit", "matmul_4bit_nested",
     "dequantize_4bit", "dequantize_blockwise8", "matmul_int8", "matmul_int4", "matmul_lut8", "matmul_fp8",
     "matmul_bf16", "dequantize_int4", "matrix_units", "prompt_dtype", "int8_matrix_rows", "torch_on_one_thread",
-    "fused_pass", "FUSED_PASS_MAX_CONTEXT",
+    "fused_pass", "FUSED_PASS_MAX_CONTEXT", "decode_attention",
 ]
 
 # Above this many activation rows dequantize-then-BLAS beats the fused kernels.
@@ -86,7 +87,9 @@ def use_fused(x: Tensor, in_features: int) -> bool:
 # Below this many positions of context a decode pass holds torch to one thread: its own ops
 # (reading the keys and values, attention) grow with the context, and past ~512 positions they
 # want the threads back (7B-shaped NF4 with int8 KV in RAM: 0.48 vs 0.69 s/token at 16
-# positions, 1.41 vs 1.44 at 512, 2.21 vs 1.66 at 1024; docs/benchmarks.md).
+# positions, 1.41 vs 1.44 at 512, 2.21 vs 1.66 at 1024; docs/benchmarks.md). A pass whose
+# attention reads the keys and values in place (sli.attention, in the kernels) passes context 0:
+# 0.57 s/token at 1024 positions then, against 0.84 with this limit.
 FUSED_PASS_MAX_CONTEXT = 512
 
 
@@ -323,3 +326,34 @@ def matmul_bf16(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Ten
     _run("matmul_bf16", weight.shape[0], weight.numel() * rows.shape[0],
          _np(_flat(weight).view(torch.int16)).view("uint16"), _NO_SCALE, _np(rows), _np(y))
     return _finish(y, x, weight.shape[0], bias)
+
+
+def decode_attention(query: Tensor, keys: Tensor, key_scale: Optional[Tensor], values: Tensor,
+                     value_scale: Optional[Tensor], bias: Tensor, length: int, scaling: float) -> Tensor:
+    """One query row per head attending to the first ``length`` positions of compact keys and
+    values: ``softmax(query @ keys^T * scaling + bias) @ values`` as float32 ``[H, D]``.
+
+    ``query`` float32 ``[H, D]``; ``keys``, ``values`` ``[Hk, capacity, D]``, int8 with float32
+    scales ``[Hk, capacity]`` (a scale per position and head) or bfloat16 with scales None;
+    ``H`` a multiple of ``Hk`` (grouped attention); ``bias`` float32 ``[length]`` (-inf masks
+    a position)."""
+    heads, dim = query.shape
+    out = torch.empty(heads, dim, dtype=torch.float32)
+    if keys.dtype == torch.int8:
+        name, k, v, ks, vs = "decode_attention_int8", keys, values, key_scale, value_scale
+    elif keys.dtype == torch.bfloat16:
+        name, ks, vs = "decode_attention_bf16", _NO_SCALE_2D, _NO_SCALE_2D
+        k, v = keys.view(torch.int16), values.view(torch.int16)
+    else:
+        raise ValueError(f"decode_attention reads int8 or bfloat16 keys and values, not {keys.dtype}")
+    k_np, v_np = _np(k), _np(v)
+    if keys.dtype == torch.bfloat16:
+        k_np, v_np = k_np.view("uint16"), v_np.view("uint16")
+    else:
+        ks, vs = _np(ks), _np(vs)
+    _run(name, keys.shape[0], 2 * length * keys.shape[0] * dim, _np(query.contiguous()), k_np, ks, v_np, vs,
+         _np(bias), length, float(scaling), _np(out))
+    return out
+
+
+_NO_SCALE_2D = torch.empty(0, 0).numpy()  # decode_attention's bfloat16 kernel: unscaled

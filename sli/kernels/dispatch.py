@@ -77,10 +77,10 @@ def simd_helpers():
 
 def _build(h) -> dict:
     """Compile (or load from the on-disk cache) the kernels over helpers ``h``; called once, lazily."""
-    from . import activations, four_bit, int4, unpacked
+    from . import activations, attention, four_bit, int4, unpacked
 
     kernels = {}
-    for module in (four_bit, unpacked, activations, int4):
+    for module in (four_bit, unpacked, activations, int4, attention):
         kernels.update(module.build(h))
     return kernels
 
