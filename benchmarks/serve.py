@@ -61,7 +61,13 @@ def child(args) -> None:
                                       device="cpu", memory_budget_gb=args.budget_gb,
                                       max_context_tokens=args.max_context)
     processor.prewarm(progress=False)
-    info = {"baseline_rss_mb": round(baseline_mb, 1), "plan": processor.plan.describe(),
+    before_tokenizer = rss_mb()
+    try:
+        processor.tokenizer()  # what the server loads first: counted apart from the model's budget
+    except Exception:  # a random model has none
+        pass
+    info = {"baseline_rss_mb": round(baseline_mb, 1), "tokenizer_rss_mb": round(rss_mb() - before_tokenizer, 1),
+            "plan": processor.plan.describe(),
             "resident_layers": len(processor.plan.resident_layers),
             "num_layers": processor.layout.num_layers, "kv_bytes_per_token": processor.kv_bytes(1)}
     print("READY " + json.dumps(info), flush=True)
@@ -185,7 +191,10 @@ def chat_part(args) -> dict:
                 "peak_kv_mb": round(stats["peak_kv_bytes"] / 1e6, 2),
                 "kv_budget_mb": round(stats["kv_budget_bytes"] / 1e6, 2),
                 "peak_rss_serving_mb": round(server.peak_rss_mb(), 1),
-                "baseline_rss_mb": server.info["baseline_rss_mb"]}
+                "baseline_rss_mb": server.info["baseline_rss_mb"], "tokenizer_rss_mb": server.info["tokenizer_rss_mb"],
+                "peak_above_runtime_mb": round(server.peak_rss_mb() - server.info["baseline_rss_mb"]
+                                               - server.info["tokenizer_rss_mb"], 1),
+                "budget_mb": round(args.budget_gb * 1024, 1), "kv_budget_mib": round(stats["kv_budget_bytes"] / 2**20, 1)}
     finally:
         server.stop()
 

@@ -121,11 +121,12 @@ def test_int8_dynamic_takes_integer_products_exactly():
     assert _rel_err(on_grid, as_float) < 1e-5
 
 
-@pytest.mark.parametrize("mode, rows, in_features", [("int8", 16, 1024), ("int8", 40, 1024), ("int8", 40, 200),
-                                                      ("int8_dynamic", 16, 576), ("int8_dynamic", 100, 576)])
+@pytest.mark.parametrize("mode, rows, in_features", [("int8", 17, 1024), ("int8", 40, 1024), ("int8", 40, 200),
+                                                      ("int8_dynamic", 17, 576), ("int8_dynamic", 100, 576)])
 def test_int8_on_the_matrix_units_takes_the_int8_kernels_values(mode, rows, in_features, monkeypatch):
-    # SLI_INT8_MATMUL=torch (the default on AMX): from INT8_MATRIX_ROWS rows on, also for a
-    # prompt's many rows, INT8 weights meet the same int8 activations in torch._int_mm (oneDNN)
+    # SLI_INT8_MATMUL=torch (the default on AMX): from INT8_MATRIX_ROWS rows on (past a decode
+    # batch's 16), also for a prompt's many rows, INT8 weights meet the same int8 activations in
+    # torch._int_mm (oneDNN)
     monkeypatch.setenv("SLI_INT8_MATMUL", "torch")
     assert kernels.int8_matrix_rows() == kernels.matrix_units_module.INT8_MATRIX_ROWS <= rows
     codec = codec_for(mode)
@@ -148,6 +149,9 @@ def test_int8_on_the_matrix_units_takes_the_int8_kernels_values(mode, rows, in_f
     assert kernels.int8_matrix_rows() == 0
     calls.clear()
     linear(q, x[:kernels.FUSED_MAX_TOKENS], bias)
+    assert calls == []
+    monkeypatch.setenv("SLI_INT8_MATMUL", "torch")
+    linear(q, x[:kernels.FUSED_MAX_TOKENS], bias)  # a decode batch stays in sli's kernels
     assert calls == []
 
 
@@ -191,10 +195,25 @@ def test_the_cpu_s_matrix_units_choose_the_prompt_dtype(monkeypatch, caplog):
                         "SLI_INT8_MATMUL=onednn is not one of torch, numba; choosing by the CPU"]
 
 
-def test_one_row_and_sli_float_activations_keep_float_activations(monkeypatch):
-    assert not kernels.int8_activations(1)
+def test_sli_float_activations_keeps_float_activations(monkeypatch):
+    assert kernels.int8_activations(1) == (kernels.simd_path() != "plain")
     monkeypatch.setenv("SLI_FLOAT_ACTIVATIONS", "1")
-    assert not kernels.int8_activations(kernels.FUSED_MAX_TOKENS)
+    assert not kernels.int8_activations(1) and not kernels.int8_activations(kernels.FUSED_MAX_TOKENS)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8_dynamic", "int4"])
+def test_a_row_gets_the_same_values_alone_and_in_a_batch(mode, monkeypatch):
+    # A server's decode batch gives each sequence the tokens it gets alone: integer products.
+    # (Float activations, NF4/FP4/FP8/NONE, sum in 4, 2 or 1 chains by pass size: the last bit differs.)
+    monkeypatch.delenv("SLI_INT8_MATMUL", raising=False)  # the CPU's own choice (AMX tiles where present)
+    codec = codec_for(mode)
+    g = torch.Generator().manual_seed(1)
+    q = codec.prepare(codec.quantize((torch.randn(96, 1024, generator=g) * 0.02).to(torch.bfloat16),
+                                     QuantizationConfig(mode=mode)))
+    batch = codec.prepare_input(torch.randn(kernels.FUSED_MAX_TOKENS, 1024, generator=g))
+    together = linear(q, batch, None)
+    for rows in (1, 3, 8):
+        assert torch.equal(linear(q, batch[:rows], None), together[:rows]), rows
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -366,7 +385,7 @@ for mode in ("none", "int8", "int8_dynamic", "nf4", "fp4", "int4", "fp8"):
             if y is None:
                 assert shape[1] % 64 and mode in ("nf4", "fp4"), (mode, shape)
                 continue
-            assert kernels.int8_activations(rows) == (rows > 1 and sys.argv[1] != "plain")
+            assert kernels.int8_activations(rows) == (sys.argv[1] != "plain")
             ref = _expected(codec, q, x)
             err = float((y - ref).abs().max() / ref.abs().max())
             assert err < 1e-5, (mode, shape, rows, err)

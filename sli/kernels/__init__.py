@@ -61,10 +61,11 @@ RUNTIME_BYTES = settings.DEFAULT_SETTINGS["kernel_runtime_bytes"]
 
 # From this many activation rows on, INT8 and INT4 weights meet int8 activations (one scale
 # a row, its KEEP_FLOAT largest |x| in float) in integer dot products, on a SIMD level: ~2x
-# the float kernels at 16 rows (docs/benchmarks.md). One row stays float: it is bound by
-# memory, not arithmetic, so int8 would cost accuracy for nothing. SLI_FLOAT_ACTIVATIONS=1
-# keeps every product float.
-INT8_ACTIVATION_ROWS = 2
+# the float kernels at 16 rows (docs/benchmarks.md). One row too: a row's values then do not
+# depend on how many rows share its pass (a server's batch gives each sequence the tokens it
+# gets alone; with float single rows 4 of 16 SmolLM2 chat answers differed from the lone ones),
+# and one row is no slower (14% faster for INT8). SLI_FLOAT_ACTIVATIONS=1 keeps every product float.
+INT8_ACTIVATION_ROWS = 1
 KEEP_FLOAT = 4  # = INT8_DYNAMIC's outliers per token
 
 # NF4/FP4 can meet int8 activations too, their 16 levels as int8 (round(127 * code), llama.cpp

@@ -63,8 +63,9 @@ def prompt_dtype() -> torch.dtype:
 # in ``torch._int_mm`` (oneDNN's int8 tiles) instead of sli's kernels: even with them at 16
 # rows, 5x them (and 5x the float32 prompt path) at 24-32, 1.3-2x at 64-512 with random
 # activations, whose kept values fall in many columns (docs/benchmarks.md); below 16 rows,
-# sli's kernels are faster.
-INT8_MATRIX_ROWS = 16
+# sli's kernels are faster. A decode batch (up to 16 rows, FUSED_MAX_TOKENS) stays in sli's
+# kernels, where each row's values are those it gets alone; oneDNN's float epilogue is not.
+INT8_MATRIX_ROWS = 17
 
 
 def int8_matrix_rows() -> int:
