@@ -201,10 +201,11 @@ def test_sli_float_activations_keeps_float_activations(monkeypatch):
     assert not kernels.int8_activations(1) and not kernels.int8_activations(kernels.FUSED_MAX_TOKENS)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int8_dynamic", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int8_dynamic", "int4", "none"])
 def test_a_row_gets_the_same_values_alone_and_in_a_batch(mode, monkeypatch):
-    # A server's decode batch gives each sequence the tokens it gets alone: integer products.
-    # (Float activations, NF4/FP4/FP8/NONE, sum in 4, 2 or 1 chains by pass size: the last bit differs.)
+    # A server's decode batch gives each sequence the tokens it gets alone: integer products,
+    # and bfloat16 (NONE, the unquantized head) one row a pass. (NF4/FP4/FP8 sum a pass of 1, 2
+    # or more rows in 4, 2 or 1 chains: the last bit differs.)
     monkeypatch.delenv("SLI_INT8_MATMUL", raising=False)  # the CPU's own choice (AMX tiles where present)
     codec = codec_for(mode)
     g = torch.Generator().manual_seed(1)

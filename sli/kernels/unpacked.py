@@ -38,7 +38,7 @@ def build(h) -> dict:
     dot8q = h.dot8q
     most = h.max_rows  # activation rows a helper multiplies in one pass
 
-    def widening_kernel(dot, value, scaled):
+    def widening_kernel(dot, value, scaled, at_once):
         @KERNEL
         def matmul(q, scale, x, y, start, stop):
             # q: [out*in] values; y = (x @ value(q)^T) * scale (no scale where not scaled: bfloat16)
@@ -47,8 +47,8 @@ def build(h) -> dict:
             xflat = x.reshape(x.size)
             acc = np.empty(most, np.float32)
             for o in range(start, stop):
-                for t in range(0, rows, most):
-                    k = min(most, rows - t)
+                for t in range(0, rows, at_once):
+                    k = min(at_once, rows - t)
                     dot(q, o * cols, xflat, t * cols, whole, cols, k, acc)
                     for i in range(k):
                         s = acc[i]
@@ -106,7 +106,11 @@ def build(h) -> dict:
                     s += decoded[j] * x[t, j]
                 y[t, o] = s * scale[o]
 
-    return {"matmul_int8": widening_kernel(h.dot8, _int8_value, True),
-            "matmul_fp8": widening_kernel(h.dotfp8, _fp8_value, True),
-            "matmul_bf16": widening_kernel(h.dotbf16, _bf16_value, False),  # its wrapper passes no scale
+    # bfloat16 (NONE, and the unquantized head) meets one row a pass: a helper sums a pass of 1,
+    # 2 or more rows in 4, 2 or 1 chains, and the head's last bit must not depend on the batch
+    # (a server's greedy tokens equal a lone request's); its widening is a shift, so passes of
+    # one row cost little more
+    return {"matmul_int8": widening_kernel(h.dot8, _int8_value, True, most),
+            "matmul_fp8": widening_kernel(h.dotfp8, _fp8_value, True, most),
+            "matmul_bf16": widening_kernel(h.dotbf16, _bf16_value, False, 1),  # its wrapper passes no scale
             "matmul_int8q": matmul_int8q, "matmul_int8x": matmul_int8x, "matmul_lut8": matmul_lut8}
