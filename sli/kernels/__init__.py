@@ -254,10 +254,7 @@ def matmul_int8(x: Tensor, q: Tensor, scale: Tensor, bias: Optional[Tensor] = No
         xq, xs, _, _, oidx, oval = quantize_rows(rows, q.shape[1], min(KEEP_FLOAT, q.shape[1] - 1))
         return _finish(int_mm_int8(xq.view(rows.shape), xs, oidx, oval, q, scale), x, q.shape[0], bias)
     y = _out(rows, q.shape[0])
-    if activations == "int8" and q.shape[1] % 64 == 0 and rows.shape[0] == 1:  # a token: one call
-        _run("matmul_int8x", q.shape[0], q.numel() // 4, _np(_flat(q)), _np(scale), _np(rows),
-             min(KEEP_FLOAT, q.shape[1] - 1), _np(y))
-    elif activations == "int8" and q.shape[1] % 64 == 0:
+    if activations == "int8" and q.shape[1] % 64 == 0:
         xq, xs, corr, _, oidx, oval = quantize_rows(rows, q.shape[1], min(KEEP_FLOAT, q.shape[1] - 1))
         _run("matmul_int8q", q.shape[0], q.numel() * rows.shape[0] // 4, _np(_flat(q)), _np(scale), _np(xq), _np(xs),
              _np(corr), _np(oidx), _np(oval), q.shape[1], _np(y))

@@ -79,7 +79,6 @@ def kept_nibbles(oidx, blocksize):
 
 
 stable_id(kept_nibbles, "activations.kept_nibbles")  # the 4-bit kernels hold it in their closures
-stable_id(quantize_rows, "activations.quantize_rows")  # so does matmul_int8x
 
 
 def build(h) -> dict:

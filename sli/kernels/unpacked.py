@@ -33,8 +33,6 @@ for _f in (_int8_value, _fp8_value, _bf16_value):
 
 def build(h) -> dict:
     """The kernels by name, over helpers ``h`` (one SIMD level's or the plain ones)."""
-    from .activations import quantize_rows
-
     dot8q = h.dot8q
     most = h.max_rows  # activation rows a helper multiplies in one pass
 
@@ -75,23 +73,6 @@ def build(h) -> dict:
                         s += np.float32(q[o * cols + oidx[t + i, m]]) * oval[t + i, m]
                     y[t + i, o] = s * scale[o]
 
-    stable_id(matmul_int8q, f"unpacked.matmul_int8q.{h.level}")  # matmul_int8x holds it in its closure
-
-    @KERNEL
-    def matmul_int8x(q, scale, x, keep, y, start, stop):
-        # matmul_int8q on x's rows quantized here (quantize_rows, one block a row): a token's
-        # product in one call. Each thread quantizes the row itself: the same values, and
-        # cheaper than the separate call's allocations (~40 us a token a linear in Python)
-        rows, cols = x.shape
-        xq = np.empty(rows * cols, np.int8)
-        xs = np.empty(rows, np.float32)
-        corr = np.empty(rows, np.float32)
-        bsum = np.empty(rows, np.float32)
-        oidx = np.empty((rows, keep), np.int64)
-        oval = np.empty((rows, keep), np.float32)
-        quantize_rows(x, cols, cols, xq, xs, corr, bsum, oidx, oval)
-        matmul_int8q(q, scale, xq, xs, corr, oidx, oval, cols, y, start, stop)
-
     @KERNEL
     def matmul_lut8(q, lut, scale, x, y, start, stop):
         # q: uint8 codes [out, in] (float8 bytes), lut: fp32 [256]; y = (x @ lut[q]^T) * scale
@@ -113,4 +94,4 @@ def build(h) -> dict:
     return {"matmul_int8": widening_kernel(h.dot8, _int8_value, True, most),
             "matmul_fp8": widening_kernel(h.dotfp8, _fp8_value, True, most),
             "matmul_bf16": widening_kernel(h.dotbf16, _bf16_value, False, 1),  # its wrapper passes no scale
-            "matmul_int8q": matmul_int8q, "matmul_int8x": matmul_int8x, "matmul_lut8": matmul_lut8}
+            "matmul_int8q": matmul_int8q, "matmul_lut8": matmul_lut8}
