@@ -141,6 +141,12 @@ class KVRead:
     parts: List[Tuple[torch.Tensor, Optional[torch.Tensor], int]]
     releases: List[Callable[[], None]] = field(default_factory=list)
 
+    @classmethod
+    def joined(cls, rows) -> "KVRead":
+        """One batch of ``rows``: each a :class:`KVRead` or a float tensor ``[1, H, L, D]``."""
+        reads = [r if isinstance(r, KVRead) else cls([(r, None, r.shape[2])]) for r in rows]
+        return cls([p for r in reads for p in r.parts], [f for r in reads for f in r.releases])
+
     @property
     def dtype(self) -> torch.dtype:
         return self.parts[0][0].dtype
@@ -163,15 +169,6 @@ class KVRead:
     def release(self) -> None:
         for release in self.releases:
             release()
-
-
-def _dense(states, dtype: torch.dtype) -> torch.Tensor:
-    """``states`` as a float tensor: itself, or a :class:`KVRead` read out (and released)."""
-    if not isinstance(states, KVRead):
-        return states
-    dense = states.dense(dtype)
-    states.release()
-    return dense
 
 
 def _read(data: torch.Tensor, scale: Optional[torch.Tensor], length: int, dtype: torch.dtype) -> torch.Tensor:
@@ -320,17 +317,13 @@ def _stacked_layer_class():
                 k, v = row.update(key_states[index:index + 1], value_states[index:index + 1], *args, **kwargs)
                 keys.append(k)
                 values.append(v)
-            if all(isinstance(k, KVRead) for k in keys):  # sli's attention reads each row in place
-                return (KVRead([p for k in keys for p in k.parts], [r for k in keys for r in k.releases]),
-                        KVRead([p for v in values for p in v.parts]))
-            keys = [_dense(k, key_states.dtype) for k in keys]
-            values = [_dense(v, value_states.dtype) for v in values]
-            longest = max(k.shape[2] for k in keys)
-
-            def stack(parts):
-                return torch.cat([torch.nn.functional.pad(t, (0, 0, longest - t.shape[2], 0)) for t in parts])
-
-            return stack(keys), stack(values)
+            packed = all(isinstance(k, KVRead) for k in keys)
+            keys, values = KVRead.joined(keys), KVRead.joined(values)
+            if packed:  # sli's attention reads each row in place
+                return keys, values
+            dense = keys.dense(key_states.dtype), values.dense(value_states.dtype)
+            keys.release()
+            return dense
 
         def get_seq_length(self) -> int:
             return max(row.get_seq_length() for row in self.rows)

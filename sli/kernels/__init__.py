@@ -119,6 +119,11 @@ def _np(t: Tensor):
     return t.detach().numpy()
 
 
+def _bf16_bits(t: Tensor):
+    """A bfloat16 tensor's bits as a uint16 array (numpy has no bfloat16; the kernels widen them)."""
+    return _np(t.view(torch.int16)).view("uint16")
+
+
 def _out(rows: Tensor, out_features: int) -> Tensor:
     return torch.empty(rows.shape[0], out_features, dtype=torch.float32)
 
@@ -324,8 +329,8 @@ def matmul_bf16(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Ten
     """``x @ weight^T (+ bias)`` in float32 for a bfloat16 weight, without converting it first."""
     rows = _rows(x, weight.shape[1])
     y = _out(rows, weight.shape[0])
-    _run("matmul_bf16", weight.shape[0], weight.numel() * rows.shape[0],
-         _np(_flat(weight).view(torch.int16)).view("uint16"), _NO_SCALE, _np(rows), _np(y))
+    _run("matmul_bf16", weight.shape[0], weight.numel() * rows.shape[0], _bf16_bits(_flat(weight)), _NO_SCALE,
+         _np(rows), _np(y))
     return _finish(y, x, weight.shape[0], bias)
 
 
@@ -341,19 +346,13 @@ def decode_attention(query: Tensor, keys: Tensor, key_scale: Optional[Tensor], v
     heads, dim = query.shape
     out = torch.empty(heads, dim, dtype=torch.float32)
     if keys.dtype == torch.int8:
-        name, k, v, ks, vs = "decode_attention_int8", keys, values, key_scale, value_scale
+        name, stored = "decode_attention_int8", (_np(keys), _np(key_scale), _np(values), _np(value_scale))
     elif keys.dtype == torch.bfloat16:
-        name, ks, vs = "decode_attention_bf16", _NO_SCALE_2D, _NO_SCALE_2D
-        k, v = keys.view(torch.int16), values.view(torch.int16)
+        name, stored = "decode_attention_bf16", (_bf16_bits(keys), _NO_SCALE_2D, _bf16_bits(values), _NO_SCALE_2D)
     else:
         raise ValueError(f"decode_attention reads int8 or bfloat16 keys and values, not {keys.dtype}")
-    k_np, v_np = _np(k), _np(v)
-    if keys.dtype == torch.bfloat16:
-        k_np, v_np = k_np.view("uint16"), v_np.view("uint16")
-    else:
-        ks, vs = _np(ks), _np(vs)
-    _run(name, keys.shape[0], 2 * length * keys.shape[0] * dim, _np(query.contiguous()), k_np, ks, v_np, vs,
-         _np(bias), length, float(scaling), _np(out))
+    _run(name, keys.shape[0], 2 * length * keys.shape[0] * dim, _np(query.contiguous()), *stored, _np(bias), length,
+         float(scaling), _np(out))
     return out
 
 
