@@ -67,13 +67,14 @@ def write_durably(full_path: str, reader) -> int:
     directory = os.path.dirname(full_path)
     tmp_path = f"{full_path}.{os.getpid()}.{threading.get_ident()}.tmp"
     for attempt in range(10):
-        os.makedirs(directory, exist_ok=True)
         try:
+            os.makedirs(directory, exist_ok=True)
             writer = open(tmp_path, "wb")
             break
         except FileNotFoundError:
             # Tolerated race, as in diskcache's own writer: another process's Disk.remove
-            # pruned the (empty) sub-directory between makedirs and open.
+            # pruned an (empty) sub-directory between makedirs's two mkdirs, or between
+            # makedirs and open.
             if attempt == 9:
                 raise
     try:

@@ -1,4 +1,5 @@
 """The diskcache adapter: durable writes, exact LRU order, the supported version range."""
+import io
 import os
 import time
 from unittest import mock
@@ -29,6 +30,24 @@ def test_a_put_writes_a_temporary_file_fsyncs_it_then_renames_it(tmp_path):
             assert torch.equal(store.get("m", 0, "none").tensors["w"], entry(1.0).tensors["w"])
     assert calls == ["fsync", ("rename", True, True)]
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_write_survives_another_process_pruning_its_directory_mid_makedirs(tmp_path):
+    # Another process's eviction may remove an empty sub-directory between makedirs's own
+    # two mkdirs (seen in CI with four processes on one cache): the write tries again.
+    real_makedirs, calls = os.makedirs, []
+
+    def pruned_once(path, exist_ok=False):
+        calls.append(path)
+        if len(calls) == 1:
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return real_makedirs(path, exist_ok=exist_ok)
+
+    target = tmp_path / "39" / "01" / "entry.val"
+    with mock.patch("sli.cache_disk.os.makedirs", side_effect=pruned_once):
+        written = cache_disk.write_durably(str(target), io.BytesIO(b"payload"))
+    assert written == 7 and target.read_bytes() == b"payload"
+    assert calls.count(str(target.parent)) == 2  # refused once, then made
 
 
 def test_least_recently_used_follows_access_not_insertion(tmp_path):
