@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -116,7 +117,7 @@ def _rows(x: Tensor, in_features: int) -> Tensor:
 
 
 def _np(t: Tensor):
-    return t.detach().numpy()
+    return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
 def _bf16_bits(t: Tensor):
@@ -124,11 +125,15 @@ def _bf16_bits(t: Tensor):
     return _np(t.view(torch.int16)).view("uint16")
 
 
-def _out(rows: Tensor, out_features: int) -> Tensor:
-    return torch.empty(rows.shape[0], out_features, dtype=torch.float32)
+def _out(rows: Tensor, out_features: int) -> np.ndarray:
+    # numpy's allocations and views cost ~0.3 us a call, torch's ~2: on a small model's
+    # decode (~210 products a token) the wrappers' own cost was most of a product's time
+    return np.empty((rows.shape[0], out_features), np.float32)
 
 
-def _finish(y: Tensor, x: Tensor, out_features: int, bias: Optional[Tensor]) -> Tensor:
+def _finish(y: "np.ndarray | Tensor", x: Tensor, out_features: int, bias: Optional[Tensor]) -> Tensor:
+    if isinstance(y, np.ndarray):
+        y = torch.from_numpy(y)
     if bias is not None:
         y += bias
     return y.view(*x.shape[:-1], out_features)
@@ -160,16 +165,26 @@ def quantize_rows(rows: Tensor, xblock: int, keep: int = 0, sumblock: Optional[i
     """``rows`` (float32 ``[T, in]``) as int8 blocks of ``xblock`` values with a float scale
     each, the ``keep`` largest |x| of each row kept in float: ``(xq, xs, corr, bsum, oidx, oval)``
     (``bsum``: the sum of ``xq`` a block of ``sumblock`` values)."""
+    return tuple(torch.from_numpy(a) for a in _quantized(_np(rows), xblock, keep, sumblock))
+
+
+def _quantized(rows: np.ndarray, xblock: int, keep: int = 0, sumblock: Optional[int] = None):
+    """:func:`quantize_rows` on and to numpy arrays (what the kernels take)."""
     t, n = rows.shape
     sumblock = sumblock or n
-    xq = torch.empty(t * n, dtype=torch.int8)
-    xs = torch.empty(t * (n // xblock), dtype=torch.float32)
-    corr = torch.empty(t, dtype=torch.float32)
-    bsum = torch.empty(t * (n // sumblock), dtype=torch.float32)
-    oidx = torch.empty(t, keep, dtype=torch.int64)
-    oval = torch.empty(t, keep, dtype=torch.float32)
-    _table()["quantize_rows"](_np(rows), xblock, sumblock, _np(xq), _np(xs), _np(corr), _np(bsum), _np(oidx), _np(oval))
+    xq = np.empty(t * n, np.int8)
+    xs = np.empty(t * (n // xblock), np.float32)
+    corr = np.empty(t, np.float32)
+    bsum = np.empty(t * (n // sumblock), np.float32)
+    oidx = np.empty((t, keep), np.int64)
+    oval = np.empty((t, keep), np.float32)
+    _table()["quantize_rows"](rows, xblock, sumblock, xq, xs, corr, bsum, oidx, oval)
     return xq, xs, corr, bsum, oidx, oval
+
+
+def _q4_order(xq: np.ndarray, t: int, n: int, half: int = 64) -> np.ndarray:
+    """:func:`q4_order` of int8 rows ``xq`` (``[T * n]``) in numpy, flat."""
+    return np.ascontiguousarray(xq.reshape(t, n // (2 * half), half, 2).transpose(0, 1, 3, 2)).reshape(-1)
 
 
 def _levels(code: Tensor) -> Tensor:
@@ -182,8 +197,9 @@ def _int8_4bit(x: Tensor, blocksize: int):
     if not (INT8_LEVELS_ROWS and rows.shape[0] >= INT8_LEVELS_ROWS and int8_activations(rows.shape[0])
             and blocksize % 64 == 0):
         return None
-    xq, xs, _, bsum, oidx, oval = quantize_rows(rows, rows.shape[1], min(KEEP_FLOAT, rows.shape[1] - 1), blocksize)
-    return rows, q4_order(xq.view(rows.shape), 32).view(-1), xs, bsum, oidx, oval
+    t, n = rows.shape
+    xq, xs, _, bsum, oidx, oval = _quantized(_np(rows), n, min(KEEP_FLOAT, n - 1), blocksize)
+    return rows, _q4_order(xq, t, n, 32), xs, bsum, oidx, oval
 
 
 def _matmul_4bit(x: Tensor, packed: Tensor, code: Tensor, blocksize: int, out_features: int, bias: Optional[Tensor],
@@ -196,13 +212,12 @@ def _matmul_4bit(x: Tensor, packed: Tensor, code: Tensor, blocksize: int, out_fe
         rows, xq, xs, bsum, oidx, oval = quantized
         y = _out(rows, out_features)
         _run(f"matmul_4bitq{kind}", out_features, out_features * x.shape[-1] * rows.shape[0] // 4, _np(_flat(packed)),
-             *maxima, _np(_levels(code)), _np(code), _np(xq), _np(bsum), _np(xs), _np(oidx), _np(oval), blocksize,
-             _np(y))
+             *maxima, _np(_levels(code)), _np(code), xq, bsum, xs, oidx, oval, blocksize, y)
         return _finish(y, x, out_features, bias)
     rows = lut4_order(_rows(x, x.shape[-1]))
     y = _out(rows, out_features)
     _run(f"matmul_4bit{kind}", out_features, out_features * x.shape[-1] * rows.shape[0], _np(_flat(packed)), *maxima,
-         _np(code), _np(rows), _np(y), blocksize)
+         _np(code), _np(rows), y, blocksize)
     return _finish(y, x, out_features, bias)
 
 
@@ -260,11 +275,11 @@ def matmul_int8(x: Tensor, q: Tensor, scale: Tensor, bias: Optional[Tensor] = No
         return _finish(int_mm_int8(xq.view(rows.shape), xs, oidx, oval, q, scale), x, q.shape[0], bias)
     y = _out(rows, q.shape[0])
     if activations == "int8" and q.shape[1] % 64 == 0:
-        xq, xs, corr, _, oidx, oval = quantize_rows(rows, q.shape[1], min(KEEP_FLOAT, q.shape[1] - 1))
-        _run("matmul_int8q", q.shape[0], q.numel() * rows.shape[0] // 4, _np(_flat(q)), _np(scale), _np(xq), _np(xs),
-             _np(corr), _np(oidx), _np(oval), q.shape[1], _np(y))
+        xq, xs, corr, _, oidx, oval = _quantized(_np(rows), q.shape[1], min(KEEP_FLOAT, q.shape[1] - 1))
+        _run("matmul_int8q", q.shape[0], q.numel() * rows.shape[0] // 4, _np(_flat(q)), _np(scale), xq, xs, corr, oidx,
+             oval, q.shape[1], y)
     else:
-        _run("matmul_int8", q.shape[0], q.numel() * rows.shape[0], _np(_flat(q)), _np(scale), _np(rows), _np(y))
+        _run("matmul_int8", q.shape[0], q.numel() * rows.shape[0], _np(_flat(q)), _np(scale), _np(rows), y)
     return _finish(y, x, q.shape[0], bias)
 
 
@@ -288,18 +303,17 @@ def matmul_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group:
     y = _out(rows, packed.shape[0])
     if group % 64:
         _run("matmul_int4_any", packed.shape[0], packed.numel() * 2 * rows.shape[0], _np(_flat(packed)),
-             _np(_flat(scales)), _np(_flat(zeros)), _np(rows), _np(y), group)
+             _np(_flat(scales)), _np(_flat(zeros)), _np(rows), y, group)
         return _finish(y, x, packed.shape[0], bias)
     if activations == "auto":
         activations = "int8" if int8_activations(rows.shape[0]) else "float"
     if activations == "int8" and group % 128 == 0:
-        xq, xs, _, gsum, oidx, oval = quantize_rows(rows, padded, min(KEEP_FLOAT, in_features - 1), group)
+        xq, xs, _, gsum, oidx, oval = _quantized(_np(rows), padded, min(KEEP_FLOAT, in_features - 1), group)
         _run("matmul_int4q", packed.shape[0], packed.numel() * 2 * rows.shape[0] // 4, _np(_flat(packed)),
-             _np(_flat(scales)), _np(_flat(zeros)), _np(q4_order(xq.view(rows.shape)).view(-1)), _np(xs), _np(gsum),
-             _np(oidx), _np(oval), group, _np(y))
+             _np(_flat(scales)), _np(_flat(zeros)), _q4_order(xq, rows.shape[0], padded), xs, gsum, oidx, oval, group, y)
     else:
         _run("matmul_int4", packed.shape[0], packed.numel() * 2 * rows.shape[0], _np(_flat(packed)),
-             _np(_flat(scales)), _np(_flat(zeros)), _np(lut4_order(rows)), _np(y), group)
+             _np(_flat(scales)), _np(_flat(zeros)), _np(lut4_order(rows)), y, group)
     return _finish(y, x, packed.shape[0], bias)
 
 
@@ -308,7 +322,7 @@ def matmul_lut8(x: Tensor, q: Tensor, lut: Tensor, scale: Tensor, bias: Optional
     rows = _rows(x, q.shape[1])
     y = _out(rows, q.shape[0])
     _run("matmul_lut8", q.shape[0], q.numel() * rows.shape[0], _np(q.view(torch.uint8)), _np(lut), _np(scale),
-         _np(rows), _np(y))
+         _np(rows), y)
     return _finish(y, x, q.shape[0], bias)
 
 
@@ -318,7 +332,7 @@ def matmul_fp8(x: Tensor, q: Tensor, scale: Tensor, bias: Optional[Tensor] = Non
     rows = _rows(x, q.shape[1])
     y = _out(rows, q.shape[0])
     _run("matmul_fp8", q.shape[0], q.numel() * rows.shape[0], _np(_flat(q).view(torch.uint8)), _np(scale), _np(rows),
-         _np(y))
+         y)
     return _finish(y, x, q.shape[0], bias)
 
 
@@ -330,7 +344,7 @@ def matmul_bf16(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Ten
     rows = _rows(x, weight.shape[1])
     y = _out(rows, weight.shape[0])
     _run("matmul_bf16", weight.shape[0], weight.numel() * rows.shape[0], _bf16_bits(_flat(weight)), _NO_SCALE,
-         _np(rows), _np(y))
+         _np(rows), y)
     return _finish(y, x, weight.shape[0], bias)
 
 
