@@ -225,6 +225,32 @@ def test_one_line_helpers():
     assert restored.weight.dtype == torch.bfloat16
 
 
+def test_a_linear_multiplies_by_the_weight_it_holds_now():
+    # qweight's view of the buffers is built once per load: load, unload, .to() and
+    # load_state_dict must each drop it, or the module would multiply by a stale weight.
+    from sli.quantization import codec_for
+    codec, config = codec_for("int8"), QuantizationConfig(mode="int8")
+    first, second = torch.randn(64, 128), torch.randn(64, 128)
+    module = QuantizedLinear.from_quantized(codec.quantize(first, config), None, torch.float32)
+    x = torch.randn(2, 128)
+
+    def close(y, reference):  # int8 error: ~1% of the largest output here
+        return (y - reference).abs().max() < 0.05 * reference.abs().max()
+
+    assert close(module(x), x @ first.t())
+    module.load(codec.quantize(second, config))
+    assert close(module(x), x @ second.t())
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    state["weight"].neg_()  # -W, through load_state_dict
+    module.load_state_dict(state, assign=True)  # new tensors, as the layer runner loads
+    assert close(module(x), -(x @ second.t()))
+    module.to(torch.device("meta"))
+    assert module.qweight.tensors["weight"].device.type == "meta"
+    module.unload()
+    with pytest.raises(RuntimeError, match="no weight loaded"):
+        module(x)
+
+
 def test_a_second_codec_for_a_mode_is_refused():
     from sli.quantization import Codec, codec_for
 

@@ -9,6 +9,7 @@ for the plain one. numba is imported only when the kernels are first built.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import os
@@ -31,7 +32,12 @@ _helpers = None
 
 def kernels_enabled() -> bool:
     """Whether the numba kernels can be used (numba installed and not turned off)."""
-    return not settings.flag("SLI_NO_NUMBA") and importlib.util.find_spec("numba") is not None
+    return not settings.flag("SLI_NO_NUMBA") and _numba_installed()
+
+
+@functools.lru_cache(maxsize=None)
+def _numba_installed() -> bool:
+    return importlib.util.find_spec("numba") is not None
 
 
 def requested_level() -> str:

@@ -63,6 +63,7 @@ class QuantizedLinear(nn.Module):
         self.scratch = scratch
         self.metadata: Dict[str, object] = {}
         self._names: List[str] = []
+        self._held: Optional[QuantizedTensor] = None  # qweight's view of the buffers, built once
         self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device="meta"),
                                  requires_grad=False) if bias else None
         if qweight is not None:
@@ -91,6 +92,15 @@ class QuantizedLinear(nn.Module):
         for name in self._names:
             delattr(self, name.replace(".", "__"))
         self._names = []
+        self._held = None
+
+    def _apply(self, fn, recurse=True):  # .to(), .float(), ...: new buffers, a new view
+        self._held = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._held = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
     @property
     def loaded(self) -> bool:
@@ -98,9 +108,16 @@ class QuantizedLinear(nn.Module):
 
     @property
     def qweight(self) -> QuantizedTensor:
-        if not self._names:
-            raise RuntimeError("this QuantizedLinear has no weight loaded (a streamed layer runs only once fetched)")
-        return QuantizedTensor({name: getattr(self, name.replace(".", "__")) for name in self._names}, self.metadata)
+        # Built once per load: a small model's decode calls it ~200 times a token. Buffers
+        # change only through load/unload, _apply and load_state_dict, which drop it.
+        held = self._held
+        if held is None:
+            if not self._names:
+                raise RuntimeError("this QuantizedLinear has no weight loaded (a streamed layer runs only once fetched)")
+            buffers = self._buffers
+            held = self._held = QuantizedTensor({name: buffers[name.replace(".", "__")] for name in self._names},
+                                                self.metadata)
+        return held
 
     @property
     def codec(self):

@@ -20,7 +20,7 @@ from torch import Tensor
 from ..config import ModeSpec, QuantizationConfig, QuantizationMode, dtype_name, register_mode
 from ..formats import QuantizedTensor
 
-_REGISTRY: Dict[QuantizationMode, "Codec"] = {}
+_REGISTRY: Dict["QuantizationMode | str", "Codec"] = {}  # by mode and by its value
 
 
 class Codec:
@@ -43,7 +43,7 @@ class Codec:
         register_mode(ModeSpec(cls.mode, tuple(cls.byte_fields), cls.upgrade, dict(cls.preset),
                                (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
                                tuple(cls.methods)))
-        _REGISTRY[cls.mode] = cls()
+        _REGISTRY[cls.mode] = _REGISTRY[cls.mode.value] = cls()  # by value too: see codec_for
 
     def quantize(self, weight: Tensor, config: QuantizationConfig) -> QuantizedTensor:
         raise NotImplementedError
@@ -98,7 +98,8 @@ class Codec:
 
 def codec_for(mode: "QuantizationMode | str") -> Codec:
     """The registered codec of ``mode``."""
-    return _REGISTRY[QuantizationMode(mode)]
+    codec = _REGISTRY.get(mode)  # the mode or its value (a metadata string), without the enum's lookup
+    return codec if codec is not None else _REGISTRY[QuantizationMode(mode)]
 
 
 def check_float(weight: Tensor) -> None:
