@@ -27,15 +27,17 @@ def _rel_err(y, ref):
 
 def _int8_reference(codec, q, x, bias=None):
     """dequantize-then-F.linear on x quantized as the int8-activation kernels quantize it
-    (INT8_DYNAMIC's per-token int8, its 4 largest |x| kept in float); NF4/FP4's levels as int8
-    (round(127 * code) / 127) meet the int8 part; kept values and INT8's outlier columns meet x."""
+    (INT8_DYNAMIC's per-token int8, its 4 largest |x| kept in float); NF4/FP4's levels as integers
+    (round(code * LEVEL_SCALE) / LEVEL_SCALE) meet the int8 part; kept values and INT8's outlier
+    columns meet x."""
     dense = codec.dequantize(q, torch.float32)
     weight = dense
     if codec.mode.value in ("nf4", "fp4"):
         q = codec.prepare(q)
         code = q.tensors["_code"]
         weight = torch.empty_like(dense)
-        kernels.dequantize_4bit(q.tensors["weight"], codec._absmax(q), torch.round(code * 127) / 127,
+        levels = torch.round(code.double() * kernels.LEVEL_SCALE) / kernels.LEVEL_SCALE
+        kernels.dequantize_4bit(q.tensors["weight"], codec._absmax(q), levels.float(),
                                 int(q.metadata["blocksize"]), weight)
     keep = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, x.abs().topk(min(4, x.shape[-1] - 1), dim=-1).indices,
                                                           True)
@@ -201,11 +203,11 @@ def test_sli_float_activations_keeps_float_activations(monkeypatch):
     assert not kernels.int8_activations(1) and not kernels.int8_activations(kernels.FUSED_MAX_TOKENS)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int8_dynamic", "int4", "none"])
+@pytest.mark.parametrize("mode", ["int8", "int8_dynamic", "int4", "nf4", "fp4", "none"])
 def test_a_row_gets_the_same_values_alone_and_in_a_batch(mode, monkeypatch):
     # A server's decode batch gives each sequence the tokens it gets alone: integer products,
-    # and bfloat16 (NONE, the unquantized head) one row a pass. (NF4/FP4/FP8 sum a pass of 1, 2
-    # or more rows in 4, 2 or 1 chains: the last bit differs.)
+    # and bfloat16 (NONE, the unquantized head) one row a pass. (FP8 sums a pass of 1, 2 or
+    # more rows in 4, 2 or 1 chains: the last bit differs.)
     monkeypatch.delenv("SLI_INT8_MATMUL", raising=False)  # the CPU's own choice (AMX tiles where present)
     codec = codec_for(mode)
     g = torch.Generator().manual_seed(1)
@@ -276,7 +278,7 @@ def test_a_decode_pass_holds_torch_to_one_thread_and_the_kernels_to_all(monkeypa
             assert torch.get_num_threads() == 1
     assert seen == [1]  # the second share went to the pool while torch had one thread
     assert torch.get_num_threads() == 2 and dispatch._threads() == 2
-    assert _rel_err(y, _reference(codec, q, x)) < 1e-5
+    assert _rel_err(y, _expected(codec, q, x)) < 1e-5
     with kernels.fused_pass(kernels.FUSED_MAX_TOKENS + 1, torch.device("cpu")):  # a prompt: torch's BLAS
         assert torch.get_num_threads() == 2
     with kernels.fused_pass(1, torch.device("cpu"), context=kernels.FUSED_PASS_MAX_CONTEXT):  # a long context:

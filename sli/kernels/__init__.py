@@ -44,10 +44,11 @@ from .dispatch import run as _run
 from . import matrix_units as matrix_units_module
 from .matrix_units import int8_matrix_rows, int_mm_int8, matrix_units, prompt_dtype
 from .dispatch import table as _table  # tests/test_processor.py counts the compiled signatures
+from .four_bit import LEVEL_SCALE, split_levels
 
 __all__ = [
     "FUSED_MAX_TOKENS", "RUNTIME_BYTES", "SIMD_LEVELS", "INT8_LEVELS_ROWS", "INT8_ACTIVATION_ROWS", "KEEP_FLOAT",
-    "kernels_enabled", "requested_level", "simd_helpers", "simd_path", "four_bit_path", "lanes", "lut4_order",
+    "LEVEL_SCALE", "kernels_enabled", "requested_level", "simd_helpers", "simd_path", "four_bit_path", "lanes", "lut4_order",
     "q4_order", "use_fused", "int8_activations", "quantize_rows", "matmul_4bit", "matmul_4bit_nested",
     "dequantize_4bit", "dequantize_blockwise8", "matmul_int8", "matmul_int4", "matmul_lut8", "matmul_fp8",
     "matmul_bf16", "dequantize_int4", "matrix_units", "prompt_dtype", "int8_matrix_rows", "torch_on_one_thread",
@@ -69,12 +70,14 @@ RUNTIME_BYTES = settings.DEFAULT_SETTINGS["kernel_runtime_bytes"]
 INT8_ACTIVATION_ROWS = 1
 KEEP_FLOAT = 4  # = INT8_DYNAMIC's outliers per token
 
-# NF4/FP4 can meet int8 activations too, their 16 levels as int8 (round(127 * code), llama.cpp
-# IQ4_NL's way), from this many rows on: 0.75x their float kernel's time at 16 rows, 0.86x at 8,
-# slower below 6 (each row pays a convert and a multiply-add per 64-value block). Off (0) by
-# default: the int8 levels alone moved SmolLM2's NF4 perplexity by +0.8% (19.55 -> 19.71), past
-# the 0.5% the issue allows (docs/benchmarks.md); bitsandbytes' levels are not on an int8 grid.
-INT8_LEVELS_ROWS = 0
+# NF4/FP4 meet int8 activations too, from this many rows on, their 16 levels as the integers
+# round(code * LEVEL_SCALE) split in two bytes for the byte shuffles (sli.kernels.four_bit):
+# 0.8-0.9x their float kernel's time from 4 rows, about equal at 1 (AVX2: 0.81-0.96x at 1-16).
+# Integer sums make a row's values the same alone and in a batch, as for INT8/INT4. On SmolLM2
+# with every linear through the kernels, NF4's perplexity moves +0.32% (19.547 -> 19.611), FP4's
+# +0.35%: the int8 activations (docs/benchmarks.md). Levels rounded to one byte instead
+# (llama.cpp IQ4_NL's way) had moved NF4 +0.82% by themselves. 0 turns the path off.
+INT8_LEVELS_ROWS = 1
 
 
 four_bit_path = simd_path  # the name before AVX-512
@@ -187,8 +190,16 @@ def _q4_order(xq: np.ndarray, t: int, n: int, half: int = 64) -> np.ndarray:
     return np.ascontiguousarray(xq.reshape(t, n // (2 * half), half, 2).transpose(0, 1, 3, 2)).reshape(-1)
 
 
-def _levels(code: Tensor) -> Tensor:
-    return torch.round(code.float() * 127).clamp_(-127, 127).to(torch.int8)
+_split: dict = {}  # the code's bytes -> its split levels (a mode has one or two codes)
+
+
+def _levels(code: Tensor) -> np.ndarray:
+    values = _np(code.float())
+    key = values.tobytes()
+    levels = _split.get(key)
+    if levels is None:
+        levels = _split[key] = split_levels(values)
+    return levels
 
 
 def _int8_4bit(x: Tensor, blocksize: int):
@@ -212,7 +223,7 @@ def _matmul_4bit(x: Tensor, packed: Tensor, code: Tensor, blocksize: int, out_fe
         rows, xq, xs, bsum, oidx, oval = quantized
         y = _out(rows, out_features)
         _run(f"matmul_4bitq{kind}", out_features, out_features * x.shape[-1] * rows.shape[0] // 4, _np(_flat(packed)),
-             *maxima, _np(_levels(code)), _np(code), xq, bsum, xs, oidx, oval, blocksize, y)
+             *maxima, _levels(code), _np(code), xq, bsum, xs, oidx, oval, blocksize, y)
         return _finish(y, x, out_features, bias)
     rows = lut4_order(_rows(x, x.shape[-1]))
     y = _out(rows, out_features)
@@ -225,7 +236,7 @@ def matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksi
                 bias: Optional[Tensor] = None) -> Optional[Tensor]:
     """``x @ W^T (+ bias)`` for a bitsandbytes-layout 4-bit weight (``in`` a multiple of
     ``blocksize``, itself a multiple of 64), or None for other block sizes. From
-    :data:`INT8_LEVELS_ROWS` rows on, the 16 levels as int8 meet int8 activations."""
+    :data:`INT8_LEVELS_ROWS` rows on, the 16 levels as integers meet int8 activations."""
     return _matmul_4bit(x, packed, code, blocksize, out_features, bias, "", _np(_flat(absmax)))
 
 

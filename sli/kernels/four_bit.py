@@ -1,22 +1,33 @@
 """numba kernels for NF4/FP4 weights: bitsandbytes' 4-bit layout (two values a byte, the first
 in the high nibble; 16 float levels ``code``; a float32 maximum a block of ``blocksize``
 values, or 8-bit ones, double-quantized). They multiply by float32 activations through the
-``lut4``/``lut4n`` helpers, by int8 activations with the levels as int8 through ``dot4l``, and
+``lut4``/``lut4n`` helpers, by int8 activations with the levels as integers through ``dot4l``, and
 dequantize through ``decode64_4bit``.
 """
 import numpy as np
 
 from .jit import KERNEL, stable_id
 
+# NF4/FP4's levels meet int8 activations as the integers round(code * LEVEL_SCALE): 127 * 64,
+# split in two bytes for the byte shuffles (split_levels; the SIMD helper dot4l)
+LEVEL_SCALE = 127 * 64
+
+
+def split_levels(code: np.ndarray) -> np.ndarray:
+    """The 16 float levels ``code`` as int8 ``[32]``: ``round(code * LEVEL_SCALE) = 64 *
+    high + low`` with ``high = levels[:16]`` within +-127 and ``low = levels[16:]`` within +-32."""
+    whole = np.rint(code.astype(np.float64) * LEVEL_SCALE)
+    high = np.clip(np.rint(whole / 64), -127, 127)
+    return np.concatenate([high, whole - 64 * high]).astype(np.int8)
+
 
 def build(h) -> dict:
     """The kernels by name, over helpers ``h`` (one SIMD level's or the plain ones)."""
-    from .activations import kept_nibbles  # in the closures, so the cache sees them (sli.kernels.jit)
+    from .activations import kept_nibbles, negative_sums  # in the closures, so the cache sees them (sli.kernels.jit)
     from .plain import decode_pairs
 
     lut4, lut4n, dot4l, decode64_4bit = h.lut4, h.lut4n, h.dot4l, h.decode64_4bit
     most = h.max_rows  # activation rows a helper multiplies in one pass
-    offset_levels = h.offset_levels  # dot4l subtracts corr (128 * sum of scale * sum(xq)): AVX-512's vpdpbusd
 
     @KERNEL
     def matmul_4bit(packed, absmax, code, x, y, blocksize, start, stop):
@@ -86,70 +97,61 @@ def build(h) -> dict:
                 out[i] = code[q[i]] * scale + offset
 
     @KERNEL
-    def rows_4bitq(packed, o, scales, levels, code, xq, bsum, xs, kept, oval, blocksize, corr, y, acc):
-        # row o of a 4-bit weight (scales: its block maxima / 127) times int8 activations
+    def span_4bitq(packed, absmax, qabsmax, nested, nested_code, offset, nested_blocksize, levels, code, xq, bsum, xs,
+                   oidx, oval, blocksize, y, start, stop):
+        # rows start..stop of a 4-bit weight times int8 activations (quantize_rows: one scale a
+        # row, in q4_order(..., 32); bsum a block), the 16 levels as integers (split_levels).
+        # Block maxima: absmax (float32), or, where it is empty, double-quantized:
+        # nested_code[qabsmax[b]] * nested[b // nested_blocksize] + offset. One call a span,
+        # not a row: a call between kernels passing arrays costs ~1000 cycles (reference counts)
         rows = y.shape[0]
         cols = xq.shape[0] // rows
         half = cols // 2
-        blocks = cols // blocksize
+        blocks_per_row = cols // blocksize
         keep = oval.shape[1]
-        if offset_levels:
-            for t in range(rows):
-                c = np.float32(0.0)
-                for blk in range(blocks):
-                    c += scales[blk] * bsum[t * blocks + blk]
-                corr[t] = np.float32(128.0) * c
-        for t in range(0, rows, most):
-            k = min(most, rows - t)
-            dot4l(packed, o * half, levels, scales, 0, blocksize, xq, corr, t, k, cols, acc)
-            for i in range(k):
-                s = acc[i] * xs[t + i]
-                for m in range(keep):  # the kept values meet the weight itself: code * absmax
-                    byte = np.int64(packed[o * half + kept[t + i, m, 0]])
-                    nibble = (byte >> kept[t + i, m, 1]) & 15
-                    s += (code[nibble] * (scales[kept[t + i, m, 2]] * np.float32(127.0))) * oval[t + i, m]
-                y[t + i, o] = s
+        kept = kept_nibbles(oidx, blocksize)
+        negsum = negative_sums(bsum)
+        decoded = np.empty(blocks_per_row, np.float32)
+        acc = np.empty(most, np.float32)
+        for o in range(start, stop):
+            b = o * blocks_per_row
+            if absmax.shape[0]:
+                scales, sofs = absmax, b
+            else:
+                group = b // nested_blocksize
+                first = min(blocks_per_row, (group + 1) * nested_blocksize - b)
+                scale = nested[group]
+                for blk in range(first):  # mostly the whole row: one group of block maxima
+                    decoded[blk] = nested_code[qabsmax[b + blk]] * scale + offset
+                for blk in range(first, blocks_per_row):
+                    decoded[blk] = nested_code[qabsmax[b + blk]] * nested[(b + blk) // nested_blocksize] + offset
+                scales, sofs = decoded, 0
+            for t in range(0, rows, most):
+                k = min(most, rows - t)
+                dot4l(packed, o * half, levels, scales, sofs, blocksize, xq, negsum, t, k, cols, acc)
+                for i in range(k):
+                    s = acc[i] * (xs[t + i] * np.float32(1.0 / LEVEL_SCALE))
+                    for m in range(keep):  # the kept values meet the weight itself: code * absmax
+                        byte = np.int64(packed[o * half + kept[t + i, m, 0]])
+                        nibble = (byte >> kept[t + i, m, 1]) & 15
+                        s += (code[nibble] * scales[sofs + kept[t + i, m, 2]]) * oval[t + i, m]
+                    y[t + i, o] = s
 
-    stable_id(rows_4bitq, f"four_bit.rows_4bitq:{h.level}")  # the two kernels below hold it
+    stable_id(span_4bitq, f"four_bit.span_4bitq:{h.level}")  # the two kernels below hold it
+    no_floats = np.empty(0, np.float32)
+    no_bytes = np.empty(0, np.uint8)
 
     @KERNEL
     def matmul_4bitq(packed, absmax, levels, code, xq, bsum, xs, oidx, oval, blocksize, y, start, stop):
-        # matmul_4bit with the 16 levels as int8 (levels = round(127 * code)) and int8 activations
-        # (quantize_rows: one scale a row, in q4_order(..., 32); bsum a block)
-        rows = y.shape[0]
-        cols = xq.shape[0] // rows
-        blocks_per_row = cols // blocksize
-        scales = np.empty(blocks_per_row, np.float32)
-        corr = np.empty(rows, np.float32)
-        kept = kept_nibbles(oidx, blocksize)
-        acc = np.empty(most, np.float32)
-        for o in range(start, stop):
-            for blk in range(blocks_per_row):
-                scales[blk] = absmax[o * blocks_per_row + blk] * np.float32(1.0 / 127.0)
-            rows_4bitq(packed, o, scales, levels, code, xq, bsum, xs, kept, oval, blocksize, corr, y, acc)
+        # matmul_4bit with the levels as integers and int8 activations
+        span_4bitq(packed, absmax, no_bytes, no_floats, no_floats, np.float32(0.0), 1, levels, code, xq, bsum, xs,
+                   oidx, oval, blocksize, y, start, stop)
 
     @KERNEL
     def matmul_4bitq_nested(packed, qabsmax, nested, nested_code, offset, nested_blocksize, levels, code, xq, bsum,
                             xs, oidx, oval, blocksize, y, start, stop):
-        rows = y.shape[0]
-        cols = xq.shape[0] // rows
-        blocks_per_row = cols // blocksize
-        scales = np.empty(blocks_per_row, np.float32)
-        corr = np.empty(rows, np.float32)
-        kept = kept_nibbles(oidx, blocksize)
-        acc = np.empty(most, np.float32)
-        for o in range(start, stop):
-            b = o * blocks_per_row
-            group = b // nested_blocksize
-            first = min(blocks_per_row, (group + 1) * nested_blocksize - b)
-            scale = nested[group] * np.float32(1.0 / 127.0)
-            add = offset * np.float32(1.0 / 127.0)
-            for blk in range(first):
-                scales[blk] = nested_code[qabsmax[b + blk]] * scale + add
-            for blk in range(first, blocks_per_row):
-                scales[blk] = (nested_code[qabsmax[b + blk]] * nested[(b + blk) // nested_blocksize] + offset) \
-                    * np.float32(1.0 / 127.0)
-            rows_4bitq(packed, o, scales, levels, code, xq, bsum, xs, kept, oval, blocksize, corr, y, acc)
+        span_4bitq(packed, no_floats, qabsmax, nested, nested_code, np.float32(offset), nested_blocksize, levels, code,
+                   xq, bsum, xs, oidx, oval, blocksize, y, start, stop)
 
     return {"matmul_4bit": matmul_4bit, "matmul_4bit_nested": matmul_4bit_nested, "dequantize_4bit": dequantize_4bit,
             "dequantize_blockwise8": dequantize_blockwise8, "matmul_4bitq": matmul_4bitq,

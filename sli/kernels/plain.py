@@ -144,8 +144,9 @@ def dot4q(packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, rows, cols, ou
 
 
 @_jit
-def dot4l(packed, pofs, levels, scales, sofs, blocksize, xq, corr, t0, rows, cols, out):
-    # xq: each 64 values as the 32 even ones, then the 32 odd ones
+def dot4l(packed, pofs, levels, scales, sofs, blocksize, xq, negsum, t0, rows, cols, out):
+    # xq: each 64 values as the 32 even ones, then the 32 odd ones; a level is
+    # 64 * levels[n] + levels[16 + n] (see the SIMD helper); negsum unread
     blocks = cols // blocksize
     for r in range(rows):
         base = (t0 + r) * cols
@@ -155,8 +156,9 @@ def dot4l(packed, pofs, levels, scales, sofs, blocksize, xq, corr, t0, rows, col
             for c in range(blk * blocksize, (blk + 1) * blocksize, 64):
                 for k in range(32):
                     byte = packed[pofs + c // 2 + k]
-                    d += np.int32(levels[byte >> 4]) * np.int32(xq[base + c + k]) + \
-                        np.int32(levels[byte & 15]) * np.int32(xq[base + c + 32 + k])
+                    high, low = byte >> 4, byte & 15
+                    d += (np.int32(64) * np.int32(levels[high]) + np.int32(levels[16 + high])) * np.int32(xq[base + c + k]) \
+                        + (np.int32(64) * np.int32(levels[low]) + np.int32(levels[16 + low])) * np.int32(xq[base + c + 32 + k])
             s += scales[sofs + blk] * np.float32(d)
         out[r] = s
 
@@ -180,6 +182,6 @@ for _f in (_rows_dot, decode_pairs, lut4, lut4z, lut4n, dot8, dotfp8, dot8q, dot
 
 # The loops take any number of rows, so a block is decoded once for up to this many of them.
 MAX_ROWS = 16
-HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=MAX_ROWS, offset_levels=False, lut4=lut4, lut4z=lut4z,
+HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=MAX_ROWS, lut4=lut4, lut4z=lut4z,
                           lut4n=lut4n, dot8=dot8, dotfp8=dotfp8, dot8q=dot8q, dot4q=dot4q, dot4l=dot4l,
                           dotbf16=dotbf16, decode64_4bit=decode64_4bit)

@@ -73,7 +73,6 @@ def helpers(level: str) -> SimpleNamespace:
     if level not in _built:
         _built[level] = SimpleNamespace(
             level=level, lanes=WIDTH[level], max_rows=MAX_ROWS[level],
-            offset_levels=level == "avx512",  # dot4l takes back an offset: see its corr
             lut4=make_lut4(level, "scale"), lut4z=make_lut4(level, "affine"), lut4n=make_lut4(level, "nested"),
             dot8=make_widening_dot(level, "int8"), dotfp8=make_widening_dot(level, "fp8"),
             dotbf16=make_widening_dot(level, "bf16"), decode64_4bit=make_decode64(level),

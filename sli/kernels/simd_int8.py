@@ -1,7 +1,7 @@
 """The SIMD helpers that meet int8 activations (rows quantized by
 :func:`sli.kernels.quantize_rows`) in integer dot products, exact in int32 within a block:
 ``dot8q`` (INT8 weights), ``dot4q`` (INT4's nibbles) and ``dot4l`` (NF4/FP4's 16 levels as
-int8). Each block's int32 sums are scaled into float32 sums as the block ends.
+integers, split in two bytes). Each block's int32 sums are scaled into float32 sums as the block ends.
 
 AVX-512 VNNI's ``vpdpbusd`` multiplies unsigned by signed bytes; AVX2's ``vpmaddubsw`` does
 too but saturates its int16 pairs (see :meth:`sli.kernels.simd_ir.Emit.dot_bytes`).
@@ -157,67 +157,88 @@ def make_dot4q(level: str):
 
 
 def make_dot4l(level: str):
-    """``dot4l(packed, pofs, levels, scales, sofs, blocksize, xq, corr, t0, rows, cols, out)``: a
-    4-bit row whose value is ``levels[nibble] * scales[sofs + block]`` (NF4/FP4 with their 16
-    levels as int8, IQ4_NL's way) times int8 activation rows ``xq[(t0 + r)*cols:]``, each 64
-    values ordered as the 32 even ones then the 32 odd ones (:func:`sli.kernels.q4_order`):
-    ``out[r] = sum over blocks of scale * (levels[q] . xq)``, the dot product exact in int32.
+    """``dot4l(packed, pofs, levels, scales, sofs, blocksize, xq, negsum, t0, rows, cols, out)``:
+    a 4-bit row whose value is ``L[nibble] * scales[sofs + block]`` (NF4/FP4, their 16 levels
+    as integers ``L = round(code * LEVEL_SCALE)``) times int8 activation rows
+    ``xq[(t0 + r)*cols:]``, each 64 values ordered as the 32 even ones then the 32 odd ones
+    (:func:`sli.kernels.q4_order`): ``out[r] = sum over blocks of scale * (L[q] . xq)``, the dot
+    product exact in int32.
 
-    A byte shuffle (``vpshufb``) looks the levels up. AVX-512 VNNI's ``vpdpbusd`` takes them
-    as unsigned bytes ``level + 128`` and subtracts ``corr[t0 + r]`` = 128 * sum over blocks of
-    scale * sum(xq) (the caller's, see the helpers' ``offset_levels``); AVX2 takes ``|level|``
-    and ``xq`` with the level's sign (``corr`` unread).
+    ``L`` does not fit a byte, so ``levels`` holds it split: ``L = 64 * levels[n] + levels[16 + n]``
+    (the high part within +-127, the low within +-32). A byte shuffle (``vpshufb``) looks each
+    part up and each meets ``xq`` in its own integer dot product; a block's sums join as
+    ``64 * high + low``. (Levels rounded to one byte, llama.cpp IQ4_NL's way, moved SmolLM2's
+    NF4 perplexity +0.8%: bitsandbytes' levels are not on an int8 grid.)
+
+    AVX-512 VNNI's ``vpdpbusd`` takes the parts as unsigned bytes ``part + 128``; each block's
+    sums start from ``negsum[(t0 + r) * blocks + block]`` = -128 * sum(xq over the block) in one
+    lane, which takes the excess back exactly (65 * 128 * sum(xq) once joined). AVX2 takes
+    ``|part|`` and ``xq`` with the part's sign (``negsum`` unread).
     """
     w = WIDTH[level]
 
-    def dot4l(typingctx, packed, pofs, levels, scales, sofs, blocksize, xq, corr, t0, rows, cols, out):
-        sig = types.void(packed, pofs, levels, scales, sofs, blocksize, xq, corr, t0, rows, cols, out)
+    def dot4l(typingctx, packed, pofs, levels, scales, sofs, blocksize, xq, negsum, t0, rows, cols, out):
+        sig = types.void(packed, pofs, levels, scales, sofs, blocksize, xq, negsum, t0, rows, cols, out)
 
         def codegen(context, builder, signature, args):
             b = builder
-            packed_ptr, pofs_i, levels_ptr, scales_ptr, sofs_i, bs_i, xq_ptr, corr_ptr, t0_i, rows_i, cols_i, \
+            packed_ptr, pofs_i, levels_ptr, scales_ptr, sofs_i, bs_i, xq_ptr, negsum_ptr, t0_i, rows_i, cols_i, \
                 out_ptr = unpack(context, b, signature, args)
             blocks = b.sdiv(cols_i, bs_i)
             v32 = ir.VectorType(I8, 32)
             vb = ir.VectorType(I8, 4 * w)
-            # the 16 levels in each 128-bit lane (vpshufb looks up within a lane)
-            table16 = vload(b, levels_ptr, idx(0), ir.VectorType(I8, 16))
-            table = b.shuffle_vector(table16, table16, ir.Constant(ir.VectorType(I32, 4 * w),
-                                                                     [k % 16 for k in range(4 * w)]))
+
+            def lane_table(first):  # 16 levels in each 128-bit lane (vpshufb looks up within a lane)
+                table16 = vload(b, levels_ptr, idx(first), ir.VectorType(I8, 16))
+                table = b.shuffle_vector(table16, table16, ir.Constant(ir.VectorType(I32, 4 * w),
+                                                                         [k % 16 for k in range(4 * w)]))
+                return b.xor(table, const(vb, -128)) if level == "avx512" else table  # part + 128, unsigned
+
+            tables = (lane_table(0), lane_table(16))  # the high parts, the low parts
             if level == "avx512":
-                table = b.xor(table, const(vb, -128))  # level + 128, unsigned
                 pshufb = Emit(b, level).fn("llvm.x86.avx512.pshuf.b.512", vb, [vb, vb])
             else:
                 pshufb = Emit(b, level).fn("llvm.x86.avx2.pshuf.b", vb, [vb, vb])
 
             def case(e, rows):
                 fsum = [cgutils.alloca_once(b, e.vf, zfill=True) for _ in range(rows)]
-                isum = [cgutils.alloca_once(b, e.vi) for _ in range(rows)]
+                sums = [[cgutils.alloca_once(b, e.vi) for _ in range(rows)] for _ in tables]
                 xrow = [b.mul(b.add(t0_i, idx(r)), cols_i) for r in range(rows)]
+                nrow = [b.mul(b.add(t0_i, idx(r)), blocks) for r in range(rows)]
+                zero = ir.Constant(e.vi, None)
 
                 def blocks_pass(bs_v):
                     with cgutils.for_range(b, blocks) as loop:
                         blk = loop.index
                         first = b.mul(blk, bs_v)
                         for r in range(rows):
-                            b.store(ir.Constant(e.vi, None), isum[r])
+                            start = zero
+                            if level == "avx512":
+                                taken = b.load(b.gep(negsum_ptr, [b.add(nrow[r], blk)]))
+                                start = b.insert_element(zero, taken, ir.Constant(I32, 0))
+                            for part in sums:
+                                b.store(start, part[r])
                         with cgutils.for_range(b, b.sdiv(bs_v, idx(64))) as step:  # 64 values: 32 bytes
                             at_value = b.add(first, b.mul(step.index, idx(64)))
                             high, low = e.nibbles(vload(b, packed_ptr, b.add(pofs_i, b.lshr(at_value, idx(1))), v32))
                             if level == "avx512":  # one register: 32 even values, then 32 odd ones
-                                index = b.shuffle_vector(high, low, ir.Constant(ir.VectorType(I32, 64), list(range(64))))
-                                parts = [(b.call(pshufb, [table, index]), 0)]
+                                indices = [(b.shuffle_vector(high, low, ir.Constant(ir.VectorType(I32, 64),
+                                                                                     list(range(64)))), 0)]
                             else:
-                                parts = [(b.call(pshufb, [table, high]), 0), (b.call(pshufb, [table, low]), 32)]
-                            for values, half in parts:
-                                unsigned = values if level == "avx512" else e.magnitude(values)
-                                for r in range(rows):
-                                    xv = vload(b, xq_ptr, b.add(xrow[r], b.add(at_value, idx(half))), vb)
-                                    signed = xv if level == "avx512" else e.with_sign_of(xv, values)
-                                    b.store(e.dot_bytes(b.load(isum[r]), unsigned, signed), isum[r])
+                                indices = [(high, 0), (low, 32)]
+                            for index, half in indices:
+                                xv = [vload(b, xq_ptr, b.add(xrow[r], b.add(at_value, idx(half))), vb)
+                                      for r in range(rows)]
+                                for table, part in zip(tables, sums):
+                                    values = b.call(pshufb, [table, index])
+                                    unsigned = values if level == "avx512" else e.magnitude(values)
+                                    for r in range(rows):
+                                        signed = xv[r] if level == "avx512" else e.with_sign_of(xv[r], values)
+                                        b.store(e.dot_bytes(b.load(part[r]), unsigned, signed), part[r])
                         scale = splat(b, b.load(b.gep(scales_ptr, [b.add(sofs_i, blk)])), e.vf)
                         for r in range(rows):
-                            _accumulate(e, fsum[r], isum[r], scale)
+                            joined = b.add(b.shl(b.load(sums[0][r]), const(e.vi, 6)), b.load(sums[1][r]))
+                            b.store(e.fma(b.sitofp(joined, e.vf), scale, b.load(fsum[r])), fsum[r])
 
                 # NF4/FP4's 64-value block: one step a block, no inner loop; any other size: a loop
                 with b.if_else(b.icmp_signed("==", bs_i, idx(64))) as (then, otherwise):
@@ -225,7 +246,7 @@ def make_dot4l(level: str):
                         blocks_pass(idx(64))
                     with otherwise:
                         blocks_pass(bs_i)
-                _store_sums(e, out_ptr, fsum, _corr(b, corr_ptr, t0_i) if level == "avx512" else None)
+                _store_sums(e, out_ptr, fsum)
 
             rows_switch(b, level, rows_i, case)
             return context.get_dummy_value()

@@ -185,7 +185,7 @@ def warm_up_kernels(configs: Iterable[QuantizationConfig]) -> None:
         seen.add(config.fingerprint())
         codec = codec_for(config.mode)
         q = codec.prepare(codec.quantize(weight, config))
-        # one token, a few (int8 activations), more (NF4/FP4's int8 levels), a prompt
+        # one token, a few, from NF4/FP4's integer levels on (int8 activations), a prompt
         for rows in sorted({1, 2, kernels.INT8_LEVELS_ROWS or 2, kernels.FUSED_MAX_TOKENS + 1}):
             x = codec.prepare_input(torch.zeros(rows, weight.shape[1]))
             linear(q, x, None, scratch=WeightScratch())
