@@ -15,7 +15,7 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from .jit import stable_id
-from .simd_ir import I8, I16, I32, I64, WIDTH, Emit, const, idx, row_pass, splat, unpack, vload, vstore
+from .simd_ir import I8, I16, I32, I64, PREFETCH_VALUES, WIDTH, Emit, const, idx, row_pass, splat, unpack, vload, vstore
 
 
 def make_lut4(level: str, kind: str):
@@ -70,6 +70,7 @@ def make_lut4(level: str, kind: str):
         def body(e, unit, multiply):
             table = tuple(b.load(slot) for slot in slots)
             w = e.w
+            e.prefetch(packed_ptr, b.add(b.add(pofs_i, b.lshr(unit, idx(1))), idx(PREFETCH_VALUES // 2)))
             for chunk in range(64 // (2 * w)):  # 2w values from w bytes
                 raw = vload(b, packed_ptr, b.add(pofs_i, b.add(b.lshr(unit, idx(1)), idx(chunk * w))),
                             ir.VectorType(I8, w))
@@ -112,6 +113,7 @@ def make_widening_dot(level: str, kind: str):
             w_ptr, wofs_i, x_ptr, xofs_i, n_i, stride_i, rows_i, out_ptr = unpack(context, b, signature, args)
 
             def body(e, unit, multiply):
+                e.prefetch(w_ptr, b.add(b.add(wofs_i, unit), idx(PREFETCH_VALUES)))
                 for part in range(64 // w):
                     at_value = b.add(unit, idx(part * w))
                     if kind == "int8":

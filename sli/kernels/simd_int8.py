@@ -14,7 +14,7 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from .jit import stable_id
-from .simd_ir import F32, I8, I32, WIDTH, Emit, const, idx, rows_switch, splat, unpack, vload
+from .simd_ir import F32, I8, I32, PREFETCH_VALUES, WIDTH, Emit, const, idx, rows_switch, splat, unpack, vload
 
 
 def _accumulate(e, fsum, isum, scale):
@@ -71,6 +71,7 @@ def make_dot8q(level: str):
                         b.store(ir.Constant(e.vi, None), isum[r])
                     with cgutils.for_range(b, b.sdiv(xblock_i, idx(4 * w))) as step:
                         at_value = b.add(first, b.mul(step.index, idx(4 * w)))
+                        e.prefetch(q_ptr, b.add(b.add(qofs_i, at_value), idx(PREFETCH_VALUES)))
                         weights = vload(b, q_ptr, b.add(qofs_i, at_value), e.vb)
                         if level == "avx512":
                             unsigned = b.xor(weights, const(e.vb, -128))  # q + 128
@@ -129,6 +130,7 @@ def make_dot4q(level: str):
                     # 128 values (64 bytes) a step, in 4w-byte registers: 64/(4w) of them
                     with cgutils.for_range(b, b.sdiv(group_i, idx(128))) as step:
                         at_value = b.add(first, b.mul(step.index, idx(128)))
+                        e.prefetch(packed_ptr, b.add(b.add(pofs_i, b.lshr(at_value, idx(1))), idx(PREFETCH_VALUES // 2)))
                         for part in range(64 // (4 * w)):
                             raw = vload(b, packed_ptr, b.add(pofs_i, b.add(b.lshr(at_value, idx(1)), idx(part * 4 * w))),
                                         e.vb)
@@ -220,7 +222,9 @@ def make_dot4l(level: str):
                                 b.store(start, part[r])
                         with cgutils.for_range(b, b.sdiv(bs_v, idx(64))) as step:  # 64 values: 32 bytes
                             at_value = b.add(first, b.mul(step.index, idx(64)))
-                            high, low = e.nibbles(vload(b, packed_ptr, b.add(pofs_i, b.lshr(at_value, idx(1))), v32))
+                            at_byte = b.add(pofs_i, b.lshr(at_value, idx(1)))
+                            e.prefetch(packed_ptr, b.add(at_byte, idx(PREFETCH_VALUES // 2)))
+                            high, low = e.nibbles(vload(b, packed_ptr, at_byte, v32))
                             if level == "avx512":  # one register: 32 even values, then 32 odd ones
                                 indices = [(b.shuffle_vector(high, low, ir.Constant(ir.VectorType(I32, 64),
                                                                                      list(range(64)))), 0)]
