@@ -161,7 +161,7 @@ def q4_order(rows: Tensor, half: int = 64) -> Tensor:
     """int8 ``rows`` ``[T, n]`` (``n`` a multiple of ``2*half``) with each ``2*half`` values as
     the even ones, then the odd ones: the order of the nibbles of ``half`` packed bytes."""
     t, n = rows.shape
-    return rows.view(t, n // (2 * half), half, 2).transpose(2, 3).contiguous().view(t, n)
+    return torch.from_numpy(_q4_order(_np(rows.contiguous()).reshape(-1), t, n, half)).view(t, n)
 
 
 def quantize_rows(rows: Tensor, xblock: int, keep: int = 0, sumblock: Optional[int] = None):
@@ -186,7 +186,7 @@ def _quantized(rows: np.ndarray, xblock: int, keep: int = 0, sumblock: Optional[
 
 
 def _q4_order(xq: np.ndarray, t: int, n: int, half: int = 64) -> np.ndarray:
-    """:func:`q4_order` of int8 rows ``xq`` (``[T * n]``) in numpy, flat."""
+    """:func:`q4_order` on a numpy array: int8 rows ``xq`` (``[T * n]``, flat) to flat (what the kernels take)."""
     return np.ascontiguousarray(xq.reshape(t, n // (2 * half), half, 2).transpose(0, 1, 3, 2)).reshape(-1)
 
 
