@@ -14,24 +14,24 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--cache-dir", default=None)
     args = parser.parse_args()
-    workdir = tempfile.mkdtemp(prefix="sli-example-")
-    cache_dir = args.cache_dir or f"{workdir}/cache"
-    if args.tiny:
-        from sli.synth import synth_model
+    with tempfile.TemporaryDirectory(prefix="sli-example-") as workdir:  # removed when the example ends
+        cache_dir = args.cache_dir or f"{workdir}/cache"
+        if args.tiny:
+            from sli.synth import synth_model
 
-        model_dir = synth_model(f"{workdir}/model", family="llama", preset="tiny")
-    else:
-        from sli.default_model import ensure_default_model
+            model_dir = synth_model(f"{workdir}/model", family="llama", preset="tiny")
+        else:
+            from sli.default_model import ensure_default_model
 
-        model_dir = ensure_default_model()
+            model_dir = ensure_default_model()
 
-    with UniversalSLIProcessor(model_dir, get_nf4_config(), cache_dir=cache_dir) as processor:
-        added = processor.prewarm(progress=True)
-        again = processor.prewarm(progress=False)  # resumable: nothing left to do
-        print(f"{processor.model_id}: {added} layers quantized, {again} on the second run")
+        with UniversalSLIProcessor(model_dir, get_nf4_config(), cache_dir=cache_dir) as processor:
+            added = processor.prewarm(progress=True)
+            again = processor.prewarm(progress=False)  # resumable: nothing left to do
+            print(f"{processor.model_id}: {added} layers quantized, {again} on the second run")
 
-    with LayerCache(cache_dir) as cache:  # any later process sees the same entries
-        print(cache.stats())
+        with LayerCache(cache_dir) as cache:  # any later process sees the same entries
+            print(cache.stats())
 
 
 if __name__ == "__main__":

@@ -18,25 +18,25 @@ def main() -> None:
     parser.add_argument("--memory-budget-gb", type=float, default=0.1)
     args = parser.parse_args()
 
-    workdir = tempfile.mkdtemp(prefix="sli-example-")
-    if args.tiny:
-        from sli.synth import synth_model
+    with tempfile.TemporaryDirectory(prefix="sli-example-") as workdir:  # removed when the example ends
+        if args.tiny:
+            from sli.synth import synth_model
 
-        model_dir, prompt = synth_model(f"{workdir}/model", family="llama", preset="tiny"), torch.arange(1, 9)
-    else:
-        from sli.default_model import ensure_default_model
+            model_dir, prompt = synth_model(f"{workdir}/model", family="llama", preset="tiny"), torch.arange(1, 9)
+        else:
+            from sli.default_model import ensure_default_model
 
-        model_dir, prompt = ensure_default_model(), "The capital of France is"
+            model_dir, prompt = ensure_default_model(), "The capital of France is"
 
-    processor = UniversalSLIProcessor(model_dir, QuantizationConfig(mode=args.mode), cache_dir=f"{workdir}/cache",
-                                      memory_budget_gb=args.memory_budget_gb)
-    new_ids = processor.generate(prompt, max_new_tokens=8)
-    print(processor.plan.describe())
-    if args.tiny:
-        print("new token ids:", new_ids[0].tolist())
-    else:
-        print(prompt + processor.tokenizer().decode(new_ids[0], skip_special_tokens=True))
-    processor.close()
+        processor = UniversalSLIProcessor(model_dir, QuantizationConfig(mode=args.mode), cache_dir=f"{workdir}/cache",
+                                          memory_budget_gb=args.memory_budget_gb)
+        new_ids = processor.generate(prompt, max_new_tokens=8)
+        print(processor.plan.describe())
+        if args.tiny:
+            print("new token ids:", new_ids[0].tolist())
+        else:
+            print(prompt + processor.tokenizer().decode(new_ids[0], skip_special_tokens=True))
+        processor.close()
 
 
 if __name__ == "__main__":

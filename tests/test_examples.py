@@ -9,12 +9,15 @@ EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
-def test_example_runs(script, tmp_path):
+def test_example_runs_and_leaves_no_files_behind(script, tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     result = subprocess.run([sys.executable, str(script), "--tiny"], capture_output=True, text=True, timeout=300,
                             env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TQDM_DISABLE": "1",
-                                 "HF_HUB_OFFLINE": "1"})
+                                 "HF_HUB_OFFLINE": "1", "TMPDIR": str(scratch)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip()
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("sli-example-")] == []
 
 
 def test_there_are_three_examples():
