@@ -186,10 +186,14 @@ def test_streamed_calibration_fills_the_cache_resumes_and_generates(tiny, tmp_pa
         assert out.shape == (1, 4)
 
 
-@pytest.mark.parametrize("sequential", [False, True])
-def test_calibrated_layers_track_the_float_model_better_than_rtn(tiny, tmp_path, sequential):
+@pytest.mark.parametrize("sequential, pass_dtype", [(False, "float32"), (True, "float32"), (False, "bfloat16")])
+def test_calibrated_layers_track_the_float_model_better_than_rtn(tiny, tmp_path, sequential, pass_dtype,
+                                                                 monkeypatch):
+    # SLI_PROMPT_DTYPE: the passes in bfloat16 (a CPU with matrix units) or float32 (any other)
     from sli import calibration
     from sli.evaluation import load_eval_text
+
+    monkeypatch.setenv("SLI_PROMPT_DTYPE", pass_dtype)
 
     with UniversalSLIProcessor(tiny, "none", cache_dir=tmp_path, device="cpu") as proc:
         # text like the calibration text's, from the half it does not use
@@ -254,14 +258,33 @@ def test_eval_reports_calibrated_modes(tiny, tmp_path):
     assert modes["int4-gptq"]["bits_per_weight"] == pytest.approx(4 + 24 / 32, abs=1e-6)
 
 
+def test_calibration_passes_run_in_bfloat16_where_the_cpu_multiplies_it(tiny, tmp_path, monkeypatch):
+    from sli.calibration import layer_solve
+    from sli.quantization.gptq import Hessian
+
+    with UniversalSLIProcessor(tiny, _config(), cache_dir=tmp_path, device="cpu") as proc:
+        for asked, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+            monkeypatch.setenv("SLI_PROMPT_DTYPE", asked)
+            assert layer_solve.pass_dtype(proc) == dtype
+            assert layer_solve.layer_module(proc, 0, proc._checkpoint_state(0)).self_attn.q_proj.weight.dtype == dtype
+    # a bfloat16 chunk's x^T x is rounded to bfloat16 before it joins the float32 sum
+    x = torch.randn(512, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
+    exact, rounded = Hessian(64), Hessian(64)
+    exact.add(x.float())
+    rounded.add(x)
+    assert rounded.matrix.dtype == torch.float32 and rounded.tokens == exact.tokens == 512
+    assert 0 < float((rounded.matrix - exact.matrix).abs().max() / exact.matrix.abs().max()) <= 2 ** -8
+
+
 @pytest.mark.parametrize("family", ["gpt2", "phi3", "gemma2"])
-def test_calibration_runs_other_layouts(tmp_path, family):
+def test_calibration_runs_other_layouts(tmp_path, family, monkeypatch):
     # GPT-2: Conv1D weights ([in, out]) and blocks that take positional arguments; Phi-3: fused qkv /
     # gate_up; Gemma-2: sliding-window and full layers alternate (windows of 128 > its window of 64),
     # so each layer gets its own mask
     from sli import calibration
     from sli.synth import synth_model
 
+    monkeypatch.setenv("SLI_PROMPT_DTYPE", "bfloat16")  # their masks and rotary tables follow the pass's dtype
     path = synth_model(tmp_path / family, family=family, preset="tiny", with_tokenizer=True)
     config = QuantizationConfig(mode="nf4", method="gptq", calibration_tokens=512, calibration_window=128,
                                 gptq_sequential=True)

@@ -378,8 +378,8 @@ packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_s
 assert (codec.dequantize(q, torch.float32) - bnbf.dequantize_4bit(packed, state)).abs().max() <= 1e-7
 for mode in ("none", "int8", "int8_dynamic", "nf4", "fp4", "int4", "fp8"):
     codec = codec_for(mode)
-    # 200: a tail after the last 64 values, int4 padding; 2560: rows straddling 4-bit groups of 256 block maxima
-    for shape in ((96, 1024), (40, 200), (24, 2560)):
+    # 200: a tail after the last 64 values, int4 padding; 2560: rows straddling 4-bit groups of 256 block maxima;
+    for shape in ((96, 1024), (40, 200), (24, 2560), (16, 576)):  # 576: 4 pairs of 4-bit blocks and one more
         w = torch.randn(*shape, generator=g) * 0.02
         q = codec.prepare(codec.quantize(w.to(torch.bfloat16), QuantizationConfig(mode=mode)))
         for rows in (1, 2, 3, 4, 5, 6, 7, 8, 16):  # every pass size up to MAX_ROWS (8 on AVX-512)

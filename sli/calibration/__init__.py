@@ -40,7 +40,7 @@ from ..errors import SLIError
 from ..quantization import dequantize_cached
 from .activations import Activations
 from .layer_inputs import LayerArgs, layer_inputs, run_layer
-from .layer_solve import layer_module, quantize_layer
+from .layer_solve import layer_module, pass_dtype, quantize_layer
 from .text import (calibration_config, calibration_id, calibration_settings, calibration_windows,
                    default_calibration_text)
 
@@ -57,7 +57,7 @@ def _signature(processor, ids: torch.Tensor, chunk_windows: int) -> str:
     h.update(processor.model_id.encode())
     h.update(processor.quantizer.fingerprint().encode())
     h.update(ids.numpy().tobytes())
-    h.update(str((chunk_windows, str(processor.compute_dtype))).encode())
+    h.update(str((chunk_windows, str(pass_dtype(processor)))).encode())
     return h.hexdigest()[:16]
 
 
@@ -132,11 +132,12 @@ def calibrate(processor, text: Union[None, str, Path] = None, *, progress: bool 
                 timing["store_s"] = time.perf_counter() - t1
                 added += 1
             t1 = time.perf_counter()
-            layer = layer_module(processor, index, dequantize_cached(cached, processor.compute_dtype))
+            dtype = pass_dtype(processor)
+            layer = layer_module(processor, index, dequantize_cached(cached, dtype))
             del cached
             if index + 1 < num_layers:
                 for chunk, kwargs in chunks:
-                    hidden = activations.read(index, chunk).to(processor.device, processor.compute_dtype)
+                    hidden = activations.read(index, chunk).to(processor.device, dtype)
                     activations.write(index + 1, chunk, run_layer(layer, hidden, kwargs))
                 activations.commit(index + 1, len(chunks))
             del layer

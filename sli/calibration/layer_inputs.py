@@ -64,6 +64,18 @@ def layer_inputs(processor, ids: torch.Tensor) -> Tuple[torch.Tensor, List[Layer
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, inputs: LayerArgs) -> torch.Tensor:
-    """``layer``'s output hidden states for ``hidden`` and its other arguments."""
-    out = layer(hidden, *inputs.args, **inputs.kwargs)
+    """``layer``'s output hidden states for ``hidden`` and its other arguments, their float
+    tensors (rotary tables, masks) in ``hidden``'s dtype, as the model gives them when it runs
+    in that dtype."""
+    args = tuple(_in_dtype(a, hidden.dtype) for a in inputs.args)
+    kwargs = {k: _in_dtype(v, hidden.dtype) for k, v in inputs.kwargs.items()}
+    out = layer(hidden, *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+def _in_dtype(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return tuple(_in_dtype(v, dtype) for v in value)
+    return value

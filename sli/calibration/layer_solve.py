@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .. import kernels
 from ..errors import SLIError
 from ..quantization import QuantizedTensor, codec_for
 from ..quantization.gptq import Hessian, gptq_quantize, supports
@@ -20,10 +21,21 @@ from .layer_inputs import LayerArgs, Stop, run_layer
 logger = logging.getLogger(__name__)
 
 
+def pass_dtype(processor) -> torch.dtype:
+    """The dtype calibration runs a layer in: the processor's compute dtype, except on a CPU
+    that multiplies bfloat16 in hardware (:func:`sli.kernels.prompt_dtype`: AMX, AVX-512 BF16)
+    where that is float32: then bfloat16. The passes are products of thousands of rows by
+    each weight, bound by arithmetic, which those units do several times faster (a 7B-shaped
+    layer: docs/benchmarks.md); the Hessians are still summed in float32."""
+    if processor.device.type == "cpu" and processor.compute_dtype == torch.float32:
+        return kernels.prompt_dtype()
+    return processor.compute_dtype
+
+
 def layer_module(processor, index: int, state: Dict[str, torch.Tensor]) -> nn.Module:
-    """Decoder layer ``index`` as a module holding ``state`` in compute dtype on the processor's device."""
+    """Decoder layer ``index`` as a module holding ``state`` in :func:`pass_dtype` on the processor's device."""
     layer = copy.deepcopy(processor._loader_layers[index])  # on the meta device: costs nothing
-    dtype = processor.compute_dtype
+    dtype = pass_dtype(processor)
     layer.load_state_dict({k: v.to(processor.device, dtype if v.is_floating_point() else v.dtype)
                            for k, v in state.items()}, strict=True, assign=True)
     return layer.eval()
@@ -108,7 +120,7 @@ def quantize_layer(processor, index: int, state: Dict[str, torch.Tensor], activa
     if not calibrated:
         return quantizer.quantize_state_dict(state, conv1d, layer_key)
     sequential = any(configs[p].gptq_sequential for p in calibrated)
-    device, dtype = processor.device, processor.compute_dtype
+    device, dtype = processor.device, pass_dtype(processor)
 
     def read(chunk: int) -> torch.Tensor:
         return activations.read(index, chunk).to(device, dtype)
