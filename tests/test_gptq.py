@@ -69,6 +69,40 @@ def test_gptq_bytes_are_what_the_codec_and_its_kernels_read(mode):
         assert float((module(xs) - ref).abs().max() / ref.abs().max()) < tolerance, rows
 
 
+@pytest.mark.parametrize("mode", ["nf4", "fp4"])
+def test_the_rounding_kernels_give_the_torch_rule_s_levels_and_maxima(mode, monkeypatch):
+    # sli.kernels.nearest on CPU; the torch table (SLI_NO_NUMBA=1, or another device) elsewhere
+    weight, _, H = _problem(rows=64, cols=512, seed=2)
+    w = weight.float()
+    w[0, :64] = 0.0  # an all-zero block
+    config = QuantizationConfig(mode=mode, method="gptq")
+    importance = torch.diagonal(H).clone()
+    scaled = torch.cat([torch.linspace(-1.2, 1.2, 20001), torch.randn(4096)])  # past both ends too
+    with_kernels = gptq_module._Grid(config, w, importance)
+    rounded = with_kernels._round4(scaled)
+    monkeypatch.setenv("SLI_NO_NUMBA", "1")
+    plain = gptq_module._Grid(config, w, importance)
+    assert torch.equal(rounded, plain._round4(scaled))
+    assert set(rounded.unique().tolist()) <= set(plain.sorted_code.tolist())
+    # the search's sums run in another order: a near tie may pick a neighbouring factor
+    same = with_kernels.absmax == plain.absmax
+    assert float(same.float().mean()) > 0.99 and bool(same[0, 0])
+    assert torch.allclose(with_kernels.absmax, plain.absmax, rtol=0.03)
+
+
+def test_the_inverse_factor_inverts_by_halves_as_a_triangular_solve_does():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3000, 1500, generator=g) * torch.rand(1500, generator=g)
+    H = x.t() @ x
+    H.diagonal().add_(0.01 * float(H.diagonal().mean()))
+    R = torch.linalg.cholesky(H.flip(0, 1)).flip(0, 1)  # upper, 1500 wide: two levels of halves at 512
+    U = gptq_module._upper_inverse(R)
+    assert torch.equal(U, U.triu())
+    assert float((U @ R - torch.eye(1500)).abs().max()) < 1e-4
+    reference = torch.linalg.solve_triangular(R, torch.eye(1500), upper=True)
+    assert float((U - reference).abs().max() / reference.abs().max()) < 1e-5
+
+
 def test_linears_sharing_an_input_solve_as_one_matrix():
     weight, x, H = _problem(rows=64, cols=256, seed=2)
     other = (0.02 * torch.randn(32, 256, generator=torch.Generator().manual_seed(3))).to(torch.bfloat16)

@@ -255,6 +255,28 @@ def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int
     return out
 
 
+def round_to_levels(values: Tensor, below: Tensor, next_mid: Tensor, sorted_code: Tensor) -> Tensor:
+    """Each of float32 ``values`` (divided by their scale) as the nearest of a 16-level code's
+    ``sorted_code``, found through the table ``below`` / ``next_mid`` (:mod:`sli.kernels.nearest`)."""
+    flat = _flat(values)
+    out = np.empty(flat.numel(), np.float32)
+    _run("round_to_levels", flat.numel(), flat.numel() * 4, _np(flat), _np(below), _np(next_mid), _np(sorted_code), out)
+    return torch.from_numpy(out).view(values.shape)
+
+
+def search_block_maxima(weight: Tensor, blocksize: int, importance: Tensor, grid: Tensor, below: Tensor,
+                        next_mid: Tensor, sorted_code: Tensor) -> Tensor:
+    """Each ``blocksize``-value block of float32 ``weight`` ``[rows, cols]``: its absmax times the
+    factor of ``grid`` whose rounding to the code's levels has the least error weighted by
+    ``importance`` ``[cols]`` (:mod:`sli.kernels.nearest`). Returns float32 ``[rows, cols // blocksize]``."""
+    rows, cols = weight.shape
+    best = np.empty(rows * (cols // blocksize), np.float32)
+    _run("search_block_maxima", best.shape[0], weight.numel() * grid.numel() * 8, _np(_flat(weight)),
+         _np(importance.float().contiguous()), _np(grid.float().contiguous()), _np(below), _np(next_mid),
+         _np(sorted_code), best)
+    return torch.from_numpy(best).view(rows, cols // blocksize)
+
+
 def dequantize_blockwise8(q: Tensor, absmax: Tensor, code: Tensor, blocksize: int, offset: float = 0.0) -> Tensor:
     """``code[q] * absmax[block] + offset`` as float32 (bitsandbytes' blockwise 8-bit, e.g. the
     double-quantized block maxima of a 4-bit weight)."""

@@ -83,10 +83,10 @@ def simd_helpers():
 
 def _build(h) -> dict:
     """Compile (or load from the on-disk cache) the kernels over helpers ``h``; called once, lazily."""
-    from . import activations, attention, four_bit, int4, unpacked
+    from . import activations, attention, four_bit, int4, nearest, unpacked
 
     kernels = {}
-    for module in (four_bit, unpacked, activations, int4, attention):
+    for module in (four_bit, unpacked, activations, int4, attention, nearest):
         kernels.update(module.build(h))
     return kernels
 

