@@ -310,6 +310,24 @@ def test_calibration_passes_run_in_bfloat16_where_the_cpu_multiplies_it(tiny, tm
     assert 0 < float((rounded.matrix - exact.matrix).abs().max() / exact.matrix.abs().max()) <= 2 ** -8
 
 
+def test_the_hessian_pass_stops_as_the_last_linear_s_input_arrives(tiny, tmp_path):
+    from sli.calibration import layer_inputs, layer_solve
+
+    with UniversalSLIProcessor(tiny, _config(), cache_dir=tmp_path, device="cpu") as proc, torch.inference_mode():
+        hidden, per_layer = layer_inputs(proc, torch.arange(1, 33).unsqueeze(0))
+        layer = layer_solve.layer_module(proc, 0, proc._checkpoint_state(0))
+        paths = [p for p in proc._linears[0]]
+        groups = layer_solve._input_groups(layer, paths, hidden, per_layer[0])
+        assert groups[-1] == ["mlp.down_proj"]
+        ran = []
+        layer.mlp.down_proj.register_forward_hook(lambda *a: ran.append(1))
+        hessians = layer_solve._hessians(layer, groups, None, lambda chunk: hidden, [(0, per_layer[0])] * 2,
+                                         torch.device("cpu"))
+    assert ran == []  # down_proj's product is never computed, its input's Hessian is
+    assert [h.tokens for h in hessians] == [64] * len(groups)
+    assert all(bool(h.matrix.diagonal().gt(0).all()) for h in hessians)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "phi3", "gemma2"])
 def test_calibration_runs_other_layouts(tmp_path, family, monkeypatch):
     # GPT-2: Conv1D weights ([in, out]) and blocks that take positional arguments; Phi-3: fused qkv /

@@ -14,6 +14,7 @@ package below it, each importing only those after it:
 - :mod:`~sli.kernels.four_bit`, :mod:`~sli.kernels.int4`, :mod:`~sli.kernels.unpacked`,
   :mod:`~sli.kernels.activations`: the numba kernels per format, built over one level's helpers;
   :mod:`~sli.kernels.attention`: a decode step's attention over int8 or bfloat16 keys and values;
+  :mod:`~sli.kernels.nearest`: rounding to NF4/FP4's levels for GPTQ;
 - :mod:`~sli.kernels.simd` (with :mod:`~sli.kernels.simd_float`, :mod:`~sli.kernels.simd_int8`,
   :mod:`~sli.kernels.simd_ir`): the AVX-512 / AVX2 helpers, numba intrinsics, imported behind a
   guard; :mod:`~sli.kernels.plain`: the same helpers in plain numba;

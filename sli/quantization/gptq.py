@@ -54,9 +54,9 @@ _SOLVE_VALUES = 1 << 25  # weight values solved at once (a slab of rows, 128 MB 
 class Hessian:
     """The running ``sum x^T x`` of a linear's inputs (``x`` rows are tokens), float32.
 
-    bfloat16 inputs on a CPU are multiplied in bfloat16 (the matrix units' dtype: ~2x float32's
-    rate at 512 rows, more at larger ones): each chunk's product is rounded to bfloat16 (2^-9
-    relative) before it joins the float32 sum."""
+    bfloat16 inputs on a CPU are multiplied in bfloat16 (the matrix units' dtype: ``x^T x`` of
+    8192 rows of 4096 at ~1.9x float32's rate on 2 AMX cores): each chunk's product is rounded
+    to bfloat16 (2^-9 relative) before it joins the float32 sum."""
 
     def __init__(self, in_features: int, device: Optional[torch.device] = None) -> None:
         self.matrix = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
@@ -156,7 +156,7 @@ class _Grid:
     def _round4(self, scaled: Tensor) -> Tensor:
         """The nearest code value of each ``scaled``: the count of midpoints below it (bucketize's
         rule, by table: torch's bucketize is a scalar binary search) indexes the sorted code.
-        On CPU the numba kernel applies the same rule in one pass (~20x fewer passes over memory)."""
+        On CPU the numba kernel applies the same rule in one pass over the values."""
         if _on_kernels(scaled):
             return kernels.round_to_levels(scaled, self.below, self.next_mid, self.sorted_code)
         bins = (scaled.clamp(-1, 1) + 1).mul_(_BINS / 2).long().clamp_(max=_BINS - 1)
