@@ -26,7 +26,7 @@ def pass_dtype(processor) -> torch.dtype:
     that multiplies bfloat16 in hardware (:func:`sli.kernels.prompt_dtype`: AMX, AVX-512 BF16)
     where that is float32: then bfloat16. The passes are products of thousands of rows by
     each weight, bound by arithmetic, which those units do several times faster (a 7B-shaped
-    layer: docs/benchmarks.md); the Hessians are still summed in float32."""
+    layer: docs/benchmarks.md); the Hessians are multiplied and summed in float32."""
     if processor.device.type == "cpu" and processor.compute_dtype == torch.float32:
         return kernels.prompt_dtype()
     return processor.compute_dtype

@@ -54,21 +54,17 @@ _SOLVE_VALUES = 1 << 25  # weight values solved at once (a slab of rows, 128 MB 
 class Hessian:
     """The running ``sum x^T x`` of a linear's inputs (``x`` rows are tokens), float32.
 
-    bfloat16 inputs on a CPU are multiplied in bfloat16 (the matrix units' dtype: ``x^T x`` of
-    8192 rows of 4096 at ~1.9x float32's rate on 2 AMX cores): each chunk's product is rounded
-    to bfloat16 (2^-9 relative) before it joins the float32 sum."""
+    Multiplied in float32 whatever ``x``'s dtype: a product in bfloat16 (~1.9x the rate on AMX;
+    torch has no float32 output for it on CPU) is rounded to bfloat16, and that rounding made a
+    7B-shaped layer's Hessians indefinite: they needed 10-100x the dampening (docs/benchmarks.md)."""
 
     def __init__(self, in_features: int, device: Optional[torch.device] = None) -> None:
         self.matrix = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.tokens = 0
 
     def add(self, x: Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1])
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-            self.matrix.add_(x.t() @ x)
-        else:
-            x = x.float()
-            self.matrix.addmm_(x.t(), x)
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.matrix.addmm_(x.t(), x)
         self.tokens += x.shape[0]
 
 
