@@ -90,19 +90,6 @@ def test_the_rounding_kernels_give_the_torch_rule_s_levels_and_maxima(mode, monk
     assert torch.allclose(with_kernels.absmax, plain.absmax, rtol=0.03)
 
 
-def test_the_inverse_factor_inverts_by_halves_as_a_triangular_solve_does():
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(3000, 1500, generator=g) * torch.rand(1500, generator=g)
-    H = x.t() @ x
-    H.diagonal().add_(0.01 * float(H.diagonal().mean()))
-    R = torch.linalg.cholesky(H.flip(0, 1)).flip(0, 1)  # upper, 1500 wide: two levels of halves at 512
-    U = gptq_module._upper_inverse(R)
-    assert torch.equal(U, U.triu())
-    assert float((U @ R - torch.eye(1500)).abs().max()) < 1e-4
-    reference = torch.linalg.solve_triangular(R, torch.eye(1500), upper=True)
-    assert float((U - reference).abs().max() / reference.abs().max()) < 1e-5
-
-
 def test_linears_sharing_an_input_solve_as_one_matrix():
     weight, x, H = _problem(rows=64, cols=256, seed=2)
     other = (0.02 * torch.randn(32, 256, generator=torch.Generator().manual_seed(3))).to(torch.bfloat16)
