@@ -71,7 +71,7 @@ def _hessians(layer: nn.Module, groups: List[List[str]], stop_after: Optional[st
     """Each group's Hessian over every chunk (``read(chunk)``: its input); the forward stops after
     ``stop_after`` runs (the rest of the layer is not needed yet), or, with None, as the last
     group's input arrives (its product and what follows it are not needed: a 7B-shaped layer's
-    down_proj is ~1/4 of the pass)."""
+    down_proj is ~1/8 of the pass's arithmetic)."""
     hessians = [Hessian(_in_features(layer.get_submodule(g[0])), device) for g in groups]
 
     def collect(h: Hessian, stop: bool):

@@ -186,6 +186,7 @@ def _inverse_factor(H: Tensor, damp: float) -> Tensor:
     With ``J`` the reversal permutation and ``J H J = M M^T`` (Cholesky), ``R = J M J`` is upper
     triangular with ``H = R R^T``, so ``H^-1 = (R^-1)^T R^-1`` and ``U = R^-1``: one Cholesky and
     one triangular solve, half the work of inverting ``H`` and factoring the inverse."""
+    n = H.shape[0]
     mean_diag = float(torch.diagonal(H).mean())
     for attempt in range(6):
         Hd = H.flip(0, 1)
@@ -193,7 +194,6 @@ def _inverse_factor(H: Tensor, damp: float) -> Tensor:
         M, info = torch.linalg.cholesky_ex(Hd)
         del Hd
         if int(info) == 0:
-            n = H.shape[0]
             U = torch.linalg.solve_triangular(M.flip(0, 1), torch.eye(n, dtype=H.dtype, device=H.device), upper=True)
             if bool(torch.isfinite(U).all()):
                 if attempt:
