@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from . import kernels
@@ -22,7 +23,7 @@ from .kv_cache import KVRead
 NAME = "sli"
 
 # Keyword arguments the decode kernel has no answer for: with any of them set, SDPA runs.
-_UNSUPPORTED = ("softcap", "sliding_window", "s_aux", "sinks", "position_bias", "output_attentions")
+UNSUPPORTED = ("softcap", "sliding_window", "s_aux", "sinks", "position_bias", "output_attentions")
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key, value, attention_mask: Optional[torch.Tensor],
@@ -43,7 +44,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key, value, 
 def _decodes_in_place(query: torch.Tensor, key: KVRead, dropout: float, kwargs) -> bool:
     return (query.shape[2] == 1 and query.device.type == "cpu" and query.dtype == torch.float32 and not dropout
             and key.dtype in (torch.int8, torch.bfloat16) and kernels.kernels_enabled()
-            and not any(kwargs.get(name) for name in _UNSUPPORTED))
+            and not any(kwargs.get(name) for name in UNSUPPORTED))
 
 
 def _decode(query: torch.Tensor, key: KVRead, value: KVRead, attention_mask: Optional[torch.Tensor],
@@ -56,6 +57,17 @@ def _decode(query: torch.Tensor, key: KVRead, value: KVRead, attention_mask: Opt
         bias = _bias(attention_mask, b, length)
         out[b, 0] = kernels.decode_attention(query[b, :, 0], k, k_scale, v, v_scale, bias, length, scaling)
     return out
+
+
+def decode_one(query, layer, attention_mask: Optional[torch.Tensor], scaling: float):
+    """One sequence's one query (float32 numpy ``[H * D]``, rotated) attending to the compact
+    layer ``layer``'s stored positions (the new one written: :meth:`CompactKVLayer.append_one`),
+    as :func:`attention_forward` computes it: float32 ``[H, D]``."""
+    keys, key_scale, values, value_scale = layer.arrays()
+    length = layer.length
+    bias = np.zeros(length, np.float32) if attention_mask is None else _bias(attention_mask, 0, length).numpy()
+    return kernels.decode_attention_arrays(query.reshape(-1, keys.shape[2]), keys, key_scale, values, value_scale,
+                                           bias, length, scaling)
 
 
 def _bias(attention_mask: Optional[torch.Tensor], row: int, length: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 KV_DTYPES = ("float32", "bfloat16", "int8")
+_NO_SCALE = torch.empty(0, 0).numpy()
 MADV_WILLNEED, MADV_DONTNEED = 3, 4
 
 
@@ -80,6 +81,7 @@ class _Store:
         self.spill_dir = spill_dir
         self.data: Optional[torch.Tensor] = None
         self.scale: Optional[torch.Tensor] = None
+        self._arrays = None  # numpy views of a one-row store, made once per buffer
 
     @property
     def capacity(self) -> int:
@@ -103,6 +105,21 @@ class _Store:
             if scale is not None:
                 scale[:, :, :keep] = self.scale[:, :, :keep]
         self.data, self.scale = data, scale
+        self._arrays = None
+
+    def arrays(self):
+        """A one-row store's buffers as numpy: ``(data [H, capacity, D], scale [H, capacity])``,
+        bfloat16 as its bits (uint16), no scale (an empty array) unless int8 (what the decode
+        kernels take)."""
+        if self._arrays is None:
+            data = self.data[0]
+            if data.dtype == torch.bfloat16:
+                data = data.view(torch.int16).numpy().view("uint16")
+            else:
+                data = data.numpy()
+            scale = self.scale[0, :, :, 0].numpy() if self.scale is not None else _NO_SCALE
+            self._arrays = (data, scale)
+        return self._arrays
 
     def write(self, start: int, states: torch.Tensor) -> None:
         stop = start + states.shape[2]
@@ -226,6 +243,32 @@ def _compact_layer_class():
             keys, values = self._keys.read(needed, key_states.dtype), self._values.read(needed, value_states.dtype)
             self.release()  # attention reads the float copies: a spilled layer's pages can go
             return keys, values
+
+        def append_one(self, keys, values) -> bool:
+            """Write one position of a one-row layer from float32 numpy ``keys`` and ``values``
+            (``[H * D]``, the decode step's), as :meth:`update` would write it; False (nothing
+            written) where this layer takes :meth:`update` instead: not yet written by a prompt,
+            spilled, several rows, float32 or full."""
+            data = self._keys.data
+            if (data is None or self.spilled or data.shape[0] != 1 or self.kv_dtype == "float32"
+                    or self.length >= data.shape[2] or data.device.type != "cpu"):
+                return False
+            from .kernels import layer_ops
+
+            ops, heads = layer_ops(), data.shape[1]
+            for store, states in ((self._keys, keys), (self._values, values)):
+                stored, scale = store.arrays()
+                if self.kv_dtype == "int8":
+                    ops["store_int8"](states, heads, stored, scale, self.length)
+                else:
+                    ops["store_bf16"](states, heads, stored, self.length)
+            self.length += 1
+            return True
+
+        def arrays(self):
+            """``(keys, key scales, values, value scales)`` of a one-row layer as numpy
+            (:meth:`_Store.arrays`), for the decode kernels; valid up to :attr:`length`."""
+            return (*self._keys.arrays(), *self._values.arrays())
 
         def packed(self) -> "tuple[KVRead, KVRead]":
             """The stored keys and values as :class:`KVRead` s (one pair: the keys' read

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import device as device_calls
+from .decode_step import DecodeStep
 from .quantization import QuantizedLinear
 from .streaming import LayerStreamer, LayerTiming, LoadedLayer
 
@@ -49,6 +50,7 @@ class LayerRunner:
         self._span: Tuple[int, int] = (0, len(layers))  # the layers the current pass runs
         self._pass_start = 0.0
         self._forwards = [layer.forward for layer in layers]  # each layer's own forward
+        self._steps: Dict[int, Optional[DecodeStep]] = {}  # loaded layers' one-token steps, built on first use
         for index, layer in enumerate(layers):
             layer.forward = functools.partial(self._run_layer, index, layer.forward)
 
@@ -68,12 +70,14 @@ class LayerRunner:
             self.resident[index] = loaded
 
     def _materialize(self, index: int, loaded: LoadedLayer) -> None:
+        self._steps.pop(index, None)
         layer = self.layers[index]
         layer.load_state_dict(loaded.state, strict=False, assign=True)
         for path, qweight in loaded.qweights.items():
             layer.get_submodule(path).load(qweight)
 
     def _unload(self, index: int) -> None:
+        self._steps.pop(index, None)
         layer = self.layers[index]
         for module in layer.modules():
             if isinstance(module, QuantizedLinear):
@@ -126,7 +130,7 @@ class LayerRunner:
                 def calls(forward=forward, index=index) -> None:
                     for job in jobs:
                         args, kwargs = job.layer_inputs[index]
-                        out = forward(job.hidden, *args, **kwargs)
+                        out = self._call(index, forward, (job.hidden, *args), kwargs)
                         job.returns_tuple = isinstance(out, tuple)
                         job.hidden = out[0] if job.returns_tuple else out
 
@@ -135,7 +139,19 @@ class LayerRunner:
         self.run(body)
 
     def _run_layer(self, index: int, forward: Callable, *args, **kwargs):
-        return self._with_layer(index, lambda: forward(*args, **kwargs))
+        return self._with_layer(index, lambda: self._call(index, forward, args, kwargs))
+
+    def _call(self, index: int, forward: Callable, args: tuple, kwargs: dict):
+        """Layer ``index`` (loaded) on ``args``/``kwargs``: its :class:`DecodeStep` for one
+        position on CPU, where the layer has one, else its own forward."""
+        if index not in self._steps:
+            self._steps[index] = DecodeStep.build(self.layers[index])
+        step = self._steps[index]
+        if step is not None:
+            out = step.run(args, kwargs)
+            if out is not None:
+                return out
+        return forward(*args, **kwargs)
 
     def _with_layer(self, index: int, body: Callable[[], T]) -> T:
         """Fetch layer ``index``, run ``body``, record the timing, release the layer."""

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import attention, batched_step
+from . import attention, batched_step, decode_step
 from . import device as device_calls
 from . import kernels
 from . import memory_sizing
@@ -122,6 +122,7 @@ class UniversalSLIProcessor:
             if self.compute_dtype == torch.float32:
                 # NONE too: a bfloat16 head multiplies with the bf16 kernel, and skipped linears stay as stored
                 warm_up_kernels(self.quantizer.configs() + [QuantizationConfig()])
+                decode_step.warm_up()
 
         self.memory_budget = budget_bytes(self.device, max_gpu_memory_gb, memory_budget_gb)
         if max_memory_cache_size_gb is None and self.memory_budget is not None:

@@ -53,6 +53,8 @@ DEFAULT_SETTINGS = {
 #   SLI_INT8_MATMUL=torch|numba  INT8 products of 17 rows or more in torch._int_mm (oneDNN's int8
 #                   tiles) or in sli's kernels (default: torch._int_mm on a CPU with AMX)
 #   SLI_NO_COMPILE=1  no torch.compile for the 4-bit quantizer (the eager path, same bytes)
+#   SLI_NO_DECODE_STEP=1  a decode token runs transformers' modules layer by layer, not sli's
+#                   one-token step for Llama-family layers (sli.decode_step)
 
 
 def flag(name: str) -> bool:

@@ -45,9 +45,11 @@ def _processor(model_dir, tmp_path, kv_dtype, **kwargs):
 
 
 def _count_kernel_calls(monkeypatch):
+    """The context length of each decode attention kernel call (through sli.attention's
+    function or the decode step's own call)."""
     calls = []
-    real = kernels.decode_attention
-    monkeypatch.setattr(sli_attention.kernels, "decode_attention", lambda *a: calls.append(a[6]) or real(*a))
+    real = kernels.decode_attention_arrays
+    monkeypatch.setattr(kernels, "decode_attention_arrays", lambda *a: calls.append(a[6]) or real(*a))
     return calls
 
 

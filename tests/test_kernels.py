@@ -262,7 +262,7 @@ def test_prompts_go_to_blas():
 def test_a_decode_pass_holds_torch_to_one_thread_and_the_kernels_to_all(monkeypatch):
     # torch's OpenMP workers spin after its ops on the cores the kernels' threads need
     from sli.kernels import dispatch
-    monkeypatch.setattr(dispatch, "_INLINE_WORK", 0)  # split even a small product across threads
+    monkeypatch.setattr(dispatch, "INLINE_WORK", 0)  # split even a small product across threads
     torch.set_num_threads(2)
     codec = codec_for("nf4")
     q = codec.prepare(codec.quantize(_weight((256, 128)), QuantizationConfig(mode="nf4")))

@@ -53,7 +53,7 @@ __all__ = [
     "q4_order", "use_fused", "int8_activations", "quantize_rows", "matmul_4bit", "matmul_4bit_nested",
     "dequantize_4bit", "dequantize_blockwise8", "matmul_int8", "matmul_int4", "matmul_lut8", "matmul_fp8",
     "matmul_bf16", "dequantize_int4", "matrix_units", "prompt_dtype", "int8_matrix_rows", "torch_on_one_thread",
-    "fused_pass", "FUSED_PASS_MAX_CONTEXT", "decode_attention",
+    "fused_pass", "FUSED_PASS_MAX_CONTEXT", "decode_attention", "decode_attention_arrays", "layer_ops",
 ]
 
 # Above this many activation rows dequantize-then-BLAS beats the fused kernels.
@@ -107,6 +107,12 @@ def fused_pass(rows: int, device: torch.device, context: int = 0):
             and kernels_enabled()):
         return torch_on_one_thread()
     return contextlib.nullcontext()
+
+
+def layer_ops() -> dict:
+    """The decode step's small kernels by name (:mod:`sli.kernels.decode_ops`): ``rms_norm``,
+    ``add_rms_norm``, ``add``, ``rotate``, ``silu_mul``."""
+    return _table()
 
 
 def int8_activations(rows: int) -> bool:
@@ -391,16 +397,24 @@ def decode_attention(query: Tensor, keys: Tensor, key_scale: Optional[Tensor], v
     scales ``[Hk, capacity]`` (a scale per position and head) or bfloat16 with scales None;
     ``H`` a multiple of ``Hk`` (grouped attention); ``bias`` float32 ``[length]`` (-inf masks
     a position)."""
-    heads, dim = query.shape
-    out = torch.empty(heads, dim, dtype=torch.float32)
     if keys.dtype == torch.int8:
-        name, stored = "decode_attention_int8", (_np(keys), _np(key_scale), _np(values), _np(value_scale))
+        stored = (_np(keys), _np(key_scale), _np(values), _np(value_scale))
     elif keys.dtype == torch.bfloat16:
-        name, stored = "decode_attention_bf16", (_bf16_bits(keys), _NO_SCALE_2D, _bf16_bits(values), _NO_SCALE_2D)
+        stored = (_bf16_bits(keys), _NO_SCALE_2D, _bf16_bits(values), _NO_SCALE_2D)
     else:
         raise ValueError(f"decode_attention reads int8 or bfloat16 keys and values, not {keys.dtype}")
-    _run(name, keys.shape[0], 2 * length * keys.shape[0] * dim, _np(query.contiguous()), *stored, _np(bias), length,
-         float(scaling), _np(out))
+    return torch.from_numpy(decode_attention_arrays(_np(query.contiguous()), *stored, _np(bias), length, scaling))
+
+
+def decode_attention_arrays(query: np.ndarray, keys: np.ndarray, key_scale: np.ndarray, values: np.ndarray,
+                            value_scale: np.ndarray, bias: np.ndarray, length: int, scaling: float) -> np.ndarray:
+    """:func:`decode_attention` on numpy arrays: bfloat16 keys and values as their bits
+    (uint16) with empty ``[0, 0]`` scales, int8 ones with theirs. Returns float32 ``[H, D]``."""
+    heads, dim = query.shape
+    out = np.empty((heads, dim), np.float32)
+    name = "decode_attention_int8" if keys.dtype == np.int8 else "decode_attention_bf16"
+    _run(name, keys.shape[0], 2 * length * keys.shape[0] * dim, query, keys, key_scale, values, value_scale, bias,
+         length, float(scaling), out)
     return out
 
 

@@ -83,10 +83,10 @@ def simd_helpers():
 
 def _build(h) -> dict:
     """Compile (or load from the on-disk cache) the kernels over helpers ``h``; called once, lazily."""
-    from . import activations, attention, four_bit, int4, nearest, unpacked
+    from . import activations, attention, four_bit, int4, decode_ops, nearest, unpacked
 
     kernels = {}
-    for module in (four_bit, unpacked, activations, int4, attention, nearest):
+    for module in (four_bit, unpacked, activations, int4, attention, nearest, decode_ops):
         kernels.update(module.build(h))
     return kernels
 
@@ -116,7 +116,7 @@ def lanes() -> int:
 
 
 _pool: Optional[ThreadPoolExecutor] = None
-_INLINE_WORK = settings.DEFAULT_SETTINGS["kernel_inline_work"]  # below: one thread beats handing out
+INLINE_WORK = settings.DEFAULT_SETTINGS["kernel_inline_work"]  # below: one thread beats handing out
 
 
 _kernel_threads: Optional[int] = None  # set while torch_on_one_thread() holds torch to one
@@ -161,7 +161,7 @@ def run(name: str, count: int, work: int, *args) -> None:
     global _pool
     kernel = table()[name]
     threads = min(_threads(), count)
-    if threads <= 1 or work < _INLINE_WORK:
+    if threads <= 1 or work < INLINE_WORK:
         kernel(*args, 0, count)
         return
     if _pool is None:

@@ -72,6 +72,12 @@ class Codec:
         (:mod:`sli.kernels`), or None where this weight has no kernel."""
         return None
 
+    def row_product(self, q: QuantizedTensor, bias: Optional[Tensor]):
+        """A :class:`sli.kernels.bound.RowProduct` of the prepared ``q`` (and ``bias``): the
+        :meth:`fused_linear` of int8-quantized rows, looked up once; None where this weight has
+        none (the decode step then calls the module)."""
+        return None
+
     def row_slice(self, q: QuantizedTensor, start: int, stop: int) -> Optional[QuantizedTensor]:
         """Rows ``[start, stop)`` of the weight as a :class:`QuantizedTensor` of views (the
         prepared ``_`` tensors sliced too), or None where this codec does not slice."""

@@ -193,6 +193,17 @@ class _FourBitCodec(Codec):
         return kernels.matmul_4bit_nested(x, t["weight"], t["weight.absmax"], t["_nested"], t["_nested_code"], offset,
                                           int(nested_blocksize), t["_code"], bs, out_features, bias)
 
+    def row_product(self, q: QuantizedTensor, bias: Optional[Tensor]):
+        from ...kernels import bound
+
+        out_features, in_features = (int(d) for d in q.metadata["shape"])
+        t, bs = q.tensors, int(q.metadata["blocksize"])
+        if "_absmax" in t:
+            return bound.four_bit(t["weight"], t["_code"], bs, out_features, in_features, bias, absmax=t["_absmax"])
+        offset, nested_blocksize = t["_nested_offset"].tolist()
+        return bound.four_bit(t["weight"], t["_code"], bs, out_features, in_features, bias,
+                              nested=(t["weight.absmax"], t["_nested"], t["_nested_code"], offset, int(nested_blocksize)))
+
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
         qt = self.quant_type
         t = q.tensors

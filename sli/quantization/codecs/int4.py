@@ -113,3 +113,12 @@ class Int4Codec(Codec):
         return kernels.matmul_int4(x, t["weight"], t["_scales"], t["_zeros"], int(q.metadata["group_size"]),
                                    int(q.metadata["shape"][1]), bias)
 
+    def row_product(self, q: QuantizedTensor, bias: Optional[Tensor]):
+        if len(q.metadata["shape"]) != 2:
+            return None
+        from ...kernels import bound
+
+        t = q.tensors
+        return bound.int4(t["weight"], t["_scales"], t["_zeros"], int(q.metadata["group_size"]),
+                          int(q.metadata["shape"][1]), bias)
+

@@ -104,6 +104,17 @@ class Int8Codec(Codec):
             y += x[..., cols] @ t["_outliers"].t()  # the outlier columns' 16-bit part
         return y
 
+    def row_product(self, q: QuantizedTensor, bias: Optional[Tensor]):
+        if self.mode != QuantizationMode.INT8:
+            return None  # INT8_DYNAMIC's activations are on their own grid
+        from ...kernels import bound
+
+        t = q.tensors
+        cols = t.get("weight.outlier_cols")
+        if cols is None or not cols.numel():
+            return bound.int8(t["weight"], t["_scale"], bias)
+        return bound.int8(t["weight"], t["_scale"], bias, cols, t["_outliers"])
+
 
 class Int8DynamicCodec(Int8Codec):
     """Int8 weights (no outliers) plus per-token int8 fake-quantized activations: per token the

@@ -1,0 +1,212 @@
+"""A decoder layer's one-token step in a few kernel calls, for the families whose layers are
+Llama's: pre-norm RMSNorm, rotary attention, a SiLU-gated MLP (Llama, Mistral, Qwen2).
+
+Run through ``transformers``' modules, one token of one layer is ~40 torch operations and 7
+module calls, each a few to tens of microseconds of Python and dispatch: on SmolLM2-135M
+(30 layers of products that take ~60 µs each) that was ~3/4 of a decode step
+(docs/benchmarks.md). :class:`DecodeStep` runs the same layer as ~15 calls: its norms,
+rotary embedding, SiLU and residual adds as numba kernels (:mod:`sli.kernels.decode_ops`), its
+products as :class:`~sli.kernels.bound.RowProduct` s (the layer's kernels, their arrays looked
+up once, q/k/v and gate/up sharing one quantized input), its keys and values through the KV
+cache's own ``update`` and its attention through :mod:`sli.attention`, exactly as the module
+calls them. Prompts, GPUs, other families and anything the step does not cover run
+``transformers``' forward. ``SLI_NO_DECODE_STEP=1`` turns the step off.
+
+The architecture stays ``transformers``': the step applies to the classes in
+:data:`LLAMA_LAYERS` only, and tests/test_decode_step.py checks their forwards are still
+Llama's and that the step's output equals the module's (to float32 rounding: the norms sum
+in another order; the products are the same kernels, bit for bit).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import attention, kernels, settings
+from .kernels import bound
+from .quantization import QuantizedLinear
+
+# Decoder-layer classes whose forward is Llama's (pinned by tests/test_decode_step.py). Their
+# attention differs only in passing a sliding window (Mistral, Qwen2): a layer with one set
+# keeps transformers' forward.
+LLAMA_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+_SILU = ("SiLUActivation", "SiLU")
+_PRODUCTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj")
+
+
+def enabled() -> bool:
+    return kernels.kernels_enabled() and not settings.flag("SLI_NO_DECODE_STEP")
+
+
+def warm_up() -> None:
+    """Compile, or load from numba's on-disk cache, the step's small kernels (with the types
+    of its calls), so the first token does not pay for it."""
+    if not enabled():
+        return
+    ops = kernels.layer_ops()
+    rows, cos = np.zeros((1, 64), np.float32), np.zeros((1, 16), np.float32)
+    weight, out = np.ones(64, np.float32), np.empty((1, 64), np.float32)
+    ops["rms_norm"](rows, weight, 1e-5, out)
+    ops["add_rms_norm"](rows, out, weight, 1e-5, out)
+    ops["add"](rows, out)
+    ops["rotate"](out, 4, cos, cos)
+    ops["silu_mul"](out, rows, out)
+    ops["store_bf16"](rows[0], 4, np.zeros((4, 2, 16), np.uint16), 0)
+    ops["store_int8"](rows[0], 4, np.zeros((4, 2, 16), np.int8), np.zeros((4, 2), np.float32), 0)
+
+
+class DecodeStep:
+    """One loaded layer's step; :meth:`run` returns None where it does not apply."""
+
+    def __init__(self, layer: nn.Module, products: Dict[str, bound.RowProduct]) -> None:
+        attn = layer.self_attn
+        self.attn = attn
+        self.layer_idx = attn.layer_idx
+        self.scaling = attn.scaling
+        self.head_dim = attn.head_dim
+        forms: Dict[bound.Activations, bound.Activations] = {}
+        for product in products.values():  # equal forms as one object: shared by identity
+            product.activations = forms.setdefault(product.activations, product.activations)
+        self.q, self.k, self.v, self.o, self.gate, self.up, self.down = (products[p] for p in _PRODUCTS)
+        self._scratch: Dict[int, _Scratch] = {}  # by row count: the arrays a call writes, reused
+        self.heads = self.q.out_features // self.head_dim
+        self.kv_heads = self.k.out_features // self.head_dim
+        self.norm1 = _norm(layer.input_layernorm)
+        self.norm2 = _norm(layer.post_attention_layernorm)
+
+    @classmethod
+    def build(cls, layer: nn.Module) -> Optional["DecodeStep"]:
+        """The step of ``layer`` (its weights loaded), or None for a layer it does not cover."""
+        if not enabled() or type(layer).__name__ not in LLAMA_LAYERS:
+            return None
+        attn, mlp = layer.self_attn, layer.mlp
+        if (type(mlp.act_fn).__name__ not in _SILU or _sliding_window(layer) is not None
+                or getattr(attn.config, "_attn_implementation", None) != attention.NAME):
+            return None
+        products = {}
+        for path in _PRODUCTS:
+            module = layer.get_submodule(path)
+            if not isinstance(module, QuantizedLinear) or not module.loaded or module.compute_dtype != torch.float32:
+                return None
+            codec = module.codec
+            product = codec.row_product(codec.prepare(module.qweight), module.bias)
+            if product is None:
+                return None
+            products[path] = product
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            if norm.weight.device.type != "cpu" or not hasattr(norm, "variance_epsilon"):
+                return None
+        return cls(layer, products)
+
+    def run(self, args: tuple, kwargs: Dict[str, Any]) -> Optional[torch.Tensor]:
+        """The layer's output for the call ``layer(*args, **kwargs)``, or None where the step
+        does not apply (more than one position, no KV cache, rows the kernels do not take)."""
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if (hidden is None or len(args) > 1 or hidden.dim() != 3 or hidden.shape[1] != 1
+                or hidden.dtype != torch.float32 or hidden.device.type != "cpu"
+                or not 0 < hidden.shape[0] <= kernels.FUSED_MAX_TOKENS or not bound.takes(hidden.shape[0])):
+            return None
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        rotary = kwargs.get("position_embeddings")
+        if cache is None or rotary is None or kwargs.get("output_attentions"):
+            return None
+        rest = {k: v for k, v in kwargs.items()
+                if k not in ("hidden_states", "attention_mask", "cache", "past_key_values", "position_embeddings")}
+        return self._step(hidden, kwargs.get("attention_mask"), cache, rotary, rest)
+
+    def _step(self, hidden: torch.Tensor, mask, cache, rotary: Tuple[torch.Tensor, torch.Tensor],
+              rest: Dict[str, Any]) -> torch.Tensor:
+        ops = kernels.layer_ops()
+        rows = hidden.shape[0]
+        scratch = self._scratch.get(rows) or self._scratch.setdefault(rows, _Scratch(self, rows))
+        x = hidden.reshape(rows, -1).numpy().copy()  # the residual stream, updated in place: the output
+        normed = scratch.normed
+        ops["rms_norm"](x, self.norm1[0], self.norm1[1], normed)
+        q, k, v = self._products(normed, scratch, self.q, self.k, self.v)
+        cos, sin = (_rows(t, rows) for t in rotary)
+        ops["rotate"](q, self.heads, cos, sin)
+        ops["rotate"](k, self.kv_heads, cos, sin)
+        own = _one_row_layer(cache, self.layer_idx, rows, rest)
+        if own is not None and own.append_one(k[0], v[0]):  # one sequence: straight into its buffers
+            out = attention.decode_one(q[0], own, mask, self.scaling).reshape(1, -1)
+        else:  # as the module: the cache's update, then the attention function
+            keys, values = cache.update(_heads(k, rows, self.kv_heads, self.head_dim),
+                                        _heads(v, rows, self.kv_heads, self.head_dim), self.layer_idx)
+            out, _ = attention.attention_forward(self.attn, _heads(q, rows, self.heads, self.head_dim), keys, values,
+                                                 mask, dropout=0.0, scaling=self.scaling, **rest)
+            out = np.ascontiguousarray(out.reshape(rows, -1).numpy())
+        (attended,) = self._products(out, scratch, self.o)
+        ops["add_rms_norm"](x, attended, self.norm2[0], self.norm2[1], normed)
+        gate, up = self._products(normed, scratch, self.gate, self.up)
+        ops["silu_mul"](gate, up, gate)
+        (down,) = self._products(gate, scratch, self.down)
+        ops["add"](x, down)
+        return torch.from_numpy(x).view(hidden.shape)
+
+    @staticmethod
+    def _products(rows: np.ndarray, scratch: "_Scratch", *products: bound.RowProduct):
+        """Each product of float32 ``rows`` (into the scratch arrays), the input quantized once
+        per form."""
+        form = quantized = None
+        outputs = []
+        for product in products:
+            if product.activations is not form:
+                form = product.activations
+                quantized = form.quantize(rows, scratch.quantize[form])
+            y = scratch.outputs[product]
+            product(rows, quantized, y)
+            outputs.append(y)
+        return outputs
+
+
+class _Scratch:
+    """The arrays a step of ``rows`` rows writes besides its output, kept for the next call
+    (a layer runs one call at a time; each call's output is a fresh array)."""
+
+    def __init__(self, step: DecodeStep, rows: int) -> None:
+        products = (step.q, step.k, step.v, step.o, step.gate, step.up, step.down)
+        self.normed = np.empty((rows, step.norm1[0].shape[0]), np.float32)
+        self.outputs = {product: np.empty((rows, product.out_features), np.float32) for product in products}
+        self.quantize = {p.activations: p.activations.buffers(rows) for p in products}
+
+
+def _one_row_layer(cache, index: int, rows: int, rest: Dict[str, Any]):
+    """The cache's layer ``index`` where a one-row step can write and read it in place: an
+    sli compact layer with in-place reads (:mod:`sli.kv_cache`), and no attention option that
+    :func:`sli.attention.attention_forward` would hand to SDPA."""
+    layers = getattr(cache, "layers", None)
+    if rows != 1 or layers is None or index >= len(layers) or any(rest.get(name) for name in attention.UNSUPPORTED):
+        return None
+    layer = layers[index]
+    return layer if getattr(layer, "packed_reads", False) and hasattr(layer, "append_one") else None
+
+
+def _norm(norm: nn.Module) -> Tuple[np.ndarray, float]:
+    return norm.weight.detach().float().contiguous().numpy(), float(norm.variance_epsilon)
+
+
+def _sliding_window(layer: nn.Module) -> Optional[int]:
+    """The window the layer's attention passes (Qwen2: its own; Mistral: the config's)."""
+    attn = layer.self_attn
+    if type(layer).__name__ == "Qwen2DecoderLayer":
+        return getattr(attn, "sliding_window", None)
+    if type(layer).__name__ == "MistralDecoderLayer":
+        return getattr(attn.config, "sliding_window", None)
+    return None
+
+
+def _rows(t: torch.Tensor, rows: int) -> np.ndarray:
+    """cos or sin ``[B, 1, D]`` (or ``[1, 1, D]`` shared by the batch) as float32 ``[B, D]``."""
+    t = t.reshape(t.shape[0], -1)
+    if t.shape[0] != rows:
+        t = t.expand(rows, -1)
+    return t.to(torch.float32).contiguous().numpy()
+
+
+def _heads(x: np.ndarray, rows: int, heads: int, dim: int) -> torch.Tensor:
+    """``[B, heads * D]`` as the modules' ``[B, heads, 1, D]``."""
+    return torch.from_numpy(x).view(rows, 1, heads, dim).transpose(1, 2)

@@ -1,0 +1,185 @@
+"""Products bound to one weight: the kernel and its arrays looked up once, for a decode step
+that calls them every token (:mod:`sli.decode_step`).
+
+:func:`sli.kernels.matmul_int8` and its siblings take torch tensors and decide, every call,
+which kernel runs, how the activations are quantized and where the output goes: ~20-40 µs a
+call, as much as the product of a small model's weight. A :class:`RowProduct` is that
+decision made once, for rows of int8 activations: it holds the weight's numpy arrays and
+calls its kernel with activations quantized beforehand (:class:`Activations`), which several
+products of the same input (a layer's q, k and v) share. Its output is bit for bit
+the wrapper's for the same rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import INT8_LEVELS_ROWS, KEEP_FLOAT, _flat, _levels, _np, int8_activations, int8_matrix_rows
+from . import dispatch
+from .dispatch import run, table
+
+QuantizedRows = Tuple[np.ndarray, ...]  # (xq, xs, corr, bsum, oidx, oval), as the kernels take them
+
+
+@dataclass(frozen=True)
+class Activations:
+    """The int8 form a product takes its activation rows in: ``width`` columns (zeros past the
+    input's), one scale a row, the ``keep`` largest |x| of a row in float, the int8 sums a
+    block of ``sumblock``; ``half`` > 0: each ``2*half`` int8 values in the nibble order of
+    ``half`` packed bytes (the 4-bit kernels)."""
+
+    width: int
+    sumblock: int
+    keep: int
+    half: int = 0
+
+    def buffers(self, rows: int) -> "QuantizeBuffers":
+        """Room to quantize ``rows`` rows, for :meth:`quantize` to reuse."""
+        return QuantizeBuffers(self, rows)
+
+    def quantize(self, rows: np.ndarray, into: Optional["QuantizeBuffers"] = None) -> QuantizedRows:
+        """float32 ``rows`` ``[T, in]`` (``in`` ≤ ``width``) in this form, written into
+        ``into`` (its arrays returned) or fresh arrays."""
+        t, n = rows.shape
+        into = into if into is not None and into.rows == t else QuantizeBuffers(self, t)
+        if n != self.width:
+            into.padded[:, :n] = rows
+            rows = into.padded
+        xq, xs, corr, bsum, oidx, oval = into.arrays
+        table()["quantize_rows"](rows, self.width, self.sumblock, xq, xs, corr, bsum, oidx, oval)
+        if self.half:  # each 2*half values: the even ones, then the odd ones
+            into.ordered.reshape(t, -1, 2, self.half)[...] = xq.reshape(t, -1, self.half, 2).transpose(0, 1, 3, 2)
+            xq = into.ordered
+        return xq, xs, corr, bsum, oidx, oval
+
+
+class QuantizeBuffers:
+    """The arrays :meth:`Activations.quantize` writes for ``rows`` rows."""
+
+    def __init__(self, form: Activations, rows: int) -> None:
+        n = form.width
+        self.rows = rows
+        self.arrays = (np.empty(rows * n, np.int8), np.empty(rows, np.float32), np.empty(rows, np.float32),
+                       np.empty(rows * (n // form.sumblock), np.float32), np.empty((rows, form.keep), np.int64),
+                       np.empty((rows, form.keep), np.float32))
+        self.ordered = np.empty(rows * n, np.int8) if form.half else None
+        self.padded = np.zeros((rows, n), np.float32)  # only the first columns are written
+
+
+class RowProduct:
+    """``y = x @ W^T (+ bias)``: ``product(rows, quantized, y)`` fills float32 ``y``
+    ``[T, out_features]`` from ``rows`` (float32 ``[T, in]``) and their int8 form
+    ``quantized`` (``product.activations.quantize(rows)``). ``columns``/``outliers``: INT8's
+    outlier columns, whose float part meets the rows' float values.
+
+    ``call(quantized, y, work)`` runs the kernel; a product below the threads' threshold calls
+    it on this thread directly, as :func:`sli.kernels.dispatch.run` would."""
+
+    def __init__(self, activations: Activations, out_features: int, work_per_row: int,
+                 call: Callable[[QuantizedRows, np.ndarray, int], None], bias: Optional[Tensor],
+                 columns: Optional[Tensor] = None, outliers: Optional[Tensor] = None) -> None:
+        self.activations = activations
+        self.out_features = out_features
+        self._work = work_per_row
+        self._call = call
+        self._bias = None if bias is None else bias.float().contiguous()
+        self._columns = columns
+        self._outliers = None if outliers is None else outliers.t()
+
+    def __call__(self, rows: np.ndarray, quantized: QuantizedRows, y: np.ndarray) -> None:
+        self._call(quantized, y, self._work * y.shape[0])
+        if self._bias is None and self._columns is None:
+            return
+        out = torch.from_numpy(y)  # as the wrappers do it (torch's sums, bit for bit)
+        if self._bias is not None:
+            out += self._bias
+        if self._columns is not None:
+            out += torch.from_numpy(rows)[:, self._columns] @ self._outliers
+
+
+def _runner(name: str, count: int):
+    """``go(work, *args)``: kernel ``name`` over ``[0, count)``, on this thread below
+    :data:`~sli.kernels.dispatch.INLINE_WORK` (skipping :func:`run`'s lookups), else split."""
+    kernel = table()[name]
+
+    def go(work: int, *args) -> None:
+        if work < dispatch.INLINE_WORK:
+            kernel(*args, 0, count)
+        else:
+            run(name, count, work, *args)
+
+    return go
+
+
+def takes(rows: int) -> bool:
+    """Whether products of ``rows`` rows take int8 activations in sli's kernels, the case a
+    :class:`RowProduct` reproduces (not on the plain level, with float activations asked for,
+    or where ``torch._int_mm`` takes INT8's rows)."""
+    matrix_rows = int8_matrix_rows()
+    return int8_activations(rows) and INT8_LEVELS_ROWS and rows >= INT8_LEVELS_ROWS and not (
+        matrix_rows and rows >= matrix_rows)
+
+
+def int8(q: Tensor, scale: Tensor, bias: Optional[Tensor], columns: Optional[Tensor] = None,
+         outliers: Optional[Tensor] = None) -> Optional[RowProduct]:
+    """An INT8 weight ``q`` ``[out, in]`` with a float32 scale a row (:func:`sli.kernels.matmul_int8`),
+    and its outlier ``columns`` in float (``outliers`` ``[out, len(columns)]``) if any."""
+    out_features, in_features = q.shape
+    if in_features % 64:
+        return None
+    qf, sf = _np(_flat(q)), _np(scale.contiguous())
+    go = _runner("matmul_int8q", out_features)
+
+    def call(a: QuantizedRows, y: np.ndarray, work: int) -> None:
+        xq, xs, corr, _, oidx, oval = a
+        go(work, qf, sf, xq, xs, corr, oidx, oval, in_features, y)
+
+    return RowProduct(Activations(in_features, in_features, min(KEEP_FLOAT, in_features - 1)), out_features,
+                      q.numel() // 4, call, bias, columns, outliers)
+
+
+def four_bit(packed: Tensor, code: Tensor, blocksize: int, out_features: int, in_features: int,
+             bias: Optional[Tensor], absmax: Optional[Tensor] = None,
+             nested: Optional[Tuple[Tensor, Tensor, Tensor, float, int]] = None) -> Optional[RowProduct]:
+    """An NF4/FP4 weight with float32 block maxima ``absmax``, or double-quantized ones
+    ``nested = (qabsmax, nested, nested_code, offset, nested_blocksize)``
+    (:func:`sli.kernels.matmul_4bit`, :func:`~sli.kernels.matmul_4bit_nested`)."""
+    if blocksize % 64 or in_features % blocksize:
+        return None
+    pf, levels, cf = _np(_flat(packed)), _levels(code), _np(code)
+    if nested is None:
+        maxima, name = (_np(_flat(absmax)),), "matmul_4bitq"
+    else:
+        qabsmax, nested_absmax, nested_code, offset, nested_blocksize = nested
+        maxima = (_np(_flat(qabsmax)), _np(nested_absmax), _np(nested_code), float(offset), int(nested_blocksize))
+        name = "matmul_4bitq_nested"
+
+    go = _runner(name, out_features)
+
+    def call(a: QuantizedRows, y: np.ndarray, work: int) -> None:
+        xq, xs, _, bsum, oidx, oval = a
+        go(work, pf, *maxima, levels, cf, xq, bsum, xs, oidx, oval, blocksize, y)
+
+    activations = Activations(in_features, blocksize, min(KEEP_FLOAT, in_features - 1), 32)
+    return RowProduct(activations, out_features, out_features * in_features // 4, call, bias)
+
+
+def int4(packed: Tensor, scales: Tensor, zeros: Tensor, group: int, in_features: int,
+         bias: Optional[Tensor]) -> Optional[RowProduct]:
+    """A group-wise affine INT4 weight (:func:`sli.kernels.matmul_int4`)."""
+    if group % 128:
+        return None
+    out_features, padded = packed.shape[0], packed.shape[1] * 2
+    pf, sf, zf = _np(_flat(packed)), _np(_flat(scales)), _np(_flat(zeros))
+    go = _runner("matmul_int4q", out_features)
+
+    def call(a: QuantizedRows, y: np.ndarray, work: int) -> None:
+        xq, xs, _, gsum, oidx, oval = a
+        go(work, pf, sf, zf, xq, xs, gsum, oidx, oval, group, y)
+
+    activations = Activations(padded, group, min(KEEP_FLOAT, in_features - 1), 64)
+    return RowProduct(activations, out_features, packed.numel() * 2 // 4, call, bias)
