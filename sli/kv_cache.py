@@ -29,6 +29,8 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from .kernels import layer_ops
+
 KV_DTYPES = ("float32", "bfloat16", "int8")
 _NO_SCALE = torch.empty(0, 0).numpy()
 MADV_WILLNEED, MADV_DONTNEED = 3, 4
@@ -253,8 +255,6 @@ def _compact_layer_class():
             if (data is None or self.spilled or data.shape[0] != 1 or self.kv_dtype == "float32"
                     or self.length >= data.shape[2] or data.device.type != "cpu"):
                 return False
-            from .kernels import layer_ops
-
             ops, heads = layer_ops(), data.shape[1]
             for store, states in ((self._keys, keys), (self._values, values)):
                 stored, scale = store.arrays()
