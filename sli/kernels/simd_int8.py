@@ -174,8 +174,12 @@ def make_dot4l(level: str):
 
     AVX-512 VNNI's ``vpdpbusd`` takes the parts as unsigned bytes ``part + 128``; each block's
     sums start from ``negsum[(t0 + r) * blocks + block]`` = -128 * sum(xq over the block) in one
-    lane, which takes the excess back exactly (65 * 128 * sum(xq) once joined). AVX2 takes
-    ``|part|`` and ``xq`` with the part's sign (``negsum`` unread).
+    lane, which takes the excess back exactly (65 * 128 * sum(xq) once joined). AVX2's
+    ``vpmaddubsw`` adds pairs into int16, saturating: the high part (+-127) goes as ``|part|``
+    by ``xq`` with the part's sign (llama.cpp's way, two more operations a register); the low
+    part (+-32) goes as ``part + 32`` (0..64: a pair stays below 2 * 64 * 127) by ``xq`` itself,
+    its sums starting from ``negsum / 4`` = -32 * sum(xq over the block). Exact integers either
+    way: the same sums as taking both parts by magnitude and sign, ~15% fewer operations.
     """
     w = WIDTH[level]
 
@@ -194,7 +198,9 @@ def make_dot4l(level: str):
                 table16 = vload(b, levels_ptr, idx(first), ir.VectorType(I8, 16))
                 table = b.shuffle_vector(table16, table16, ir.Constant(ir.VectorType(I32, 4 * w),
                                                                          [k % 16 for k in range(4 * w)]))
-                return b.xor(table, const(vb, -128)) if level == "avx512" else table  # part + 128, unsigned
+                if level == "avx512":
+                    return b.xor(table, const(vb, -128))  # part + 128, unsigned
+                return table if first == 0 else b.add(table, const(vb, 32))  # AVX2: low part + 32
 
             tables = (lane_table(0), lane_table(16))  # the high parts, the low parts
             if level == "avx512":
@@ -214,11 +220,14 @@ def make_dot4l(level: str):
                         blk = loop.index
                         first = b.mul(blk, bs_v)
                         for r in range(rows):
-                            start = zero
-                            if level == "avx512":
-                                taken = b.load(b.gep(negsum_ptr, [b.add(nrow[r], blk)]))
+                            taken = b.load(b.gep(negsum_ptr, [b.add(nrow[r], blk)]))
+                            if level == "avx512":  # both parts + 128
                                 start = b.insert_element(zero, taken, ir.Constant(I32, 0))
-                            for part in sums:
+                                starts = (start, start)
+                            else:  # the low part + 32
+                                starts = (zero, b.insert_element(zero, b.sdiv(taken, ir.Constant(I32, 4)),
+                                                                 ir.Constant(I32, 0)))
+                            for part, start in zip(sums, starts):
                                 b.store(start, part[r])
                         with cgutils.for_range(b, b.sdiv(bs_v, idx(64))) as step:  # 64 values: 32 bytes
                             at_value = b.add(first, b.mul(step.index, idx(64)))
@@ -233,11 +242,12 @@ def make_dot4l(level: str):
                             for index, half in indices:
                                 xv = [vload(b, xq_ptr, b.add(xrow[r], b.add(at_value, idx(half))), vb)
                                       for r in range(rows)]
-                                for table, part in zip(tables, sums):
+                                for low, (table, part) in enumerate(zip(tables, sums)):
                                     values = b.call(pshufb, [table, index])
-                                    unsigned = values if level == "avx512" else e.magnitude(values)
+                                    by_sign = level != "avx512" and not low  # AVX2's high part
+                                    unsigned = e.magnitude(values) if by_sign else values
                                     for r in range(rows):
-                                        signed = xv[r] if level == "avx512" else e.with_sign_of(xv[r], values)
+                                        signed = e.with_sign_of(xv[r], values) if by_sign else xv[r]
                                         b.store(e.dot_bytes(b.load(part[r]), unsigned, signed), part[r])
                         scale = splat(b, b.load(b.gep(scales_ptr, [b.add(sofs_i, blk)])), e.vf)
                         for r in range(rows):
