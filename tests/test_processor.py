@@ -417,3 +417,24 @@ def test_the_plan_holds_a_planned_prompts_hidden_states_and_one_layers_keys_and_
     per_token = (2 * text.hidden_size + 2 * (text.num_key_value_heads + repeated) * text.head_dim) * 4
     assert dtype == torch.float32 and prompt_work_bytes(config, dtype, 1) == per_token
     assert streaming[1024] - streaming[64] == 960 * per_token
+
+
+def test_a_streamed_layer_is_placed_and_taken_back_without_load_state_dict(model_factory, tmp_path, monkeypatch):
+    # load_state_dict and to("meta") cost ~1 ms a small layer each; a layer's tensors are put in
+    # place directly, and taken back to meta after the layer ran. A load hook takes the full call.
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with UniversalSLIProcessor(model_factory("llama"), "int8", cache_dir=tmp_path, device="cpu",
+                               memory_budget_gb=0.0) as proc:
+        want = proc.generate(ids, max_new_tokens=3, eos_token_id=[])  # warms the cache
+        calls = []
+        real = torch.nn.Module.load_state_dict
+        monkeypatch.setattr(torch.nn.Module, "load_state_dict",
+                            lambda module, *a, **k: calls.append(type(module).__name__) or real(module, *a, **k))
+        assert proc.generate(ids, max_new_tokens=3, eos_token_id=[]).tolist() == want.tolist()
+        assert calls == [] and not proc.runner.resident
+        for layer in proc.layers:
+            assert {p.device.type for p in layer.parameters()} == {"meta"} and not proc.runner._placed
+        proc.layers[1].input_layernorm.register_load_state_dict_pre_hook(lambda *a, **k: None)
+        assert proc.generate(ids, max_new_tokens=3, eos_token_id=[]).tolist() == want.tolist()
+        assert calls and set(calls) == {type(proc.layers[1]).__name__}
+        assert {p.device.type for p in proc.layers[1].parameters()} == {"meta"}
