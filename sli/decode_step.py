@@ -7,9 +7,10 @@ module calls, each a few to tens of microseconds of Python and dispatch: on Smol
 (docs/benchmarks.md). :class:`DecodeStep` runs the same layer as ~15 calls: its norms,
 rotary embedding, SiLU and residual adds as numba kernels (:mod:`sli.kernels.decode_ops`), its
 products as :class:`~sli.kernels.bound.RowProduct` s (the layer's kernels, their arrays looked
-up once, q/k/v and gate/up sharing one quantized input), its keys and values through the KV
-cache's own ``update`` and its attention through :mod:`sli.attention`, exactly as the module
-calls them. Prompts, GPUs, other families and anything the step does not cover run
+up once, q/k/v and gate/up sharing one quantized input). One sequence's keys and values go
+straight into its compact KV buffers (:meth:`CompactKVLayer.append_one`, the bytes ``update``
+writes) and its attention reads them in place (:func:`sli.attention.decode_one`); a batch's go
+through the cache's own ``update`` and :mod:`sli.attention`, exactly as the module calls them. Prompts, GPUs, other families and anything the step does not cover run
 ``transformers``' forward. ``SLI_NO_DECODE_STEP=1`` turns the step off.
 
 The architecture stays ``transformers``': the step applies to the classes in

@@ -29,10 +29,9 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .kernels import layer_ops
+from .kernels import kv_arrays, layer_ops
 
 KV_DTYPES = ("float32", "bfloat16", "int8")
-_NO_SCALE = torch.empty(0, 0).numpy()
 MADV_WILLNEED, MADV_DONTNEED = 3, 4
 
 
@@ -114,13 +113,7 @@ class _Store:
         bfloat16 as its bits (uint16), no scale (an empty array) unless int8 (what the decode
         kernels take)."""
         if self._arrays is None:
-            data = self.data[0]
-            if data.dtype == torch.bfloat16:
-                data = data.view(torch.int16).numpy().view("uint16")
-            else:
-                data = data.numpy()
-            scale = self.scale[0, :, :, 0].numpy() if self.scale is not None else _NO_SCALE
-            self._arrays = (data, scale)
+            self._arrays = kv_arrays(self.data[0], None if self.scale is None else self.scale[0, :, :, 0])
         return self._arrays
 
     def write(self, start: int, states: torch.Tensor) -> None:

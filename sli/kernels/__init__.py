@@ -53,7 +53,7 @@ __all__ = [
     "q4_order", "use_fused", "int8_activations", "quantize_rows", "matmul_4bit", "matmul_4bit_nested",
     "dequantize_4bit", "dequantize_blockwise8", "matmul_int8", "matmul_int4", "matmul_lut8", "matmul_fp8",
     "matmul_bf16", "dequantize_int4", "matrix_units", "prompt_dtype", "int8_matrix_rows", "torch_on_one_thread",
-    "fused_pass", "FUSED_PASS_MAX_CONTEXT", "decode_attention", "decode_attention_arrays", "layer_ops",
+    "fused_pass", "FUSED_PASS_MAX_CONTEXT", "decode_attention", "decode_attention_arrays", "kv_arrays", "layer_ops",
 ]
 
 # Above this many activation rows dequantize-then-BLAS beats the fused kernels.
@@ -111,7 +111,7 @@ def fused_pass(rows: int, device: torch.device, context: int = 0):
 
 def layer_ops() -> dict:
     """The decode step's small kernels by name (:mod:`sli.kernels.decode_ops`): ``rms_norm``,
-    ``add_rms_norm``, ``add``, ``rotate``, ``silu_mul``."""
+    ``add_rms_norm``, ``add``, ``rotate``, ``silu_mul``, ``store_bf16``, ``store_int8``."""
     return _table()
 
 
@@ -178,23 +178,31 @@ def quantize_rows(rows: Tensor, xblock: int, keep: int = 0, sumblock: Optional[i
     return tuple(torch.from_numpy(a) for a in _quantized(_np(rows), xblock, keep, sumblock))
 
 
-def _quantized(rows: np.ndarray, xblock: int, keep: int = 0, sumblock: Optional[int] = None):
-    """:func:`quantize_rows` on and to numpy arrays (what the kernels take)."""
+def quantized_buffers(t: int, n: int, xblock: int, keep: int = 0, sumblock: Optional[int] = None):
+    """Empty arrays for :func:`_quantized` of ``t`` rows of ``n`` values: ``(xq, xs, corr, bsum, oidx, oval)``."""
+    sumblock = sumblock or n
+    return (np.empty(t * n, np.int8), np.empty(t * (n // xblock), np.float32), np.empty(t, np.float32),
+            np.empty(t * (n // sumblock), np.float32), np.empty((t, keep), np.int64), np.empty((t, keep), np.float32))
+
+
+def _quantized(rows: np.ndarray, xblock: int, keep: int = 0, sumblock: Optional[int] = None, out=None):
+    """:func:`quantize_rows` on and to numpy arrays (what the kernels take), written into ``out``
+    (:func:`quantized_buffers`) when given."""
     t, n = rows.shape
     sumblock = sumblock or n
-    xq = np.empty(t * n, np.int8)
-    xs = np.empty(t * (n // xblock), np.float32)
-    corr = np.empty(t, np.float32)
-    bsum = np.empty(t * (n // sumblock), np.float32)
-    oidx = np.empty((t, keep), np.int64)
-    oval = np.empty((t, keep), np.float32)
-    _table()["quantize_rows"](rows, xblock, sumblock, xq, xs, corr, bsum, oidx, oval)
-    return xq, xs, corr, bsum, oidx, oval
+    out = out if out is not None else quantized_buffers(t, n, xblock, keep, sumblock)
+    _table()["quantize_rows"](rows, xblock, sumblock, *out)
+    return out
 
 
-def _q4_order(xq: np.ndarray, t: int, n: int, half: int = 64) -> np.ndarray:
-    """:func:`q4_order` on a numpy array: int8 rows ``xq`` (``[T * n]``, flat) to flat (what the kernels take)."""
-    return np.ascontiguousarray(xq.reshape(t, n // (2 * half), half, 2).transpose(0, 1, 3, 2)).reshape(-1)
+def _q4_order(xq: np.ndarray, t: int, n: int, half: int = 64, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """:func:`q4_order` on a numpy array: int8 rows ``xq`` (``[T * n]``, flat) to flat (what the
+    kernels take), into ``out`` when given."""
+    ordered = xq.reshape(t, n // (2 * half), half, 2).transpose(0, 1, 3, 2)
+    if out is None:
+        return np.ascontiguousarray(ordered).reshape(-1)
+    out.reshape(ordered.shape)[...] = ordered
+    return out
 
 
 _split: dict = {}  # the code's bytes -> its split levels (a mode has one or two codes)
@@ -397,13 +405,18 @@ def decode_attention(query: Tensor, keys: Tensor, key_scale: Optional[Tensor], v
     scales ``[Hk, capacity]`` (a scale per position and head) or bfloat16 with scales None;
     ``H`` a multiple of ``Hk`` (grouped attention); ``bias`` float32 ``[length]`` (-inf masks
     a position)."""
-    if keys.dtype == torch.int8:
-        stored = (_np(keys), _np(key_scale), _np(values), _np(value_scale))
-    elif keys.dtype == torch.bfloat16:
-        stored = (_bf16_bits(keys), _NO_SCALE_2D, _bf16_bits(values), _NO_SCALE_2D)
-    else:
-        raise ValueError(f"decode_attention reads int8 or bfloat16 keys and values, not {keys.dtype}")
+    stored = (*kv_arrays(keys, key_scale), *kv_arrays(values, value_scale))
     return torch.from_numpy(decode_attention_arrays(_np(query.contiguous()), *stored, _np(bias), length, scaling))
+
+
+def kv_arrays(stored: Tensor, scale: Optional[Tensor]) -> "tuple[np.ndarray, np.ndarray]":
+    """Keys or values ``[Hk, capacity, D]`` as the decode attention kernels take them: int8 with
+    its float32 scales ``[Hk, capacity]``, or bfloat16 as its bits (uint16) with an empty scale."""
+    if stored.dtype == torch.int8:
+        return _np(stored), _np(scale)
+    if stored.dtype == torch.bfloat16:
+        return _bf16_bits(stored), _NO_SCALE_2D
+    raise ValueError(f"decode_attention reads int8 or bfloat16 keys and values, not {stored.dtype}")
 
 
 def decode_attention_arrays(query: np.ndarray, keys: np.ndarray, key_scale: np.ndarray, values: np.ndarray,

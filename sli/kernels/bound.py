@@ -18,9 +18,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import INT8_LEVELS_ROWS, KEEP_FLOAT, _levels, _np, int8_activations, int8_matrix_rows
+from . import (INT8_LEVELS_ROWS, KEEP_FLOAT, _levels, _np, _q4_order, _quantized, int8_activations, int8_matrix_rows,
+               quantized_buffers)
 from . import dispatch
 from .dispatch import run, table
+
 
 def _flat_np(t: Tensor) -> np.ndarray:
     """``t`` as a flat numpy array: a view where ``t`` is contiguous. numpy's reshape costs
@@ -56,11 +58,9 @@ class Activations:
         if n != self.width:
             into.padded[:, :n] = rows
             rows = into.padded
-        xq, xs, corr, bsum, oidx, oval = into.arrays
-        table()["quantize_rows"](rows, self.width, self.sumblock, xq, xs, corr, bsum, oidx, oval)
+        xq, xs, corr, bsum, oidx, oval = _quantized(rows, self.width, self.keep, self.sumblock, into.arrays)
         if self.half:  # each 2*half values: the even ones, then the odd ones
-            into.ordered.reshape(t, -1, 2, self.half)[...] = xq.reshape(t, -1, self.half, 2).transpose(0, 1, 3, 2)
-            xq = into.ordered
+            xq = _q4_order(xq, t, self.width, self.half, into.ordered)
         return xq, xs, corr, bsum, oidx, oval
 
 
@@ -70,9 +70,7 @@ class QuantizeBuffers:
     def __init__(self, form: Activations, rows: int) -> None:
         n = form.width
         self.rows = rows
-        self.arrays = (np.empty(rows * n, np.int8), np.empty(rows, np.float32), np.empty(rows, np.float32),
-                       np.empty(rows * (n // form.sumblock), np.float32), np.empty((rows, form.keep), np.int64),
-                       np.empty((rows, form.keep), np.float32))
+        self.arrays = quantized_buffers(rows, n, n, form.keep, form.sumblock)
         self.ordered = np.empty(rows * n, np.int8) if form.half else None
         self.padded = np.zeros((rows, n), np.float32)  # only the first columns are written
 

@@ -1,6 +1,7 @@
 """numba kernels for the small operations of a decoder layer's one-token step
 (:mod:`sli.decode_step`): RMSNorm, the rotary embedding, SiLU-gated products' activation and the
-residual adds, each over a few rows in one call.
+residual adds, each over a few rows in one call; and one position of keys or values written into
+a compact KV buffer (bfloat16 or int8, the bytes :mod:`sli.kv_cache`'s torch code writes).
 
 In ``transformers``' modeling code each of them is several torch operations (RMSNorm alone is
 six), at ~3-10 µs apiece for rows of a few hundred values: on SmolLM2-135M they were most of a
@@ -75,7 +76,6 @@ def silu_mul(gate, up, out):
         for j in range(width):
             g = gate[t, j]
             out[t, j] = g / (np.float32(1.0) + np.exp(-g)) * up[t, j]
-
 
 
 @KERNEL
