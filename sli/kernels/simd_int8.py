@@ -1,7 +1,8 @@
 """The SIMD helpers that meet int8 activations (rows quantized by
 :func:`sli.kernels.quantize_rows`) in integer dot products, exact in int32 within a block:
 ``dot8q`` (INT8 weights), ``dot4q`` (INT4's nibbles) and ``dot4l`` (NF4/FP4's 16 levels as
-integers, split in two bytes). Each block's int32 sums are scaled into float32 sums as the block ends.
+integers: split in two bytes on AVX-512, whole 16-bit words on AVX2). Each block's int32 sums
+are scaled into float32 sums as the block ends.
 
 AVX-512 VNNI's ``vpdpbusd`` multiplies unsigned by signed bytes; AVX2's ``vpmaddubsw`` does
 too but saturates its int16 pairs (see :meth:`sli.kernels.simd_ir.Emit.dot_bytes`).
@@ -14,7 +15,7 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from .jit import stable_id
-from .simd_ir import F32, I8, I32, PREFETCH_VALUES, WIDTH, Emit, const, idx, rows_switch, splat, unpack, vload
+from .simd_ir import F32, I8, I16, I32, PREFETCH_VALUES, WIDTH, Emit, const, idx, rows_switch, splat, unpack, vload
 
 
 def _accumulate(e, fsum, isum, scale):
@@ -174,13 +175,11 @@ def make_dot4l(level: str):
 
     AVX-512 VNNI's ``vpdpbusd`` takes the parts as unsigned bytes ``part + 128``; each block's
     sums start from ``negsum[(t0 + r) * blocks + block]`` = -128 * sum(xq over the block) in one
-    lane, which takes the excess back exactly (65 * 128 * sum(xq) once joined). AVX2's
-    ``vpmaddubsw`` adds pairs into int16, saturating: the high part (+-127) goes as ``|part|``
-    by ``xq`` with the part's sign (llama.cpp's way, two more operations a register); the low
-    part (+-32) goes as ``part + 32`` (0..64: a pair stays below 2 * 64 * 127) by ``xq`` itself,
-    its sums starting from ``negsum / 4`` = -32 * sum(xq over the block). Exact integers either
-    way: the same sums as taking both parts by magnitude and sign, ~15% fewer operations.
+    lane, which takes the excess back exactly (65 * 128 * sum(xq) once joined). AVX2 has no
+    such product without saturation: :func:`make_dot4l_words` looks ``L`` up whole, as 16 bits.
     """
+    if level == "avx2":
+        return make_dot4l_words()
     w = WIDTH[level]
 
     def dot4l(typingctx, packed, pofs, levels, scales, sofs, blocksize, xq, negsum, t0, rows, cols, out):
@@ -198,15 +197,10 @@ def make_dot4l(level: str):
                 table16 = vload(b, levels_ptr, idx(first), ir.VectorType(I8, 16))
                 table = b.shuffle_vector(table16, table16, ir.Constant(ir.VectorType(I32, 4 * w),
                                                                          [k % 16 for k in range(4 * w)]))
-                if level == "avx512":
-                    return b.xor(table, const(vb, -128))  # part + 128, unsigned
-                return table if first == 0 else b.add(table, const(vb, 32))  # AVX2: low part + 32
+                return b.xor(table, const(vb, -128))  # part + 128, unsigned
 
             tables = (lane_table(0), lane_table(16))  # the high parts, the low parts
-            if level == "avx512":
-                pshufb = Emit(b, level).fn("llvm.x86.avx512.pshuf.b.512", vb, [vb, vb])
-            else:
-                pshufb = Emit(b, level).fn("llvm.x86.avx2.pshuf.b", vb, [vb, vb])
+            pshufb = Emit(b, level).fn("llvm.x86.avx512.pshuf.b.512", vb, [vb, vb])
 
             def case(e, rows):
                 fsum = [cgutils.alloca_once(b, e.vf, zfill=True) for _ in range(rows)]
@@ -221,34 +215,21 @@ def make_dot4l(level: str):
                         first = b.mul(blk, bs_v)
                         for r in range(rows):
                             taken = b.load(b.gep(negsum_ptr, [b.add(nrow[r], blk)]))
-                            if level == "avx512":  # both parts + 128
-                                start = b.insert_element(zero, taken, ir.Constant(I32, 0))
-                                starts = (start, start)
-                            else:  # the low part + 32
-                                starts = (zero, b.insert_element(zero, b.sdiv(taken, ir.Constant(I32, 4)),
-                                                                 ir.Constant(I32, 0)))
-                            for part, start in zip(sums, starts):
+                            start = b.insert_element(zero, taken, ir.Constant(I32, 0))  # both parts + 128
+                            for part in sums:
                                 b.store(start, part[r])
                         with cgutils.for_range(b, b.sdiv(bs_v, idx(64))) as step:  # 64 values: 32 bytes
                             at_value = b.add(first, b.mul(step.index, idx(64)))
                             at_byte = b.add(pofs_i, b.lshr(at_value, idx(1)))
                             e.prefetch(packed_ptr, b.add(at_byte, idx(PREFETCH_VALUES // 2)))
                             high, low = e.nibbles(vload(b, packed_ptr, at_byte, v32))
-                            if level == "avx512":  # one register: 32 even values, then 32 odd ones
-                                indices = [(b.shuffle_vector(high, low, ir.Constant(ir.VectorType(I32, 64),
-                                                                                     list(range(64)))), 0)]
-                            else:
-                                indices = [(high, 0), (low, 32)]
-                            for index, half in indices:
-                                xv = [vload(b, xq_ptr, b.add(xrow[r], b.add(at_value, idx(half))), vb)
-                                      for r in range(rows)]
-                                for low, (table, part) in enumerate(zip(tables, sums)):
-                                    values = b.call(pshufb, [table, index])
-                                    by_sign = level != "avx512" and not low  # AVX2's high part
-                                    unsigned = e.magnitude(values) if by_sign else values
-                                    for r in range(rows):
-                                        signed = e.with_sign_of(xv[r], values) if by_sign else xv[r]
-                                        b.store(e.dot_bytes(b.load(part[r]), unsigned, signed), part[r])
+                            # one register: 32 even values, then 32 odd ones
+                            index = b.shuffle_vector(high, low, ir.Constant(ir.VectorType(I32, 64), list(range(64))))
+                            xv = [vload(b, xq_ptr, b.add(xrow[r], at_value), vb) for r in range(rows)]
+                            for table, part in zip(tables, sums):
+                                values = b.call(pshufb, [table, index])
+                                for r in range(rows):
+                                    b.store(e.dot_bytes(b.load(part[r]), values, xv[r]), part[r])
                         scale = splat(b, b.load(b.gep(scales_ptr, [b.add(sofs_i, blk)])), e.vf)
                         for r in range(rows):
                             joined = b.add(b.shl(b.load(sums[0][r]), const(e.vi, 6)), b.load(sums[1][r]))
@@ -269,3 +250,86 @@ def make_dot4l(level: str):
 
     dot4l.__name__ = f"dot4l_{level}"
     return stable_id(intrinsic(dot4l), f"simd.{dot4l.__name__}")
+
+
+def make_dot4l_words():
+    """AVX2's ``dot4l`` (the same arguments and sums): each 4-bit code looked up as its level's
+    16-bit integer ``L`` (two byte shuffles, the low and the high byte of ``L``, interleaved
+    into words), multiplied by the int8 activations widened to 16 bits in ``vpmaddwd``
+    (signed by signed, pairs summed into int32: ``|L| * 127 * 2`` fits, and a 64-value block's
+    four such sums a lane too). The weight's decoding is shared by the rows of a pass; a row
+    pays a widening load, a ``vpmaddwd`` and an add each 16 values (the byte dot products of
+    ``vpmaddubsw`` need each part's sign moved onto ``xq`` and two sums a row). ``negsum`` is
+    unread: signed products need no correction."""
+    level = "avx2"
+    v32 = ir.VectorType(I8, 32)
+    v16b = ir.VectorType(I8, 16)
+    words = ir.VectorType(I16, 16)
+
+    def dot4l(typingctx, packed, pofs, levels, scales, sofs, blocksize, xq, negsum, t0, rows, cols, out):
+        sig = types.void(packed, pofs, levels, scales, sofs, blocksize, xq, negsum, t0, rows, cols, out)
+
+        def codegen(context, builder, signature, args):
+            b = builder
+            packed_ptr, pofs_i, levels_ptr, scales_ptr, sofs_i, bs_i, xq_ptr, _, t0_i, rows_i, cols_i, out_ptr = \
+                unpack(context, b, signature, args)
+            blocks = b.sdiv(cols_i, bs_i)
+            high16 = b.sext(vload(b, levels_ptr, idx(0), v16b), words)
+            whole = b.add(b.shl(high16, const(words, 6)), b.sext(vload(b, levels_ptr, idx(16), v16b), words))
+
+            def lane_table(byte):  # the 16 levels' low or high byte, in each 128-bit lane
+                part = b.trunc(b.ashr(whole, const(words, 8)) if byte else whole, v16b)
+                return b.shuffle_vector(part, part, ir.Constant(ir.VectorType(I32, 32), [k % 16 for k in range(32)]))
+
+            tables = (lane_table(0), lane_table(1))
+            e0 = Emit(b, level)
+            pshufb = e0.fn("llvm.x86.avx2.pshuf.b", v32, [v32, v32])
+            pmaddwd = e0.fn("llvm.x86.avx2.pmadd.wd", e0.vi, [words, words])
+
+            def woven(low_bytes, high_bytes, first):  # words first..first+15: low byte, high byte
+                order = [first + k // 2 + (32 if k % 2 else 0) for k in range(32)]
+                return b.bitcast(b.shuffle_vector(low_bytes, high_bytes, ir.Constant(ir.VectorType(I32, 32), order)),
+                                 words)
+
+            def case(e, rows):
+                fsum = [cgutils.alloca_once(b, e.vf, zfill=True) for _ in range(rows)]
+                isum = [cgutils.alloca_once(b, e.vi) for _ in range(rows)]
+                xrow = [b.mul(b.add(t0_i, idx(r)), cols_i) for r in range(rows)]
+
+                def blocks_pass(bs_v):
+                    with cgutils.for_range(b, blocks) as loop:
+                        blk = loop.index
+                        first = b.mul(blk, bs_v)
+                        for r in range(rows):
+                            b.store(ir.Constant(e.vi, None), isum[r])
+                        with cgutils.for_range(b, b.sdiv(bs_v, idx(64))) as step:  # 64 values: 32 bytes
+                            at_value = b.add(first, b.mul(step.index, idx(64)))
+                            at_byte = b.add(pofs_i, b.lshr(at_value, idx(1)))
+                            e.prefetch(packed_ptr, b.add(at_byte, idx(PREFETCH_VALUES // 2)))
+                            high, low = e.nibbles(vload(b, packed_ptr, at_byte, v32))
+                            for index, half in ((high, 0), (low, 32)):
+                                low_bytes, high_bytes = (b.call(pshufb, [table, index]) for table in tables)
+                                for sixteen in (0, 16):
+                                    weights = woven(low_bytes, high_bytes, sixteen)
+                                    xoff = b.add(at_value, idx(half + sixteen))
+                                    for r in range(rows):
+                                        xv = b.sext(vload(b, xq_ptr, b.add(xrow[r], xoff), v16b), words)
+                                        b.store(b.add(b.load(isum[r]), b.call(pmaddwd, [weights, xv])), isum[r])
+                        scale = splat(b, b.load(b.gep(scales_ptr, [b.add(sofs_i, blk)])), e.vf)
+                        for r in range(rows):
+                            b.store(e.fma(b.sitofp(b.load(isum[r]), e.vf), scale, b.load(fsum[r])), fsum[r])
+
+                with b.if_else(b.icmp_signed("==", bs_i, idx(64))) as (then, otherwise):
+                    with then:
+                        blocks_pass(idx(64))
+                    with otherwise:
+                        blocks_pass(bs_i)
+                _store_sums(e, out_ptr, fsum)
+
+            rows_switch(b, level, rows_i, case)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    dot4l.__name__ = "dot4l_avx2"
+    return stable_id(intrinsic(dot4l), "simd.dot4l_avx2")
