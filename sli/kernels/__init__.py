@@ -205,6 +205,26 @@ def _q4_order(xq: np.ndarray, t: int, n: int, half: int = 64, out: Optional[np.n
     return out
 
 
+def levels_order(xq: np.ndarray, t: int, n: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """int8 rows ``xq`` (``[T * n]``, flat; ``n`` a multiple of 64) as the NF4/FP4 helper
+    ``dot4l`` reads them, flat, into ``out`` (:func:`levels_buffer`) when given: in
+    :func:`q4_order` with ``half`` 32; on AVX2 (:func:`sli.kernels.simd_int8.make_dot4l_words`)
+    as int16, each 32 values of that order as their 0-7, 16-23, 8-15, 24-31 (the values a
+    ``vpunpcklbw``/``vpunpckhbw`` of looked-up bytes holds)."""
+    if simd_path() != "avx2":
+        return _q4_order(xq, t, n, 32, out)
+    # value 2 * (16 * lane + 8 * h + i) + odd of each 64 -> position 32 * odd + 16 * h + 8 * lane + i
+    ordered = xq.reshape(t, n // 64, 2, 2, 8, 2).transpose(0, 1, 5, 3, 2, 4)
+    out = levels_buffer(t, n) if out is None else out
+    out.reshape(ordered.shape)[...] = ordered
+    return out
+
+
+def levels_buffer(t: int, n: int) -> np.ndarray:
+    """Room for :func:`levels_order` of ``t`` rows of ``n`` values."""
+    return np.empty(t * n, np.int16 if simd_path() == "avx2" else np.int8)
+
+
 _split: dict = {}  # the code's bytes -> its split levels (a mode has one or two codes)
 
 
@@ -225,7 +245,7 @@ def _int8_4bit(x: Tensor, blocksize: int):
         return None
     t, n = rows.shape
     xq, xs, _, bsum, oidx, oval = _quantized(_np(rows), n, min(KEEP_FLOAT, n - 1), blocksize)
-    return rows, _q4_order(xq, t, n, 32), xs, bsum, oidx, oval
+    return rows, levels_order(xq, t, n), xs, bsum, oidx, oval
 
 
 def _matmul_4bit(x: Tensor, packed: Tensor, code: Tensor, blocksize: int, out_features: int, bias: Optional[Tensor],

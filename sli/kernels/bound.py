@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import (INT8_LEVELS_ROWS, KEEP_FLOAT, _levels, _np, _q4_order, _quantized, int8_activations, int8_matrix_rows,
-               quantized_buffers)
+               levels_buffer, levels_order, quantized_buffers)
 from . import dispatch
 from .dispatch import run, table
 
@@ -39,12 +39,14 @@ class Activations:
     """The int8 form a product takes its activation rows in: ``width`` columns (zeros past the
     input's), one scale a row, the ``keep`` largest |x| of a row in float, the int8 sums a
     block of ``sumblock``; ``half`` > 0: each ``2*half`` int8 values in the nibble order of
-    ``half`` packed bytes (the 4-bit kernels)."""
+    ``half`` packed bytes (INT4's kernel); ``levels``: in the order NF4/FP4's kernel reads
+    (:func:`sli.kernels.levels_order`)."""
 
     width: int
     sumblock: int
     keep: int
     half: int = 0
+    levels: bool = False
 
     def buffers(self, rows: int) -> "QuantizeBuffers":
         """Room to quantize ``rows`` rows, for :meth:`quantize` to reuse."""
@@ -59,7 +61,9 @@ class Activations:
             into.padded[:, :n] = rows
             rows = into.padded
         xq, xs, corr, bsum, oidx, oval = _quantized(rows, self.width, self.keep, self.sumblock, into.arrays)
-        if self.half:  # each 2*half values: the even ones, then the odd ones
+        if self.levels:
+            xq = levels_order(xq, t, self.width, into.ordered)
+        elif self.half:  # each 2*half values: the even ones, then the odd ones
             xq = _q4_order(xq, t, self.width, self.half, into.ordered)
         return xq, xs, corr, bsum, oidx, oval
 
@@ -71,7 +75,7 @@ class QuantizeBuffers:
         n = form.width
         self.rows = rows
         self.arrays = quantized_buffers(rows, n, n, form.keep, form.sumblock)
-        self.ordered = np.empty(rows * n, np.int8) if form.half else None
+        self.ordered = levels_buffer(rows, n) if form.levels else np.empty(rows * n, np.int8) if form.half else None
         self.padded = np.zeros((rows, n), np.float32)  # only the first columns are written
 
 
@@ -169,7 +173,7 @@ def four_bit(packed: Tensor, code: Tensor, blocksize: int, out_features: int, in
         xq, xs, _, bsum, oidx, oval = a
         go(work, pf, *maxima, levels, cf, xq, bsum, xs, oidx, oval, blocksize, y)
 
-    activations = Activations(in_features, blocksize, min(KEEP_FLOAT, in_features - 1), 32)
+    activations = Activations(in_features, blocksize, min(KEEP_FLOAT, in_features - 1), levels=True)
     return RowProduct(activations, out_features, out_features * in_features // 4, call, bias)
 
 

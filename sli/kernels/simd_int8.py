@@ -253,14 +253,17 @@ def make_dot4l(level: str):
 
 
 def make_dot4l_words():
-    """AVX2's ``dot4l`` (the same arguments and sums): each 4-bit code looked up as its level's
-    16-bit integer ``L`` (two byte shuffles, the low and the high byte of ``L``, interleaved
-    into words), multiplied by the int8 activations widened to 16 bits in ``vpmaddwd``
-    (signed by signed, pairs summed into int32: ``|L| * 127 * 2`` fits, and a 64-value block's
-    four such sums a lane too). The weight's decoding is shared by the rows of a pass; a row
-    pays a widening load, a ``vpmaddwd`` and an add each 16 values (the byte dot products of
-    ``vpmaddubsw`` need each part's sign moved onto ``xq`` and two sums a row). ``negsum`` is
-    unread: signed products need no correction."""
+    """AVX2's ``dot4l`` (the same arguments and sums, ``xq`` as :func:`sli.kernels.levels_order`
+    lays it out for this level: int16): each 4-bit code looked up as its level's 16-bit integer
+    ``L`` (two byte shuffles, the low and the high byte of ``L``, woven into words within each
+    128-bit lane) and multiplied by the activations in ``vpmaddwd`` (signed by signed, pairs
+    summed into int32: ``|L| * 127 * 2`` fits, and a 64-value block's four such sums a lane
+    too). The activations come widened to 16 bits and in the lanes' order (each 32 values as
+    their 0-7, 16-23, 8-15, 24-31), so a row pays one ``vpmaddwd`` (reading memory) and one add
+    each 16 values, and the decoding is shared by the rows of a pass. ``vpmaddubsw``'s byte
+    products would saturate on ``L``'s split parts, needing each part's sign moved onto ``xq``
+    and two sums a row (2-3x the operations a row, measured: docs/benchmarks.md). ``negsum``
+    is unread: signed products need no correction."""
     level = "avx2"
     v32 = ir.VectorType(I8, 32)
     v16b = ir.VectorType(I8, 16)
@@ -286,8 +289,8 @@ def make_dot4l_words():
             pshufb = e0.fn("llvm.x86.avx2.pshuf.b", v32, [v32, v32])
             pmaddwd = e0.fn("llvm.x86.avx2.pmadd.wd", e0.vi, [words, words])
 
-            def woven(low_bytes, high_bytes, first):  # words first..first+15: low byte, high byte
-                order = [first + k // 2 + (32 if k % 2 else 0) for k in range(32)]
+            def woven(low_bytes, high_bytes, h):  # vpunpck{l,h}bw: each lane's bytes 8h..8h+7 as words
+                order = [16 * (k // 16) + 8 * h + k % 16 // 2 + (32 if k % 2 else 0) for k in range(32)]
                 return b.bitcast(b.shuffle_vector(low_bytes, high_bytes, ir.Constant(ir.VectorType(I32, 32), order)),
                                  words)
 
@@ -309,11 +312,11 @@ def make_dot4l_words():
                             high, low = e.nibbles(vload(b, packed_ptr, at_byte, v32))
                             for index, half in ((high, 0), (low, 32)):
                                 low_bytes, high_bytes = (b.call(pshufb, [table, index]) for table in tables)
-                                for sixteen in (0, 16):
-                                    weights = woven(low_bytes, high_bytes, sixteen)
-                                    xoff = b.add(at_value, idx(half + sixteen))
+                                for h in (0, 1):
+                                    weights = woven(low_bytes, high_bytes, h)
+                                    xoff = b.add(at_value, idx(half + 16 * h))
                                     for r in range(rows):
-                                        xv = b.sext(vload(b, xq_ptr, b.add(xrow[r], xoff), v16b), words)
+                                        xv = vload(b, xq_ptr, b.add(xrow[r], xoff), words)
                                         b.store(b.add(b.load(isum[r]), b.call(pmaddwd, [weights, xv])), isum[r])
                         scale = splat(b, b.load(b.gep(scales_ptr, [b.add(sofs_i, blk)])), e.vf)
                         for r in range(rows):
