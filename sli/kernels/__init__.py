@@ -72,8 +72,9 @@ INT8_ACTIVATION_ROWS = 1
 KEEP_FLOAT = 4  # = INT8_DYNAMIC's outliers per token
 
 # NF4/FP4 meet int8 activations too, from this many rows on, their 16 levels as the integers
-# round(code * LEVEL_SCALE) split in two bytes for the byte shuffles (sli.kernels.four_bit):
-# 0.8-0.9x their float kernel's time from 4 rows, about equal at 1 (AVX2: 0.81-0.96x at 1-16).
+# round(code * LEVEL_SCALE), split in two bytes for AVX-512's byte products, whole 16-bit words
+# on AVX2 (sli.kernels.four_bit, levels_order): 0.8-0.9x their float kernel's time from 4 rows,
+# about equal at 1 (AVX-512); on AVX2 0.5-0.8x the split-byte form it replaced (docs/benchmarks.md).
 # Integer sums make a row's values the same alone and in a batch, as for INT8/INT4. On SmolLM2
 # with every linear through the kernels, NF4's perplexity moves +0.32% (19.547 -> 19.611), FP4's
 # +0.35%: the int8 activations (docs/benchmarks.md). Levels rounded to one byte instead

@@ -9,7 +9,7 @@ import numpy as np
 from .jit import KERNEL, stable_id
 
 # NF4/FP4's levels meet int8 activations as the integers round(code * LEVEL_SCALE): 127 * 64,
-# split in two bytes for the byte shuffles (split_levels; the SIMD helper dot4l)
+# held split in two bytes (split_levels) for the SIMD helper dot4l's byte shuffles
 LEVEL_SCALE = 127 * 64
 
 
@@ -100,7 +100,7 @@ def build(h) -> dict:
     def span_4bitq(packed, absmax, qabsmax, nested, nested_code, offset, nested_blocksize, levels, code, xq, bsum, xs,
                    oidx, oval, blocksize, y, start, stop):
         # rows start..stop of a 4-bit weight times int8 activations (quantize_rows: one scale a
-        # row, in q4_order(..., 32); bsum a block), the 16 levels as integers (split_levels).
+        # row, laid out by levels_order; bsum a block), the 16 levels as integers (split_levels).
         # Block maxima: absmax (float32), or, where it is empty, double-quantized:
         # nested_code[qabsmax[b]] * nested[b // nested_blocksize] + offset. One call a span,
         # not a row: a call between kernels passing arrays costs ~1000 cycles (reference counts)
