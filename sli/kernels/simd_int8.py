@@ -34,6 +34,16 @@ def _store_sums(e, out_ptr, fsum, minus=None):
         b.store(total, b.gep(out_ptr, [idx(r)]))
 
 
+def _each_block_size(b, blocksize, blocks_pass):
+    """``blocks_pass(size)`` for the 4-bit codes' ``blocksize``: NF4/FP4's 64 as a constant (one
+    step a block, no inner loop), any other size as it is (a loop)."""
+    with b.if_else(b.icmp_signed("==", blocksize, idx(64))) as (then, otherwise):
+        with then:
+            blocks_pass(idx(64))
+        with otherwise:
+            blocks_pass(blocksize)
+
+
 def _corr(b, corr_ptr, t0):
     """AVX-512's correction of row ``r``: ``corr[t0 + r]`` (what the levels' + 128 added)."""
     return lambda r: b.load(b.gep(corr_ptr, [b.add(t0, idx(r))]))
@@ -235,12 +245,7 @@ def make_dot4l(level: str):
                             joined = b.add(b.shl(b.load(sums[0][r]), const(e.vi, 6)), b.load(sums[1][r]))
                             b.store(e.fma(b.sitofp(joined, e.vf), scale, b.load(fsum[r])), fsum[r])
 
-                # NF4/FP4's 64-value block: one step a block, no inner loop; any other size: a loop
-                with b.if_else(b.icmp_signed("==", bs_i, idx(64))) as (then, otherwise):
-                    with then:
-                        blocks_pass(idx(64))
-                    with otherwise:
-                        blocks_pass(bs_i)
+                _each_block_size(b, bs_i, blocks_pass)
                 _store_sums(e, out_ptr, fsum)
 
             rows_switch(b, level, rows_i, case)
@@ -322,11 +327,7 @@ def make_dot4l_words():
                         for r in range(rows):
                             b.store(e.fma(b.sitofp(b.load(isum[r]), e.vf), scale, b.load(fsum[r])), fsum[r])
 
-                with b.if_else(b.icmp_signed("==", bs_i, idx(64))) as (then, otherwise):
-                    with then:
-                        blocks_pass(idx(64))
-                    with otherwise:
-                        blocks_pass(bs_i)
+                _each_block_size(b, bs_i, blocks_pass)
                 _store_sums(e, out_ptr, fsum)
 
             rows_switch(b, level, rows_i, case)
