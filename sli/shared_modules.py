@@ -56,7 +56,12 @@ def narrow_embeddings(model: nn.Module, layers_path: str, compute_dtype: torch.d
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     kept = None
     if type(head) is nn.Linear:
-        kept = head.weight.detach()
+        # A copy in this process's memory, not the checkpoint's file mapping: every token reads
+        # the whole head, and under a memory cap its file pages were evicted by the streamed
+        # layers and read again each token (the plan counts the head as resident either way).
+        kept = head.weight.detach().clone()
+        if type(embedding) is nn.Embedding and embedding.weight is head.weight:
+            embedding.weight.data = kept  # tied: the embedding looks its rows up in the same copy
         qweight = QuantizedTensor({"weight": kept}, {"codec": "none", "shape": list(kept.shape), "dtype": "bfloat16"})
         bias = head.bias.detach().to(compute_dtype) if head.bias is not None else None
         model.set_output_embeddings(QuantizedLinear.from_quantized(qweight, bias, compute_dtype))

@@ -260,6 +260,19 @@ def test_peak_rss_is_bounded_by_the_budget_not_the_model(tmp_path):
     assert growth - result["runtime_bytes"] < model_bytes / 3
 
 
+def _file_mappings(folder):
+    """The address ranges of this process's mappings of files under ``folder``."""
+    folder = os.path.realpath(folder) + os.sep
+    spans = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) > 5 and os.path.realpath(fields[5]).startswith(folder):
+                start, end = (int(v, 16) for v in fields[0].split("-"))
+                spans.append((start, end))
+    return spans
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_a_bfloat16_checkpoint_keeps_its_embedding_and_head_in_bfloat16_on_cpu(tied, model_factory, tmp_path):
     model_dir = model_factory("llama", tie_word_embeddings=tied)
@@ -272,6 +285,11 @@ def test_a_bfloat16_checkpoint_keeps_its_embedding_and_head_in_bfloat16_on_cpu(t
         table = config.vocab_size * config.hidden_size * 2
         norm = config.hidden_size * 4
         assert proc.shared_bytes == norm + (table if tied else 2 * table)  # half of float32's
+        # the head in this process's memory, not the checkpoint's file mapping: every token reads
+        # all of it, and under a memory cap its file pages were evicted and read again each token
+        head = proc.model.get_output_embeddings().weight
+        assert not any(start <= head.data_ptr() < end for start, end in _file_mappings(model_dir))
+        assert (embedding.weight.data_ptr() == head.data_ptr()) == tied
         with torch.no_grad():
             torch.testing.assert_close(proc.forward(ids), reference(ids[None]).logits, atol=1e-5, rtol=1e-5)
             token = proc.generate(ids, max_new_tokens=3, eos_token_id=[])  # the head's one-row kernel
