@@ -45,7 +45,8 @@ def load_shared_modules(model: nn.Module, loader: SkeletonLoader, checkpoint: Ch
 
 
 def narrow_embeddings(model: nn.Module, layers_path: str, compute_dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """Keep the bfloat16 embedding and head as they are; widen every other shared weight.
+    """Keep the bfloat16 embedding and head in bfloat16 (the head, read whole every token, as a
+    copy in memory rather than a view of the checkpoint's file); widen every other shared weight.
 
     Half the bytes of float32 copies, same results: the head becomes a :class:`QuantizedLinear`
     over its bfloat16 weight (the fused kernel for a token's logits, BLAS for a prompt's), and
