@@ -34,6 +34,8 @@ def load_shared_modules(model: nn.Module, loader: SkeletonLoader, checkpoint: Ch
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if not name.startswith(prefix) and tensor.device.type == "meta":
             raise ModelLoadError(f"the checkpoint has no tensor for {name!r}; the model files are incomplete: re-save the model")
+    if device.type == "cpu":
+        own_head(model)
     kept_head = narrow_embeddings(model, layers_path, compute_dtype) if narrow else None
     if device.type == "cuda":  # non-persistent buffers (rotary tables) were made on CPU by the skeleton
         model.to(device)
@@ -44,9 +46,21 @@ def load_shared_modules(model: nn.Module, loader: SkeletonLoader, checkpoint: Ch
     return sum(shared.values())  # a tied head shares the embedding's storage
 
 
+def own_head(model: nn.Module) -> None:
+    """Copy the head's weight into this process's memory. Loaded in its stored dtype it is a
+    view of the checkpoint's file mapping; every token reads the whole head, and under a memory
+    cap the streamed layers' pages evicted its file pages, so each token read it from disk
+    again. (Where the loader converted it, the copy is one more pass at load, not worth telling
+    apart.) The plan counts the head as resident either way; a tied embedding is the same
+    parameter and looks its rows up in the copy."""
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.device.type == "cpu":
+        weight.data = weight.detach().clone()
+
+
 def narrow_embeddings(model: nn.Module, layers_path: str, compute_dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """Keep the bfloat16 embedding and head in bfloat16 (the head, read whole every token, as a
-    copy in memory rather than a view of the checkpoint's file); widen every other shared weight.
+    """Keep the bfloat16 embedding and head as they are; widen every other shared weight.
 
     Half the bytes of float32 copies, same results: the head becomes a :class:`QuantizedLinear`
     over its bfloat16 weight (the fused kernel for a token's logits, BLAS for a prompt's), and
@@ -57,12 +71,7 @@ def narrow_embeddings(model: nn.Module, layers_path: str, compute_dtype: torch.d
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     kept = None
     if type(head) is nn.Linear:
-        # A copy in this process's memory, not the checkpoint's file mapping: every token reads
-        # the whole head, and under a memory cap its file pages were evicted by the streamed
-        # layers and read again each token (the plan counts the head as resident either way).
-        kept = head.weight.detach().clone()
-        if type(embedding) is nn.Embedding and embedding.weight is head.weight:
-            embedding.weight.data = kept  # tied: the embedding looks its rows up in the same copy
+        kept = head.weight.detach()
         qweight = QuantizedTensor({"weight": kept}, {"codec": "none", "shape": list(kept.shape), "dtype": "bfloat16"})
         bias = head.bias.detach().to(compute_dtype) if head.bias is not None else None
         model.set_output_embeddings(QuantizedLinear.from_quantized(qweight, bias, compute_dtype))

@@ -297,6 +297,23 @@ def test_a_bfloat16_checkpoint_keeps_its_embedding_and_head_in_bfloat16_on_cpu(t
         assert token[0].tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_float32_checkpoint_s_head_is_read_from_memory_not_from_the_file(tied, model_factory, tmp_path):
+    # loaded as stored, the head was a view of the file mapping (the bfloat16 case: above)
+    model_dir = tmp_path / "float32"
+    reference = AutoModelForCausalLM.from_pretrained(model_factory("llama", tie_word_embeddings=tied),
+                                                     torch_dtype=torch.float32)
+    reference.save_pretrained(model_dir)
+    ids = torch.arange(1, 9)
+    with open_processor(model_dir, tmp_path, device="cpu") as proc:
+        head = proc.model.get_output_embeddings().weight
+        assert head.dtype == torch.float32
+        assert not any(start <= head.data_ptr() < end for start, end in _file_mappings(model_dir))
+        assert (proc.model.get_input_embeddings().weight.data_ptr() == head.data_ptr()) == tied
+        with torch.no_grad():
+            torch.testing.assert_close(proc.forward(ids), reference(ids[None]).logits, atol=1e-5, rtol=1e-5)
+
+
 _FIRST_TOKEN_COMPILES = """
 import sys, torch
 from sli import QuantizationConfig, UniversalSLIProcessor, kernels
