@@ -72,9 +72,9 @@ INT8_ACTIVATION_ROWS = 1
 KEEP_FLOAT = 4  # = INT8_DYNAMIC's outliers per token
 
 # NF4/FP4 meet int8 activations too, from this many rows on, their 16 levels as the integers
-# round(code * LEVEL_SCALE), split in two bytes for AVX-512's byte products, whole 16-bit words
-# on AVX2 (sli.kernels.four_bit, levels_order): 0.8-0.9x their float kernel's time from 4 rows,
-# about equal at 1 (AVX-512); on AVX2 0.5-0.8x the split-byte form it replaced (docs/benchmarks.md).
+# round(code * LEVEL_SCALE), looked up as 16-bit words and multiplied by int16 activations
+# (sli.kernels.simd_int8.make_dot4l, levels_order): 0.5-0.9x the split-byte form they replaced
+# on AVX2 and AVX-512 (docs/benchmarks.md).
 # Integer sums make a row's values the same alone and in a batch, as for INT8/INT4. On SmolLM2
 # with every linear through the kernels, NF4's perplexity moves +0.32% (19.547 -> 19.611), FP4's
 # +0.35%: the int8 activations (docs/benchmarks.md). Levels rounded to one byte instead
@@ -212,8 +212,13 @@ def levels_order(xq: np.ndarray, t: int, n: int, out: Optional[np.ndarray] = Non
     :func:`q4_order` with ``half`` 32; on AVX2 (:func:`sli.kernels.simd_int8.make_dot4l_words`)
     as int16, each 32 values of that order as their 0-7, 16-23, 8-15, 24-31 (the values a
     ``vpunpcklbw``/``vpunpckhbw`` of looked-up bytes holds)."""
-    if simd_path() != "avx2":
+    level = simd_path()
+    if level == "plain":
         return _q4_order(xq, t, n, 32, out)
+    if level == "avx512":  # int16 in q4_order (sli.kernels.simd_int8.make_dot4l_words512)
+        out = levels_buffer(t, n) if out is None else out
+        out.reshape(t, n // 64, 2, 32)[...] = xq.reshape(t, n // 64, 32, 2).transpose(0, 1, 3, 2)
+        return out
     # value 2 * (16 * lane + 8 * h + i) + odd of each 64 -> position 32 * odd + 16 * h + 8 * lane + i
     ordered = xq.reshape(t, n // 64, 2, 2, 8, 2).transpose(0, 1, 5, 3, 2, 4)
     out = levels_buffer(t, n) if out is None else out
@@ -223,7 +228,7 @@ def levels_order(xq: np.ndarray, t: int, n: int, out: Optional[np.ndarray] = Non
 
 def levels_buffer(t: int, n: int) -> np.ndarray:
     """Room for :func:`levels_order` of ``t`` rows of ``n`` values."""
-    return np.empty(t * n, np.int16 if simd_path() == "avx2" else np.int8)
+    return np.empty(t * n, np.int8 if simd_path() == "plain" else np.int16)
 
 
 _split: dict = {}  # the code's bytes -> its split levels (a mode has one or two codes)
@@ -245,8 +250,8 @@ def _int8_4bit(x: Tensor, blocksize: int):
             and blocksize % 64 == 0):
         return None
     t, n = rows.shape
-    xq, xs, _, bsum, oidx, oval = _quantized(_np(rows), n, min(KEEP_FLOAT, n - 1), blocksize)
-    return rows, levels_order(xq, t, n), xs, bsum, oidx, oval
+    xq, xs, _, _, oidx, oval = _quantized(_np(rows), n, min(KEEP_FLOAT, n - 1))
+    return rows, levels_order(xq, t, n), xs, oidx, oval
 
 
 def _matmul_4bit(x: Tensor, packed: Tensor, code: Tensor, blocksize: int, out_features: int, bias: Optional[Tensor],
@@ -256,10 +261,10 @@ def _matmul_4bit(x: Tensor, packed: Tensor, code: Tensor, blocksize: int, out_fe
         return None
     quantized = _int8_4bit(x, blocksize)
     if quantized is not None:
-        rows, xq, xs, bsum, oidx, oval = quantized
+        rows, xq, xs, oidx, oval = quantized
         y = _out(rows, out_features)
         _run(f"matmul_4bitq{kind}", out_features, out_features * x.shape[-1] * rows.shape[0] // 4, _np(_flat(packed)),
-             *maxima, _levels(code), _np(code), xq, bsum, xs, oidx, oval, blocksize, y)
+             *maxima, _levels(code), _np(code), xq, xs, oidx, oval, blocksize, y)
         return _finish(y, x, out_features, bias)
     rows = lut4_order(_rows(x, x.shape[-1]))
     y = _out(rows, out_features)

@@ -84,16 +84,3 @@ stable_id(kept_nibbles, "activations.kept_nibbles")  # the 4-bit kernels hold it
 def build(h) -> dict:
     """The kernel by name (the same at every SIMD level)."""
     return {"quantize_rows": quantize_rows}
-
-
-@njit(cache=True, nogil=True)
-def negative_sums(bsum):
-    # -128 * each block's sum of int8 activations (exact integers, held as float32): where the
-    # AVX-512 4-bit helper starts each block's integer sums (see dot4l)
-    out = np.empty(bsum.shape[0], np.int32)
-    for i in range(bsum.shape[0]):
-        out[i] = np.int32(-128) * np.int32(bsum[i])
-    return out
-
-
-stable_id(negative_sums, "activations.negative_sums")  # the 4-bit kernels hold it in their closures

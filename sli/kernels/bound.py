@@ -170,10 +170,10 @@ def four_bit(packed: Tensor, code: Tensor, blocksize: int, out_features: int, in
     go = _runner(name, out_features)
 
     def call(a: QuantizedRows, y: np.ndarray, work: int) -> None:
-        xq, xs, _, bsum, oidx, oval = a
-        go(work, pf, *maxima, levels, cf, xq, bsum, xs, oidx, oval, blocksize, y)
+        xq, xs, _, _, oidx, oval = a
+        go(work, pf, *maxima, levels, cf, xq, xs, oidx, oval, blocksize, y)
 
-    activations = Activations(in_features, blocksize, min(KEEP_FLOAT, in_features - 1), levels=True)
+    activations = Activations(in_features, in_features, min(KEEP_FLOAT, in_features - 1), levels=True)
     return RowProduct(activations, out_features, out_features * in_features // 4, call, bias)
 
 

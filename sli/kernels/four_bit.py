@@ -9,7 +9,7 @@ import numpy as np
 from .jit import KERNEL, stable_id
 
 # NF4/FP4's levels meet int8 activations as the integers round(code * LEVEL_SCALE): 127 * 64,
-# held split in two bytes (split_levels) for the SIMD helper dot4l's byte shuffles
+# passed split in two bytes (split_levels), which the dot4l helpers join back into 16-bit words
 LEVEL_SCALE = 127 * 64
 
 
@@ -23,7 +23,7 @@ def split_levels(code: np.ndarray) -> np.ndarray:
 
 def build(h) -> dict:
     """The kernels by name, over helpers ``h`` (one SIMD level's or the plain ones)."""
-    from .activations import kept_nibbles, negative_sums  # in the closures, so the cache sees them (sli.kernels.jit)
+    from .activations import kept_nibbles  # in the closures, so the cache sees them (sli.kernels.jit)
     from .plain import decode_pairs
 
     lut4, lut4n, dot4l, decode64_4bit = h.lut4, h.lut4n, h.dot4l, h.decode64_4bit
@@ -97,10 +97,10 @@ def build(h) -> dict:
                 out[i] = code[q[i]] * scale + offset
 
     @KERNEL
-    def span_4bitq(packed, absmax, qabsmax, nested, nested_code, offset, nested_blocksize, levels, code, xq, bsum, xs,
-                   oidx, oval, blocksize, y, start, stop):
+    def span_4bitq(packed, absmax, qabsmax, nested, nested_code, offset, nested_blocksize, levels, code, xq, xs, oidx,
+                   oval, blocksize, y, start, stop):
         # rows start..stop of a 4-bit weight times int8 activations (quantize_rows: one scale a
-        # row, laid out by levels_order; bsum a block), the 16 levels as integers (split_levels).
+        # row, laid out by levels_order), the 16 levels as integers (split_levels).
         # Block maxima: absmax (float32), or, where it is empty, double-quantized:
         # nested_code[qabsmax[b]] * nested[b // nested_blocksize] + offset. One call a span,
         # not a row: a call between kernels passing arrays costs ~1000 cycles (reference counts)
@@ -110,7 +110,6 @@ def build(h) -> dict:
         blocks_per_row = cols // blocksize
         keep = oval.shape[1]
         kept = kept_nibbles(oidx, blocksize)
-        negsum = negative_sums(bsum)
         decoded = np.empty(blocks_per_row, np.float32)
         acc = np.empty(most, np.float32)
         for o in range(start, stop):
@@ -128,7 +127,7 @@ def build(h) -> dict:
                 scales, sofs = decoded, 0
             for t in range(0, rows, most):
                 k = min(most, rows - t)
-                dot4l(packed, o * half, levels, scales, sofs, blocksize, xq, negsum, t, k, cols, acc)
+                dot4l(packed, o * half, levels, scales, sofs, blocksize, xq, t, k, cols, acc)
                 for i in range(k):
                     s = acc[i] * (xs[t + i] * np.float32(1.0 / LEVEL_SCALE))
                     for m in range(keep):  # the kept values meet the weight itself: code * absmax
@@ -142,16 +141,16 @@ def build(h) -> dict:
     no_bytes = np.empty(0, np.uint8)
 
     @KERNEL
-    def matmul_4bitq(packed, absmax, levels, code, xq, bsum, xs, oidx, oval, blocksize, y, start, stop):
+    def matmul_4bitq(packed, absmax, levels, code, xq, xs, oidx, oval, blocksize, y, start, stop):
         # matmul_4bit with the levels as integers and int8 activations
-        span_4bitq(packed, absmax, no_bytes, no_floats, no_floats, np.float32(0.0), 1, levels, code, xq, bsum, xs,
-                   oidx, oval, blocksize, y, start, stop)
+        span_4bitq(packed, absmax, no_bytes, no_floats, no_floats, np.float32(0.0), 1, levels, code, xq, xs, oidx,
+                   oval, blocksize, y, start, stop)
 
     @KERNEL
-    def matmul_4bitq_nested(packed, qabsmax, nested, nested_code, offset, nested_blocksize, levels, code, xq, bsum,
-                            xs, oidx, oval, blocksize, y, start, stop):
+    def matmul_4bitq_nested(packed, qabsmax, nested, nested_code, offset, nested_blocksize, levels, code, xq, xs,
+                            oidx, oval, blocksize, y, start, stop):
         span_4bitq(packed, no_floats, qabsmax, nested, nested_code, np.float32(offset), nested_blocksize, levels, code,
-                   xq, bsum, xs, oidx, oval, blocksize, y, start, stop)
+                   xq, xs, oidx, oval, blocksize, y, start, stop)
 
     return {"matmul_4bit": matmul_4bit, "matmul_4bit_nested": matmul_4bit_nested, "dequantize_4bit": dequantize_4bit,
             "dequantize_blockwise8": dequantize_blockwise8, "matmul_4bitq": matmul_4bitq,

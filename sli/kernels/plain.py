@@ -144,9 +144,9 @@ def dot4q(packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, rows, cols, ou
 
 
 @_jit
-def dot4l(packed, pofs, levels, scales, sofs, blocksize, xq, negsum, t0, rows, cols, out):
+def dot4l(packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out):
     # xq: each 64 values as the 32 even ones, then the 32 odd ones; a level is
-    # 64 * levels[n] + levels[16 + n] (see the SIMD helper); negsum unread
+    # 64 * levels[n] + levels[16 + n] (see the SIMD helper)
     blocks = cols // blocksize
     for r in range(rows):
         base = (t0 + r) * cols

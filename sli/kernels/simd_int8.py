@@ -170,134 +170,46 @@ def make_dot4q(level: str):
 
 
 def make_dot4l(level: str):
-    """``dot4l(packed, pofs, levels, scales, sofs, blocksize, xq, negsum, t0, rows, cols, out)``:
-    a 4-bit row whose value is ``L[nibble] * scales[sofs + block]`` (NF4/FP4, their 16 levels
-    as integers ``L = round(code * LEVEL_SCALE)``) times int8 activation rows
-    ``xq[(t0 + r)*cols:]``, each 64 values ordered as the 32 even ones then the 32 odd ones
-    (:func:`sli.kernels.q4_order`): ``out[r] = sum over blocks of scale * (L[q] . xq)``, the dot
-    product exact in int32.
+    """``dot4l(packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out)``: a
+    4-bit row whose value is ``L[nibble] * scales[sofs + block]`` (NF4/FP4, their 16 levels as
+    integers ``L = round(code * LEVEL_SCALE)``, held split as ``L = 64 * levels[n] + levels[16 +
+    n]``) times int16 activation rows ``xq[(t0 + r)*cols:]`` (int8 values, laid out by
+    :func:`sli.kernels.levels_order`): ``out[r] = sum over blocks of scale * (L[q] . xq)``, the
+    dot product exact in int32.
 
-    ``L`` does not fit a byte, so ``levels`` holds it split: ``L = 64 * levels[n] + levels[16 + n]``
-    (the high part within +-127, the low within +-32). A byte shuffle (``vpshufb``) looks each
-    part up and each meets ``xq`` in its own integer dot product; a block's sums join as
-    ``64 * high + low``. (Levels rounded to one byte, llama.cpp IQ4_NL's way, moved SmolLM2's
-    NF4 perplexity +0.8%: bitsandbytes' levels are not on an int8 grid.)
+    Each code is looked up as its whole 16-bit level and meets the activations in a signed
+    word product that sums pairs into int32 (``|L| * 127 * 2`` fits, and a lane's sums over a
+    block of up to 4096 values too), so a row pays one multiply-add (reading memory) each 32
+    values and one conversion a block, and the decoding is shared by the rows of a pass:
 
-    AVX-512 VNNI's ``vpdpbusd`` takes the parts as unsigned bytes ``part + 128``; each block's
-    sums start from ``negsum[(t0 + r) * blocks + block]`` = -128 * sum(xq over the block) in one
-    lane, which takes the excess back exactly (65 * 128 * sum(xq) once joined). AVX2 has no
-    such product without saturation: :func:`make_dot4l_words` looks ``L`` up whole, as 16 bits.
+    - AVX-512: 32 codes (16 bytes' high or low nibbles) widened to words, looked up in one
+      ``vpermw``, multiplied in ``vpdpwssd`` (VNNI); ``xq`` in :func:`sli.kernels.q4_order`
+      (each 64 values as the 32 even ones, then the 32 odd ones).
+    - AVX2: each code's low and high level byte looked up in two ``vpshufb`` and woven into
+      words within each 128-bit lane (``vpunpck{l,h}bw``), multiplied in ``vpmaddwd``; ``xq``
+      as the woven words lie (each 32 values of q4_order as their 0-7, 16-23, 8-15, 24-31).
+
+    Earlier each level went as two bytes in two byte products a row (``vpdpbusd`` from a
+    ``-128 * sum(xq)`` start; AVX2's ``vpmaddubsw`` with each part's sign moved onto ``xq``):
+    2-3x the operations a row (docs/benchmarks.md). (Levels rounded to one byte, llama.cpp
+    IQ4_NL's way, moved SmolLM2's NF4 perplexity +0.8%: bitsandbytes' levels are not on an
+    int8 grid.)
     """
-    if level == "avx2":
-        return make_dot4l_words()
-    w = WIDTH[level]
-
-    def dot4l(typingctx, packed, pofs, levels, scales, sofs, blocksize, xq, negsum, t0, rows, cols, out):
-        sig = types.void(packed, pofs, levels, scales, sofs, blocksize, xq, negsum, t0, rows, cols, out)
-
-        def codegen(context, builder, signature, args):
-            b = builder
-            packed_ptr, pofs_i, levels_ptr, scales_ptr, sofs_i, bs_i, xq_ptr, negsum_ptr, t0_i, rows_i, cols_i, \
-                out_ptr = unpack(context, b, signature, args)
-            blocks = b.sdiv(cols_i, bs_i)
-            v32 = ir.VectorType(I8, 32)
-            vb = ir.VectorType(I8, 4 * w)
-
-            def lane_table(first):  # 16 levels in each 128-bit lane (vpshufb looks up within a lane)
-                table16 = vload(b, levels_ptr, idx(first), ir.VectorType(I8, 16))
-                table = b.shuffle_vector(table16, table16, ir.Constant(ir.VectorType(I32, 4 * w),
-                                                                         [k % 16 for k in range(4 * w)]))
-                return b.xor(table, const(vb, -128))  # part + 128, unsigned
-
-            tables = (lane_table(0), lane_table(16))  # the high parts, the low parts
-            pshufb = Emit(b, level).fn("llvm.x86.avx512.pshuf.b.512", vb, [vb, vb])
-
-            def case(e, rows):
-                fsum = [cgutils.alloca_once(b, e.vf, zfill=True) for _ in range(rows)]
-                sums = [[cgutils.alloca_once(b, e.vi) for _ in range(rows)] for _ in tables]
-                xrow = [b.mul(b.add(t0_i, idx(r)), cols_i) for r in range(rows)]
-                nrow = [b.mul(b.add(t0_i, idx(r)), blocks) for r in range(rows)]
-                zero = ir.Constant(e.vi, None)
-
-                def blocks_pass(bs_v):
-                    with cgutils.for_range(b, blocks) as loop:
-                        blk = loop.index
-                        first = b.mul(blk, bs_v)
-                        for r in range(rows):
-                            taken = b.load(b.gep(negsum_ptr, [b.add(nrow[r], blk)]))
-                            start = b.insert_element(zero, taken, ir.Constant(I32, 0))  # both parts + 128
-                            for part in sums:
-                                b.store(start, part[r])
-                        with cgutils.for_range(b, b.sdiv(bs_v, idx(64))) as step:  # 64 values: 32 bytes
-                            at_value = b.add(first, b.mul(step.index, idx(64)))
-                            at_byte = b.add(pofs_i, b.lshr(at_value, idx(1)))
-                            e.prefetch(packed_ptr, b.add(at_byte, idx(PREFETCH_VALUES // 2)))
-                            high, low = e.nibbles(vload(b, packed_ptr, at_byte, v32))
-                            # one register: 32 even values, then 32 odd ones
-                            index = b.shuffle_vector(high, low, ir.Constant(ir.VectorType(I32, 64), list(range(64))))
-                            xv = [vload(b, xq_ptr, b.add(xrow[r], at_value), vb) for r in range(rows)]
-                            for table, part in zip(tables, sums):
-                                values = b.call(pshufb, [table, index])
-                                for r in range(rows):
-                                    b.store(e.dot_bytes(b.load(part[r]), values, xv[r]), part[r])
-                        scale = splat(b, b.load(b.gep(scales_ptr, [b.add(sofs_i, blk)])), e.vf)
-                        for r in range(rows):
-                            joined = b.add(b.shl(b.load(sums[0][r]), const(e.vi, 6)), b.load(sums[1][r]))
-                            b.store(e.fma(b.sitofp(joined, e.vf), scale, b.load(fsum[r])), fsum[r])
-
-                _each_block_size(b, bs_i, blocks_pass)
-                _store_sums(e, out_ptr, fsum)
-
-            rows_switch(b, level, rows_i, case)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    dot4l.__name__ = f"dot4l_{level}"
-    return stable_id(intrinsic(dot4l), f"simd.{dot4l.__name__}")
-
-
-def make_dot4l_words():
-    """AVX2's ``dot4l`` (the same arguments and sums, ``xq`` as :func:`sli.kernels.levels_order`
-    lays it out for this level: int16): each 4-bit code looked up as its level's 16-bit integer
-    ``L`` (two byte shuffles, the low and the high byte of ``L``, woven into words within each
-    128-bit lane) and multiplied by the activations in ``vpmaddwd`` (signed by signed, pairs
-    summed into int32: ``|L| * 127 * 2`` fits, and a 64-value block's four such sums a lane
-    too). The activations come widened to 16 bits and in the lanes' order (each 32 values as
-    their 0-7, 16-23, 8-15, 24-31), so a row pays one ``vpmaddwd`` (reading memory) and one add
-    each 16 values, and the decoding is shared by the rows of a pass. ``vpmaddubsw``'s byte
-    products would saturate on ``L``'s split parts, needing each part's sign moved onto ``xq``
-    and two sums a row (2-3x the operations a row, measured: docs/benchmarks.md). ``negsum``
-    is unread: signed products need no correction."""
-    level = "avx2"
     v32 = ir.VectorType(I8, 32)
     v16b = ir.VectorType(I8, 16)
-    words = ir.VectorType(I16, 16)
 
-    def dot4l(typingctx, packed, pofs, levels, scales, sofs, blocksize, xq, negsum, t0, rows, cols, out):
-        sig = types.void(packed, pofs, levels, scales, sofs, blocksize, xq, negsum, t0, rows, cols, out)
+    def dot4l(typingctx, packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out):
+        sig = types.void(packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out)
 
         def codegen(context, builder, signature, args):
             b = builder
-            packed_ptr, pofs_i, levels_ptr, scales_ptr, sofs_i, bs_i, xq_ptr, _, t0_i, rows_i, cols_i, out_ptr = \
+            packed_ptr, pofs_i, levels_ptr, scales_ptr, sofs_i, bs_i, xq_ptr, t0_i, rows_i, cols_i, out_ptr = \
                 unpack(context, b, signature, args)
             blocks = b.sdiv(cols_i, bs_i)
-            high16 = b.sext(vload(b, levels_ptr, idx(0), v16b), words)
-            whole = b.add(b.shl(high16, const(words, 6)), b.sext(vload(b, levels_ptr, idx(16), v16b), words))
-
-            def lane_table(byte):  # the 16 levels' low or high byte, in each 128-bit lane
-                part = b.trunc(b.ashr(whole, const(words, 8)) if byte else whole, v16b)
-                return b.shuffle_vector(part, part, ir.Constant(ir.VectorType(I32, 32), [k % 16 for k in range(32)]))
-
-            tables = (lane_table(0), lane_table(1))
-            e0 = Emit(b, level)
-            pshufb = e0.fn("llvm.x86.avx2.pshuf.b", v32, [v32, v32])
-            pmaddwd = e0.fn("llvm.x86.avx2.pmadd.wd", e0.vi, [words, words])
-
-            def woven(low_bytes, high_bytes, h):  # vpunpck{l,h}bw: each lane's bytes 8h..8h+7 as words
-                order = [16 * (k // 16) + 8 * h + k % 16 // 2 + (32 if k % 2 else 0) for k in range(32)]
-                return b.bitcast(b.shuffle_vector(low_bytes, high_bytes, ir.Constant(ir.VectorType(I32, 32), order)),
-                                 words)
+            half = ir.VectorType(I16, 16)
+            high16 = b.sext(vload(b, levels_ptr, idx(0), v16b), half)
+            whole = b.add(b.shl(high16, const(half, 6)), b.sext(vload(b, levels_ptr, idx(16), v16b), half))
+            decode, multiply = (_words_avx512 if level == "avx512" else _words_avx2)(b, whole)
 
             def case(e, rows):
                 fsum = [cgutils.alloca_once(b, e.vf, zfill=True) for _ in range(rows)]
@@ -314,15 +226,10 @@ def make_dot4l_words():
                             at_value = b.add(first, b.mul(step.index, idx(64)))
                             at_byte = b.add(pofs_i, b.lshr(at_value, idx(1)))
                             e.prefetch(packed_ptr, b.add(at_byte, idx(PREFETCH_VALUES // 2)))
-                            high, low = e.nibbles(vload(b, packed_ptr, at_byte, v32))
-                            for index, half in ((high, 0), (low, 32)):
-                                low_bytes, high_bytes = (b.call(pshufb, [table, index]) for table in tables)
-                                for h in (0, 1):
-                                    weights = woven(low_bytes, high_bytes, h)
-                                    xoff = b.add(at_value, idx(half + 16 * h))
-                                    for r in range(rows):
-                                        xv = vload(b, xq_ptr, b.add(xrow[r], xoff), words)
-                                        b.store(b.add(b.load(isum[r]), b.call(pmaddwd, [weights, xv])), isum[r])
+                            for weights, offset in decode(vload(b, packed_ptr, at_byte, v32)):
+                                for r in range(rows):
+                                    xv = vload(b, xq_ptr, b.add(xrow[r], b.add(at_value, idx(offset))), weights.type)
+                                    b.store(multiply(b.load(isum[r]), weights, xv), isum[r])
                         scale = splat(b, b.load(b.gep(scales_ptr, [b.add(sofs_i, blk)])), e.vf)
                         for r in range(rows):
                             b.store(e.fma(b.sitofp(b.load(isum[r]), e.vf), scale, b.load(fsum[r])), fsum[r])
@@ -335,5 +242,60 @@ def make_dot4l_words():
 
         return sig, codegen
 
-    dot4l.__name__ = "dot4l_avx2"
-    return stable_id(intrinsic(dot4l), "simd.dot4l_avx2")
+    dot4l.__name__ = f"dot4l_{level}"
+    return stable_id(intrinsic(dot4l), f"simd.dot4l_words_{level}")
+
+
+def _words_avx512(b, whole):
+    """AVX-512's ``(decode, multiply)`` for :func:`make_dot4l`: ``decode(codes)`` gives the 64
+    values of 32 packed bytes as two registers of 32 levels (the even values, then the odd
+    ones) with their offsets in ``xq``; ``multiply(acc, weights, xv)`` is ``vpdpwssd``."""
+    words = ir.VectorType(I16, 32)
+    e = Emit(b, "avx512")
+    table = b.shuffle_vector(whole, whole, ir.Constant(ir.VectorType(I32, 32), [k % 16 for k in range(32)]))
+    permw = e.fn("llvm.x86.avx512.permvar.hi.512", words, [words, words])
+    dpwssd = e.fn("llvm.x86.avx512.vpdpwssd.512", e.vi, [e.vi] * 3)
+
+    def decode(raw):
+        codes = b.zext(raw, words)
+        return ((b.call(permw, [table, b.lshr(codes, const(words, 4))]), 0),
+                (b.call(permw, [table, b.and_(codes, const(words, 15))]), 32))
+
+    def multiply(acc, weights, xv):
+        return b.call(dpwssd, [acc, b.bitcast(weights, e.vi), b.bitcast(xv, e.vi)])
+
+    return decode, multiply
+
+
+def _words_avx2(b, whole):
+    """AVX2's ``(decode, multiply)`` for :func:`make_dot4l`: four registers of 16 levels,
+    each code's low and high level byte looked up (``vpshufb``) and woven into words within
+    each lane; ``multiply`` is ``vpmaddwd`` and an add."""
+    v32 = ir.VectorType(I8, 32)
+    words = ir.VectorType(I16, 16)
+    e = Emit(b, "avx2")
+
+    def lane_table(byte):  # the 16 levels' low or high byte, in each 128-bit lane
+        part = b.trunc(b.ashr(whole, const(words, 8)) if byte else whole, ir.VectorType(I8, 16))
+        return b.shuffle_vector(part, part, ir.Constant(ir.VectorType(I32, 32), [k % 16 for k in range(32)]))
+
+    tables = (lane_table(0), lane_table(1))
+    pshufb = e.fn("llvm.x86.avx2.pshuf.b", v32, [v32, v32])
+    pmaddwd = e.fn("llvm.x86.avx2.pmadd.wd", e.vi, [words, words])
+
+    def woven(low_bytes, high_bytes, h):  # vpunpck{l,h}bw: each lane's bytes 8h..8h+7 as words
+        order = [16 * (k // 16) + 8 * h + k % 16 // 2 + (32 if k % 2 else 0) for k in range(32)]
+        return b.bitcast(b.shuffle_vector(low_bytes, high_bytes, ir.Constant(ir.VectorType(I32, 32), order)), words)
+
+    def decode(raw):
+        high, low = e.nibbles(raw)
+        out = []
+        for index, half in ((high, 0), (low, 32)):
+            low_bytes, high_bytes = (b.call(pshufb, [table, index]) for table in tables)
+            out += [(woven(low_bytes, high_bytes, h), half + 16 * h) for h in (0, 1)]
+        return out
+
+    def multiply(acc, weights, xv):
+        return b.add(acc, b.call(pmaddwd, [weights, xv]))
+
+    return decode, multiply
