@@ -209,13 +209,13 @@ def _q4_order(xq: np.ndarray, t: int, n: int, half: int = 64, out: Optional[np.n
 def levels_order(xq: np.ndarray, t: int, n: int, out: Optional[np.ndarray] = None) -> np.ndarray:
     """int8 rows ``xq`` (``[T * n]``, flat; ``n`` a multiple of 64) as the NF4/FP4 helper
     ``dot4l`` reads them, flat, into ``out`` (:func:`levels_buffer`) when given: in
-    :func:`q4_order` with ``half`` 32; on AVX2 (:func:`sli.kernels.simd_int8.make_dot4l_words`)
-    as int16, each 32 values of that order as their 0-7, 16-23, 8-15, 24-31 (the values a
-    ``vpunpcklbw``/``vpunpckhbw`` of looked-up bytes holds)."""
+    :func:`q4_order` with ``half`` 32, as int16 on the SIMD levels
+    (:func:`sli.kernels.simd_int8.make_dot4l`), on AVX2 each 32 values of that order as their
+    0-7, 16-23, 8-15, 24-31 (the values a ``vpunpcklbw``/``vpunpckhbw`` of looked-up bytes holds)."""
     level = simd_path()
     if level == "plain":
         return _q4_order(xq, t, n, 32, out)
-    if level == "avx512":  # int16 in q4_order (sli.kernels.simd_int8.make_dot4l_words512)
+    if level == "avx512":  # int16 in q4_order
         out = levels_buffer(t, n) if out is None else out
         out.reshape(t, n // 64, 2, 32)[...] = xq.reshape(t, n // 64, 32, 2).transpose(0, 1, 3, 2)
         return out

@@ -1,8 +1,8 @@
 """The SIMD helpers that meet int8 activations (rows quantized by
 :func:`sli.kernels.quantize_rows`) in integer dot products, exact in int32 within a block:
 ``dot8q`` (INT8 weights), ``dot4q`` (INT4's nibbles) and ``dot4l`` (NF4/FP4's 16 levels as
-integers: split in two bytes on AVX-512, whole 16-bit words on AVX2). Each block's int32 sums
-are scaled into float32 sums as the block ends.
+16-bit integers, met in word products). Each block's int32 sums are scaled into float32 sums as
+the block ends.
 
 AVX-512 VNNI's ``vpdpbusd`` multiplies unsigned by signed bytes; AVX2's ``vpmaddubsw`` does
 too but saturates its int16 pairs (see :meth:`sli.kernels.simd_ir.Emit.dot_bytes`).
