@@ -36,6 +36,9 @@ DEFAULT_SETTINGS = {
     "kernel_runtime_bytes": 160 * MB,
     # Below this many multiply-adds a kernel runs on the calling thread alone.
     "kernel_inline_work": 1 << 20,
+    # The same with the kernel team (sli.kernels.team: threads that poll, no wake-up): products
+    # from this many multiply-adds split across it.
+    "kernel_team_work": 1 << 15,
     # Weights smaller than this many values quantize to 4 bits eagerly (a compile costs seconds).
     "compile_min_numel": 1 << 20,
 }
@@ -53,6 +56,8 @@ DEFAULT_SETTINGS = {
 #   SLI_INT8_MATMUL=torch|numba  INT8 products of 17 rows or more in torch._int_mm (oneDNN's int8
 #                   tiles) or in sli's kernels (default: torch._int_mm on a CPU with AMX)
 #   SLI_NO_COMPILE=1  no torch.compile for the 4-bit quantizer (the eager path, same bytes)
+#   SLI_NO_TEAM=1   kernels split across threads through a pool of sleeping threads, not the
+#                   polling kernel team (sli.kernels.team)
 #   SLI_NO_DECODE_STEP=1  a decode token runs transformers' modules layer by layer, not sli's
 #                   one-token step for Llama-family layers (sli.decode_step)
 

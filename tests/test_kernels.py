@@ -369,6 +369,9 @@ from sli.quantization import QuantizationConfig, codec_for
 sys.path.insert(0, sys.argv[2])
 from test_kernels import _expected
 assert kernels.simd_path() == sys.argv[1], kernels.simd_path()
+from sli.kernels import dispatch
+torch.set_num_threads(2)
+dispatch.TEAM_WORK = 0  # every product the team runs goes to it: its arguments on this level
 kernels.INT8_LEVELS_ROWS = 8  # NF4/FP4's int8 levels: off by default (quality), tested on each level
 g = torch.Generator().manual_seed(0)
 w = torch.randn(96, 1024, generator=g) * 0.02
@@ -395,6 +398,7 @@ for mode in ("none", "int8", "int8_dynamic", "nf4", "fp4", "int4", "fp8"):
 sys.path.insert(0, sys.argv[2])
 from test_attention import check_decode_attention  # the decode attention kernel on this level too
 check_decode_attention()
+assert dispatch.team() is not None
 print("path ok", kernels.simd_path())
 """
 

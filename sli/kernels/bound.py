@@ -112,11 +112,11 @@ class RowProduct:
 
 def _runner(name: str, count: int):
     """``go(work, *args)``: kernel ``name`` over ``[0, count)``, on this thread below
-    :data:`~sli.kernels.dispatch.INLINE_WORK` (skipping :func:`run`'s lookups), else split."""
+    :data:`~sli.kernels.dispatch.TEAM_WORK` (skipping :func:`run`'s lookups), else split."""
     kernel = table()[name]
 
     def go(work: int, *args) -> None:
-        if work < dispatch.INLINE_WORK:
+        if work < min(dispatch.TEAM_WORK, dispatch.INLINE_WORK):
             kernel(*args, 0, count)
         else:
             run(name, count, work, *args)

@@ -116,7 +116,8 @@ def lanes() -> int:
 
 
 _pool: Optional[ThreadPoolExecutor] = None
-INLINE_WORK = settings.DEFAULT_SETTINGS["kernel_inline_work"]  # below: one thread beats handing out
+INLINE_WORK = settings.DEFAULT_SETTINGS["kernel_inline_work"]  # below: one thread beats the pool
+TEAM_WORK = settings.DEFAULT_SETTINGS["kernel_team_work"]  # below: one thread beats the team
 
 
 _kernel_threads: Optional[int] = None  # set while torch_on_one_thread() holds torch to one
@@ -149,10 +150,19 @@ def torch_on_one_thread():
         _kernel_threads = None
 
 
+def team():
+    """The kernel team (:mod:`sli.kernels.team`) for this many threads, or None."""
+    from . import team as kernel_team
+
+    return kernel_team.get(table(), simd_path(), _threads())
+
+
 def run(name: str, count: int, work: int, *args) -> None:
     """Run kernel ``name`` over items ``[0, count)`` split across threads.
 
-    The kernels release the GIL (``nogil``), so plain Python threads run them in parallel.
+    From :data:`TEAM_WORK` multiply-adds on, the kernels the team runs go to it (threads
+    that poll for work). Otherwise the kernels release the GIL (``nogil``), so plain Python
+    threads of a pool run them in parallel.
     This is used instead of numba's ``parallel=True``: its OpenMP layer fought torch's own
     OpenMP threads here (12 ms per call on a 2-core machine) and its workqueue layer may
     not be entered from two threads at once (the prefetch thread dequantizes while the
@@ -161,6 +171,10 @@ def run(name: str, count: int, work: int, *args) -> None:
     global _pool
     kernel = table()[name]
     threads = min(_threads(), count)
+    if threads > 1 and work >= TEAM_WORK:
+        workers = team()
+        if workers is not None and workers.run(name, count, args):
+            return
     if threads <= 1 or work < INLINE_WORK:
         kernel(*args, 0, count)
         return

@@ -195,9 +195,6 @@ def make_dot4l(level: str):
     IQ4_NL's way, moved SmolLM2's NF4 perplexity +0.8%: bitsandbytes' levels are not on an
     int8 grid.)
     """
-    v32 = ir.VectorType(I8, 32)
-    v16b = ir.VectorType(I8, 16)
-
     def dot4l(typingctx, packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out):
         sig = types.void(packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out)
 
@@ -206,7 +203,9 @@ def make_dot4l(level: str):
             packed_ptr, pofs_i, levels_ptr, scales_ptr, sofs_i, bs_i, xq_ptr, t0_i, rows_i, cols_i, out_ptr = \
                 unpack(context, b, signature, args)
             blocks = b.sdiv(cols_i, bs_i)
-            half = ir.VectorType(I16, 16)
+            # IR types made here, not in the closure: a printed type pickles differently
+            # (sli.kernels.simd_ir), so a closure's would change numba's cache key on first use
+            v32, v16b, half = ir.VectorType(I8, 32), ir.VectorType(I8, 16), ir.VectorType(I16, 16)
             high16 = b.sext(vload(b, levels_ptr, idx(0), v16b), half)
             whole = b.add(b.shl(high16, const(half, 6)), b.sext(vload(b, levels_ptr, idx(16), v16b), half))
             decode, multiply = (_words_avx512 if level == "avx512" else _words_avx2)(b, whole)

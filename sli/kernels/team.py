@@ -1,0 +1,322 @@
+"""A team of kernel threads that wait for work spinning, so a product splits across cores
+without waking a thread.
+
+A thread pool hands a kernel's second half to a sleeping thread: on these VMs that costs
+~50-100 µs a product (the idle vCPU wakes slowly), as much as a small model's whole product,
+so SmolLM2's products ran on one core (docs/benchmarks.md). llama.cpp's threads poll
+instead. Here each worker thread stays inside compiled code between jobs (no GIL), polling a
+control word with atomic loads (:mod:`sli.kernels.atomics`); the calling thread (the leader)
+writes a job (the kernel and its arguments' addresses), publishes it, and claims chunks of
+its output rows itself, as each worker does, until none is left. A chunk is claimed with a
+compare-and-swap on a word that also holds the job's number and chunk count, so a worker
+that is late never runs a chunk of the next job with this one's arguments. The leader then
+waits for the chunks others claimed. Every output row is computed by the same kernel call
+whichever thread takes it: the result is bit for bit the one-thread result.
+
+A worker spins for ``SPIN_US`` after its last chunk, then sleeps on an event (a generation
+between tokens, a streamed layer waiting for the disk, torch's own threads on a prompt get the
+core back); the leader wakes it when it posts the next job, and does not wait for it: a
+sleeping worker's chunks are claimed by the leader. ``SLI_NO_TEAM=1`` turns the team off
+(products split through :mod:`sli.kernels.dispatch`'s pool as before).
+
+Kernels the team runs are those in :data:`ARGUMENTS`; each argument travels as three int64
+slots of the job (an array's address and up to two dimensions, or a number) and is rebuilt
+by ``run_chunk`` with the dtype the table names, so an argument of another dtype or layout
+is refused (:meth:`Team.run` returns False and the caller splits it its own way).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .. import settings
+
+logger = logging.getLogger(__name__)
+
+# The kernels the team runs, with their arguments before (start, stop): a dtype name and
+# dimensions ("u8" a 1-d uint8 array, "f32:2" a 2-d float32 one), "int" or "float".
+# "xq" is the int8 activations in the form the level's 4-bit kernels read (int16 on the SIMD
+# levels, :func:`sli.kernels.levels_buffer`).
+ARGUMENTS: Dict[str, Tuple[str, ...]] = {
+    "matmul_int8q": ("i8", "f32", "i8", "f32", "f32", "i64:2", "f32:2", "int", "f32:2"),
+    "matmul_4bitq": ("u8", "f32", "i8", "f32", "xq", "f32", "i64:2", "f32:2", "int", "f32:2"),
+    "matmul_4bitq_nested": ("u8", "u8", "f32", "f32", "float", "int", "i8", "f32", "xq", "f32", "i64:2", "f32:2",
+                            "int", "f32:2"),
+    "matmul_int4q": ("u8", "f32", "f32", "i8", "f32", "f32", "i64:2", "f32:2", "int", "f32:2"),
+    "matmul_bf16": ("u16", "f32", "f32:2", "f32:2"),
+}
+KINDS = tuple(ARGUMENTS)
+# an array argument's type code: 4 * (its dtype's place here + 1) + its dimensions
+_DTYPES = {"u8": "uint8", "i8": "int8", "u16": "uint16", "i16": "int16", "i64": "int64", "f32": "float32"}
+NUMBER_CODES = {"int": 1, "float": 2}
+
+SPIN_US = 2000  # how long a worker polls after its last chunk before it sleeps
+CHUNKS_A_THREAD = 4  # a job's rows in this many chunks a thread: a late or slow thread costs 1/4 of its share
+SLOTS = 3  # job slots an argument: an array's address and dimensions, or a number
+JOB_SLOTS = 3 + SLOTS * max(len(a) for a in ARGUMENTS.values())
+# the control words, each on its own cache line (int64 index = 8 a line)
+CLAIM, DONE, QUIT, ASLEEP = 0, 8, 16, 24  # ASLEEP + 8 * worker: that worker sleeps
+
+
+def enabled() -> bool:
+    return not settings.flag("SLI_NO_TEAM")
+
+
+def type_codes(level: str) -> np.ndarray:
+    """``[kind, argument]``: the code :func:`_put` gives each argument a kind takes (0 past
+    its last), for ``lead`` to refuse a call whose arguments differ."""
+    codes = np.zeros((len(KINDS), max(len(a) for a in ARGUMENTS.values())), np.int64)
+    for k, kinds in enumerate(ARGUMENTS.values()):
+        for i, kind in enumerate(kinds):
+            if kind in NUMBER_CODES:
+                codes[k, i] = NUMBER_CODES[kind]
+                continue
+            dtype, _, dims = kind.partition(":")
+            dtype = ("i8" if level == "plain" else "i16") if dtype == "xq" else dtype
+            codes[k, i] = 4 * (list(_DTYPES).index(dtype) + 1) + int(dims or 1)
+    return codes
+
+
+def _put(job, numbers, at, value):  # (compiled only: see the overload in _build)
+    raise NotImplementedError
+
+
+_built: Dict[str, dict] = {}
+
+
+def build(kernels: dict, level: str) -> dict:
+    """The team's compiled functions (``lead``, ``follow``, ``cycles``) over the kernels built
+    for ``level``, built once a process."""
+    if level not in _built:
+        _built[level] = _build(kernels, level)
+    return _built[level]
+
+
+def _build(kernels: dict, level: str) -> dict:
+    from numba import carray, literal_unroll, njit, types
+    from numba.extending import overload
+
+    from . import atomics
+    from .jit import stable_id
+
+    load, store, add, swap_if, pause, cycles, pointer = (atomics.load, atomics.store, atomics.add, atomics.swap_if,
+                                                         atomics.pause, atomics.cycles, atomics.pointer)
+    for name in KINDS:
+        stable_id(kernels[name], f"team.{name}:{level}")
+    int8q, four_bit, four_bit_nested, int4q, bf16 = (kernels[name] for name in KINDS)
+    i8, u8, u16, i64, f32 = np.int8, np.uint8, np.uint16, np.int64, np.float32
+    xq = np.int8 if level == "plain" else np.int16
+    compiled = njit(nogil=True, cache=True)
+    places = {numpy_name: place for place, numpy_name in enumerate(_DTYPES.values())}
+
+    @overload(_put, jit_options={"nogil": True})
+    def _put_overload(job, numbers, at, value):
+        # an argument into its slots; returns its type code (0: not one the team takes)
+        if isinstance(value, types.Array):
+            place = places.get(str(value.dtype))
+            if value.layout != "C" or value.ndim > 2 or place is None:
+                return lambda job, numbers, at, value: 0
+            code = 4 * (place + 1) + value.ndim
+            if value.ndim == 1:
+                def put_1d(job, numbers, at, value):
+                    job[at], job[at + 1], job[at + 2] = value.ctypes.data, value.shape[0], 0
+                    return code
+                return put_1d
+
+            def put_2d(job, numbers, at, value):
+                job[at], job[at + 1], job[at + 2] = value.ctypes.data, value.shape[0], value.shape[1]
+                return code
+            return put_2d
+        if isinstance(value, types.Integer):
+            def put_int(job, numbers, at, value):
+                job[at] = value
+                return 1
+            return put_int
+        if isinstance(value, types.Float):
+            def put_float(job, numbers, at, value):
+                numbers[at] = value
+                return 2
+            return put_float
+        return lambda job, numbers, at, value: 0
+
+    @compiled
+    def a1(job, at, dtype):  # argument slot `at` as a 1-d array
+        return carray(pointer(job[at], dtype), job[at + 1])
+
+    @compiled
+    def a2(job, at, dtype):  # as a 2-d array
+        return carray(pointer(job[at], dtype), (job[at + 1], job[at + 2]))
+
+    stable_id(a1, "team.a1")
+    stable_id(a2, "team.a2")
+
+    @compiled
+    def run_chunk(job, numbers, chunk):
+        # chunk `chunk` of the job's rows; job[0] the kind, [1] the rows, [2] the chunks, then
+        # SLOTS slots an argument (numbers: the same slots as float64, for "float" arguments)
+        kind, count, chunks = job[0], job[1], job[2]
+        lo, hi = count * chunk // chunks, count * (chunk + 1) // chunks
+        if kind == 0:
+            int8q(a1(job, 3, i8), a1(job, 6, f32), a1(job, 9, i8), a1(job, 12, f32), a1(job, 15, f32),
+                  a2(job, 18, i64), a2(job, 21, f32), job[24], a2(job, 27, f32), lo, hi)
+        elif kind == 1:
+            four_bit(a1(job, 3, u8), a1(job, 6, f32), a1(job, 9, i8), a1(job, 12, f32), a1(job, 15, xq),
+                     a1(job, 18, f32), a2(job, 21, i64), a2(job, 24, f32), job[27], a2(job, 30, f32), lo, hi)
+        elif kind == 2:
+            four_bit_nested(a1(job, 3, u8), a1(job, 6, u8), a1(job, 9, f32), a1(job, 12, f32), numbers[15], job[18],
+                            a1(job, 21, i8), a1(job, 24, f32), a1(job, 27, xq), a1(job, 30, f32), a2(job, 33, i64),
+                            a2(job, 36, f32), job[39], a2(job, 42, f32), lo, hi)
+        elif kind == 3:
+            int4q(a1(job, 3, u8), a1(job, 6, f32), a1(job, 9, f32), a1(job, 12, i8), a1(job, 15, f32),
+                  a1(job, 18, f32), a2(job, 21, i64), a2(job, 24, f32), job[27], a2(job, 30, f32), lo, hi)
+        else:
+            bf16(a1(job, 3, u16), a1(job, 6, f32), a2(job, 9, f32), a2(job, 12, f32), lo, hi)
+
+    stable_id(run_chunk, f"team.run_chunk:{level}")
+
+    @compiled
+    def take_chunks(control, job, numbers, number):
+        # claim and run chunks of job `number` while it has any left
+        while True:
+            word = load(control, CLAIM)
+            chunk, chunks = word & 0xFFFF, (word >> 16) & 0xFFFF
+            if (word >> 32) != number or chunk >= chunks:
+                return
+            if swap_if(control, CLAIM, word, word + 1):
+                run_chunk(job, numbers, chunk)
+                add(control, DONE, 1)
+
+    stable_id(take_chunks, f"team.take_chunks:{level}")
+
+    @compiled
+    def lead(control, job, numbers, codes, kind, count, chunks, *args):
+        # write the job (kernel `kind` over `count` rows in `chunks` chunks, its arguments
+        # `args`), publish it, run chunks of it, wait for the others' chunks; False (nothing
+        # run) where an argument is not what the kind takes
+        i, matches = 0, True
+        for value in literal_unroll(args):
+            matches &= _put(job, numbers, 3 + SLOTS * i, value) == codes[kind, i]
+            i += 1
+        if not matches or codes.shape[1] > len(args) and codes[kind, len(args)] != 0:
+            return False
+        job[0], job[1], job[2] = kind, count, chunks
+        number = ((load(control, CLAIM) >> 32) + 1) & 0x7FFFFFFF
+        store(control, DONE, 0)
+        store(control, CLAIM, (number << 32) | (chunks << 16))
+        take_chunks(control, job, numbers, number)
+        while load(control, DONE) < chunks:
+            pause()
+        return True
+
+    @compiled
+    def follow(control, job, numbers, spin_cycles):
+        # a worker: run chunks as jobs come; return 1 to quit, 0 after spin_cycles without work
+        idle_since = cycles()
+        while load(control, QUIT) == 0:
+            word = load(control, CLAIM)
+            if (word & 0xFFFF) < ((word >> 16) & 0xFFFF):
+                take_chunks(control, job, numbers, word >> 32)
+                idle_since = cycles()
+            elif cycles() - idle_since > spin_cycles:
+                return 0
+            else:
+                pause()
+        return 1
+
+    @njit
+    def now():
+        return cycles()
+
+    return {"lead": lead, "follow": follow, "cycles": now}
+
+
+def _cycles_per_us(cycles) -> float:
+    """The cycle counter's rate, measured over a few milliseconds."""
+    c0, t0 = cycles(), time.perf_counter()
+    time.sleep(0.005)
+    return (cycles() - c0) / max(1e-9, (time.perf_counter() - t0) * 1e6)
+
+
+class Team:
+    """``workers`` threads that run the kernels of :data:`ARGUMENTS` with the calling thread."""
+
+    def __init__(self, workers: int, functions: dict, level: str, spin_us: float = SPIN_US) -> None:
+        self.workers = workers
+        self._lead, self._follow = functions["lead"], functions["follow"]
+        self._codes = type_codes(level)
+        self.control = np.zeros(ASLEEP + 8 * workers, np.int64)
+        self.job = np.zeros(JOB_SLOTS, np.int64)
+        self.numbers = self.job.view(np.float64)
+        self._spin = int(spin_us * _cycles_per_us(functions["cycles"]))
+        self._busy = threading.Lock()  # one leader at a time (the prefetch thread may call kernels too)
+        self._wake = [threading.Event() for _ in range(workers)]
+        self._threads = [threading.Thread(target=self._serve, args=(w,), name=f"sli-team-{w}", daemon=True)
+                         for w in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def _serve(self, worker: int) -> None:
+        asleep = ASLEEP + 8 * worker
+        while self._follow(self.control, self.job, self.numbers, self._spin) == 0:
+            self.control[asleep] = 1
+            word = int(self.control[CLAIM])
+            if (word & 0xFFFF) >= ((word >> 16) & 0xFFFF):  # nothing posted since the last look
+                self._wake[worker].wait()
+            self._wake[worker].clear()
+            self.control[asleep] = 0
+
+    def run(self, name: str, count: int, args: Sequence) -> bool:
+        """Kernel ``name`` over rows ``[0, count)`` on the team; False (nothing run) where the
+        team does not take it: another kernel, an argument of another type or layout, or
+        another thread leading."""
+        if name not in ARGUMENTS or not self._busy.acquire(blocking=False):
+            return False
+        try:
+            for worker in range(self.workers):
+                if self.control[ASLEEP + 8 * worker]:
+                    self._wake[worker].set()
+            chunks = min(count, CHUNKS_A_THREAD * (self.workers + 1), 0xFFFF)
+            return self._lead(self.control, self.job, self.numbers, self._codes, KINDS.index(name), count, chunks,
+                              *args)
+        finally:
+            self._busy.release()
+
+    def close(self) -> None:
+        """Stop the workers (they finish the chunk in hand)."""
+        self.control[QUIT] = 1
+        for event in self._wake:
+            event.set()
+        for thread in self._threads:
+            thread.join()
+
+
+_team: Optional[Team] = None
+_team_lock = threading.Lock()
+
+
+def get(kernels: dict, level: str, threads: int) -> Optional[Team]:
+    """The process's team for ``threads`` threads (``threads - 1`` workers), started on first
+    use; None with one thread or ``SLI_NO_TEAM=1``."""
+    global _team
+    if threads <= 1 or not enabled():
+        return None
+    if _team is None or _team.workers != threads - 1:
+        with _team_lock:
+            if _team is None or _team.workers != threads - 1:
+                if _team is not None:
+                    _team.close()
+                _team = Team(threads - 1, build(kernels, level), level)
+    return _team
+
+
+def _forget_after_fork() -> None:  # a forked child has none of the parent's threads
+    global _team, _team_lock
+    _team, _team_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
