@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from .. import settings
+from . import team as kernel_team
 
 logger = logging.getLogger(__name__)
 
@@ -152,9 +153,7 @@ def torch_on_one_thread():
 
 def team():
     """The kernel team (:mod:`sli.kernels.team`) for this many threads, or None."""
-    from . import team as kernel_team
-
-    return kernel_team.get(table(), simd_path(), _threads())
+    return kernel_team.get(table(), _helpers.level if _helpers is not None else simd_path(), _threads())
 
 
 def run(name: str, count: int, work: int, *args) -> None:

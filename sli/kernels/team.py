@@ -305,13 +305,15 @@ def get(kernels: dict, level: str, threads: int) -> Optional[Team]:
     global _team
     if threads <= 1 or not enabled():
         return None
-    if _team is None or _team.workers != threads - 1:
-        with _team_lock:
-            if _team is None or _team.workers != threads - 1:
-                if _team is not None:
-                    _team.close()
-                _team = Team(threads - 1, build(kernels, level), level)
-    return _team
+    current = _team
+    if current is not None and current.workers == threads - 1:
+        return current
+    with _team_lock:
+        if _team is None or _team.workers != threads - 1:
+            if _team is not None:
+                _team.close()  # its leader, if any, takes the chunks left
+            _team = Team(threads - 1, build(kernels, level), level)
+        return _team
 
 
 def _forget_after_fork() -> None:  # a forked child has none of the parent's threads
