@@ -26,7 +26,7 @@ is refused (:meth:`Team.run` returns False and the caller splits it its own way)
 """
 from __future__ import annotations
 
-import logging
+import atexit
 import os
 import threading
 import time
@@ -36,7 +36,6 @@ import numpy as np
 
 from .. import settings
 
-logger = logging.getLogger(__name__)
 
 # The kernels the team runs, with their arguments before (start, stop): a dtype name and
 # dimensions ("u8" a 1-d uint8 array, "f32:2" a 2-d float32 one), "int" or "float".
@@ -321,4 +320,10 @@ def _forget_after_fork() -> None:  # a forked child has none of the parent's thr
     _team, _team_lock = None, threading.Lock()
 
 
+def _close_at_exit() -> None:  # the workers stop polling before the interpreter goes
+    if _team is not None:
+        _team.close()
+
+
 os.register_at_fork(after_in_child=_forget_after_fork)
+atexit.register(_close_at_exit)
