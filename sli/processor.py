@@ -130,7 +130,8 @@ class UniversalSLIProcessor:
         self.cache = LayerCache(cache_dir or default_cache_dir(), max_cache_size_gb=max_cache_size_gb,
                                 max_memory_cache_size_gb=max_memory_cache_size_gb)
         self.shared_bytes = load_shared_modules(self.model, self._loader, self.checkpoint, self.layout.layers_path,
-                                                self.device, self.compute_dtype, self.packed)
+                                                self.device, self.compute_dtype, self.packed,
+                                                self.quantization_config.int8_head)
         self._plan: Optional[MemoryPlan] = None
         self._prefetch_depth = prefetch_depth if prefetch else 0
         self.streamer = LayerStreamer(self._cached_layer, self.device, self.compute_dtype,

@@ -298,6 +298,49 @@ def test_a_bfloat16_checkpoint_keeps_its_embedding_and_head_in_bfloat16_on_cpu(t
 
 
 @pytest.mark.parametrize("tied", [False, True])
+def test_the_4bit_modes_multiply_the_head_in_int8_on_cpu(tied, model_factory, tmp_path):
+    # llama.cpp's 4-bit files keep their output at 6-8 bits too; a token reads the whole head
+    model_dir = model_factory("llama", tie_word_embeddings=tied)
+    config = reference_model(model_dir).config
+    ids = torch.arange(1, 9)
+    table = config.vocab_size * config.hidden_size
+    logits, shared = {}, {}
+    for head in ("keep", "auto", "int8"):
+        quantization = QuantizationConfig(mode="nf4", head=head)
+        with UniversalSLIProcessor(model_dir, quantization, cache_dir=tmp_path / "cache", memory_budget_gb=0.0,
+                                   device="cpu") as proc:
+            module = proc.model.get_output_embeddings()
+            assert module.metadata["codec"] == ("none" if head == "keep" else "int8")
+            assert proc.model.get_input_embeddings().weight.dtype == torch.bfloat16  # the lookups as stored
+            shared[head] = proc.shared_bytes
+            head_bytes = sum(b.numel() * b.element_size() for b in module.buffers())
+            with torch.no_grad():
+                logits[head] = proc.forward(ids)
+                generated = proc.generate(ids, max_new_tokens=3, eos_token_id=[])  # the head's one-row kernel
+            assert generated.shape == (1, 3)
+            rows = torch.randn(3, config.hidden_size, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():  # a row's logits alone equal its logits in a batch (a server's greedy tokens)
+                assert torch.equal(module(rows)[1:2], module(rows[1:2]))
+    # int8 bytes, a float32 scale a row: beside the tied embedding's table, or instead of the bfloat16 head
+    assert table + 4 * config.vocab_size <= head_bytes < table + 4 * config.vocab_size + 64
+    assert shared["auto"] == shared["keep"] + head_bytes - (0 if tied else 2 * table)
+    assert torch.equal(logits["auto"], logits["int8"])
+    error = (logits["auto"] - logits["keep"]).abs().max() / logits["keep"].abs().max()
+    assert 0 < error < 0.02
+
+
+def test_the_head_stays_as_stored_for_int8_and_none_unless_asked(model_factory, tmp_path):
+    assert not QuantizationConfig(mode="int8").int8_head and not QuantizationConfig(mode="none").int8_head
+    assert QuantizationConfig(mode="int8", head="int8").int8_head
+    assert all(QuantizationConfig(mode=m).int8_head for m in ("nf4", "fp4", "int4"))
+    assert not QuantizationConfig(mode="nf4", head="keep").int8_head
+    with pytest.raises(ValueError, match="head='bf16' is not supported; use one of auto, int8, keep"):
+        QuantizationConfig(mode="nf4", head="bf16")
+    with open_processor(model_factory("llama"), tmp_path, mode="int8", device="cpu") as proc:
+        assert proc.model.get_output_embeddings().metadata["codec"] == "none"
+
+
+@pytest.mark.parametrize("tied", [False, True])
 def test_a_float32_checkpoint_s_head_is_read_from_memory_not_from_the_file(tied, model_factory, tmp_path):
     # loaded as stored, the head was a view of the file mapping (the bfloat16 case: above)
     model_dir = tmp_path / "float32"

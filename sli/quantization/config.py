@@ -113,6 +113,10 @@ def default_compute_dtype(device: Union[str, torch.device, None] = None) -> torc
     return torch.float32
 
 
+HEAD_CHOICES = ("auto", "int8", "keep")
+FOUR_BIT_MODES = ("nf4", "fp4", "int4")
+
+
 @dataclass
 class QuantizationConfig:
     """What a layer's linear weights become in the cache.
@@ -142,9 +146,16 @@ class QuantizationConfig:
     calibration: str = DEFAULT_CALIBRATION  # the calibration text: "default" or calibration_id(text)
     calibration_tokens: int = 32768  # tokens of calibration text (windows of calibration_window)
     calibration_window: int = 512
+    # The head (the last linear, outside the layers; resident, read whole every token) on CPU:
+    # "int8" (row-wise int8, the INT8 kernels), "keep" (the checkpoint's dtype), or "auto":
+    # int8 for the 4-bit modes (as llama.cpp's 4-bit files keep their output at 6-8 bits), kept
+    # otherwise. Not part of the layer cache's bytes.
+    head: str = "auto"
 
     def __post_init__(self) -> None:
         self.mode = QuantizationMode(self.mode)
+        if self.head not in HEAD_CHOICES:
+            raise ValueError(f"head={self.head!r} is not supported; use one of {', '.join(HEAD_CHOICES)}")
         self.method = str(self.method).lower()
         if self.method not in METHOD_FIELDS:
             raise ValueError(f"method={self.method!r} is not supported; use one of {', '.join(METHOD_FIELDS)}")
@@ -210,6 +221,11 @@ class QuantizationConfig:
         fields.update((name, getattr(self, name)) for name in mode_spec(self.mode).byte_fields)
         fields.update((name, getattr(self, name)) for name in METHOD_FIELDS[self.method])
         return fields
+
+    @property
+    def int8_head(self) -> bool:
+        """Whether a CPU run multiplies the head in int8 (:attr:`head`)."""
+        return self.head == "int8" or (self.head == "auto" and self.mode.value in FOUR_BIT_MODES)
 
     @property
     def calibrated(self) -> bool:
