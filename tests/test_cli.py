@@ -511,6 +511,19 @@ def test_generate_and_warm_default_to_int8_and_the_mode_list_is_current():
     assert [m.strip() for m in MODES.split(",")] == [m.value for m in QuantizationMode]
 
 
+def test_head_option_reaches_the_config_of_a_mode_and_of_mixed():
+    from sli.cli import build_parser
+    from sli.cli.options import quantization_config_of
+
+    parser = build_parser()
+    assert quantization_config_of(parser.parse_args(["generate", "Hi", "--mode", "nf4"])).int8_head
+    assert not quantization_config_of(parser.parse_args(["generate", "Hi", "--mode", "nf4", "--head", "keep"])).int8_head
+    assert quantization_config_of(parser.parse_args(["warm", "m", "--mode", "int8", "--head", "int8"])).int8_head
+    assert quantization_config_of(parser.parse_args(["generate", "Hi", "--mode", "mixed", "--head", "int8"])).config.int8_head
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "Hi", "--head", "bf16"])
+
+
 HEAVY = ("torch", "transformers", "sli.processor", "sli.layer_cache", "numba")
 
 

@@ -184,7 +184,20 @@ def config_for(mode: str):
 def quantization_config_of(args, positions: Optional[int] = None):
     """The quantization ``--mode`` names, made calibrated by ``--calibrate`` (sli warm) and set to
     ``--calibration-file`` / ``--calibration-tokens`` where it is calibrated; its calibration
-    windows no longer than the model's ``positions``."""
+    windows no longer than the model's ``positions``; its head as ``--head`` says."""
+    import dataclasses
+
+    config = _mode_config(args, positions)
+    head = getattr(args, "head", None)
+    if head in (None, "auto"):
+        return config
+    if hasattr(config, "mode"):  # a QuantizationConfig
+        return dataclasses.replace(config, head=head)
+    config.config = dataclasses.replace(config.config, head=head)  # a quantizer (mixed): its base config
+    return config
+
+
+def _mode_config(args, positions: Optional[int] = None):
     import dataclasses
 
     from ..calibration import calibration_config

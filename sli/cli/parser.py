@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--mode", default=mode, help=f"quantization mode of the cached layers: {MODES}; mixed "
                                                      "(INT8 attention, NF4 MLP); int4-gptq, nf4-gptq, fp4-gptq "
                                                      "(calibrated)")
+        p.add_argument("--head", choices=("auto", "int8", "keep"), default="auto",
+                       help="the head on CPU: int8, or kept as stored (default auto: int8 for nf4, fp4 and int4)")
         p.add_argument("--cache-dir", help="layer cache directory (default: $SLI_CACHE_DIR, else "
                                            "$SLI_HOME/layer-cache, else ~/.cache/sli/layer-cache)")
         p.add_argument("--max-cache-size-gb", type=positive_float, default=None,
