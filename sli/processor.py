@@ -120,8 +120,10 @@ class UniversalSLIProcessor:
         if self.packed:
             swap_linears(self.layers, self._linears, self.compute_dtype)
             if self.compute_dtype == torch.float32:
-                # NONE too: a bfloat16 head multiplies with the bf16 kernel, and skipped linears stay as stored
-                warm_up_kernels(self.quantizer.configs() + [QuantizationConfig()])
+                # NONE too: a bfloat16 head multiplies with the bf16 kernel, and skipped linears stay as stored;
+                # INT8 for an int8 head (the 4-bit modes)
+                head = [QuantizationConfig(mode="int8", llm_int8_threshold=0)] if self.quantization_config.int8_head else []
+                warm_up_kernels(self.quantizer.configs() + [QuantizationConfig()] + head)
                 decode_step.warm_up()
 
         self.memory_budget = budget_bytes(self.device, max_gpu_memory_gb, memory_budget_gb)

@@ -254,6 +254,7 @@ class Team:
         self._spin = int(spin_us * _cycles_per_us(functions["cycles"]))
         self._busy = threading.Lock()  # one leader at a time (the prefetch thread may call kernels too)
         self._wake = [threading.Event() for _ in range(workers)]
+        self.wakes = 0  # how often a worker woke from sleep
         self._threads = [threading.Thread(target=self._serve, args=(w,), name=f"sli-team-{w}", daemon=True)
                          for w in range(workers)]
         for thread in self._threads:
@@ -268,6 +269,7 @@ class Team:
                 self._wake[worker].wait()
             self._wake[worker].clear()
             self.control[asleep] = 0
+            self.wakes += 1
 
     def run(self, name: str, count: int, args: Sequence) -> bool:
         """Kernel ``name`` over rows ``[0, count)`` on the team; False (nothing run) where the
