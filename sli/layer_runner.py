@@ -9,6 +9,7 @@ its layer. :meth:`LayerRunner.run_range` runs any range of layers on given hidde
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from torch import nn
 
 from . import device as device_calls
 from .decode_step import DecodeStep
+from .kernels import team as kernel_team
 from .quantization import QuantizedLinear
 from .streaming import LayerStreamer, LayerTiming, LoadedLayer
 
@@ -102,8 +104,10 @@ class LayerRunner:
         error the layers in flight and the prefetched ones are released."""
         self._span = span or (0, len(self.layers))
         self._pass_start = time.perf_counter()
+        streams = any(i not in self.resident for i in range(*self._span))
         try:
-            return body()
+            with kernel_team.paused() if streams else contextlib.nullcontext():
+                return body()
         except BaseException:
             self.streamer.cancel()
             for index in list(self.in_flight):

@@ -168,3 +168,10 @@ def test_a_forked_child_starts_its_own_team(two_threads, monkeypatch):
     child.join(timeout=60)
     assert child.exitcode == 0 and has_team
     assert np.array_equal(got, expected)
+
+
+def test_a_pass_that_streams_layers_pauses_the_team(two_threads):
+    # its prefetch thread needs the core a polling worker would hold
+    with team.paused():
+        assert dispatch.team() is None
+    assert dispatch.team() is two_threads
