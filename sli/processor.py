@@ -40,7 +40,7 @@ from .quantization import CachedLayer, QuantizationConfig, default_compute_dtype
 from .quantization.execution import warm_up_kernels
 from .quantization.modules import linear_paths
 from .settings import GB, default_cache_dir
-from .shared_modules import load_shared_modules
+from .shared_modules import INT8_HEAD, load_shared_modules
 from .streaming import LayerStreamer, LayerTiming
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class UniversalSLIProcessor:
             if self.compute_dtype == torch.float32:
                 # NONE too: a bfloat16 head multiplies with the bf16 kernel, and skipped linears stay as stored;
                 # INT8 for an int8 head (the 4-bit modes)
-                head = [QuantizationConfig(mode="int8", llm_int8_threshold=0)] if self.quantization_config.int8_head else []
+                head = [INT8_HEAD] if self.quantization_config.int8_head else []
                 warm_up_kernels(self.quantizer.configs() + [QuantizationConfig()] + head)
                 decode_step.warm_up()
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from .checkpoint import Checkpoint, SkeletonLoader
 from .errors import ModelLoadError
-from .quantization import QuantizedLinear, QuantizedTensor
+from .quantization import QuantizationConfig, QuantizedLinear, QuantizedTensor, codec_for
 
 
 def load_shared_modules(model: nn.Module, loader: SkeletonLoader, checkpoint: Checkpoint, layers_path: str,
@@ -63,14 +63,16 @@ def own_head(model: nn.Module) -> None:
         weight.data = weight.detach().clone()
 
 
-def quantize_head(model: nn.Module, compute_dtype: torch.dtype) -> None:
-    """Make the head an INT8 :class:`QuantizedLinear` (row-wise int8, no outlier columns: its
-    integer sums make a row's logits the same alone and in a batch). Every token reads the whole head: on SmolLM2-135M its
-    bfloat16 weight (57 MB) was 4-5 ms of a ~25 ms token and, with the layers, more than the
-    last-level cache holds. A tied embedding keeps its own rows; the head's int8 copy is
-    extra memory then (half the bfloat16 one), less memory otherwise."""
-    from .quantization import QuantizationConfig, codec_for
+# An int8 head: row-wise int8, no outlier columns (its integer sums make a row's logits the
+# same alone and in a batch)
+INT8_HEAD = QuantizationConfig(mode="int8", llm_int8_threshold=0)
 
+
+def quantize_head(model: nn.Module, compute_dtype: torch.dtype) -> None:
+    """Make the head an INT8 :class:`QuantizedLinear` (:data:`INT8_HEAD`). Every token reads
+    the whole head: on SmolLM2-135M its bfloat16 weight (57 MB) was 4-5 ms of a ~25 ms token
+    and, with the layers, more than the last-level cache holds. A tied embedding keeps its own
+    rows; the head's int8 copy is extra memory then (half the bfloat16 one), less otherwise."""
     head = model.get_output_embeddings()
     if isinstance(head, QuantizedLinear):  # narrow_embeddings' bfloat16 head
         weight = head.dequantized_weight(torch.float32)
@@ -79,8 +81,7 @@ def quantize_head(model: nn.Module, compute_dtype: torch.dtype) -> None:
     else:
         return
     bias = head.bias
-    codec = codec_for("int8")
-    qweight = codec.quantize(weight, QuantizationConfig(mode="int8", llm_int8_threshold=0))
+    qweight = codec_for(INT8_HEAD.mode).quantize(weight, INT8_HEAD)
     bias = bias.detach().to(compute_dtype) if bias is not None else None
     model.set_output_embeddings(QuantizedLinear.from_quantized(qweight, bias, compute_dtype))
 

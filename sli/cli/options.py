@@ -187,11 +187,13 @@ def quantization_config_of(args, positions: Optional[int] = None):
     windows no longer than the model's ``positions``; its head as ``--head`` says."""
     import dataclasses
 
+    from ..quantization import QuantizationConfig
+
     config = _mode_config(args, positions)
     head = getattr(args, "head", None)
     if head in (None, "auto"):
         return config
-    if hasattr(config, "mode"):  # a QuantizationConfig
+    if isinstance(config, QuantizationConfig):
         return dataclasses.replace(config, head=head)
     config.config = dataclasses.replace(config.config, head=head)  # a quantizer (mixed): its base config
     return config

@@ -153,7 +153,8 @@ def torch_on_one_thread():
 
 def team():
     """The kernel team (:mod:`sli.kernels.team`) for this many threads, or None."""
-    return kernel_team.get(table(), _helpers.level if _helpers is not None else simd_path(), _threads())
+    kernels = table()  # sets _helpers
+    return kernel_team.get(kernels, _helpers.level, _threads())
 
 
 def run(name: str, count: int, work: int, *args) -> None:

@@ -317,7 +317,7 @@ def paused():
 
 def get(kernels: dict, level: str, threads: int) -> Optional[Team]:
     """The process's team for ``threads`` threads (``threads - 1`` workers), started on first
-    use; None with one thread or ``SLI_NO_TEAM=1``."""
+    use; None with one thread, inside :func:`paused`, or with ``SLI_NO_TEAM=1``."""
     global _team
     if threads <= 1 or _paused or not enabled():
         return None
