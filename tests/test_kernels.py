@@ -382,7 +382,8 @@ assert (codec.dequantize(q, torch.float32) - bnbf.dequantize_4bit(packed, state)
 for mode in ("none", "int8", "int8_dynamic", "nf4", "fp4", "int4", "fp8"):
     codec = codec_for(mode)
     # 200: a tail after the last 64 values, int4 padding; 2560: rows straddling 4-bit groups of 256 block maxima;
-    for shape in ((96, 1024), (40, 200), (24, 2560), (16, 576)):  # 576: 4 pairs of 4-bit blocks and one more
+    for shape in ((96, 1024), (40, 200), (24, 2560), (18, 576)):  # 576: 4 pairs of 4-bit blocks and one more;
+        # 18 rows: INT8's one-row passes of 4 weight rows and 2 after them
         w = torch.randn(*shape, generator=g) * 0.02
         q = codec.prepare(codec.quantize(w.to(torch.bfloat16), QuantizationConfig(mode=mode)))
         for rows in (1, 2, 3, 4, 5, 6, 7, 8, 16):  # every pass size up to MAX_ROWS (8 on AVX-512)
@@ -395,6 +396,8 @@ for mode in ("none", "int8", "int8_dynamic", "nf4", "fp4", "int4", "fp8"):
             ref = _expected(codec, q, x)
             err = float((y - ref).abs().max() / ref.abs().max())
             assert err < 1e-5, (mode, shape, rows, err)
+            if mode in ("int8", "int4") and rows > 1 and shape[1] % 64 == 0:  # a row alone = in a batch (INT8: 4 weight rows a pass)
+                assert torch.equal(codec.fused_linear(q, x[:1], None), y[:1]), (mode, shape, rows)
 sys.path.insert(0, sys.argv[2])
 from test_attention import check_decode_attention  # the decode attention kernel on this level too
 check_decode_attention()

@@ -26,8 +26,9 @@ def build(h) -> dict:
     from .activations import kept_nibbles  # in the closures, so the cache sees them (sli.kernels.jit)
     from .plain import decode_pairs
 
-    lut4, lut4n, dot4l, decode64_4bit = h.lut4, h.lut4n, h.dot4l, h.decode64_4bit
+    lut4, lut4n, dot4l, dot4l_rows, decode64_4bit = h.lut4, h.lut4n, h.dot4l, h.dot4l_rows, h.decode64_4bit
     most = h.max_rows  # activation rows a helper multiplies in one pass
+    weight_rows = h.weight_rows  # weight rows dot4l_rows multiplies by one activation row
 
     @KERNEL
     def matmul_4bit(packed, absmax, code, x, y, blocksize, start, stop):
@@ -110,31 +111,39 @@ def build(h) -> dict:
         blocks_per_row = cols // blocksize
         keep = oval.shape[1]
         kept = kept_nibbles(oidx, blocksize)
-        decoded = np.empty(blocks_per_row, np.float32)
-        acc = np.empty(most, np.float32)
-        for o in range(start, stop):
+        decoded = np.empty(weight_rows * blocks_per_row, np.float32)
+        acc = np.empty(max(most, weight_rows), np.float32)
+        o = start
+        while o < stop:
+            # one token: weight_rows weight rows a pass (the same sums as one at a time)
+            at_once = weight_rows if rows == 1 and o + weight_rows <= stop else 1
             b = o * blocks_per_row
             if absmax.shape[0]:
                 scales, sofs = absmax, b
-            else:
-                group = b // nested_blocksize
-                first = min(blocks_per_row, (group + 1) * nested_blocksize - b)
-                scale = nested[group]
-                for blk in range(first):  # mostly the whole row: one group of block maxima
-                    decoded[blk] = nested_code[qabsmax[b + blk]] * scale + offset
-                for blk in range(first, blocks_per_row):
-                    decoded[blk] = nested_code[qabsmax[b + blk]] * nested[(b + blk) // nested_blocksize] + offset
+            else:  # a group of block maxima at a time (mostly one for the rows)
+                blk, group, count = 0, b // nested_blocksize, at_once * blocks_per_row
+                while blk < count:
+                    last = min(count, (group + 1) * nested_blocksize - b)
+                    scale = nested[group]
+                    for j in range(blk, last):
+                        decoded[j] = nested_code[qabsmax[b + j]] * scale + offset
+                    blk, group = last, group + 1
                 scales, sofs = decoded, 0
-            for t in range(0, rows, most):
-                k = min(most, rows - t)
-                dot4l(packed, o * half, levels, scales, sofs, blocksize, xq, t, k, cols, acc)
-                for i in range(k):
-                    s = acc[i] * (xs[t + i] * np.float32(1.0 / LEVEL_SCALE))
-                    for m in range(keep):  # the kept values meet the weight itself: code * absmax
-                        byte = np.int64(packed[o * half + kept[t + i, m, 0]])
-                        nibble = (byte >> kept[t + i, m, 1]) & 15
-                        s += (code[nibble] * scales[sofs + kept[t + i, m, 2]]) * oval[t + i, m]
-                    y[t + i, o] = s
+            if at_once > 1:
+                dot4l_rows(packed, o * half, levels, scales, sofs, blocksize, xq, 0, cols, acc)
+            for w in range(at_once):
+                for t in range(0, rows, most):
+                    k = min(most, rows - t)
+                    if at_once == 1:
+                        dot4l(packed, o * half, levels, scales, sofs, blocksize, xq, t, k, cols, acc)
+                    for i in range(k):
+                        s = acc[w + i] * (xs[t + i] * np.float32(1.0 / LEVEL_SCALE))
+                        for m in range(keep):  # the kept values meet the weight itself: code * absmax
+                            byte = np.int64(packed[(o + w) * half + kept[t + i, m, 0]])
+                            nibble = (byte >> kept[t + i, m, 1]) & 15
+                            s += (code[nibble] * scales[sofs + w * blocks_per_row + kept[t + i, m, 2]]) * oval[t + i, m]
+                        y[t + i, o + w] = s
+            o += at_once
 
     stable_id(span_4bitq, f"four_bit.span_4bitq:{h.level}")  # the two kernels below hold it
     no_floats = np.empty(0, np.float32)

@@ -15,6 +15,10 @@ from .jit import stable_id
 # index check, which would keep LLVM from vectorizing (30x slower here).
 _jit = njit(fastmath=True, nogil=True)
 
+# Weight rows a one-activation-row pass multiplies (a token's decode), every level: their
+# sums are independent chains of dot products, in flight together (``dot8q_rows``).
+WEIGHT_ROWS = 4
+
 
 @_jit
 def _rows_dot(values, x, base, stride, rows, out):
@@ -127,6 +131,12 @@ def dot8q(q, qofs, xq, xs, corr, t0, rows, cols, xblock, out):
 
 
 @_jit
+def dot8q_rows(q, qofs, xq, xs, corr, t0, cols, xblock, out):
+    for w in range(WEIGHT_ROWS):
+        dot8q(q, qofs + w * cols, xq, xs, corr, t0, 1, cols, xblock, out[w:])
+
+
+@_jit
 def dot4q(packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, rows, cols, out):
     # xq: each 128 values as the 64 even ones, then the 64 odd ones
     groups = cols // group
@@ -164,6 +174,13 @@ def dot4l(packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out
 
 
 @_jit
+def dot4l_rows(packed, pofs, levels, scales, sofs, blocksize, xq, t0, cols, out):
+    for w in range(WEIGHT_ROWS):
+        dot4l(packed, pofs + w * (cols // 2), levels, scales, sofs + w * (cols // blocksize), blocksize, xq, t0, 1, cols,
+              out[w:])
+
+
+@_jit
 def dotbf16(w, wofs, x, xofs, n, stride, rows, out):
     bits = np.empty(n, np.uint32)
     weights = w[wofs:wofs + n]
@@ -177,11 +194,12 @@ def decode64_4bit(packed, pofs, code, scale, out, oofs):
     decode_pairs(packed, pofs, code, scale, np.float32(0.0), out, oofs, 32)
 
 
-for _f in (_rows_dot, decode_pairs, lut4, lut4z, lut4n, dot8, dotfp8, dot8q, dot4q, dot4l, dotbf16, decode64_4bit):
+for _f in (_rows_dot, decode_pairs, lut4, lut4z, lut4n, dot8, dotfp8, dot8q, dot8q_rows, dot4q, dot4l, dot4l_rows, dotbf16,
+           decode64_4bit):
     stable_id(_f, f"plain.{_f.__name__}")
 
 # The loops take any number of rows, so a block is decoded once for up to this many of them.
 MAX_ROWS = 16
-HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=MAX_ROWS, lut4=lut4, lut4z=lut4z,
-                          lut4n=lut4n, dot8=dot8, dotfp8=dotfp8, dot8q=dot8q, dot4q=dot4q, dot4l=dot4l,
+HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=MAX_ROWS, weight_rows=WEIGHT_ROWS, lut4=lut4, lut4z=lut4z,
+                          lut4n=lut4n, dot8=dot8, dotfp8=dotfp8, dot8q=dot8q, dot8q_rows=dot8q_rows, dot4q=dot4q, dot4l=dot4l, dot4l_rows=dot4l_rows,
                           dotbf16=dotbf16, decode64_4bit=decode64_4bit)

@@ -15,6 +15,7 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from .jit import stable_id
+from .plain import WEIGHT_ROWS
 from .simd_ir import F32, I8, I16, I32, PREFETCH_VALUES, WIDTH, Emit, const, idx, rows_switch, splat, unpack, vload
 
 
@@ -60,50 +61,78 @@ def make_dot8q(level: str):
     AVX2's ``vpmaddubsw`` would saturate there, so it takes ``|q|`` and ``xq`` with ``q``'s sign
     (llama.cpp's way), which needs no correction (``corr`` unread).
     """
-    w = WIDTH[level]
-
     def dot8q(typingctx, q, qofs, xq, xs, corr, t0, rows, cols, xblock, out):
         sig = types.void(q, qofs, xq, xs, corr, t0, rows, cols, xblock, out)
 
         def codegen(context, builder, signature, args):
-            b = builder
             q_ptr, qofs_i, xq_ptr, xs_ptr, corr_ptr, t0_i, rows_i, cols_i, xblock_i, out_ptr = \
-                unpack(context, b, signature, args)
-            blocks = b.sdiv(cols_i, xblock_i)
-
-            def case(e, rows):
-                fsum = [cgutils.alloca_once(b, e.vf, zfill=True) for _ in range(rows)]
-                isum = [cgutils.alloca_once(b, e.vi) for _ in range(rows)]
-                xrow = [b.mul(b.add(t0_i, idx(r)), cols_i) for r in range(rows)]
-                srow = [b.mul(b.add(t0_i, idx(r)), blocks) for r in range(rows)]
-                with cgutils.for_range(b, blocks) as block:
-                    first = b.mul(block.index, xblock_i)
-                    for r in range(rows):
-                        b.store(ir.Constant(e.vi, None), isum[r])
-                    with cgutils.for_range(b, b.sdiv(xblock_i, idx(4 * w))) as step:
-                        at_value = b.add(first, b.mul(step.index, idx(4 * w)))
-                        e.prefetch(q_ptr, b.add(b.add(qofs_i, at_value), idx(PREFETCH_VALUES)))
-                        weights = vload(b, q_ptr, b.add(qofs_i, at_value), e.vb)
-                        if level == "avx512":
-                            unsigned = b.xor(weights, const(e.vb, -128))  # q + 128
-                        else:
-                            unsigned = e.magnitude(weights)
-                        for r in range(rows):
-                            xv = vload(b, xq_ptr, b.add(xrow[r], at_value), e.vb)
-                            signed = xv if level == "avx512" else e.with_sign_of(xv, weights)
-                            b.store(e.dot_bytes(b.load(isum[r]), unsigned, signed), isum[r])
-                    for r in range(rows):
-                        scale = splat(b, b.load(b.gep(xs_ptr, [b.add(srow[r], block.index)])), e.vf)
-                        _accumulate(e, fsum[r], isum[r], scale)
-                _store_sums(e, out_ptr, fsum, _corr(b, corr_ptr, t0_i) if level == "avx512" else None)
-
-            rows_switch(b, level, rows_i, case)
+                unpack(context, builder, signature, args)
+            rows_switch(builder, level, rows_i, lambda e, rows: _dot8q_pass(
+                e, q_ptr, qofs_i, xq_ptr, xs_ptr, corr_ptr, t0_i, rows, 1, cols_i, xblock_i, out_ptr))
             return context.get_dummy_value()
 
         return sig, codegen
 
     dot8q.__name__ = f"dot8q_{level}"
     return stable_id(intrinsic(dot8q), f"simd.{dot8q.__name__}")
+
+
+def make_dot8q_rows(level: str):
+    """``dot8q_rows(q, qofs, xq, xs, corr, t0, cols, xblock, out)``: :data:`WEIGHT_ROWS`
+    consecutive int8 weight rows (``q[qofs:]``, ``q[qofs + cols:]``, ...) times the one
+    activation row ``t0``: ``out[w]`` is what ``dot8q`` gives weight row ``w`` (the same
+    operations a row, so the same bits). A token's decode multiplies one row; one weight row
+    at a time, each row's sums wait on one chain of dependent ``vpdpbusd`` s and end in a
+    horizontal sum, about as long as SmolLM2's 576-value rows take to read. Four rows keep four
+    chains in flight and read the activations once for all four."""
+    def dot8q_rows(typingctx, q, qofs, xq, xs, corr, t0, cols, xblock, out):
+        sig = types.void(q, qofs, xq, xs, corr, t0, cols, xblock, out)
+
+        def codegen(context, builder, signature, args):
+            q_ptr, qofs_i, xq_ptr, xs_ptr, corr_ptr, t0_i, cols_i, xblock_i, out_ptr = \
+                unpack(context, builder, signature, args)
+            _dot8q_pass(Emit(builder, level), q_ptr, qofs_i, xq_ptr, xs_ptr, corr_ptr, t0_i, 1, WEIGHT_ROWS, cols_i,
+                        xblock_i, out_ptr)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    dot8q_rows.__name__ = f"dot8q_rows_{level}"
+    return stable_id(intrinsic(dot8q_rows), f"simd.{dot8q_rows.__name__}")
+
+
+def _dot8q_pass(e, q_ptr, qofs_i, xq_ptr, xs_ptr, corr_ptr, t0_i, rows, weight_rows, cols_i, xblock_i, out_ptr):
+    """One pass of ``weight_rows`` int8 weight rows by ``rows`` activation rows; weight row
+    ``w`` by activation row ``r`` to ``out[w * rows + r]`` (see :func:`make_dot8q`)."""
+    b, w = e.b, e.w
+    blocks = b.sdiv(cols_i, xblock_i)
+    pairs = [(v, r) for v in range(weight_rows) for r in range(rows)]
+    fsum = {pair: cgutils.alloca_once(b, e.vf, zfill=True) for pair in pairs}
+    isum = {pair: cgutils.alloca_once(b, e.vi) for pair in pairs}
+    qrow = [b.add(qofs_i, b.mul(cols_i, idx(v))) for v in range(weight_rows)]
+    xrow = [b.mul(b.add(t0_i, idx(r)), cols_i) for r in range(rows)]
+    srow = [b.mul(b.add(t0_i, idx(r)), blocks) for r in range(rows)]
+    with cgutils.for_range(b, blocks) as block:
+        first = b.mul(block.index, xblock_i)
+        for pair in pairs:
+            b.store(ir.Constant(e.vi, None), isum[pair])
+        with cgutils.for_range(b, b.sdiv(xblock_i, idx(4 * w))) as step:
+            at_value = b.add(first, b.mul(step.index, idx(4 * w)))
+            xv = [vload(b, xq_ptr, b.add(xrow[r], at_value), e.vb) for r in range(rows)]
+            for v in range(weight_rows):
+                e.prefetch(q_ptr, b.add(b.add(qrow[v], at_value), idx(PREFETCH_VALUES)))
+                weights = vload(b, q_ptr, b.add(qrow[v], at_value), e.vb)
+                unsigned = b.xor(weights, const(e.vb, -128)) if e.level == "avx512" else e.magnitude(weights)
+                for r in range(rows):
+                    signed = xv[r] if e.level == "avx512" else e.with_sign_of(xv[r], weights)
+                    b.store(e.dot_bytes(b.load(isum[v, r]), unsigned, signed), isum[v, r])
+        for v, r in pairs:
+            scale = splat(b, b.load(b.gep(xs_ptr, [b.add(srow[r], block.index)])), e.vf)
+            _accumulate(e, fsum[v, r], isum[v, r], scale)
+    corr = _corr(b, corr_ptr, t0_i) if e.level == "avx512" else None
+    for v in range(weight_rows):
+        sums = [fsum[v, r] for r in range(rows)]
+        _store_sums(e, b.gep(out_ptr, [idx(v * rows)]), sums, corr)
 
 
 def make_dot4q(level: str):
@@ -199,50 +228,90 @@ def make_dot4l(level: str):
         sig = types.void(packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out)
 
         def codegen(context, builder, signature, args):
-            b = builder
             packed_ptr, pofs_i, levels_ptr, scales_ptr, sofs_i, bs_i, xq_ptr, t0_i, rows_i, cols_i, out_ptr = \
-                unpack(context, b, signature, args)
-            blocks = b.sdiv(cols_i, bs_i)
-            # IR types made here, not in the closure: a printed type pickles differently
-            # (sli.kernels.simd_ir), so a closure's would change numba's cache key on first use
-            v32, v16b, half = ir.VectorType(I8, 32), ir.VectorType(I8, 16), ir.VectorType(I16, 16)
-            high16 = b.sext(vload(b, levels_ptr, idx(0), v16b), half)
-            whole = b.add(b.shl(high16, const(half, 6)), b.sext(vload(b, levels_ptr, idx(16), v16b), half))
-            decode, multiply = (_words_avx512 if level == "avx512" else _words_avx2)(b, whole)
-
-            def case(e, rows):
-                fsum = [cgutils.alloca_once(b, e.vf, zfill=True) for _ in range(rows)]
-                isum = [cgutils.alloca_once(b, e.vi) for _ in range(rows)]
-                xrow = [b.mul(b.add(t0_i, idx(r)), cols_i) for r in range(rows)]
-
-                def blocks_pass(bs_v):
-                    with cgutils.for_range(b, blocks) as loop:
-                        blk = loop.index
-                        first = b.mul(blk, bs_v)
-                        for r in range(rows):
-                            b.store(ir.Constant(e.vi, None), isum[r])
-                        with cgutils.for_range(b, b.sdiv(bs_v, idx(64))) as step:  # 64 values: 32 bytes
-                            at_value = b.add(first, b.mul(step.index, idx(64)))
-                            at_byte = b.add(pofs_i, b.lshr(at_value, idx(1)))
-                            e.prefetch(packed_ptr, b.add(at_byte, idx(PREFETCH_VALUES // 2)))
-                            for weights, offset in decode(vload(b, packed_ptr, at_byte, v32)):
-                                for r in range(rows):
-                                    xv = vload(b, xq_ptr, b.add(xrow[r], b.add(at_value, idx(offset))), weights.type)
-                                    b.store(multiply(b.load(isum[r]), weights, xv), isum[r])
-                        scale = splat(b, b.load(b.gep(scales_ptr, [b.add(sofs_i, blk)])), e.vf)
-                        for r in range(rows):
-                            b.store(e.fma(b.sitofp(b.load(isum[r]), e.vf), scale, b.load(fsum[r])), fsum[r])
-
-                _each_block_size(b, bs_i, blocks_pass)
-                _store_sums(e, out_ptr, fsum)
-
-            rows_switch(b, level, rows_i, case)
+                unpack(context, builder, signature, args)
+            words = _dot4l_words(builder, level, levels_ptr)
+            rows_switch(builder, level, rows_i, lambda e, rows: _dot4l_pass(
+                e, words, packed_ptr, pofs_i, scales_ptr, sofs_i, bs_i, xq_ptr, t0_i, rows, 1, cols_i, out_ptr))
             return context.get_dummy_value()
 
         return sig, codegen
 
     dot4l.__name__ = f"dot4l_{level}"
     return stable_id(intrinsic(dot4l), f"simd.dot4l_words_{level}")
+
+
+def make_dot4l_rows(level: str):
+    """``dot4l_rows(packed, pofs, levels, scales, sofs, blocksize, xq, t0, cols, out)``:
+    :data:`WEIGHT_ROWS` consecutive 4-bit weight rows (``packed[pofs + w * cols // 2:]``,
+    their block scales at ``scales[sofs + w * cols // blocksize:]``) times the one activation
+    row ``t0``: ``out[w]`` is what ``dot4l`` gives weight row ``w``, the same operations a row
+    (see :func:`make_dot8q_rows`)."""
+    def dot4l_rows(typingctx, packed, pofs, levels, scales, sofs, blocksize, xq, t0, cols, out):
+        sig = types.void(packed, pofs, levels, scales, sofs, blocksize, xq, t0, cols, out)
+
+        def codegen(context, builder, signature, args):
+            packed_ptr, pofs_i, levels_ptr, scales_ptr, sofs_i, bs_i, xq_ptr, t0_i, cols_i, out_ptr = \
+                unpack(context, builder, signature, args)
+            words = _dot4l_words(builder, level, levels_ptr)
+            _dot4l_pass(Emit(builder, level), words, packed_ptr, pofs_i, scales_ptr, sofs_i, bs_i, xq_ptr, t0_i, 1,
+                        WEIGHT_ROWS, cols_i, out_ptr)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    dot4l_rows.__name__ = f"dot4l_rows_{level}"
+    return stable_id(intrinsic(dot4l_rows), f"simd.dot4l_rows_{level}")
+
+
+def _dot4l_words(b, level, levels_ptr):
+    """The level's ``(decode, multiply)`` over the 16 levels at ``levels_ptr`` (split in two bytes)."""
+    # IR types made here, not in a closure: a printed type pickles differently (sli.kernels.simd_ir),
+    # so a closure's would change numba's cache key on first use
+    v16b, half = ir.VectorType(I8, 16), ir.VectorType(I16, 16)
+    high16 = b.sext(vload(b, levels_ptr, idx(0), v16b), half)
+    whole = b.add(b.shl(high16, const(half, 6)), b.sext(vload(b, levels_ptr, idx(16), v16b), half))
+    return (_words_avx512 if level == "avx512" else _words_avx2)(b, whole)
+
+
+def _dot4l_pass(e, words, packed_ptr, pofs_i, scales_ptr, sofs_i, bs_i, xq_ptr, t0_i, rows, weight_rows, cols_i,
+                out_ptr):
+    """One pass of ``weight_rows`` 4-bit weight rows by ``rows`` activation rows; weight row
+    ``w`` by activation row ``r`` to ``out[w * rows + r]`` (see :func:`make_dot4l`)."""
+    b = e.b
+    decode, multiply = words
+    v32 = ir.VectorType(I8, 32)
+    blocks = b.sdiv(cols_i, bs_i)
+    pairs = [(v, r) for v in range(weight_rows) for r in range(rows)]
+    fsum = {pair: cgutils.alloca_once(b, e.vf, zfill=True) for pair in pairs}
+    isum = {pair: cgutils.alloca_once(b, e.vi) for pair in pairs}
+    prow = [b.add(pofs_i, b.mul(b.lshr(cols_i, idx(1)), idx(v))) for v in range(weight_rows)]
+    srow = [b.add(sofs_i, b.mul(blocks, idx(v))) for v in range(weight_rows)]
+    xrow = [b.mul(b.add(t0_i, idx(r)), cols_i) for r in range(rows)]
+
+    def blocks_pass(bs_v):
+        with cgutils.for_range(b, blocks) as loop:
+            blk = loop.index
+            first = b.mul(blk, bs_v)
+            for pair in pairs:
+                b.store(ir.Constant(e.vi, None), isum[pair])
+            with cgutils.for_range(b, b.sdiv(bs_v, idx(64))) as step:  # 64 values: 32 bytes
+                at_value = b.add(first, b.mul(step.index, idx(64)))
+                for v in range(weight_rows):
+                    at_byte = b.add(prow[v], b.lshr(at_value, idx(1)))
+                    e.prefetch(packed_ptr, b.add(at_byte, idx(PREFETCH_VALUES // 2)))
+                    for weights, offset in decode(vload(b, packed_ptr, at_byte, v32)):
+                        for r in range(rows):
+                            xv = vload(b, xq_ptr, b.add(xrow[r], b.add(at_value, idx(offset))), weights.type)
+                            b.store(multiply(b.load(isum[v, r]), weights, xv), isum[v, r])
+            for v in range(weight_rows):
+                scale = splat(b, b.load(b.gep(scales_ptr, [b.add(srow[v], blk)])), e.vf)
+                for r in range(rows):
+                    b.store(e.fma(b.sitofp(b.load(isum[v, r]), e.vf), scale, b.load(fsum[v, r])), fsum[v, r])
+
+    _each_block_size(b, bs_i, blocks_pass)
+    for v in range(weight_rows):
+        _store_sums(e, b.gep(out_ptr, [idx(v * rows)]), [fsum[v, r] for r in range(rows)])
 
 
 def _words_avx512(b, whole):

@@ -33,8 +33,9 @@ for _f in (_int8_value, _fp8_value, _bf16_value):
 
 def build(h) -> dict:
     """The kernels by name, over helpers ``h`` (one SIMD level's or the plain ones)."""
-    dot8q = h.dot8q
+    dot8q, dot8q_rows = h.dot8q, h.dot8q_rows
     most = h.max_rows  # activation rows a helper multiplies in one pass
+    weight_rows = h.weight_rows  # weight rows dot8q_rows multiplies by one activation row
 
     def widening_kernel(dot, value, scaled, at_once):
         @KERNEL
@@ -62,8 +63,18 @@ def build(h) -> dict:
         rows = y.shape[0]
         cols = q.shape[0] // y.shape[1]
         keep = oidx.shape[1]
-        acc = np.empty(most, np.float32)
-        for o in range(start, stop):
+        acc = np.empty(max(most, weight_rows), np.float32)
+        o = start
+        if rows == 1:  # one token: weight_rows weight rows a pass (the same sums as one at a time)
+            while o + weight_rows <= stop:
+                dot8q_rows(q, o * cols, xq, xs, corr, 0, cols, xblock, acc)
+                for w in range(weight_rows):
+                    s = acc[w]
+                    for m in range(keep):
+                        s += np.float32(q[(o + w) * cols + oidx[0, m]]) * oval[0, m]
+                    y[0, o + w] = s * scale[o + w]
+                o += weight_rows
+        for o in range(o, stop):
             for t in range(0, rows, most):
                 k = min(most, rows - t)
                 dot8q(q, o * cols, xq, xs, corr, t, k, cols, xblock, acc)
