@@ -65,9 +65,14 @@ def decode_one(query, layer, attention_mask: Optional[torch.Tensor], scaling: fl
     as :func:`attention_forward` computes it: float32 ``[H, D]``."""
     keys, key_scale, values, value_scale = layer.arrays()
     length = layer.length
-    bias = np.zeros(length, np.float32) if attention_mask is None else _bias(attention_mask, 0, length).numpy()
+    bias = np.zeros(length, np.float32) if attention_mask is None else row_bias(attention_mask, length)
     return kernels.decode_attention_arrays(query.reshape(-1, keys.shape[2]), keys, key_scale, values, value_scale,
                                            bias, length, scaling)
+
+
+def row_bias(attention_mask: torch.Tensor, length: int) -> np.ndarray:
+    """A one-row step's additive mask over its ``length`` positions, as float32 numpy."""
+    return _bias(attention_mask, 0, length).numpy()
 
 
 def _bias(attention_mask: Optional[torch.Tensor], row: int, length: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ in another order; the products are the same kernels, bit for bit).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -78,6 +79,8 @@ class DecodeStep:
         self.kv_heads = self.k.out_features // self.head_dim
         self.norm1 = _norm(layer.input_layernorm)
         self.norm2 = _norm(layer.post_attention_layernorm)
+        self._one_call: Optional[_OneCall] = None  # the one-row step as one compiled call, made on first use
+        self._one_call_checked = False
 
     @classmethod
     def build(cls, layer: nn.Module) -> Optional["DecodeStep"]:
@@ -121,8 +124,15 @@ class DecodeStep:
 
     def _step(self, hidden: torch.Tensor, mask, cache, rotary: Tuple[torch.Tensor, torch.Tensor],
               rest: Dict[str, Any]) -> torch.Tensor:
-        ops = kernels.layer_ops()
         rows = hidden.shape[0]
+        if rows == 1 and one_call_enabled():
+            own = _one_row_layer(cache, self.layer_idx, rows, rest)
+            one_call = self._one_call_for() if own is not None else None
+            if one_call is not None:
+                out = one_call.run(hidden, own, mask, _rotary(rotary, rows))
+                if out is not None:
+                    return out
+        ops = kernels.layer_ops()
         scratch = self._scratch.get(rows) or self._scratch.setdefault(rows, _Scratch(self, rows))
         # numpy's reshapes and views cost ~0.3 µs, torch's ~3-6 (a token crosses ~30 layers)
         x = hidden.detach().numpy().reshape(rows, -1).copy()  # the residual stream, updated in place: the output
@@ -149,6 +159,12 @@ class DecodeStep:
         ops["add"](x, down)
         return torch.from_numpy(x.reshape(hidden.shape))
 
+    def _one_call_for(self) -> Optional["_OneCall"]:
+        if not self._one_call_checked:
+            self._one_call_checked = True
+            self._one_call = _OneCall.build(self)
+        return self._one_call
+
     @staticmethod
     def _products(rows: np.ndarray, scratch: "_Scratch", *products: bound.RowProduct):
         """Each product of float32 ``rows`` (into the scratch arrays), the input quantized once
@@ -174,6 +190,105 @@ class _Scratch:
         self.normed = np.empty((rows, step.norm1[0].shape[0]), np.float32)
         self.outputs = {product: np.empty((rows, product.out_features), np.float32) for product in products}
         self.quantize = {p.activations: p.activations.buffers(rows) for p in products}
+
+
+def one_call_enabled() -> bool:
+    """Whether a one-row step runs as one compiled call (:class:`_OneCall`);
+    ``SLI_NO_ONE_CALL=1`` runs it op by op."""
+    return not settings.flag("SLI_NO_ONE_CALL")
+
+
+class _OneCall:
+    """A layer's one-row step as one compiled call (:mod:`sli.kernels.layer_step`): the
+    step's arguments as the tuples that call takes, built once. Its output is the op-by-op
+    step's, bit for bit (the same kernels on the same arrays)."""
+
+    def __init__(self, step: DecodeStep, forms: tuple, products: tuple, max_work: int, level: str) -> None:
+        from .kernels import dispatch, layer_step, team as kernel_team
+
+        table = dispatch.table()
+        self.step = step
+        self.compiled = layer_step.build(table, kernel_team.build(table, level)["lead"], level)
+        self.forms, self.products, self.max_work = forms, products, max_work
+        self.norms = (step.norm1[0], step.norm1[1], step.norm2[0], step.norm2[1])
+        self.codes = kernel_team.type_codes(level)
+        self.own = layer_step.private_control(kernel_team.JOB_SLOTS, kernel_team.ASLEEP)
+        self.attended = np.empty((step.heads, step.head_dim), np.float32)
+        self.zeros = np.zeros(0, np.float32)  # attention's bias without a mask, grown as needed
+
+    @classmethod
+    def build(cls, step: DecodeStep) -> Optional["_OneCall"]:
+        """The call for ``step``'s layer, or None where its products do not fit it (outlier
+        columns, a kernel or arguments the team does not take, forms not shared as Llama's)."""
+        from .kernels import dispatch, team as kernel_team
+
+        level = dispatch.simd_path()
+        q, k, v, o, gate, up, down = (step.q, step.k, step.v, step.o, step.gate, step.up, step.down)
+        if not (q.activations is k.activations is v.activations and gate.activations is up.activations):
+            return None
+        scratch = step._scratch.get(1) or step._scratch.setdefault(1, _Scratch(step, 1))
+        forms = tuple(_form(p.activations, scratch.quantize[p.activations]) for p in (q, o, gate, down))
+        products = []
+        for p in (q, k, v, o, gate, up, down):
+            args = p.arguments(scratch.quantize[p.activations].quantized(), scratch.outputs[p])
+            if p.columns is not None or not kernel_team.accepts(p.kernel, args, level):
+                return None
+            bias = np.zeros(0, np.float32) if p.bias is None else p.bias.numpy()
+            products.append((kernel_team.KINDS.index(p.kernel), p.out_features, p.work_per_row, bias, args))
+        return cls(step, forms, tuple(products), max(p.work_per_row for p in (q, k, v, o, gate, up, down)), level)
+
+    def run(self, hidden: torch.Tensor, own, mask, rotary: Tuple[np.ndarray, np.ndarray]) -> Optional[torch.Tensor]:
+        """The layer's output for one row ``hidden`` whose keys and values go to the compact
+        layer ``own``; None (nothing done) where it does not apply: ``own`` takes
+        :meth:`update`, or no team and a product that the pool would split."""
+        from .kernels import dispatch
+
+        team = dispatch.team()
+        if team is None and self.max_work >= dispatch.INLINE_WORK:
+            return None
+        slot = own.reserve_one()
+        if slot is None:
+            return None
+        keys, key_scale, values, value_scale, position = slot
+        length = position + 1
+        bias = _attention_bias(mask, length, self)
+        step = self.step
+        attn = (step.heads, step.kv_heads, rotary[0], rotary[1], keys, key_scale, values, value_scale, position,
+                bias, float(step.scaling), self.attended)
+        x = hidden.detach().numpy().reshape(1, -1).copy()  # the residual stream, updated in place: the output
+        inline_attention = 2 * length * keys.shape[0] * keys.shape[2] < dispatch.INLINE_WORK
+        with team.leading() if team is not None else contextlib.nullcontext(False) as leads:
+            if leads:
+                control = (team.control, team.job, team.numbers, team.codes, team.chunks, *self.own,
+                           dispatch.TEAM_WORK)
+            else:
+                control = (*self.own, self.codes, 1, *self.own, dispatch.TEAM_WORK)
+            normed = step._scratch[1].normed
+            if inline_attention:
+                self.compiled(x, normed, self.norms, control, self.forms, self.products, attn, 0)
+            else:  # attention split across threads between the two halves
+                self.compiled(x, normed, self.norms, control, self.forms, self.products, attn, 1)
+                query = step._scratch[1].outputs[step.q].reshape(step.heads, step.head_dim)
+                kernels.decode_attention_arrays(query, keys, key_scale, values, value_scale, bias, length,
+                                                step.scaling, out=self.attended)
+                self.compiled(x, normed, self.norms, control, self.forms, self.products, attn, 2)
+        return torch.from_numpy(x.reshape(hidden.shape))
+
+
+def _form(form: bound.Activations, buffers: bound.QuantizeBuffers) -> tuple:
+    """An activation form as :func:`sli.kernels.layer_step`'s ``quantize`` takes it."""
+    xq, xs, corr, bsum, oidx, oval = buffers.arrays
+    ordered = xq if buffers.ordered is None else buffers.ordered
+    return (form.width, form.sumblock, form.order(), buffers.padded, xq, xs, corr, bsum, oidx, oval, ordered)
+
+
+def _attention_bias(mask, length: int, holder: "_OneCall") -> np.ndarray:
+    """The additive mask over ``length`` positions (:func:`sli.attention.decode_one`'s)."""
+    if mask is not None:
+        return attention.row_bias(mask, length)
+    if holder.zeros.shape[0] < length:
+        holder.zeros = np.zeros(max(length, 2 * holder.zeros.shape[0], 256), np.float32)
+    return holder.zeros[:length]
 
 
 def _one_row_layer(cache, index: int, rows: int, rest: Dict[str, Any]):

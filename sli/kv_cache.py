@@ -242,21 +242,32 @@ def _compact_layer_class():
         def append_one(self, keys, values) -> bool:
             """Write one position of a one-row layer from float32 numpy ``keys`` and ``values``
             (``[H * D]``, the decode step's), as :meth:`update` would write it; False (nothing
-            written) where this layer takes :meth:`update` instead: not yet written by a prompt,
-            spilled, several rows, float32 or full."""
+            written) where this layer takes :meth:`update` instead (see :meth:`reserve_one`)."""
+            slot = self.reserve_one()
+            if slot is None:
+                return False
+            stored_keys, key_scale, stored_values, value_scale, position = slot
+            ops, heads = layer_ops(), stored_keys.shape[0]
+            for stored, scale, states in ((stored_keys, key_scale, keys), (stored_values, value_scale, values)):
+                if self.kv_dtype == "int8":
+                    ops["store_int8"](states, heads, stored, scale, position)
+                else:
+                    ops["store_bf16"](states, heads, stored, position)
+            return True
+
+        def reserve_one(self):
+            """The next position of a one-row layer, counted as written: ``(keys, key scales,
+            values, value scales, position)`` (:meth:`arrays`) for the caller to write it in
+            place now, as :meth:`update` would; None (nothing counted) where this layer takes
+            :meth:`update` instead: not yet written by a prompt, spilled, several rows, float32
+            or full."""
             data = self._keys.data
             if (data is None or self.spilled or data.shape[0] != 1 or self.kv_dtype == "float32"
                     or self.length >= data.shape[2] or data.device.type != "cpu"):
-                return False
-            ops, heads = layer_ops(), data.shape[1]
-            for store, states in ((self._keys, keys), (self._values, values)):
-                stored, scale = store.arrays()
-                if self.kv_dtype == "int8":
-                    ops["store_int8"](states, heads, stored, scale, self.length)
-                else:
-                    ops["store_bf16"](states, heads, stored, self.length)
+                return None
+            position = self.length
             self.length += 1
-            return True
+            return (*self.arrays(), position)
 
         def arrays(self):
             """``(keys, key scales, values, value scales)`` of a one-row layer as numpy

@@ -39,16 +39,19 @@ def _processor(model_dir, tmp_path, mode="int8", **kwargs):
                                  memory_budget_gb=1.0, **kwargs)
 
 
-def _decode_logits(proc, ids, steps=3):
-    """Logits of ``steps`` greedy decode steps after the prompt ``ids``."""
+def _decode_logits(proc, ids, steps=3, masked=0):
+    """Logits of ``steps`` greedy decode steps after the prompt ``ids`` (its first ``masked``
+    positions masked out, as a left-padded row)."""
     n = ids.shape[1]
     kv = proc._new_kv_cache(n + steps)
+    mask = torch.ones(1, n + steps, dtype=torch.long)
+    mask[0, :masked] = 0
     with torch.inference_mode():
-        logits, kv = proc._step(ids, torch.ones(1, n, dtype=torch.long), torch.arange(n)[None], kv)
+        logits, kv = proc._step(ids, mask[:, :n], torch.arange(n)[None], kv)
         out = []
         for i in range(steps):
             token = logits.argmax(-1, keepdim=True)
-            logits, kv = proc._step(token, torch.ones(1, n + i + 1, dtype=torch.long), torch.tensor([[n + i]]), kv)
+            logits, kv = proc._step(token, mask[:, :n + i + 1], torch.tensor([[n + i]]), kv)
             out.append(logits)
     return torch.cat(out)
 
@@ -76,6 +79,59 @@ def test_the_step_gives_the_modules_logits(family, mode, kv_dtype, model_factory
         assert calls == []
     # the products are the same kernels; the norms and SiLU sum in another order
     assert float((stepped - modules).abs().max()) < 1e-4 * float(modules.abs().max())
+
+
+def _count_one_calls(monkeypatch):
+    """Whether each one-row step ran as one compiled call (True) or fell back (False)."""
+    ran = []
+    real = decode_step._OneCall.run
+    monkeypatch.setattr(decode_step._OneCall, "run", lambda self, *a: ran.append(real(self, *a)) or ran[-1])
+    return ran
+
+
+def _one_call_and_op_by_op(proc, ids, monkeypatch, masked=0, after_one_call=lambda: None):
+    ran = _count_one_calls(monkeypatch)
+    one_call = _decode_logits(proc, ids, masked=masked)
+    assert len(ran) == 3 * proc.layout.num_layers and all(out is not None for out in ran)
+    after_one_call()
+    monkeypatch.setenv("SLI_NO_ONE_CALL", "1")
+    ran.clear()
+    op_by_op = _decode_logits(proc, ids, masked=masked)
+    assert ran == []
+    monkeypatch.delenv("SLI_NO_ONE_CALL")
+    return one_call, op_by_op
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q/k/v have biases
+@pytest.mark.parametrize("mode", ["int8", "nf4", "fp4", "int4"])
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "int8"])
+def test_one_call_gives_the_op_by_op_step_bit_for_bit(family, mode, kv_dtype, model_factory, tmp_path, monkeypatch):
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(1))
+    with _processor(model_factory(family), tmp_path, mode, kv_dtype=kv_dtype) as proc:
+        one_call, op_by_op = _one_call_and_op_by_op(proc, ids, monkeypatch, masked=2 if family == "llama" else 0)
+    assert torch.equal(one_call, op_by_op)
+
+
+@pytest.mark.parametrize("path", ["no team", "every product on the team", "attention between two calls"])
+def test_one_call_s_paths_give_the_same_bits(path, model_factory, tmp_path, monkeypatch):
+    from sli.kernels import dispatch
+
+    split: list = []
+    if path == "no team":
+        monkeypatch.setenv("SLI_NO_TEAM", "1")
+    elif path == "every product on the team":
+        monkeypatch.setattr(dispatch, "TEAM_WORK", 0)
+    else:  # attention split across threads between the call's two halves
+        monkeypatch.setattr(dispatch, "INLINE_WORK", 64)
+        real = kernels.decode_attention_arrays
+        monkeypatch.setattr(kernels, "decode_attention_arrays", lambda *a, **k: split.append(1) or real(*a, **k))
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
+    with _processor(model_factory("llama"), tmp_path, "nf4") as proc:
+        splits, before = [], len(split)  # (loading warms the attention kernel up through it)
+        one_call, op_by_op = _one_call_and_op_by_op(proc, ids, monkeypatch,
+                                                    after_one_call=lambda: splits.append(len(split) - before))
+    assert torch.equal(one_call, op_by_op)
+    assert splits == [3 * proc.layout.num_layers if split else 0]  # a split a layer and token
 
 
 def test_a_layer_the_step_does_not_cover_runs_its_module(model_factory, tmp_path, monkeypatch):

@@ -446,11 +446,13 @@ def kv_arrays(stored: Tensor, scale: Optional[Tensor]) -> "tuple[np.ndarray, np.
 
 
 def decode_attention_arrays(query: np.ndarray, keys: np.ndarray, key_scale: np.ndarray, values: np.ndarray,
-                            value_scale: np.ndarray, bias: np.ndarray, length: int, scaling: float) -> np.ndarray:
+                            value_scale: np.ndarray, bias: np.ndarray, length: int, scaling: float,
+                            out: Optional[np.ndarray] = None) -> np.ndarray:
     """:func:`decode_attention` on numpy arrays: bfloat16 keys and values as their bits
-    (uint16) with empty ``[0, 0]`` scales, int8 ones with theirs. Returns float32 ``[H, D]``."""
+    (uint16) with empty ``[0, 0]`` scales, int8 ones with theirs. Returns float32 ``[H, D]``
+    (``out`` when given)."""
     heads, dim = query.shape
-    out = np.empty((heads, dim), np.float32)
+    out = np.empty((heads, dim), np.float32) if out is None else out
     name = "decode_attention_int8" if keys.dtype == np.int8 else "decode_attention_bf16"
     _run(name, keys.shape[0], 2 * length * keys.shape[0] * dim, query, keys, key_scale, values, value_scale, bias,
          length, float(scaling), out)

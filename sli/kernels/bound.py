@@ -68,6 +68,19 @@ class Activations:
         return xq, xs, corr, bsum, oidx, oval
 
 
+    def order(self) -> np.ndarray:
+        """Where each value of one row's int8 form comes from: ``form[i] = xq[order[i]]``
+        (:func:`levels_order` or :func:`q4_order` applied to the positions); empty where the
+        form keeps ``xq``'s order."""
+        n = self.width
+        positions = np.arange(n, dtype=np.int64)
+        if self.levels:
+            return levels_order(positions, 1, n, np.empty(n, np.int64))
+        if self.half:
+            return _q4_order(positions, 1, n, self.half, np.empty(n, np.int64))
+        return np.empty(0, np.int64)
+
+
 class QuantizeBuffers:
     """The arrays :meth:`Activations.quantize` writes for ``rows`` rows."""
 
@@ -78,6 +91,11 @@ class QuantizeBuffers:
         self.ordered = levels_buffer(rows, n) if form.levels else np.empty(rows * n, np.int8) if form.half else None
         self.padded = np.zeros((rows, n), np.float32)  # only the first columns are written
 
+    def quantized(self) -> QuantizedRows:
+        """The arrays :meth:`Activations.quantize` into these buffers returns."""
+        xq, *rest = self.arrays
+        return (xq if self.ordered is None else self.ordered, *rest)
+
 
 class RowProduct:
     """``y = x @ W^T (+ bias)``: ``product(rows, quantized, y)`` fills float32 ``y``
@@ -85,29 +103,32 @@ class RowProduct:
     ``quantized`` (``product.activations.quantize(rows)``). ``columns``/``outliers``: INT8's
     outlier columns, whose float part meets the rows' float values.
 
-    ``call(quantized, y, work)`` runs the kernel; a product below the threads' threshold calls
-    it on this thread directly, as :func:`sli.kernels.dispatch.run` would."""
+    ``kernel`` (a name in :func:`~sli.kernels.dispatch.table`) runs over the output rows with
+    ``arguments(quantized, y)``; a product below the threads' threshold calls it on this
+    thread directly, as :func:`sli.kernels.dispatch.run` would."""
 
-    def __init__(self, activations: Activations, out_features: int, work_per_row: int,
-                 call: Callable[[QuantizedRows, np.ndarray, int], None], bias: Optional[Tensor],
+    def __init__(self, activations: Activations, out_features: int, work_per_row: int, kernel: str,
+                 arguments: Callable[[QuantizedRows, np.ndarray], tuple], bias: Optional[Tensor],
                  columns: Optional[Tensor] = None, outliers: Optional[Tensor] = None) -> None:
         self.activations = activations
         self.out_features = out_features
-        self._work = work_per_row
-        self._call = call
-        self._bias = None if bias is None else bias.float().contiguous()
-        self._columns = columns
+        self.work_per_row = work_per_row
+        self.kernel = kernel
+        self.arguments = arguments
+        self._go = _runner(kernel, out_features)
+        self.bias = None if bias is None else bias.float().contiguous()
+        self.columns = columns
         self._outliers = None if outliers is None else outliers.t()
 
     def __call__(self, rows: np.ndarray, quantized: QuantizedRows, y: np.ndarray) -> None:
-        self._call(quantized, y, self._work * y.shape[0])
-        if self._bias is None and self._columns is None:
+        self._go(self.work_per_row * y.shape[0], *self.arguments(quantized, y))
+        if self.bias is None and self.columns is None:
             return
         out = torch.from_numpy(y)  # as the wrappers do it (torch's sums, bit for bit)
-        if self._bias is not None:
-            out += self._bias
-        if self._columns is not None:
-            out += torch.from_numpy(rows)[:, self._columns] @ self._outliers
+        if self.bias is not None:
+            out += self.bias
+        if self.columns is not None:
+            out += torch.from_numpy(rows)[:, self.columns] @ self._outliers
 
 
 def _runner(name: str, count: int):
@@ -141,14 +162,13 @@ def int8(q: Tensor, scale: Tensor, bias: Optional[Tensor], columns: Optional[Ten
     if in_features % 64:
         return None
     qf, sf = _flat_np(q), _np(scale.contiguous())
-    go = _runner("matmul_int8q", out_features)
 
-    def call(a: QuantizedRows, y: np.ndarray, work: int) -> None:
+    def arguments(a: QuantizedRows, y: np.ndarray) -> tuple:
         xq, xs, corr, _, oidx, oval = a
-        go(work, qf, sf, xq, xs, corr, oidx, oval, in_features, y)
+        return qf, sf, xq, xs, corr, oidx, oval, in_features, y
 
     return RowProduct(Activations(in_features, in_features, min(KEEP_FLOAT, in_features - 1)), out_features,
-                      q.numel() // 4, call, bias, columns, outliers)
+                      q.numel() // 4, "matmul_int8q", arguments, bias, columns, outliers)
 
 
 def four_bit(packed: Tensor, code: Tensor, blocksize: int, out_features: int, in_features: int,
@@ -167,14 +187,13 @@ def four_bit(packed: Tensor, code: Tensor, blocksize: int, out_features: int, in
         maxima = (_flat_np(qabsmax), _np(nested_absmax), _np(nested_code), float(offset), int(nested_blocksize))
         name = "matmul_4bitq_nested"
 
-    go = _runner(name, out_features)
 
-    def call(a: QuantizedRows, y: np.ndarray, work: int) -> None:
+    def arguments(a: QuantizedRows, y: np.ndarray) -> tuple:
         xq, xs, _, _, oidx, oval = a
-        go(work, pf, *maxima, levels, cf, xq, xs, oidx, oval, blocksize, y)
+        return (pf, *maxima, levels, cf, xq, xs, oidx, oval, blocksize, y)
 
     activations = Activations(in_features, in_features, min(KEEP_FLOAT, in_features - 1), levels=True)
-    return RowProduct(activations, out_features, out_features * in_features // 4, call, bias)
+    return RowProduct(activations, out_features, out_features * in_features // 4, name, arguments, bias)
 
 
 def int4(packed: Tensor, scales: Tensor, zeros: Tensor, group: int, in_features: int,
@@ -184,11 +203,10 @@ def int4(packed: Tensor, scales: Tensor, zeros: Tensor, group: int, in_features:
         return None
     out_features, padded = packed.shape[0], packed.shape[1] * 2
     pf, sf, zf = _flat_np(packed), _flat_np(scales), _flat_np(zeros)
-    go = _runner("matmul_int4q", out_features)
 
-    def call(a: QuantizedRows, y: np.ndarray, work: int) -> None:
+    def arguments(a: QuantizedRows, y: np.ndarray) -> tuple:
         xq, xs, _, gsum, oidx, oval = a
-        go(work, pf, sf, zf, xq, xs, gsum, oidx, oval, group, y)
+        return pf, sf, zf, xq, xs, gsum, oidx, oval, group, y
 
     activations = Activations(padded, group, min(KEEP_FLOAT, in_features - 1), 64)
-    return RowProduct(activations, out_features, packed.numel() * 2 // 4, call, bias)
+    return RowProduct(activations, out_features, packed.numel() * 2 // 4, "matmul_int4q", arguments, bias)

@@ -82,6 +82,29 @@ def type_codes(level: str) -> np.ndarray:
     return codes
 
 
+def accepts(name: str, args: Sequence, level: str) -> bool:
+    """Whether the team takes kernel ``name`` with ``args`` (what ``lead`` checks in compiled
+    code, for callers that lead it from compiled code themselves)."""
+    if name not in ARGUMENTS or len(args) != len(ARGUMENTS[name]):
+        return False
+    wanted = type_codes(level)[KINDS.index(name)]
+    return all(_code(value) == wanted[i] for i, value in enumerate(args))
+
+
+def _code(value) -> int:
+    """An argument's type code as :func:`_put` gives it (0: not one the team takes)."""
+    if isinstance(value, np.ndarray):
+        names = list(_DTYPES.values())
+        if value.dtype.name not in names or value.ndim > 2 or not value.flags.c_contiguous:
+            return 0
+        return 4 * (names.index(value.dtype.name) + 1) + value.ndim
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return NUMBER_CODES["int"]
+    if isinstance(value, (float, np.floating)):
+        return NUMBER_CODES["float"]
+    return 0
+
+
 def _put(job, numbers, at, value):  # (compiled only: see the overload in _build)
     raise NotImplementedError
 
@@ -106,8 +129,6 @@ def _build(kernels: dict, level: str) -> dict:
 
     load, store, add, swap_if, pause, cycles, pointer = (atomics.load, atomics.store, atomics.add, atomics.swap_if,
                                                          atomics.pause, atomics.cycles, atomics.pointer)
-    for name in KINDS:
-        stable_id(kernels[name], f"team.{name}:{level}")
     int8q, four_bit, four_bit_nested, int4q, bf16 = (kernels[name] for name in KINDS)
     i8, u8, u16, i64, f32 = np.int8, np.uint8, np.uint16, np.int64, np.float32
     xq = np.int8 if level == "plain" else np.int16
@@ -228,6 +249,8 @@ def _build(kernels: dict, level: str) -> dict:
                 pause()
         return 1
 
+    stable_id(lead, f"team.lead:{level}")  # compiled decode steps call it (sli.kernels.layer_step)
+
     @njit
     def now():
         return cycles()
@@ -272,21 +295,40 @@ class Team:
             self.control[asleep] = 0
             self.wakes += 1
 
-    def run(self, name: str, count: int, args: Sequence) -> bool:
-        """Kernel ``name`` over rows ``[0, count)`` on the team; False (nothing run) where the
-        team does not take it: another kernel, an argument of another type or layout, or
-        another thread leading."""
-        if name not in ARGUMENTS or not self._busy.acquire(blocking=False):
-            return False
+    @property
+    def codes(self) -> np.ndarray:
+        """:func:`type_codes` for this team's level (what ``lead`` takes)."""
+        return self._codes
+
+    @property
+    def chunks(self) -> int:
+        """How many chunks a job of many rows is cut into."""
+        return min(CHUNKS_A_THREAD * (self.workers + 1), 0xFFFF)
+
+    @contextlib.contextmanager
+    def leading(self):
+        """Lead this team's jobs meanwhile (``lead`` on :attr:`control`, from compiled code
+        too): yields True, its sleeping workers woken; False where another thread leads."""
+        if not self._busy.acquire(blocking=False):
+            yield False
+            return
         try:
             for worker in range(self.workers):
                 if self.control[ASLEEP + 8 * worker]:
                     self._wake[worker].set()
-            chunks = min(count, CHUNKS_A_THREAD * (self.workers + 1), 0xFFFF)
-            return self._lead(self.control, self.job, self.numbers, self._codes, KINDS.index(name), count, chunks,
-                              *args)
+            yield True
         finally:
             self._busy.release()
+
+    def run(self, name: str, count: int, args: Sequence) -> bool:
+        """Kernel ``name`` over rows ``[0, count)`` on the team; False (nothing run) where the
+        team does not take it: another kernel, an argument of another type or layout, or
+        another thread leading."""
+        if name not in ARGUMENTS:
+            return False
+        with self.leading() as leads:
+            return leads and self._lead(self.control, self.job, self.numbers, self._codes, KINDS.index(name), count,
+                                        min(count, self.chunks), *args)
 
     def close(self) -> None:
         """Stop the workers (they finish the chunk in hand)."""
