@@ -127,7 +127,7 @@ class DecodeStep:
         rows = hidden.shape[0]
         if rows == 1 and one_call_enabled():
             own = _one_row_layer(cache, self.layer_idx, rows, rest)
-            one_call = self._one_call_for() if own is not None else None
+            one_call = self.one_call() if own is not None else None
             if one_call is not None:
                 out = one_call.run(hidden, own, mask, _rotary(rotary, rows))
                 if out is not None:
@@ -159,7 +159,9 @@ class DecodeStep:
         ops["add"](x, down)
         return torch.from_numpy(x.reshape(hidden.shape))
 
-    def _one_call_for(self) -> Optional["_OneCall"]:
+    def one_call(self) -> Optional["_OneCall"]:
+        """The one-row step as one compiled call, or None where the layer's products do not
+        fit it (built on first use)."""
         if not self._one_call_checked:
             self._one_call_checked = True
             self._one_call = _OneCall.build(self)
@@ -218,8 +220,8 @@ class _OneCall:
 
     @classmethod
     def build(cls, step: DecodeStep) -> Optional["_OneCall"]:
-        """The call for ``step``'s layer, or None where its products do not fit it (outlier
-        columns, a kernel or arguments the team does not take, forms not shared as Llama's)."""
+        """The call for ``step``'s layer, or None where its products do not fit it (a kernel or
+        arguments the team does not take, forms not shared as Llama's)."""
         from .kernels import dispatch, team as kernel_team
 
         level = dispatch.simd_path()
@@ -231,10 +233,12 @@ class _OneCall:
         products = []
         for p in (q, k, v, o, gate, up, down):
             args = p.arguments(scratch.quantize[p.activations].quantized(), scratch.outputs[p])
-            if p.columns is not None or not kernel_team.accepts(p.kernel, args, level):
+            if not kernel_team.accepts(p.kernel, args, level):
                 return None
-            bias = np.zeros(0, np.float32) if p.bias is None else p.bias.numpy()
-            products.append((kernel_team.KINDS.index(p.kernel), p.out_features, p.work_per_row, bias, args))
+            bias = _NO_BIAS if p.bias is None else p.bias.numpy()
+            columns, outliers = (_NO_COLUMNS, _NO_OUTLIERS) if p.columns is None else (p.columns, p.outliers)
+            products.append((kernel_team.KINDS.index(p.kernel), p.out_features, p.work_per_row, bias, columns,
+                             outliers, args))
         return cls(step, forms, tuple(products), max(p.work_per_row for p in (q, k, v, o, gate, up, down)), level)
 
     def run(self, hidden: torch.Tensor, own, mask, rotary: Tuple[np.ndarray, np.ndarray]) -> Optional[torch.Tensor]:
@@ -244,35 +248,58 @@ class _OneCall:
         from .kernels import dispatch
 
         team = dispatch.team()
-        if team is None and self.max_work >= dispatch.INLINE_WORK:
+        if not self.runs_with(team):
             return None
         slot = own.reserve_one()
         if slot is None:
             return None
+        x = hidden.detach().numpy().reshape(1, -1).copy()  # the residual stream, updated in place: the output
+        bias = attention_bias(mask, slot[4] + 1, self)
+        with team.leading() if team is not None else contextlib.nullcontext(False) as leads:
+            self.call(x, slot, bias, rotary, self.control(team if leads else None))
+        return torch.from_numpy(x.reshape(hidden.shape))
+
+    def runs_with(self, team) -> bool:
+        """Whether this call runs as the op-by-op step would with ``team`` (None: no team): without
+        one, the pool would split a product of :data:`~sli.kernels.dispatch.INLINE_WORK` on."""
+        from .kernels import dispatch
+
+        return team is not None or self.max_work < dispatch.INLINE_WORK
+
+    def control(self, team) -> tuple:
+        """The control block the call's products go through: ``team``'s (its leader: the
+        caller), or, with None, one no worker reads (every product on this thread)."""
+        from .kernels import dispatch
+
+        if team is None:
+            return (*self.own, self.codes, 1, *self.own, dispatch.TEAM_WORK)
+        return (team.control, team.job, team.numbers, team.codes, team.chunks, *self.own, dispatch.TEAM_WORK)
+
+    def call(self, x: np.ndarray, slot: tuple, bias: np.ndarray, rotary: Tuple[np.ndarray, np.ndarray],
+             control: tuple) -> None:
+        """The step on the residual row ``x`` (float32 ``[1, H]``, updated in place), its key and
+        value written at ``slot`` (:meth:`CompactKVLayer.reserve_one`), attention's additive
+        ``bias`` over the positions up to it."""
+        from .kernels import dispatch
+
         keys, key_scale, values, value_scale, position = slot
         length = position + 1
-        bias = _attention_bias(mask, length, self)
         step = self.step
         attn = (step.heads, step.kv_heads, rotary[0], rotary[1], keys, key_scale, values, value_scale, position,
                 bias, float(step.scaling), self.attended)
-        x = hidden.detach().numpy().reshape(1, -1).copy()  # the residual stream, updated in place: the output
-        inline_attention = 2 * length * keys.shape[0] * keys.shape[2] < dispatch.INLINE_WORK
-        with team.leading() if team is not None else contextlib.nullcontext(False) as leads:
-            if leads:
-                control = (team.control, team.job, team.numbers, team.codes, team.chunks, *self.own,
-                           dispatch.TEAM_WORK)
-            else:
-                control = (*self.own, self.codes, 1, *self.own, dispatch.TEAM_WORK)
-            normed = step._scratch[1].normed
-            if inline_attention:
-                self.compiled(x, normed, self.norms, control, self.forms, self.products, attn, 0)
-            else:  # attention split across threads between the two halves
-                self.compiled(x, normed, self.norms, control, self.forms, self.products, attn, 1)
-                query = step._scratch[1].outputs[step.q].reshape(step.heads, step.head_dim)
-                kernels.decode_attention_arrays(query, keys, key_scale, values, value_scale, bias, length,
-                                                step.scaling, out=self.attended)
-                self.compiled(x, normed, self.norms, control, self.forms, self.products, attn, 2)
-        return torch.from_numpy(x.reshape(hidden.shape))
+        normed = step._scratch[1].normed
+        if 2 * length * keys.shape[0] * keys.shape[2] < dispatch.INLINE_WORK:
+            self.compiled(x, normed, self.norms, control, self.forms, self.products, attn, 0)
+            return
+        # a long context: attention split across threads between the two halves
+        self.compiled(x, normed, self.norms, control, self.forms, self.products, attn, 1)
+        query = step._scratch[1].outputs[step.q].reshape(step.heads, step.head_dim)
+        kernels.decode_attention_arrays(query, keys, key_scale, values, value_scale, bias, length, step.scaling,
+                                        out=self.attended)
+        self.compiled(x, normed, self.norms, control, self.forms, self.products, attn, 2)
+
+
+_NO_BIAS, _NO_COLUMNS, _NO_OUTLIERS = np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
 
 
 def _form(form: bound.Activations, buffers: bound.QuantizeBuffers) -> tuple:
@@ -282,8 +309,9 @@ def _form(form: bound.Activations, buffers: bound.QuantizeBuffers) -> tuple:
     return (form.width, form.sumblock, form.order(), buffers.padded, xq, xs, corr, bsum, oidx, oval, ordered)
 
 
-def _attention_bias(mask, length: int, holder: "_OneCall") -> np.ndarray:
-    """The additive mask over ``length`` positions (:func:`sli.attention.decode_one`'s)."""
+def attention_bias(mask, length: int, holder: "_OneCall") -> np.ndarray:
+    """The additive mask over ``length`` positions (:func:`sli.attention.decode_one`'s);
+    without a mask, zeros ``holder`` keeps."""
     if mask is not None:
         return attention.row_bias(mask, length)
     if holder.zeros.shape[0] < length:

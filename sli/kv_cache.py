@@ -255,15 +255,19 @@ def _compact_layer_class():
                     ops["store_bf16"](states, heads, stored, position)
             return True
 
+        def can_append_one(self) -> bool:
+            """Whether :meth:`reserve_one` would give a position (nothing counted)."""
+            data = self._keys.data
+            return not (data is None or self.spilled or data.shape[0] != 1 or self.kv_dtype == "float32"
+                        or self.length >= data.shape[2] or data.device.type != "cpu")
+
         def reserve_one(self):
             """The next position of a one-row layer, counted as written: ``(keys, key scales,
             values, value scales, position)`` (:meth:`arrays`) for the caller to write it in
             place now, as :meth:`update` would; None (nothing counted) where this layer takes
             :meth:`update` instead: not yet written by a prompt, spilled, several rows, float32
             or full."""
-            data = self._keys.data
-            if (data is None or self.spilled or data.shape[0] != 1 or self.kv_dtype == "float32"
-                    or self.length >= data.shape[2] or data.device.type != "cpu"):
+            if not self.can_append_one():
                 return None
             position = self.length
             self.length += 1

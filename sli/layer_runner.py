@@ -158,14 +158,18 @@ class LayerRunner:
     def _call(self, index: int, forward: Callable, args: tuple, kwargs: dict):
         """Layer ``index`` (loaded) on ``args``/``kwargs``: its :class:`DecodeStep` for one
         position on CPU, where the layer has one, else its own forward."""
-        if index not in self._steps:
-            self._steps[index] = DecodeStep.build(self.layers[index])
-        step = self._steps[index]
+        step = self.decode_step(index)
         if step is not None:
             out = step.run(args, kwargs)
             if out is not None:
                 return out
         return forward(*args, **kwargs)
+
+    def decode_step(self, index: int) -> Optional[DecodeStep]:
+        """Loaded layer ``index``'s one-token step (built on first use), or None where it has none."""
+        if index not in self._steps:
+            self._steps[index] = DecodeStep.build(self.layers[index])
+        return self._steps[index]
 
     def _with_layer(self, index: int, body: Callable[[], T]) -> T:
         """Fetch layer ``index``, run ``body``, record the timing, release the layer."""

@@ -29,6 +29,7 @@ from .errors import ModelLoadError, SLIError
 from .generation import GenerationSession, generate_tokens
 from .kv_cache import compact_kv_layer, link_spilled
 from .layer_cache import LayerCache
+from .resident_decode import ResidentDecode
 from .layer_runner import LayerJob, LayerRunner
 from .memory_plan import MemoryPlan, plan_memory
 from .model_check import max_positions
@@ -139,6 +140,7 @@ class UniversalSLIProcessor:
         self.streamer = LayerStreamer(self._cached_layer, self.device, self.compute_dtype,
                                       depth=prefetch_depth, prefetch=prefetch, packed=self.packed)
         self.runner = LayerRunner(self.layers, self.streamer, self.device)
+        self._resident_decode = ResidentDecode.build(self.model, self.runner, self.device)
         self.prefill_chunk_tokens = prefill_chunk_tokens or self._default_chunk_tokens()
 
     # ------------------------------------------------------------------ layers from the cache
@@ -321,6 +323,10 @@ class UniversalSLIProcessor:
         A prompt longer than a chunk runs in chunks inside each layer (one pass)."""
         if ids.shape[1] > self.prefill_chunk_tokens and chunkable(kv_cache):
             return self.step_many([(ids, mask, positions, kv_cache)])[0], kv_cache
+        if self._resident_decode is not None:  # one token over resident layers: no model forward
+            logits = self._resident_decode.run(ids, mask, positions, kv_cache)
+            if logits is not None:
+                return logits, kv_cache
         out = self._run(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                         **{hf.cache_argument(self.model): kv_cache}, **hf.last_logits_kwargs(self.model))
         return out.logits[:, -1, :], hf.output_cache(out)

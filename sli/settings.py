@@ -60,6 +60,10 @@ DEFAULT_SETTINGS = {
 #                   polling kernel team (sli.kernels.team)
 #   SLI_NO_DECODE_STEP=1  a decode token runs transformers' modules layer by layer, not sli's
 #                   one-token step for Llama-family layers (sli.decode_step)
+#   SLI_NO_ONE_CALL=1  that step op by op from Python, not as one compiled call a layer
+#                   (sli.kernels.layer_step); also turns the next one off
+#   SLI_NO_RESIDENT_DECODE=1  a decode token over all-resident layers through the model's
+#                   forward, not sli's token path (sli.resident_decode)
 
 
 def flag(name: str) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -156,6 +157,28 @@ def output_cache(output) -> Any:
 def last_logits_kwargs(model: nn.Module) -> Dict[str, int]:
     """Forward kwargs that compute logits for the last position only (where supported)."""
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+@dataclass
+class DecoderParts:
+    """The modules a causal LM's forward runs around its decoder layers."""
+
+    base: nn.Module  # the base model (LlamaModel, ...), whose class says what its forward does
+    embed: nn.Module
+    rotary: nn.Module  # rotary(hidden, position_ids) -> (cos, sin)
+    norm: nn.Module
+    head: nn.Module
+
+
+def decoder_parts(model: nn.Module) -> Optional[DecoderParts]:
+    """``model``'s embedding, rotary embedding, final norm and head (transformers' names), or
+    None where it has not all of them."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    parts = [getattr(base, name, None) for name in ("embed_tokens", "rotary_emb", "norm")]
+    if base is None or head is None or any(part is None for part in parts):
+        return None
+    return DecoderParts(base, *parts, head)
 
 
 def text_config(config):

@@ -57,6 +57,7 @@ def _decode_logits(proc, ids, steps=3, masked=0):
 
 
 def _count_steps(monkeypatch):
+    monkeypatch.setenv("SLI_NO_RESIDENT_DECODE", "1")  # each layer through the model's forward (its own test)
     calls = []
     real = decode_step.DecodeStep._step
     monkeypatch.setattr(decode_step.DecodeStep, "_step", lambda self, *a: calls.append(self.layer_idx) or real(self, *a))
@@ -82,7 +83,8 @@ def test_the_step_gives_the_modules_logits(family, mode, kv_dtype, model_factory
 
 
 def _count_one_calls(monkeypatch):
-    """Whether each one-row step ran as one compiled call (True) or fell back (False)."""
+    """Each one-row step's output through :meth:`_OneCall.run` (None: it fell back)."""
+    monkeypatch.setenv("SLI_NO_RESIDENT_DECODE", "1")  # each layer through the model's forward (its own test)
     ran = []
     real = decode_step._OneCall.run
     monkeypatch.setattr(decode_step._OneCall, "run", lambda self, *a: ran.append(real(self, *a)) or ran[-1])
@@ -132,6 +134,17 @@ def test_one_call_s_paths_give_the_same_bits(path, model_factory, tmp_path, monk
                                                     after_one_call=lambda: splits.append(len(split) - before))
     assert torch.equal(one_call, op_by_op)
     assert splits == [3 * proc.layout.num_layers if split else 0]  # a split a layer and token
+
+
+def test_one_call_adds_int8_outlier_columns_as_the_op_by_op_step(model_factory, tmp_path, monkeypatch):
+    from test_resident_decode import _with_outlier_columns
+
+    model_dir = _with_outlier_columns(model_factory("llama"), tmp_path / "outliers")
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(2))
+    with _processor(model_dir, tmp_path, "int8") as proc:
+        one_call, op_by_op = _one_call_and_op_by_op(proc, ids, monkeypatch)
+        assert proc.layers[0].mlp.down_proj.qweight.tensors["weight.outlier_cols"].tolist() == [3]
+    assert torch.equal(one_call, op_by_op)
 
 
 def test_a_layer_the_step_does_not_cover_runs_its_module(model_factory, tmp_path, monkeypatch):

@@ -54,6 +54,7 @@ __all__ = [
     "dequantize_4bit", "dequantize_blockwise8", "matmul_int8", "matmul_int4", "matmul_lut8", "matmul_fp8",
     "matmul_bf16", "dequantize_int4", "matrix_units", "prompt_dtype", "int8_matrix_rows", "torch_on_one_thread",
     "fused_pass", "FUSED_PASS_MAX_CONTEXT", "decode_attention", "decode_attention_arrays", "kv_arrays", "layer_ops",
+    "add_columns",
 ]
 
 # Above this many activation rows dequantize-then-BLAS beats the fused kernels.
@@ -108,6 +109,17 @@ def fused_pass(rows: int, device: torch.device, context: int = 0):
             and kernels_enabled()):
         return torch_on_one_thread()
     return contextlib.nullcontext()
+
+
+def add_columns(x: Tensor, columns: Tensor, weights: Tensor, y: Tensor) -> None:
+    """``y += x[..., columns] @ weights.T`` in place (INT8's outlier columns: ``weights``
+    ``[out, k]``), on CPU with the kernels in a fixed order a row (a row's bits do not depend on
+    its batch or on which path computes it), else in torch."""
+    if y.device.type != "cpu" or y.dtype != torch.float32 or not kernels_enabled():
+        y += x[..., columns] @ weights.t()
+        return
+    rows, out = _rows(x.float(), x.shape[-1]), y.view(-1, y.shape[-1])
+    _table()["add_columns"](_np(rows), _np(columns.long().contiguous()), _np(weights.float().contiguous()), _np(out))
 
 
 def layer_ops() -> dict:

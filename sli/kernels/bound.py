@@ -117,18 +117,15 @@ class RowProduct:
         self.arguments = arguments
         self._go = _runner(kernel, out_features)
         self.bias = None if bias is None else bias.float().contiguous()
-        self.columns = columns
-        self._outliers = None if outliers is None else outliers.t()
+        self.columns = None if columns is None else _np(columns.long().contiguous())
+        self.outliers = None if outliers is None else _np(outliers.float().contiguous())
 
     def __call__(self, rows: np.ndarray, quantized: QuantizedRows, y: np.ndarray) -> None:
         self._go(self.work_per_row * y.shape[0], *self.arguments(quantized, y))
-        if self.bias is None and self.columns is None:
-            return
-        out = torch.from_numpy(y)  # as the wrappers do it (torch's sums, bit for bit)
         if self.bias is not None:
-            out += self.bias
+            torch.from_numpy(y).add_(self.bias)  # as the wrappers do it (torch's sums, bit for bit)
         if self.columns is not None:
-            out += torch.from_numpy(rows)[:, self.columns] @ self._outliers
+            table()["add_columns"](rows, self.columns, self.outliers, y)  # as the INT8 codec adds them
 
 
 def _runner(name: str, count: int):

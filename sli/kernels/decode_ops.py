@@ -113,7 +113,19 @@ def _store_int8(x, heads, data, scale, position):
 store_int8 = njit(cache=True, nogil=True)(_store_int8)  # no fastmath: x / s rounds as torch's division
 
 
+@njit(cache=True, nogil=True)  # no fastmath: the same sums wherever it is compiled in (a row's bits must not
+def add_columns(x, columns, weights, y):  # depend on the caller: a lone token and a batch, one call and op by op)
+    # y[t, o] += sum over c of x[t, columns[c]] * weights[o, c]: INT8's outlier columns in float,
+    # x fp32 [T, in], columns int64 [k], weights fp32 [out, k], y fp32 [T, out]
+    for t in range(y.shape[0]):
+        for o in range(y.shape[1]):
+            total = np.float32(0.0)
+            for c in range(columns.shape[0]):
+                total += x[t, columns[c]] * weights[o, c]
+            y[t, o] += total
+
+
 def build(h) -> dict:
     """The kernels by name (the same at every SIMD level)."""
     return {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "add": add, "rotate": rotate, "silu_mul": silu_mul,
-            "store_bf16": store_bf16, "store_int8": store_int8}
+            "store_bf16": store_bf16, "store_int8": store_int8, "add_columns": add_columns}

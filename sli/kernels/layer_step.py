@@ -10,7 +10,7 @@ the second norm, gate/up, SiLU, down and the residual adds. Every piece is the s
 op-by-op step calls with the same arguments, so the output is the same, bit for bit.
 
 The arguments are tuples built once per layer (:mod:`sli.decode_step`): the products as
-``(kind, count, work, bias, kernel arguments)`` with their activation and output buffers,
+``(kind, count, work, bias, outlier columns, their weights, kernel arguments)`` with their activation and output buffers,
 the activation forms as the buffers :func:`quantize` fills. ``stage`` 1 stops before
 attention and 2 starts after it, for a context long enough that attention should be split
 across threads (:func:`sli.kernels.decode_attention_arrays`) between the two calls.
@@ -48,7 +48,7 @@ def _build(kernels: dict, lead, level: str):
 
     quantize_rows, rms_norm, add_rms_norm, add, rotate, silu_mul = (
         kernels[name] for name in ("quantize_rows", "rms_norm", "add_rms_norm", "add", "rotate", "silu_mul"))
-    store_int8, store_bf16 = kernels["store_int8"], kernels["store_bf16"]
+    store_int8, store_bf16, add_columns = kernels["store_int8"], kernels["store_bf16"], kernels["add_columns"]
     attend_int8, attend_bf16 = kernels["decode_attention_int8"], kernels["decode_attention_bf16"]
     compiled = njit(nogil=True, cache=True)
 
@@ -78,11 +78,11 @@ def _build(kernels: dict, lead, level: str):
             ordered[i] = xq[order[i]]
 
     @compiled
-    def product(team, p):
-        # one product: led on the team from its threshold on, else on this thread (a job of one chunk
-        # on a control block no worker reads); then its bias
+    def product(team, p, rows):
+        # one product of `rows`: led on the team from its threshold on, else on this thread (a job of
+        # one chunk on a control block no worker reads); then its bias and INT8's outlier columns
         control, job, numbers, codes, chunks, own_control, own_job, own_numbers, team_work = team
-        kind, count, work, bias, args = p
+        kind, count, work, bias, columns, outliers, args = p
         if chunks > 1 and work >= team_work:
             lead(control, job, numbers, codes, kind, count, min(count, chunks), *args)
         else:
@@ -90,6 +90,8 @@ def _build(kernels: dict, lead, level: str):
         y = args[-1]
         for j in range(bias.shape[0]):
             y[0, j] += bias[j]
+        if columns.shape[0]:
+            add_columns(rows, columns, outliers, y)
 
     @compiled
     def step(x, normed, norms, team, forms, products, attn, stage):
@@ -98,13 +100,13 @@ def _build(kernels: dict, lead, level: str):
         form_in, form_o, form_mid, form_down = forms
         q, k, v, o, gate, up, down = products
         heads, kv_heads, cos, sin, keys, key_scale, values, value_scale, position, bias, scaling, attended = attn
-        yq, yk, yv = q[4][-1], k[4][-1], v[4][-1]
+        yq, yk, yv = q[6][-1], k[6][-1], v[6][-1]
         if stage != 2:
             rms_norm(x, first_norm, first_eps, normed)
             quantize(normed, form_in)
-            product(team, q)
-            product(team, k)
-            product(team, v)
+            product(team, q, normed)
+            product(team, k, normed)
+            product(team, v, normed)
             rotate(yq, heads, cos, sin)
             rotate(yk, kv_heads, cos, sin)
             _store(yk[0], kv_heads, keys, key_scale, position)
@@ -113,16 +115,17 @@ def _build(kernels: dict, lead, level: str):
                 return
             _attend(yq.reshape(heads, yq.shape[1] // heads), keys, key_scale, values, value_scale, bias, position + 1,
                     scaling, attended, 0, kv_heads)
-        quantize(attended.reshape(1, attended.size), form_o)
-        product(team, o)
-        yo, ygate, yup, ydown = o[4][-1], gate[4][-1], up[4][-1], down[4][-1]
+        attended_row = attended.reshape(1, attended.size)
+        quantize(attended_row, form_o)
+        product(team, o, attended_row)
+        yo, ygate, yup, ydown = o[6][-1], gate[6][-1], up[6][-1], down[6][-1]
         add_rms_norm(x, yo, second_norm, second_eps, normed)
         quantize(normed, form_mid)
-        product(team, gate)
-        product(team, up)
+        product(team, gate, normed)
+        product(team, up, normed)
         silu_mul(ygate, yup, ygate)
         quantize(ygate, form_down)
-        product(team, down)
+        product(team, down, ygate)
         add(x, ydown)
 
     for function, name in ((quantize, "quantize"), (product, "product")):

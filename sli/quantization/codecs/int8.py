@@ -100,8 +100,8 @@ class Int8Codec(Codec):
         activations = "on-grid" if self.mode == QuantizationMode.INT8_DYNAMIC else "auto"
         y = kernels.matmul_int8(x, t["weight"], t["_scale"], bias, activations=activations)
         cols = t.get("weight.outlier_cols")
-        if cols is not None and cols.numel():
-            y += x[..., cols] @ t["_outliers"].t()  # the outlier columns' 16-bit part
+        if cols is not None and cols.numel():  # the outlier columns' 16-bit part
+            kernels.add_columns(x, cols, t["_outliers"], y)
         return y
 
     def row_product(self, q: QuantizedTensor, bias: Optional[Tensor]):
