@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import attention, kernels, settings
-from .kernels import bound
+from .kernels import bound, dispatch
 from .quantization import QuantizedLinear
 
 # Decoder-layer classes whose forward is Llama's (pinned by tests/test_decode_step.py). Their
@@ -206,7 +206,7 @@ class _OneCall:
     step's, bit for bit (the same kernels on the same arrays)."""
 
     def __init__(self, step: DecodeStep, forms: tuple, products: tuple, max_work: int, level: str) -> None:
-        from .kernels import dispatch, layer_step, team as kernel_team
+        from .kernels import layer_step, team as kernel_team
 
         table = dispatch.table()
         self.step = step
@@ -222,7 +222,7 @@ class _OneCall:
     def build(cls, step: DecodeStep) -> Optional["_OneCall"]:
         """The call for ``step``'s layer, or None where its products do not fit it (a kernel or
         arguments the team does not take, forms not shared as Llama's)."""
-        from .kernels import dispatch, team as kernel_team
+        from .kernels import team as kernel_team
 
         level = dispatch.simd_path()
         q, k, v, o, gate, up, down = (step.q, step.k, step.v, step.o, step.gate, step.up, step.down)
@@ -245,8 +245,6 @@ class _OneCall:
         """The layer's output for one row ``hidden`` whose keys and values go to the compact
         layer ``own``; None (nothing done) where it does not apply: ``own`` takes
         :meth:`update`, or no team and a product that the pool would split."""
-        from .kernels import dispatch
-
         team = dispatch.team()
         if not self.runs_with(team):
             return None
@@ -262,15 +260,11 @@ class _OneCall:
     def runs_with(self, team) -> bool:
         """Whether this call runs as the op-by-op step would with ``team`` (None: no team): without
         one, the pool would split a product of :data:`~sli.kernels.dispatch.INLINE_WORK` on."""
-        from .kernels import dispatch
-
         return team is not None or self.max_work < dispatch.INLINE_WORK
 
     def control(self, team) -> tuple:
         """The control block the call's products go through: ``team``'s (its leader: the
         caller), or, with None, one no worker reads (every product on this thread)."""
-        from .kernels import dispatch
-
         if team is None:
             return (*self.own, self.codes, 1, *self.own, dispatch.TEAM_WORK)
         return (team.control, team.job, team.numbers, team.codes, team.chunks, *self.own, dispatch.TEAM_WORK)
@@ -280,8 +274,6 @@ class _OneCall:
         """The step on the residual row ``x`` (float32 ``[1, H]``, updated in place), its key and
         value written at ``slot`` (:meth:`CompactKVLayer.reserve_one`), attention's additive
         ``bias`` over the positions up to it."""
-        from .kernels import dispatch
-
         keys, key_scale, values, value_scale, position = slot
         length = position + 1
         step = self.step

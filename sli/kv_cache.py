@@ -83,6 +83,7 @@ class _Store:
         self.data: Optional[torch.Tensor] = None
         self.scale: Optional[torch.Tensor] = None
         self._arrays = None  # numpy views of a one-row store, made once per buffer
+        self.one_row_capacity = 0  # the capacity of a one-row int8/bfloat16 store on CPU, else 0
 
     @property
     def capacity(self) -> int:
@@ -107,6 +108,8 @@ class _Store:
                 scale[:, :, :keep] = self.scale[:, :, :keep]
         self.data, self.scale = data, scale
         self._arrays = None
+        one_row = b == 1 and self.kv_dtype != "float32" and data.device.type == "cpu"
+        self.one_row_capacity = tokens if one_row else 0
 
     def arrays(self):
         """A one-row store's buffers as numpy: ``(data [H, capacity, D], scale [H, capacity])``,
@@ -257,9 +260,7 @@ def _compact_layer_class():
 
         def can_append_one(self) -> bool:
             """Whether :meth:`reserve_one` would give a position (nothing counted)."""
-            data = self._keys.data
-            return not (data is None or self.spilled or data.shape[0] != 1 or self.kv_dtype == "float32"
-                        or self.length >= data.shape[2] or data.device.type != "cpu")
+            return self.length < self._keys.one_row_capacity and not self.spilled
 
         def reserve_one(self):
             """The next position of a one-row layer, counted as written: ``(keys, key scales,

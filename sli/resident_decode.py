@@ -20,12 +20,12 @@ from __future__ import annotations
 import contextlib
 from typing import List, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
 from . import decode_step, kernels, settings
 from . import transformers_adapter as hf
+from .kernels import dispatch
 from .layer_runner import LayerRunner
 
 # Base models whose forward is embed -> rotary -> the layers -> norm (the decoder layers are
@@ -65,8 +65,6 @@ class ResidentDecode:
         layers = getattr(kv_cache, "layers", None)
         if calls is None or layers is None or len(layers) != len(calls):
             return None
-        from .kernels import dispatch
-
         team = dispatch.team()
         if not all(call.runs_with(team) for call in calls) or not all(
                 getattr(layer, "packed_reads", False) and layer.can_append_one() for layer in layers):

@@ -94,6 +94,12 @@ def dot8(q, qofs, x, xofs, n, stride, rows, out):
     _rows_dot(values, x, xofs, stride, rows, out)
 
 
+@_jit
+def dot8_rows(q, qofs, qstride, x, xofs, n, out):
+    for w in range(WEIGHT_ROWS):
+        dot8(q, qofs + w * qstride, x, xofs, n, n, 1, out[w:])
+
+
 def e4m3_values() -> np.ndarray:
     """The float32 value of each float8_e4m3fn byte (0x7f, 0xff: NaN)."""
     values = np.empty(256, np.float32)
@@ -114,6 +120,12 @@ def dotfp8(q, qofs, x, xofs, n, stride, rows, out):
     for j in range(n):
         values[j] = E4M3[weights[j]]
     _rows_dot(values, x, xofs, stride, rows, out)
+
+
+@_jit
+def dotfp8_rows(q, qofs, qstride, x, xofs, n, out):
+    for w in range(WEIGHT_ROWS):
+        dotfp8(q, qofs + w * qstride, x, xofs, n, n, 1, out[w:])
 
 
 @_jit
@@ -190,16 +202,22 @@ def dotbf16(w, wofs, x, xofs, n, stride, rows, out):
 
 
 @_jit
+def dotbf16_rows(w, wofs, wstride, x, xofs, n, out):
+    for v in range(WEIGHT_ROWS):
+        dotbf16(w, wofs + v * wstride, x, xofs, n, n, 1, out[v:])
+
+
+@_jit
 def decode64_4bit(packed, pofs, code, scale, out, oofs):
     decode_pairs(packed, pofs, code, scale, np.float32(0.0), out, oofs, 32)
 
 
-for _f in (_rows_dot, decode_pairs, lut4, lut4z, lut4n, dot8, dotfp8, dot8q, dot8q_rows, dot4q, dot4l, dot4l_rows, dotbf16,
+for _f in (_rows_dot, decode_pairs, lut4, lut4z, lut4n, dot8, dot8_rows, dotfp8, dotfp8_rows, dot8q, dot8q_rows, dot4q, dot4l, dot4l_rows, dotbf16, dotbf16_rows,
            decode64_4bit):
     stable_id(_f, f"plain.{_f.__name__}")
 
 # The loops take any number of rows, so a block is decoded once for up to this many of them.
 MAX_ROWS = 16
 HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=MAX_ROWS, weight_rows=WEIGHT_ROWS, lut4=lut4, lut4z=lut4z,
-                          lut4n=lut4n, dot8=dot8, dotfp8=dotfp8, dot8q=dot8q, dot8q_rows=dot8q_rows, dot4q=dot4q, dot4l=dot4l, dot4l_rows=dot4l_rows,
-                          dotbf16=dotbf16, decode64_4bit=decode64_4bit)
+                          lut4n=lut4n, dot8=dot8, dot8_rows=dot8_rows, dotfp8=dotfp8, dotfp8_rows=dotfp8_rows, dot8q=dot8q, dot8q_rows=dot8q_rows, dot4q=dot4q, dot4l=dot4l, dot4l_rows=dot4l_rows,
+                          dotbf16=dotbf16, dotbf16_rows=dotbf16_rows, decode64_4bit=decode64_4bit)

@@ -37,8 +37,8 @@ activation rows ``x[xofs + r*stride : ...]``; ``out[r]`` receives row ``r``'s su
   code[nibbles] * scale`` in the weight's order (dequantizing).
 
 The int8 helpers ``dot8q``, ``dot4q`` and ``dot4l`` (:mod:`sli.kernels.simd_int8`) meet int8
-activation rows; ``dot8q_rows`` and ``dot4l_rows`` are ``dot8q`` and ``dot4l`` for ``weight_rows`` weight rows by one
-activation row.
+activation rows; ``dot8q_rows``, ``dot4l_rows`` and ``dot8_rows``/``dotfp8_rows``/``dotbf16_rows`` are those helpers
+for ``weight_rows`` weight rows by one activation row.
 
 This module and the three it builds on reach into numba's and llvmlite's internals:
 :mod:`sli.kernels.dispatch` imports it inside a guard and uses the plain functions when it
@@ -53,7 +53,7 @@ from typing import Dict, Tuple
 
 from llvmlite import binding
 
-from .simd_float import make_decode64, make_lut4, make_widening_dot
+from .simd_float import make_decode64, make_lut4, make_widening_dot, make_widening_dot_rows
 from .simd_int8 import make_dot4l, make_dot4l_rows, make_dot4q, make_dot8q, make_dot8q_rows
 from .plain import WEIGHT_ROWS
 from .simd_ir import LEVELS, MAX_ROWS, NEEDS, WIDTH
@@ -77,6 +77,8 @@ def helpers(level: str) -> SimpleNamespace:
             level=level, lanes=WIDTH[level], max_rows=MAX_ROWS[level], weight_rows=WEIGHT_ROWS,
             lut4=make_lut4(level, "scale"), lut4z=make_lut4(level, "affine"), lut4n=make_lut4(level, "nested"),
             dot8=make_widening_dot(level, "int8"), dotfp8=make_widening_dot(level, "fp8"),
-            dotbf16=make_widening_dot(level, "bf16"), decode64_4bit=make_decode64(level),
+            dotbf16=make_widening_dot(level, "bf16"), dot8_rows=make_widening_dot_rows(level, "int8"),
+            dotfp8_rows=make_widening_dot_rows(level, "fp8"), dotbf16_rows=make_widening_dot_rows(level, "bf16"),
+            decode64_4bit=make_decode64(level),
             dot8q=make_dot8q(level), dot8q_rows=make_dot8q_rows(level), dot4q=make_dot4q(level), dot4l=make_dot4l(level), dot4l_rows=make_dot4l_rows(level))
     return _built[level]

@@ -15,7 +15,9 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from .jit import stable_id
-from .simd_ir import I8, I16, I32, I64, PREFETCH_VALUES, WIDTH, Emit, const, idx, row_pass, splat, unpack, vload, vstore
+from .plain import WEIGHT_ROWS
+from .simd_ir import (I8, I16, I32, I64, PREFETCH_VALUES, WIDTH, Emit, const, idx, row_pass, splat, unpack, vload,
+                      vstore, weight_rows_pass)
 
 
 def make_lut4(level: str, kind: str):
@@ -100,40 +102,72 @@ def _e4m3(b, e, byte):
     return b.select(b.icmp_unsigned("==", magnitude, const(e.vi, 0x7F)), const(e.vf, float("nan")), value)
 
 
+def _widening_step(b, level, kind, w_ptr, wofs):
+    """``body(e, unit, multiply)``: one 64-value step of an int8, float8 or bfloat16 weight
+    row at ``w_ptr[wofs:]``, each register of values widened to float32."""
+    w = WIDTH[level]
+
+    def body(e, unit, multiply):
+        e.prefetch(w_ptr, b.add(b.add(wofs, unit), idx(PREFETCH_VALUES)))
+        for part in range(64 // w):
+            at_value = b.add(unit, idx(part * w))
+            if kind == "int8":
+                raw = vload(b, w_ptr, b.add(wofs, at_value), ir.VectorType(I8, w))
+                values = b.sitofp(b.sext(raw, e.vi), e.vf)
+            elif kind == "fp8":
+                raw = vload(b, w_ptr, b.add(wofs, at_value), ir.VectorType(I8, w))
+                values = _e4m3(b, e, b.zext(raw, e.vi))
+            else:
+                raw = vload(b, w_ptr, b.add(wofs, at_value), ir.VectorType(I16, w))
+                values = b.bitcast(b.shl(b.zext(raw, e.vi), const(e.vi, 16)), e.vf)
+            multiply(values, at_value)
+
+    return body
+
+
+_SHORT = dict(int8="8", fp8="fp8", bf16="bf16")
+
+
 def make_widening_dot(level: str, kind: str):
     """``dot8`` (int8 weights), ``dotfp8`` (float8_e4m3fn bytes) or ``dotbf16`` (bfloat16
     bits): natural order, no table."""
-    w = WIDTH[level]
-
     def dot(typingctx, weights, wofs, x, xofs, n, stride, rows, out):
         sig = types.void(weights, wofs, x, xofs, n, stride, rows, out)
 
         def codegen(context, builder, signature, args):
             b = builder
             w_ptr, wofs_i, x_ptr, xofs_i, n_i, stride_i, rows_i, out_ptr = unpack(context, b, signature, args)
-
-            def body(e, unit, multiply):
-                e.prefetch(w_ptr, b.add(b.add(wofs_i, unit), idx(PREFETCH_VALUES)))
-                for part in range(64 // w):
-                    at_value = b.add(unit, idx(part * w))
-                    if kind == "int8":
-                        raw = vload(b, w_ptr, b.add(wofs_i, at_value), ir.VectorType(I8, w))
-                        values = b.sitofp(b.sext(raw, e.vi), e.vf)
-                    elif kind == "fp8":
-                        raw = vload(b, w_ptr, b.add(wofs_i, at_value), ir.VectorType(I8, w))
-                        values = _e4m3(b, e, b.zext(raw, e.vi))
-                    else:
-                        raw = vload(b, w_ptr, b.add(wofs_i, at_value), ir.VectorType(I16, w))
-                        values = b.bitcast(b.shl(b.zext(raw, e.vi), const(e.vi, 16)), e.vf)
-                    multiply(values, at_value)
-
-            row_pass(b, level, n_i, idx(64), x_ptr, xofs_i, stride_i, rows_i, out_ptr, lambda e, index: None, body)
+            row_pass(b, level, n_i, idx(64), x_ptr, xofs_i, stride_i, rows_i, out_ptr, lambda e, index: None,
+                     _widening_step(b, level, kind, w_ptr, wofs_i))
             return context.get_dummy_value()
 
         return sig, codegen
 
-    dot.__name__ = f"dot{dict(int8='8', fp8='fp8', bf16='bf16')[kind]}_{level}"
+    dot.__name__ = f"dot{_SHORT[kind]}_{level}"
     return stable_id(intrinsic(dot), f"simd.{dot.__name__}")
+
+
+def make_widening_dot_rows(level: str, kind: str):
+    """``dot8_rows``/``dotfp8_rows``/``dotbf16_rows(weights, wofs, wstride, x, xofs, n, out)``:
+    :data:`WEIGHT_ROWS` weight rows ``weights[wofs + v * wstride:]`` by one activation row,
+    ``out[v]`` what the one-row helper gives row ``v``, bit for bit
+    (:func:`sli.kernels.simd_ir.weight_rows_pass`)."""
+    def dot_rows(typingctx, weights, wofs, wstride, x, xofs, n, out):
+        sig = types.void(weights, wofs, wstride, x, xofs, n, out)
+
+        def codegen(context, builder, signature, args):
+            b = builder
+            w_ptr, wofs_i, wstride_i, x_ptr, xofs_i, n_i, out_ptr = unpack(context, b, signature, args)
+            steps = [_widening_step(b, level, kind, w_ptr, b.add(wofs_i, b.mul(wstride_i, idx(v))))
+                     for v in range(WEIGHT_ROWS)]
+            weight_rows_pass(b, level, n_i, x_ptr, xofs_i, WEIGHT_ROWS, out_ptr,
+                             lambda e, unit, multiply, v: steps[v](e, unit, multiply))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    dot_rows.__name__ = f"dot{_SHORT[kind]}_rows_{level}"
+    return stable_id(intrinsic(dot_rows), f"simd.{dot_rows.__name__}")
 
 
 def make_decode64(level: str):

@@ -218,3 +218,40 @@ def row_pass(builder, level, n, block, x_ptr, xofs, stride, rows_value, out_ptr,
             b.store(e.hsum(total), b.gep(out_ptr, [idx(r)]))
 
     rows_switch(b, level, rows_value, case)
+
+
+def weight_rows_pass(builder, level, n, x_ptr, xofs, weight_rows, out_ptr, body):
+    """:func:`row_pass` for ``weight_rows`` weight rows by one activation row (a token's
+    decode): ``body(e, unit, multiply, v)`` emits weight row ``v``'s 64-value step at
+    ``unit``; row ``v``'s sum goes to ``out[v]``. Each row keeps the chains and the order of
+    sums of a one-row :func:`row_pass`, so its sum has the same bits; the rows' chains are in
+    flight together and the activations are read once for all of them."""
+    b = builder
+    e = Emit(b, level)
+    chains = _chains(1)
+    sums = [[cgutils.alloca_once(b, e.vf, zfill=True) for _ in range(chains)] for _ in range(weight_rows)]
+    loaded = {}
+
+    def multiply_for(v):
+        count = [0]
+
+        def multiply(vector, xoffset):
+            chain = count[0] % chains
+            count[0] += 1
+            key = count[0]  # the same offset for every weight row: the activations once
+            if key not in loaded:
+                loaded[key] = vload(b, x_ptr, b.add(xofs, xoffset), e.vf)
+            b.store(e.fma(vector, loaded[key], b.load(sums[v][chain])), sums[v][chain])
+
+        return multiply
+
+    with cgutils.for_range(b, b.sdiv(n, idx(64))) as step:
+        loaded.clear()
+        unit = b.mul(step.index, idx(64))
+        for v in range(weight_rows):
+            body(e, unit, multiply_for(v), v)
+    for v in range(weight_rows):
+        total = b.load(sums[v][0])
+        for chain in range(1, chains):
+            total = b.fadd(total, b.load(sums[v][chain]))
+        b.store(e.hsum(total), b.gep(out_ptr, [idx(v)]))

@@ -37,15 +37,25 @@ def build(h) -> dict:
     most = h.max_rows  # activation rows a helper multiplies in one pass
     weight_rows = h.weight_rows  # weight rows dot8q_rows multiplies by one activation row
 
-    def widening_kernel(dot, value, scaled, at_once):
+    def widening_kernel(dot, dot_rows, value, scaled, at_once):
         @KERNEL
         def matmul(q, scale, x, y, start, stop):
             # q: [out*in] values; y = (x @ value(q)^T) * scale (no scale where not scaled: bfloat16)
             rows, cols = x.shape
             whole = cols // 64 * 64
             xflat = x.reshape(x.size)
-            acc = np.empty(most, np.float32)
-            for o in range(start, stop):
+            acc = np.empty(max(most, weight_rows), np.float32)
+            o = start
+            if rows == 1:  # one token: weight_rows weight rows a pass (the same sums as one at a time)
+                while o + weight_rows <= stop:
+                    dot_rows(q, o * cols, cols, xflat, 0, whole, acc)
+                    for w in range(weight_rows):
+                        s = acc[w]
+                        for j in range(whole, cols):
+                            s += value(q[(o + w) * cols + j]) * x[0, j]
+                        y[0, o + w] = s * scale[o + w] if scaled else s
+                    o += weight_rows
+            for o in range(o, stop):
                 for t in range(0, rows, at_once):
                     k = min(at_once, rows - t)
                     dot(q, o * cols, xflat, t * cols, whole, cols, k, acc)
@@ -102,7 +112,7 @@ def build(h) -> dict:
     # 2 or more rows in 4, 2 or 1 chains, and the head's last bit must not depend on the batch
     # (a server's greedy tokens equal a lone request's); its widening is a shift, so passes of
     # one row cost little more
-    return {"matmul_int8": widening_kernel(h.dot8, _int8_value, True, most),
-            "matmul_fp8": widening_kernel(h.dotfp8, _fp8_value, True, most),
-            "matmul_bf16": widening_kernel(h.dotbf16, _bf16_value, False, 1),  # its wrapper passes no scale
+    return {"matmul_int8": widening_kernel(h.dot8, h.dot8_rows, _int8_value, True, most),
+            "matmul_fp8": widening_kernel(h.dotfp8, h.dotfp8_rows, _fp8_value, True, most),
+            "matmul_bf16": widening_kernel(h.dotbf16, h.dotbf16_rows, _bf16_value, False, 1),  # its wrapper: no scale
             "matmul_int8q": matmul_int8q, "matmul_lut8": matmul_lut8}
