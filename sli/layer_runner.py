@@ -168,7 +168,7 @@ class LayerRunner:
     def decode_step(self, index: int) -> Optional[DecodeStep]:
         """Loaded layer ``index``'s one-token step (built on first use), or None where it has none."""
         if index not in self._steps:
-            self._steps[index] = DecodeStep.build(self.layers[index])
+            self._steps[index] = DecodeStep.build(self.layers[index], resident=index in self.resident)
         return self._steps[index]
 
     def _with_layer(self, index: int, body: Callable[[], T]) -> T:

@@ -141,6 +141,7 @@ class UniversalSLIProcessor:
                                       depth=prefetch_depth, prefetch=prefetch, packed=self.packed)
         self.runner = LayerRunner(self.layers, self.streamer, self.device)
         self._resident_decode = ResidentDecode.build(self.model, self.runner, self.device)
+        self._one_calls_ready: set = set()  # resident layers whose one-token call is made (_ready_one_calls)
         self.prefill_chunk_tokens = prefill_chunk_tokens or self._default_chunk_tokens()
 
     # ------------------------------------------------------------------ layers from the cache
@@ -265,13 +266,28 @@ class UniversalSLIProcessor:
     def _run(self, **kwargs):
         """One pass of the model's own forward, its decoder layers streamed by the runner."""
         self.runner.make_resident(self.plan.resident_layers)
+        self._ready_one_calls()
         ids = kwargs.get("input_ids")
         with self._fused_pass(0 if ids is None else ids.numel(), [kwargs.get("position_ids")]):
             return self.runner.run(lambda: self.model(**kwargs))
 
+    def _ready_one_calls(self) -> None:
+        """The resident layers' one-token steps as compiled calls, made and loaded now (the
+        first pass: a prompt) rather than in the first decode token."""
+        if self.kv_dtype not in ("int8", "bfloat16") or not self.reads_kv_in_place:
+            return
+        for index in self.runner.resident:
+            if index not in self._one_calls_ready:
+                self._one_calls_ready.add(index)
+                step = self.runner.decode_step(index)
+                call = step.one_call() if step is not None and decode_step.one_call_enabled() else None
+                if call is not None:
+                    call.ready(self.kv_dtype)
+
     def _run_layer_major(self, jobs: List[LayerJob]) -> None:
         """Captured layer jobs, each layer once for all of them (see :meth:`step_many`)."""
         self.runner.make_resident(self.plan.resident_layers)
+        self._ready_one_calls()
         rows = max((job.hidden.shape[:-1].numel() for job in jobs), default=0)
         with self._fused_pass(rows, [job.layer_inputs[0][1].get("position_ids") for job in jobs if job.layer_inputs]):
             self.runner.run_layer_major(jobs)

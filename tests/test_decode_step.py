@@ -247,3 +247,20 @@ def test_the_small_kernels_equal_torch():
     gate, up = torch.randn(3, 96, generator=g) * 4, torch.randn(3, 96, generator=g)
     ops["silu_mul"](gate.numpy(), up.numpy(), out)
     assert torch.allclose(torch.from_numpy(out), F.silu(gate) * up, atol=1e-6)
+
+
+def test_streamed_layers_keep_the_op_by_op_step_and_resident_ones_are_ready_after_the_prompt(
+        model_factory, tmp_path, monkeypatch):
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(9))
+    with _processor(model_factory("llama"), tmp_path, "int8") as proc:  # every layer resident
+        monkeypatch.setenv("SLI_NO_RESIDENT_DECODE", "1")
+        proc._step(ids, torch.ones(1, 5, dtype=torch.long), torch.arange(5)[None], proc._new_kv_cache(8))
+        steps = [proc.runner.decode_step(i) for i in range(proc.layout.num_layers)]
+        assert all(step._one_call is not None for step in steps)  # made (and compiled) by the prompt's pass
+    with UniversalSLIProcessor(model_factory("llama"), QuantizationConfig(mode="int8"), cache_dir=tmp_path / "s",
+                               device="cpu", memory_budget_gb=0.0) as proc:  # every layer streamed
+        assert proc.plan.resident_layers == []
+        ran = _count_one_calls(monkeypatch)
+        steps = _count_steps(monkeypatch)
+        proc.generate(ids, max_new_tokens=3, eos_token_id=[])
+        assert ran == [] and len(steps) == 2 * proc.layout.num_layers  # the op-by-op step, every layer
