@@ -79,7 +79,7 @@ class DecodeStep:
         self.kv_heads = self.k.out_features // self.head_dim
         self.norm1 = _norm(layer.input_layernorm)
         self.norm2 = _norm(layer.post_attention_layernorm)
-        self._one_call: Optional[_OneCall] = None  # the one-row step as one compiled call, made on first use
+        self._one_call: Optional[OneCallStep] = None  # the one-row step as one compiled call, made on first use
         # a resident layer's one-row step is one compiled call; a streamed layer is bound for one
         # pass, where making that call's arguments cost more than it saves (make demo: 4.9-5.4
         # tokens/s with it against 7.2-8.1 without, 25 of 30 layers streamed)
@@ -133,7 +133,7 @@ class DecodeStep:
             own = _one_row_layer(cache, self.layer_idx, rows, rest)
             one_call = self.one_call() if own is not None else None
             if one_call is not None:
-                out = one_call.run(hidden, own, mask, _rotary(rotary, rows))
+                out = one_call.run(hidden, own, mask, rotary_arrays(rotary, rows))
                 if out is not None:
                     return out
         ops = kernels.layer_ops()
@@ -143,7 +143,7 @@ class DecodeStep:
         normed = scratch.normed
         ops["rms_norm"](x, self.norm1[0], self.norm1[1], normed)
         q, k, v = self._products(normed, scratch, self.q, self.k, self.v)
-        cos, sin = _rotary(rotary, rows)
+        cos, sin = rotary_arrays(rotary, rows)
         ops["rotate"](q, self.heads, cos, sin)
         ops["rotate"](k, self.kv_heads, cos, sin)
         own = _one_row_layer(cache, self.layer_idx, rows, rest)
@@ -163,12 +163,12 @@ class DecodeStep:
         ops["add"](x, down)
         return torch.from_numpy(x.reshape(hidden.shape))
 
-    def one_call(self) -> Optional["_OneCall"]:
+    def one_call(self) -> Optional["OneCallStep"]:
         """The one-row step as one compiled call, or None where the layer's products do not
         fit it (built on first use)."""
         if not self._one_call_checked:
             self._one_call_checked = True
-            self._one_call = _OneCall.build(self)
+            self._one_call = OneCallStep.build(self)
         return self._one_call
 
     @staticmethod
@@ -199,12 +199,12 @@ class _Scratch:
 
 
 def one_call_enabled() -> bool:
-    """Whether a one-row step runs as one compiled call (:class:`_OneCall`);
+    """Whether a one-row step runs as one compiled call (:class:`OneCallStep`);
     ``SLI_NO_ONE_CALL=1`` runs it op by op."""
     return not settings.flag("SLI_NO_ONE_CALL")
 
 
-class _OneCall:
+class OneCallStep:
     """A layer's one-row step as one compiled call (:mod:`sli.kernels.layer_step`): the
     step's arguments as the tuples that call takes, built once. Its output is the op-by-op
     step's, bit for bit (the same kernels on the same arrays)."""
@@ -223,7 +223,7 @@ class _OneCall:
         self.zeros = np.zeros(0, np.float32)  # attention's bias without a mask, grown as needed
 
     @classmethod
-    def build(cls, step: DecodeStep) -> Optional["_OneCall"]:
+    def build(cls, step: DecodeStep) -> Optional["OneCallStep"]:
         """The call for ``step``'s layer, or None where its products do not fit it (a kernel or
         arguments the team does not take, forms not shared as Llama's)."""
         from .kernels import team as kernel_team
@@ -323,7 +323,7 @@ def _form(form: bound.Activations, buffers: bound.QuantizeBuffers) -> tuple:
     return (form.width, form.sumblock, form.order(), buffers.padded, xq, xs, corr, bsum, oidx, oval, ordered)
 
 
-def attention_bias(mask, length: int, holder: "_OneCall") -> np.ndarray:
+def attention_bias(mask, length: int, holder: "OneCallStep") -> np.ndarray:
     """The additive mask over ``length`` positions (:func:`sli.attention.decode_one`'s);
     without a mask, zeros ``holder`` keeps."""
     if mask is not None:
@@ -361,7 +361,7 @@ def _sliding_window(layer: nn.Module) -> Optional[int]:
 _last_rotary: tuple = ()  # (cos, sin, rows, cos as numpy, sin as numpy): every layer of a token gets the same
 
 
-def _rotary(rotary: Tuple[torch.Tensor, torch.Tensor], rows: int) -> Tuple[np.ndarray, np.ndarray]:
+def rotary_arrays(rotary: Tuple[torch.Tensor, torch.Tensor], rows: int) -> Tuple[np.ndarray, np.ndarray]:
     """The token's cos and sin as float32 numpy ``[B, D]``, converted once for all its layers
     (the entry holds the tensors, so their identity stands for their values)."""
     global _last_rotary

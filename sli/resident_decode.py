@@ -1,7 +1,7 @@
 """One sequence's decode token over a model whose layers are all resident, without the
 model's forward.
 
-With every layer one compiled call (:class:`sli.decode_step._OneCall`), what is left of a
+With every layer one compiled call (:class:`sli.decode_step.OneCallStep`), what is left of a
 small model's decode token is Python: transformers' forward makes the causal mask and calls
 each decoder layer through ``nn.Module``, sli's runner fetches and times it, the step checks
 its arguments. perf put ~40% of SmolLM2-135M's main thread there (docs/benchmarks.md). Here a
@@ -44,7 +44,7 @@ class ResidentDecode:
         self.parts = parts
         self.runner = runner
         self.device = device
-        self._calls: Optional[List[decode_step._OneCall]] = None
+        self._calls: Optional[List[decode_step.OneCallStep]] = None
         self._steps_seen: tuple = ()  # the runner's steps the calls were taken from
 
     @classmethod
@@ -72,7 +72,7 @@ class ResidentDecode:
         parts = self.parts
         with torch.inference_mode(), kernels.fused_pass(1, self.device):
             hidden = parts.embed(ids)
-            rotary = decode_step._rotary(parts.rotary(hidden, positions), 1)
+            rotary = decode_step.rotary_arrays(parts.rotary(hidden, positions), 1)
             x = hidden.detach().numpy().reshape(1, -1).copy()  # the residual row, through every layer in place
             with team.leading() if team is not None else contextlib.nullcontext(False) as leads:
                 for call, layer in zip(calls, layers):
@@ -84,7 +84,7 @@ class ResidentDecode:
         self.runner.streamer.step += 1  # a pass over the layers, as the runner counts them
         return logits[:, -1, :]
 
-    def _one_calls(self) -> Optional[List[decode_step._OneCall]]:
+    def _one_calls(self) -> Optional[List[decode_step.OneCallStep]]:
         """Each layer's one-call step where every layer is resident and has one, else None
         (looked up again when the runner's steps change)."""
         runner = self.runner

@@ -83,11 +83,11 @@ def test_the_step_gives_the_modules_logits(family, mode, kv_dtype, model_factory
 
 
 def _count_one_calls(monkeypatch):
-    """Each one-row step's output through :meth:`_OneCall.run` (None: it fell back)."""
+    """Each one-row step's output through :meth:`OneCallStep.run` (None: it fell back)."""
     monkeypatch.setenv("SLI_NO_RESIDENT_DECODE", "1")  # each layer through the model's forward (its own test)
     ran = []
-    real = decode_step._OneCall.run
-    monkeypatch.setattr(decode_step._OneCall, "run", lambda self, *a: ran.append(real(self, *a)) or ran[-1])
+    real = decode_step.OneCallStep.run
+    monkeypatch.setattr(decode_step.OneCallStep, "run", lambda self, *a: ran.append(real(self, *a)) or ran[-1])
     return ran
 
 
