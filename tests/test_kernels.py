@@ -396,7 +396,8 @@ for mode in ("none", "int8", "int8_dynamic", "nf4", "fp4", "int4", "fp8"):
             ref = _expected(codec, q, x)
             err = float((y - ref).abs().max() / ref.abs().max())
             assert err < 1e-5, (mode, shape, rows, err)
-            if mode in ("int8", "int4", "none") and rows > 1 and shape[1] % 64 == 0:  # a row alone = in a batch
+            invariant = mode == "none" or (mode in ("int8", "int4") and sys.argv[1] != "plain")  # int8 activations
+            if invariant and rows > 1 and shape[1] % 64 == 0:  # a row alone = the same row in a batch
                 assert torch.equal(codec.fused_linear(q, x[:1], None), y[:1]), (mode, shape, rows)
 sys.path.insert(0, sys.argv[2])
 from test_attention import check_decode_attention  # the decode attention kernel on this level too

@@ -15,6 +15,11 @@ from numba import njit
 
 # The kernels: float32 sums in any order (fastmath), callable from worker threads (nogil).
 KERNEL = njit(fastmath=True, cache=True, nogil=True)
+# Kernels that reach one output row by more than one code path (a token's 4-weight-row passes and
+# the one-row pass after them): without fastmath no LLVM release may reorder the sums of one path
+# and not the other (llvmlite 0.43's did: the last bit of a bfloat16 row then depended on how a
+# product's rows were split across threads). Their inner loops are the SIMD helpers' own IR.
+STRICT_KERNEL = njit(cache=True, nogil=True)
 
 
 def _package_hash() -> str:

@@ -15,7 +15,7 @@ from .jit import stable_id
 # index check, which would keep LLVM from vectorizing (30x slower here).
 _jit = njit(fastmath=True, nogil=True)
 
-# Weight rows a one-activation-row pass multiplies (a token's decode), every level: their
+# Weight rows a one-activation-row pass of the SIMD helpers multiplies (a token's decode): their
 # sums are independent chains of dot products, in flight together (``dot8q_rows``).
 WEIGHT_ROWS = 4
 
@@ -218,6 +218,10 @@ for _f in (_rows_dot, decode_pairs, lut4, lut4z, lut4n, dot8, dot8_rows, dotfp8,
 
 # The loops take any number of rows, so a block is decoded once for up to this many of them.
 MAX_ROWS = 16
-HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=MAX_ROWS, weight_rows=WEIGHT_ROWS, lut4=lut4, lut4z=lut4z,
+# The plain level multiplies one weight row at a time (weight_rows 1): its helpers are compiled
+# with fastmath, and a helper inlined at a second call site may sum a row in another order (llvmlite
+# 0.43 did), so a row's bits would depend on how a product's rows were split. The *_rows helpers
+# keep the set the kernels are built over complete.
+HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=MAX_ROWS, weight_rows=1, lut4=lut4, lut4z=lut4z,
                           lut4n=lut4n, dot8=dot8, dot8_rows=dot8_rows, dotfp8=dotfp8, dotfp8_rows=dotfp8_rows, dot8q=dot8q, dot8q_rows=dot8q_rows, dot4q=dot4q, dot4l=dot4l, dot4l_rows=dot4l_rows,
                           dotbf16=dotbf16, dotbf16_rows=dotbf16_rows, decode64_4bit=decode64_4bit)

@@ -7,7 +7,7 @@ activations, through ``dot8q``.
 import numpy as np
 from numba import njit
 
-from .jit import KERNEL, stable_id
+from .jit import KERNEL, STRICT_KERNEL, stable_id
 from .plain import E4M3
 
 
@@ -27,7 +27,15 @@ def _bf16_value(bits):
     return np.uint32(np.uint32(bits) << 16).view(np.float32)  # a bfloat16 is the top half of a float32
 
 
-for _f in (_int8_value, _fp8_value, _bf16_value):
+@njit(nogil=True)  # no fastmath: the same order of sums at each of a kernel's call sites (a row's bits
+def _plus_kept(q, at, oidx, oval, t, s):  # must not depend on the pass that computes it)
+    # s plus row t's values kept in float (quantize_rows' outliers) times the weight row at q[at:]
+    for m in range(oidx.shape[1]):
+        s += np.float32(q[at + oidx[t, m]]) * oval[t, m]
+    return s
+
+
+for _f in (_int8_value, _fp8_value, _bf16_value, _plus_kept):
     stable_id(_f, f"unpacked.{_f.__name__}")  # the kernels hold them in their closures
 
 
@@ -37,8 +45,17 @@ def build(h) -> dict:
     most = h.max_rows  # activation rows a helper multiplies in one pass
     weight_rows = h.weight_rows  # weight rows dot8q_rows multiplies by one activation row
 
-    def widening_kernel(dot, dot_rows, value, scaled, at_once):
-        @KERNEL
+    def widening_kernel(name, dot, dot_rows, value, scaled, at_once):
+        @njit(nogil=True)  # no fastmath: the same order of sums at both call sites below
+        def plus_tail(q, at, x, t, whole, cols, s):
+            # s plus the row's values after the last 64 (the helpers take the rest)
+            for j in range(whole, cols):
+                s += value(q[at + j]) * x[t, j]
+            return s
+
+        stable_id(plus_tail, f"unpacked.plus_tail_{name}:{h.level}")
+
+        @STRICT_KERNEL
         def matmul(q, scale, x, y, start, stop):
             # q: [out*in] values; y = (x @ value(q)^T) * scale (no scale where not scaled: bfloat16)
             rows, cols = x.shape
@@ -46,13 +63,11 @@ def build(h) -> dict:
             xflat = x.reshape(x.size)
             acc = np.empty(max(most, weight_rows), np.float32)
             o = start
-            if rows == 1:  # one token: weight_rows weight rows a pass (the same sums as one at a time)
+            if rows == 1 and weight_rows > 1:  # one token: weight_rows weight rows a pass (the same sums)
                 while o + weight_rows <= stop:
                     dot_rows(q, o * cols, cols, xflat, 0, whole, acc)
                     for w in range(weight_rows):
-                        s = acc[w]
-                        for j in range(whole, cols):
-                            s += value(q[(o + w) * cols + j]) * x[0, j]
+                        s = plus_tail(q, (o + w) * cols, x, 0, whole, cols, acc[w])
                         y[0, o + w] = s * scale[o + w] if scaled else s
                     o += weight_rows
             for o in range(o, stop):
@@ -60,39 +75,30 @@ def build(h) -> dict:
                     k = min(at_once, rows - t)
                     dot(q, o * cols, xflat, t * cols, whole, cols, k, acc)
                     for i in range(k):
-                        s = acc[i]
-                        for j in range(whole, cols):
-                            s += value(q[o * cols + j]) * x[t + i, j]
+                        s = plus_tail(q, o * cols, x, t + i, whole, cols, acc[i])
                         y[t + i, o] = s * scale[o] if scaled else s
 
         return matmul
 
-    @KERNEL
+    @STRICT_KERNEL
     def matmul_int8q(q, scale, xq, xs, corr, oidx, oval, xblock, y, start, stop):
         # q: int8 [out*in]; activations quantize_rows' int8 blocks + float outliers; y = (x @ q^T) * scale
         rows = y.shape[0]
         cols = q.shape[0] // y.shape[1]
-        keep = oidx.shape[1]
         acc = np.empty(max(most, weight_rows), np.float32)
         o = start
-        if rows == 1:  # one token: weight_rows weight rows a pass (the same sums as one at a time)
+        if rows == 1 and weight_rows > 1:  # one token: weight_rows weight rows a pass (the same sums)
             while o + weight_rows <= stop:
                 dot8q_rows(q, o * cols, xq, xs, corr, 0, cols, xblock, acc)
                 for w in range(weight_rows):
-                    s = acc[w]
-                    for m in range(keep):
-                        s += np.float32(q[(o + w) * cols + oidx[0, m]]) * oval[0, m]
-                    y[0, o + w] = s * scale[o + w]
+                    y[0, o + w] = _plus_kept(q, (o + w) * cols, oidx, oval, 0, acc[w]) * scale[o + w]
                 o += weight_rows
         for o in range(o, stop):
             for t in range(0, rows, most):
                 k = min(most, rows - t)
                 dot8q(q, o * cols, xq, xs, corr, t, k, cols, xblock, acc)
                 for i in range(k):
-                    s = acc[i]
-                    for m in range(keep):
-                        s += np.float32(q[o * cols + oidx[t + i, m]]) * oval[t + i, m]
-                    y[t + i, o] = s * scale[o]
+                    y[t + i, o] = _plus_kept(q, o * cols, oidx, oval, t + i, acc[i]) * scale[o]
 
     @KERNEL
     def matmul_lut8(q, lut, scale, x, y, start, stop):
@@ -112,7 +118,7 @@ def build(h) -> dict:
     # 2 or more rows in 4, 2 or 1 chains, and the head's last bit must not depend on the batch
     # (a server's greedy tokens equal a lone request's); its widening is a shift, so passes of
     # one row cost little more
-    return {"matmul_int8": widening_kernel(h.dot8, h.dot8_rows, _int8_value, True, most),
-            "matmul_fp8": widening_kernel(h.dotfp8, h.dotfp8_rows, _fp8_value, True, most),
-            "matmul_bf16": widening_kernel(h.dotbf16, h.dotbf16_rows, _bf16_value, False, 1),  # its wrapper: no scale
+    return {"matmul_int8": widening_kernel("int8", h.dot8, h.dot8_rows, _int8_value, True, most),
+            "matmul_fp8": widening_kernel("fp8", h.dotfp8, h.dotfp8_rows, _fp8_value, True, most),
+            "matmul_bf16": widening_kernel("bf16", h.dotbf16, h.dotbf16_rows, _bf16_value, False, 1),  # no scale
             "matmul_int8q": matmul_int8q, "matmul_lut8": matmul_lut8}
