@@ -54,7 +54,7 @@ __all__ = [
     "dequantize_4bit", "dequantize_blockwise8", "matmul_int8", "matmul_int4", "matmul_lut8", "matmul_fp8",
     "matmul_bf16", "dequantize_int4", "matrix_units", "prompt_dtype", "int8_matrix_rows", "torch_on_one_thread",
     "fused_pass", "FUSED_PASS_MAX_CONTEXT", "decode_attention", "decode_attention_arrays", "kv_arrays", "layer_ops",
-    "add_columns",
+    "add_columns", "decode_attention_work",
 ]
 
 # Above this many activation rows dequantize-then-BLAS beats the fused kernels.
@@ -457,6 +457,12 @@ def kv_arrays(stored: Tensor, scale: Optional[Tensor]) -> "tuple[np.ndarray, np.
     raise ValueError(f"decode_attention reads int8 or bfloat16 keys and values, not {stored.dtype}")
 
 
+def decode_attention_work(keys: np.ndarray, length: int) -> int:
+    """The multiply-adds of one query row a head attending to ``length`` positions of
+    ``keys`` ``[Hk, capacity, D]`` (what decides whether threads split it)."""
+    return 2 * length * keys.shape[0] * keys.shape[2]
+
+
 def decode_attention_arrays(query: np.ndarray, keys: np.ndarray, key_scale: np.ndarray, values: np.ndarray,
                             value_scale: np.ndarray, bias: np.ndarray, length: int, scaling: float,
                             out: Optional[np.ndarray] = None) -> np.ndarray:
@@ -466,7 +472,7 @@ def decode_attention_arrays(query: np.ndarray, keys: np.ndarray, key_scale: np.n
     heads, dim = query.shape
     out = np.empty((heads, dim), np.float32) if out is None else out
     name = "decode_attention_int8" if keys.dtype == np.int8 else "decode_attention_bf16"
-    _run(name, keys.shape[0], 2 * length * keys.shape[0] * dim, query, keys, key_scale, values, value_scale, bias,
+    _run(name, keys.shape[0], decode_attention_work(keys, length), query, keys, key_scale, values, value_scale, bias,
          length, float(scaling), out)
     return out
 
