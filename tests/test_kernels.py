@@ -352,6 +352,29 @@ def test_4bit_rows_that_straddle_groups_of_double_quantized_block_maxima():
         assert _rel_err(codec.fused_linear(codec.prepare(q), x, None), _expected(codec, q, x)) < 1e-5
 
 
+@pytest.mark.parametrize("nested_blocksize", [64, 100, 256])
+@pytest.mark.parametrize("shape", [(9, 576), (8, 2560)])
+def test_4bit_kernel_takes_any_group_of_double_quantized_block_maxima(nested_blocksize, shape):
+    # Groups of a power of two are looked up in a table a group (several groups in a pass at
+    # 64, a group ending inside a row at 576 and 2560 wide), others decoded a pass at a time:
+    # both give the product of the same maxima decoded beforehand (to float32 rounding: a
+    # maximum's multiply-add may be fused in one and not the other)
+    from sli.quantization.codecs.four_bit_quantizer import dynamic_map, quantize_blockwise_torch
+
+    codec = codec_for("nf4")
+    config = QuantizationConfig(mode="nf4", double_quant=False, compress_statistics=False)
+    q = codec.prepare(codec.quantize(_weight(shape, seed=nested_blocksize), config))
+    absmax, code, packed = q.tensors["_absmax"], q.tensors["_code"], q.tensors["weight"]
+    offset = float(absmax.mean())
+    qabsmax, nested = quantize_blockwise_torch(absmax - offset, dynamic_map(), nested_blocksize)
+    decoded = kernels.dequantize_blockwise8(qabsmax, nested, dynamic_map(), nested_blocksize, offset=offset)
+    for rows in (1, 3, 6):
+        x = torch.randn(rows, shape[1])
+        y = kernels.matmul_4bit_nested(x, packed, qabsmax, nested, dynamic_map(), offset, nested_blocksize, code, 64,
+                                       shape[0])
+        assert _rel_err(y, kernels.matmul_4bit(x, packed, decoded, code, 64, shape[0])) < 1e-6
+
+
 @pytest.mark.parametrize("block_size", [128, 256])
 @pytest.mark.parametrize("rows", [1, 5])
 def test_4bit_kernel_walks_blocks_larger_than_its_64_value_step(block_size, rows):

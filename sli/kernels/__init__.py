@@ -221,15 +221,24 @@ def _q4_order(xq: np.ndarray, t: int, n: int, half: int = 64, out: Optional[np.n
 def levels_order(xq: np.ndarray, t: int, n: int, out: Optional[np.ndarray] = None) -> np.ndarray:
     """int8 rows ``xq`` (``[T * n]``, flat; ``n`` a multiple of 64) as the NF4/FP4 helper
     ``dot4l`` reads them, flat, into ``out`` (:func:`levels_buffer`) when given: in
-    :func:`q4_order` with ``half`` 32, as int16 on the SIMD levels
-    (:func:`sli.kernels.simd_int8.make_dot4l`), on AVX2 each 32 values of that order as their
-    0-7, 16-23, 8-15, 24-31 (the values a ``vpunpcklbw``/``vpunpckhbw`` of looked-up bytes holds)."""
+    :func:`q4_order` with ``half`` 32 (plain), as int16 on the SIMD levels
+    (:func:`sli.kernels.simd_int8.make_dot4l`): on AVX-512 each 128 values as the 32 values
+    ``4i``, then the ``4i + 1``, ``4i + 2``, ``4i + 3`` ones, a row's last 64 (when 128 does not
+    divide it) in q4_order; on AVX2 each 32 values of q4_order as their 0-7, 16-23, 8-15, 24-31
+    (the values a ``vpunpcklbw``/``vpunpckhbw`` of looked-up bytes holds)."""
     level = simd_path()
     if level == "plain":
         return _q4_order(xq, t, n, 32, out)
-    if level == "avx512":  # int16 in q4_order
+    if level == "avx512":  # int16: each 128 values as the 4 groups of values 4i + m, a last 64 in q4_order
         out = levels_buffer(t, n) if out is None else out
-        out.reshape(t, n // 64, 2, 32)[...] = xq.reshape(t, n // 64, 32, 2).transpose(0, 1, 3, 2)
+        whole = n // 128 * 128
+        rows, ordered = xq.reshape(t, n), out.reshape(t, n)
+        chunks = rows[:, :whole].reshape(t, whole // 128, 32, 4).transpose(0, 1, 3, 2)
+        if whole == n:
+            ordered.reshape(chunks.shape)[...] = chunks
+        else:
+            ordered[:, :whole] = chunks.reshape(t, whole)
+            ordered[:, whole:] = rows[:, whole:].reshape(t, 32, 2).transpose(0, 2, 1).reshape(t, 64)
         return out
     # value 2 * (16 * lane + 8 * h + i) + odd of each 64 -> position 32 * odd + 16 * h + 8 * lane + i
     ordered = xq.reshape(t, n // 64, 2, 2, 8, 2).transpose(0, 1, 5, 3, 2, 4)

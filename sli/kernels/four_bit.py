@@ -24,7 +24,7 @@ def split_levels(code: np.ndarray) -> np.ndarray:
 def build(h) -> dict:
     """The kernels by name, over helpers ``h`` (one SIMD level's or the plain ones)."""
     from .activations import kept_nibbles  # in the closures, so the cache sees them (sli.kernels.jit)
-    from .plain import decode_pairs
+    from .plain import block_scale, decode_pairs
 
     lut4, lut4n, dot4l, dot4l_rows, decode64_4bit = h.lut4, h.lut4n, h.dot4l, h.dot4l_rows, h.decode64_4bit
     most = h.max_rows  # activation rows a helper multiplies in one pass
@@ -103,7 +103,7 @@ def build(h) -> dict:
         # rows start..stop of a 4-bit weight times int8 activations (quantize_rows: one scale a
         # row, laid out by levels_order), the 16 levels as integers (split_levels).
         # Block maxima: absmax (float32), or, where it is empty, double-quantized:
-        # nested_code[qabsmax[b]] * nested[b // nested_blocksize] + offset. One call a span,
+        # nested_code[qabsmax[b]] * nested[b // nested_blocksize] + offset (qabsmax uint8). One call a span,
         # not a row: a call between kernels passing arrays costs ~1000 cycles (reference counts)
         rows = y.shape[0]
         cols = xq.shape[0] // rows
@@ -111,17 +111,38 @@ def build(h) -> dict:
         blocks_per_row = cols // blocksize
         keep = oval.shape[1]
         kept = kept_nibbles(oidx, blocksize)
-        decoded = np.empty(weight_rows * blocks_per_row, np.float32)
+        # double-quantized maxima in groups of 2**shift blocks: the helpers look each up in a
+        # table of 256 a group (its 8-bit code's value, scaled), made once for the groups a
+        # pass meets; other group sizes are decoded a pass at a time (shift -1: float maxima)
+        shift = -1
+        if not absmax.shape[0] and nested_blocksize & (nested_blocksize - 1) == 0:
+            shift = 0
+            while (1 << shift) < nested_blocksize:
+                shift += 1
+        groups = weight_rows * blocks_per_row // nested_blocksize + 2 if shift >= 0 else 0
+        decoded = np.empty(max(weight_rows * blocks_per_row, 256 * groups), np.float32)
+        made = -1  # the first group decoded has its table at the start of ``decoded``
+        made_count = 0
         acc = np.empty(max(most, weight_rows), np.float32)
         o = start
         while o < stop:
             # one token: weight_rows weight rows a pass (the same sums as one at a time)
             at_once = weight_rows if rows == 1 and o + weight_rows <= stop else 1
             b = o * blocks_per_row
+            count = at_once * blocks_per_row
             if absmax.shape[0]:
                 scales, sofs = absmax, b
+            elif shift >= 0:
+                first, last = b >> shift, (b + count - 1) >> shift
+                if first != made or last - first + 1 > made_count:
+                    for g in range(first, last + 1):
+                        scale = nested[g]
+                        for k in range(nested_code.shape[0]):
+                            decoded[256 * (g - first) + k] = nested_code[k] * scale + offset
+                    made, made_count = first, last - first + 1
+                scales, sofs = decoded, b
             else:  # a group of block maxima at a time (mostly one for the rows)
-                blk, group, count = 0, b // nested_blocksize, at_once * blocks_per_row
+                blk, group = 0, b // nested_blocksize
                 while blk < count:
                     last = min(count, (group + 1) * nested_blocksize - b)
                     scale = nested[group]
@@ -130,18 +151,19 @@ def build(h) -> dict:
                     blk, group = last, group + 1
                 scales, sofs = decoded, 0
             if at_once > 1:
-                dot4l_rows(packed, o * half, levels, scales, sofs, blocksize, xq, 0, cols, acc)
+                dot4l_rows(packed, o * half, levels, scales, qabsmax, shift, sofs, blocksize, xq, 0, cols, acc)
             for w in range(at_once):
                 for t in range(0, rows, most):
                     k = min(most, rows - t)
                     if at_once == 1:
-                        dot4l(packed, o * half, levels, scales, sofs, blocksize, xq, t, k, cols, acc)
+                        dot4l(packed, o * half, levels, scales, qabsmax, shift, sofs, blocksize, xq, t, k, cols, acc)
                     for i in range(k):
                         s = acc[w + i] * (xs[t + i] * np.float32(1.0 / LEVEL_SCALE))
                         for m in range(keep):  # the kept values meet the weight itself: code * absmax
                             byte = np.int64(packed[(o + w) * half + kept[t + i, m, 0]])
                             nibble = (byte >> kept[t + i, m, 1]) & 15
-                            s += (code[nibble] * scales[sofs + w * blocks_per_row + kept[t + i, m, 2]]) * oval[t + i, m]
+                            g = sofs + w * blocks_per_row + kept[t + i, m, 2]
+                            s += (code[nibble] * block_scale(scales, qabsmax, shift, sofs, g)) * oval[t + i, m]
                         y[t + i, o + w] = s
             o += at_once
 

@@ -166,9 +166,24 @@ def dot4q(packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, rows, cols, ou
 
 
 @_jit
-def dot4l(packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out):
+def block_scale(scales, qabsmax, shift, sofs, g):
+    # block g's scale: scales[g] (shift < 0), or a double-quantized maximum looked up in a table
+    # of 256 a group of 2**shift blocks, from sofs's group on (sli.kernels.simd_int8._each_maximum)
+    if shift < 0:
+        return scales[g]
+    return scales[256 * ((g >> shift) - (sofs >> shift)) + np.int64(qabsmax[g])]
+
+
+@_jit
+def dot4l(packed, pofs, levels, scales, qabsmax, shift, sofs, blocksize, xq, t0, rows, cols, out):
     # xq: each 64 values as the 32 even ones, then the 32 odd ones; a level is
-    # 64 * levels[n] + levels[16 + n] (see the SIMD helper)
+    # 64 * levels[n] + levels[16 + n] (see the SIMD helper); block maxima: block_scale
+    _dot4l_at(packed, pofs, levels, scales, qabsmax, shift, sofs, sofs, blocksize, xq, t0, rows, cols, out)
+
+
+@_jit
+def _dot4l_at(packed, pofs, levels, scales, qabsmax, shift, sofs, first, blocksize, xq, t0, rows, cols, out):
+    # dot4l of the row whose blocks start at ``first`` (block_scale's table at sofs's group)
     blocks = cols // blocksize
     for r in range(rows):
         base = (t0 + r) * cols
@@ -181,15 +196,16 @@ def dot4l(packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out
                     high, low = byte >> 4, byte & 15
                     d += (np.int32(64) * np.int32(levels[high]) + np.int32(levels[16 + high])) * np.int32(xq[base + c + k]) \
                         + (np.int32(64) * np.int32(levels[low]) + np.int32(levels[16 + low])) * np.int32(xq[base + c + 32 + k])
-            s += scales[sofs + blk] * np.float32(d)
+            s += block_scale(scales, qabsmax, shift, sofs, first + blk) * np.float32(d)
         out[r] = s
 
 
 @_jit
-def dot4l_rows(packed, pofs, levels, scales, sofs, blocksize, xq, t0, cols, out):
+def dot4l_rows(packed, pofs, levels, scales, qabsmax, shift, sofs, blocksize, xq, t0, cols, out):
+    # block_scale's table starts at the first row's group: the rows after it keep its sofs
     for w in range(WEIGHT_ROWS):
-        dot4l(packed, pofs + w * (cols // 2), levels, scales, sofs + w * (cols // blocksize), blocksize, xq, t0, 1, cols,
-              out[w:])
+        _dot4l_at(packed, pofs + w * (cols // 2), levels, scales, qabsmax, shift, sofs, sofs + w * (cols // blocksize),
+                  blocksize, xq, t0, 1, cols, out[w:])
 
 
 @_jit
@@ -212,7 +228,7 @@ def decode64_4bit(packed, pofs, code, scale, out, oofs):
     decode_pairs(packed, pofs, code, scale, np.float32(0.0), out, oofs, 32)
 
 
-for _f in (_rows_dot, decode_pairs, lut4, lut4z, lut4n, dot8, dot8_rows, dotfp8, dotfp8_rows, dot8q, dot8q_rows, dot4q, dot4l, dot4l_rows, dotbf16, dotbf16_rows,
+for _f in (_rows_dot, decode_pairs, lut4, lut4z, lut4n, dot8, dot8_rows, dotfp8, dotfp8_rows, dot8q, dot8q_rows, dot4q, block_scale, dot4l, _dot4l_at, dot4l_rows, dotbf16, dotbf16_rows,
            decode64_4bit):
     stable_id(_f, f"plain.{_f.__name__}")
 

@@ -16,7 +16,7 @@ from numba.core.extending import intrinsic
 
 from .jit import stable_id
 from .plain import WEIGHT_ROWS
-from .simd_ir import F32, I8, I16, I32, PREFETCH_VALUES, WIDTH, Emit, const, idx, rows_switch, splat, unpack, vload
+from .simd_ir import F32, I8, I16, I32, I64, PREFETCH_VALUES, WIDTH, Emit, const, idx, rows_switch, splat, unpack, vload
 
 
 def _accumulate(e, fsum, isum, scale):
@@ -43,6 +43,29 @@ def _each_block_size(b, blocksize, blocks_pass):
             blocks_pass(idx(64))
         with otherwise:
             blocks_pass(blocksize)
+
+
+def _each_maximum(b, maxima, blocks_pass):
+    """``blocks_pass(scale_of)`` for the 4-bit helpers' block maxima ``(scales, qabsmax, shift,
+    sofs)`` (:func:`sli.kernels.plain.block_scale`): ``scale_of(g)``, block ``g``'s scale, is
+    ``scales[g]`` where ``shift`` < 0, else a double-quantized maximum looked up in a table of 256
+    a group of ``2**shift`` blocks, from ``sofs``'s group on:
+    ``scales[256 * ((g >> shift) - (sofs >> shift)) + qabsmax[g]]``. Two loops, one branch."""
+    scales_ptr, q_ptr, shift_i, sofs_i = maxima
+
+    def plain(g):
+        return b.load(b.gep(scales_ptr, [g]))
+
+    def looked_up(g):
+        group = b.sub(b.ashr(g, shift_i), b.ashr(sofs_i, shift_i))
+        code = b.zext(b.load(b.gep(q_ptr, [g])), I64)
+        return b.load(b.gep(scales_ptr, [b.add(b.shl(group, idx(8)), code)]))
+
+    with b.if_else(b.icmp_signed("<", shift_i, idx(0))) as (then, otherwise):
+        with then:
+            blocks_pass(plain)
+        with otherwise:
+            blocks_pass(looked_up)
 
 
 def _corr(b, corr_ptr, t0):
@@ -199,8 +222,10 @@ def make_dot4q(level: str):
 
 
 def make_dot4l(level: str):
-    """``dot4l(packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out)``: a
-    4-bit row whose value is ``L[nibble] * scales[sofs + block]`` (NF4/FP4, their 16 levels as
+    """``dot4l(packed, pofs, levels, scales, qabsmax, shift, sofs, blocksize, xq, t0, rows, cols,
+    out)``: a 4-bit row whose value is ``L[nibble]`` times its block's scale (block ``sofs +
+    block``'s, read as :func:`_each_maximum` says: float32 maxima or double-quantized ones looked
+    up in ``scales`` as a table) (NF4/FP4, their 16 levels as
     integers ``L = round(code * LEVEL_SCALE)``, held split as ``L = 64 * levels[n] + levels[16 +
     n]``) times int16 activation rows ``xq[(t0 + r)*cols:]`` (int8 values, laid out by
     :func:`sli.kernels.levels_order`): ``out[r] = sum over blocks of scale * (L[q] . xq)``, the
@@ -211,9 +236,10 @@ def make_dot4l(level: str):
     block of up to 4096 values too), so a row pays one multiply-add (reading memory) each 32
     values and one conversion a block, and the decoding is shared by the rows of a pass:
 
-    - AVX-512: 32 codes (16 bytes' high or low nibbles) widened to words, looked up in one
-      ``vpermw``, multiplied in ``vpdpwssd`` (VNNI); ``xq`` in :func:`sli.kernels.q4_order`
-      (each 64 values as the 32 even ones, then the 32 odd ones).
+    - AVX-512: 64 bytes read as 32 words, each word's four codes looked up in four ``vpermw``
+      after shifts alone (:func:`_dot4l_pass_wide`), multiplied in ``vpdpwssd`` (VNNI); ``xq`` in
+      :func:`sli.kernels.levels_order`'s four-way order (a row's last 64 values, where 128 does
+      not divide it, as 32 codes widened to words, in :func:`sli.kernels.q4_order`).
     - AVX2: each code's low and high level byte looked up in two ``vpshufb`` and woven into
       words within each 128-bit lane (``vpunpck{l,h}bw``), multiplied in ``vpmaddwd``; ``xq``
       as the woven words lie (each 32 values of q4_order as their 0-7, 16-23, 8-15, 24-31).
@@ -224,15 +250,16 @@ def make_dot4l(level: str):
     IQ4_NL's way, moved SmolLM2's NF4 perplexity +0.8%: bitsandbytes' levels are not on an
     int8 grid.)
     """
-    def dot4l(typingctx, packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out):
-        sig = types.void(packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out)
+    def dot4l(typingctx, packed, pofs, levels, scales, qabsmax, shift, sofs, blocksize, xq, t0, rows, cols, out):
+        sig = types.void(packed, pofs, levels, scales, qabsmax, shift, sofs, blocksize, xq, t0, rows, cols, out)
 
         def codegen(context, builder, signature, args):
-            packed_ptr, pofs_i, levels_ptr, scales_ptr, sofs_i, bs_i, xq_ptr, t0_i, rows_i, cols_i, out_ptr = \
-                unpack(context, builder, signature, args)
+            packed_ptr, pofs_i, levels_ptr, scales_ptr, q_ptr, shift_i, sofs_i, bs_i, xq_ptr, t0_i, rows_i, cols_i, \
+                out_ptr = unpack(context, builder, signature, args)
             words = _dot4l_words(builder, level, levels_ptr)
-            rows_switch(builder, level, rows_i, lambda e, rows: _dot4l_pass(
-                e, words, packed_ptr, pofs_i, scales_ptr, sofs_i, bs_i, xq_ptr, t0_i, rows, 1, cols_i, out_ptr))
+            maxima = (scales_ptr, q_ptr, shift_i, sofs_i)
+            rows_switch(builder, level, rows_i, lambda e, rows: _DOT4L_PASS[level](
+                e, words, packed_ptr, pofs_i, maxima, bs_i, xq_ptr, t0_i, rows, 1, cols_i, out_ptr))
             return context.get_dummy_value()
 
         return sig, codegen
@@ -242,20 +269,21 @@ def make_dot4l(level: str):
 
 
 def make_dot4l_rows(level: str):
-    """``dot4l_rows(packed, pofs, levels, scales, sofs, blocksize, xq, t0, cols, out)``:
+    """``dot4l_rows(packed, pofs, levels, scales, qabsmax, shift, sofs, blocksize, xq, t0, cols, out)``:
     :data:`WEIGHT_ROWS` consecutive 4-bit weight rows (``packed[pofs + w * cols // 2:]``,
-    their block scales at ``scales[sofs + w * cols // blocksize:]``) times the one activation
+    their blocks from ``sofs + w * cols // blocksize`` on) times the one activation
     row ``t0``: ``out[w]`` is what ``dot4l`` gives weight row ``w``, the same operations a row
     (see :func:`make_dot8q_rows`)."""
-    def dot4l_rows(typingctx, packed, pofs, levels, scales, sofs, blocksize, xq, t0, cols, out):
-        sig = types.void(packed, pofs, levels, scales, sofs, blocksize, xq, t0, cols, out)
+    def dot4l_rows(typingctx, packed, pofs, levels, scales, qabsmax, shift, sofs, blocksize, xq, t0, cols, out):
+        sig = types.void(packed, pofs, levels, scales, qabsmax, shift, sofs, blocksize, xq, t0, cols, out)
 
         def codegen(context, builder, signature, args):
-            packed_ptr, pofs_i, levels_ptr, scales_ptr, sofs_i, bs_i, xq_ptr, t0_i, cols_i, out_ptr = \
+            packed_ptr, pofs_i, levels_ptr, scales_ptr, q_ptr, shift_i, sofs_i, bs_i, xq_ptr, t0_i, cols_i, out_ptr = \
                 unpack(context, builder, signature, args)
             words = _dot4l_words(builder, level, levels_ptr)
-            _dot4l_pass(Emit(builder, level), words, packed_ptr, pofs_i, scales_ptr, sofs_i, bs_i, xq_ptr, t0_i, 1,
-                        WEIGHT_ROWS, cols_i, out_ptr)
+            maxima = (scales_ptr, q_ptr, shift_i, sofs_i)
+            _DOT4L_PASS[level](Emit(builder, level), words, packed_ptr, pofs_i, maxima, bs_i, xq_ptr, t0_i, 1,
+                               WEIGHT_ROWS, cols_i, out_ptr)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -274,22 +302,21 @@ def _dot4l_words(b, level, levels_ptr):
     return (_words_avx512 if level == "avx512" else _words_avx2)(b, whole)
 
 
-def _dot4l_pass(e, words, packed_ptr, pofs_i, scales_ptr, sofs_i, bs_i, xq_ptr, t0_i, rows, weight_rows, cols_i,
-                out_ptr):
+def _dot4l_pass(e, words, packed_ptr, pofs_i, maxima, bs_i, xq_ptr, t0_i, rows, weight_rows, cols_i, out_ptr):
     """One pass of ``weight_rows`` 4-bit weight rows by ``rows`` activation rows; weight row
     ``w`` by activation row ``r`` to ``out[w * rows + r]`` (see :func:`make_dot4l`)."""
     b = e.b
-    decode, multiply = words
+    decode, multiply = words[:2]
     v32 = ir.VectorType(I8, 32)
     blocks = b.sdiv(cols_i, bs_i)
     pairs = [(v, r) for v in range(weight_rows) for r in range(rows)]
     fsum = {pair: cgutils.alloca_once(b, e.vf, zfill=True) for pair in pairs}
     isum = {pair: cgutils.alloca_once(b, e.vi) for pair in pairs}
     prow = [b.add(pofs_i, b.mul(b.lshr(cols_i, idx(1)), idx(v))) for v in range(weight_rows)]
-    srow = [b.add(sofs_i, b.mul(blocks, idx(v))) for v in range(weight_rows)]
+    srow = [b.add(maxima[3], b.mul(blocks, idx(v))) for v in range(weight_rows)]
     xrow = [b.mul(b.add(t0_i, idx(r)), cols_i) for r in range(rows)]
 
-    def blocks_pass(bs_v):
+    def blocks_pass(bs_v, scale_of):
         with cgutils.for_range(b, blocks) as loop:
             blk = loop.index
             first = b.mul(blk, bs_v)
@@ -305,19 +332,81 @@ def _dot4l_pass(e, words, packed_ptr, pofs_i, scales_ptr, sofs_i, bs_i, xq_ptr, 
                             xv = vload(b, xq_ptr, b.add(xrow[r], b.add(at_value, idx(offset))), weights.type)
                             b.store(multiply(b.load(isum[v, r]), weights, xv), isum[v, r])
             for v in range(weight_rows):
-                scale = splat(b, b.load(b.gep(scales_ptr, [b.add(srow[v], blk)])), e.vf)
+                scale = splat(b, scale_of(b.add(srow[v], blk)), e.vf)
                 for r in range(rows):
                     b.store(e.fma(b.sitofp(b.load(isum[v, r]), e.vf), scale, b.load(fsum[v, r])), fsum[v, r])
 
-    _each_block_size(b, bs_i, blocks_pass)
+    _each_maximum(b, maxima, lambda scale_of: _each_block_size(b, bs_i, lambda bs_v: blocks_pass(bs_v, scale_of)))
+    for v in range(weight_rows):
+        _store_sums(e, b.gep(out_ptr, [idx(v * rows)]), [fsum[v, r] for r in range(rows)])
+
+
+def _dot4l_pass_wide(e, words, packed_ptr, pofs_i, maxima, bs_i, xq_ptr, t0_i, rows, weight_rows, cols_i, out_ptr):
+    """AVX-512's :func:`_dot4l_pass`: 128 values (64 bytes) a step, decoded in four
+    ``vpermw`` and three shifts (``decode_chunk``: the activations in :func:`sli.kernels.levels_order`'s
+    four-way order), where a step of 64 takes a widening and two ``vpermw``; each step's int32
+    sums hold the first 64 values in their low 8 lanes and the next 64 in their high 8, each
+    half scaled by its own block's scale. A row's last 64 values (576 = 4 * 128 + 64) take the
+    64-value step."""
+    b = e.b
+    decode, multiply, decode_chunk = words
+    v32, v64, halves = ir.VectorType(I8, 32), ir.VectorType(I8, 64), ir.VectorType(F32, 2)
+    pairs = [(v, r) for v in range(weight_rows) for r in range(rows)]
+    fsum = {pair: cgutils.alloca_once(b, e.vf, zfill=True) for pair in pairs}
+    isum = {pair: cgutils.alloca_once(b, e.vi) for pair in pairs}
+    blocks = b.sdiv(cols_i, bs_i)
+    prow = [b.add(pofs_i, b.mul(b.lshr(cols_i, idx(1)), idx(v))) for v in range(weight_rows)]
+    srow = [b.add(maxima[3], b.mul(blocks, idx(v))) for v in range(weight_rows)]
+    xrow = [b.mul(b.add(t0_i, idx(r)), cols_i) for r in range(rows)]
+    two_halves = ir.Constant(ir.VectorType(I32, 16), [0] * 8 + [1] * 8)
+
+    def step(first, bs_v, width, scale_of):
+        def scale(v, value):
+            return scale_of(b.add(srow[v], b.sdiv(value, bs_v)))
+
+        for pair in pairs:
+            b.store(ir.Constant(e.vi, None), isum[pair])
+        xv = {}
+        for v in range(weight_rows):
+            at_byte = b.add(prow[v], b.lshr(first, idx(1)))
+            e.prefetch(packed_ptr, b.add(at_byte, idx(PREFETCH_VALUES // 2)))
+            raw = vload(b, packed_ptr, at_byte, v64 if width == 128 else v32)
+            for weights, offset in (decode_chunk if width == 128 else decode)(raw):
+                for r in range(rows):
+                    if (r, offset) not in xv:
+                        xv[r, offset] = vload(b, xq_ptr, b.add(xrow[r], b.add(first, idx(offset))), weights.type)
+                    b.store(multiply(b.load(isum[v, r]), weights, xv[r, offset]), isum[v, r])
+        for v in range(weight_rows):
+            if width == 128:
+                pair = b.insert_element(ir.Constant(halves, None), scale(v, first), ir.Constant(I32, 0))
+                pair = b.insert_element(pair, scale(v, b.add(first, idx(64))), ir.Constant(I32, 1))
+                factor = b.shuffle_vector(pair, pair, two_halves)
+            else:
+                factor = splat(b, scale(v, first), e.vf)
+            for r in range(rows):
+                b.store(e.fma(b.sitofp(b.load(isum[v, r]), e.vf), factor, b.load(fsum[v, r])), fsum[v, r])
+
+    def chunks_pass(bs_v, scale_of):
+        with cgutils.for_range(b, b.lshr(cols_i, idx(7))) as loop:
+            step(b.mul(loop.index, idx(128)), bs_v, 128, scale_of)
+        with b.if_then(b.icmp_signed("!=", b.and_(cols_i, idx(127)), idx(0))):
+            step(b.sub(cols_i, idx(64)), bs_v, 64, scale_of)
+
+    _each_maximum(b, maxima, lambda scale_of: _each_block_size(b, bs_i, lambda bs_v: chunks_pass(bs_v, scale_of)))
     for v in range(weight_rows):
         _store_sums(e, b.gep(out_ptr, [idx(v * rows)]), [fsum[v, r] for r in range(rows)])
 
 
 def _words_avx512(b, whole):
-    """AVX-512's ``(decode, multiply)`` for :func:`make_dot4l`: ``decode(codes)`` gives the 64
-    values of 32 packed bytes as two registers of 32 levels (the even values, then the odd
-    ones) with their offsets in ``xq``; ``multiply(acc, weights, xv)`` is ``vpdpwssd``."""
+    """AVX-512's ``(decode, multiply, decode_chunk)`` for :func:`make_dot4l`: ``decode(codes)``
+    gives the 64 values of 32 packed bytes as two registers of 32 levels (the even values, then
+    the odd ones) with their offsets in ``xq``; ``decode_chunk(codes)`` the 128 values of 64
+    packed bytes as four registers, register ``m`` the values ``4i + m`` (at ``32 * m`` in
+    ``xq``); ``multiply(acc, weights, xv)`` is ``vpdpwssd``.
+
+    ``vpermw`` reads an index's low 5 bits and the table holds the 16 levels twice, so a word's
+    bits above its lowest nibble need no mask: 64 bytes read as 32 words give their four
+    nibbles by shifts of 4, 0, 12 and 8 alone (a byte's first value is its high nibble)."""
     words = ir.VectorType(I16, 32)
     e = Emit(b, "avx512")
     table = b.shuffle_vector(whole, whole, ir.Constant(ir.VectorType(I32, 32), [k % 16 for k in range(32)]))
@@ -326,13 +415,17 @@ def _words_avx512(b, whole):
 
     def decode(raw):
         codes = b.zext(raw, words)
-        return ((b.call(permw, [table, b.lshr(codes, const(words, 4))]), 0),
-                (b.call(permw, [table, b.and_(codes, const(words, 15))]), 32))
+        return ((b.call(permw, [table, b.lshr(codes, const(words, 4))]), 0), (b.call(permw, [table, codes]), 32))
+
+    def decode_chunk(raw):
+        codes = b.bitcast(raw, words)
+        shifted = [b.lshr(codes, const(words, 4)), codes, b.lshr(codes, const(words, 12)), b.lshr(codes, const(words, 8))]
+        return [(b.call(permw, [table, index]), 32 * m) for m, index in enumerate(shifted)]
 
     def multiply(acc, weights, xv):
         return b.call(dpwssd, [acc, b.bitcast(weights, e.vi), b.bitcast(xv, e.vi)])
 
-    return decode, multiply
+    return decode, multiply, decode_chunk
 
 
 def _words_avx2(b, whole):
@@ -367,3 +460,6 @@ def _words_avx2(b, whole):
         return b.add(acc, b.call(pmaddwd, [weights, xv]))
 
     return decode, multiply
+
+
+_DOT4L_PASS = {"avx512": _dot4l_pass_wide, "avx2": _dot4l_pass}
