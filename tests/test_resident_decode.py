@@ -107,3 +107,24 @@ def test_generate_gives_the_same_tokens_either_way(model_factory, tmp_path, monk
         monkeypatch.setenv("SLI_NO_RESIDENT_DECODE", "1")
         forward = proc.generate(ids, max_new_tokens=8, eos_token_id=[])
     assert torch.equal(resident, forward)
+
+
+def test_one_sequence_s_step_many_decodes_as_generate_does(model_factory, tmp_path, monkeypatch):
+    # the server's step for a lone client (step_many with one sequence) takes the resident path:
+    # generate's logits, bit for bit
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(9))
+    n, steps = ids.shape[1], 4
+    with _processor(model_factory("llama"), tmp_path, "nf4") as proc:
+        lone = _decode(proc, ids, steps)
+        took = _count_tokens(monkeypatch)
+        kv = proc._new_kv_cache(n + steps)
+        out = []
+        with torch.inference_mode():
+            logits, kv = proc._step(ids, torch.ones(1, n, dtype=torch.long), torch.arange(n)[None], kv)
+            for i in range(steps):
+                token = logits.argmax(-1, keepdim=True)
+                item = (token, torch.ones(1, n + i + 1, dtype=torch.long), torch.full((1, 1), n + i), kv)
+                logits = proc.step_many([item])[0]
+                out.append(logits)
+    assert took[0] is None and len(took) == 1 + steps and all(t is not None for t in took[1:])
+    assert torch.equal(torch.stack(out), lone)
