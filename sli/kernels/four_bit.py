@@ -103,8 +103,8 @@ def build(h) -> dict:
         # rows start..stop of a 4-bit weight times int8 activations (quantize_rows: one scale a
         # row, laid out by levels_order), the 16 levels as integers (split_levels).
         # Block maxima: absmax (float32), or, where it is empty, double-quantized:
-        # nested_code[qabsmax[b]] * nested[b // nested_blocksize] + offset (qabsmax uint8). One call a span,
-        # not a row: a call between kernels passing arrays costs ~1000 cycles (reference counts)
+        # nested_code[qabsmax[b]] * nested[b // nested_blocksize] + offset (qabsmax uint8). One call
+        # a span, not a row: a call between kernels passing arrays costs ~1000 cycles (reference counts)
         rows = y.shape[0]
         cols = xq.shape[0] // rows
         half = cols // 2

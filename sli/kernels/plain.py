@@ -228,7 +228,8 @@ def decode64_4bit(packed, pofs, code, scale, out, oofs):
     decode_pairs(packed, pofs, code, scale, np.float32(0.0), out, oofs, 32)
 
 
-for _f in (_rows_dot, decode_pairs, lut4, lut4z, lut4n, dot8, dot8_rows, dotfp8, dotfp8_rows, dot8q, dot8q_rows, dot4q, block_scale, dot4l, _dot4l_at, dot4l_rows, dotbf16, dotbf16_rows,
+for _f in (_rows_dot, decode_pairs, lut4, lut4z, lut4n, dot8, dot8_rows, dotfp8, dotfp8_rows, dot8q, dot8q_rows, dot4q,
+           block_scale, dot4l, _dot4l_at, dot4l_rows, dotbf16, dotbf16_rows,
            decode64_4bit):
     stable_id(_f, f"plain.{_f.__name__}")
 

@@ -419,7 +419,7 @@ def _words_avx512(b, whole):
 
     def decode_chunk(raw):
         codes = b.bitcast(raw, words)
-        shifted = [b.lshr(codes, const(words, 4)), codes, b.lshr(codes, const(words, 12)), b.lshr(codes, const(words, 8))]
+        shifted = [b.lshr(codes, const(words, bits)) if bits else codes for bits in (4, 0, 12, 8)]
         return [(b.call(permw, [table, index]), 32 * m) for m, index in enumerate(shifted)]
 
     def multiply(acc, weights, xv):
