@@ -354,13 +354,11 @@ class UniversalSLIProcessor:
         (a long prompt a chunk at a time, see :mod:`sli.chunked_prefill`) before the next.
         Returns each sequence's last-position logits ``[B, V]``; the caches hold the new positions.
         Single tokens of several sequences (decoding) run as one batch: each layer multiplies
-        them together, every row attending to its own keys and values; one sequence's single
-        token decodes as :meth:`generate` does it (over resident layers, without the model's forward).
+        them together, every row attending to its own keys and values. One sequence's step no
+        longer than a prefill chunk (a server's lone client) takes :meth:`generate`'s own path.
         """
-        if len(items) == 1 and items[0][0].shape == (1, 1) and self._resident_decode is not None:
-            logits = self._resident_decode.run(*items[0])  # a server's lone client: generate's path
-            if logits is not None:
-                return [logits]
+        if len(items) == 1 and items[0][0].shape[1] <= self.prefill_chunk_tokens:
+            return [self._step(*items[0])[0]]
         return batched_step.step_many(self.model, self.layers, items, chunk_tokens=self.prefill_chunk_tokens,
                                       run_jobs=self._run_layer_major, device=self.device,
                                       new_kv_cache=lambda: hf.new_kv_cache(self.config))

@@ -110,8 +110,8 @@ def test_generate_gives_the_same_tokens_either_way(model_factory, tmp_path, monk
 
 
 def test_one_sequence_s_step_many_decodes_as_generate_does(model_factory, tmp_path, monkeypatch):
-    # the server's step for a lone client (step_many with one sequence) takes the resident path:
-    # generate's logits, bit for bit
+    # the server's step for a lone client (step_many with one sequence) takes generate's path,
+    # here the resident one: generate's logits, bit for bit
     ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(9))
     n, steps = ids.shape[1], 4
     with _processor(model_factory("llama"), tmp_path, "nf4") as proc:
