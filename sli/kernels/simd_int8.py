@@ -334,7 +334,7 @@ def _dot4l_pass(e, words, packed_ptr, pofs_i, maxima, bs_i, xq_ptr, t0_i, rows, 
             for v in range(weight_rows):
                 scale = splat(b, scale_of(b.add(srow[v], blk)), e.vf)
                 for r in range(rows):
-                    b.store(e.fma(b.sitofp(b.load(isum[v, r]), e.vf), scale, b.load(fsum[v, r])), fsum[v, r])
+                    _accumulate(e, fsum[v, r], isum[v, r], scale)
 
     _each_maximum(b, maxima, lambda scale_of: _each_block_size(b, bs_i, lambda bs_v: blocks_pass(bs_v, scale_of)))
     for v in range(weight_rows):
@@ -384,7 +384,7 @@ def _dot4l_pass_wide(e, words, packed_ptr, pofs_i, maxima, bs_i, xq_ptr, t0_i, r
             else:
                 factor = splat(b, scale(v, first), e.vf)
             for r in range(rows):
-                b.store(e.fma(b.sitofp(b.load(isum[v, r]), e.vf), factor, b.load(fsum[v, r])), fsum[v, r])
+                _accumulate(e, fsum[v, r], isum[v, r], factor)
 
     def chunks_pass(bs_v, scale_of):
         with cgutils.for_range(b, b.lshr(cols_i, idx(7))) as loop:
