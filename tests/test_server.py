@@ -213,7 +213,8 @@ def test_a_client_that_leaves_is_dropped_and_the_server_keeps_serving(tiny):
     engine = tiny.engine
     before = engine.stats().get("finished_cancelled", 0)
     with slowed(tiny.processor, 0.1):  # 100 steps: ~10 s, far longer than reading two chunks (even on a loaded CPU)
-        stream = complete(tiny.client(), "Tell me a long story", max_tokens=100, stream=True)
+        stream = complete(tiny.client(), "Tell me a long story", max_tokens=100, stream=True,
+                          extra_body={"ignore_eos": True})
         chunks = iter(stream)
         next(chunks), next(chunks)
         stream.close()  # the connection goes away mid-stream
@@ -221,7 +222,8 @@ def test_a_client_that_leaves_is_dropped_and_the_server_keeps_serving(tiny):
               20, "the engine to drop the stream")
         # a non-streamed request whose client gives up is dropped too
         conn = http.client.HTTPConnection("127.0.0.1", tiny.port, timeout=30)
-        conn.request("POST", "/v1/completions", body=json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 100}),
+        conn.request("POST", "/v1/completions", body=json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 100,
+                                                                   "temperature": 0, "ignore_eos": True}),
                      headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
         until(lambda: engine.stats()["active"] == 1, 10, "the request to start")
         conn.close()
