@@ -1,8 +1,8 @@
 """The SIMD helpers that meet int8 activations (rows quantized by
 :func:`sli.kernels.quantize_rows`) in integer dot products, exact in int32 within a block:
 ``dot8q`` (INT8 weights), ``dot4q`` (INT4's nibbles) and ``dot4l`` (NF4/FP4's 16 levels as
-16-bit integers, met in word products). Each block's int32 sums are scaled into float32 sums as
-the block ends.
+16-bit integers, met in word products). Each block's int32 sums (dot4l: each 64 values') are
+scaled into float32 sums as the block ends.
 
 AVX-512 VNNI's ``vpdpbusd`` multiplies unsigned by signed bytes; AVX2's ``vpmaddubsw`` does
 too but saturates its int16 pairs (see :meth:`sli.kernels.simd_ir.Emit.dot_bytes`).
@@ -33,16 +33,6 @@ def _store_sums(e, out_ptr, fsum, minus=None):
         if minus is not None:
             total = b.fsub(total, minus(r))
         b.store(total, b.gep(out_ptr, [idx(r)]))
-
-
-def _each_block_size(b, blocksize, blocks_pass):
-    """``blocks_pass(size)`` for the 4-bit codes' ``blocksize``: NF4/FP4's 64 as a constant (one
-    step a block, no inner loop), any other size as it is (a loop)."""
-    with b.if_else(b.icmp_signed("==", blocksize, idx(64))) as (then, otherwise):
-        with then:
-            blocks_pass(idx(64))
-        with otherwise:
-            blocks_pass(blocksize)
 
 
 def _each_maximum(b, maxima, blocks_pass):
@@ -229,7 +219,8 @@ def make_dot4l(level: str):
     integers ``L = round(code * LEVEL_SCALE)``, held split as ``L = 64 * levels[n] + levels[16 +
     n]``) times int16 activation rows ``xq[(t0 + r)*cols:]`` (int8 values, laid out by
     :func:`sli.kernels.levels_order`): ``out[r] = sum over blocks of scale * (L[q] . xq)``, the
-    dot product exact in int32.
+    dot product exact in int32 over each 64 values (scaled by their block's scale as they end;
+    the plain level scales a whole block's sum: the same for NF4/FP4's 64).
 
     Each code is looked up as its whole 16-bit level and meets the activations in a signed
     word product that sums pairs into int32 (``|L| * 127 * 2`` fits, and a lane's sums over a
@@ -304,11 +295,14 @@ def _dot4l_words(b, level, levels_ptr):
 
 def _dot4l_pass(e, words, packed_ptr, pofs_i, maxima, bs_i, xq_ptr, t0_i, rows, weight_rows, cols_i, out_ptr):
     """One pass of ``weight_rows`` 4-bit weight rows by ``rows`` activation rows; weight row
-    ``w`` by activation row ``r`` to ``out[w * rows + r]`` (see :func:`make_dot4l`)."""
+    ``w`` by activation row ``r`` to ``out[w * rows + r]`` (see :func:`make_dot4l`). 64 values
+    a step, each step's int32 sums scaled by its block's scale (the block: a shift by
+    log2(blocksize), a power of two from 64)."""
     b = e.b
     decode, multiply = words[:2]
     v32 = ir.VectorType(I8, 32)
     blocks = b.sdiv(cols_i, bs_i)
+    bs_log2 = b.cttz(bs_i, ir.Constant(ir.IntType(1), 1))
     pairs = [(v, r) for v in range(weight_rows) for r in range(rows)]
     fsum = {pair: cgutils.alloca_once(b, e.vf, zfill=True) for pair in pairs}
     isum = {pair: cgutils.alloca_once(b, e.vi) for pair in pairs}
@@ -316,27 +310,24 @@ def _dot4l_pass(e, words, packed_ptr, pofs_i, maxima, bs_i, xq_ptr, t0_i, rows, 
     srow = [b.add(maxima[3], b.mul(blocks, idx(v))) for v in range(weight_rows)]
     xrow = [b.mul(b.add(t0_i, idx(r)), cols_i) for r in range(rows)]
 
-    def blocks_pass(bs_v, scale_of):
-        with cgutils.for_range(b, blocks) as loop:
-            blk = loop.index
-            first = b.mul(blk, bs_v)
+    def steps_pass(scale_of):
+        with cgutils.for_range(b, b.lshr(cols_i, idx(6))) as step:  # 64 values: 32 bytes
+            at_value = b.mul(step.index, idx(64))
             for pair in pairs:
                 b.store(ir.Constant(e.vi, None), isum[pair])
-            with cgutils.for_range(b, b.sdiv(bs_v, idx(64))) as step:  # 64 values: 32 bytes
-                at_value = b.add(first, b.mul(step.index, idx(64)))
-                for v in range(weight_rows):
-                    at_byte = b.add(prow[v], b.lshr(at_value, idx(1)))
-                    e.prefetch(packed_ptr, b.add(at_byte, idx(PREFETCH_VALUES // 2)))
-                    for weights, offset in decode(vload(b, packed_ptr, at_byte, v32)):
-                        for r in range(rows):
-                            xv = vload(b, xq_ptr, b.add(xrow[r], b.add(at_value, idx(offset))), weights.type)
-                            b.store(multiply(b.load(isum[v, r]), weights, xv), isum[v, r])
             for v in range(weight_rows):
-                scale = splat(b, scale_of(b.add(srow[v], blk)), e.vf)
+                at_byte = b.add(prow[v], b.lshr(at_value, idx(1)))
+                e.prefetch(packed_ptr, b.add(at_byte, idx(PREFETCH_VALUES // 2)))
+                for weights, offset in decode(vload(b, packed_ptr, at_byte, v32)):
+                    for r in range(rows):
+                        xv = vload(b, xq_ptr, b.add(xrow[r], b.add(at_value, idx(offset))), weights.type)
+                        b.store(multiply(b.load(isum[v, r]), weights, xv), isum[v, r])
+            for v in range(weight_rows):
+                scale = splat(b, scale_of(b.add(srow[v], b.lshr(at_value, bs_log2))), e.vf)
                 for r in range(rows):
                     _accumulate(e, fsum[v, r], isum[v, r], scale)
 
-    _each_maximum(b, maxima, lambda scale_of: _each_block_size(b, bs_i, lambda bs_v: blocks_pass(bs_v, scale_of)))
+    _each_maximum(b, maxima, steps_pass)
     for v in range(weight_rows):
         _store_sums(e, b.gep(out_ptr, [idx(v * rows)]), [fsum[v, r] for r in range(rows)])
 
@@ -347,7 +338,8 @@ def _dot4l_pass_wide(e, words, packed_ptr, pofs_i, maxima, bs_i, xq_ptr, t0_i, r
     four-way order), where a step of 64 takes a widening and two ``vpermw``; each step's int32
     sums hold the first 64 values in their low 8 lanes and the next 64 in their high 8, each
     half scaled by its own block's scale. A row's last 64 values (576 = 4 * 128 + 64) take the
-    64-value step."""
+    64-value step. The block of a value is a shift by log2(blocksize) (a power of two from 64):
+    one loop for every block size."""
     b = e.b
     decode, multiply, decode_chunk = words
     v32, v64, halves = ir.VectorType(I8, 32), ir.VectorType(I8, 64), ir.VectorType(F32, 2)
@@ -359,10 +351,11 @@ def _dot4l_pass_wide(e, words, packed_ptr, pofs_i, maxima, bs_i, xq_ptr, t0_i, r
     srow = [b.add(maxima[3], b.mul(blocks, idx(v))) for v in range(weight_rows)]
     xrow = [b.mul(b.add(t0_i, idx(r)), cols_i) for r in range(rows)]
     two_halves = ir.Constant(ir.VectorType(I32, 16), [0] * 8 + [1] * 8)
+    bs_log2 = b.cttz(bs_i, ir.Constant(ir.IntType(1), 1))
 
-    def step(first, bs_v, width, scale_of):
+    def step(first, width, scale_of):
         def scale(v, value):
-            return scale_of(b.add(srow[v], b.sdiv(value, bs_v)))
+            return scale_of(b.add(srow[v], b.lshr(value, bs_log2)))
 
         for pair in pairs:
             b.store(ir.Constant(e.vi, None), isum[pair])
@@ -386,13 +379,13 @@ def _dot4l_pass_wide(e, words, packed_ptr, pofs_i, maxima, bs_i, xq_ptr, t0_i, r
             for r in range(rows):
                 _accumulate(e, fsum[v, r], isum[v, r], factor)
 
-    def chunks_pass(bs_v, scale_of):
+    def chunks_pass(scale_of):
         with cgutils.for_range(b, b.lshr(cols_i, idx(7))) as loop:
-            step(b.mul(loop.index, idx(128)), bs_v, 128, scale_of)
+            step(b.mul(loop.index, idx(128)), 128, scale_of)
         with b.if_then(b.icmp_signed("!=", b.and_(cols_i, idx(127)), idx(0))):
-            step(b.sub(cols_i, idx(64)), bs_v, 64, scale_of)
+            step(b.sub(cols_i, idx(64)), 64, scale_of)
 
-    _each_maximum(b, maxima, lambda scale_of: _each_block_size(b, bs_i, lambda bs_v: chunks_pass(bs_v, scale_of)))
+    _each_maximum(b, maxima, chunks_pass)
     for v in range(weight_rows):
         _store_sums(e, b.gep(out_ptr, [idx(v * rows)]), [fsum[v, r] for r in range(rows)])
 
