@@ -385,6 +385,27 @@ def test_loading_readies_the_cpu_kernels_so_the_first_prompt_and_token_compile_n
     assert "used []" not in done.stdout  # the kernels did run
 
 
+_READS_A_WARM_CACHE = """
+import sys, torch
+from sli import QuantizationConfig, UniversalSLIProcessor
+model_dir, cache_dir = sys.argv[1:3]
+with UniversalSLIProcessor(model_dir, QuantizationConfig(mode="nf4"), cache_dir=cache_dir, device="cpu") as proc:
+    proc.generate(torch.tensor([[3, 5, 7, 11]]), max_new_tokens=2)
+print("bitsandbytes imported:", "bitsandbytes" in sys.modules)
+"""
+
+
+def test_a_process_reading_a_warm_nf4_cache_does_not_import_bitsandbytes(model_factory, tmp_path):
+    # importing it costs seconds (torch.compile's modules); only quantizing a layer needs it
+    model_dir = model_factory("llama", "tiny")
+    with UniversalSLIProcessor(model_dir, QuantizationConfig(mode="nf4"), cache_dir=tmp_path, device="cpu") as proc:
+        assert proc.prewarm(progress=False) == proc.layout.num_layers
+    done = subprocess.run([sys.executable, "-c", _READS_A_WARM_CACHE, str(model_dir), str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "bitsandbytes imported: False" in done.stdout, done.stdout
+
+
 def test_the_runner_runs_any_range_of_layers_on_given_hidden_states(model_factory, tmp_path):
     # What pipeline stages and calibration need: [0, n) in one call, or [0, k) then [k, n).
     with UniversalSLIProcessor(model_factory("llama", num_layers=4), "int8", cache_dir=tmp_path, device="cpu") as proc:

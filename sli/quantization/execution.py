@@ -184,7 +184,7 @@ def warm_up_kernels(configs: Iterable[QuantizationConfig]) -> None:
             continue
         seen.add(config.fingerprint())
         codec = codec_for(config.mode)
-        q = codec.prepare(codec.quantize(weight, config))
+        q = codec.prepare(codec.quantize_sample(weight, config))
         # one token, a few, from NF4/FP4's integer levels on (int8 activations), a prompt
         for rows in sorted({1, 2, kernels.INT8_LEVELS_ROWS or 2, kernels.FUSED_MAX_TOKENS + 1}):
             x = codec.prepare_input(torch.zeros(rows, weight.shape[1]))

@@ -48,6 +48,11 @@ class Codec:
     def quantize(self, weight: Tensor, config: QuantizationConfig) -> QuantizedTensor:
         raise NotImplementedError
 
+    def quantize_sample(self, weight: Tensor, config: QuantizationConfig) -> QuantizedTensor:
+        """``weight`` in this mode's layout, to ready its kernels on (not for the cache: a codec
+        may give other bytes than :meth:`quantize` where those cost a slow import)."""
+        return self.quantize(weight, config)
+
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
         """The weight ``[out, in]`` in ``dtype`` on the device ``q`` lives on.
 

@@ -54,16 +54,27 @@ class _FourBitCodec(Codec):
         stored, state = self.encode_absmax(absmax, config, w.device)
         return self._assemble(w, packed, stored, state, config)
 
-    def encode_absmax(self, absmax: Tensor, config: QuantizationConfig,
-                      device: torch.device) -> "tuple[Dict[str, Tensor], Dict[str, Any]]":
+    def quantize_sample(self, weight: Tensor, config: QuantizationConfig) -> QuantizedTensor:
+        """As :meth:`quantize`, the block maxima's 8-bit codes from the pure-torch path: importing
+        bitsandbytes takes 2-7 s (torch.compile's modules), which a process reading a warm cache
+        need not pay to ready its kernels."""
+        w = weight.detach().contiguous()
+        packed, absmax = quantize_4bit_torch(w, int(config.block_size), self.quant_type)
+        stored, state = self.encode_absmax(absmax, config, w.device, bitsandbytes=False)
+        return self._assemble(w, packed, stored, state, config)
+
+    def encode_absmax(self, absmax: Tensor, config: QuantizationConfig, device: torch.device,
+                      bitsandbytes: Optional[bool] = None) -> "tuple[Dict[str, Tensor], Dict[str, Any]]":
         """The stored form of the block maxima (8-bit codes + nested absmax with double quant) and
-        what the quant state records about them."""
+        what the quant state records about them; ``bitsandbytes``: its native codes (default: where
+        it is installed; else bitsandbytes' torch reference's, see the class)."""
         qt = self.quant_type
         state: Dict[str, Any] = {}
         tensors: Dict[str, Tensor] = {}
         if config.double_quant:
             offset = absmax.mean()
-            if BITSANDBYTES_AVAILABLE and device.type == "cpu":
+            native = BITSANDBYTES_AVAILABLE if bitsandbytes is None else bitsandbytes
+            if native and device.type == "cpu":
                 bnbf = _bitsandbytes_functional()
 
                 qabsmax, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
