@@ -228,7 +228,7 @@ def make_dot4l(level: str):
     values and one conversion a block, and the decoding is shared by the rows of a pass:
 
     - AVX-512: 64 bytes read as 32 words, each word's four codes looked up in four ``vpermw``
-      after shifts alone (:func:`_dot4l_pass_wide`), multiplied in ``vpdpwssd`` (VNNI); ``xq`` in
+      after shifts alone (:func:`_dot4l_pass`), multiplied in ``vpdpwssd`` (VNNI); ``xq`` in
       :func:`sli.kernels.levels_order`'s four-way order (a row's last 64 values, where 128 does
       not divide it, as 32 codes widened to words, in :func:`sli.kernels.q4_order`).
     - AVX2: each code's low and high level byte looked up in two ``vpshufb`` and woven into
@@ -249,7 +249,7 @@ def make_dot4l(level: str):
                 out_ptr = unpack(context, builder, signature, args)
             words = _dot4l_words(builder, level, levels_ptr)
             maxima = (scales_ptr, q_ptr, shift_i, sofs_i)
-            rows_switch(builder, level, rows_i, lambda e, rows: _DOT4L_PASS[level](
+            rows_switch(builder, level, rows_i, lambda e, rows: _dot4l_pass(
                 e, words, packed_ptr, pofs_i, maxima, bs_i, xq_ptr, t0_i, rows, 1, cols_i, out_ptr))
             return context.get_dummy_value()
 
@@ -273,8 +273,8 @@ def make_dot4l_rows(level: str):
                 unpack(context, builder, signature, args)
             words = _dot4l_words(builder, level, levels_ptr)
             maxima = (scales_ptr, q_ptr, shift_i, sofs_i)
-            _DOT4L_PASS[level](Emit(builder, level), words, packed_ptr, pofs_i, maxima, bs_i, xq_ptr, t0_i, 1,
-                               WEIGHT_ROWS, cols_i, out_ptr)
+            _dot4l_pass(Emit(builder, level), words, packed_ptr, pofs_i, maxima, bs_i, xq_ptr, t0_i, 1,
+                        WEIGHT_ROWS, cols_i, out_ptr)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -295,51 +295,14 @@ def _dot4l_words(b, level, levels_ptr):
 
 def _dot4l_pass(e, words, packed_ptr, pofs_i, maxima, bs_i, xq_ptr, t0_i, rows, weight_rows, cols_i, out_ptr):
     """One pass of ``weight_rows`` 4-bit weight rows by ``rows`` activation rows; weight row
-    ``w`` by activation row ``r`` to ``out[w * rows + r]`` (see :func:`make_dot4l`). 64 values
-    a step, each step's int32 sums scaled by its block's scale (the block: a shift by
-    log2(blocksize), a power of two from 64)."""
-    b = e.b
-    decode, multiply = words[:2]
-    v32 = ir.VectorType(I8, 32)
-    blocks = b.sdiv(cols_i, bs_i)
-    bs_log2 = b.cttz(bs_i, ir.Constant(ir.IntType(1), 1))
-    pairs = [(v, r) for v in range(weight_rows) for r in range(rows)]
-    fsum = {pair: cgutils.alloca_once(b, e.vf, zfill=True) for pair in pairs}
-    isum = {pair: cgutils.alloca_once(b, e.vi) for pair in pairs}
-    prow = [b.add(pofs_i, b.mul(b.lshr(cols_i, idx(1)), idx(v))) for v in range(weight_rows)]
-    srow = [b.add(maxima[3], b.mul(blocks, idx(v))) for v in range(weight_rows)]
-    xrow = [b.mul(b.add(t0_i, idx(r)), cols_i) for r in range(rows)]
+    ``w`` by activation row ``r`` to ``out[w * rows + r]`` (see :func:`make_dot4l`).
 
-    def steps_pass(scale_of):
-        with cgutils.for_range(b, b.lshr(cols_i, idx(6))) as step:  # 64 values: 32 bytes
-            at_value = b.mul(step.index, idx(64))
-            for pair in pairs:
-                b.store(ir.Constant(e.vi, None), isum[pair])
-            for v in range(weight_rows):
-                at_byte = b.add(prow[v], b.lshr(at_value, idx(1)))
-                e.prefetch(packed_ptr, b.add(at_byte, idx(PREFETCH_VALUES // 2)))
-                for weights, offset in decode(vload(b, packed_ptr, at_byte, v32)):
-                    for r in range(rows):
-                        xv = vload(b, xq_ptr, b.add(xrow[r], b.add(at_value, idx(offset))), weights.type)
-                        b.store(multiply(b.load(isum[v, r]), weights, xv), isum[v, r])
-            for v in range(weight_rows):
-                scale = splat(b, scale_of(b.add(srow[v], b.lshr(at_value, bs_log2))), e.vf)
-                for r in range(rows):
-                    _accumulate(e, fsum[v, r], isum[v, r], scale)
-
-    _each_maximum(b, maxima, steps_pass)
-    for v in range(weight_rows):
-        _store_sums(e, b.gep(out_ptr, [idx(v * rows)]), [fsum[v, r] for r in range(rows)])
-
-
-def _dot4l_pass_wide(e, words, packed_ptr, pofs_i, maxima, bs_i, xq_ptr, t0_i, rows, weight_rows, cols_i, out_ptr):
-    """AVX-512's :func:`_dot4l_pass`: 128 values (64 bytes) a step, decoded in four
-    ``vpermw`` and three shifts (``decode_chunk``: the activations in :func:`sli.kernels.levels_order`'s
-    four-way order), where a step of 64 takes a widening and two ``vpermw``; each step's int32
-    sums hold the first 64 values in their low 8 lanes and the next 64 in their high 8, each
-    half scaled by its own block's scale. A row's last 64 values (576 = 4 * 128 + 64) take the
-    64-value step. The block of a value is a shift by log2(blocksize) (a power of two from 64):
-    one loop for every block size."""
+    A step reads 32 bytes (64 values, ``decode``) or, where the level gives a ``decode_chunk``
+    (AVX-512), 64 bytes (128 values decoded in four ``vpermw`` and three shifts, the activations
+    in :func:`sli.kernels.levels_order`'s four-way order), a row's last 64 values (576 = 4 * 128 +
+    64) then taking the 64-value step. Each step's int32 sums are scaled by the block's scale of
+    each 64 values (a 128-value step's low 8 lanes hold its first 64, the high 8 the next); a
+    value's block is a shift by log2(blocksize), a power of two from 64: one loop for every size."""
     b = e.b
     decode, multiply, decode_chunk = words
     v32, v64, halves = ir.VectorType(I8, 32), ir.VectorType(I8, 64), ir.VectorType(F32, 2)
@@ -379,13 +342,17 @@ def _dot4l_pass_wide(e, words, packed_ptr, pofs_i, maxima, bs_i, xq_ptr, t0_i, r
             for r in range(rows):
                 _accumulate(e, fsum[v, r], isum[v, r], factor)
 
-    def chunks_pass(scale_of):
+    def steps_pass(scale_of):
+        if decode_chunk is None:
+            with cgutils.for_range(b, b.lshr(cols_i, idx(6))) as loop:
+                step(b.mul(loop.index, idx(64)), 64, scale_of)
+            return
         with cgutils.for_range(b, b.lshr(cols_i, idx(7))) as loop:
             step(b.mul(loop.index, idx(128)), 128, scale_of)
         with b.if_then(b.icmp_signed("!=", b.and_(cols_i, idx(127)), idx(0))):
             step(b.sub(cols_i, idx(64)), 64, scale_of)
 
-    _each_maximum(b, maxima, chunks_pass)
+    _each_maximum(b, maxima, steps_pass)
     for v in range(weight_rows):
         _store_sums(e, b.gep(out_ptr, [idx(v * rows)]), [fsum[v, r] for r in range(rows)])
 
@@ -422,7 +389,7 @@ def _words_avx512(b, whole):
 
 
 def _words_avx2(b, whole):
-    """AVX2's ``(decode, multiply)`` for :func:`make_dot4l`: four registers of 16 levels,
+    """AVX2's ``(decode, multiply, None)`` for :func:`make_dot4l`: four registers of 16 levels,
     each code's low and high level byte looked up (``vpshufb``) and woven into words within
     each lane; ``multiply`` is ``vpmaddwd`` and an add."""
     v32 = ir.VectorType(I8, 32)
@@ -452,7 +419,6 @@ def _words_avx2(b, whole):
     def multiply(acc, weights, xv):
         return b.add(acc, b.call(pmaddwd, [weights, xv]))
 
-    return decode, multiply
+    return decode, multiply, None  # no 64-byte step: 32 bytes a step
 
 
-_DOT4L_PASS = {"avx512": _dot4l_pass_wide, "avx2": _dot4l_pass}
