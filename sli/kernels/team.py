@@ -133,6 +133,10 @@ def _build(kernels: dict, level: str) -> dict:
     i8, u8, u16, i64, f32 = np.int8, np.uint8, np.uint16, np.int64, np.float32
     xq = np.int8 if level == "plain" else np.int16
     compiled = njit(nogil=True, cache=True)
+    # run_chunk calls every kernel: as a function of its own, each caller (take_chunks, then follow
+    # and each lead) linked its whole body in and optimized it again (~10 s a caller at a level's
+    # first compile); inlined into its two callers' numba IR, it is compiled there only
+    inlined = njit(nogil=True, cache=True, inline="always")
     places = {numpy_name: place for place, numpy_name in enumerate(_DTYPES.values())}
 
     @overload(_put, jit_options={"nogil": True})
@@ -176,7 +180,7 @@ def _build(kernels: dict, level: str) -> dict:
     stable_id(a1, "team.a1")
     stable_id(a2, "team.a2")
 
-    @compiled
+    @inlined
     def run_chunk(job, numbers, chunk):
         # chunk `chunk` of the job's rows; job[0] the kind, [1] the rows, [2] the chunks, then
         # SLOTS slots an argument (numbers: the same slots as float64, for "float" arguments)
@@ -200,7 +204,7 @@ def _build(kernels: dict, level: str) -> dict:
 
     stable_id(run_chunk, f"team.run_chunk:{level}")
 
-    @compiled
+    @inlined
     def take_chunks(control, job, numbers, number):
         # claim and run chunks of job `number` while it has any left
         while True:
