@@ -45,7 +45,7 @@ def main() -> None:
     torch.set_num_threads(2)
     model_dir = ensure_default_model()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     texts = {"pydoc": load_eval_text(), "second": second_eval_text()}
     ids = {name: tokenizer(text, return_tensors="pt").input_ids for name, text in texts.items()}
     original = {name: p.detach().clone() for name, p in model.state_dict().items()}
