@@ -47,21 +47,20 @@ class _FourBitCodec(Codec):
     methods = ("rtn", "gptq")
     preset = {"double_quant": True, "compress_statistics": True}
 
-    def quantize(self, weight: Tensor, config: QuantizationConfig) -> QuantizedTensor:
+    def quantize(self, weight: Tensor, config: QuantizationConfig, bitsandbytes: Optional[bool] = None
+                 ) -> QuantizedTensor:
+        """``weight`` in bitsandbytes' bytes; ``bitsandbytes``: as :meth:`encode_absmax`."""
         check_float(weight)
         w = weight.detach().contiguous()
         packed, absmax = quantize_4bit_torch(w, int(config.block_size), self.quant_type)
-        stored, state = self.encode_absmax(absmax, config, w.device)
+        stored, state = self.encode_absmax(absmax, config, w.device, bitsandbytes)
         return self._assemble(w, packed, stored, state, config)
 
     def quantize_sample(self, weight: Tensor, config: QuantizationConfig) -> QuantizedTensor:
         """As :meth:`quantize`, the block maxima's 8-bit codes from the pure-torch path: importing
         bitsandbytes takes 2-7 s (torch.compile's modules), which a process reading a warm cache
         need not pay to ready its kernels."""
-        w = weight.detach().contiguous()
-        packed, absmax = quantize_4bit_torch(w, int(config.block_size), self.quant_type)
-        stored, state = self.encode_absmax(absmax, config, w.device, bitsandbytes=False)
-        return self._assemble(w, packed, stored, state, config)
+        return self.quantize(weight, config, bitsandbytes=False)
 
     def encode_absmax(self, absmax: Tensor, config: QuantizationConfig, device: torch.device,
                       bitsandbytes: Optional[bool] = None) -> "tuple[Dict[str, Tensor], Dict[str, Any]]":
