@@ -14,9 +14,13 @@ from .jit import KERNEL
 
 @KERNEL
 def _level_index(v, below, next_mid, bins):
-    # the sorted level nearest v (clamped to [-1, 1]): bucketize's count of midpoints below v
+    # the sorted level nearest v (clamped to [-1, 1]): bucketize's count of midpoints below v.
+    # The bin is clamped again as an integer, which fastmath cannot drop: an all-zero block's
+    # 0 / 1e-38 (a denormal floor) came out NaN under fastmath, the float clamp let it through
+    # (fastmath assumes no NaN), it converted to INT64_MIN, and the vectorized search gathered
+    # below[INT64_MIN]: SIGBUS (numba 0.60 / llvmlite 0.43 on AMD Zen 4; 0.68 compiled it safely).
     v = min(max(v, np.float32(-1.0)), np.float32(1.0))
-    b = min(np.int64((v + np.float32(1.0)) * np.float32(bins // 2)), bins - 1)
+    b = min(max(np.int64((v + np.float32(1.0)) * np.float32(bins // 2)), 0), bins - 1)
     k = below[b]
     if v > next_mid[k]:
         k += 1
