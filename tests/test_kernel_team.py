@@ -115,10 +115,12 @@ def test_a_second_leader_splits_through_the_pool_meanwhile(two_threads, monkeypa
     monkeypatch.setattr(dispatch.ThreadPoolExecutor, "submit", lambda pool, *a, **k: pooled.append(1) or real(pool, *a, **k))
     errors = []
 
-    def loop(which):
-        for _ in range(200):
+    def loop(which):  # 200 products each, then on until the threads have met (a loaded machine may keep them apart)
+        done, deadline = 0, time.monotonic() + 60
+        while done < 200 or (not pooled and time.monotonic() < deadline):
             if not torch.equal(codec.fused_linear(q, xs[which], None), expected[which]):
                 errors.append(which)
+            done += 1
 
     threads = [threading.Thread(target=loop, args=(w,)) for w in range(2)]
     for t in threads:

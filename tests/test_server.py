@@ -335,8 +335,9 @@ def test_sli_serve_command_serves_until_interrupted(tiny_dir, tmp_path):
             except OSError:  # the JSON line comes just before uvicorn listens
                 return False
 
-        until(healthy, 60, "sli serve to listen")
-        client = openai.OpenAI(base_url=ready["url"], api_key=KEY, max_retries=0, timeout=60)
+        until(healthy, 120, "sli serve to listen")
+        # the first token compiles the kernels when their cache is cold: minutes on a loaded machine
+        client = openai.OpenAI(base_url=ready["url"], api_key=KEY, max_retries=0, timeout=300)
         assert complete(client, "hi", max_tokens=3).usage.completion_tokens == 3
         with pytest.raises(openai.AuthenticationError):  # the key came from $SLI_API_KEY
             openai.OpenAI(base_url=ready["url"], api_key="wrong", max_retries=0).models.list()
