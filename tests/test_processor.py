@@ -385,6 +385,37 @@ def test_loading_readies_the_cpu_kernels_so_the_first_prompt_and_token_compile_n
     assert "used []" not in done.stdout  # the kernels did run
 
 
+_SECOND_PROCESS_COMPILES = """
+import gc, sys, torch
+from numba.core.caching import NullCache
+from numba.core.dispatcher import Dispatcher
+from sli import QuantizationConfig, UniversalSLIProcessor
+from sli.kernels import dispatch
+torch.set_num_threads(2)
+dispatch.TEAM_WORK = 0  # every product on the kernel team, from the compiled decode step too
+model_dir, cache_dir, mode = sys.argv[1:4]
+with UniversalSLIProcessor(model_dir, QuantizationConfig(mode=mode), cache_dir=cache_dir, device="cpu") as proc:
+    proc.generate(torch.tensor([[3, 5, 7, 11]]), max_new_tokens=3)
+    assert dispatch.team() is not None
+cached = [d for d in gc.get_objects() if isinstance(d, Dispatcher) and not isinstance(d._cache, NullCache)]
+print("hits", sum(sum(d.stats.cache_hits.values()) for d in cached))
+print("compiled", sorted(d.py_func.__qualname__ for d in cached if sum(d.stats.cache_misses.values())))
+"""
+
+
+@pytest.mark.parametrize("mode", ["none", "nf4"])
+def test_a_second_process_loads_every_kernel_from_numba_s_cache(mode, model_factory, tmp_path):
+    # numba keys a cached function by its closure, pickled: a helper there without a stable id
+    # pickles differently in each process, and the kernel compiles again in every one (seconds)
+    model_dir = model_factory("llama", "tiny")
+    runs = [subprocess.run([sys.executable, "-c", _SECOND_PROCESS_COMPILES, str(model_dir), str(tmp_path), mode],
+                           capture_output=True, text=True, timeout=900) for _ in range(2)]
+    for done in runs:
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "compiled []" in runs[1].stdout, runs[1].stdout
+    assert "hits 0" not in runs[1].stdout
+
+
 _READS_A_WARM_CACHE = """
 import sys, torch
 from sli import QuantizationConfig, UniversalSLIProcessor

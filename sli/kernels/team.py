@@ -53,6 +53,7 @@ ARGUMENTS: Dict[str, Tuple[str, ...]] = {
 KINDS = tuple(ARGUMENTS)
 # an array argument's type code: 4 * (its dtype's place here + 1) + its dimensions
 _DTYPES = {"u8": "uint8", "i8": "int8", "u16": "uint16", "i16": "int16", "i64": "int64", "f32": "float32"}
+_PLACES = {numpy_name: place for place, numpy_name in enumerate(_DTYPES.values())}
 NUMBER_CODES = {"int": 1, "float": 2}
 
 SPIN_US = 2000  # how long a worker polls after its last chunk before it sleeps
@@ -105,8 +106,35 @@ def _code(value) -> int:
     return 0
 
 
+def _static_code(value) -> int:
+    """A numba type's code as :func:`_put` gives it (0: not one the team takes)."""
+    from numba import types
+
+    if isinstance(value, types.Array):
+        place = _PLACES.get(str(value.dtype))
+        if value.layout != "C" or value.ndim > 2 or place is None:
+            return 0
+        return 4 * (place + 1) + value.ndim
+    if isinstance(value, types.Integer):
+        return NUMBER_CODES["int"]
+    if isinstance(value, types.Float):
+        return NUMBER_CODES["float"]
+    return 0
+
+
 def _put(job, numbers, at, value):  # (compiled only: see the overload in _build)
     raise NotImplementedError
+
+
+def _kind_of(arg_types) -> int:
+    """The kind whose arguments have numba types ``arg_types`` (-1: none); "xq" is int8 or
+    int16 (its form on the plain level or on a SIMD one)."""
+    found = [_static_code(value) for value in arg_types]
+    for kind, (plain, simd) in enumerate(zip(type_codes("plain"), type_codes("avx2"))):
+        wanted = [(int(p), int(s)) for p, s in zip(plain, simd) if p]
+        if len(found) == len(wanted) and all(code in pair for code, pair in zip(found, wanted)):
+            return kind
+    return -1
 
 
 _built: Dict[str, dict] = {}
@@ -125,7 +153,7 @@ def _build(kernels: dict, level: str) -> dict:
     from numba.extending import overload
 
     from . import atomics
-    from .jit import stable_id
+    from .jit import SOURCE_HASH, stable_id
 
     load, store, add, swap_if, pause, cycles, pointer = (atomics.load, atomics.store, atomics.add, atomics.swap_if,
                                                          atomics.pause, atomics.cycles, atomics.pointer)
@@ -133,26 +161,22 @@ def _build(kernels: dict, level: str) -> dict:
     i8, u8, u16, i64, f32 = np.int8, np.uint8, np.uint16, np.int64, np.float32
     xq = np.int8 if level == "plain" else np.int16
     compiled = njit(nogil=True, cache=True)
-    # run_chunk calls every kernel: as a function of its own, each caller (take_chunks, then follow
-    # and each lead) linked its whole body in and optimized it again; inlined into follow's and
-    # lead's numba IR, it is compiled there only (a level's first compile: 5.5 s less)
+    # run_chunk calls every kernel: as a function of its own, its callers linked its whole body in
+    # and optimized it again; inlined into follow's numba IR, it is compiled there only (a level's
+    # first compile: 5.5 s less). A leader runs its own kind's only (run_own).
     inlined = njit(nogil=True, cache=True, inline="always")
-    places = {numpy_name: place for place, numpy_name in enumerate(_DTYPES.values())}
-
     @overload(_put, jit_options={"nogil": True})
     def _put_overload(job, numbers, at, value):
         # an argument into its slots; returns its type code (0: not one the team takes)
+        code = _static_code(value)
+        if code == 0:
+            return lambda job, numbers, at, value: 0
+        if isinstance(value, types.Array) and value.ndim == 1:
+            def put_1d(job, numbers, at, value):
+                job[at], job[at + 1], job[at + 2] = value.ctypes.data, value.shape[0], 0
+                return code
+            return put_1d
         if isinstance(value, types.Array):
-            place = places.get(str(value.dtype))
-            if value.layout != "C" or value.ndim > 2 or place is None:
-                return lambda job, numbers, at, value: 0
-            code = 4 * (place + 1) + value.ndim
-            if value.ndim == 1:
-                def put_1d(job, numbers, at, value):
-                    job[at], job[at + 1], job[at + 2] = value.ctypes.data, value.shape[0], 0
-                    return code
-                return put_1d
-
             def put_2d(job, numbers, at, value):
                 job[at], job[at + 1], job[at + 2] = value.ctypes.data, value.shape[0], value.shape[1]
                 return code
@@ -160,14 +184,13 @@ def _build(kernels: dict, level: str) -> dict:
         if isinstance(value, types.Integer):
             def put_int(job, numbers, at, value):
                 job[at] = value
-                return 1
+                return code
             return put_int
-        if isinstance(value, types.Float):
-            def put_float(job, numbers, at, value):
-                numbers[at] = value
-                return 2
-            return put_float
-        return lambda job, numbers, at, value: 0
+
+        def put_float(job, numbers, at, value):
+            numbers[at] = value
+            return code
+        return put_float
 
     @compiled
     def a1(job, at, dtype):  # argument slot `at` as a 1-d array
@@ -180,27 +203,70 @@ def _build(kernels: dict, level: str) -> dict:
     stable_id(a1, "team.a1")
     stable_id(a2, "team.a2")
 
+    # each kind's call on chunk [lo, hi) of the job's rows; the job: job[0] the kind, [1] the rows,
+    # [2] the chunks, then SLOTS slots an argument (numbers: the same slots as float64, for "float" ones)
+    @inlined
+    def run_int8q(job, numbers, lo, hi):
+        int8q(a1(job, 3, i8), a1(job, 6, f32), a1(job, 9, i8), a1(job, 12, f32), a1(job, 15, f32),
+              a2(job, 18, i64), a2(job, 21, f32), job[24], a2(job, 27, f32), lo, hi)
+
+    @inlined
+    def run_4bitq(job, numbers, lo, hi):
+        four_bit(a1(job, 3, u8), a1(job, 6, f32), a1(job, 9, i8), a1(job, 12, f32), a1(job, 15, xq),
+                 a1(job, 18, f32), a2(job, 21, i64), a2(job, 24, f32), job[27], a2(job, 30, f32), lo, hi)
+
+    @inlined
+    def run_4bitq_nested(job, numbers, lo, hi):
+        four_bit_nested(a1(job, 3, u8), a1(job, 6, u8), a1(job, 9, f32), a1(job, 12, f32), numbers[15], job[18],
+                        a1(job, 21, i8), a1(job, 24, f32), a1(job, 27, xq), a1(job, 30, f32), a2(job, 33, i64),
+                        a2(job, 36, f32), job[39], a2(job, 42, f32), lo, hi)
+
+    @inlined
+    def run_int4q(job, numbers, lo, hi):
+        int4q(a1(job, 3, u8), a1(job, 6, f32), a1(job, 9, f32), a1(job, 12, i8), a1(job, 15, f32),
+              a1(job, 18, f32), a2(job, 21, i64), a2(job, 24, f32), job[27], a2(job, 30, f32), lo, hi)
+
+    @inlined
+    def run_bf16(job, numbers, lo, hi):
+        bf16(a1(job, 3, u16), a1(job, 6, f32), a2(job, 9, f32), a2(job, 12, f32), lo, hi)
+
+    runs = (run_int8q, run_4bitq, run_4bitq_nested, run_int4q, run_bf16)  # in KINDS' order
+    for run in runs:
+        stable_id(run, f"team.{run.__name__}:{level}")
+
+    def run_own(args, job, numbers, lo, hi):  # (compiled only: the overload below)
+        raise NotImplementedError
+
+    # lead holds this stub, pickled by value into its cache key: the name keeps the levels' leads apart
+    run_own.__name__ = run_own.__qualname__ = f"run_own_{level}_{SOURCE_HASH}"
+
+    @overload(run_own, jit_options={"nogil": True})
+    def _run_own_overload(args, job, numbers, lo, hi):
+        # a leader's chunk: the kind whose arguments `args` are, read from the job as a worker
+        # reads it (the same bits whoever runs a chunk). So a lead compiles in its own kind only,
+        # not run_chunk's five (and so does each decode step calling it): 2-5x less to compile.
+        # None matches: nothing to run (lead has refused the call already)
+        kind = _kind_of(args.types)
+        if kind < 0:
+            return lambda args, job, numbers, lo, hi: None
+        run = runs[kind]
+        return lambda args, job, numbers, lo, hi: run(job, numbers, lo, hi)
+
     @inlined
     def run_chunk(job, numbers, chunk):
-        # chunk `chunk` of the job's rows; job[0] the kind, [1] the rows, [2] the chunks, then
-        # SLOTS slots an argument (numbers: the same slots as float64, for "float" arguments)
+        # chunk `chunk` of the job's rows, by a worker
         kind, count, chunks = job[0], job[1], job[2]
         lo, hi = count * chunk // chunks, count * (chunk + 1) // chunks
         if kind == 0:
-            int8q(a1(job, 3, i8), a1(job, 6, f32), a1(job, 9, i8), a1(job, 12, f32), a1(job, 15, f32),
-                  a2(job, 18, i64), a2(job, 21, f32), job[24], a2(job, 27, f32), lo, hi)
+            run_int8q(job, numbers, lo, hi)
         elif kind == 1:
-            four_bit(a1(job, 3, u8), a1(job, 6, f32), a1(job, 9, i8), a1(job, 12, f32), a1(job, 15, xq),
-                     a1(job, 18, f32), a2(job, 21, i64), a2(job, 24, f32), job[27], a2(job, 30, f32), lo, hi)
+            run_4bitq(job, numbers, lo, hi)
         elif kind == 2:
-            four_bit_nested(a1(job, 3, u8), a1(job, 6, u8), a1(job, 9, f32), a1(job, 12, f32), numbers[15], job[18],
-                            a1(job, 21, i8), a1(job, 24, f32), a1(job, 27, xq), a1(job, 30, f32), a2(job, 33, i64),
-                            a2(job, 36, f32), job[39], a2(job, 42, f32), lo, hi)
+            run_4bitq_nested(job, numbers, lo, hi)
         elif kind == 3:
-            int4q(a1(job, 3, u8), a1(job, 6, f32), a1(job, 9, f32), a1(job, 12, i8), a1(job, 15, f32),
-                  a1(job, 18, f32), a2(job, 21, i64), a2(job, 24, f32), job[27], a2(job, 30, f32), lo, hi)
+            run_int4q(job, numbers, lo, hi)
         else:
-            bf16(a1(job, 3, u16), a1(job, 6, f32), a2(job, 9, f32), a2(job, 12, f32), lo, hi)
+            run_bf16(job, numbers, lo, hi)
 
     stable_id(run_chunk, f"team.run_chunk:{level}")
 
@@ -233,7 +299,14 @@ def _build(kernels: dict, level: str) -> dict:
         number = ((load(control, CLAIM) >> 32) + 1) & 0x7FFFFFFF
         store(control, DONE, 0)
         store(control, CLAIM, (number << 32) | (chunks << 16))
-        take_chunks(control, job, numbers, number)
+        while True:  # take_chunks, each chunk run on `args` themselves
+            word = load(control, CLAIM)
+            chunk = word & 0xFFFF
+            if (word >> 32) != number or chunk >= chunks:
+                break
+            if swap_if(control, CLAIM, word, word + 1):
+                run_own(args, job, numbers, count * chunk // chunks, count * (chunk + 1) // chunks)
+                add(control, DONE, 1)
         while load(control, DONE) < chunks:
             pause()
         return True
