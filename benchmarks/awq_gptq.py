@@ -14,7 +14,6 @@ rows (down). o_proj is left (GQA: its input is not one channel per v_proj row). 
 on the scaled weights with the Hessians of the scaled inputs (one float pass, as sli's default).
 Perplexity on the first 4x512 tokens of pydoc_data.topics and of IDLE's manual.
 """
-import math
 import sys
 import time
 
@@ -23,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sli.calibration.text import default_calibration_text
 from sli.default_model import ensure_default_model
-from sli.evaluation import _nll, _windows, load_eval_text
+from sli.evaluation import load_eval_text, perplexity
 from sli.quantization import QuantizationConfig, codec_for
 from sli.quantization.gptq import gptq_quantize
 
@@ -41,23 +40,15 @@ ALPHAS = [i / 20 for i in range(21)]
 SEARCH_TOKENS = 4096
 CH = 8  # windows a forward
 
-texts = {}
-for name in (None, "idle-help"):
-    ids = tok(load_eval_text(name), return_tensors="pt", add_special_tokens=False, verbose=False)["input_ids"][0][:2048]
-    texts[name or "pydoc"] = _windows(ids, 512, 4)
+# linears that read one input, in the order they run
+GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+          ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+texts = {name or "pydoc": tok(load_eval_text(name), add_special_tokens=False, verbose=False)["input_ids"]
+         for name in (None, "idle-help")}
 
 
-@torch.no_grad()
 def ppl(m):
-    out = {}
-    for k, ws in texts.items():
-        tot = cnt = 0
-        for w in ws:
-            nll, n = _nll(m(w).logits.float(), w)
-            tot += nll
-            cnt += n
-        out[k] = math.exp(tot / cnt)
-    return out
+    return {k: perplexity(lambda w: m(w).logits, ids) for k, ids in texts.items()}
 
 
 ref = ppl(model)
@@ -114,8 +105,7 @@ def awq(layer, x):
     run(layer, x[:SEARCH_TOKENS // 512])
     for h in hooks:
         h.remove()
-    groups = {"qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-              "gu": ["mlp.gate_proj", "mlp.up_proj"], "down": ["mlp.down_proj"]}
+    groups = {"qkv": GROUPS[0], "gu": GROUPS[2], "down": GROUPS[3]}
     chosen = {}
     for key, paths in groups.items():
         xs = grab[key]
@@ -143,10 +133,8 @@ def awq(layer, x):
 
 
 def gptq(layer, x):
-    groups = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
-              ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
     H = {g[0]: torch.zeros(layer.get_submodule(g[0]).weight.shape[1], layer.get_submodule(g[0]).weight.shape[1])
-         for g in groups}
+         for g in GROUPS}
 
     def add(key):
         def hook(m, a):
@@ -154,11 +142,11 @@ def gptq(layer, x):
             H[key].addmm_(v.t(), v)
         return hook
 
-    hooks = [layer.get_submodule(g[0]).register_forward_pre_hook(add(g[0])) for g in groups]
+    hooks = [layer.get_submodule(g[0]).register_forward_pre_hook(add(g[0])) for g in GROUPS]
     run(layer, x)
     for h in hooks:
         h.remove()
-    for g in groups:
+    for g in GROUPS:
         q = gptq_quantize({p: layer.get_submodule(p).weight.data for p in g}, H[g[0]], GPTQ)
         for p in g:
             layer.get_submodule(p).weight.data.copy_(codec.dequantize(q[p], torch.float32))
@@ -173,8 +161,7 @@ with torch.no_grad():
         if variant.endswith("gptq"):
             gptq(layer, x)
         else:
-            for p in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                      "mlp.up_proj", "mlp.down_proj"]:
+            for p in (p for g in GROUPS for p in g):
                 w = layer.get_submodule(p).weight.data
                 w.copy_(rtn(w))
         x = run(layer, x)
