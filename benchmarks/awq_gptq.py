@@ -26,6 +26,9 @@ from sli.evaluation import load_eval_text, perplexity
 from sli.quantization import QuantizationConfig, codec_for
 from sli.quantization.gptq import gptq_quantize
 
+VARIANTS = ("rtn", "gptq", "awq-rtn", "awq-gptq")
+if len(sys.argv) < 2 or sys.argv[1] not in VARIANTS:
+    sys.exit(f"usage: awq_gptq.py VARIANT [LAYERS] [TOKENS], VARIANT one of {', '.join(VARIANTS)}")
 variant = sys.argv[1]
 n_layers = int(sys.argv[2]) if len(sys.argv) > 2 else None
 tokens = int(sys.argv[3]) if len(sys.argv) > 3 else 32768
