@@ -186,8 +186,12 @@ def run_sli(args, ids) -> dict:
 
     cache_dir = Path(args.work_dir) / "sli-cache" / f"{Path(args.model_dir).resolve().name}-{args.mode}"
     t0 = time.perf_counter()
+    # the context this run needs, as llama-bench sizes its own (n_ctx = prompt + new tokens): the
+    # memory plan's keys, values and prompt buffers are for this many positions, not 4096
+    context = args.prompt_len + args.new_tokens
     proc = UniversalSLIProcessor(args.model_dir, QuantizationConfig(mode=args.mode), cache_dir=str(cache_dir),
-                                 device="cpu", memory_budget_gb=args.budget_gb, prefetch=True)
+                                 device="cpu", memory_budget_gb=args.budget_gb, prefetch=True,
+                                 max_context_tokens=context)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     added = proc.prewarm(progress=False)
@@ -212,7 +216,8 @@ def run_sli(args, ids) -> dict:
                 "cache_dir": str(cache_dir), "cache_bytes": M.dir_bytes(cache_dir),
                 "memory_plan": proc.plan.describe() if hasattr(proc, "plan") else None,
                 "config": f"UniversalSLIProcessor(dir, QuantizationConfig(mode={args.mode!r}), cache_dir=..., "
-                          f"device='cpu', memory_budget_gb={args.budget_gb}, prefetch=True)"})
+                          f"device='cpu', memory_budget_gb={args.budget_gb}, prefetch=True, "
+                          f"max_context_tokens={context})"})
     timings = getattr(proc, "timings", None) or []
     if timings:
         decode = [t for t in timings if t.step > 0]

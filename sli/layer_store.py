@@ -17,6 +17,7 @@ import mmap
 import os
 import sqlite3
 import threading
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Protocol, Tuple, Union
@@ -27,6 +28,7 @@ import psutil
 from .cache_disk import DurableDisk, check_diskcache_version, free_space, least_recently_used, page_in
 from .cache_format import FORMAT_VERSION, SerializedEntry, checksum, deserialize
 from .cache_recovery import HashedFiles, remove_if_unchanged, sweep_temporaries
+from . import page_cache
 from .errors import CacheError
 from .memory_tier import MemoryTier
 from .quantization.config import QuantizationConfig, QuantizationMode
@@ -70,6 +72,21 @@ class CacheStats:
 
     def to_dict(self) -> Dict[str, int]:
         return asdict(self)
+
+
+def owned_buffer(size: int):
+    """``size`` bytes of this process's memory to read an entry into: an anonymous map, page-aligned
+    as a map of the file would be (a bytearray's bytes start 16 bytes past a page, so every 64-byte
+    SIMD load of the tensors viewing it would straddle two cache lines), asking for huge pages."""
+    if not size:
+        return bytearray(0)
+    buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buffer.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    return buffer
 
 
 class LayerStore:
@@ -180,7 +197,7 @@ class LayerStore:
         return data.size
 
     def get(self, model_id: str, layer: Union[int, str], config: ConfigLike,
-            memory: bool = True, mapped: bool = False) -> Optional[CachedLayer]:
+            memory: bool = True, mapped: bool = False, drop_pages: bool = False) -> Optional[CachedLayer]:
         """The entry, from the memory tier or else the disk, or None.
 
         A disk hit is promoted into the memory tier when it fits, unless ``memory=False``.
@@ -189,13 +206,15 @@ class LayerStore:
         already holds costs a few ms instead of a copy (no page faults on fresh memory);
         the file is read into the page cache first (:func:`sli.cache_disk.page_in`). Cache
         files are never rewritten in place (eviction unlinks them, and a mapping outlives
-        that). Such a hit is not promoted into the memory tier.
+        that). Such a hit is not promoted into the memory tier. ``drop_pages=True`` drops a disk
+        hit's file from the page cache once read, or, mapped, once its map is gone (see
+        :mod:`sli.page_cache`: a streamed layer the page cache cannot keep).
         A truncated or altered file is logged, removed and counted as a miss, never returned:
         the checksum is checked on a file's first read by this process and again whenever
         its size or mtime changes (see ``DEFAULT_SETTINGS["racy_mtime_s"]``), so a layer streamed every
         token is hashed once, not once per token.
         """
-        return self._get(self.key(model_id, layer, config), memory and not mapped, mapped)
+        return self._get(self.key(model_id, layer, config), memory and not mapped, mapped, drop_pages)
 
     def __getitem__(self, key: Tuple[str, Union[int, str], ConfigLike]) -> CachedLayer:
         entry = self.get(*key)
@@ -239,6 +258,17 @@ class LayerStore:
         stats.disk_bytes = self._disk.volume()
         return stats
 
+    def entry_path(self, model_id: str, layer: Union[int, str], config: ConfigLike) -> Optional[Path]:
+        """The file holding the entry on disk, or None."""
+        try:
+            handle = self._disk.get(self.key(model_id, layer, config), read=True)
+        except (OSError, sqlite3.Error, diskcache.Timeout):
+            return None
+        if handle is None:
+            return None
+        with handle:
+            return Path(handle.name)
+
     def entries(self) -> List[Dict[str, str]]:
         """(model id, layer, fingerprint) of every entry on disk."""
         return [dict(zip(("model_id", "layer", "fingerprint"), k.split("\x00"))) for k in self._disk.iterkeys()
@@ -261,14 +291,14 @@ class LayerStore:
         return bad
 
     # -- internals --------------------------------------------------------------------
-    def _get(self, key: str, memory: bool, mapped: bool = False) -> Optional[CachedLayer]:
+    def _get(self, key: str, memory: bool, mapped: bool = False, drop_pages: bool = False) -> Optional[CachedLayer]:
         with self._lock:
             entry = self._memory.get(key)
             if entry is not None:
                 self._stats.memory_hits += 1
                 return entry
             self._stats.memory_misses += 1
-        entry = self._read(key, mapped=mapped)  # outside the lock: a prefetch thread's disk read blocks no one
+        entry = self._read(key, mapped=mapped, drop_pages=drop_pages)  # outside the lock: a prefetch thread's disk read blocks no one
         with self._lock:
             if entry is None:
                 self._stats.disk_misses += 1
@@ -279,9 +309,10 @@ class LayerStore:
         return entry
 
     def _read(self, key: str, remove: bool = True, mapped: bool = False,
-              recheck: bool = False) -> Optional[CachedLayer]:
+              recheck: bool = False, drop_pages: bool = False) -> Optional[CachedLayer]:
         """Read, check and parse one disk entry: one read() into a private buffer the tensors
-        view, or with ``mapped`` a copy-on-write map of the file (see :meth:`get`).
+        view, or with ``mapped`` a copy-on-write map of the file (see :meth:`get`); with
+        ``drop_pages`` the file's pages leave the page cache once read (once unmapped).
         ``recheck`` hashes the bytes even if this process checked the unchanged file before."""
         try:
             handle, tag = self._disk.get(key, read=True, tag=True)
@@ -303,9 +334,13 @@ class LayerStore:
                     buffer = mmap.mmap(handle.fileno(), size, flags=mmap.MAP_PRIVATE,
                                        prot=mmap.PROT_READ | mmap.PROT_WRITE)
                     read = size
+                    if drop_pages:  # once the last tensor viewing the map is gone and it is unmapped
+                        weakref.finalize(buffer, page_cache.drop_pages, os.dup(handle.fileno()))
                 else:
-                    buffer = bytearray(size)
+                    buffer = owned_buffer(size)
                     read = handle.readinto(buffer)
+                    if drop_pages:
+                        page_cache.drop_pages(os.dup(handle.fileno()))
             except (OSError, ValueError) as exc:
                 logger.warning("cannot read %s: %s", path, exc)
                 return None

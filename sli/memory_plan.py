@@ -20,11 +20,39 @@ class MemoryPlan:
     resident_layers: List[int] = field(default_factory=list)
     kv_spilled_layers: List[int] = field(default_factory=list)  # layers whose KV waits on disk
     kv_spilled_bytes: int = 0
+    num_layers: int = 0
+    page_dropped_layers: List[int] = field(default_factory=list)  # streamed layers whose pages are dropped after use
 
     @property
     def fixed_bytes(self) -> int:
         """What the plan needs before any layer is resident."""
         return self.shared_bytes + self.streaming_bytes + self.runtime_bytes + self.kv_bytes
+
+    @property
+    def streamed_layers(self) -> List[int]:
+        """The layers read from the cache every pass."""
+        resident = set(self.resident_layers)
+        return [i for i in range(self.num_layers) if i not in resident]
+
+    @property
+    def pending_bytes(self) -> int:
+        """What the plan adds once the model is loaded (the shared modules and the kernels'
+        runtime are in memory by then): resident layers, layers in flight, keys and values."""
+        return len(self.resident_layers) * self.layer_bytes + self.streaming_bytes + self.kv_bytes
+
+    def split_streamed(self, page_cache_room: int) -> None:
+        """Which streamed layers keep their pages in the page cache: as many as ``page_cache_room``
+        bytes hold, the first ones; the others' pages are dropped as each is used
+        (:mod:`sli.page_cache`). All keep them when they all fit.
+
+        >>> plan = plan_memory(400, num_layers=8, shared_bytes=100, layer_bytes=100, scratch_bytes=0,
+        ...                    prefetch_depth=1, runtime_bytes=0, available_bytes=0)
+        >>> plan.resident_layers, plan.split_streamed(250), plan.page_dropped_layers
+        ([0], None, [3, 4, 5, 6, 7])
+        """
+        streamed = self.streamed_layers
+        kept = min(len(streamed), page_cache_room // self.layer_bytes) if self.layer_bytes else len(streamed)
+        self.page_dropped_layers = streamed[int(kept):]
 
     @property
     def over_budget(self) -> bool:
@@ -36,7 +64,9 @@ class MemoryPlan:
         return (f"budget {b}: shared {self.shared_bytes / GB:.2f} GB, {len(self.resident_layers)} resident layers "
                 f"of {self.layer_bytes / GB:.3f} GB, streaming {self.streaming_bytes / GB:.3f} GB, "
                 f"KV {self.kv_bytes / GB:.3f} GB in memory + {self.kv_spilled_bytes / GB:.3f} GB on disk "
-                f"({len(self.kv_spilled_layers)} layers), kernels {self.runtime_bytes / GB:.2f} GB")
+                f"({len(self.kv_spilled_layers)} layers), kernels {self.runtime_bytes / GB:.2f} GB"
+                + (f"; page cache keeps {len(self.streamed_layers) - len(self.page_dropped_layers)} of "
+                   f"{len(self.streamed_layers)} streamed layers" if self.page_dropped_layers else ""))
 
 
 def plan_memory(budget: Optional[int], *, num_layers: int, shared_bytes: int, layer_bytes: int, scratch_bytes: int,
@@ -56,7 +86,8 @@ def plan_memory(budget: Optional[int], *, num_layers: int, shared_bytes: int, la
     [0, 1, 2, 3, 4, 5, 6]
     """
     streaming = (prefetch_depth + 1) * layer_bytes + scratch_bytes
-    plan = MemoryPlan(budget, shared_bytes, layer_bytes, streaming, runtime_bytes, num_layers * kv_layer_bytes)
+    plan = MemoryPlan(budget, shared_bytes, layer_bytes, streaming, runtime_bytes, num_layers * kv_layer_bytes,
+                      num_layers=num_layers)
     if budget is not None and kv_can_spill and kv_layer_bytes and plan.fixed_bytes > budget:
         room = budget - (shared_bytes + streaming + runtime_bytes) - kv_layer_bytes  # one spilled layer in flight
         kept = int(max(0, min(num_layers, room // kv_layer_bytes)))

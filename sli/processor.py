@@ -20,6 +20,7 @@ from . import attention, batched_step, decode_step
 from . import device as device_calls
 from . import kernels
 from . import memory_sizing
+from . import page_cache
 from . import transformers_adapter as hf
 from .architectures import ModelLayout, discover_layout
 from .batched_step import StepInput
@@ -41,7 +42,7 @@ from .quantization import CachedLayer, QuantizationConfig, default_compute_dtype
 from .quantization.execution import warm_up_kernels
 from .quantization.modules import linear_paths
 from .settings import GB, default_cache_dir
-from .shared_modules import INT8_HEAD, load_shared_modules
+from .shared_modules import INT8_HEAD, load_shared_modules, mapped_embedding
 from .streaming import LayerStreamer, LayerTiming
 
 logger = logging.getLogger(__name__)
@@ -135,6 +136,7 @@ class UniversalSLIProcessor:
         self.shared_bytes = load_shared_modules(self.model, self._loader, self.checkpoint, self.layout.layers_path,
                                                 self.device, self.compute_dtype, self.packed,
                                                 self.quantization_config.int8_head)
+        self.mapped_embedding_bytes, self._embedding_row_bytes = mapped_embedding(self.model)
         self._plan: Optional[MemoryPlan] = None
         self._prefetch_depth = prefetch_depth if prefetch else 0
         self.streamer = LayerStreamer(self._cached_layer, self.device, self.compute_dtype,
@@ -148,12 +150,15 @@ class UniversalSLIProcessor:
     def _layer_key(self, index: int) -> str:
         return f"{self.layout.layers_path}.{index}"
 
-    def _cached_layer(self, index: int) -> CachedLayer:
+    def _cached_layer(self, index: int, owned: bool = False) -> CachedLayer:
         """Layer ``index`` from the cache, quantizing it from the checkpoint on a miss.
 
-        On CPU a disk hit is mapped, not read: the layer's linears compute straight from the
-        page cache's copy of the entry (see :meth:`LayerCache.get`)."""
-        cached = self.cache.get(self.model_id, index, self.quantizer, mapped=self.packed)
+        On CPU a disk hit of a streamed layer is mapped, not read: its linears compute straight
+        from the page cache's copy of the entry (see :meth:`LayerCache.get`). An ``owned`` one
+        (a resident layer) is read into this process's memory."""
+        dropped = self._plan is not None and index in self._plan.page_dropped_layers
+        cached = self.cache.get(self.model_id, index, self.quantizer, mapped=self.packed and not owned,
+                                drop_pages=dropped and not owned)
         if cached is not None:
             return cached
         cached = self._quantized_from_checkpoint(index)
@@ -209,11 +214,13 @@ class UniversalSLIProcessor:
             available = device_calls.available_bytes(self.device)
             runtime = kernels.RUNTIME_BYTES if self.packed and kernels.kernels_enabled() else 0
             self._plan = plan_memory(self.memory_budget, num_layers=self.layout.num_layers,
-                                     shared_bytes=self.shared_bytes, layer_bytes=layer_bytes, scratch_bytes=scratch,
+                                     shared_bytes=self._resident_shared_bytes(), layer_bytes=layer_bytes, scratch_bytes=scratch,
                                      prefetch_depth=self._prefetch_depth, runtime_bytes=runtime,
                                      available_bytes=int(available),
                                      kv_layer_bytes=self.kv_bytes(self.max_context_tokens) // self.layout.num_layers,
                                      kv_can_spill=self.kv_dtype in ("bfloat16", "int8"))
+            if self.packed:  # streamed layers are computed from the page cache (mapped)
+                self._plan.split_streamed(page_cache.room(self._plan.pending_bytes))
             if self._plan.over_budget:
                 logger.warning("memory budget %.2f GB is below the shared modules + streaming + kernel runtime + "
                                "KV in flight (%.2f GB); every layer streams", self._plan.budget / GB,
@@ -221,6 +228,14 @@ class UniversalSLIProcessor:
             logger.info("%s: %d layers at %s; %s", self.model_id, self.layout.num_layers, self.layout.layers_path,
                         self._plan.describe())
         return self._plan
+
+    def _resident_shared_bytes(self) -> int:
+        """The shared modules' bytes the plan counts: all of them, but an embedding that is a
+        view of the checkpoint's file mapping by the rows the planned context can look up
+        (:func:`sli.shared_modules.mapped_embedding`; a 7B model's bfloat16 table is 262 MB,
+        a token reads 8 KB of it)."""
+        touched = min(self.mapped_embedding_bytes, self._embedding_row_bytes * self.max_context_tokens)
+        return self.shared_bytes - self.mapped_embedding_bytes + touched
 
     def _default_chunk_tokens(self) -> int:
         return memory_sizing.default_prefill_chunk_tokens(self.config, self.compute_dtype, self.memory_budget)

@@ -50,6 +50,37 @@ def load_shared_modules(model: nn.Module, loader: SkeletonLoader, checkpoint: Ch
     return sum(shared.values())  # a tied head shares the embedding's storage
 
 
+def mapped_embedding(model: nn.Module) -> "tuple[int, int]":
+    """``(bytes, bytes a row)`` of the input embedding where its weight is a view of a file
+    mapping (a bfloat16 checkpoint's untied embedding, loaded as stored: a view of its
+    safetensors mapping), else ``(0, 0)``. Such a table costs memory only for the rows looked
+    up, clean file pages the kernel can drop and read again (a row is a few KB a token), so the
+    memory plan counts it by the rows a context can touch, not whole (Linux: ``/proc/self/maps``;
+    elsewhere it counts whole)."""
+    embedding = model.get_input_embeddings()
+    weight = getattr(embedding, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.device.type != "cpu" or weight.dim() != 2:
+        return 0, 0
+    if not in_file_mapping(weight.untyped_storage().data_ptr()):
+        return 0, 0
+    return weight.numel() * weight.element_size(), weight.shape[1] * weight.element_size()
+
+
+def in_file_mapping(address: int) -> bool:
+    """Whether ``address`` lies in a mapping of a file by this process (False where
+    ``/proc/self/maps`` cannot be read)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                start, end = (int(v, 16) for v in fields[0].split("-"))
+                if start <= address < end:
+                    return len(fields) > 5 and fields[5].startswith("/")
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def own_head(model: nn.Module) -> None:
     """Copy the head's weight into this process's memory. Loaded in its stored dtype it is a
     view of the checkpoint's file mapping; every token reads the whole head, and under a memory

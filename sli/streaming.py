@@ -77,11 +77,11 @@ class SlotPool:
 class LayerStreamer:
     """Turns cached layers into ready-to-run state dicts, one step ahead of the compute.
 
-    ``fetch_cached(i)`` returns layer ``i``'s :class:`CachedLayer` (filling the cache on a
-    miss); ``templates[i]`` is a dict name → (shape, dtype) describing the dequantized layer.
+    ``fetch_cached(i, owned)`` returns layer ``i``'s :class:`CachedLayer` (filling the cache on
+    a miss; ``owned``: read into this process's memory, not mapped, for a layer that stays); ``templates[i]`` is a dict name → (shape, dtype) describing the dequantized layer.
     """
 
-    def __init__(self, fetch_cached: Callable[[int], CachedLayer], device: torch.device, dtype: torch.dtype,
+    def __init__(self, fetch_cached: Callable[[int, bool], CachedLayer], device: torch.device, dtype: torch.dtype,
                  depth: int = 1, prefetch: bool = True, packed: bool = False) -> None:
         self.fetch_cached = fetch_cached
         self.device, self.dtype = device, dtype
@@ -94,11 +94,12 @@ class LayerStreamer:
         self.step = 0
 
     @torch.inference_mode()
-    def load(self, index: int) -> LoadedLayer:
-        """Layer ``index`` ready to run, loaded on this thread."""
+    def load(self, index: int, owned: bool = False) -> LoadedLayer:
+        """Layer ``index`` ready to run, loaded on this thread (``owned``: its entry read into
+        this process's memory, for a layer that stays resident)."""
         timing = LayerTiming(step=self.step, layer=index)
         t0 = time.perf_counter()
-        cached = self.fetch_cached(index)
+        cached = self.fetch_cached(index, owned)
         t1 = time.perf_counter()
         timing.read_s, timing.nbytes = t1 - t0, cached.nbytes
         loaded = self._packed(cached, timing) if self.packed else self._dequantized(cached, timing)

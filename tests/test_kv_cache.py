@@ -136,7 +136,7 @@ def test_kv_the_budget_cannot_hold_spills_to_disk_and_leaves_memory_after_each_l
         expected = reference.generate(ids, max_new_tokens=6, eos_token_id=[])
     probe = UniversalSLIProcessor(model_dir, "int8", cache_dir=tmp_path / "c", device="cpu", max_context_tokens=64)
     kv_layer = probe.plan.kv_bytes // 4
-    budget = probe.shared_bytes + probe.plan.streaming_bytes + probe.plan.runtime_bytes + 2 * kv_layer + 1
+    budget = probe.plan.shared_bytes + probe.plan.streaming_bytes + probe.plan.runtime_bytes + 2 * kv_layer + 1
     probe.close()
     with UniversalSLIProcessor(model_dir, "int8", cache_dir=tmp_path / "c", device="cpu", kv_dtype="bfloat16",
                                memory_budget_gb=budget / 2**30, max_context_tokens=64) as proc:

@@ -1,0 +1,100 @@
+"""How much of the OS page cache a streamed model can count on, and dropping a file's pages.
+
+A streamed layer is read into the page cache and computed from there (a mapping). Every token
+reads the streamed layers in the same order, which is the worst case for the kernel's
+least-recently-used page cache: when they do not all fit, each read evicts the page that will be
+needed soonest, so nothing is ever found there again, and under a memory limit (a cgroup, a
+small machine) the reclaim that makes room for each read lands on the reading thread. The
+memory plan therefore splits the streamed layers: those that fit the room this module measures
+keep their pages (read from disk once, from the page cache after), the rest have theirs dropped
+as soon as they are used (``posix_fadvise(DONTNEED)``), so they push nothing else out.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterator, Optional, Tuple
+
+import psutil
+
+logger = logging.getLogger(__name__)
+
+# A cgroup v1 limit at or above this is "no limit" (the kernel writes 2**63 rounded to a page)
+_UNLIMITED = 1 << 62
+
+
+def memory_limit(proc: str = "/proc/self") -> Optional[int]:
+    """The memory limit of this process's cgroup (RAM and page cache together; the smallest along
+    its path up to the hierarchy's root), cgroup v1 or v2, or None where there is none."""
+    limits = [value for path, name in _cgroup_dirs(proc) for value in [_read_limit(path / name)] if value]
+    return min(limits) if limits else None
+
+
+def _cgroup_dirs(proc: str) -> Iterator[Tuple[Path, str]]:
+    """``(folder, limit file)`` for each cgroup from this process's own up to its mount's root."""
+    try:
+        groups = Path(proc, "cgroup").read_text().splitlines()
+        mounts = Path(proc, "mountinfo").read_text().splitlines()
+    except OSError:
+        return
+    for line in mounts:
+        pre, _, post = line.partition(" - ")
+        fields, kinds = pre.split(), post.split()
+        if len(fields) < 5 or len(kinds) < 3:
+            continue
+        root, point = fields[3], Path(fields[4])
+        if kinds[0] == "cgroup" and "memory" in kinds[2].split(","):
+            wanted, limit_file = (lambda ctl: "memory" in ctl.split(",")), "memory.limit_in_bytes"
+        elif kinds[0] == "cgroup2":
+            wanted, limit_file = (lambda ctl: ctl == ""), "memory.max"
+        else:
+            continue
+        for group in groups:
+            parts = group.split(":", 2)
+            if len(parts) != 3 or not wanted(parts[1]):
+                continue
+            relative = os.path.relpath(parts[2], root) if parts[2].startswith(root) else None
+            if relative is None or relative.startswith(".."):
+                continue
+            folder = (point / relative).resolve() if relative != "." else point
+            while True:
+                yield folder, limit_file
+                if folder == point or point not in folder.parents:
+                    break
+                folder = folder.parent
+
+
+def _read_limit(path: Path) -> Optional[int]:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if not text.isdigit():  # "max" (cgroup v2): no limit
+        return None
+    value = int(text)
+    return value if 0 < value < _UNLIMITED else None
+
+
+def room(planned_bytes: int, margin: float = 0.1, proc: str = "/proc/self") -> int:
+    """Bytes the page cache can hold beside this process once it holds ``planned_bytes`` more
+    than now: under a cgroup limit, the limit less this process's resident memory, the planned
+    bytes and a ``margin`` of the limit (libraries' pages, other processes); otherwise the
+    memory available now less the planned bytes and the margin of it."""
+    limit = memory_limit(proc)
+    if limit is not None:
+        rss = psutil.Process().memory_info().rss
+        return max(0, int(limit * (1 - margin)) - rss - planned_bytes)
+    available = psutil.virtual_memory().available
+    return max(0, int(available * (1 - margin)) - planned_bytes)
+
+
+def drop_pages(fd: int) -> None:
+    """Drop a file's clean pages from the page cache (nothing to do where they are mapped or
+    dirty); closes ``fd``."""
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except (OSError, AttributeError) as exc:  # AttributeError: no posix_fadvise on this platform
+        logger.debug("dropping a file's pages failed: %s", exc)
+    finally:
+        os.close(fd)

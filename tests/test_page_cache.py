@@ -1,0 +1,126 @@
+"""The page cache under a streamed model: the room a cgroup or the machine leaves it, streamed
+layers past that room dropped from it after use, resident layers in the process's own memory."""
+import ctypes
+import mmap
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sli import UniversalSLIProcessor, page_cache
+from sli.shared_modules import in_file_mapping
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def cached_pages(path) -> int:
+    """How many of the file's pages are in the page cache (``mincore`` over a map of it)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE,
+                                          prot=mmap.PROT_READ | mmap.PROT_WRITE) as m:
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        address = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        assert _libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vec) == 0, os.strerror(ctypes.get_errno())
+        count = sum(v & 1 for v in vec)
+        del address
+    return count
+
+
+def fake_proc(tmp_path, cgroup_lines, mount_lines):
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "cgroup").write_text("\n".join(cgroup_lines) + "\n")
+    (proc / "mountinfo").write_text("\n".join(mount_lines) + "\n")
+    return str(proc)
+
+
+def test_the_memory_limit_is_the_smallest_on_the_cgroup_s_path_cgroup_v1(tmp_path):
+    root = tmp_path / "memory"
+    own = root / "jobs" / "bench"
+    own.mkdir(parents=True)
+    (root / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # the root: no limit
+    (root / "jobs" / "memory.limit_in_bytes").write_text(f"{3 << 30}\n")
+    (own / "memory.limit_in_bytes").write_text(f"{2 << 30}\n")
+    proc = fake_proc(tmp_path, ["5:devices:/", "4:memory:/jobs/bench", "0::/"],
+                     [f"35 31 0:32 / {root} rw,relatime - cgroup cgroup rw,memory"])
+    assert page_cache.memory_limit(proc) == 2 << 30
+    (own / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert page_cache.memory_limit(proc) == 3 << 30  # the parent's, when its own is unlimited
+    (root / "jobs" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert page_cache.memory_limit(proc) is None
+
+
+def test_the_memory_limit_under_cgroup_v2_and_a_mount_rooted_at_the_own_group(tmp_path):
+    mount = tmp_path / "unified"
+    mount.mkdir()
+    (mount / "memory.max").write_text("max\n")
+    proc = fake_proc(tmp_path, ["0::/user.slice/app"], [f"41 31 0:38 /user.slice/app {mount} rw - cgroup2 cgroup2 rw"])
+    assert page_cache.memory_limit(proc) is None
+    (mount / "memory.max").write_text(f"{1 << 30}\n")
+    assert page_cache.memory_limit(proc) == 1 << 30
+
+
+def test_the_room_is_what_the_limit_leaves_beside_the_process_and_its_plan(tmp_path, monkeypatch):
+    monkeypatch.setattr(page_cache, "memory_limit", lambda proc="/proc/self": 4 << 30)
+    rss = __import__("psutil").Process().memory_info().rss
+    room = page_cache.room(1 << 30, margin=0.0)
+    assert abs(room - ((4 << 30) - (1 << 30) - rss)) < 64 << 20  # RSS moves a little between the two reads
+    assert page_cache.room(8 << 30) == 0  # never negative
+
+
+def test_drop_pages_takes_a_file_out_of_the_page_cache(tmp_path):
+    path = tmp_path / "data.bin"
+    with open(path, "wb") as f:
+        f.write(os.urandom(1 << 20))
+        os.fsync(f.fileno())  # dirty pages stay until written back
+    with open(path, "rb") as f:
+        f.read()
+    assert cached_pages(path) == 256
+    page_cache.drop_pages(os.open(path, os.O_RDONLY))
+    assert cached_pages(path) == 0
+
+
+def test_streamed_layers_past_the_page_cache_s_room_leave_it_once_used(model_factory, tmp_path, monkeypatch):
+    model_dir = model_factory("llama", num_layers=5)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.arange(1, 9)
+    with UniversalSLIProcessor(model_dir, "none", cache_dir=tmp_path / "cache", device="cpu") as probe:
+        probe.prewarm(progress=False)
+        layer_bytes = probe.plan.layer_bytes
+        one_resident = (probe.plan.fixed_bytes + layer_bytes + 1) / 2**30
+    # the room holds one streamed layer: layer 0 resident, 1 kept in the page cache, 2-4 dropped
+    monkeypatch.setattr(page_cache, "room", lambda planned, margin=0.1, proc="/proc/self": layer_bytes + 1)
+    with UniversalSLIProcessor(model_dir, "none", cache_dir=tmp_path / "cache", device="cpu",
+                               memory_budget_gb=one_resident) as proc:
+        plan = proc.plan
+        assert (plan.resident_layers, plan.page_dropped_layers) == ([0], [2, 3, 4])
+        assert "page cache keeps 1 of 4 streamed layers" in plan.describe()
+        paths = [proc.cache.entry_path(proc.model_id, i, proc.quantizer) for i in range(5)]
+        for path in paths:
+            page_cache.drop_pages(os.open(path, os.O_RDONLY))
+        with torch.no_grad():
+            logits = proc.forward(ids)
+        torch.testing.assert_close(logits, reference(ids[None]).logits, atol=1e-5, rtol=1e-5)
+        proc.streamer.cancel()  # a layer prefetched for the next pass holds its map
+        pages = [cached_pages(path) for path in paths]
+        assert all(pages[i] > 0 for i in (0, 1)), pages  # read into the process's memory; kept
+        assert pages[2:] == [0, 0, 0], pages
+        # the resident layer is this process's memory, not a map of its file the kernel may drop
+        held = [b for b in proc.layers[0].mlp.down_proj.buffers() if b.numel() > 1]
+        assert held and not any(in_file_mapping(b.data_ptr()) for b in held)
+        assert in_file_mapping(proc.model.get_input_embeddings().weight.data_ptr())  # the checkpoint's map
+
+
+def test_the_plan_counts_a_mapped_embedding_by_the_rows_its_context_can_look_up(model_factory, tmp_path):
+    model_dir = model_factory("llama", tie_word_embeddings=False)
+    with UniversalSLIProcessor(model_dir, "none", cache_dir=tmp_path / "cache", device="cpu",
+                               memory_budget_gb=0.0, max_context_tokens=16) as proc:
+        config = proc.config
+        table = config.vocab_size * config.hidden_size * 2  # bfloat16, a view of the checkpoint's map
+        assert proc.mapped_embedding_bytes == table
+        assert proc.plan.shared_bytes == proc.shared_bytes - table + 16 * config.hidden_size * 2
+    with UniversalSLIProcessor(model_dir, "none", cache_dir=tmp_path / "cache", device="cpu",
+                               memory_budget_gb=0.0, max_context_tokens=100_000) as proc:
+        assert proc.plan.shared_bytes == proc.shared_bytes  # never more than the table
