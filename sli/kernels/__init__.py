@@ -72,14 +72,16 @@ RUNTIME_BYTES = settings.DEFAULT_SETTINGS["kernel_runtime_bytes"]
 INT8_ACTIVATION_ROWS = 1
 KEEP_FLOAT = 4  # = INT8_DYNAMIC's outliers per token
 
-# NF4/FP4 meet int8 activations too, from this many rows on, their 16 levels as the integers
+# NF4/FP4 meet integer activations too, from this many rows on, their 16 levels as the integers
 # round(code * LEVEL_SCALE), looked up as 16-bit words and multiplied by int16 activations
 # (sli.kernels.simd_int8.make_dot4l, levels_order): 0.5-0.9x the split-byte form they replaced
 # on AVX2 and AVX-512 (docs/benchmarks.md).
-# Integer sums make a row's values the same alone and in a batch, as for INT8/INT4. On SmolLM2
-# with every linear through the kernels, NF4's perplexity moves +0.32% (19.547 -> 19.611), FP4's
-# +0.35%: the int8 activations (docs/benchmarks.md). Levels rounded to one byte instead
-# (llama.cpp IQ4_NL's way) had moved NF4 +0.82% by themselves. 0 turns the path off.
+# Integer sums make a row's values the same alone and in a batch, as for INT8/INT4. The
+# activations are int16 here, one scale a row and no value kept in float (wide_levels): on
+# SmolLM2 with every linear through the kernels NF4's perplexity is 19.549 against 19.543 with
+# float activations (int8 ones with 4 kept values gave 19.611-19.639), FP4's 22.543 against
+# 22.530 (docs/benchmarks.md). Levels rounded to one byte instead (llama.cpp IQ4_NL's way) had
+# moved NF4 +0.82% by themselves. 0 turns the path off.
 INT8_LEVELS_ROWS = 1
 
 
@@ -191,10 +193,12 @@ def quantize_rows(rows: Tensor, xblock: int, keep: int = 0, sumblock: Optional[i
     return tuple(torch.from_numpy(a) for a in _quantized(_np(rows), xblock, keep, sumblock))
 
 
-def quantized_buffers(t: int, n: int, xblock: int, keep: int = 0, sumblock: Optional[int] = None):
-    """Empty arrays for :func:`_quantized` of ``t`` rows of ``n`` values: ``(xq, xs, corr, bsum, oidx, oval)``."""
+def quantized_buffers(t: int, n: int, xblock: int, keep: int = 0, sumblock: Optional[int] = None,
+                      wide: bool = False):
+    """Empty arrays for :func:`_quantized` of ``t`` rows of ``n`` values: ``(xq, xs, corr, bsum, oidx, oval)``
+    (``wide``: ``xq`` int16, quantized at :data:`sli.kernels.activations.WIDE` levels)."""
     sumblock = sumblock or n
-    return (np.empty(t * n, np.int8), np.empty(t * (n // xblock), np.float32), np.empty(t, np.float32),
+    return (np.empty(t * n, np.int16 if wide else np.int8), np.empty(t * (n // xblock), np.float32), np.empty(t, np.float32),
             np.empty(t * (n // sumblock), np.float32), np.empty((t, keep), np.int64), np.empty((t, keep), np.float32))
 
 
@@ -264,14 +268,30 @@ def _levels(code: Tensor) -> np.ndarray:
     return levels
 
 
+def wide_levels() -> bool:
+    """Whether NF4/FP4's integer levels meet int16 activations (one scale a row at
+    :data:`~sli.kernels.activations.WIDE` levels, no value kept in float): on a SIMD level, whose
+    kernels read the activations as 16-bit words anyway. On SmolLM2 NF4's perplexity moved +0.07%
+    against float activations where int8 ones with 4 kept values moved it +0.42%, and the
+    kept values' lookups were a fifth of a 576-wide product (docs/benchmarks.md). The plain
+    level reads int8 activations and keeps :data:`KEEP_FLOAT` values."""
+    return simd_path() != "plain"
+
+
+def levels_keep(in_features: int) -> int:
+    """The values a row keeps in float for NF4/FP4's integer levels (see :func:`wide_levels`)."""
+    return 0 if wide_levels() else min(KEEP_FLOAT, in_features - 1)
+
+
 def _int8_4bit(x: Tensor, blocksize: int):
-    """``x``'s rows quantized for :func:`matmul_4bit`'s int8 path, or None where it stays float."""
+    """``x``'s rows quantized for :func:`matmul_4bit`'s integer path, or None where it stays float."""
     rows = _rows(x, x.shape[-1])
     if not (INT8_LEVELS_ROWS and rows.shape[0] >= INT8_LEVELS_ROWS and int8_activations(rows.shape[0])
             and blocksize % 64 == 0):
         return None
     t, n = rows.shape
-    xq, xs, _, _, oidx, oval = _quantized(_np(rows), n, min(KEEP_FLOAT, n - 1))
+    keep = levels_keep(n)
+    xq, xs, _, _, oidx, oval = _quantized(_np(rows), n, keep, out=quantized_buffers(t, n, n, keep, n, wide_levels()))
     return rows, levels_order(xq, t, n), xs, oidx, oval
 
 

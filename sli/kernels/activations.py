@@ -7,9 +7,18 @@ from numba import njit
 from .jit import stable_id
 
 
+# Where ``xq`` is int16 (NF4/FP4's levels on a SIMD level, sli.kernels.simd_int8.make_dot4l) a
+# value is x * WIDE / max|x|: 128x finer steps than int8's 127, fine enough to keep no value in
+# float. The kernels' int32 sums stay exact: a lane adds at most 8 products of a level (|L| <=
+# 8160, sli.kernels.four_bit.split_levels) and an activation before its block's sum is
+# converted, 8 * 8160 * 16383 < 2**31 / 2.
+WIDE = 16383
+
+
 @njit(cache=True, nogil=True)  # no fastmath: x * 127 / a rounds as INT8_DYNAMIC's torch code does
 def quantize_rows(x, xblock, sumblock, xq, xs, corr, bsum, oidx, oval):
     # x fp32 [T, in] -> xq int8 [T*in] with a scale a block of xblock values (xs [T*(in/xblock)]),
+    # or xq int16 at WIDE levels (keep no values in float then: oidx, oval [T, 0]),
     # the oidx.shape[1] largest |x| of each row kept in float (oidx, oval [T, K]; 0 in xq);
     # corr[t] = 128 * sum over blocks of xs * sum(xq) (what dot8q's AVX-512 form subtracts);
     # bsum [T*(in/sumblock)]: sum(xq) a block of sumblock values
@@ -17,6 +26,7 @@ def quantize_rows(x, xblock, sumblock, xq, xs, corr, bsum, oidx, oval):
     sums = cols // sumblock
     keep = oidx.shape[1]
     blocks = cols // xblock
+    limit = np.float32(WIDE) if xq.itemsize == 2 else np.float32(127.0)
     row = np.empty(cols, np.float32)
     top = np.empty(keep + 1, np.float32)  # the keep + 1 largest |x|: the last is the rest's maximum
     at = np.empty(keep + 1, np.int64)
@@ -50,10 +60,10 @@ def quantize_rows(x, xblock, sumblock, xq, xs, corr, bsum, oidx, oval):
             amax = max(amax, np.float32(1e-8))
             total = 0
             for j in range(blk * xblock, (blk + 1) * xblock):
-                v = np.rint(row[j] * np.float32(127.0) / amax)
-                xq[t * cols + j] = np.int8(v)
+                v = np.rint(row[j] * limit / amax)
+                xq[t * cols + j] = v
                 total += np.int32(v)
-            s = amax / np.float32(127.0)
+            s = amax / limit
             xs[t * blocks + blk] = s
             c += s * np.float32(total)
         corr[t] = np.float32(128.0) * c

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import (INT8_LEVELS_ROWS, KEEP_FLOAT, _levels, _np, _q4_order, _quantized, int8_activations, int8_matrix_rows,
-               levels_buffer, levels_order, quantized_buffers)
+               levels_buffer, levels_keep, levels_order, quantized_buffers, wide_levels)
 from . import dispatch
 from .dispatch import run, table
 
@@ -47,6 +47,7 @@ class Activations:
     keep: int
     half: int = 0
     levels: bool = False
+    wide: bool = False  # xq int16 (sli.kernels.wide_levels)
 
     def buffers(self, rows: int) -> "QuantizeBuffers":
         """Room to quantize ``rows`` rows, for :meth:`quantize` to reuse."""
@@ -87,7 +88,7 @@ class QuantizeBuffers:
     def __init__(self, form: Activations, rows: int) -> None:
         n = form.width
         self.rows = rows
-        self.arrays = quantized_buffers(rows, n, n, form.keep, form.sumblock)
+        self.arrays = quantized_buffers(rows, n, n, form.keep, form.sumblock, form.wide)
         self.ordered = levels_buffer(rows, n) if form.levels else np.empty(rows * n, np.int8) if form.half else None
         self.padded = np.zeros((rows, n), np.float32)  # only the first columns are written
 
@@ -189,7 +190,7 @@ def four_bit(packed: Tensor, code: Tensor, blocksize: int, out_features: int, in
         xq, xs, _, _, oidx, oval = a
         return (pf, *maxima, levels, cf, xq, xs, oidx, oval, blocksize, y)
 
-    activations = Activations(in_features, in_features, min(KEEP_FLOAT, in_features - 1), levels=True)
+    activations = Activations(in_features, in_features, levels_keep(in_features), levels=True, wide=wide_levels())
     return RowProduct(activations, out_features, out_features * in_features // 4, name, arguments, bias)
 
 

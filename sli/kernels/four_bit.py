@@ -8,7 +8,7 @@ import numpy as np
 
 from .jit import KERNEL, stable_id
 
-# NF4/FP4's levels meet int8 activations as the integers round(code * LEVEL_SCALE): 127 * 64,
+# NF4/FP4's levels meet integer activations as the integers round(code * LEVEL_SCALE): 127 * 64,
 # passed split in two bytes (split_levels), which the dot4l helpers join back into 16-bit words
 LEVEL_SCALE = 127 * 64
 
@@ -100,8 +100,8 @@ def build(h) -> dict:
     @KERNEL
     def span_4bitq(packed, absmax, qabsmax, nested, nested_code, offset, nested_blocksize, levels, code, xq, xs, oidx,
                    oval, blocksize, y, start, stop):
-        # rows start..stop of a 4-bit weight times int8 activations (quantize_rows: one scale a
-        # row, laid out by levels_order), the 16 levels as integers (split_levels).
+        # rows start..stop of a 4-bit weight times integer activations (quantize_rows: one scale a
+        # row, int16 on a SIMD level, laid out by levels_order), the 16 levels as integers (split_levels).
         # Block maxima: absmax (float32), or, where it is empty, double-quantized:
         # nested_code[qabsmax[b]] * nested[b // nested_blocksize] + offset (qabsmax uint8). One call
         # a span, not a row: a call between kernels passing arrays costs ~1000 cycles (reference counts)
