@@ -156,9 +156,11 @@ class UniversalSLIProcessor:
         On CPU a disk hit of a streamed layer is mapped, not read: its linears compute straight
         from the page cache's copy of the entry (see :meth:`LayerCache.get`). An ``owned`` one
         (a resident layer) is read into this process's memory."""
-        dropped = self._plan is not None and index in self._plan.page_dropped_layers
+        pressed = self._plan is not None and bool(self._plan.page_dropped_layers)  # the page cache is short
+        # a streamed layer past the page cache's room, or a resident one once read (never read again)
+        drop = pressed and (owned or index in self._plan.page_dropped_layers)
         cached = self.cache.get(self.model_id, index, self.quantizer, mapped=self.packed and not owned,
-                                drop_pages=dropped and not owned)
+                                drop_pages=drop)
         if cached is not None:
             return cached
         cached = self._quantized_from_checkpoint(index)

@@ -105,8 +105,9 @@ def test_streamed_layers_past_the_page_cache_s_room_leave_it_once_used(model_fac
         torch.testing.assert_close(logits, reference(ids[None]).logits, atol=1e-5, rtol=1e-5)
         proc.streamer.cancel()  # a layer prefetched for the next pass holds its map
         pages = [cached_pages(path) for path in paths]
-        assert all(pages[i] > 0 for i in (0, 1)), pages  # read into the process's memory; kept
-        assert pages[2:] == [0, 0, 0], pages
+        # layer 0 read into the process's memory, its file's pages then dropped (the page cache is
+        # short); layer 1 kept there; 2-4 dropped once used
+        assert pages[1] > 0 and pages[0] == pages[2] == pages[3] == pages[4] == 0, pages
         # the resident layer is this process's memory, not a map of its file the kernel may drop
         held = [b for b in proc.layers[0].mlp.down_proj.buffers() if b.numel() > 1]
         assert held and not any(in_file_mapping(b.data_ptr()) for b in held)
