@@ -298,7 +298,8 @@ class LayerStore:
                 self._stats.memory_hits += 1
                 return entry
             self._stats.memory_misses += 1
-        entry = self._read(key, mapped=mapped, drop_pages=drop_pages)  # outside the lock: a prefetch thread's disk read blocks no one
+        # outside the lock: a prefetch thread's disk read blocks no one
+        entry = self._read(key, mapped=mapped, drop_pages=drop_pages)
         with self._lock:
             if entry is None:
                 self._stats.disk_misses += 1

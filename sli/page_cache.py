@@ -1,4 +1,5 @@
-"""How much of the OS page cache a streamed model can count on, and dropping a file's pages.
+"""How much of the OS page cache a streamed model can count on, dropping a file's pages, and
+whether an address is a file's mapping.
 
 A streamed layer is read into the page cache and computed from there (a mapping). Every token
 reads the streamed layers in the same order, which is the worst case for the kernel's
@@ -87,6 +88,21 @@ def room(planned_bytes: int, margin: float = 0.1, proc: str = "/proc/self") -> i
         return max(0, int(limit * (1 - margin)) - rss - planned_bytes)
     available = psutil.virtual_memory().available
     return max(0, int(available * (1 - margin)) - planned_bytes)
+
+
+def in_file_mapping(address: int) -> bool:
+    """Whether ``address`` lies in a mapping of a file by this process (False where
+    ``/proc/self/maps`` cannot be read)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                start, end = (int(v, 16) for v in fields[0].split("-"))
+                if start <= address < end:
+                    return len(fields) > 5 and fields[5].startswith("/")
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def drop_pages(fd: int) -> None:

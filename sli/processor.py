@@ -216,7 +216,8 @@ class UniversalSLIProcessor:
             available = device_calls.available_bytes(self.device)
             runtime = kernels.RUNTIME_BYTES if self.packed and kernels.kernels_enabled() else 0
             self._plan = plan_memory(self.memory_budget, num_layers=self.layout.num_layers,
-                                     shared_bytes=self._resident_shared_bytes(), layer_bytes=layer_bytes, scratch_bytes=scratch,
+                                     shared_bytes=self._resident_shared_bytes(), layer_bytes=layer_bytes,
+                                     scratch_bytes=scratch,
                                      prefetch_depth=self._prefetch_depth, runtime_bytes=runtime,
                                      available_bytes=int(available),
                                      kv_layer_bytes=self.kv_bytes(self.max_context_tokens) // self.layout.num_layers,

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint, SkeletonLoader
+from .page_cache import in_file_mapping
 from .errors import ModelLoadError
 from .quantization import QuantizationConfig, QuantizedLinear, QuantizedTensor, codec_for
 
@@ -64,21 +65,6 @@ def mapped_embedding(model: nn.Module) -> "tuple[int, int]":
     if not in_file_mapping(weight.untyped_storage().data_ptr()):
         return 0, 0
     return weight.numel() * weight.element_size(), weight.shape[1] * weight.element_size()
-
-
-def in_file_mapping(address: int) -> bool:
-    """Whether ``address`` lies in a mapping of a file by this process (False where
-    ``/proc/self/maps`` cannot be read)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                start, end = (int(v, 16) for v in fields[0].split("-"))
-                if start <= address < end:
-                    return len(fields) > 5 and fields[5].startswith("/")
-    except (OSError, ValueError, IndexError):
-        pass
-    return False
 
 
 def own_head(model: nn.Module) -> None:

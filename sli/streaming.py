@@ -78,7 +78,8 @@ class LayerStreamer:
     """Turns cached layers into ready-to-run state dicts, one step ahead of the compute.
 
     ``fetch_cached(i, owned)`` returns layer ``i``'s :class:`CachedLayer` (filling the cache on
-    a miss; ``owned``: read into this process's memory, not mapped, for a layer that stays); ``templates[i]`` is a dict name → (shape, dtype) describing the dequantized layer.
+    a miss; ``owned``: read into this process's memory, not mapped, for a layer that stays);
+    ``templates[i]`` is a dict name → (shape, dtype) describing the dequantized layer.
     """
 
     def __init__(self, fetch_cached: Callable[[int, bool], CachedLayer], device: torch.device, dtype: torch.dtype,

@@ -9,7 +9,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sli import UniversalSLIProcessor, page_cache
-from sli.shared_modules import in_file_mapping
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -110,8 +109,8 @@ def test_streamed_layers_past_the_page_cache_s_room_leave_it_once_used(model_fac
         assert pages[1] > 0 and pages[0] == pages[2] == pages[3] == pages[4] == 0, pages
         # the resident layer is this process's memory, not a map of its file the kernel may drop
         held = [b for b in proc.layers[0].mlp.down_proj.buffers() if b.numel() > 1]
-        assert held and not any(in_file_mapping(b.data_ptr()) for b in held)
-        assert in_file_mapping(proc.model.get_input_embeddings().weight.data_ptr())  # the checkpoint's map
+        assert held and not any(page_cache.in_file_mapping(b.data_ptr()) for b in held)
+        assert page_cache.in_file_mapping(proc.model.get_input_embeddings().weight.data_ptr())  # the checkpoint's map
 
 
 def test_the_plan_counts_a_mapped_embedding_by_the_rows_its_context_can_look_up(model_factory, tmp_path):

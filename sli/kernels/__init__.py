@@ -198,8 +198,9 @@ def quantized_buffers(t: int, n: int, xblock: int, keep: int = 0, sumblock: Opti
     """Empty arrays for :func:`_quantized` of ``t`` rows of ``n`` values: ``(xq, xs, corr, bsum, oidx, oval)``
     (``wide``: ``xq`` int16, quantized at :data:`sli.kernels.activations.WIDE` levels)."""
     sumblock = sumblock or n
-    return (np.empty(t * n, np.int16 if wide else np.int8), np.empty(t * (n // xblock), np.float32), np.empty(t, np.float32),
-            np.empty(t * (n // sumblock), np.float32), np.empty((t, keep), np.int64), np.empty((t, keep), np.float32))
+    return (np.empty(t * n, np.int16 if wide else np.int8), np.empty(t * (n // xblock), np.float32),
+            np.empty(t, np.float32), np.empty(t * (n // sumblock), np.float32), np.empty((t, keep), np.int64),
+            np.empty((t, keep), np.float32))
 
 
 def _quantized(rows: np.ndarray, xblock: int, keep: int = 0, sumblock: Optional[int] = None, out=None):
