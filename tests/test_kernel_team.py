@@ -47,8 +47,8 @@ def _weight(mode, shape, double_quant=True):
 
 
 @pytest.mark.parametrize("mode,double_quant,kernel", [
-    ("int8", True, "matmul_int8q"), ("nf4", True, "matmul_4bitq_nested"), ("nf4", False, "matmul_4bitq"),
-    ("fp4", True, "matmul_4bitq_nested"), ("int4", True, "matmul_int4q"), ("none", True, "matmul_bf16")])
+    ("int8", True, "matmul_int8q"), ("nf4", True, "matmul_4bitq"), ("nf4", False, "matmul_4bitq"),
+    ("fp4", True, "matmul_4bitq"), ("int4", True, "matmul_int4q"), ("none", True, "matmul_bf16")])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_a_product_split_across_the_team_equals_one_thread_s_bit_for_bit(two_threads, counted, monkeypatch, mode,
                                                                          double_quant, kernel, rows):

@@ -50,7 +50,7 @@ from .four_bit import LEVEL_SCALE, split_levels
 __all__ = [
     "FUSED_MAX_TOKENS", "RUNTIME_BYTES", "SIMD_LEVELS", "INT8_LEVELS_ROWS", "INT8_ACTIVATION_ROWS", "KEEP_FLOAT",
     "LEVEL_SCALE", "kernels_enabled", "requested_level", "simd_helpers", "simd_path", "four_bit_path", "lanes", "lut4_order",
-    "q4_order", "use_fused", "int8_activations", "quantize_rows", "matmul_4bit", "matmul_4bit_nested",
+    "q4_order", "use_fused", "int8_activations", "quantize_rows", "matmul_4bit",
     "dequantize_4bit", "dequantize_blockwise8", "matmul_int8", "matmul_int4", "matmul_lut8", "matmul_fp8",
     "matmul_bf16", "dequantize_int4", "matrix_units", "prompt_dtype", "int8_matrix_rows", "torch_on_one_thread",
     "fused_pass", "FUSED_PASS_MAX_CONTEXT", "decode_attention", "decode_attention_arrays", "kv_arrays", "layer_ops",
@@ -296,39 +296,27 @@ def _int8_4bit(x: Tensor, blocksize: int):
     return rows, levels_order(xq, t, n), xs, oidx, oval
 
 
-def _matmul_4bit(x: Tensor, packed: Tensor, code: Tensor, blocksize: int, out_features: int, bias: Optional[Tensor],
-                 kind: str, *maxima) -> Optional[Tensor]:
-    # kind "" (float32 block maxima) or "_nested"; maxima: the kernel's arguments for them
+def matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, out_features: int,
+                bias: Optional[Tensor] = None) -> Optional[Tensor]:
+    """``x @ W^T (+ bias)`` for a bitsandbytes-layout 4-bit weight with float32 block maxima
+    ``absmax`` (``in`` a multiple of ``blocksize``, itself a multiple of 64), or None for other
+    block sizes. From :data:`INT8_LEVELS_ROWS` rows on, the 16 levels as integers meet int8
+    activations."""
     if blocksize % 64:
         return None
+    maxima = _np(_flat(absmax))
     quantized = _int8_4bit(x, blocksize)
     if quantized is not None:
         rows, xq, xs, oidx, oval = quantized
         y = _out(rows, out_features)
-        _run(f"matmul_4bitq{kind}", out_features, out_features * x.shape[-1] * rows.shape[0] // 4, _np(_flat(packed)),
-             *maxima, _levels(code), _np(code), xq, xs, oidx, oval, blocksize, y)
+        _run("matmul_4bitq", out_features, out_features * x.shape[-1] * rows.shape[0] // 4, _np(_flat(packed)),
+             maxima, _levels(code), _np(code), xq, xs, oidx, oval, blocksize, y)
         return _finish(y, x, out_features, bias)
     rows = lut4_order(_rows(x, x.shape[-1]))
     y = _out(rows, out_features)
-    _run(f"matmul_4bit{kind}", out_features, out_features * x.shape[-1] * rows.shape[0], _np(_flat(packed)), *maxima,
+    _run("matmul_4bit", out_features, out_features * x.shape[-1] * rows.shape[0], _np(_flat(packed)), maxima,
          _np(code), _np(rows), y, blocksize)
     return _finish(y, x, out_features, bias)
-
-
-def matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, out_features: int,
-                bias: Optional[Tensor] = None) -> Optional[Tensor]:
-    """``x @ W^T (+ bias)`` for a bitsandbytes-layout 4-bit weight (``in`` a multiple of
-    ``blocksize``, itself a multiple of 64), or None for other block sizes. From
-    :data:`INT8_LEVELS_ROWS` rows on, the 16 levels as integers meet int8 activations."""
-    return _matmul_4bit(x, packed, code, blocksize, out_features, bias, "", _np(_flat(absmax)))
-
-
-def matmul_4bit_nested(x: Tensor, packed: Tensor, qabsmax: Tensor, nested: Tensor, nested_code: Tensor, offset: float,
-                       nested_blocksize: int, code: Tensor, blocksize: int, out_features: int,
-                       bias: Optional[Tensor] = None) -> Optional[Tensor]:
-    """:func:`matmul_4bit` with bitsandbytes' double-quantized (8-bit) block maxima."""
-    return _matmul_4bit(x, packed, code, blocksize, out_features, bias, "_nested", _np(_flat(qabsmax)), _np(nested),
-                        _np(nested_code), offset, nested_blocksize)
 
 
 def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, out: Tensor) -> Tensor:

@@ -170,28 +170,18 @@ def int8(q: Tensor, scale: Tensor, bias: Optional[Tensor], columns: Optional[Ten
 
 
 def four_bit(packed: Tensor, code: Tensor, blocksize: int, out_features: int, in_features: int,
-             bias: Optional[Tensor], absmax: Optional[Tensor] = None,
-             nested: Optional[Tuple[Tensor, Tensor, Tensor, float, int]] = None) -> Optional[RowProduct]:
-    """An NF4/FP4 weight with float32 block maxima ``absmax``, or double-quantized ones
-    ``nested = (qabsmax, nested, nested_code, offset, nested_blocksize)``
-    (:func:`sli.kernels.matmul_4bit`, :func:`~sli.kernels.matmul_4bit_nested`)."""
+             bias: Optional[Tensor], absmax: Tensor) -> Optional[RowProduct]:
+    """An NF4/FP4 weight with float32 block maxima ``absmax`` (:func:`sli.kernels.matmul_4bit`)."""
     if blocksize % 64 or in_features % blocksize:
         return None
-    pf, levels, cf = _flat_np(packed), _levels(code), _np(code)
-    if nested is None:
-        maxima, name = (_flat_np(absmax),), "matmul_4bitq"
-    else:
-        qabsmax, nested_absmax, nested_code, offset, nested_blocksize = nested
-        maxima = (_flat_np(qabsmax), _np(nested_absmax), _np(nested_code), float(offset), int(nested_blocksize))
-        name = "matmul_4bitq_nested"
-
+    pf, levels, cf, maxima = _flat_np(packed), _levels(code), _np(code), _flat_np(absmax)
 
     def arguments(a: QuantizedRows, y: np.ndarray) -> tuple:
         xq, xs, _, _, oidx, oval = a
-        return (pf, *maxima, levels, cf, xq, xs, oidx, oval, blocksize, y)
+        return pf, maxima, levels, cf, xq, xs, oidx, oval, blocksize, y
 
     activations = Activations(in_features, in_features, levels_keep(in_features), levels=True, wide=wide_levels())
-    return RowProduct(activations, out_features, out_features * in_features // 4, name, arguments, bias)
+    return RowProduct(activations, out_features, out_features * in_features // 4, "matmul_4bitq", arguments, bias)
 
 
 def int4(packed: Tensor, scales: Tensor, zeros: Tensor, group: int, in_features: int,

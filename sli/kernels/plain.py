@@ -69,16 +69,6 @@ def lut4z(packed, pofs, code, scales, zeros, sofs, blocksize, x, xofs, n, stride
 
 
 @_jit
-def lut4n(packed, pofs, code, qabsmax, nested_code, nested, offset, sofs, blocksize, x, xofs, n, stride, rows, out):
-    values = np.empty(n, np.float32)
-    for blk in range(n // blocksize):
-        scale = nested_code[qabsmax[sofs + blk]] * nested + offset
-        decode_pairs(packed, pofs + blk * blocksize // 2, code, scale, np.float32(0.0), values, blk * blocksize,
-                     blocksize // 2)
-    _rows_dot(values, x, xofs, stride, rows, out)
-
-
-@_jit
 def dot8(q, qofs, x, xofs, n, stride, rows, out):
     weights = q[qofs:qofs + n]
     if rows == 1:  # decoding: one pass, nothing stored
@@ -166,29 +156,13 @@ def dot4q(packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, rows, cols, ou
 
 
 @_jit
-def block_scale(scales, qabsmax, shift, sofs, g):
-    # block g's scale: scales[g] (shift < 0), or a double-quantized maximum looked up in a table
-    # of 256 a group of 2**shift blocks, from sofs's group on (sli.kernels.simd_int8._each_maximum)
-    if shift < 0:
-        return scales[g]
-    return scales[256 * ((g >> shift) - (sofs >> shift)) + np.int64(qabsmax[g])]
-
-
-@_jit
-def dot4l(packed, pofs, levels, scales, qabsmax, shift, sofs, blocksize, xq, t0, rows, cols, out):
+def dot4l(packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out):
     # xq: each 64 values as the 32 even ones, then the 32 odd ones; a level is
-    # 64 * levels[n] + levels[16 + n] (see the SIMD helper); block maxima: block_scale
-    _dot4l_at(packed, pofs, levels, scales, qabsmax, shift, sofs, sofs, blocksize, xq, t0, rows, cols, out)
-
-
-@_jit
-def _dot4l_at(packed, pofs, levels, scales, qabsmax, shift, sofs, first, blocksize, xq, t0, rows, cols, out):
-    # dot4l of the row whose blocks start at ``first`` (block_scale's table at sofs's group)
-    blocks = cols // blocksize
+    # 64 * levels[n] + levels[16 + n] (see the SIMD helper); block b's maximum: scales[sofs + b]
     for r in range(rows):
         base = (t0 + r) * cols
         s = np.float32(0.0)
-        for blk in range(blocks):
+        for blk in range(cols // blocksize):
             d = np.int32(0)
             for c in range(blk * blocksize, (blk + 1) * blocksize, 64):
                 for k in range(32):
@@ -196,16 +170,15 @@ def _dot4l_at(packed, pofs, levels, scales, qabsmax, shift, sofs, first, blocksi
                     high, low = byte >> 4, byte & 15
                     d += (np.int32(64) * np.int32(levels[high]) + np.int32(levels[16 + high])) * np.int32(xq[base + c + k]) \
                         + (np.int32(64) * np.int32(levels[low]) + np.int32(levels[16 + low])) * np.int32(xq[base + c + 32 + k])
-            s += block_scale(scales, qabsmax, shift, sofs, first + blk) * np.float32(d)
+            s += scales[sofs + blk] * np.float32(d)
         out[r] = s
 
 
 @_jit
-def dot4l_rows(packed, pofs, levels, scales, qabsmax, shift, sofs, blocksize, xq, t0, cols, out):
-    # block_scale's table starts at the first row's group: the rows after it keep its sofs
+def dot4l_rows(packed, pofs, levels, scales, sofs, blocksize, xq, t0, cols, out):
     for w in range(WEIGHT_ROWS):
-        _dot4l_at(packed, pofs + w * (cols // 2), levels, scales, qabsmax, shift, sofs, sofs + w * (cols // blocksize),
-                  blocksize, xq, t0, 1, cols, out[w:])
+        dot4l(packed, pofs + w * (cols // 2), levels, scales, sofs + w * (cols // blocksize), blocksize, xq, t0, 1,
+              cols, out[w:])
 
 
 @_jit
@@ -228,8 +201,8 @@ def decode64_4bit(packed, pofs, code, scale, out, oofs):
     decode_pairs(packed, pofs, code, scale, np.float32(0.0), out, oofs, 32)
 
 
-for _f in (_rows_dot, decode_pairs, lut4, lut4z, lut4n, dot8, dot8_rows, dotfp8, dotfp8_rows, dot8q, dot8q_rows, dot4q,
-           block_scale, dot4l, _dot4l_at, dot4l_rows, dotbf16, dotbf16_rows,
+for _f in (_rows_dot, decode_pairs, lut4, lut4z, dot8, dot8_rows, dotfp8, dotfp8_rows, dot8q, dot8q_rows, dot4q,
+           dot4l, dot4l_rows, dotbf16, dotbf16_rows,
            decode64_4bit):
     stable_id(_f, f"plain.{_f.__name__}")
 
@@ -240,5 +213,5 @@ MAX_ROWS = 16
 # 0.43 did), so a row's bits would depend on how a product's rows were split. The *_rows helpers
 # keep the set the kernels are built over complete.
 HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=MAX_ROWS, weight_rows=1, lut4=lut4, lut4z=lut4z,
-                          lut4n=lut4n, dot8=dot8, dot8_rows=dot8_rows, dotfp8=dotfp8, dotfp8_rows=dotfp8_rows, dot8q=dot8q, dot8q_rows=dot8q_rows, dot4q=dot4q, dot4l=dot4l, dot4l_rows=dot4l_rows,
+                          dot8=dot8, dot8_rows=dot8_rows, dotfp8=dotfp8, dotfp8_rows=dotfp8_rows, dot8q=dot8q, dot8q_rows=dot8q_rows, dot4q=dot4q, dot4l=dot4l, dot4l_rows=dot4l_rows,
                           dotbf16=dotbf16, dotbf16_rows=dotbf16_rows, decode64_4bit=decode64_4bit)

@@ -28,8 +28,6 @@ activation rows ``x[xofs + r*stride : ...]``; ``out[r]`` receives row ``r``'s su
   then the odd ones, so that a register of high nibbles meets a register of ``x``;
 - ``lut4z(packed, pofs, code, scales, zeros, sofs, blocksize, ...)``: the same with value
   ``(code[nibble] - zeros[sofs + block]) * scales[sofs + block]`` (INT4, ``code`` = 0..15);
-- ``lut4n(packed, pofs, code, qabsmax, nested_code, nested, offset, sofs, blocksize, ...)``:
-  the same with double-quantized block maxima (:func:`sli.kernels.simd_float.make_lut4`);
 - ``dot8(q, qofs, x, xofs, n, stride, rows, out)``: an int8 row times float rows;
 - ``dotfp8(q, qofs, ...)``: a float8_e4m3fn row (its bytes), decoded by arithmetic;
 - ``dotbf16(w, wofs, ...)``: a bfloat16 row (its bits as uint16) times float rows;
@@ -75,7 +73,7 @@ def helpers(level: str) -> SimpleNamespace:
     if level not in _built:
         _built[level] = SimpleNamespace(
             level=level, lanes=WIDTH[level], max_rows=MAX_ROWS[level], weight_rows=WEIGHT_ROWS,
-            lut4=make_lut4(level, "scale"), lut4z=make_lut4(level, "affine"), lut4n=make_lut4(level, "nested"),
+            lut4=make_lut4(level, "scale"), lut4z=make_lut4(level, "affine"),
             dot8=make_widening_dot(level, "int8"), dotfp8=make_widening_dot(level, "fp8"),
             dotbf16=make_widening_dot(level, "bf16"), dot8_rows=make_widening_dot_rows(level, "int8"),
             dotfp8_rows=make_widening_dot_rows(level, "fp8"), dotbf16_rows=make_widening_dot_rows(level, "bf16"),

@@ -1,5 +1,5 @@
-"""The SIMD helpers that meet float32 activations: 4-bit table lookups (``lut4``, ``lut4z``,
-``lut4n``), the widening dot products of int8, float8 and bfloat16 rows (``dot8``, ``dotfp8``,
+"""The SIMD helpers that meet float32 activations: 4-bit table lookups (``lut4``, ``lut4z``),
+the widening dot products of int8, float8 and bfloat16 rows (``dot8``, ``dotfp8``,
 ``dotbf16``) and the 4-bit decode for dequantizing (``decode64_4bit``). Their arguments are
 listed in :mod:`sli.kernels.simd`.
 
@@ -16,37 +16,28 @@ from numba.core.extending import intrinsic
 
 from .jit import stable_id
 from .plain import WEIGHT_ROWS
-from .simd_ir import (I8, I16, I32, I64, PREFETCH_VALUES, WIDTH, Emit, const, idx, row_pass, splat, unpack, vload,
+from .simd_ir import (I8, I16, I32, PREFETCH_VALUES, WIDTH, Emit, const, idx, row_pass, splat, unpack, vload,
                       vstore, weight_rows_pass)
 
 
 def make_lut4(level: str, kind: str):
-    """``lut4`` (kind "scale"), ``lut4z`` ("affine": a zero point too) or ``lut4n`` ("nested":
-    8-bit block maxima ``nested_code[qabsmax[block]] * nested + offset``, bitsandbytes' double
-    quantization, decoded as each block starts)."""
-    extra = {"scale": 1, "affine": 2, "nested": 4}[kind]  # arguments between code and sofs
+    """``lut4`` (kind "scale") or ``lut4z`` ("affine": a zero point too)."""
+    extra = {"scale": 1, "affine": 2}[kind]  # arguments between code and sofs
 
     # One signature per kind, spelled out: numba lowers an intrinsic's *args as a tuple.
     if kind == "affine":
         def lut4(typingctx, packed, pofs, code, scales, zeros, sofs, blocksize, x, xofs, n, stride, rows, out):
             return types.void(packed, pofs, code, scales, zeros, sofs, blocksize, x, xofs, n, stride, rows, out), codegen
-    elif kind == "nested":
-        def lut4(typingctx, packed, pofs, code, qabsmax, nested_code, nested, offset, sofs, blocksize, x, xofs, n,
-                 stride, rows, out):
-            return types.void(packed, pofs, code, qabsmax, nested_code, nested, offset, sofs, blocksize, x, xofs, n,
-                              stride, rows, out), codegen
     else:
         def lut4(typingctx, packed, pofs, code, scales, sofs, blocksize, x, xofs, n, stride, rows, out):
             return types.void(packed, pofs, code, scales, sofs, blocksize, x, xofs, n, stride, rows, out), codegen
 
     def codegen(context, builder, signature, args):
         b = builder
-        values = unpack(context, b, signature, args, floats=(5, 6) if kind == "nested" else ())
+        values = unpack(context, b, signature, args)
         packed_ptr, pofs_i, code_ptr, scales_ptr = values[:4]
         if kind == "affine":
             zeros_ptr = values[4]
-        elif kind == "nested":
-            nested_code_ptr, nested, offset = values[4:7]
         sofs_i, bs_i, x_ptr, xofs_i, n_i, stride_i, rows_i, out_ptr = values[3 + extra:]
         slots = []
 
@@ -54,12 +45,7 @@ def make_lut4(level: str, kind: str):
             if not slots:
                 slots.extend(cgutils.alloca_once(b, e.vf) for _ in range(16 // e.w))
             at_block = b.add(sofs_i, index)
-            if kind == "nested":
-                q = b.zext(b.load(b.gep(scales_ptr, [at_block])), I64)
-                scale = b.fadd(b.fmul(b.load(b.gep(nested_code_ptr, [q])), nested), offset)
-            else:
-                scale = b.load(b.gep(scales_ptr, [at_block]))
-            scale = splat(b, scale, e.vf)
+            scale = splat(b, b.load(b.gep(scales_ptr, [at_block])), e.vf)
             code = e.table(code_ptr)
             if kind == "affine":
                 zero = splat(b, b.load(b.gep(zeros_ptr, [at_block])), e.vf)
@@ -85,7 +71,7 @@ def make_lut4(level: str, kind: str):
         row_pass(b, level, n_i, bs_i, x_ptr, xofs_i, stride_i, rows_i, out_ptr, begin_block, body)
         return context.get_dummy_value()
 
-    lut4.__name__ = f"lut4{dict(scale='', affine='z', nested='n')[kind]}_{level}"
+    lut4.__name__ = f"lut4{dict(scale='', affine='z')[kind]}_{level}"
     return stable_id(intrinsic(lut4), f"simd.{lut4.__name__}")
 
 

@@ -16,7 +16,7 @@ from numba.core.extending import intrinsic
 
 from .jit import stable_id
 from .plain import WEIGHT_ROWS
-from .simd_ir import F32, I8, I16, I32, I64, PREFETCH_VALUES, WIDTH, Emit, const, idx, rows_switch, splat, unpack, vload
+from .simd_ir import F32, I8, I16, I32, PREFETCH_VALUES, WIDTH, Emit, const, idx, rows_switch, splat, unpack, vload
 
 
 def _accumulate(e, fsum, isum, scale):
@@ -33,29 +33,6 @@ def _store_sums(e, out_ptr, fsum, minus=None):
         if minus is not None:
             total = b.fsub(total, minus(r))
         b.store(total, b.gep(out_ptr, [idx(r)]))
-
-
-def _each_maximum(b, maxima, blocks_pass):
-    """``blocks_pass(scale_of)`` for the 4-bit helpers' block maxima ``(scales, qabsmax, shift,
-    sofs)`` (:func:`sli.kernels.plain.block_scale`): ``scale_of(g)``, block ``g``'s scale, is
-    ``scales[g]`` where ``shift`` < 0, else a double-quantized maximum looked up in a table of 256
-    a group of ``2**shift`` blocks, from ``sofs``'s group on:
-    ``scales[256 * ((g >> shift) - (sofs >> shift)) + qabsmax[g]]``. Two loops, one branch."""
-    scales_ptr, q_ptr, shift_i, sofs_i = maxima
-
-    def plain(g):
-        return b.load(b.gep(scales_ptr, [g]))
-
-    def looked_up(g):
-        group = b.sub(b.ashr(g, shift_i), b.ashr(sofs_i, shift_i))
-        code = b.zext(b.load(b.gep(q_ptr, [g])), I64)
-        return b.load(b.gep(scales_ptr, [b.add(b.shl(group, idx(8)), code)]))
-
-    with b.if_else(b.icmp_signed("<", shift_i, idx(0))) as (then, otherwise):
-        with then:
-            blocks_pass(plain)
-        with otherwise:
-            blocks_pass(looked_up)
 
 
 def _corr(b, corr_ptr, t0):
@@ -212,10 +189,9 @@ def make_dot4q(level: str):
 
 
 def make_dot4l(level: str):
-    """``dot4l(packed, pofs, levels, scales, qabsmax, shift, sofs, blocksize, xq, t0, rows, cols,
-    out)``: a 4-bit row whose value is ``L[nibble]`` times its block's scale (block ``sofs +
-    block``'s, read as :func:`_each_maximum` says: float32 maxima or double-quantized ones looked
-    up in ``scales`` as a table) (NF4/FP4, their 16 levels as
+    """``dot4l(packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out)``: a 4-bit
+    row whose value is ``L[nibble]`` times its block's float32 scale ``scales[sofs + block]``
+    (NF4/FP4, their 16 levels as
     integers ``L = round(code * LEVEL_SCALE)``, held split as ``L = 64 * levels[n] + levels[16 +
     n]``) times int16 activation rows ``xq[(t0 + r)*cols:]`` (int8 values, laid out by
     :func:`sli.kernels.levels_order`): ``out[r] = sum over blocks of scale * (L[q] . xq)``, the
@@ -241,16 +217,15 @@ def make_dot4l(level: str):
     IQ4_NL's way, moved SmolLM2's NF4 perplexity +0.8%: bitsandbytes' levels are not on an
     int8 grid.)
     """
-    def dot4l(typingctx, packed, pofs, levels, scales, qabsmax, shift, sofs, blocksize, xq, t0, rows, cols, out):
-        sig = types.void(packed, pofs, levels, scales, qabsmax, shift, sofs, blocksize, xq, t0, rows, cols, out)
+    def dot4l(typingctx, packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out):
+        sig = types.void(packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out)
 
         def codegen(context, builder, signature, args):
-            packed_ptr, pofs_i, levels_ptr, scales_ptr, q_ptr, shift_i, sofs_i, bs_i, xq_ptr, t0_i, rows_i, cols_i, \
-                out_ptr = unpack(context, builder, signature, args)
+            packed_ptr, pofs_i, levels_ptr, scales_ptr, sofs_i, bs_i, xq_ptr, t0_i, rows_i, cols_i, out_ptr = \
+                unpack(context, builder, signature, args)
             words = _dot4l_words(builder, level, levels_ptr)
-            maxima = (scales_ptr, q_ptr, shift_i, sofs_i)
             rows_switch(builder, level, rows_i, lambda e, rows: _dot4l_pass(
-                e, words, packed_ptr, pofs_i, maxima, bs_i, xq_ptr, t0_i, rows, 1, cols_i, out_ptr))
+                e, words, packed_ptr, pofs_i, scales_ptr, sofs_i, bs_i, xq_ptr, t0_i, rows, 1, cols_i, out_ptr))
             return context.get_dummy_value()
 
         return sig, codegen
@@ -260,20 +235,19 @@ def make_dot4l(level: str):
 
 
 def make_dot4l_rows(level: str):
-    """``dot4l_rows(packed, pofs, levels, scales, qabsmax, shift, sofs, blocksize, xq, t0, cols, out)``:
+    """``dot4l_rows(packed, pofs, levels, scales, sofs, blocksize, xq, t0, cols, out)``:
     :data:`WEIGHT_ROWS` consecutive 4-bit weight rows (``packed[pofs + w * cols // 2:]``,
     their blocks from ``sofs + w * cols // blocksize`` on) times the one activation
     row ``t0``: ``out[w]`` is what ``dot4l`` gives weight row ``w``, the same operations a row
     (see :func:`make_dot8q_rows`)."""
-    def dot4l_rows(typingctx, packed, pofs, levels, scales, qabsmax, shift, sofs, blocksize, xq, t0, cols, out):
-        sig = types.void(packed, pofs, levels, scales, qabsmax, shift, sofs, blocksize, xq, t0, cols, out)
+    def dot4l_rows(typingctx, packed, pofs, levels, scales, sofs, blocksize, xq, t0, cols, out):
+        sig = types.void(packed, pofs, levels, scales, sofs, blocksize, xq, t0, cols, out)
 
         def codegen(context, builder, signature, args):
-            packed_ptr, pofs_i, levels_ptr, scales_ptr, q_ptr, shift_i, sofs_i, bs_i, xq_ptr, t0_i, cols_i, out_ptr = \
+            packed_ptr, pofs_i, levels_ptr, scales_ptr, sofs_i, bs_i, xq_ptr, t0_i, cols_i, out_ptr = \
                 unpack(context, builder, signature, args)
             words = _dot4l_words(builder, level, levels_ptr)
-            maxima = (scales_ptr, q_ptr, shift_i, sofs_i)
-            _dot4l_pass(Emit(builder, level), words, packed_ptr, pofs_i, maxima, bs_i, xq_ptr, t0_i, 1,
+            _dot4l_pass(Emit(builder, level), words, packed_ptr, pofs_i, scales_ptr, sofs_i, bs_i, xq_ptr, t0_i, 1,
                         WEIGHT_ROWS, cols_i, out_ptr)
             return context.get_dummy_value()
 
@@ -293,7 +267,8 @@ def _dot4l_words(b, level, levels_ptr):
     return (_words_avx512 if level == "avx512" else _words_avx2)(b, whole)
 
 
-def _dot4l_pass(e, words, packed_ptr, pofs_i, maxima, bs_i, xq_ptr, t0_i, rows, weight_rows, cols_i, out_ptr):
+def _dot4l_pass(e, words, packed_ptr, pofs_i, scales_ptr, sofs_i, bs_i, xq_ptr, t0_i, rows, weight_rows, cols_i,
+                out_ptr):
     """One pass of ``weight_rows`` 4-bit weight rows by ``rows`` activation rows; weight row
     ``w`` by activation row ``r`` to ``out[w * rows + r]`` (see :func:`make_dot4l`).
 
@@ -311,14 +286,14 @@ def _dot4l_pass(e, words, packed_ptr, pofs_i, maxima, bs_i, xq_ptr, t0_i, rows, 
     isum = {pair: cgutils.alloca_once(b, e.vi) for pair in pairs}
     blocks = b.sdiv(cols_i, bs_i)
     prow = [b.add(pofs_i, b.mul(b.lshr(cols_i, idx(1)), idx(v))) for v in range(weight_rows)]
-    srow = [b.add(maxima[3], b.mul(blocks, idx(v))) for v in range(weight_rows)]
+    srow = [b.add(sofs_i, b.mul(blocks, idx(v))) for v in range(weight_rows)]
     xrow = [b.mul(b.add(t0_i, idx(r)), cols_i) for r in range(rows)]
     two_halves = ir.Constant(ir.VectorType(I32, 16), [0] * 8 + [1] * 8)
     bs_log2 = b.cttz(bs_i, ir.Constant(ir.IntType(1), 1))
 
-    def step(first, width, scale_of):
+    def step(first, width):
         def scale(v, value):
-            return scale_of(b.add(srow[v], b.lshr(value, bs_log2)))
+            return b.load(b.gep(scales_ptr, [b.add(srow[v], b.lshr(value, bs_log2))]))
 
         for pair in pairs:
             b.store(ir.Constant(e.vi, None), isum[pair])
@@ -342,17 +317,14 @@ def _dot4l_pass(e, words, packed_ptr, pofs_i, maxima, bs_i, xq_ptr, t0_i, rows, 
             for r in range(rows):
                 _accumulate(e, fsum[v, r], isum[v, r], factor)
 
-    def steps_pass(scale_of):
-        if decode_chunk is None:
-            with cgutils.for_range(b, b.lshr(cols_i, idx(6))) as loop:
-                step(b.mul(loop.index, idx(64)), 64, scale_of)
-            return
+    if decode_chunk is None:
+        with cgutils.for_range(b, b.lshr(cols_i, idx(6))) as loop:
+            step(b.mul(loop.index, idx(64)), 64)
+    else:
         with cgutils.for_range(b, b.lshr(cols_i, idx(7))) as loop:
-            step(b.mul(loop.index, idx(128)), 128, scale_of)
+            step(b.mul(loop.index, idx(128)), 128)
         with b.if_then(b.icmp_signed("!=", b.and_(cols_i, idx(127)), idx(0))):
-            step(b.sub(cols_i, idx(64)), 64, scale_of)
-
-    _each_maximum(b, maxima, steps_pass)
+            step(b.sub(cols_i, idx(64)), 64)
     for v in range(weight_rows):
         _store_sums(e, b.gep(out_ptr, [idx(v * rows)]), [fsum[v, r] for r in range(rows)])
 

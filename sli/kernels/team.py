@@ -45,8 +45,6 @@ from .. import settings
 ARGUMENTS: Dict[str, Tuple[str, ...]] = {
     "matmul_int8q": ("i8", "f32", "i8", "f32", "f32", "i64:2", "f32:2", "int", "f32:2"),
     "matmul_4bitq": ("u8", "f32", "i8", "f32", "xq", "f32", "i64:2", "f32:2", "int", "f32:2"),
-    "matmul_4bitq_nested": ("u8", "u8", "f32", "f32", "float", "int", "i8", "f32", "xq", "f32", "i64:2", "f32:2",
-                            "int", "f32:2"),
     "matmul_int4q": ("u8", "f32", "f32", "i8", "f32", "f32", "i64:2", "f32:2", "int", "f32:2"),
     "matmul_bf16": ("u16", "f32", "f32:2", "f32:2"),
 }
@@ -157,7 +155,7 @@ def _build(kernels: dict, level: str) -> dict:
 
     load, store, add, swap_if, pause, cycles, pointer = (atomics.load, atomics.store, atomics.add, atomics.swap_if,
                                                          atomics.pause, atomics.cycles, atomics.pointer)
-    int8q, four_bit, four_bit_nested, int4q, bf16 = (kernels[name] for name in KINDS)
+    int8q, four_bit, int4q, bf16 = (kernels[name] for name in KINDS)
     i8, u8, u16, i64, f32 = np.int8, np.uint8, np.uint16, np.int64, np.float32
     xq = np.int8 if level == "plain" else np.int16
     compiled = njit(nogil=True, cache=True)
@@ -217,12 +215,6 @@ def _build(kernels: dict, level: str) -> dict:
                  a1(job, 18, f32), a2(job, 21, i64), a2(job, 24, f32), job[27], a2(job, 30, f32), lo, hi)
 
     @inlined
-    def run_4bitq_nested(job, numbers, lo, hi):
-        four_bit_nested(a1(job, 3, u8), a1(job, 6, u8), a1(job, 9, f32), a1(job, 12, f32), numbers[15], job[18],
-                        a1(job, 21, i8), a1(job, 24, f32), a1(job, 27, xq), a1(job, 30, f32), a2(job, 33, i64),
-                        a2(job, 36, f32), job[39], a2(job, 42, f32), lo, hi)
-
-    @inlined
     def run_int4q(job, numbers, lo, hi):
         int4q(a1(job, 3, u8), a1(job, 6, f32), a1(job, 9, f32), a1(job, 12, i8), a1(job, 15, f32),
               a1(job, 18, f32), a2(job, 21, i64), a2(job, 24, f32), job[27], a2(job, 30, f32), lo, hi)
@@ -231,7 +223,7 @@ def _build(kernels: dict, level: str) -> dict:
     def run_bf16(job, numbers, lo, hi):
         bf16(a1(job, 3, u16), a1(job, 6, f32), a2(job, 9, f32), a2(job, 12, f32), lo, hi)
 
-    runs = (run_int8q, run_4bitq, run_4bitq_nested, run_int4q, run_bf16)  # in KINDS' order
+    runs = (run_int8q, run_4bitq, run_int4q, run_bf16)  # in KINDS' order
     for run in runs:
         stable_id(run, f"team.{run.__name__}:{level}")
 
@@ -245,7 +237,7 @@ def _build(kernels: dict, level: str) -> dict:
     def _run_own_overload(args, job, numbers, lo, hi):
         # a leader's chunk: the kind whose arguments `args` are, read from the job as a worker
         # reads it (the same bits whoever runs a chunk). So a lead holds its own kind's kernel only,
-        # not run_chunk's five (and so does each decode step calling it): less to compile and to
+        # not run_chunk's four (and so does each decode step calling it): less to compile and to
         # load (numba 0.60: 50 MB less RSS). None matches: nothing to run (lead has refused the call)
         kind = _kind_of(args.types)
         if kind < 0:
@@ -263,8 +255,6 @@ def _build(kernels: dict, level: str) -> dict:
         elif kind == 1:
             run_4bitq(job, numbers, lo, hi)
         elif kind == 2:
-            run_4bitq_nested(job, numbers, lo, hi)
-        elif kind == 3:
             run_int4q(job, numbers, lo, hi)
         else:
             run_bf16(job, numbers, lo, hi)

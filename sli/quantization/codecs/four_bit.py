@@ -143,31 +143,29 @@ class _FourBitCodec(Codec):
         return {"blocksize": q.metadata["blocksize"], "nested_offset": q.metadata.get("nested_offset")}
 
     def prepare(self, q: QuantizedTensor) -> QuantizedTensor:
-        # Double-quantized block maxima stay 8-bit: the kernel decodes one per 64-value block
-        # as it goes, so readying a layer costs nothing and adds no float32 copy of them.
+        # Double-quantized block maxima are decoded here, once, to float32 (4 bytes a block of
+        # 64: +12.5% of the weight's bytes in memory, none on disk). Looking each up in the
+        # product's inner loop instead cost NF4 1.4-1.8x its time (docs/benchmarks.md).
         if "_code" in q.tensors:
             return q
         t = q.tensors
         extra = {"_code": t["weight.quant_map"].float().contiguous()}
         if "weight.nested_absmax" in t:
             st = self._state(q, self.quant_type)
-            extra["_nested"] = t["weight.nested_absmax"].float().contiguous()
-            extra["_nested_code"] = t["weight.nested_quant_map"].float().contiguous()
-            extra["_nested_offset"] = torch.tensor([float(st["nested_offset"]), float(st.get("nested_blocksize", 256))])
+            nested = (t["weight.absmax"], t["weight.nested_absmax"].float(), t["weight.nested_quant_map"].float(),
+                      int(st.get("nested_blocksize", 256)))
+            offset = float(st["nested_offset"])
+            if t["weight.absmax"].device.type == "cpu" and kernels.kernels_enabled():
+                extra["_absmax"] = kernels.dequantize_blockwise8(*nested, offset=offset)
+            else:
+                extra["_absmax"] = dequantize_blockwise_torch(*nested) + offset
         else:
             extra["_absmax"] = t["weight.absmax"].float().contiguous()
         return self._prepared(q, **extra)
 
     def _absmax(self, q: QuantizedTensor) -> Tensor:
-        """Every block's maximum as float32 (decoding the double-quantized ones)."""
-        t = self.prepare(q).tensors
-        if "_absmax" in t:
-            return t["_absmax"]
-        offset, nested_blocksize = t["_nested_offset"].tolist()
-        nested = (t["weight.absmax"], t["_nested"], t["_nested_code"], int(nested_blocksize))
-        if t["weight.absmax"].device.type == "cpu" and kernels.kernels_enabled():
-            return kernels.dequantize_blockwise8(*nested, offset=offset)
-        return dequantize_blockwise_torch(*nested) + offset
+        """Every block's maximum as float32 (the double-quantized ones decoded)."""
+        return self.prepare(q).tensors["_absmax"]
 
     def row_slice(self, q: QuantizedTensor, start: int, stop: int) -> Optional[QuantizedTensor]:
         in_features = int(q.metadata["shape"][1])
@@ -185,10 +183,8 @@ class _FourBitCodec(Codec):
             nested_blocksize = int(self._state(q, self.quant_type).get("nested_blocksize", 256))
             if first % nested_blocksize:
                 return None  # the slice would start inside a group of block maxima
-            groups = slice(first // nested_blocksize, -(-last // nested_blocksize))
-            for name in ("weight.nested_absmax", "_nested"):
-                if name in t:
-                    sliced[name] = t[name][groups]
+            sliced["weight.nested_absmax"] = t["weight.nested_absmax"][first // nested_blocksize:
+                                                                       -(-last // nested_blocksize)]
         return self._rows(q, start, stop, **sliced)
 
     def fused_linear(self, q: QuantizedTensor, x: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
@@ -197,22 +193,14 @@ class _FourBitCodec(Codec):
         if in_features % bs:
             return None  # blocks straddle rows: dequantize instead
         t = q.tensors
-        if "_absmax" in t:
-            return kernels.matmul_4bit(x, t["weight"], t["_absmax"], t["_code"], bs, out_features, bias)
-        offset, nested_blocksize = t["_nested_offset"].tolist()
-        return kernels.matmul_4bit_nested(x, t["weight"], t["weight.absmax"], t["_nested"], t["_nested_code"], offset,
-                                          int(nested_blocksize), t["_code"], bs, out_features, bias)
+        return kernels.matmul_4bit(x, t["weight"], t["_absmax"], t["_code"], bs, out_features, bias)
 
     def row_product(self, q: QuantizedTensor, bias: Optional[Tensor]):
         from ...kernels import bound
 
         out_features, in_features = (int(d) for d in q.metadata["shape"])
         t, bs = q.tensors, int(q.metadata["blocksize"])
-        if "_absmax" in t:
-            return bound.four_bit(t["weight"], t["_code"], bs, out_features, in_features, bias, absmax=t["_absmax"])
-        offset, nested_blocksize = t["_nested_offset"].tolist()
-        return bound.four_bit(t["weight"], t["_code"], bs, out_features, in_features, bias,
-                              nested=(t["weight.absmax"], t["_nested"], t["_nested_code"], offset, int(nested_blocksize)))
+        return bound.four_bit(t["weight"], t["_code"], bs, out_features, in_features, bias, t["_absmax"])
 
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
         qt = self.quant_type
