@@ -5,7 +5,7 @@ Run:
         [--new-tokens 16] [--contenders full,accelerate,airllm,airllm-4bit,sli] [--modes none,int8,nf4]
         [--warm] [--cold] [--json out.json] [--plot timeline.png]
     .venv/bin/python benchmarks/streaming.py --synth 7b --synth-layers 8 ...   # random Llama, 7B shapes
-    ... --contenders sli,llama.cpp-q4_0,llama.cpp-q8_0 --llama-cpp BUILD/bin [--cap-mb 2048]
+    ... --contenders sli,llama.cpp-q4_0,llama.cpp-q8_0 --llama-cpp BUILD/bin [--cap-mb 2048] [--rounds 3]
 
 Each contender runs in a fresh process (``benchmarks/peers.py``), so its peak RSS (``VmHWM``) is its
 own; its baseline is the RSS right after ``import torch, transformers``. For each it reports the
@@ -56,6 +56,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -476,32 +477,38 @@ def report(args, results, fl) -> str:
                      "cap is read from disk again every token, less what the cap lets stay cached. Cache 'capped' = "
                      "the model files evicted from the page cache before the run, not dropped during it.")
     lines.append("")
-    # ratios
-    by = {(r["contender"], r.get("mode"), r["cache"]): r for r in results if r.get("ok")}
-    rows = []
-    for cache in args.caches:
-        for mode in args.modes:
-            s = by.get(("sli", mode, cache))
-            if s is None or not s.get("decode_tok_s"):
-                continue
-            air, acc, full = (by.get((c, None, cache)) for c in ("airllm", "accelerate", "full"))
-            lname = LLAMA_PEER.get(mode)
-            lc = by.get((lname, None, cache)) if lname else None
-            io_s, _ = io_floor_s(fl, f"sli-{mode}", cache, capped)
-            floor = max(io_s, comp["total_s"])
-            lc_dec = f"{fmt(s['decode_tok_s'] / lc['decode_tok_s'])}x ({lname[10:]})" if lc and lc.get("decode_tok_s") else "-"
-            lc_pre = (f"{fmt((args.prompt_len / s['prefill_s']) / lc['prompt_tok_s'])}x" if lc and lc.get("prompt_tok_s")
-                      else "-")
-            rows.append(f"| sli[{mode}] | {show_cache(args, cache)} | {lc_dec} | {lc_pre} "
-                        f"| {fmt(s['decode_tok_s'] / air['decode_tok_s'] if air and air.get('decode_tok_s') else None)}x "
-                        f"| {fmt(s['decode_tok_s'] / acc['decode_tok_s'] if acc and acc.get('decode_tok_s') else None)}x "
-                        f"| {fmt(s['decode_s_per_token'] / floor)}x (floor {floor:.3f} s: {'I/O' if io_s >= comp['total_s'] else 'compute'}) "
-                        f"| {fmt(s['prefill_s'] / full['prefill_s'] if full else None)}x |")
+    # ratios, within each round
+    by = {(r["contender"], r.get("mode"), r["cache"], r.get("round", 0)): r for r in results if r.get("ok")}
+    rows, decode_ratios = [], {}
+    for cache, mode, round_ in ((c, m, k) for c in args.caches for m in args.modes for k in range(args.rounds)):
+        s = by.get(("sli", mode, cache, round_))
+        if s is None or not s.get("decode_tok_s"):
+            continue
+        air, acc, full = (by.get((c, None, cache, round_)) for c in ("airllm", "accelerate", "full"))
+        lname = LLAMA_PEER.get(mode)
+        lc = by.get((lname, None, cache, round_)) if lname else None
+        if lc and lc.get("decode_tok_s"):
+            decode_ratios.setdefault((mode, cache), []).append(s["decode_tok_s"] / lc["decode_tok_s"])
+        io_s, _ = io_floor_s(fl, f"sli-{mode}", cache, capped)
+        floor = max(io_s, comp["total_s"])
+        lc_dec = f"{fmt(s['decode_tok_s'] / lc['decode_tok_s'])}x ({lname[10:]})" if lc and lc.get("decode_tok_s") else "-"
+        lc_pre = (f"{fmt((args.prompt_len / s['prefill_s']) / lc['prompt_tok_s'])}x" if lc and lc.get("prompt_tok_s")
+                  else "-")
+        rows.append(f"| {s['label']} | {show_cache(args, cache)} | {lc_dec} | {lc_pre} "
+                    f"| {fmt(s['decode_tok_s'] / air['decode_tok_s'] if air and air.get('decode_tok_s') else None)}x "
+                    f"| {fmt(s['decode_tok_s'] / acc['decode_tok_s'] if acc and acc.get('decode_tok_s') else None)}x "
+                    f"| {fmt(s['decode_s_per_token'] / floor)}x (floor {floor:.3f} s: {'I/O' if io_s >= comp['total_s'] else 'compute'}) "
+                    f"| {fmt(s['prefill_s'] / full['prefill_s'] if full else None)}x |")
     if rows:
         lines.append("| sli | cache | decode tok/s ÷ llama.cpp | prompt tok/s ÷ llama.cpp | ÷ AirLLM | ÷ accelerate "
                      "| s/token ÷ max(I/O, compute floor) | prefill ÷ full prefill |")
         lines.append("|---|---|---|---|---|---|---|---|")
         lines.extend(rows)
+        if args.rounds > 1:
+            for (mode, cache), ratios in decode_ratios.items():
+                lines.append(f"\nsli[{mode}] {show_cache(args, cache)} decode ÷ {LLAMA_PEER[mode][10:]} over "
+                             f"{len(ratios)} rounds: median {statistics.median(ratios):.2f}x "
+                             f"({', '.join(f'{x:.2f}' for x in ratios)})")
     else:
         lines.append("sli ratios: no successful sli run in this invocation.")
     lrows = []
@@ -555,6 +562,9 @@ def main(argv=None) -> int:
     p.add_argument("--cold", action="store_true", help="cold page cache runs (default: both)")
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "slibench"))
     p.add_argument("--timeout", type=int, default=600, help="seconds per contender run")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every contender this many times, the order reversed every other round, and give "
+                        "each round's ratios (the machine's speed drifts between runs)")
     p.add_argument("--llama-cpp", metavar="DIR", default=None,
                    help="llama.cpp build directory with llama-bench and llama-quantize (default: $LLAMA_CPP_DIR)")
     p.add_argument("--llama-threads", type=int, default=None,
@@ -649,11 +659,16 @@ def main(argv=None) -> int:
             if not args.keep_setup:
                 shutil.rmtree(Path(args.work_dir) / "sli-cache" / f"{name}-{mode}", ignore_errors=True)
             setup[f"sli-{mode}-prewarm"] = run_child(args, "sli", mode, False, 1, ["--setup-only"], capped=False)
-    for cache in args.caches:
-        for c in contenders:
-            for mode in (args.modes if c == "sli" else [None]):
-                n = args.airllm_new_tokens if c.startswith("airllm") and args.airllm_new_tokens else args.new_tokens
-                results.append(run_child(args, c, mode, cache == "cold", n))
+    for round_ in range(args.rounds):
+        for cache in args.caches:
+            for c in (contenders if round_ % 2 == 0 else contenders[::-1]):
+                for mode in (args.modes if c == "sli" else [None]):
+                    n = args.airllm_new_tokens if c.startswith("airllm") and args.airllm_new_tokens else args.new_tokens
+                    result = run_child(args, c, mode, cache == "cold", n)
+                    result["round"] = round_
+                    if args.rounds > 1:
+                        result["label"] += f" r{round_}"
+                    results.append(result)
     for r in results:
         pw = setup.get(f"sli-{r.get('mode')}-prewarm")
         if r.get("contender") == "sli" and pw and pw.get("ok"):

@@ -110,7 +110,7 @@ def _dot8q_pass(e, q_ptr, qofs_i, xq_ptr, xs_ptr, corr_ptr, t0_i, rows, weight_r
             at_value = b.add(first, b.mul(step.index, idx(4 * w)))
             xv = [vload(b, xq_ptr, b.add(xrow[r], at_value), e.vb) for r in range(rows)]
             for v in range(weight_rows):
-                e.prefetch(q_ptr, b.add(b.add(qrow[v], at_value), idx(PREFETCH_VALUES)))
+                e.prefetch_row(q_ptr, qrow[v], at_value, cols_i, weight_rows)
                 weights = vload(b, q_ptr, b.add(qrow[v], at_value), e.vb)
                 unsigned = b.xor(weights, const(e.vb, -128)) if e.level == "avx512" else e.magnitude(weights)
                 for r in range(rows):
@@ -300,7 +300,7 @@ def _dot4l_pass(e, words, packed_ptr, pofs_i, scales_ptr, sofs_i, bs_i, xq_ptr, 
         xv = {}
         for v in range(weight_rows):
             at_byte = b.add(prow[v], b.lshr(first, idx(1)))
-            e.prefetch(packed_ptr, b.add(at_byte, idx(PREFETCH_VALUES // 2)))
+            e.prefetch_row(packed_ptr, prow[v], first, cols_i, weight_rows, per_byte=2)
             raw = vload(b, packed_ptr, at_byte, v64 if width == 128 else v32)
             for weights, offset in (decode_chunk if width == 128 else decode)(raw):
                 for r in range(rows):

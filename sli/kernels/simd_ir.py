@@ -89,6 +89,17 @@ class Emit:
     def fn(self, name, ret, args):
         return cgutils.get_or_insert_function(self.b.module, ir.FunctionType(ret, args), name)
 
+    def prefetch_row(self, pointer, row_start, at_value, cols, weight_rows, per_byte=1):
+        """Prefetch weight row ``row_start``'s bytes :data:`PREFETCH_VALUES` values ahead of
+        value ``at_value``; past the row's end, the same row of the next pass of
+        ``weight_rows`` rows (the rows lie one after another), so a pass's first bytes were
+        asked for during the pass before. ``per_byte``: values a byte (2 for 4-bit codes)."""
+        b = self.b
+        ahead = b.add(at_value, idx(PREFETCH_VALUES))
+        past = b.icmp_signed(">=", ahead, cols)
+        ahead = b.select(past, b.add(ahead, b.mul(cols, idx(weight_rows - 1))), ahead)
+        self.prefetch(pointer, b.add(row_start, b.lshr(ahead, idx(per_byte - 1)) if per_byte > 1 else ahead))
+
     def prefetch(self, pointer, index):
         """Ask for the cache line at ``pointer[index]`` ahead of its use (``prefetcht0``)."""
         b = self.b
