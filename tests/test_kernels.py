@@ -164,6 +164,15 @@ def test_int8_on_the_matrix_units_takes_the_int8_kernels_values(mode, rows, in_f
     assert calls == []
 
 
+@pytest.mark.parametrize("units, rows", [("amx", 17), ("avx512-vnni", 17), ("", 0)])
+def test_int8_prompts_take_torch_int_mm_on_a_cpu_with_int8_matrix_instructions(units, rows, monkeypatch):
+    monkeypatch.delenv("SLI_INT8_MATMUL")  # the suite pins "numba" (conftest)
+    monkeypatch.setattr(kernels.matrix_units_module, "int8_units", lambda: units)
+    assert kernels.int8_matrix_rows() == rows
+    monkeypatch.setenv("SLI_INT8_MATMUL", "numba")  # the switch that forces the fallback
+    assert kernels.int8_matrix_rows() == 0
+
+
 def test_int8_keeping_many_distinct_features_meets_their_columns_a_block_at_a_time(monkeypatch):
     # Each row keeps its own 4 features: their weight columns are gathered a bounded block at a time.
     monkeypatch.setenv("SLI_INT8_MATMUL", "torch")
@@ -191,14 +200,14 @@ def test_the_cpu_s_matrix_units_choose_the_prompt_dtype(monkeypatch, caplog):
     monkeypatch.setenv("SLI_PROMPT_DTYPE", "bfloat16")
     assert kernels.prompt_dtype() == torch.bfloat16
     monkeypatch.delenv("SLI_INT8_MATMUL")
-    assert bool(kernels.int8_matrix_rows()) == (kernels.matrix_units() == "amx")
+    assert bool(kernels.int8_matrix_rows()) == bool(kernels.matrix_units_module.int8_units())
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="sli.kernels.matrix_units"):
         for _ in range(3):  # read on every product: a bad value is said once, the CPU's choice made
             monkeypatch.setenv("SLI_PROMPT_DTYPE", "fp16")
             assert kernels.prompt_dtype() == (torch.bfloat16 if has_units else torch.float32)
             monkeypatch.setenv("SLI_INT8_MATMUL", "onednn")
-            assert bool(kernels.int8_matrix_rows()) == (kernels.matrix_units() == "amx")
+            assert bool(kernels.int8_matrix_rows()) == bool(kernels.matrix_units_module.int8_units())
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["SLI_PROMPT_DTYPE=fp16 is not one of bfloat16, float32; choosing by the CPU",
                         "SLI_INT8_MATMUL=onednn is not one of torch, numba; choosing by the CPU"]

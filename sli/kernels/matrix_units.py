@@ -40,6 +40,17 @@ def matrix_units() -> str:
     return ""
 
 
+@functools.lru_cache(maxsize=1)
+def int8_units() -> str:
+    """What int8 matrix hardware this CPU has: "amx", "avx512-vnni" or "" (none)."""
+    if matrix_units() == "amx":
+        return "amx"
+    cpu = getattr(torch, "cpu", None)
+    if cpu is not None and getattr(cpu, "_is_vnni_supported", lambda: False)():
+        return "avx512-vnni"
+    return ""
+
+
 def prompt_dtype() -> torch.dtype:
     """bfloat16 where the CPU multiplies it in hardware, else float32; ``SLI_PROMPT_DTYPE``
     forces one. Read from the environment every call (cheap), logged the first time."""
@@ -63,7 +74,8 @@ def prompt_dtype() -> torch.dtype:
 # in ``torch._int_mm`` (oneDNN's int8 tiles) instead of sli's kernels: even with them at 16
 # rows, 5x them (and 5x the float32 prompt path) at 24-32, 1.3-2x at 64-512 with random
 # activations, whose kept values fall in many columns (docs/benchmarks.md); below 16 rows,
-# sli's kernels are faster. A decode batch (up to 16 rows, FUSED_MAX_TOKENS) stays in sli's
+# sli's kernels are faster. On AVX-512 VNNI without AMX (the Zen 4) oneDNN's int8 product is
+# 1.7-1.8x sli's path at 32-128 rows and 2x its own bfloat16 one. A decode batch (up to 16 rows, FUSED_MAX_TOKENS) stays in sli's
 # kernels, where each row's values are those it gets alone; oneDNN's float epilogue is not.
 INT8_MATRIX_ROWS = 17
 
@@ -71,13 +83,21 @@ INT8_MATRIX_ROWS = 17
 def int8_matrix_rows() -> int:
     """The row count from which INT8 products run in ``torch._int_mm``; 0: never.
     ``SLI_INT8_MATMUL=torch`` uses it from :data:`INT8_MATRIX_ROWS` rows on any CPU (oneDNN
-    has int8 paths for AVX2 and AVX-512 too), ``=numba`` never; by default on AMX only."""
+    has an int8 path for AVX2 too), ``=numba`` never; by default on AMX or AVX-512 VNNI."""
     asked = os.environ.get("SLI_INT8_MATMUL", "").strip().lower()
     if asked not in ("", "torch", "numba"):
         _warn_unknown("SLI_INT8_MATMUL", asked, "torch, numba")
     if asked == "numba" or not hasattr(torch, "_int_mm"):
         return 0
-    return INT8_MATRIX_ROWS if asked == "torch" or matrix_units() == "amx" else 0
+    rows = INT8_MATRIX_ROWS if asked == "torch" or int8_units() else 0
+    _log_int8_choice(rows, f"SLI_INT8_MATMUL={asked}" if asked else f"this CPU has {int8_units() or 'no AMX or VNNI'}")
+    return rows
+
+
+@functools.lru_cache(maxsize=None)
+def _log_int8_choice(rows: int, why: str) -> None:
+    where = f"torch._int_mm from {rows} rows" if rows else "sli's kernels"
+    logger.info("INT8 prompt products in %s (%s)", where, why)
 
 
 # The values kept in float meet their weight columns, gathered as float32, this many columns at
