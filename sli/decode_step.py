@@ -302,7 +302,7 @@ class OneCallStep:
         attn = (step.heads, step.kv_heads, rotary[0], rotary[1], keys, key_scale, values, value_scale, position,
                 bias, float(step.scaling), self.attended)
         normed = step._scratch[1].normed
-        if kernels.decode_attention_work(keys, length) < dispatch.INLINE_WORK:  # as decode_attention_arrays runs it
+        if not kernels.split_attention(keys, length):  # as decode_attention_arrays runs it
             self.compiled(x, normed, self.norms, control, self.forms, self.products, attn, 0)
             return
         # a long context: attention split across threads between the two halves

@@ -39,6 +39,25 @@ def test_decode_attention_kernel_equals_sdpa_on_the_widened_values():
     check_decode_attention()
 
 
+@pytest.mark.parametrize("length, split", [(128, False), (4096, True)])
+def test_decode_attention_is_split_across_threads_from_a_long_context_on(length, split, monkeypatch):
+    # a 7B-shaped layer's 32 heads of 128: at 128 positions one thread (the pool's thread beside
+    # a polling team worker waited for a core), at 4096 split; the same values either way
+    from sli.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "INLINE_WORK", 0)
+    runs = []
+    real_run = kernels._run
+    monkeypatch.setattr(kernels, "_run", lambda name, *a: runs.append(name) or real_run(name, *a))
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(32, 128, generator=g)
+    k, v = (torch.randint(-127, 128, (32, length, 128), generator=g, dtype=torch.int8) for _ in range(2))
+    scale = torch.rand(32, length, generator=g) / 127
+    got = kernels.decode_attention(q, k, scale, v, scale, torch.zeros(length), length, 128 ** -0.5)
+    assert runs == (["decode_attention_int8"] if split else [])
+    assert float((got - _reference(q, k, scale, v, scale, torch.zeros(length), length, 128 ** -0.5)).abs().max()) < 1e-4
+
+
 def _processor(model_dir, tmp_path, kv_dtype, **kwargs):
     return UniversalSLIProcessor(model_dir, "int8", cache_dir=tmp_path / "c", device="cpu", memory_budget_gb=0.0,
                                  kv_dtype=kv_dtype, **kwargs)

@@ -125,6 +125,7 @@ def test_one_call_s_paths_give_the_same_bits(path, model_factory, tmp_path, monk
         monkeypatch.setattr(dispatch, "TEAM_WORK", 0)
     else:  # attention split across threads between the call's two halves
         monkeypatch.setattr(dispatch, "INLINE_WORK", 64)
+        monkeypatch.setattr(kernels, "ATTENTION_SPLIT_WORK", 64)
         real = kernels.decode_attention_arrays
         monkeypatch.setattr(kernels, "decode_attention_arrays", lambda *a, **k: split.append(1) or real(*a, **k))
     ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))

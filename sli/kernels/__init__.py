@@ -54,7 +54,7 @@ __all__ = [
     "dequantize_4bit", "dequantize_blockwise8", "matmul_int8", "matmul_int4", "matmul_lut8", "matmul_fp8",
     "matmul_bf16", "dequantize_int4", "matrix_units", "prompt_dtype", "int8_matrix_rows", "torch_on_one_thread",
     "fused_pass", "FUSED_PASS_MAX_CONTEXT", "decode_attention", "decode_attention_arrays", "kv_arrays", "layer_ops",
-    "add_columns", "decode_attention_work",
+    "add_columns", "decode_attention_work", "split_attention", "ATTENTION_SPLIT_WORK",
 ]
 
 # Above this many activation rows dequantize-then-BLAS beats the fused kernels.
@@ -475,10 +475,24 @@ def kv_arrays(stored: Tensor, scale: Optional[Tensor]) -> "tuple[np.ndarray, np.
     raise ValueError(f"decode_attention reads int8 or bfloat16 keys and values, not {stored.dtype}")
 
 
+# From this many multiply-adds on (a 7B-shaped layer's 32 heads of 128 at 4096 positions), a
+# decode step's attention is split across threads. Below it one thread is as fast (memory-bound:
+# 0.95 ms alone against 0.85 split at 1024 positions, 0.13 against 0.17-0.20 at 128), and the
+# pool's thread, beside a team worker still polling, waited up to a scheduler slice for a core:
+# 0.5-0.7 s a 7B token at 128 positions against 0.29-0.31 (docs/benchmarks.md).
+ATTENTION_SPLIT_WORK = 1 << 25
+
+
 def decode_attention_work(keys: np.ndarray, length: int) -> int:
     """The multiply-adds of one query row a head attending to ``length`` positions of
-    ``keys`` ``[Hk, capacity, D]`` (what decides whether threads split it)."""
+    ``keys`` ``[Hk, capacity, D]``."""
     return 2 * length * keys.shape[0] * keys.shape[2]
+
+
+def split_attention(keys: np.ndarray, length: int) -> bool:
+    """Whether a decode step's attention over ``length`` positions of ``keys`` is split across
+    threads (:data:`ATTENTION_SPLIT_WORK`)."""
+    return decode_attention_work(keys, length) >= ATTENTION_SPLIT_WORK
 
 
 def decode_attention_arrays(query: np.ndarray, keys: np.ndarray, key_scale: np.ndarray, values: np.ndarray,
@@ -490,8 +504,11 @@ def decode_attention_arrays(query: np.ndarray, keys: np.ndarray, key_scale: np.n
     heads, dim = query.shape
     out = np.empty((heads, dim), np.float32) if out is None else out
     name = "decode_attention_int8" if keys.dtype == np.int8 else "decode_attention_bf16"
-    _run(name, keys.shape[0], decode_attention_work(keys, length), query, keys, key_scale, values, value_scale, bias,
-         length, float(scaling), out)
+    args = (query, keys, key_scale, values, value_scale, bias, length, float(scaling), out)
+    if split_attention(keys, length):
+        _run(name, keys.shape[0], decode_attention_work(keys, length), *args)
+    else:
+        _table()[name](*args, 0, keys.shape[0])
     return out
 
 
