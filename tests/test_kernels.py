@@ -504,3 +504,27 @@ def test_a_simd_build_failure_falls_back_to_the_plain_kernels():
     assert done.returncode == 0, done.stderr[-2000:]
     assert "path plain" in done.stdout
     assert "SIMD helpers cannot be built" in done.stderr
+
+
+@pytest.mark.parametrize("mode", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape", [(96, 1024), (3, 100)])  # (3, 100): a last block of 44 values
+def test_4bit_dequantizes_straight_into_bfloat16_as_the_float32_cast_rounds(mode, shape):
+    codec = codec_for(mode)
+    q = codec.prepare(codec.quantize(_weight(shape, seed=4), QuantizationConfig(mode=mode)))
+    out = torch.empty(shape, dtype=torch.bfloat16)
+    codec.dequantize(q, torch.bfloat16, out=out)
+    assert torch.equal(out.view(torch.int16), codec.dequantize(q, torch.float32).to(torch.bfloat16).view(torch.int16))
+
+
+def test_a_4bit_prompt_in_bfloat16_gives_the_float32_pieces_bits(monkeypatch):
+    # a prompt's weight chunks dequantized straight into bfloat16 (writes_bfloat16), or float32
+    # pieces cast: the same product
+    from sli.quantization.execution import linear
+
+    monkeypatch.setenv("SLI_PROMPT_DTYPE", "bfloat16")
+    codec = codec_for("nf4")
+    q = codec.prepare(codec.quantize(_weight((600, 512), seed=5), QuantizationConfig(mode="nf4")))
+    x = torch.randn(40, 512)
+    straight = linear(q, x)
+    monkeypatch.setattr(type(codec), "writes_bfloat16", False)
+    assert torch.equal(straight, linear(q, x))

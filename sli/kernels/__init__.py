@@ -320,9 +320,12 @@ def matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksi
 
 
 def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, out: Tensor) -> Tensor:
-    """Fill float32 ``out`` with ``code[nibble] * absmax[block]`` (bitsandbytes' values, ~5x faster here)."""
-    _run("dequantize_4bit", absmax.shape[0], out.numel(), _np(_flat(packed)), _np(absmax), _np(code),
-         _np(out.view(-1)), blocksize)
+    """Fill float32 ``out`` with ``code[nibble] * absmax[block]`` (bitsandbytes' values, ~5x faster here),
+    or bfloat16 ``out`` with those values rounded as ``.to(torch.bfloat16)`` rounds them."""
+    name, flat = "dequantize_4bit", out.view(-1)
+    if out.dtype == torch.bfloat16:
+        name, flat = "dequantize_4bit_bf16", flat.view(torch.uint16)
+    _run(name, absmax.shape[0], out.numel(), _np(_flat(packed)), _np(absmax), _np(code), _np(flat), blocksize)
     return out
 
 

@@ -62,6 +62,30 @@ def build(h) -> dict:
             decode_pairs(packed, whole, code, scale, np.float32(0.0), out, 2 * whole, last - whole)
 
     @KERNEL
+    def dequantize_4bit_bf16(packed, absmax, code, out, blocksize, start, stop):
+        # dequantize_4bit's values as bfloat16 bits (out: uint16 [n]), rounded to nearest even as
+        # torch's float32 -> bfloat16 cast rounds: a prompt's bfloat16 weight chunk in one pass, not
+        # a float32 pass and a cast (the values are finite)
+        half_block = blocksize // 2
+        n_pairs = packed.shape[0]
+        values = np.empty(64, np.float32)
+        bits = values.view(np.uint32)
+        for blk in range(start, stop):
+            scale = absmax[blk]
+            first = blk * half_block
+            last = min(first + half_block, n_pairs)
+            for k in range(first, last, 32):
+                count = min(32, last - k)
+                if count == 32:
+                    decode64_4bit(packed, k, code, scale, values, 0)
+                else:
+                    decode_pairs(packed, k, code, scale, np.float32(0.0), values, 0, count)
+                dst = out[2 * k:2 * k + 2 * count]
+                for i in range(dst.shape[0]):
+                    b = bits[i]
+                    dst[i] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+    @KERNEL
     def dequantize_blockwise8(q, absmax, code, out, blocksize, offset, start, stop):
         # one byte per value: out[i] = code[q[i]] * absmax[i // blocksize] + offset
         for blk in range(start, stop):
@@ -105,5 +129,5 @@ def build(h) -> dict:
                         y[t + i, o + w] = s
             o += at_once
 
-    return {"matmul_4bit": matmul_4bit, "dequantize_4bit": dequantize_4bit,
+    return {"matmul_4bit": matmul_4bit, "dequantize_4bit": dequantize_4bit, "dequantize_4bit_bf16": dequantize_4bit_bf16,
             "dequantize_blockwise8": dequantize_blockwise8, "matmul_4bitq": matmul_4bitq}

@@ -32,6 +32,9 @@ class Codec:
     upgrade: ClassVar[Optional[QuantizationMode]] = None  # the next mode up in precision
     preset: ClassVar[Dict[str, Any]] = {}  # config fields of the mode's named preset
     methods: ClassVar[Tuple[str, ...]] = ("rtn",)  # how values may be chosen ("gptq": sli.quantization.gptq)
+    # dequantize(q, torch.bfloat16, out=<bfloat16 buffer>) writes the buffer directly, with no
+    # float32 pass (a prompt's bfloat16 chunks: sli.quantization.execution)
+    writes_bfloat16: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

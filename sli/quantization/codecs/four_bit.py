@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 from typing import Any, ClassVar, Dict, Optional
 
 import torch
@@ -42,6 +43,7 @@ class _FourBitCodec(Codec):
     """
 
     quant_type: ClassVar[str]
+    writes_bfloat16 = True  # on CPU kernels: dequantize(q, torch.bfloat16, out=bfloat16) in one pass
     byte_fields = ("block_size", "double_quant")
     upgrade = QuantizationMode.INT8
     methods = ("rtn", "gptq")
@@ -212,9 +214,13 @@ class _FourBitCodec(Codec):
         nested = "weight.nested_absmax" in t
         device = packed.device
         if device.type == "cpu" and kernels.kernels_enabled():
-            # the numba kernel writes bitsandbytes' values ~5x faster than its CPU kernel
+            # the numba kernel writes bitsandbytes' values ~5x faster than its CPU kernel, and
+            # bfloat16 ones (a prompt's weight chunks) without a float32 pass
             prepared = self.prepare(q)
             absmax, code = self._absmax(prepared), prepared.tensors["_code"]
+            if dtype == torch.bfloat16 and out is not None and out.dtype == dtype and out.is_contiguous() \
+                    and out.numel() == math.prod(shape):
+                return kernels.dequantize_4bit(packed, absmax, code, bs, out)
             return compute_into(lambda buf: kernels.dequantize_4bit(packed, absmax, code, bs, buf),
                                   shape, dtype, device, out)
         if BITSANDBYTES_AVAILABLE and device.type == "cpu":
