@@ -75,8 +75,9 @@ def prompt_dtype() -> torch.dtype:
 # rows, 5x them (and 5x the float32 prompt path) at 24-32, 1.3-2x at 64-512 with random
 # activations, whose kept values fall in many columns (docs/benchmarks.md); below 16 rows,
 # sli's kernels are faster. On AVX-512 VNNI without AMX (the Zen 4) oneDNN's int8 product is
-# 1.7-1.8x sli's path at 32-128 rows and 2x its own bfloat16 one. A decode batch (up to 16 rows, FUSED_MAX_TOKENS) stays in sli's
-# kernels, where each row's values are those it gets alone; oneDNN's float epilogue is not.
+# 1.7-1.8x sli's path at 32-128 rows and 2x its own bfloat16 one. A decode batch (up to 16 rows,
+# FUSED_MAX_TOKENS) stays in sli's kernels, where each row's values are those it gets alone;
+# oneDNN's float epilogue is not.
 INT8_MATRIX_ROWS = 17
 
 
@@ -89,14 +90,17 @@ def int8_matrix_rows() -> int:
         _warn_unknown("SLI_INT8_MATMUL", asked, "torch, numba")
     if asked == "numba" or not hasattr(torch, "_int_mm"):
         return 0
-    rows = INT8_MATRIX_ROWS if asked == "torch" or int8_units() else 0
-    _log_int8_choice(rows, f"SLI_INT8_MATMUL={asked}" if asked else f"this CPU has {int8_units() or 'no AMX or VNNI'}")
+    units = int8_units()
+    rows = INT8_MATRIX_ROWS if asked == "torch" or units else 0
+    _log_int8_choice(rows, asked, units)
     return rows
 
 
 @functools.lru_cache(maxsize=None)
-def _log_int8_choice(rows: int, why: str) -> None:
+def _log_int8_choice(rows: int, asked: str, units: str) -> None:
+    """Said once a choice (the switch is read on every product)."""
     where = f"torch._int_mm from {rows} rows" if rows else "sli's kernels"
+    why = f"SLI_INT8_MATMUL={asked}" if asked else f"this CPU has {units or 'no AMX or VNNI'}"
     logger.info("INT8 prompt products in %s (%s)", where, why)
 
 

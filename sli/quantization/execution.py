@@ -108,12 +108,20 @@ def prompt_chunk_rows(q: QuantizedTensor, dtype: Optional[torch.dtype] = None) -
     return rows
 
 
+def _straight_to_bfloat16(codec: Codec) -> bool:
+    """Whether a bfloat16 prompt chunk of ``codec``'s weight is dequantized into it directly,
+    with no float32 pieces (:attr:`Codec.writes_bfloat16`, on the CPU kernels)."""
+    return codec.writes_bfloat16 and kernels.kernels_enabled()
+
+
 def prompt_scratch_bytes(q: QuantizedTensor) -> int:
     """Bytes of the buffers a prompt's linear of ``q`` dequantizes into (:class:`WeightScratch`)."""
     in_features = int(q.metadata["shape"][1]) if len(q.metadata["shape"]) == 2 else 0
-    scratch = prompt_chunk_rows(q, torch.float32) * in_features * 4  # float32 chunks, or bfloat16's pieces
-    if _prompt_dtype(q) == torch.bfloat16:
-        scratch += prompt_chunk_rows(q, torch.bfloat16) * in_features * 2
+    if _prompt_dtype(q) != torch.bfloat16:
+        return prompt_chunk_rows(q, torch.float32) * in_features * 4  # float32 chunks
+    scratch = prompt_chunk_rows(q, torch.bfloat16) * in_features * 2
+    if not _straight_to_bfloat16(codec_for(q.metadata["codec"])):
+        scratch += prompt_chunk_rows(q, torch.float32) * in_features * 4  # the chunks' float32 pieces
     return scratch
 
 
@@ -129,7 +137,7 @@ def _linear_bf16(codec: Codec, q: QuantizedTensor, x: Tensor, bias: Optional[Ten
     q = codec.prepare(q)
     x2 = x.reshape(-1, in_features).to(torch.bfloat16)
     rows, piece = prompt_chunk_rows(q, torch.bfloat16), prompt_chunk_rows(q, torch.float32)
-    direct = codec.writes_bfloat16 and kernels.kernels_enabled()  # no float32 pieces: one pass a chunk
+    direct = _straight_to_bfloat16(codec)
     parts = []
     for start in range(0, out_features, rows):
         stop = min(out_features, start + rows)
