@@ -593,6 +593,8 @@ def main(argv=None) -> int:
     if args.model_dir and not (Path(args.model_dir) / "config.json").is_file():
         p.error(f"--model-dir {args.model_dir} has no config.json: pass a local transformers model directory, "
                 "or --synth 7b --synth-layers 8 to build one")
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: pass 1 or more (each round runs every contender once)")
     if args.cap_mb is not None:
         if args.cap_mb <= 0:
             p.error("--cap-mb must be a positive number of MB")
