@@ -478,6 +478,52 @@ def test_sli_no_simd_takes_the_plain_kernels():
     assert "path plain" in done.stdout
 
 
+_INT8_PASSES = """
+import sys, torch
+from sli import kernels
+from sli.kernels import dispatch
+assert kernels.simd_path() == sys.argv[1], kernels.simd_path()
+print("row passes", dispatch.simd_helpers().int8_row_passes)
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+out = []
+# 576: 9 registers a row on AVX-512 (two units of 4 chains and one more), 4160: 65; 37 rows: not a multiple of 4
+for rows, cols in ((64, 576), (37, 1024), (40, 4160), (6, 256)):
+    q = torch.randint(-127, 128, (rows, cols), dtype=torch.int8, generator=g)
+    scale = torch.rand(rows, generator=g) * 0.01
+    x = torch.randn(1, cols, generator=g) * 3
+    out.append(kernels.matmul_int8(x, q, scale, activations="int8"))
+torch.save(out, sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("level", [lv for lv in _levels() if lv != "plain"])
+def test_a_token_int8_product_a_row_a_pass_gives_the_bits_of_four_rows_a_pass(level, tmp_path):
+    # SLI_INT8_PASSES=row|rows forces how a token's INT8 product walks its weight (by default
+    # row on AMD Zen, rows elsewhere): the same int32 sums either way, so the same bits
+    import os
+    import subprocess
+    import sys
+    results = {}
+    for passes in ("row", "rows"):
+        env = dict(os.environ, SLI_SIMD=level, SLI_INT8_PASSES=passes)
+        env.pop("SLI_NO_SIMD", None)
+        path = tmp_path / f"{passes}.pt"
+        done = subprocess.run([sys.executable, "-c", _INT8_PASSES, level, str(path)], env=env, capture_output=True,
+                              text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"row passes {passes == 'row'}" in done.stdout
+        results[passes] = torch.load(path)
+    for row, rows in zip(results["row"], results["rows"]):
+        assert torch.equal(row, rows)
+    g = torch.Generator().manual_seed(0)  # and they are the product (the int8 activations' rounding apart)
+    q = torch.randint(-127, 128, (64, 576), dtype=torch.int8, generator=g)
+    scale = torch.rand(64, generator=g) * 0.01
+    x = torch.randn(1, 576, generator=g) * 3
+    ref = torch.nn.functional.linear(x, q.float() * scale[:, None])
+    assert float((results["row"][0] - ref).abs().max()) < 0.02 * float(ref.abs().max())
+
+
 _SIMD_BUILD_FAILS = """
 import logging, sys, torch
 sys.modules["sli.kernels.simd"] = None  # as if numba's internals moved: importing the intrinsics fails

@@ -91,7 +91,7 @@ def _build(h) -> dict:
     for module in (four_bit, unpacked, activations, int4, attention, nearest, decode_ops):
         kernels.update(module.build(h))
     for name, kernel in kernels.items():  # compiled code that calls them (the team's) holds them in closures
-        stable_id(kernel, f"kernel.{name}:{h.level}")
+        stable_id(kernel, f"kernel.{name}:{h.level}{h.variant}")
     return kernels
 
 

@@ -197,11 +197,16 @@ def dotbf16_rows(w, wofs, wstride, x, xofs, n, out):
 
 
 @_jit
+def dot8q_row(q, qofs, xq, xs, corr, cols, xblock, out):
+    dot8q(q, qofs, xq, xs, corr, 0, 1, cols, xblock, out)
+
+
+@_jit
 def decode64_4bit(packed, pofs, code, scale, out, oofs):
     decode_pairs(packed, pofs, code, scale, np.float32(0.0), out, oofs, 32)
 
 
-for _f in (_rows_dot, decode_pairs, lut4, lut4z, dot8, dot8_rows, dotfp8, dotfp8_rows, dot8q, dot8q_rows, dot4q,
+for _f in (_rows_dot, decode_pairs, lut4, lut4z, dot8, dot8_rows, dotfp8, dotfp8_rows, dot8q, dot8q_rows, dot8q_row, dot4q,
            dot4l, dot4l_rows, dotbf16, dotbf16_rows,
            decode64_4bit):
     stable_id(_f, f"plain.{_f.__name__}")
@@ -213,5 +218,5 @@ MAX_ROWS = 16
 # 0.43 did), so a row's bits would depend on how a product's rows were split. The *_rows helpers
 # keep the set the kernels are built over complete.
 HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=MAX_ROWS, weight_rows=1, lut4=lut4, lut4z=lut4z,
-                          dot8=dot8, dot8_rows=dot8_rows, dotfp8=dotfp8, dotfp8_rows=dotfp8_rows, dot8q=dot8q, dot8q_rows=dot8q_rows, dot4q=dot4q, dot4l=dot4l, dot4l_rows=dot4l_rows,
-                          dotbf16=dotbf16, dotbf16_rows=dotbf16_rows, decode64_4bit=decode64_4bit)
+                          dot8=dot8, dot8_rows=dot8_rows, dotfp8=dotfp8, dotfp8_rows=dotfp8_rows, dot8q=dot8q, dot8q_rows=dot8q_rows, dot8q_row=dot8q_row, dot4q=dot4q, dot4l=dot4l, dot4l_rows=dot4l_rows,
+                          dotbf16=dotbf16, dotbf16_rows=dotbf16_rows, decode64_4bit=decode64_4bit, int8_row_passes=False, variant="")

@@ -45,6 +45,7 @@ cannot be built, when the CPU lacks the instructions, or when ``SLI_SIMD`` /
 """
 from __future__ import annotations
 
+import logging
 import os
 from types import SimpleNamespace
 from typing import Dict, Tuple
@@ -52,9 +53,11 @@ from typing import Dict, Tuple
 from llvmlite import binding
 
 from .simd_float import make_decode64, make_lut4, make_widening_dot, make_widening_dot_rows
-from .simd_int8 import make_dot4l, make_dot4l_rows, make_dot4q, make_dot8q, make_dot8q_rows
+from .simd_int8 import make_dot4l, make_dot4l_rows, make_dot4q, make_dot8q, make_dot8q_row, make_dot8q_rows
 from .plain import WEIGHT_ROWS
 from .simd_ir import LEVELS, MAX_ROWS, NEEDS, WIDTH
+
+logger = logging.getLogger(__name__)
 
 
 def host_levels() -> Tuple[str, ...]:
@@ -65,12 +68,31 @@ def host_levels() -> Tuple[str, ...]:
     return tuple(level for level in LEVELS if all(features.get(name) for name in NEEDS[level]))
 
 
+def int8_row_passes() -> bool:
+    """Whether a token's INT8 product reads its weight a row after another with no software
+    prefetch (:func:`sli.kernels.simd_int8.make_dot8q_row`), not four rows a pass with it.
+
+    Measured from RAM (docs/benchmarks.md): on AMD Zen 4 one row a pass is ~1.2x faster (its
+    prefetchers follow one stream a thread; four rows are four streams, and prefetch
+    instructions only add to them); on the Intel Xeon VMs software prefetch was what took
+    INT8 from 15 to 19 GB/s (their hardware prefetchers restart at each 4 KB page). So AMD
+    Zen CPUs (LLVM's host name ``znver*``) take one row a pass, others four.
+    ``SLI_INT8_PASSES=row|rows`` forces either."""
+    asked = os.environ.get("SLI_INT8_PASSES", "").strip().lower()
+    if asked in ("row", "rows"):
+        return asked == "row"
+    if asked:
+        logger.warning("SLI_INT8_PASSES=%s is not row or rows; choosing by the CPU", asked)
+    return binding.get_host_cpu_name().startswith("znver")
+
+
 _built: Dict[str, SimpleNamespace] = {}
 
 
 def helpers(level: str) -> SimpleNamespace:
     """The helpers of ``level`` ("avx512" or "avx2"), built once."""
     if level not in _built:
+        row_passes = int8_row_passes()
         _built[level] = SimpleNamespace(
             level=level, lanes=WIDTH[level], max_rows=MAX_ROWS[level], weight_rows=WEIGHT_ROWS,
             lut4=make_lut4(level, "scale"), lut4z=make_lut4(level, "affine"),
@@ -78,5 +100,7 @@ def helpers(level: str) -> SimpleNamespace:
             dotbf16=make_widening_dot(level, "bf16"), dot8_rows=make_widening_dot_rows(level, "int8"),
             dotfp8_rows=make_widening_dot_rows(level, "fp8"), dotbf16_rows=make_widening_dot_rows(level, "bf16"),
             decode64_4bit=make_decode64(level),
-            dot8q=make_dot8q(level), dot8q_rows=make_dot8q_rows(level), dot4q=make_dot4q(level), dot4l=make_dot4l(level), dot4l_rows=make_dot4l_rows(level))
+            dot8q=make_dot8q(level), dot8q_rows=make_dot8q_rows(level), dot8q_row=make_dot8q_row(level),
+            dot4q=make_dot4q(level), dot4l=make_dot4l(level), dot4l_rows=make_dot4l_rows(level),
+            int8_row_passes=row_passes, variant="+row8" if row_passes else "")
     return _built[level]

@@ -91,6 +91,75 @@ def make_dot8q_rows(level: str):
     return stable_id(intrinsic(dot8q_rows), f"simd.{dot8q_rows.__name__}")
 
 
+def make_dot8q_row(level: str):
+    """``dot8q_row(q, qofs, xq, xs, corr, cols, xblock, out)``: one int8 weight row
+    (``q[qofs:]``) times activation row 0, ``out[0]`` what ``dot8q`` gives (the same int32 sums
+    of a block, added in another order: the same bits), with no software prefetch. Each block's
+    sums run in :data:`ROW_CHAINS` independent chains of ``vpdpbusd``, as four weight rows
+    would keep them in flight.
+
+    A token's product on a CPU whose hardware prefetchers follow one stream a thread across
+    pages (AMD Zen 4 here) reads its weight one row after another this way faster than four
+    rows a pass with prefetch: one stream, not four (:func:`sli.kernels.simd.int8_row_passes`)."""
+    def dot8q_row(typingctx, q, qofs, xq, xs, corr, cols, xblock, out):
+        sig = types.void(q, qofs, xq, xs, corr, cols, xblock, out)
+
+        def codegen(context, builder, signature, args):
+            q_ptr, qofs_i, xq_ptr, xs_ptr, corr_ptr, cols_i, xblock_i, out_ptr = \
+                unpack(context, builder, signature, args)
+            _dot8q_row(Emit(builder, level), q_ptr, qofs_i, xq_ptr, xs_ptr, corr_ptr, cols_i, xblock_i, out_ptr)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    dot8q_row.__name__ = f"dot8q_row_{level}"
+    return stable_id(intrinsic(dot8q_row), f"simd.{dot8q_row.__name__}")
+
+
+ROW_CHAINS = 4  # independent int32 sums a block in dot8q_row
+
+
+def _dot8q_step(e, isum, q_ptr, at_q, xq_ptr, at_x):
+    """``isum += `` the products of one register of weight bytes ``q[at_q:]`` by activation
+    bytes ``xq[at_x:]`` (:meth:`Emit.dot_bytes`, as :func:`_dot8q_pass` takes them)."""
+    b = e.b
+    weights = vload(b, q_ptr, at_q, e.vb)
+    x = vload(b, xq_ptr, at_x, e.vb)
+    unsigned = b.xor(weights, const(e.vb, -128)) if e.level == "avx512" else e.magnitude(weights)
+    signed = x if e.level == "avx512" else e.with_sign_of(x, weights)
+    b.store(e.dot_bytes(b.load(isum), unsigned, signed), isum)
+
+
+def _dot8q_row(e, q_ptr, qofs_i, xq_ptr, xs_ptr, corr_ptr, cols_i, xblock_i, out_ptr):
+    b = e.b
+    step = 4 * e.w  # bytes a register
+    blocks = b.sdiv(cols_i, xblock_i)
+    fsum = cgutils.alloca_once(b, e.vf, zfill=True)
+    isums = [cgutils.alloca_once(b, e.vi) for _ in range(ROW_CHAINS)]
+    with cgutils.for_range(b, blocks) as block:
+        first = b.mul(block.index, xblock_i)
+        for isum in isums:
+            b.store(ir.Constant(e.vi, None), isum)
+        steps = b.sdiv(xblock_i, idx(step))
+        units = b.sdiv(steps, idx(ROW_CHAINS))
+        with cgutils.for_range(b, units) as unit:
+            at = b.add(first, b.mul(unit.index, idx(step * ROW_CHAINS)))
+            for c, isum in enumerate(isums):
+                at_c = b.add(at, idx(step * c))
+                _dot8q_step(e, isum, q_ptr, b.add(qofs_i, at_c), xq_ptr, at_c)
+        done = b.mul(units, idx(ROW_CHAINS))
+        with cgutils.for_range(b, b.sub(steps, done)) as rest:  # the block's last steps, in chain 0
+            at = b.add(first, b.mul(b.add(done, rest.index), idx(step)))
+            _dot8q_step(e, isums[0], q_ptr, b.add(qofs_i, at), xq_ptr, at)
+        total = b.load(isums[0])
+        for isum in isums[1:]:
+            total = b.add(total, b.load(isum))
+        b.store(total, isums[0])
+        _accumulate(e, fsum, isums[0], splat(b, b.load(b.gep(xs_ptr, [block.index])), e.vf))
+    corr = _corr(b, corr_ptr, idx(0)) if e.level == "avx512" else None
+    _store_sums(e, out_ptr, [fsum], corr)
+
+
 def _dot8q_pass(e, q_ptr, qofs_i, xq_ptr, xs_ptr, corr_ptr, t0_i, rows, weight_rows, cols_i, xblock_i, out_ptr):
     """One pass of ``weight_rows`` int8 weight rows by ``rows`` activation rows; weight row
     ``w`` by activation row ``r`` to ``out[w * rows + r]`` (see :func:`make_dot8q`)."""

@@ -44,6 +44,7 @@ def build(h) -> dict:
     dot8q, dot8q_rows = h.dot8q, h.dot8q_rows
     most = h.max_rows  # activation rows a helper multiplies in one pass
     weight_rows = h.weight_rows  # weight rows dot8q_rows multiplies by one activation row
+    dot8q_row, row_passes = h.dot8q_row, h.int8_row_passes  # a token's INT8 product a row a pass
 
     def widening_kernel(name, dot, dot_rows, value, scaled, at_once):
         @njit(nogil=True)  # no fastmath: the same order of sums at both call sites below
@@ -87,6 +88,11 @@ def build(h) -> dict:
         cols = q.shape[0] // y.shape[1]
         acc = np.empty(max(most, weight_rows), np.float32)
         o = start
+        if rows == 1 and row_passes:  # one token, a weight row after another (the same sums)
+            while o < stop:
+                dot8q_row(q, o * cols, xq, xs, corr, cols, xblock, acc)
+                y[0, o] = _plus_kept(q, o * cols, oidx, oval, 0, acc[0]) * scale[o]
+                o += 1
         if rows == 1 and weight_rows > 1:  # one token: weight_rows weight rows a pass (the same sums)
             while o + weight_rows <= stop:
                 dot8q_rows(q, o * cols, xq, xs, corr, 0, cols, xblock, acc)
