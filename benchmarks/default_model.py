@@ -51,7 +51,7 @@ def llama_decode(bin_dir: Path, new_tokens: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llama-cpp", type=Path, default=os.environ.get("LLAMA_CPP_DIR"),
-                        help="llama.cpp's build/bin (llama-bench); default $LLAMA_CPP_DIR; none: sli alone")
+                        help="llama.cpp's build/bin (llama-bench); default $LLAMA_CPP_DIR; 'none' (or neither): sli alone")
     parser.add_argument("--modes", default="int8,nf4")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
@@ -79,7 +79,7 @@ def main() -> None:
                 proc.runner._steps.clear()
                 row[f"sli {mode}{label}"] = sli_decode(proc, ids, args.new_tokens)
             os.environ.pop("SLI_NO_DECODE_STEP", None)
-        llama = llama_decode(args.llama_cpp, args.new_tokens) if args.llama_cpp else None
+        llama = llama_decode(args.llama_cpp, args.new_tokens) if args.llama_cpp and str(args.llama_cpp) != "none" else None
         cells = [f"{name} {tps:.1f} tok/s (median gap {gap * 1e3:.1f} ms)" for name, (tps, gap) in row.items()]
         if llama:
             cells.append(f"llama.cpp Q4_1 {llama:.1f} tok/s")
