@@ -478,50 +478,57 @@ def test_sli_no_simd_takes_the_plain_kernels():
     assert "path plain" in done.stdout
 
 
-_INT8_PASSES = """
+_TOKEN_PASSES = """
 import sys, torch
 from sli import kernels
 from sli.kernels import dispatch
+from sli.quantization import QuantizationConfig, codec_for
 assert kernels.simd_path() == sys.argv[1], kernels.simd_path()
-print("row passes", dispatch.simd_helpers().int8_row_passes)
+print("row passes", dispatch.simd_helpers().row_passes)
 torch.set_num_threads(2)
 g = torch.Generator().manual_seed(0)
 out = []
-# 576: 9 registers a row on AVX-512 (two units of 4 chains and one more), 4160: 65; 37 rows: not a multiple of 4
+# 576: 9 int8 registers a row on AVX-512 (two units of 4 chains and one more), 4 NF4 steps of 128
+# and one of 64; 4160: 65 registers; 37 rows: not a multiple of 4
 for rows, cols in ((64, 576), (37, 1024), (40, 4160), (6, 256)):
     q = torch.randint(-127, 128, (rows, cols), dtype=torch.int8, generator=g)
     scale = torch.rand(rows, generator=g) * 0.01
     x = torch.randn(1, cols, generator=g) * 3
     out.append(kernels.matmul_int8(x, q, scale, activations="int8"))
+    for mode in ("nf4", "fp4"):
+        codec = codec_for(mode)
+        w = codec.prepare(codec.quantize(torch.randn(rows, cols, generator=g) * 0.02, QuantizationConfig(mode=mode)))
+        out.append(codec.fused_linear(w, codec.prepare_input(x), None))
 torch.save(out, sys.argv[2])
 """
 
 
 @pytest.mark.parametrize("level", [lv for lv in _levels() if lv != "plain"])
-def test_a_token_int8_product_a_row_a_pass_gives_the_bits_of_four_rows_a_pass(level, tmp_path):
-    # SLI_INT8_PASSES=row|rows forces how a token's INT8 product walks its weight (by default
-    # row on AMD Zen, rows elsewhere): the same int32 sums either way, so the same bits
+def test_a_tokens_product_a_row_a_pass_gives_the_bits_of_four_rows_a_pass(level, tmp_path):
+    # SLI_TOKEN_PASS_ROWS=1|4 forces how a token's INT8 and NF4/FP4 products walk the weight (by
+    # default a row a pass on AMD Zen, four elsewhere): the same sums either way, so the same bits
     import os
     import subprocess
     import sys
     results = {}
-    for passes in ("row", "rows"):
-        env = dict(os.environ, SLI_SIMD=level, SLI_INT8_PASSES=passes)
+    for passes in ("1", "4"):
+        env = dict(os.environ, SLI_SIMD=level, SLI_TOKEN_PASS_ROWS=passes)
         env.pop("SLI_NO_SIMD", None)
         path = tmp_path / f"{passes}.pt"
-        done = subprocess.run([sys.executable, "-c", _INT8_PASSES, level, str(path)], env=env, capture_output=True,
+        done = subprocess.run([sys.executable, "-c", _TOKEN_PASSES, level, str(path)], env=env, capture_output=True,
                               text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-2000:]
-        assert f"row passes {passes == 'row'}" in done.stdout
+        assert f"row passes {passes == '1'}" in done.stdout
         results[passes] = torch.load(path)
-    for row, rows in zip(results["row"], results["rows"]):
+    assert len(results["1"]) == 12
+    for row, rows in zip(results["1"], results["4"]):
         assert torch.equal(row, rows)
     g = torch.Generator().manual_seed(0)  # and they are the product (the int8 activations' rounding apart)
     q = torch.randint(-127, 128, (64, 576), dtype=torch.int8, generator=g)
     scale = torch.rand(64, generator=g) * 0.01
     x = torch.randn(1, 576, generator=g) * 3
     ref = torch.nn.functional.linear(x, q.float() * scale[:, None])
-    assert float((results["row"][0] - ref).abs().max()) < 0.02 * float(ref.abs().max())
+    assert float((results["1"][0] - ref).abs().max()) < 0.02 * float(ref.abs().max())
 
 
 _SIMD_BUILD_FAILS = """

@@ -202,11 +202,16 @@ def dot8q_row(q, qofs, xq, xs, corr, cols, xblock, out):
 
 
 @_jit
+def dot4l_row(packed, pofs, levels, scales, sofs, blocksize, xq, cols, out):
+    dot4l(packed, pofs, levels, scales, sofs, blocksize, xq, 0, 1, cols, out)
+
+
+@_jit
 def decode64_4bit(packed, pofs, code, scale, out, oofs):
     decode_pairs(packed, pofs, code, scale, np.float32(0.0), out, oofs, 32)
 
 
-for _f in (_rows_dot, decode_pairs, lut4, lut4z, dot8, dot8_rows, dotfp8, dotfp8_rows, dot8q, dot8q_rows, dot8q_row, dot4q,
+for _f in (_rows_dot, decode_pairs, lut4, lut4z, dot8, dot8_rows, dotfp8, dotfp8_rows, dot8q, dot8q_rows, dot8q_row, dot4l_row, dot4q,
            dot4l, dot4l_rows, dotbf16, dotbf16_rows,
            decode64_4bit):
     stable_id(_f, f"plain.{_f.__name__}")
@@ -219,4 +224,4 @@ MAX_ROWS = 16
 # keep the set the kernels are built over complete.
 HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=MAX_ROWS, weight_rows=1, lut4=lut4, lut4z=lut4z,
                           dot8=dot8, dot8_rows=dot8_rows, dotfp8=dotfp8, dotfp8_rows=dotfp8_rows, dot8q=dot8q, dot8q_rows=dot8q_rows, dot8q_row=dot8q_row, dot4q=dot4q, dot4l=dot4l, dot4l_rows=dot4l_rows,
-                          dotbf16=dotbf16, dotbf16_rows=dotbf16_rows, decode64_4bit=decode64_4bit, int8_row_passes=False, variant="")
+                          dotbf16=dotbf16, dotbf16_rows=dotbf16_rows, decode64_4bit=decode64_4bit, dot4l_row=dot4l_row, row_passes=False, variant="")

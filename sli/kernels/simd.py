@@ -53,7 +53,8 @@ from typing import Dict, Tuple
 from llvmlite import binding
 
 from .simd_float import make_decode64, make_lut4, make_widening_dot, make_widening_dot_rows
-from .simd_int8 import make_dot4l, make_dot4l_rows, make_dot4q, make_dot8q, make_dot8q_row, make_dot8q_rows
+from .simd_int8 import (make_dot4l, make_dot4l_row, make_dot4l_rows, make_dot4q, make_dot8q, make_dot8q_row,
+                        make_dot8q_rows)
 from .plain import WEIGHT_ROWS
 from .simd_ir import LEVELS, MAX_ROWS, NEEDS, WIDTH
 
@@ -68,22 +69,22 @@ def host_levels() -> Tuple[str, ...]:
     return tuple(level for level in LEVELS if all(features.get(name) for name in NEEDS[level]))
 
 
-def int8_row_passes() -> bool:
-    """Whether a token's INT8 product reads its weight a row after another with no software
-    prefetch (:func:`sli.kernels.simd_int8.make_dot8q_row`), not four rows a pass with it.
+def token_pass_rows() -> int:
+    """Weight rows a pass of a token's INT8 and NF4/FP4 products: 1, a row after another with
+    no software prefetch (``dot8q_row``, ``dot4l_row``), or :data:`WEIGHT_ROWS` (4) with it.
 
-    Measured from RAM (docs/benchmarks.md): on AMD Zen 4 one row a pass is ~1.2x faster (its
-    prefetchers follow one stream a thread; four rows are four streams, and prefetch
+    Measured from RAM (docs/benchmarks.md): on AMD Zen 4 one row a pass is ~1.1-1.2x faster
+    (its prefetchers follow one stream a thread; four rows are four streams, and prefetch
     instructions only add to them); on the Intel Xeon VMs software prefetch was what took
     INT8 from 15 to 19 GB/s (their hardware prefetchers restart at each 4 KB page). So AMD
     Zen CPUs (LLVM's host name ``znver*``) take one row a pass, others four.
-    ``SLI_INT8_PASSES=row|rows`` forces either."""
-    asked = os.environ.get("SLI_INT8_PASSES", "").strip().lower()
-    if asked in ("row", "rows"):
-        return asked == "row"
+    ``SLI_TOKEN_PASS_ROWS=1|4`` forces either."""
+    asked = os.environ.get("SLI_TOKEN_PASS_ROWS", "").strip()
+    if asked in ("1", str(WEIGHT_ROWS)):
+        return int(asked)
     if asked:
-        logger.warning("SLI_INT8_PASSES=%s is not row or rows; choosing by the CPU", asked)
-    return binding.get_host_cpu_name().startswith("znver")
+        logger.warning("SLI_TOKEN_PASS_ROWS=%s is not 1 or %d; choosing by the CPU", asked, WEIGHT_ROWS)
+    return 1 if binding.get_host_cpu_name().startswith("znver") else WEIGHT_ROWS
 
 
 _built: Dict[str, SimpleNamespace] = {}
@@ -92,7 +93,7 @@ _built: Dict[str, SimpleNamespace] = {}
 def helpers(level: str) -> SimpleNamespace:
     """The helpers of ``level`` ("avx512" or "avx2"), built once."""
     if level not in _built:
-        row_passes = int8_row_passes()
+        row_passes = token_pass_rows() == 1
         _built[level] = SimpleNamespace(
             level=level, lanes=WIDTH[level], max_rows=MAX_ROWS[level], weight_rows=WEIGHT_ROWS,
             lut4=make_lut4(level, "scale"), lut4z=make_lut4(level, "affine"),
@@ -102,5 +103,5 @@ def helpers(level: str) -> SimpleNamespace:
             decode64_4bit=make_decode64(level),
             dot8q=make_dot8q(level), dot8q_rows=make_dot8q_rows(level), dot8q_row=make_dot8q_row(level),
             dot4q=make_dot4q(level), dot4l=make_dot4l(level), dot4l_rows=make_dot4l_rows(level),
-            int8_row_passes=row_passes, variant="+row8" if row_passes else "")
+            dot4l_row=make_dot4l_row(level), row_passes=row_passes, variant="+row" if row_passes else "")
     return _built[level]

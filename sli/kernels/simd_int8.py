@@ -100,7 +100,7 @@ def make_dot8q_row(level: str):
 
     A token's product on a CPU whose hardware prefetchers follow one stream a thread across
     pages (AMD Zen 4 here) reads its weight one row after another this way faster than four
-    rows a pass with prefetch: one stream, not four (:func:`sli.kernels.simd.int8_row_passes`)."""
+    rows a pass with prefetch: one stream, not four (:func:`sli.kernels.simd.token_pass_rows`)."""
     def dot8q_row(typingctx, q, qofs, xq, xs, corr, cols, xblock, out):
         sig = types.void(q, qofs, xq, xs, corr, cols, xblock, out)
 
@@ -326,6 +326,27 @@ def make_dot4l_rows(level: str):
     return stable_id(intrinsic(dot4l_rows), f"simd.dot4l_rows_{level}")
 
 
+def make_dot4l_row(level: str):
+    """``dot4l_row(packed, pofs, levels, scales, sofs, blocksize, xq, cols, out)``: ``dot4l``
+    of one weight row by activation row 0, with no software prefetch (see
+    :func:`make_dot8q_row`): the same operations, the same bits."""
+    def dot4l_row(typingctx, packed, pofs, levels, scales, sofs, blocksize, xq, cols, out):
+        sig = types.void(packed, pofs, levels, scales, sofs, blocksize, xq, cols, out)
+
+        def codegen(context, builder, signature, args):
+            packed_ptr, pofs_i, levels_ptr, scales_ptr, sofs_i, bs_i, xq_ptr, cols_i, out_ptr = \
+                unpack(context, builder, signature, args)
+            words = _dot4l_words(builder, level, levels_ptr)
+            _dot4l_pass(Emit(builder, level), words, packed_ptr, pofs_i, scales_ptr, sofs_i, bs_i, xq_ptr, idx(0), 1,
+                        1, cols_i, out_ptr, prefetch=False)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    dot4l_row.__name__ = f"dot4l_row_{level}"
+    return stable_id(intrinsic(dot4l_row), f"simd.dot4l_row_{level}")
+
+
 def _dot4l_words(b, level, levels_ptr):
     """The level's ``(decode, multiply)`` over the 16 levels at ``levels_ptr`` (split in two bytes)."""
     # IR types made here, not in a closure: a printed type pickles differently (sli.kernels.simd_ir),
@@ -337,7 +358,7 @@ def _dot4l_words(b, level, levels_ptr):
 
 
 def _dot4l_pass(e, words, packed_ptr, pofs_i, scales_ptr, sofs_i, bs_i, xq_ptr, t0_i, rows, weight_rows, cols_i,
-                out_ptr):
+                out_ptr, prefetch=True):
     """One pass of ``weight_rows`` 4-bit weight rows by ``rows`` activation rows; weight row
     ``w`` by activation row ``r`` to ``out[w * rows + r]`` (see :func:`make_dot4l`).
 
@@ -369,7 +390,8 @@ def _dot4l_pass(e, words, packed_ptr, pofs_i, scales_ptr, sofs_i, bs_i, xq_ptr, 
         xv = {}
         for v in range(weight_rows):
             at_byte = b.add(prow[v], b.lshr(first, idx(1)))
-            e.prefetch_row(packed_ptr, prow[v], first, cols_i, weight_rows, per_byte=2)
+            if prefetch:
+                e.prefetch_row(packed_ptr, prow[v], first, cols_i, weight_rows, per_byte=2)
             raw = vload(b, packed_ptr, at_byte, v64 if width == 128 else v32)
             for weights, offset in (decode_chunk if width == 128 else decode)(raw):
                 for r in range(rows):

@@ -44,7 +44,7 @@ def build(h) -> dict:
     dot8q, dot8q_rows = h.dot8q, h.dot8q_rows
     most = h.max_rows  # activation rows a helper multiplies in one pass
     weight_rows = h.weight_rows  # weight rows dot8q_rows multiplies by one activation row
-    dot8q_row, row_passes = h.dot8q_row, h.int8_row_passes  # a token's INT8 product a row a pass
+    dot8q_row, row_passes = h.dot8q_row, h.row_passes  # a token's INT8 product a row a pass
 
     def widening_kernel(name, dot, dot_rows, value, scaled, at_once):
         @njit(nogil=True)  # no fastmath: the same order of sums at both call sites below
