@@ -106,7 +106,11 @@ def from_ram(weight: torch.Tensor, modes, copies: int, repeats: int) -> None:
 
 def _level() -> str:
     level = getattr(kernels, "simd_path", None) or getattr(kernels, "four_bit_path")  # the name before 2026-12
-    return level()
+    name = level()
+    helpers = kernels.dispatch.simd_helpers() if hasattr(kernels, "dispatch") else None
+    if getattr(helpers, "row_passes", None) is not None:  # since 2026-12-04: SLI_TOKEN_PASS_ROWS
+        name += f" (a token's products {1 if helpers.row_passes else helpers.weight_rows} weight row(s) a pass)"
+    return name
 
 
 def cpu_model() -> str:

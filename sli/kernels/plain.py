@@ -211,9 +211,8 @@ def decode64_4bit(packed, pofs, code, scale, out, oofs):
     decode_pairs(packed, pofs, code, scale, np.float32(0.0), out, oofs, 32)
 
 
-for _f in (_rows_dot, decode_pairs, lut4, lut4z, dot8, dot8_rows, dotfp8, dotfp8_rows, dot8q, dot8q_rows, dot8q_row, dot4l_row, dot4q,
-           dot4l, dot4l_rows, dotbf16, dotbf16_rows,
-           decode64_4bit):
+for _f in (_rows_dot, decode_pairs, lut4, lut4z, dot8, dot8_rows, dotfp8, dotfp8_rows, dot8q, dot8q_rows, dot8q_row,
+           dot4q, dot4l, dot4l_rows, dot4l_row, dotbf16, dotbf16_rows, decode64_4bit):
     stable_id(_f, f"plain.{_f.__name__}")
 
 # The loops take any number of rows, so a block is decoded once for up to this many of them.
@@ -222,6 +221,11 @@ MAX_ROWS = 16
 # with fastmath, and a helper inlined at a second call site may sum a row in another order (llvmlite
 # 0.43 did), so a row's bits would depend on how a product's rows were split. The *_rows helpers
 # keep the set the kernels are built over complete.
+# row_passes: a token's products take the same one-row passes as a batch's (the *_row helpers
+# are dot8q's and dot4l's own).
 HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=MAX_ROWS, weight_rows=1, lut4=lut4, lut4z=lut4z,
-                          dot8=dot8, dot8_rows=dot8_rows, dotfp8=dotfp8, dotfp8_rows=dotfp8_rows, dot8q=dot8q, dot8q_rows=dot8q_rows, dot8q_row=dot8q_row, dot4q=dot4q, dot4l=dot4l, dot4l_rows=dot4l_rows,
-                          dotbf16=dotbf16, dotbf16_rows=dotbf16_rows, decode64_4bit=decode64_4bit, dot4l_row=dot4l_row, row_passes=False, variant="")
+                          dot8=dot8, dot8_rows=dot8_rows, dotfp8=dotfp8, dotfp8_rows=dotfp8_rows,
+                          dot8q=dot8q, dot8q_rows=dot8q_rows, dot8q_row=dot8q_row,
+                          dot4q=dot4q, dot4l=dot4l, dot4l_rows=dot4l_rows, dot4l_row=dot4l_row,
+                          dotbf16=dotbf16, dotbf16_rows=dotbf16_rows, decode64_4bit=decode64_4bit,
+                          row_passes=False, variant="")
