@@ -47,7 +47,8 @@ def unpack(context, builder, signature, args, floats=()):
 # 2048 (1 KB of 4-bit codes, 2 KB of int8). Without it a 1-row product of a weight in DRAM ran
 # at ~7.5 GB/s a core (the hardware prefetchers restart at each 4 KB page); with it INT8 reads
 # ~19 GB/s on 2 cores (what torch's own sum reaches) and NF4 decodes ~1.4x faster
-# (docs/benchmarks.md). On an L2/L3-resident weight it changes nothing measurable.
+# (docs/benchmarks.md; Intel Xeon VMs). On an L2/L3-resident weight it changes nothing
+# measurable. On AMD Zen a token's INT8 and NF4/FP4 passes leave it out (sli.kernels.simd.token_pass_rows).
 PREFETCH_VALUES = 2048
 
 
