@@ -87,13 +87,9 @@ def build(h) -> dict:
         rows = y.shape[0]
         cols = q.shape[0] // y.shape[1]
         acc = np.empty(max(most, weight_rows), np.float32)
+        one_row = rows == 1 and row_passes  # one token, a weight row after another (the same sums)
         o = start
-        if rows == 1 and row_passes:  # one token, a weight row after another (the same sums)
-            while o < stop:
-                dot8q_row(q, o * cols, xq, xs, corr, cols, xblock, acc)
-                y[0, o] = _plus_kept(q, o * cols, oidx, oval, 0, acc[0]) * scale[o]
-                o += 1
-        if rows == 1 and weight_rows > 1:  # one token: weight_rows weight rows a pass (the same sums)
+        if rows == 1 and weight_rows > 1 and not one_row:  # one token: weight_rows weight rows a pass
             while o + weight_rows <= stop:
                 dot8q_rows(q, o * cols, xq, xs, corr, 0, cols, xblock, acc)
                 for w in range(weight_rows):
@@ -102,7 +98,10 @@ def build(h) -> dict:
         for o in range(o, stop):
             for t in range(0, rows, most):
                 k = min(most, rows - t)
-                dot8q(q, o * cols, xq, xs, corr, t, k, cols, xblock, acc)
+                if one_row:
+                    dot8q_row(q, o * cols, xq, xs, corr, cols, xblock, acc)
+                else:
+                    dot8q(q, o * cols, xq, xs, corr, t, k, cols, xblock, acc)
                 for i in range(k):
                     y[t + i, o] = _plus_kept(q, o * cols, oidx, oval, t + i, acc[i]) * scale[o]
 
