@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -48,6 +49,7 @@ def measure_sli(model_dir: str, mode: str, budget_gb: float, prompt_len: int, ne
         proc.generate(ids, max_new_tokens=new_tokens, eos_token_id=[], callback=lambda t: stamps.append(time.perf_counter()))
         prefill = stamps[0] - t0
         decode_tps = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+        peak_gb = torch.cuda.max_memory_allocated() / 2**30  # before the floor's own buffers
         last = proc.timings[-1].step
         streamed = sum(t.nbytes for t in proc.timings if t.step == last and not t.resident)
         floor = copy_floor_s(streamed) if streamed else 0.0
@@ -55,8 +57,9 @@ def measure_sli(model_dir: str, mode: str, budget_gb: float, prompt_len: int, ne
         return {"mode": mode, "prefill_s": prefill, "decode_tokens_per_s": decode_tps,
                 "h2d_bytes_per_token": streamed, "copy_floor_s": floor,
                 "decode_vs_floor": (1 / decode_tps) / floor if floor else None,
-                "max_memory_allocated_gb": torch.cuda.max_memory_allocated() / 2**30, "budget_gb": budget_gb,
-                "resident_layers": len(proc.plan.resident_layers), "num_layers": proc.layout.num_layers}
+                "max_memory_allocated_gb": peak_gb, "budget_gb": budget_gb,
+                "resident_layers": len(proc.plan.resident_layers),
+                "host_tier_gb": proc.cache.stats().memory_bytes / 2**30, "num_layers": proc.layout.num_layers}
 
 
 def measure_accelerate(model_dir: str, budget_gb: float, prompt_len: int, new_tokens: int, out: Path) -> dict:
@@ -85,7 +88,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = {"gpu": torch.cuda.get_device_name(0), "sli": [], "peers": []}
     for mode in args.modes.split(","):
-        results["sli"].append(measure_sli(args.model_dir, mode, args.budget_gb, args.prompt_len, args.new_tokens, out))
+        try:
+            results["sli"].append(measure_sli(args.model_dir, mode, args.budget_gb, args.prompt_len, args.new_tokens, out))
+        except Exception as exc:  # one mode that fails is reported; the others still run
+            traceback.print_exc()
+            results["sli"].append({"mode": mode, "error": f"{type(exc).__name__}: {exc}"})
         print(json.dumps(results["sli"][-1]))
     try:
         results["peers"].append(measure_accelerate(args.model_dir, args.budget_gb, args.prompt_len, args.new_tokens, out))

@@ -37,7 +37,7 @@ def to_device(tensors: Dict[str, torch.Tensor], device: torch.device) -> Dict[st
     stream is truly asynchronous; as they are on CPU."""
     if device.type != "cuda":
         return tensors
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in tensors.items()}
+    return {k: (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True) for k, v in tensors.items()}
 
 
 def record_ready(device: torch.device, stream: Optional["torch.cuda.Stream"]):

@@ -98,6 +98,8 @@ class LayerStore:
             recently used entries are evicted to keep it.
         max_memory_cache_size_gb: the memory tier's size limit in GiB (0 turns it off);
             None means 10% of the RAM psutil reports available.
+        pin_memory: keep the memory tier's entries in page-locked memory (for a CUDA device:
+            a hit is then copied to the GPU without staging; needs a CUDA build of torch).
 
     Raises:
         CacheError: the directory cannot be created or its index opened.
@@ -114,8 +116,9 @@ class LayerStore:
     """
 
     def __init__(self, cache_dir: Union[str, Path], max_cache_size_gb: Optional[float] = None,
-                 max_memory_cache_size_gb: Optional[float] = None) -> None:
+                 max_memory_cache_size_gb: Optional[float] = None, pin_memory: bool = False) -> None:
         check_diskcache_version()
+        self.pin_memory = pin_memory
         self.cache_dir = Path(cache_dir).expanduser()
         size_gb = DEFAULT_SETTINGS["max_cache_size_gb"] if max_cache_size_gb is None else max_cache_size_gb
         if size_gb <= 0:
@@ -306,7 +309,7 @@ class LayerStore:
                 return None
             self._stats.disk_hits += 1
         if memory:
-            self._remember(key, entry)
+            entry = self._remember(key, entry)
         return entry
 
     def _read(self, key: str, remove: bool = True, mapped: bool = False,
@@ -384,9 +387,14 @@ class LayerStore:
         with self._lock:
             self._stats.disk_evictions += evicted
 
-    def _remember(self, key: str, entry: CachedLayer) -> None:
+    def _remember(self, key: str, entry: CachedLayer) -> CachedLayer:
+        """Keep ``entry`` in the memory tier (pinned first with ``pin_memory``, when it fits);
+        returns the entry as kept."""
+        if self.pin_memory and entry.nbytes <= self._memory.limit:
+            entry = entry.pinned()
         with self._lock:
             self._stats.evictions += self._memory.put(key, entry)
+        return entry
 
     def close(self) -> None:
         """Close the index connection; the files stay for the next process."""

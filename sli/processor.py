@@ -61,7 +61,9 @@ class UniversalSLIProcessor:
         device: "cpu", "cuda" or a torch.device (default CUDA when present).
         max_cache_size_gb: the disk tier's size limit.
         max_memory_cache_size_gb: the cache's in-memory tier (quantized layers); 0 by
-            default when a memory budget is set, since those bytes count against it.
+            default on CPU when a memory budget is set, since those bytes count against it.
+            On CUDA it is pinned host RAM (10% of the available RAM by default), which the
+            GPU budget does not cover.
         max_gpu_memory_gb: on CUDA, the budget for resident + streamed layers.
         memory_budget_gb: on CPU, the RAM budget for resident + streamed layers.
         prefetch: load the next layer in the background while the current one runs.
@@ -129,10 +131,13 @@ class UniversalSLIProcessor:
                 decode_step.warm_up()
 
         self.memory_budget = budget_bytes(self.device, max_gpu_memory_gb, memory_budget_gb)
-        if max_memory_cache_size_gb is None and self.memory_budget is not None:
-            max_memory_cache_size_gb = 0.0
+        on_gpu = self.device.type == "cuda"
+        if max_memory_cache_size_gb is None and self.memory_budget is not None and not on_gpu:
+            max_memory_cache_size_gb = 0.0  # on CPU the tier's bytes count against the RAM budget
+        # On CUDA the budget is GPU memory; the tier keeps entries in pinned host RAM, so a
+        # token's layers cross the bus at full speed instead of being read from disk again
         self.cache = LayerCache(cache_dir or default_cache_dir(), max_cache_size_gb=max_cache_size_gb,
-                                max_memory_cache_size_gb=max_memory_cache_size_gb)
+                                max_memory_cache_size_gb=max_memory_cache_size_gb, pin_memory=on_gpu)
         self.shared_bytes = load_shared_modules(self.model, self._loader, self.checkpoint, self.layout.layers_path,
                                                 self.device, self.compute_dtype, self.packed,
                                                 self.quantization_config.int8_head)

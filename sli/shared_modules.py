@@ -43,12 +43,28 @@ def load_shared_modules(model: nn.Module, loader: SkeletonLoader, checkpoint: Ch
         quantize_head(model, compute_dtype)
         kept_head = None  # the state dict lists the int8 head's tensors
     if device.type == "cuda":  # non-persistent buffers (rotary tables) were made on CPU by the skeleton
-        model.to(device)
+        move_shared_tensors(model, prefix, device)
     shared = {t.data_ptr(): t.numel() * t.element_size() for n, t in model.state_dict().items()
               if not n.startswith(prefix) and t.device.type != "meta"}
     if kept_head is not None:
         shared[kept_head.data_ptr()] = kept_head.numel() * kept_head.element_size()
     return sum(shared.values())  # a tied head shares the embedding's storage
+
+
+def move_shared_tensors(model: nn.Module, prefix: str, device: torch.device) -> None:
+    """Move every parameter and buffer outside the decoder stack (names not under ``prefix``)
+    to ``device``. ``model.to`` cannot: the stack's weights are still meta tensors, which have
+    no data to copy; the streamer fills them on the device layer by layer. A tied head is the
+    embedding's parameter object, moved once."""
+    for name, module in model.named_modules():
+        if (name + ".").startswith(prefix):
+            continue
+        for key, param in module._parameters.items():
+            if param is not None and param.device.type != "meta" and param.device != device:
+                param.data = param.data.to(device)
+        for key, buffer in module._buffers.items():
+            if buffer is not None and buffer.device.type != "meta" and buffer.device != device:
+                module._buffers[key] = buffer.to(device)
 
 
 def mapped_embedding(model: nn.Module) -> "tuple[int, int]":

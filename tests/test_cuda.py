@@ -34,3 +34,19 @@ def test_cuda_peak_memory_stays_within_the_budget(model_factory, tmp_path):
                                max_gpu_memory_gb=budget_gb) as proc:
         proc.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, eos_token_id=[])
     assert torch.cuda.max_memory_allocated() <= budget_gb * 2**30
+
+
+def test_cuda_streams_layers_from_pinned_host_memory_after_the_first_pass(model_factory, tmp_path):
+    model_dir = model_factory("llama", num_layers=4)
+    ids = torch.tensor([[1, 2, 3]])
+    with UniversalSLIProcessor(model_dir, "int8", cache_dir=tmp_path / "c", device="cuda",
+                               max_gpu_memory_gb=0.0) as proc:
+        first = proc.forward(ids)
+        disk_reads = proc.cache.stats().disk_hits + proc.cache.stats().disk_misses
+        second = proc.forward(ids)
+        stats = proc.cache.stats()
+        assert stats.disk_hits + stats.disk_misses == disk_reads  # every layer came from the host tier
+        assert stats.memory_entries == 4
+        key = proc.cache.key(proc.model_id, 0, proc.quantizer)
+        assert all(t.is_pinned() for t in proc.cache._memory.get(key).tensors.values())
+        torch.testing.assert_close(second, first)

@@ -117,6 +117,27 @@ def test_memory_hit_does_not_read_the_disk(cache):
         assert same(cache.get("m", 0, "none"), make_entry(1))
 
 
+def test_a_pinning_store_keeps_and_serves_its_memory_tier_pinned(tmp_path):
+    # Pinning needs CUDA (tests/test_cuda.py pins for real); here a stand-in marks the copy.
+    pinned_copies = []
+
+    def pinned(entry):
+        copy = CachedLayer({k: t.clone() for k, t in entry.tensors.items()}, entry.linears)
+        pinned_copies.append(copy)
+        return copy
+
+    with mock.patch.object(CachedLayer, "pinned", pinned):
+        with LayerCache(tmp_path, max_cache_size_gb=0.01, max_memory_cache_size_gb=0.01, pin_memory=True) as cache:
+            cache.put("m", 0, "none", make_entry(1))  # kept pinned on the way in
+            cache.put("m", 1, "none", make_entry(2), memory=False)
+            assert cache.get("m", 0, "none") is pinned_copies[0]
+            from_disk = cache.get("m", 1, "none")  # promoted: pinned, and that copy is served
+            assert from_disk is pinned_copies[1] and same(from_disk, make_entry(2))
+            assert cache.get("m", 1, "none") is pinned_copies[1] and len(pinned_copies) == 2
+        with LayerCache(tmp_path, max_cache_size_gb=0.01, max_memory_cache_size_gb=0.01) as cache:
+            assert same(cache.get("m", 0, "none"), make_entry(1)) and len(pinned_copies) == 2  # off by default
+
+
 # -- LRU order and byte limits ------------------------------------------------------------
 
 def test_memory_tier_evicts_least_recently_used(cache):

@@ -57,6 +57,11 @@ class CachedLayer:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
+    def pinned(self) -> "CachedLayer":
+        """The same entry in page-locked host memory (CUDA copies it to the GPU asynchronously
+        and at full bus speed; from pageable memory every copy is staged first)."""
+        return CachedLayer({k: t if t.is_pinned() else t.pin_memory() for k, t in self.tensors.items()}, self.linears)
+
 
 def split_cached(cached: CachedLayer) -> Tuple[Dict[str, QuantizedTensor], Dict[str, Tensor]]:
     """Group a cached layer's tensors: ({linear path: QuantizedTensor}, {name: plain tensor})."""
