@@ -56,7 +56,10 @@ DEFAULT_SETTINGS = {
 #   SLI_PROMPT_DTYPE=bfloat16|float32  a prompt's matrix products (default: bfloat16 where the CPU
 #                   has AMX or AVX-512 BF16, else float32; NONE always float32)
 #   SLI_INT8_MATMUL=torch|numba  INT8 products of 17 rows or more in torch._int_mm (oneDNN's int8
-#                   tiles) or in sli's kernels (default: torch._int_mm on a CPU with AMX)
+#                   tiles) or in sli's kernels (default: torch._int_mm on a CPU with AMX or AVX-512 VNNI)
+#   SLI_KEPT_PAIRWISE=1|0  there, the values rows keep in float meet the weight pair by pair
+#                   (sli's kept_products) or through their gathered columns (default: the cheaper
+#                   by sli.kernels.matrix_units.kept_pairwise's cost model)
 #   SLI_NO_COMPILE=1  no torch.compile for the 4-bit quantizer (the eager path, same bytes)
 #   SLI_NO_TEAM=1   kernels split across threads through a pool of sleeping threads, not the
 #                   polling kernel team (sli.kernels.team)

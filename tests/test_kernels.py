@@ -173,9 +173,13 @@ def test_int8_prompts_take_torch_int_mm_on_a_cpu_with_int8_matrix_instructions(u
     assert kernels.int8_matrix_rows() == 0
 
 
-def test_int8_keeping_many_distinct_features_meets_their_columns_a_block_at_a_time(monkeypatch):
-    # Each row keeps its own 4 features: their weight columns are gathered a bounded block at a time.
+@pytest.mark.parametrize("pairwise", ["1", "0", ""])
+def test_int8_rows_keeping_distinct_features_each_meet_their_own_weight_entries(pairwise, monkeypatch):
+    # Each row keeps its own 4 features in float (a random model's prompt: hundreds of distinct
+    # columns); in torch._int_mm's path they meet the weight pair by pair (sli's kept_products),
+    # or through their gathered columns a bounded block at a time, or as the cost model picks.
     monkeypatch.setenv("SLI_INT8_MATMUL", "torch")
+    monkeypatch.setenv("SLI_KEPT_PAIRWISE", pairwise)
     monkeypatch.setattr(kernels.matrix_units_module, "KEPT_COLUMNS_AT_ONCE", 16)
     codec = codec_for("int8")
     q = codec.prepare(codec.quantize(_weight((384, 1024)), QuantizationConfig(mode="int8")))
@@ -184,6 +188,12 @@ def test_int8_keeping_many_distinct_features_meets_their_columns_a_block_at_a_ti
     x[torch.arange(rows), torch.arange(rows) * 7] = 50.0  # a different strong feature in each row
     y = kernels.matmul_int8(x, q.tensors["weight"], q.tensors["_scale"])
     assert _rel_err(y, _int8_reference(codec, q, x)) < 1e-5
+
+
+def test_kept_values_go_pair_by_pair_when_they_fall_in_many_distinct_columns():
+    pairwise = kernels.matrix_units_module.kept_pairwise
+    assert pairwise(pairs=128 * 4, columns=500, rows=128, in_features=4096)  # a random model's prompt
+    assert not pairwise(pairs=512 * 4, columns=30, rows=512, in_features=576)  # SmolLM2's: a few dozen
 
 
 def test_the_cpu_s_matrix_units_choose_the_prompt_dtype(monkeypatch, caplog):

@@ -91,6 +91,24 @@ def kept_nibbles(oidx, blocksize):
 stable_id(kept_nibbles, "activations.kept_nibbles")  # the 4-bit kernels hold it in their closures
 
 
+@njit(cache=True, nogil=True)  # no fastmath: each sum in the pairs' order
+def kept_products(q, columns, owners, values, out, start, end):
+    # what the values rows keep in float add to a product by an int8 weight q [rows * in] (flat):
+    # out[o, t] = sum of values[p] * q[o, columns[p]] over the pairs p whose owners[p] is row t,
+    # for weight rows o in [start, end). The pairs come sorted by column, so each weight row is
+    # read once, in order (no gather of the weight's columns, which reads the whole weight again
+    # per block of columns); a row's sum is over its own kept values in column order, whatever
+    # the other rows keep. (Adding straight into the product [T, out] was slower: its writes
+    # scatter over T cache lines a weight row.)
+    width = q.shape[0] // out.shape[0]
+    for o in range(start, end):
+        base = o * width
+        for t in range(out.shape[1]):
+            out[o, t] = 0.0
+        for p in range(columns.shape[0]):
+            out[o, owners[p]] += values[p] * np.float32(q[base + columns[p]])
+
+
 def build(h) -> dict:
-    """The kernel by name (the same at every SIMD level)."""
-    return {"quantize_rows": quantize_rows}
+    """The kernels by name (the same at every SIMD level)."""
+    return {"quantize_rows": quantize_rows, "kept_products": kept_products}

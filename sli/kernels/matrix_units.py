@@ -104,25 +104,57 @@ def _log_int8_choice(rows: int, asked: str, units: str) -> None:
     logger.info("INT8 prompt products in %s (%s)", where, why)
 
 
-# The values kept in float meet their weight columns, gathered as float32, this many columns at
-# a time: a bounded buffer (11 MB for a 11008-row weight) however many the rows keep.
-KEPT_COLUMNS_AT_ONCE = 256
-
-
 def int_mm_int8(xq: torch.Tensor, xs: torch.Tensor, oidx: torch.Tensor, oval: torch.Tensor,
                 q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x @ (q * scale[:, None])^T`` as float32 ``[T, out]``, ``x`` given as int8 rows ``xq``
     ``[T, in]`` with a scale ``xs`` ``[T]`` each and, per row, values kept in float (``oval`` at
     columns ``oidx``, zero in ``xq``; :func:`sli.kernels.quantize_rows`' output). The integer
-    part is exact; the kept values meet their columns in float32, as in sli's kernels."""
+    part is exact; the kept values meet their weight entries in float32 (:func:`add_kept`)."""
     y = torch._int_mm(xq, q.t()).float()
     y *= xs.view(-1, 1)
-    cols, where = torch.unique(oidx, return_inverse=True)
-    if cols.numel():
-        kept = torch.zeros(xq.shape[0], cols.numel(), dtype=torch.float32)
-        kept.scatter_add_(1, where, oval)
-        for first in range(0, cols.numel(), KEPT_COLUMNS_AT_ONCE):
-            last = min(cols.numel(), first + KEPT_COLUMNS_AT_ONCE)
-            y += kept[:, first:last] @ q[:, cols[first:last]].float().t()
+    if oidx.shape[1]:
+        add_kept(y, oidx, oval, q)
     y *= scale.view(1, -1)
     return y
+
+
+# The values kept in float, when they fall in few distinct columns (a trained model's outlier
+# features), meet those columns gathered as float32, this many at a time: a bounded buffer.
+KEPT_COLUMNS_AT_ONCE = 256
+
+
+def add_kept(y: torch.Tensor, oidx: torch.Tensor, oval: torch.Tensor, q: torch.Tensor) -> None:
+    """``y[t] += sum_j oval[t, j] * q[:, oidx[t, j]]`` in float32, the cheaper of two ways
+    (:func:`kept_pairwise`): few distinct columns (a trained model: a few dozen over a 512-row
+    prompt) are gathered once and meet a dense ``[T, columns]`` matrix in BLAS; many (a random
+    model: every row its own) go pair by pair through sli's ``kept_products`` kernel, which reads
+    each weight row once instead of gathering the weight's columns again per block."""
+    cols, where = torch.unique(oidx, return_inverse=True)
+    if kept_pairwise(oidx.numel(), cols.numel(), y.shape[0], q.shape[1]):
+        from .dispatch import run
+
+        order = torch.argsort(oidx.reshape(-1), stable=True)  # the pairs by column
+        kept = torch.empty(q.shape[0], y.shape[0], dtype=torch.float32)  # [out, T]: a weight row's sums together
+        run("kept_products", q.shape[0], q.shape[0] * oidx.numel(), q.reshape(-1).numpy(),
+            oidx.reshape(-1)[order].numpy(), torch.div(order, oidx.shape[1], rounding_mode="floor").numpy(),
+            oval.reshape(-1)[order].contiguous().numpy(), kept.numpy())
+        y += kept.t()
+        return
+    dense = torch.zeros(y.shape[0], cols.numel(), dtype=torch.float32)
+    dense.scatter_add_(1, where, oval)
+    for first in range(0, cols.numel(), KEPT_COLUMNS_AT_ONCE):
+        last = min(cols.numel(), first + KEPT_COLUMNS_AT_ONCE)
+        y += dense[:, first:last] @ q[:, cols[first:last]].float().t()
+
+
+def kept_pairwise(pairs: int, columns: int, rows: int, in_features: int) -> bool:
+    """Whether the kept values' pairs go one by one (``kept_products``) rather than through
+    their gathered columns: the cheaper by each one's cost per weight row, fitted on 2 cores of
+    an AMD Zen 4 (docs/benchmarks.md, 7B and SmolLM2 shapes, 128 and 512 rows): a pair ~1.4 ns;
+    a block of gathered columns ~0.09 ns a weight byte, and their dense product ~0.018 ns per
+    activation row and column. ``SLI_KEPT_PAIRWISE=1|0`` forces either."""
+    forced = os.environ.get("SLI_KEPT_PAIRWISE", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    blocks = -(-columns // KEPT_COLUMNS_AT_ONCE)
+    return 1.4 * pairs < 0.09 * in_features * blocks + 0.018 * rows * columns
