@@ -59,7 +59,7 @@ DEFAULT_SETTINGS = {
 #                   tiles) or in sli's kernels (default: torch._int_mm on a CPU with AMX or AVX-512 VNNI)
 #   SLI_KEPT_PAIRWISE=1|0  there, the values rows keep in float meet the weight pair by pair
 #                   (sli's kept_products) or through their gathered columns (default: the cheaper
-#                   by sli.kernels.matrix_units.kept_pairwise's cost model)
+#                   by sli.kernels.matrix_units.kept_pairwise: many distinct columns, pair by pair)
 #   SLI_NO_COMPILE=1  no torch.compile for the 4-bit quantizer (the eager path, same bytes)
 #   SLI_NO_TEAM=1   kernels split across threads through a pool of sleeping threads, not the
 #                   polling kernel team (sli.kernels.team)

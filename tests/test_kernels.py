@@ -192,8 +192,8 @@ def test_int8_rows_keeping_distinct_features_each_meet_their_own_weight_entries(
 
 def test_kept_values_go_pair_by_pair_when_they_fall_in_many_distinct_columns():
     pairwise = kernels.matrix_units_module.kept_pairwise
-    assert pairwise(pairs=128 * 4, columns=500, rows=128, in_features=4096)  # a random model's prompt
-    assert not pairwise(pairs=512 * 4, columns=30, rows=512, in_features=576)  # SmolLM2's: a few dozen
+    assert pairwise(pairs=128 * 4, columns=500)  # a random model's prompt: each row its own
+    assert not pairwise(pairs=512 * 4, columns=66)  # SmolLM2's: a few dozen
 
 
 def test_the_cpu_s_matrix_units_choose_the_prompt_dtype(monkeypatch, caplog):

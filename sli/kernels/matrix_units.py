@@ -126,11 +126,11 @@ KEPT_COLUMNS_AT_ONCE = 256
 def add_kept(y: torch.Tensor, oidx: torch.Tensor, oval: torch.Tensor, q: torch.Tensor) -> None:
     """``y[t] += sum_j oval[t, j] * q[:, oidx[t, j]]`` in float32, the cheaper of two ways
     (:func:`kept_pairwise`): few distinct columns (a trained model: a few dozen over a 512-row
-    prompt) are gathered once and meet a dense ``[T, columns]`` matrix in BLAS; many (a random
+    prompt) are gathered and meet a dense ``[T, columns]`` matrix in BLAS; many (a random
     model: every row its own) go pair by pair through sli's ``kept_products`` kernel, which reads
     each weight row once instead of gathering the weight's columns again per block."""
     cols, where = torch.unique(oidx, return_inverse=True)
-    if kept_pairwise(oidx.numel(), cols.numel(), y.shape[0], q.shape[1]):
+    if kept_pairwise(oidx.numel(), cols.numel()):
         from .dispatch import run
 
         order = torch.argsort(oidx.reshape(-1), stable=True)  # the pairs by column
@@ -147,14 +147,13 @@ def add_kept(y: torch.Tensor, oidx: torch.Tensor, oval: torch.Tensor, q: torch.T
         y += dense[:, first:last] @ q[:, cols[first:last]].float().t()
 
 
-def kept_pairwise(pairs: int, columns: int, rows: int, in_features: int) -> bool:
-    """Whether the kept values' pairs go one by one (``kept_products``) rather than through
-    their gathered columns: the cheaper by each one's cost per weight row, fitted on 2 cores of
-    an AMD Zen 4 (docs/benchmarks.md, 7B and SmolLM2 shapes, 128 and 512 rows): a pair ~1.4 ns;
-    a block of gathered columns ~0.09 ns a weight byte, and their dense product ~0.018 ns per
-    activation row and column. ``SLI_KEPT_PAIRWISE=1|0`` forces either."""
+def kept_pairwise(pairs: int, columns: int) -> bool:
+    """Whether the kept values' ``pairs`` go one by one (``kept_products``) rather than through
+    their ``columns`` gathered: one by one when the columns are at least a fifth of the pairs.
+    Measured on 2 cores of an AMD Zen 4 (docs/benchmarks.md: 7B and SmolLM2 shapes, 128 and 512
+    rows), where the two cross between a tenth and a quarter. ``SLI_KEPT_PAIRWISE=1|0`` forces
+    either."""
     forced = os.environ.get("SLI_KEPT_PAIRWISE", "")
     if forced in ("0", "1"):
         return forced == "1"
-    blocks = -(-columns // KEPT_COLUMNS_AT_ONCE)
-    return 1.4 * pairs < 0.09 * in_features * blocks + 0.018 * rows * columns
+    return 5 * columns >= pairs
