@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from .dispatch import run as run_kernel
+
 logger = logging.getLogger(__name__)
 
 PROMPT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -129,22 +131,30 @@ def add_kept(y: torch.Tensor, oidx: torch.Tensor, oval: torch.Tensor, q: torch.T
     prompt) are gathered and meet a dense ``[T, columns]`` matrix in BLAS; many (a random
     model: every row its own) go pair by pair through sli's ``kept_products`` kernel, which reads
     each weight row once instead of gathering the weight's columns again per block."""
-    cols, where = torch.unique(oidx, return_inverse=True)
-    if kept_pairwise(oidx.numel(), cols.numel()):
-        from .dispatch import run
+    columns, where = torch.unique(oidx, return_inverse=True)
+    if kept_pairwise(oidx.numel(), columns.numel()):
+        _add_kept_pairs(y, oidx, oval, q)
+    else:
+        _add_kept_columns(y, columns, where, oval, q)
 
-        order = torch.argsort(oidx.reshape(-1), stable=True)  # the pairs by column
-        kept = torch.empty(q.shape[0], y.shape[0], dtype=torch.float32)  # [out, T]: a weight row's sums together
-        run("kept_products", q.shape[0], q.shape[0] * oidx.numel(), q.reshape(-1).numpy(),
-            oidx.reshape(-1)[order].numpy(), torch.div(order, oidx.shape[1], rounding_mode="floor").numpy(),
-            oval.reshape(-1)[order].contiguous().numpy(), kept.numpy())
-        y += kept.t()
-        return
-    dense = torch.zeros(y.shape[0], cols.numel(), dtype=torch.float32)
+
+def _add_kept_pairs(y: torch.Tensor, oidx: torch.Tensor, oval: torch.Tensor, q: torch.Tensor) -> None:
+    order = torch.argsort(oidx.reshape(-1), stable=True)  # the (row, column, value) pairs by column
+    owners = torch.div(order, oidx.shape[1], rounding_mode="floor")
+    kept = torch.empty(q.shape[0], y.shape[0], dtype=torch.float32)  # [out, T]: a weight row's sums together
+    run_kernel("kept_products", q.shape[0], q.shape[0] * oidx.numel(), q.reshape(-1).numpy(),
+               oidx.reshape(-1)[order].numpy(), owners.numpy(), oval.reshape(-1)[order].contiguous().numpy(),
+               kept.numpy())
+    y += kept.t()
+
+
+def _add_kept_columns(y: torch.Tensor, columns: torch.Tensor, where: torch.Tensor, oval: torch.Tensor,
+                      q: torch.Tensor) -> None:
+    dense = torch.zeros(y.shape[0], columns.numel(), dtype=torch.float32)
     dense.scatter_add_(1, where, oval)
-    for first in range(0, cols.numel(), KEPT_COLUMNS_AT_ONCE):
-        last = min(cols.numel(), first + KEPT_COLUMNS_AT_ONCE)
-        y += dense[:, first:last] @ q[:, cols[first:last]].float().t()
+    for first in range(0, columns.numel(), KEPT_COLUMNS_AT_ONCE):
+        last = min(columns.numel(), first + KEPT_COLUMNS_AT_ONCE)
+        y += dense[:, first:last] @ q[:, columns[first:last]].float().t()
 
 
 def kept_pairwise(pairs: int, columns: int) -> bool:
