@@ -391,7 +391,11 @@ class LayerStore:
         """Keep ``entry`` in the memory tier (pinned first with ``pin_memory``, when it fits);
         returns the entry as kept."""
         if self.pin_memory and entry.nbytes <= self._memory.limit:
-            entry = entry.pinned()
+            try:
+                entry = entry.pinned()
+            except RuntimeError as exc:  # the driver refused page-locked memory: keep it pageable
+                logger.warning("cannot pin a layer cache entry in host memory (%s); it stays pageable", exc)
+                self.pin_memory = False
         with self._lock:
             self._stats.evictions += self._memory.put(key, entry)
         return entry

@@ -138,6 +138,19 @@ def test_a_pinning_store_keeps_and_serves_its_memory_tier_pinned(tmp_path):
             assert same(cache.get("m", 0, "none"), make_entry(1)) and len(pinned_copies) == 2  # off by default
 
 
+def test_an_entry_the_driver_will_not_pin_stays_in_the_memory_tier_pageable(tmp_path, caplog):
+    def refuse(entry):
+        raise RuntimeError("cudaHostAlloc: out of memory")
+
+    with mock.patch.object(CachedLayer, "pinned", refuse):
+        with LayerCache(tmp_path, max_cache_size_gb=0.01, max_memory_cache_size_gb=0.01, pin_memory=True) as cache:
+            with caplog.at_level(logging.WARNING, logger="sli.layer_store"):
+                cache.put("m", 0, "none", make_entry(1))
+                cache.put("m", 1, "none", make_entry(2))
+            assert same(cache.get("m", 0, "none"), make_entry(1)) and cache.stats().memory_entries == 2
+    assert len([r for r in caplog.records if "cannot pin" in r.getMessage()]) == 1  # said once, then not tried
+
+
 # -- LRU order and byte limits ------------------------------------------------------------
 
 def test_memory_tier_evicts_least_recently_used(cache):
