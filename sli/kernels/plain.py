@@ -202,6 +202,12 @@ def dot8q_row(q, qofs, xq, xs, corr, cols, xblock, out):
 
 
 @_jit
+def dot8q_tile(q, qofs, xq, xs, corr, t0, rows, cols, xblock, out):
+    for v in range(2):
+        dot8q(q, qofs + v * cols, xq, xs, corr, t0, rows, cols, xblock, out[v * rows:])
+
+
+@_jit
 def dot4l_row(packed, pofs, levels, scales, sofs, blocksize, xq, cols, out):
     dot4l(packed, pofs, levels, scales, sofs, blocksize, xq, 0, 1, cols, out)
 
@@ -212,7 +218,7 @@ def decode64_4bit(packed, pofs, code, scale, out, oofs):
 
 
 for _f in (_rows_dot, decode_pairs, lut4, lut4z, dot8, dot8_rows, dotfp8, dotfp8_rows, dot8q, dot8q_rows, dot8q_row,
-           dot4q, dot4l, dot4l_rows, dot4l_row, dotbf16, dotbf16_rows, decode64_4bit):
+           dot8q_tile, dot4q, dot4l, dot4l_rows, dot4l_row, dotbf16, dotbf16_rows, decode64_4bit):
     stable_id(_f, f"plain.{_f.__name__}")
 
 # The loops take any number of rows, so a block is decoded once for up to this many of them.
@@ -222,10 +228,11 @@ MAX_ROWS = 16
 # 0.43 did), so a row's bits would depend on how a product's rows were split. The *_rows helpers
 # keep the set the kernels are built over complete.
 # row_passes: a token's products take the same one-row passes as a batch's (the *_row helpers
-# are dot8q's and dot4l's own).
+# are dot8q's and dot4l's own); tile_rows 1: a batch's INT8 products too (dot8q_tile, two dot8q
+# calls, completes the set).
 HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=MAX_ROWS, weight_rows=1, lut4=lut4, lut4z=lut4z,
                           dot8=dot8, dot8_rows=dot8_rows, dotfp8=dotfp8, dotfp8_rows=dotfp8_rows,
-                          dot8q=dot8q, dot8q_rows=dot8q_rows, dot8q_row=dot8q_row,
+                          dot8q=dot8q, dot8q_rows=dot8q_rows, dot8q_row=dot8q_row, dot8q_tile=dot8q_tile,
                           dot4q=dot4q, dot4l=dot4l, dot4l_rows=dot4l_rows, dot4l_row=dot4l_row,
                           dotbf16=dotbf16, dotbf16_rows=dotbf16_rows, decode64_4bit=decode64_4bit,
-                          row_passes=False, variant="")
+                          tile_rows=1, row_passes=False, variant="")

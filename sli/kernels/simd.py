@@ -53,8 +53,8 @@ from typing import Dict, Tuple
 from llvmlite import binding
 
 from .simd_float import make_decode64, make_lut4, make_widening_dot, make_widening_dot_rows
-from .simd_int8 import (make_dot4l, make_dot4l_row, make_dot4l_rows, make_dot4q, make_dot8q, make_dot8q_row,
-                        make_dot8q_rows)
+from .simd_int8 import (TILE_WEIGHT_ROWS, make_dot4l, make_dot4l_row, make_dot4l_rows, make_dot4q, make_dot8q,
+                        make_dot8q_row, make_dot8q_rows, make_dot8q_tile)
 from .plain import WEIGHT_ROWS
 from .simd_ir import LEVELS, MAX_ROWS, NEEDS, WIDTH
 
@@ -102,6 +102,7 @@ def helpers(level: str) -> SimpleNamespace:
             dotfp8_rows=make_widening_dot_rows(level, "fp8"), dotbf16_rows=make_widening_dot_rows(level, "bf16"),
             decode64_4bit=make_decode64(level),
             dot8q=make_dot8q(level), dot8q_rows=make_dot8q_rows(level), dot8q_row=make_dot8q_row(level),
+            dot8q_tile=make_dot8q_tile(level), tile_rows=TILE_WEIGHT_ROWS,
             dot4q=make_dot4q(level), dot4l=make_dot4l(level), dot4l_rows=make_dot4l_rows(level),
             dot4l_row=make_dot4l_row(level), row_passes=row_passes, variant="+row" if row_passes else "")
     return _built[level]

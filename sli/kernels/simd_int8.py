@@ -67,6 +67,32 @@ def make_dot8q(level: str):
     return stable_id(intrinsic(dot8q), f"simd.{dot8q.__name__}")
 
 
+TILE_WEIGHT_ROWS = 2  # weight rows dot8q_tile multiplies by each pass's activation rows
+
+
+def make_dot8q_tile(level: str):
+    """``dot8q_tile(q, qofs, xq, xs, corr, t0, rows, cols, xblock, out)``: :data:`TILE_WEIGHT_ROWS`
+    consecutive int8 weight rows (``q[qofs:]``, ``q[qofs + cols:]``) times activation rows
+    ``t0 .. t0 + rows``: ``out[w * rows + r]`` is what ``dot8q`` gives weight row ``w`` and
+    activation row ``r`` (the same operations a pair, so the same bits). A prompt's or a batch's
+    product: each register of activations loaded serves two weight rows, each weight register
+    all the rows (with one weight row, 9 loads fed 8 ``vpdpbusd``; now 10 feed 16)."""
+    def dot8q_tile(typingctx, q, qofs, xq, xs, corr, t0, rows, cols, xblock, out):
+        sig = types.void(q, qofs, xq, xs, corr, t0, rows, cols, xblock, out)
+
+        def codegen(context, builder, signature, args):
+            q_ptr, qofs_i, xq_ptr, xs_ptr, corr_ptr, t0_i, rows_i, cols_i, xblock_i, out_ptr = \
+                unpack(context, builder, signature, args)
+            rows_switch(builder, level, rows_i, lambda e, rows: _dot8q_pass(
+                e, q_ptr, qofs_i, xq_ptr, xs_ptr, corr_ptr, t0_i, rows, TILE_WEIGHT_ROWS, cols_i, xblock_i, out_ptr))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    dot8q_tile.__name__ = f"dot8q_tile_{level}"
+    return stable_id(intrinsic(dot8q_tile), f"simd.{dot8q_tile.__name__}")
+
+
 def make_dot8q_rows(level: str):
     """``dot8q_rows(q, qofs, xq, xs, corr, t0, cols, xblock, out)``: :data:`WEIGHT_ROWS`
     consecutive int8 weight rows (``q[qofs:]``, ``q[qofs + cols:]``, ...) times the one

@@ -45,6 +45,7 @@ def build(h) -> dict:
     most = h.max_rows  # activation rows a helper multiplies in one pass
     weight_rows = h.weight_rows  # weight rows dot8q_rows multiplies by one activation row
     dot8q_row, row_passes = h.dot8q_row, h.row_passes  # a token's INT8 product a row a pass
+    dot8q_tile, tile_rows = h.dot8q_tile, h.tile_rows  # several rows' INT8 products: tile_rows weight rows a pass
 
     def widening_kernel(name, dot, dot_rows, value, scaled, at_once):
         @njit(nogil=True)  # no fastmath: the same order of sums at both call sites below
@@ -86,7 +87,7 @@ def build(h) -> dict:
         # q: int8 [out*in]; activations quantize_rows' int8 blocks + float outliers; y = (x @ q^T) * scale
         rows = y.shape[0]
         cols = q.shape[0] // y.shape[1]
-        acc = np.empty(max(most, weight_rows), np.float32)
+        acc = np.empty(max(most * tile_rows, weight_rows), np.float32)
         one_row = rows == 1 and row_passes  # one token, a weight row after another (the same sums)
         o = start
         if rows == 1 and weight_rows > 1 and not one_row:  # one token: weight_rows weight rows a pass
@@ -95,6 +96,15 @@ def build(h) -> dict:
                 for w in range(weight_rows):
                     y[0, o + w] = _plus_kept(q, (o + w) * cols, oidx, oval, 0, acc[w]) * scale[o + w]
                 o += weight_rows
+        if rows > 1 and tile_rows > 1:  # several rows: tile_rows weight rows by each pass of activation rows
+            while o + tile_rows <= stop:
+                for t in range(0, rows, most):
+                    k = min(most, rows - t)
+                    dot8q_tile(q, o * cols, xq, xs, corr, t, k, cols, xblock, acc)
+                    for w in range(tile_rows):
+                        for i in range(k):
+                            y[t + i, o + w] = _plus_kept(q, (o + w) * cols, oidx, oval, t + i, acc[w * k + i]) * scale[o + w]
+                o += tile_rows
         for o in range(o, stop):
             for t in range(0, rows, most):
                 k = min(most, rows - t)
