@@ -428,8 +428,8 @@ assert (codec.dequantize(q, torch.float32) - bnbf.dequantize_4bit(packed, state)
 for mode in ("none", "int8", "int8_dynamic", "nf4", "fp4", "int4", "fp8"):
     codec = codec_for(mode)
     # 200: a tail after the last 64 values, int4 padding; 2560: rows straddling 4-bit groups of 256 block maxima;
-    for shape in ((96, 1024), (40, 200), (24, 2560), (18, 576)):  # 576: 4 pairs of 4-bit blocks and one more;
-        # 18 rows: INT8's one-row passes of 4 weight rows and 2 after them
+    for shape in ((96, 1024), (40, 200), (24, 2560), (19, 576)):  # 576: 4 pairs of 4-bit blocks and one more;
+        # 19 rows: INT8's one-row passes of 4 weight rows and 3 after them, its several-row passes of 2 and 1 after
         w = torch.randn(*shape, generator=g) * 0.02
         q = codec.prepare(codec.quantize(w.to(torch.bfloat16), QuantizationConfig(mode=mode)))
         for rows in (1, 2, 3, 4, 5, 6, 7, 8, 16):  # every pass size up to MAX_ROWS (8 on AVX-512)
