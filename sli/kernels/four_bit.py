@@ -29,6 +29,7 @@ def build(h) -> dict:
 
     lut4, dot4l, dot4l_rows, decode64_4bit = h.lut4, h.dot4l, h.dot4l_rows, h.decode64_4bit
     dot4l_row, row_passes = h.dot4l_row, h.row_passes  # a token's product a row a pass (sli.kernels.simd)
+    dot4l_tile, tile_rows = h.dot4l_tile, h.tile_rows  # several rows' products: tile_rows weight rows a pass
     most = h.max_rows  # activation rows a helper multiplies in one pass
     weight_rows = h.weight_rows  # weight rows dot4l_rows multiplies by one activation row
 
@@ -107,24 +108,28 @@ def build(h) -> dict:
         blocks_per_row = cols // blocksize
         keep = oval.shape[1]
         kept = kept_nibbles(oidx, blocksize)
-        acc = np.empty(max(most, weight_rows), np.float32)
+        acc = np.empty(max(most * tile_rows, weight_rows), np.float32)
         one_row = rows == 1 and row_passes  # one token, a row after another
         o = start
         while o < stop:
-            # one token: weight_rows weight rows a pass (the same sums as one at a time)
-            at_once = weight_rows if rows == 1 and not row_passes and o + weight_rows <= stop else 1
+            if rows == 1:  # one token: weight_rows weight rows a pass (the same sums as one at a time)
+                at_once = weight_rows if not row_passes and o + weight_rows <= stop else 1
+            else:  # several rows: tile_rows weight rows by each pass of activation rows
+                at_once = tile_rows if o + tile_rows <= stop else 1
             sofs = o * blocks_per_row
-            if at_once > 1:
+            if rows == 1 and at_once > 1:
                 dot4l_rows(packed, o * half, levels, absmax, sofs, blocksize, xq, 0, cols, acc)
             elif one_row:
                 dot4l_row(packed, o * half, levels, absmax, sofs, blocksize, xq, cols, acc)
-            for w in range(at_once):
-                for t in range(0, rows, most):
-                    k = min(most, rows - t)
-                    if at_once == 1 and not one_row:
-                        dot4l(packed, o * half, levels, absmax, sofs, blocksize, xq, t, k, cols, acc)
+            for t in range(0, rows, most):
+                k = min(most, rows - t)
+                if rows > 1 and at_once > 1:
+                    dot4l_tile(packed, o * half, levels, absmax, sofs, blocksize, xq, t, k, cols, acc)
+                elif at_once == 1 and not one_row:
+                    dot4l(packed, o * half, levels, absmax, sofs, blocksize, xq, t, k, cols, acc)
+                for w in range(at_once):
                     for i in range(k):
-                        s = acc[w + i] * (xs[t + i] * np.float32(1.0 / LEVEL_SCALE))
+                        s = acc[w * k + i] * (xs[t + i] * np.float32(1.0 / LEVEL_SCALE))
                         for m in range(keep):  # the kept values meet the weight itself: code * absmax
                             byte = np.int64(packed[(o + w) * half + kept[t + i, m, 0]])
                             nibble = (byte >> kept[t + i, m, 1]) & 15

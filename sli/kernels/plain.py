@@ -213,12 +213,19 @@ def dot4l_row(packed, pofs, levels, scales, sofs, blocksize, xq, cols, out):
 
 
 @_jit
+def dot4l_tile(packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out):
+    for v in range(2):
+        dot4l(packed, pofs + v * (cols // 2), levels, scales, sofs + v * (cols // blocksize), blocksize, xq, t0, rows,
+              cols, out[v * rows:])
+
+
+@_jit
 def decode64_4bit(packed, pofs, code, scale, out, oofs):
     decode_pairs(packed, pofs, code, scale, np.float32(0.0), out, oofs, 32)
 
 
 for _f in (_rows_dot, decode_pairs, lut4, lut4z, dot8, dot8_rows, dotfp8, dotfp8_rows, dot8q, dot8q_rows, dot8q_row,
-           dot8q_tile, dot4q, dot4l, dot4l_rows, dot4l_row, dotbf16, dotbf16_rows, decode64_4bit):
+           dot8q_tile, dot4q, dot4l, dot4l_rows, dot4l_row, dot4l_tile, dotbf16, dotbf16_rows, decode64_4bit):
     stable_id(_f, f"plain.{_f.__name__}")
 
 # The loops take any number of rows, so a block is decoded once for up to this many of them.
@@ -233,6 +240,6 @@ MAX_ROWS = 16
 HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=MAX_ROWS, weight_rows=1, lut4=lut4, lut4z=lut4z,
                           dot8=dot8, dot8_rows=dot8_rows, dotfp8=dotfp8, dotfp8_rows=dotfp8_rows,
                           dot8q=dot8q, dot8q_rows=dot8q_rows, dot8q_row=dot8q_row, dot8q_tile=dot8q_tile,
-                          dot4q=dot4q, dot4l=dot4l, dot4l_rows=dot4l_rows, dot4l_row=dot4l_row,
+                          dot4q=dot4q, dot4l=dot4l, dot4l_rows=dot4l_rows, dot4l_row=dot4l_row, dot4l_tile=dot4l_tile,
                           dotbf16=dotbf16, dotbf16_rows=dotbf16_rows, decode64_4bit=decode64_4bit,
                           tile_rows=1, row_passes=False, variant="")

@@ -329,6 +329,30 @@ def make_dot4l(level: str):
     return stable_id(intrinsic(dot4l), f"simd.dot4l_words_{level}")
 
 
+def make_dot4l_tile(level: str):
+    """``dot4l_tile(packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out)``:
+    :data:`TILE_WEIGHT_ROWS` consecutive 4-bit weight rows (as :func:`make_dot4l_rows` finds
+    them) times activation rows ``t0 .. t0 + rows``: ``out[w * rows + r]`` is what ``dot4l``
+    gives weight row ``w`` and activation row ``r``, the same operations a pair (see
+    :func:`make_dot8q_tile`)."""
+    def dot4l_tile(typingctx, packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out):
+        sig = types.void(packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out)
+
+        def codegen(context, builder, signature, args):
+            packed_ptr, pofs_i, levels_ptr, scales_ptr, sofs_i, bs_i, xq_ptr, t0_i, rows_i, cols_i, out_ptr = \
+                unpack(context, builder, signature, args)
+            words = _dot4l_words(builder, level, levels_ptr)
+            rows_switch(builder, level, rows_i, lambda e, rows: _dot4l_pass(
+                e, words, packed_ptr, pofs_i, scales_ptr, sofs_i, bs_i, xq_ptr, t0_i, rows, TILE_WEIGHT_ROWS, cols_i,
+                out_ptr))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    dot4l_tile.__name__ = f"dot4l_tile_{level}"
+    return stable_id(intrinsic(dot4l_tile), f"simd.dot4l_tile_words_{level}")
+
+
 def make_dot4l_rows(level: str):
     """``dot4l_rows(packed, pofs, levels, scales, sofs, blocksize, xq, t0, cols, out)``:
     :data:`WEIGHT_ROWS` consecutive 4-bit weight rows (``packed[pofs + w * cols // 2:]``,
