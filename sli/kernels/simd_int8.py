@@ -51,6 +51,12 @@ def make_dot8q(level: str):
     AVX2's ``vpmaddubsw`` would saturate there, so it takes ``|q|`` and ``xq`` with ``q``'s sign
     (llama.cpp's way), which needs no correction (``corr`` unread).
     """
+    return _dot8q_passes(level, 1, f"dot8q_{level}")
+
+
+def _dot8q_passes(level: str, weight_rows: int, name: str):
+    """The intrinsic of :func:`make_dot8q` (``weight_rows`` 1) and :func:`make_dot8q_tile`: each
+    pass of activation rows a run-time switch case over ``weight_rows`` weight rows."""
     def dot8q(typingctx, q, qofs, xq, xs, corr, t0, rows, cols, xblock, out):
         sig = types.void(q, qofs, xq, xs, corr, t0, rows, cols, xblock, out)
 
@@ -58,13 +64,13 @@ def make_dot8q(level: str):
             q_ptr, qofs_i, xq_ptr, xs_ptr, corr_ptr, t0_i, rows_i, cols_i, xblock_i, out_ptr = \
                 unpack(context, builder, signature, args)
             rows_switch(builder, level, rows_i, lambda e, rows: _dot8q_pass(
-                e, q_ptr, qofs_i, xq_ptr, xs_ptr, corr_ptr, t0_i, rows, 1, cols_i, xblock_i, out_ptr))
+                e, q_ptr, qofs_i, xq_ptr, xs_ptr, corr_ptr, t0_i, rows, weight_rows, cols_i, xblock_i, out_ptr))
             return context.get_dummy_value()
 
         return sig, codegen
 
-    dot8q.__name__ = f"dot8q_{level}"
-    return stable_id(intrinsic(dot8q), f"simd.{dot8q.__name__}")
+    dot8q.__name__ = name
+    return stable_id(intrinsic(dot8q), f"simd.{name}")
 
 
 TILE_WEIGHT_ROWS = 2  # weight rows dot8q_tile multiplies by each pass's activation rows
@@ -77,20 +83,7 @@ def make_dot8q_tile(level: str):
     activation row ``r`` (the same operations a pair, so the same bits). A prompt's or a batch's
     product: each register of activations loaded serves two weight rows, each weight register
     all the rows (with one weight row, 9 loads fed 8 ``vpdpbusd``; now 10 feed 16)."""
-    def dot8q_tile(typingctx, q, qofs, xq, xs, corr, t0, rows, cols, xblock, out):
-        sig = types.void(q, qofs, xq, xs, corr, t0, rows, cols, xblock, out)
-
-        def codegen(context, builder, signature, args):
-            q_ptr, qofs_i, xq_ptr, xs_ptr, corr_ptr, t0_i, rows_i, cols_i, xblock_i, out_ptr = \
-                unpack(context, builder, signature, args)
-            rows_switch(builder, level, rows_i, lambda e, rows: _dot8q_pass(
-                e, q_ptr, qofs_i, xq_ptr, xs_ptr, corr_ptr, t0_i, rows, TILE_WEIGHT_ROWS, cols_i, xblock_i, out_ptr))
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    dot8q_tile.__name__ = f"dot8q_tile_{level}"
-    return stable_id(intrinsic(dot8q_tile), f"simd.{dot8q_tile.__name__}")
+    return _dot8q_passes(level, TILE_WEIGHT_ROWS, f"dot8q_tile_{level}")
 
 
 def make_dot8q_rows(level: str):
@@ -312,6 +305,12 @@ def make_dot4l(level: str):
     IQ4_NL's way, moved SmolLM2's NF4 perplexity +0.8%: bitsandbytes' levels are not on an
     int8 grid.)
     """
+    return _dot4l_passes(level, 1, f"dot4l_{level}", f"simd.dot4l_words_{level}")
+
+
+def _dot4l_passes(level: str, weight_rows: int, name: str, id_name: str):
+    """The intrinsic of :func:`make_dot4l` (``weight_rows`` 1) and :func:`make_dot4l_tile`: each
+    pass of activation rows a run-time switch case over ``weight_rows`` weight rows."""
     def dot4l(typingctx, packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out):
         sig = types.void(packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out)
 
@@ -320,13 +319,14 @@ def make_dot4l(level: str):
                 unpack(context, builder, signature, args)
             words = _dot4l_words(builder, level, levels_ptr)
             rows_switch(builder, level, rows_i, lambda e, rows: _dot4l_pass(
-                e, words, packed_ptr, pofs_i, scales_ptr, sofs_i, bs_i, xq_ptr, t0_i, rows, 1, cols_i, out_ptr))
+                e, words, packed_ptr, pofs_i, scales_ptr, sofs_i, bs_i, xq_ptr, t0_i, rows, weight_rows, cols_i,
+                out_ptr))
             return context.get_dummy_value()
 
         return sig, codegen
 
-    dot4l.__name__ = f"dot4l_{level}"
-    return stable_id(intrinsic(dot4l), f"simd.dot4l_words_{level}")
+    dot4l.__name__ = name
+    return stable_id(intrinsic(dot4l), id_name)
 
 
 def make_dot4l_tile(level: str):
@@ -335,22 +335,7 @@ def make_dot4l_tile(level: str):
     them) times activation rows ``t0 .. t0 + rows``: ``out[w * rows + r]`` is what ``dot4l``
     gives weight row ``w`` and activation row ``r``, the same operations a pair (see
     :func:`make_dot8q_tile`)."""
-    def dot4l_tile(typingctx, packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out):
-        sig = types.void(packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out)
-
-        def codegen(context, builder, signature, args):
-            packed_ptr, pofs_i, levels_ptr, scales_ptr, sofs_i, bs_i, xq_ptr, t0_i, rows_i, cols_i, out_ptr = \
-                unpack(context, builder, signature, args)
-            words = _dot4l_words(builder, level, levels_ptr)
-            rows_switch(builder, level, rows_i, lambda e, rows: _dot4l_pass(
-                e, words, packed_ptr, pofs_i, scales_ptr, sofs_i, bs_i, xq_ptr, t0_i, rows, TILE_WEIGHT_ROWS, cols_i,
-                out_ptr))
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    dot4l_tile.__name__ = f"dot4l_tile_{level}"
-    return stable_id(intrinsic(dot4l_tile), f"simd.dot4l_tile_words_{level}")
+    return _dot4l_passes(level, TILE_WEIGHT_ROWS, f"dot4l_tile_{level}", f"simd.dot4l_tile_words_{level}")
 
 
 def make_dot4l_rows(level: str):
