@@ -59,7 +59,7 @@ def move_shared_tensors(model: nn.Module, prefix: str, device: torch.device) -> 
     for name, module in model.named_modules():
         if (name + ".").startswith(prefix):
             continue
-        for key, param in module._parameters.items():
+        for param in module._parameters.values():
             if param is not None and param.device.type != "meta" and param.device != device:
                 param.data = param.data.to(device)
         for key, buffer in module._buffers.items():

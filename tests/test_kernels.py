@@ -177,7 +177,7 @@ def test_int8_prompts_take_torch_int_mm_on_a_cpu_with_int8_matrix_instructions(u
 def test_int8_rows_keeping_distinct_features_each_meet_their_own_weight_entries(pairwise, monkeypatch):
     # Each row keeps its own 4 features in float (a random model's prompt: hundreds of distinct
     # columns); in torch._int_mm's path they meet the weight pair by pair (sli's kept_products),
-    # or through their gathered columns a bounded block at a time, or as the cost model picks.
+    # or through their gathered columns a bounded block at a time, or as kept_pairwise picks.
     monkeypatch.setenv("SLI_INT8_MATMUL", "torch")
     monkeypatch.setenv("SLI_KEPT_PAIRWISE", pairwise)
     monkeypatch.setattr(kernels.matrix_units_module, "KEPT_COLUMNS_AT_ONCE", 16)

@@ -18,6 +18,9 @@ _jit = njit(fastmath=True, nogil=True)
 # Weight rows a one-activation-row pass of the SIMD helpers multiplies (a token's decode): their
 # sums are independent chains of dot products, in flight together (``dot8q_rows``).
 WEIGHT_ROWS = 4
+# Weight rows a several-activation-row pass of the SIMD helpers multiplies (a prompt's, a batch's:
+# ``dot8q_tile``, ``dot4l_tile``)
+TILE_WEIGHT_ROWS = 2
 
 
 @_jit
@@ -203,7 +206,7 @@ def dot8q_row(q, qofs, xq, xs, corr, cols, xblock, out):
 
 @_jit
 def dot8q_tile(q, qofs, xq, xs, corr, t0, rows, cols, xblock, out):
-    for v in range(2):
+    for v in range(TILE_WEIGHT_ROWS):
         dot8q(q, qofs + v * cols, xq, xs, corr, t0, rows, cols, xblock, out[v * rows:])
 
 
@@ -214,7 +217,7 @@ def dot4l_row(packed, pofs, levels, scales, sofs, blocksize, xq, cols, out):
 
 @_jit
 def dot4l_tile(packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out):
-    for v in range(2):
+    for v in range(TILE_WEIGHT_ROWS):
         dot4l(packed, pofs + v * (cols // 2), levels, scales, sofs + v * (cols // blocksize), blocksize, xq, t0, rows,
               cols, out[v * rows:])
 

@@ -53,9 +53,9 @@ from typing import Dict, Tuple
 from llvmlite import binding
 
 from .simd_float import make_decode64, make_lut4, make_widening_dot, make_widening_dot_rows
-from .simd_int8 import (TILE_WEIGHT_ROWS, make_dot4l, make_dot4l_row, make_dot4l_rows, make_dot4l_tile, make_dot4q,
+from .simd_int8 import (make_dot4l, make_dot4l_row, make_dot4l_rows, make_dot4l_tile, make_dot4q,
                         make_dot8q, make_dot8q_row, make_dot8q_rows, make_dot8q_tile)
-from .plain import WEIGHT_ROWS
+from .plain import TILE_WEIGHT_ROWS, WEIGHT_ROWS
 from .simd_ir import LEVELS, MAX_ROWS, NEEDS, WIDTH
 
 logger = logging.getLogger(__name__)

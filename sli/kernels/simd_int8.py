@@ -15,7 +15,7 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from .jit import stable_id
-from .plain import WEIGHT_ROWS
+from .plain import TILE_WEIGHT_ROWS, WEIGHT_ROWS
 from .simd_ir import F32, I8, I16, I32, PREFETCH_VALUES, WIDTH, Emit, const, idx, rows_switch, splat, unpack, vload
 
 
@@ -71,9 +71,6 @@ def _dot8q_passes(level: str, weight_rows: int, name: str):
 
     dot8q.__name__ = name
     return stable_id(intrinsic(dot8q), f"simd.{name}")
-
-
-TILE_WEIGHT_ROWS = 2  # weight rows dot8q_tile multiplies by each pass's activation rows
 
 
 def make_dot8q_tile(level: str):
