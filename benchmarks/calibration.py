@@ -9,12 +9,19 @@ Hessians, the GPTQ solve (token count does not matter to it), the store, and the
 the quantized layer that makes layer 1's inputs. The passes grow linearly with the token count;
 the issue's setting is 128 windows of 512 (65536 tokens), estimated from the run. Wall and CPU
 seconds are both printed (on a shared machine CPU time is the steadier figure), and the
-process's peak RSS (VmHWM).
+process's peak RSS (VmHWM) beside its RSS before the processor was made (the interpreter and
+its imports) and the calibration's own estimate of what it holds.
+
+    python benchmarks/calibration.py --tokens 4096 --mode nf4 --budget-gb 2
+
+calibrates under a memory budget (``memory_budget_gb``: the chunks are sized to it). The
+cache starts empty each run.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +29,7 @@ from pathlib import Path
 import torch
 
 from sli import UniversalSLIProcessor
-from sli.calibration import calibrate
+from sli.calibration import CHUNK_TOKENS, calibrate, calibration_plan
 from sli.quantization import QuantizationConfig
 from sli.synth import synth_model
 
@@ -34,6 +41,7 @@ def main() -> None:
     parser.add_argument("--preset", default="7b", help="sli.synth preset of the layer's shapes")
     parser.add_argument("--sequential", action="store_true", help="gptq_sequential=True")
     parser.add_argument("--work", help="folder for the model and the cache (default: a temporary one)")
+    parser.add_argument("--budget-gb", type=float, default=None, help="memory_budget_gb of the processor")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="sli-calib-bench-"))
     model = work / f"{args.preset}-2layers"
@@ -42,8 +50,13 @@ def main() -> None:
     config = QuantizationConfig(mode=args.mode, method="gptq", calibration_tokens=args.tokens, calibration_window=512,
                                 gptq_sequential=args.sequential)
     report: list = []
+    shutil.rmtree(work / "cache", ignore_errors=True)
+    before_mb = _status_kb("VmRSS:") / 1024
     t0, c0 = time.perf_counter(), time.process_time()
-    with UniversalSLIProcessor(model, config, cache_dir=work / "cache", device="cpu", prefetch=False) as proc:
+    with UniversalSLIProcessor(model, config, cache_dir=work / "cache", device="cpu", prefetch=False,
+                               memory_budget_gb=args.budget_gb) as proc:
+        plan = calibration_plan(proc, 512, args.tokens)
+        chunk = plan.chunk_tokens(proc.memory_budget, 512, CHUNK_TOKENS, proc.model_id)
         calibrate(proc, progress=False, report=report)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     layer = report[0] if report else {}
@@ -53,13 +66,16 @@ def main() -> None:
     print(json.dumps({"preset": args.preset, "mode": args.mode, "tokens": args.tokens, "threads": torch.get_num_threads(),
                       "layer": {k: round(v, 2) for k, v in layer.items()}, "run_wall_s": round(wall, 1),
                       "run_cpu_s": round(cpu, 1), "layer0_wall_s_at_65536_tokens_estimate": round(estimate, 1),
-                      "peak_rss_mb": round(_peak_rss_kb() / 1024)}, indent=1))
+                      "budget_gb": args.budget_gb, "chunk_tokens": chunk,
+                      "estimate_mb": round(plan.peak(chunk) / 2 ** 20), "rss_before_mb": round(before_mb),
+                      "peak_rss_mb": round(_status_kb("VmHWM:") / 1024),
+                      "peak_above_before_mb": round(_status_kb("VmHWM:") / 1024 - before_mb)}, indent=1))
 
 
-def _peak_rss_kb() -> int:
+def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1])
     return -1
 

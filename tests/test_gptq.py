@@ -105,6 +105,44 @@ def test_linears_sharing_an_input_solve_as_one_matrix():
         assert torch.equal(joint["b"].tensors[name], tensor), name
 
 
+def _peak_rss_bytes_during(fn):
+    """(fn's result, how far the process's peak RSS rose above its RSS before ``fn``)."""
+    def status(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak (VmHWM) starts again from the current RSS
+    before = status("VmRSS:")
+    result = fn()
+    return result, status("VmHWM:") - before
+
+
+def test_the_inverse_factor_is_made_in_two_buffers_once_the_hessian_is_handed_over():
+    n = 3072  # a matrix of 36 MB: above glibc's largest mmap threshold, so a freed one leaves the RSS
+    weight, x, _ = _problem(rows=8, cols=n, tokens=2 * n, seed=5)
+    hessian = Hessian(n)
+    hessian.add(x)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    P = hessian.matrix[order][:, order].double()
+    P.diagonal().add_(0.01 * float(P.diagonal().mean()))
+    # U is the upper Cholesky factor of P^-1, whatever the order
+    factor = gptq_module._factor(hessian.matrix, order, torch.diagonal(hessian.matrix).clone(), 0.01)
+    U = gptq_module._inverse_factor(factor).double()
+    assert torch.equal(U, U.triu())
+    assert torch.allclose(U.t() @ U, torch.linalg.inv(P), rtol=1e-3, atol=1e-3 * float(torch.linalg.inv(P).abs().max()))
+    # handed over, the Hessian is freed once factored: the solve's matrices never take more than
+    # two [n, n] float32 buffers beyond what the weights take (the old path: five)
+    config = QuantizationConfig(mode="nf4", method="gptq", gptq_scale_search=False)
+    kept = gptq_quantize({"w": weight}, hessian.matrix, config)["w"]
+    matrix_bytes = n * n * 4
+    taken, rise = _peak_rss_bytes_during(lambda: gptq_quantize({"w": weight}, hessian, config)["w"])
+    assert hessian.matrix is None
+    assert rise < 1.6 * matrix_bytes, rise / matrix_bytes
+    for name, tensor in kept.tensors.items():  # handing the matrix over changes nothing in the result
+        assert torch.equal(taken.tensors[name], tensor), name
+
+
 def test_int4_gptq_pads_input_features_like_the_codec():
     weight, x, H = _problem(rows=32, cols=200, seed=4)  # 200 is not a multiple of 128
     rtn = codec_for("int4").quantize(weight, QuantizationConfig(mode="int4"))
@@ -258,6 +296,32 @@ def test_calibration_text_is_recorded_and_checked(tiny, tmp_path):
 
 
 # -- names and evaluation ---------------------------------------------------------------------
+
+def test_a_memory_budget_sizes_the_calibration_s_chunks_and_one_too_small_is_refused(tiny, tmp_path, monkeypatch):
+    from sli import calibration
+    from sli.calibration.activations import Activations
+
+    window, tokens = 64, 1024
+    with UniversalSLIProcessor(tiny, _config(), cache_dir=tmp_path / "plan", device="cpu") as proc:
+        plan = calibration.calibration_plan(proc, window, tokens)
+    # a budget for one window's activations beside the layer, its Hessians and the solve: chunks of one window
+    budget_gb = (plan.peak(window) + plan.per_token * window // 2) / 2 ** 30
+    assert plan.peak(2 * window) > budget_gb * 2 ** 30 >= plan.peak(window)
+    written = []
+    real_write = Activations.write
+    monkeypatch.setattr(Activations, "write",
+                        lambda self, layer, chunk, hidden: written.append(hidden.shape) or real_write(self, layer, chunk, hidden))
+    with UniversalSLIProcessor(tiny, _config(), cache_dir=tmp_path / "fits", device="cpu",
+                               memory_budget_gb=budget_gb) as proc:
+        assert proc.prewarm(progress=False) == 3
+    assert {tuple(shape[:2]) for shape in written} == {(1, window)} and len(written) == 3 * tokens // window  # layers 0-2
+    # a budget below one window's: refused before anything is written, naming the budget that fits
+    with UniversalSLIProcessor(tiny, _config(), cache_dir=tmp_path / "small", device="cpu",
+                               memory_budget_gb=plan.peak(window) / 2 ** 30 * 0.9) as proc:
+        with pytest.raises(SLIError, match=rf"needs a memory budget of at least {plan.peak(window) / 2 ** 30:.2f} GiB"):
+            proc.prewarm(progress=False)
+        assert proc.cache.entries() == [] and not (tmp_path / "small" / "calibration").exists()
+
 
 def test_calibrated_modes_have_names():
     from sli.quantization import QuantizationRegistry
@@ -415,12 +479,14 @@ def test_sli_warm_calibrate_then_generate_reads_the_calibrated_entries(tmp_path,
     (["--mode", "int8", "--calibrate"], "has no calibrated method"),
     (["--mode", "int8", "--calibration-tokens", "64"], "apply to calibrated modes"),
     (["--mode", "int4-gptq", "--calibration-file", "/no/such/file.txt"], "is not a file"),
+    (["--mode", "nf4-gptq", "--memory-budget-gb", "0.001"], "needs a memory budget of at least"),
 ])
 def test_sli_warm_calibration_options_are_checked(tmp_path, capsys, argv, message):
     from sli.cli import main
     from sli.synth import synth_model
 
     path = str(synth_model(tmp_path / "m", family="llama", preset="tiny", with_tokenizer=True))
+    capsys.readouterr()  # save_pretrained's progress bars, when they are on
     assert main(["warm", path, *argv, "--cache-dir", str(tmp_path / "cache"), "-q"]) == 1
     assert message in _cli_error(capsys)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").glob("*.safetensors"))

@@ -1,7 +1,8 @@
 """Calibrated quantization (GPTQ), streamed layer by layer through the layer cache.
 
 :func:`calibrate` fills a processor's cache with calibrated entries for every decoder layer.
-Only one layer's weights, its Hessians and one chunk of activations are in memory at a time:
+Only one layer's weights, its Hessians and one chunk of activations are in memory at a time,
+the chunk sized to the processor's memory budget (:mod:`.memory`):
 
 1. the calibration text is cut into windows (``calibration_window`` tokens each, the first
    ``calibration_tokens`` tokens of the text); one forward of the processor's model, its decoder
@@ -38,15 +39,17 @@ import torch
 
 from ..errors import SLIError
 from ..quantization import dequantize_cached
+from ..settings import GB
 from .activations import Activations
 from .layer_inputs import LayerArgs, layer_inputs, run_layer
 from .layer_solve import layer_module, pass_dtype, quantize_layer
+from .memory import CalibrationMemory, calibration_memory
 from .text import (calibration_config, calibration_id, calibration_settings, calibration_windows,
                    default_calibration_text)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["calibrate", "calibration_config", "calibration_id", "calibration_windows", "default_calibration_text",
+__all__ = ["CalibrationMemory", "calibrate", "calibration_config", "calibration_plan", "calibration_id", "calibration_windows", "default_calibration_text",
            "layer_inputs"]
 
 CHUNK_TOKENS = 4096  # tokens run through a layer at once (activations in memory: one chunk)
@@ -59,6 +62,15 @@ def _signature(processor, ids: torch.Tensor, chunk_windows: int) -> str:
     h.update(ids.numpy().tobytes())
     h.update(str((chunk_windows, str(pass_dtype(processor)))).encode())
     return h.hexdigest()[:16]
+
+
+def calibration_plan(processor, window: int, tokens: int) -> CalibrationMemory:
+    """What calibrating ``processor``'s model on ``tokens`` tokens in windows of ``window`` holds
+    in memory (its widest layer's): :meth:`CalibrationMemory.chunk_tokens` sizes the chunks to a
+    budget."""
+    dtype = pass_dtype(processor)
+    plans = [calibration_memory(processor, i, dtype, window, tokens) for i in range(processor.layout.num_layers)]
+    return max(plans, key=lambda plan: plan.peak(window))
 
 
 def calibrate(processor, text: Union[None, str, Path] = None, *, progress: bool = True,
@@ -89,7 +101,12 @@ def calibrate(processor, text: Union[None, str, Path] = None, *, progress: bool 
                        f"positions; use calibration_window={positions} or less")
     ids = calibration_windows(processor.tokenizer(), settings, text)
     windows, window = ids.shape
-    chunk_windows = max(1, int(chunk_tokens) // window)
+    memory = calibration_plan(processor, window, ids.numel())
+    chunk_tokens = memory.chunk_tokens(processor.memory_budget, window, int(chunk_tokens), model_id)
+    chunk_windows = chunk_tokens // window
+    logger.info("calibration of %s: chunks of %d tokens, at most %.2f GiB in memory (budget %s)", model_id,
+                chunk_tokens, memory.peak(chunk_tokens) / GB,
+                "none" if processor.memory_budget is None else f"{processor.memory_budget / GB:.2f} GiB")
     bounds = [(s, min(s + chunk_windows, windows)) for s in range(0, windows, chunk_windows)]
     signature = _signature(processor, ids, chunk_windows)
     root = Path(work_dir) if work_dir is not None else Path(cache.cache_dir) / "calibration" / (

@@ -152,7 +152,8 @@ def quantize_layer(processor, index: int, state: Dict[str, torch.Tensor], activa
             del layer
         t1 = time.perf_counter()
         timing["hessians_s"] += t1 - t0
-        for paths, hessian in zip(stage, hessians):
+        for paths in stage:
+            hessian = hessians.pop(0)  # freed by its last solve (gptq_quantize takes it)
             by_config: Dict[str, List[str]] = {}
             for p in paths:
                 by_config.setdefault(configs[p].fingerprint(), []).append(p)
@@ -166,7 +167,9 @@ def quantize_layer(processor, index: int, state: Dict[str, torch.Tensor], activa
                                        index, p, tuple(weights[p].shape), config.mode.value)
                         solved[p] = codec_for(config.mode).quantize(weights[p], config)
                 if ok:
-                    solved.update(gptq_quantize({p: weights[p].to(device) for p in ok}, hessian.matrix, config))
+                    solved.update(gptq_quantize({p: weights[p].to(device) for p in ok},
+                                                hessian if same is list(by_config.values())[-1] else hessian.matrix, config))
+            del hessian
             if not last:
                 for p in paths:
                     _set_weight(layer, p, solved[p], conv1d[p])

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("warm", help="quantize every layer of a model into the layer cache (resumable)")
     p.add_argument("model_dir", help="local Hugging Face model directory")
     engine(p, "int8", False)
+    p.add_argument("--memory-budget-gb", type=positive_float, default=None,
+                   help="RAM (CPU) or GPU memory a calibrated warm may hold, GiB > 0: its activation chunks are "
+                        "sized to fit, and a budget too small for one layer is refused (default: no limit)")
     p.add_argument("--calibrate", action="store_true",
                    help="calibrate the 4-bit --mode (GPTQ, layer by layer on sample text) instead of rounding: "
                         "--mode int4 --calibrate is --mode int4-gptq")

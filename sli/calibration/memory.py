@@ -1,0 +1,95 @@
+"""What a calibration holds in memory, and how many tokens a chunk can take within a budget.
+
+One layer's calibration goes through three phases, one after another:
+
+1. the float pass: the layer's checkpoint tensors (and their copy in the pass dtype, when it
+   differs), every linear's Hessian, one chunk of activations running through the layer;
+2. the solve: the checkpoint tensors, the Hessians not yet solved, the factor of the one being
+   solved (two ``[in, in]`` float32 buffers, :mod:`sli.quantization.gptq`) and one weight's
+   float32 copies (the weight, a slab of it transposed, the codec's temporaries);
+3. the quantized pass: the layer dequantized in the pass dtype, one chunk of activations.
+
+Besides, the processor's shared modules and the kernels' runtime stay loaded. The chunk is
+the only part that can shrink, down to one calibration window; the activations between layers
+wait on disk (:mod:`.activations`), one chunk in memory at a time.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from .. import kernels
+from .. import transformers_adapter as hf
+from ..errors import SLIError
+from ..memory_sizing import attention_heads
+from ..quantization.gptq import SOLVE_VALUES
+from ..settings import GB
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationMemory:
+    """The bytes one layer's calibration holds, by part (the widest layer's)."""
+
+    shared: int  # the processor's shared modules (the embedding rows the text reads) and the kernels' runtime
+    layer: int  # the layer's checkpoint tensors, and their copy in the pass dtype when it differs
+    hessians: int  # every linear's Hessian (an upper bound: linears reading one input share one)
+    solve: int  # the solve's most at once: the Hessians left, one factor and its inverse, one weight's copies
+    per_token: int  # one token's activations through the layer (hidden states, MLP, attention, x^T x's input)
+
+    def peak(self, chunk_tokens: int) -> int:
+        """The most the calibration holds at once with chunks of ``chunk_tokens``."""
+        return self.shared + self.layer + max(self.hessians + chunk_tokens * self.per_token, self.solve)
+
+    def chunk_tokens(self, budget: Optional[int], window: int, most: int, model_id: str) -> int:
+        """The most tokens (whole windows, ``most`` at most) a chunk takes within ``budget``
+        (bytes; None: ``most``); a budget that cannot hold one window is an error naming the
+        budget that would."""
+        most = max(window, most // window * window)
+        if budget is None:
+            return most
+        if self.peak(window) > budget:
+            need = self.peak(window)
+            raise SLIError(f"calibrating {model_id} needs a memory budget of at least {need / GB:.2f} GiB, "
+                           f"{budget / GB:.2f} given (shared modules {self.shared / GB:.2f}, one layer "
+                           f"{self.layer / GB:.2f}, its Hessians {self.hessians / GB:.2f}, the solve "
+                           f"{self.solve / GB:.2f}, one window of activations {window * self.per_token / GB:.2f}); "
+                           f"raise --memory-budget-gb to {need / GB:.2f}")
+        fits = (budget - self.shared - self.layer - self.hessians) // max(1, self.per_token) // window * window
+        return int(min(most, fits))
+
+
+def calibration_memory(processor, index: int, pass_dtype: torch.dtype, window: int, tokens: int) -> CalibrationMemory:
+    """:class:`CalibrationMemory` of decoder layer ``index`` of ``processor``, run in ``pass_dtype``
+    on ``tokens`` tokens in windows of ``window`` (read from its skeleton: nothing is loaded)."""
+    layer = processor._loader_layers[index]
+    stored = _element_bytes(processor.checkpoint.storage_dtype())
+    passed = _element_bytes(pass_dtype)
+    values = sum(p.numel() for p in layer.parameters())
+    layer_bytes = values * stored + (values * passed if passed != stored else 0)
+    shapes = []  # (in, out) of each linear, in the order they are solved
+    for path, conv1d in processor._linears[index].items():
+        weight = layer.get_submodule(path).weight
+        shapes.append((weight.shape[0], weight.shape[1]) if conv1d else (weight.shape[1], weight.shape[0]))
+    hessians = [i * i * 4 for i, _ in shapes]
+    solve = max((sum(hessians[n + 1:])  # the Hessians not solved yet
+                 + 2 * i * i * 4  # this one and its factor's buffer, then the buffer and the inverse factor
+                 + 2 * i * o * 4 + 4 * min(i * o, SOLVE_VALUES)  # the float32 weight, the codec's copy, a slab
+                 for n, (i, o) in enumerate(shapes)), default=0)
+    text = hf.text_config(processor.config)
+    hidden = text.hidden_size
+    intermediate = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
+    heads, kv_heads, head_dim = attention_heads(processor.config)
+    per_token = (passed * (4 * hidden + 2 * (heads + 2 * kv_heads) * head_dim + 3 * intermediate)
+                 + 4 * heads * window  # one row of attention scores per head, float32
+                 + 4 * max((i for i, _ in shapes), default=0))  # the Hessian's input in float32
+    embedding = min(processor.mapped_embedding_bytes, processor._embedding_row_bytes * tokens)  # rows read
+    shared = processor.shared_bytes - processor.mapped_embedding_bytes + embedding
+    runtime = kernels.RUNTIME_BYTES if kernels.kernels_enabled() else 0
+    return CalibrationMemory(shared=shared + runtime, layer=layer_bytes, hessians=sum(hessians), solve=solve,
+                             per_token=per_token)
+
+
+def _element_bytes(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8 if dtype.is_floating_point else torch.iinfo(dtype).bits // 8
