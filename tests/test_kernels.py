@@ -218,9 +218,13 @@ def test_the_cpu_s_matrix_units_choose_the_prompt_dtype(monkeypatch, caplog):
             assert kernels.prompt_dtype() == (torch.bfloat16 if has_units else torch.float32)
             monkeypatch.setenv("SLI_INT8_MATMUL", "onednn")
             assert bool(kernels.int8_matrix_rows()) == bool(kernels.matrix_units_module.int8_units())
+            monkeypatch.setenv("SLI_KEPT_PAIRWISE", "yes")
+            assert kernels.matrix_units_module.kept_pairwise(pairs=10, columns=2) is True  # the rule: 5*2 >= 10
+            assert kernels.matrix_units_module.kept_pairwise(pairs=11, columns=2) is False
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["SLI_PROMPT_DTYPE=fp16 is not one of bfloat16, float32; choosing by the CPU",
-                        "SLI_INT8_MATMUL=onednn is not one of torch, numba; choosing by the CPU"]
+                        "SLI_INT8_MATMUL=onednn is not one of torch, numba; choosing by the CPU",
+                        "SLI_KEPT_PAIRWISE=yes is not one of 1, 0; choosing by the product's sizes"]
 
 
 def test_sli_float_activations_keeps_float_activations(monkeypatch):

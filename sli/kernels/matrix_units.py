@@ -26,9 +26,9 @@ _chosen: Optional[torch.dtype] = None
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_unknown(variable: str, value: str, known: str) -> None:
+def _warn_unknown(variable: str, value: str, known: str, chooser: str = "the CPU") -> None:
     """One warning per unknown value of a switch (the switches are read on every product)."""
-    logger.warning("%s=%s is not one of %s; choosing by the CPU", variable, value, known)
+    logger.warning("%s=%s is not one of %s; choosing by %s", variable, value, known, chooser)
 
 
 @functools.lru_cache(maxsize=1)
@@ -163,7 +163,9 @@ def kept_pairwise(pairs: int, columns: int) -> bool:
     Measured on 2 cores of an AMD Zen 4 (docs/benchmarks.md: 7B and SmolLM2 shapes, 128 and 512
     rows), where the two cross between a tenth and a quarter. ``SLI_KEPT_PAIRWISE=1|0`` forces
     either."""
-    forced = os.environ.get("SLI_KEPT_PAIRWISE", "")
+    forced = os.environ.get("SLI_KEPT_PAIRWISE", "").strip()
     if forced in ("0", "1"):
         return forced == "1"
+    if forced:
+        _warn_unknown("SLI_KEPT_PAIRWISE", forced, "1, 0", "the product's sizes")
     return 5 * columns >= pairs
