@@ -49,8 +49,8 @@ from .text import (calibration_config, calibration_id, calibration_settings, cal
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CalibrationMemory", "calibrate", "calibration_config", "calibration_plan", "calibration_id", "calibration_windows", "default_calibration_text",
-           "layer_inputs"]
+__all__ = ["CalibrationMemory", "calibrate", "calibration_config", "calibration_id", "calibration_plan",
+           "calibration_windows", "default_calibration_text", "layer_inputs"]
 
 CHUNK_TOKENS = 4096  # tokens run through a layer at once (activations in memory: one chunk)
 

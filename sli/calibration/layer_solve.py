@@ -157,7 +157,8 @@ def quantize_layer(processor, index: int, state: Dict[str, torch.Tensor], activa
             by_config: Dict[str, List[str]] = {}
             for p in paths:
                 by_config.setdefault(configs[p].fingerprint(), []).append(p)
-            for same in by_config.values():
+            groups_by_config = list(by_config.values())
+            for same in groups_by_config:
                 config = configs[same[0]]
                 weights = {p: _checkpoint_weight(state, p, conv1d[p]) for p in same}
                 ok = [p for p in same if supports(config, tuple(weights[p].shape))]
@@ -168,7 +169,7 @@ def quantize_layer(processor, index: int, state: Dict[str, torch.Tensor], activa
                         solved[p] = codec_for(config.mode).quantize(weights[p], config)
                 if ok:
                     solved.update(gptq_quantize({p: weights[p].to(device) for p in ok},
-                                                hessian if same is list(by_config.values())[-1] else hessian.matrix, config))
+                                                hessian if same is groups_by_config[-1] else hessian.matrix, config))
             del hessian
             if not last:
                 for p in paths:
