@@ -49,7 +49,6 @@ _INNER = 16  # columns a rank-1 update touches at most (inside a block)
 _BINS = 4096  # the nearest-code table's bins over [-1, 1]
 _SEARCH_VALUES = 1 << 20  # weight values the scale search takes at once
 SOLVE_VALUES = 1 << 25  # weight values solved at once (a slab of rows, 128 MB of float32)
-_INVERSE_COLUMNS = 512  # columns of the inverse factor solved at once
 
 
 class Hessian:
@@ -211,20 +210,11 @@ def _inverse_factor(factor: Tensor) -> Tensor:
     """``U = R^-1`` from :func:`_factor`'s ``M^T`` (consumed): with ``R = J M J`` upper triangular,
     ``P = R R^T``, so ``P^-1 = (R^-1)^T R^-1``: ``U`` is the upper Cholesky factor of ``P^-1``,
     from one Cholesky and one triangular solve (half the work of inverting ``P`` and factoring
-    the inverse). The reversed memory of ``M^T`` is ``R^T``. ``U`` is solved a block of columns
-    at a time against the leading triangle of ``R`` they depend on (a third of the arithmetic of
-    a solve against the whole identity: 4.4 s against 6.6 s for 11008 columns on 2 Zen 4 cores,
-    docs/benchmarks.md): two ``[n, n]`` buffers at most (a 7B model's 11008-wide ``down_proj``
-    Hessian is 485 MB) and a block's temporaries."""
+    the inverse). The reversed memory of ``M^T`` is ``R^T``; ``U`` is solved into an identity:
+    two ``[n, n]`` buffers at most (a 7B model's 11008-wide ``down_proj`` Hessian is 485 MB)."""
     _reverse_in_place(factor)
-    R = factor.mT
-    n = R.shape[0]
-    U = torch.zeros(n, n, dtype=R.dtype, device=R.device)
-    for j in range(0, n, _INVERSE_COLUMNS):  # R^-1 is upper triangular: columns j:e are zero below row e
-        e = min(j + _INVERSE_COLUMNS, n)
-        identity = torch.zeros(e, e - j, dtype=R.dtype, device=R.device)
-        identity[j:e].diagonal().fill_(1.0)
-        U[:e, j:e] = torch.linalg.solve_triangular(R[:e, :e], identity, upper=True)
+    U = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+    torch.linalg.solve_triangular(factor.mT, U, upper=True, out=U)
     if not all(bool(torch.isfinite(U[r:r + 256]).all()) for r in range(0, U.shape[0], 256)):  # no [n, n] temporary
         raise RuntimeError("GPTQ: the Hessian's inverse factor is not finite; raise gptq_damp")
     return U
