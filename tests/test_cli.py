@@ -90,6 +90,8 @@ def test_readme_synth_warm_generate_eval_chain_runs_as_written(tmp_path, capsys)
     assert main(["synth", model, "--family", "llama", "--preset", "tiny"]) == 0
     assert main(["warm", model, "--mode", "nf4", "--cache-dir", cache]) == 0
     assert "2 new of 2 layers" in capsys.readouterr().out
+    assert main(["warm", model, "--mode", "nf4", "--calibrate", "--memory-budget-gb", "2", "--cache-dir", cache]) == 0
+    assert "2 new of 2 layers" in capsys.readouterr().out  # calibrated entries beside the rounded ones
     assert main(["generate", model, "Hello", "--mode", "nf4", "--memory-budget-gb", "0.5", "--cache-dir", cache]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("Hello")  # no chat template: the text continues the prompt
