@@ -16,14 +16,20 @@ from .quantization.execution import prompt_scratch_bytes
 from .streaming import ready_bytes
 
 
-def _element_bytes(dtype: torch.dtype) -> int:
+def element_bytes(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8
+
+
+def intermediate_size(config) -> int:
+    """The width of a layer's MLP (4x the hidden size where the config names none)."""
+    text = hf.text_config(config)
+    return getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * text.hidden_size
 
 
 def module_layer_bytes(layer: nn.Module, compute_dtype: torch.dtype) -> int:
     """Bytes of a layer that runs as plain modules (the dequantize strategy): every parameter
     in the compute dtype."""
-    return sum(p.numel() for p in layer.parameters()) * _element_bytes(compute_dtype)
+    return sum(p.numel() for p in layer.parameters()) * element_bytes(compute_dtype)
 
 
 def packed_layer_bytes(cached: CachedLayer, compute_dtype: torch.dtype) -> Tuple[int, int]:
@@ -61,7 +67,7 @@ def prompt_work_bytes(config, compute_dtype: torch.dtype, tokens: int) -> int:
     heads, kv_heads, head_dim = attention_heads(config)
     repeated = heads if kv_heads != heads else 0
     per_token = 2 * hf.text_config(config).hidden_size + 2 * (kv_heads + repeated) * head_dim
-    return int(tokens) * per_token * _element_bytes(compute_dtype)
+    return int(tokens) * per_token * element_bytes(compute_dtype)
 
 
 def default_prefill_chunk_tokens(config, compute_dtype: torch.dtype, memory_budget: Optional[int]) -> int:
@@ -70,8 +76,6 @@ def default_prefill_chunk_tokens(config, compute_dtype: torch.dtype, memory_budg
     a budget."""
     if memory_budget is None:
         return 512
-    text = hf.text_config(config)
-    hidden = text.hidden_size
-    intermediate = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
-    per_token = _element_bytes(compute_dtype) * (4 * hidden + 3 * intermediate)
+    hidden = hf.text_config(config).hidden_size
+    per_token = element_bytes(compute_dtype) * (4 * hidden + 3 * intermediate_size(config))
     return int(min(2048, max(64, memory_budget // 8 // per_token)))

@@ -237,12 +237,13 @@ class UniversalSLIProcessor:
                         self._plan.describe())
         return self._plan
 
-    def _resident_shared_bytes(self) -> int:
+    def _resident_shared_bytes(self, tokens: Optional[int] = None) -> int:
         """The shared modules' bytes the plan counts: all of them, but an embedding that is a
-        view of the checkpoint's file mapping by the rows the planned context can look up
-        (:func:`sli.shared_modules.mapped_embedding`; a 7B model's bfloat16 table is 262 MB,
-        a token reads 8 KB of it)."""
-        touched = min(self.mapped_embedding_bytes, self._embedding_row_bytes * self.max_context_tokens)
+        view of the checkpoint's file mapping by the rows ``tokens`` tokens can look up (default:
+        the planned context's; :func:`sli.shared_modules.mapped_embedding`; a 7B model's bfloat16
+        table is 262 MB, a token reads 8 KB of it)."""
+        tokens = self.max_context_tokens if tokens is None else tokens
+        touched = min(self.mapped_embedding_bytes, self._embedding_row_bytes * tokens)
         return self.shared_bytes - self.mapped_embedding_bytes + touched
 
     def _default_chunk_tokens(self) -> int:

@@ -23,7 +23,7 @@ import torch
 from .. import kernels
 from .. import transformers_adapter as hf
 from ..errors import SLIError
-from ..memory_sizing import attention_heads
+from ..memory_sizing import attention_heads, element_bytes, intermediate_size
 from ..quantization.gptq import SOLVE_VALUES
 from ..settings import GB
 
@@ -64,8 +64,8 @@ def calibration_memory(processor, index: int, pass_dtype: torch.dtype, window: i
     """:class:`CalibrationMemory` of decoder layer ``index`` of ``processor``, run in ``pass_dtype``
     on ``tokens`` tokens in windows of ``window`` (read from its skeleton: nothing is loaded)."""
     layer = processor._loader_layers[index]
-    stored = _element_bytes(processor.checkpoint.storage_dtype())
-    passed = _element_bytes(pass_dtype)
+    stored = element_bytes(processor.checkpoint.storage_dtype())
+    passed = element_bytes(pass_dtype)
     values = sum(p.numel() for p in layer.parameters())
     layer_bytes = values * stored + (values * passed if passed != stored else 0)
     shapes = []  # (in, out) of each linear, in the order they are solved
@@ -77,19 +77,13 @@ def calibration_memory(processor, index: int, pass_dtype: torch.dtype, window: i
                  + 2 * i * i * 4  # this one and its factor's buffer, then the buffer and the inverse factor
                  + 2 * i * o * 4 + 4 * min(i * o, SOLVE_VALUES)  # the float32 weight, the codec's copy, a slab
                  for n, (i, o) in enumerate(shapes)), default=0)
-    text = hf.text_config(processor.config)
-    hidden = text.hidden_size
-    intermediate = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
+    hidden = hf.text_config(processor.config).hidden_size
     heads, kv_heads, head_dim = attention_heads(processor.config)
-    per_token = (passed * (4 * hidden + 2 * (heads + 2 * kv_heads) * head_dim + 3 * intermediate)
+    per_token = (passed * (4 * hidden + 2 * (heads + 2 * kv_heads) * head_dim + 3 * intermediate_size(processor.config))
                  + 4 * heads * window  # one row of attention scores per head, float32
                  + 4 * max((i for i, _ in shapes), default=0))  # the Hessian's input in float32
-    embedding = min(processor.mapped_embedding_bytes, processor._embedding_row_bytes * tokens)  # rows read
-    shared = processor.shared_bytes - processor.mapped_embedding_bytes + embedding
+    shared = processor._resident_shared_bytes(tokens)  # the embedding rows the text can read
     runtime = kernels.RUNTIME_BYTES if kernels.kernels_enabled() else 0
     return CalibrationMemory(shared=shared + runtime, layer=layer_bytes, hessians=sum(hessians), solve=solve,
                              per_token=per_token)
 
-
-def _element_bytes(dtype: torch.dtype) -> int:
-    return torch.finfo(dtype).bits // 8 if dtype.is_floating_point else torch.iinfo(dtype).bits // 8

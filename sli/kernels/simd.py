@@ -104,5 +104,6 @@ def helpers(level: str) -> SimpleNamespace:
             dot8q=make_dot8q(level), dot8q_rows=make_dot8q_rows(level), dot8q_row=make_dot8q_row(level),
             dot8q_tile=make_dot8q_tile(level), tile_rows=TILE_WEIGHT_ROWS,
             dot4q=make_dot4q(level), dot4l=make_dot4l(level), dot4l_rows=make_dot4l_rows(level),
-            dot4l_row=make_dot4l_row(level), dot4l_tile=make_dot4l_tile(level), row_passes=row_passes, variant="+row" if row_passes else "")
+            dot4l_row=make_dot4l_row(level), dot4l_tile=make_dot4l_tile(level), row_passes=row_passes,
+            variant="+row" if row_passes else "")
     return _built[level]

@@ -103,7 +103,8 @@ def build(h) -> dict:
                     dot8q_tile(q, o * cols, xq, xs, corr, t, k, cols, xblock, acc)
                     for w in range(tile_rows):
                         for i in range(k):
-                            y[t + i, o + w] = _plus_kept(q, (o + w) * cols, oidx, oval, t + i, acc[w * k + i]) * scale[o + w]
+                            total = _plus_kept(q, (o + w) * cols, oidx, oval, t + i, acc[w * k + i])
+                            y[t + i, o + w] = total * scale[o + w]
                 o += tile_rows
         for o in range(o, stop):
             for t in range(0, rows, most):
