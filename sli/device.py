@@ -32,12 +32,18 @@ def copy_stream(device: torch.device) -> Optional["torch.cuda.Stream"]:
     return torch.cuda.Stream(device) if device.type == "cuda" else None
 
 
+def pinned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in page-locked host memory (itself when it already is): CUDA copies it to the GPU
+    asynchronously and at full bus speed; from pageable memory every copy is staged first."""
+    return tensor if tensor.is_pinned() else tensor.pin_memory()
+
+
 def to_device(tensors: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
     """``tensors`` on ``device``: on CUDA pinned first, so the copy on the current (side)
     stream is truly asynchronous; as they are on CPU."""
     if device.type != "cuda":
         return tensors
-    return {k: (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True) for k, v in tensors.items()}
+    return {k: pinned(v).to(device, non_blocking=True) for k, v in tensors.items()}
 
 
 def record_ready(device: torch.device, stream: Optional["torch.cuda.Stream"]):

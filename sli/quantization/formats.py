@@ -7,6 +7,7 @@ from typing import Any, Dict, Tuple
 import torch
 from torch import Tensor
 
+from ..device import pinned
 from .config import parse_dtype
 
 
@@ -58,9 +59,8 @@ class CachedLayer:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def pinned(self) -> "CachedLayer":
-        """The same entry in page-locked host memory (CUDA copies it to the GPU asynchronously
-        and at full bus speed; from pageable memory every copy is staged first)."""
-        return CachedLayer({k: t if t.is_pinned() else t.pin_memory() for k, t in self.tensors.items()}, self.linears)
+        """The same entry in page-locked host memory (:func:`sli.device.pinned`)."""
+        return CachedLayer({k: pinned(t) for k, t in self.tensors.items()}, self.linears)
 
 
 def split_cached(cached: CachedLayer) -> Tuple[Dict[str, QuantizedTensor], Dict[str, Tensor]]:
