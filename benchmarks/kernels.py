@@ -15,7 +15,9 @@ quantized CPU products (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``
 Rows above 16 are a prompt's (bfloat16 on a CPU with AMX or AVX-512 BF16, INT8 in
 ``torch._int_mm`` on AMX); ``--compare-paths`` times them again with those paths off.
 ``--from-ram N`` times one row through N distinct copies of each weight instead (past the
-last-level cache) against a 1 GiB float32 read: how far each kernel is from the memory floor.
+last-level cache) against a 1 GiB float32 read: how far each kernel is from the memory floor,
+the read timed again before each mode in each of ``--floor-rounds`` rounds (a warning names the
+N that clears twice the last-level cache; the 2-core Xeons here report 480 MiB of L3).
 """
 import argparse
 import contextlib
@@ -23,6 +25,7 @@ import datetime
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -82,26 +85,62 @@ def forced_env(**values):
                 os.environ[k] = v
 
 
-def from_ram(weight: torch.Tensor, modes, copies: int, repeats: int) -> None:
+def from_ram(weight: torch.Tensor, modes, copies: int, repeats: int, rounds: int = 1) -> None:
     """1 row times ``copies`` distinct copies of each mode's weight (so they come from RAM, not
-    the last-level cache), against the time a 1 GiB float32 read takes for the same bytes."""
+    the last-level cache), against the time a 1 GiB float32 read takes for the same bytes.
+
+    The read is timed again right before each mode's kernel, ``rounds`` times over: the machine's
+    bandwidth moves 1.5x within minutes, so each ratio pairs two timings seconds apart, and the
+    median of the rounds' ratios is the figure."""
     big = torch.ones(256 * 1024 * 1024, dtype=torch.float32)
-    floor = big.numel() * 4 / (median_ms(lambda: big.sum(), repeats) / 1e3)
-    del big
-    print(f"memory read floor (1 GiB float32 sum): {floor / 1e9:.1f} GB/s; {copies} copies of each weight")
-    print()
-    print("| mode | ms per weight | GB/s | ÷ read floor |")
-    print("|---|---|---|---|")
+
+    def floor_bytes_per_s() -> float:
+        return big.numel() * 4 / (median_ms(lambda: big.sum(), repeats) / 1e3)
+
     x = torch.randn(1, weight.shape[1])
+    prepared = {}
     for mode in modes:
         codec = codec_for(mode)
         q0 = codec.quantize(weight, QuantizationConfig(mode=mode))
         qs = [codec.prepare(type(q0)({k: v.clone() for k, v in q0.tensors.items()}, dict(q0.metadata)))
               for _ in range(copies)]
         nbytes = sum(v.numel() * v.element_size() for k, v in qs[0].tensors.items() if not k.startswith("_"))
-        xq = codec.prepare_input(x)
-        per = median_ms(lambda: [linear(q, xq) for q in qs], repeats) / copies
-        print(f"| {mode} | {per:.2f} | {nbytes / per / 1e6:.1f} | {per / (nbytes / floor * 1e3):.2f}x |", flush=True)
+        prepared[mode] = (qs, nbytes, codec.prepare_input(x))
+    l3 = last_level_cache_bytes()
+    smallest = min(nbytes for _, nbytes, _ in prepared.values()) * copies
+    if l3 and smallest < 2 * l3:
+        print(f"warning: {copies} copies of the smallest weight are {smallest / 2**20:.0f} MiB, under twice the "
+              f"{l3 / 2**20:.0f} MiB last-level cache: raise --from-ram to {-(-2 * l3 * copies // smallest)} "
+              "for a read from RAM")
+    print(f"{copies} copies of each weight; the memory read floor (1 GiB float32 sum) timed before each "
+          f"mode, {rounds} round(s)")
+    print()
+    print("| mode | ms per weight | GB/s | read floor GB/s | ÷ read floor, each round | median ÷ floor |")
+    print("|---|---|---|---|---|---|")
+    ratios = {mode: [] for mode in modes}
+    last = {}
+    for _ in range(rounds):
+        for mode in modes:
+            qs, nbytes, xq = prepared[mode]
+            floor = floor_bytes_per_s()
+            per = median_ms(lambda: [linear(q, xq) for q in qs], repeats) / copies
+            ratios[mode].append(per / (nbytes / floor * 1e3))
+            last[mode] = (per, nbytes, floor)
+    for mode in modes:
+        per, nbytes, floor = last[mode]
+        each = " / ".join(f"{r:.2f}x" for r in ratios[mode])
+        print(f"| {mode} | {per:.2f} | {nbytes / per / 1e6:.1f} | {floor / 1e9:.1f} | {each} | "
+              f"**{statistics.median(ratios[mode]):.2f}x** |", flush=True)
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache's size in bytes (sysfs), or 0 when it cannot be read."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * unit)
+    return max(sizes, default=0)
 
 
 def _level() -> str:
@@ -137,6 +176,9 @@ def main() -> None:
     ap.add_argument("--from-ram", type=int, default=0, metavar="N",
                     help="instead: 1 row through N distinct copies of each mode's weight (past the L3 cache), "
                          "beside a 1 GiB float32 read: each kernel's GB/s and its time over the memory floor")
+    ap.add_argument("--floor-rounds", type=int, default=5, metavar="K",
+                    help="with --from-ram: K rounds, the read floor timed again before each mode's kernel; "
+                         "the median of the K ratios is reported")
     ap.add_argument("--compare-paths", action="store_true",
                     help="also time each row count with the matrix units off (SLI_PROMPT_DTYPE=float32, "
                          "SLI_INT8_MATMUL=numba): the float32 / numba path a CPU without AMX takes")
@@ -156,7 +198,7 @@ def main() -> None:
           f"--rows {' '.join(map(str, rows))}{' --no-dequantize' if args.no_dequantize else ''}"
           f"{f' --threads {args.threads}' if args.threads else ''} --stat {args.stat}"
           f"{' --torch-ops' if args.torch_ops else ''}{' --compare-paths' if args.compare_paths else ''}"
-          f"{f' --from-ram {args.from_ram}' if args.from_ram else ''}")
+          f"{f' --from-ram {args.from_ram} --floor-rounds {args.floor_rounds}' if args.from_ram else ''}")
     print(f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads, kernels {_level()}, matrix units {kernels.matrix_units() or 'none'} (prompt dtype "
           f"{str(kernels.prompt_dtype()).replace('torch.', '')}, INT8 in torch._int_mm from "
@@ -164,7 +206,7 @@ def main() -> None:
           f"weight {out_f}x{in_f} from bf16")
     print()
     if args.from_ram:
-        from_ram(weight, args.modes, args.from_ram, args.repeats)
+        from_ram(weight, args.modes, args.from_ram, args.repeats, args.floor_rounds)
         return
     head = "| mode | " + " | ".join(f"{r} row{'s' if r > 1 else ''}: sli ms (÷ fp32 floor)" for r in rows)
     if args.compare_paths:
