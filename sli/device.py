@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Union
 
-import psutil
 import torch
+
+from . import page_cache
 
 
 def resolve(device: Union[str, torch.device, None]) -> torch.device:
@@ -75,7 +76,8 @@ def side_stream_context(stream: Optional["torch.cuda.Stream"]):
 
 
 def available_bytes(device: torch.device) -> int:
-    """What a plan without a budget may use: 80% of free GPU memory, or half the available RAM."""
+    """What a plan without a budget may use: 80% of free GPU memory, or half the memory this
+    process can still take (a cgroup's limit included: :func:`sli.page_cache.memory_available`)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0] * 0.8)
-    return int(psutil.virtual_memory().available * 0.5)
+    return int(page_cache.memory_available() * 0.5)

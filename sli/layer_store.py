@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Protocol, Tuple, Union
 
 import diskcache
-import psutil
 
 from .cache_disk import DurableDisk, check_diskcache_version, free_space, least_recently_used, page_in
 from .cache_format import FORMAT_VERSION, SerializedEntry, checksum, deserialize
@@ -125,7 +124,7 @@ class LayerStore:
             raise ValueError(f"max_cache_size_gb={size_gb} must be positive")
         self.size_limit = int(size_gb * GB)
         if max_memory_cache_size_gb is None:
-            self.memory_limit = int(psutil.virtual_memory().available * DEFAULT_SETTINGS["memory_fraction"])
+            self.memory_limit = int(page_cache.memory_available() * DEFAULT_SETTINGS["memory_fraction"])
         elif max_memory_cache_size_gb < 0:
             raise ValueError(f"max_memory_cache_size_gb={max_memory_cache_size_gb} must be >= 0 (0 turns it off)")
         else:

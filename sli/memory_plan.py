@@ -22,6 +22,7 @@ class MemoryPlan:
     kv_spilled_bytes: int = 0
     num_layers: int = 0
     page_dropped_layers: List[int] = field(default_factory=list)  # streamed layers whose pages are dropped after use
+    available_bytes: int = 0  # what a plan without a budget spends (sli.device.available_bytes)
 
     @property
     def fixed_bytes(self) -> int:
@@ -60,7 +61,8 @@ class MemoryPlan:
         return self.budget is not None and self.fixed_bytes > self.budget
 
     def describe(self) -> str:
-        b = "unbounded" if self.budget is None else f"{self.budget / GB:.2f} GB"
+        b = (f"none given, {self.available_bytes / GB:.2f} GB planned from the free memory" if self.budget is None
+             else f"{self.budget / GB:.2f} GB")
         return (f"budget {b}: shared {self.shared_bytes / GB:.2f} GB, {len(self.resident_layers)} resident layers "
                 f"of {self.layer_bytes / GB:.3f} GB, streaming {self.streaming_bytes / GB:.3f} GB, "
                 f"KV {self.kv_bytes / GB:.3f} GB in memory + {self.kv_spilled_bytes / GB:.3f} GB on disk "
@@ -87,7 +89,7 @@ def plan_memory(budget: Optional[int], *, num_layers: int, shared_bytes: int, la
     """
     streaming = (prefetch_depth + 1) * layer_bytes + scratch_bytes
     plan = MemoryPlan(budget, shared_bytes, layer_bytes, streaming, runtime_bytes, num_layers * kv_layer_bytes,
-                      num_layers=num_layers)
+                      num_layers=num_layers, available_bytes=available_bytes)
     if budget is not None and kv_can_spill and kv_layer_bytes and plan.fixed_bytes > budget:
         room = budget - (shared_bytes + streaming + runtime_bytes) - kv_layer_bytes  # one spilled layer in flight
         kept = int(max(0, min(num_layers, room // kv_layer_bytes)))

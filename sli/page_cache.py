@@ -1,5 +1,5 @@
-"""How much of the OS page cache a streamed model can count on, dropping a file's pages, and
-whether an address is a file's mapping.
+"""How much memory and page cache a streamed model can count on (a cgroup's limit included),
+dropping a file's pages, and whether an address is a file's mapping.
 
 A streamed layer is read into the page cache and computed from there (a mapping). Every token
 reads the streamed layers in the same order, which is the worst case for the kernel's
@@ -75,6 +75,17 @@ def _read_limit(path: Path) -> Optional[int]:
         return None
     value = int(text)
     return value if 0 < value < _UNLIMITED else None
+
+
+def memory_available(proc: str = "/proc/self") -> int:
+    """Bytes this process can still take: the machine's available memory, and under a cgroup
+    limit no more than the limit less this process's resident memory (``psutil`` reports the
+    host's memory inside a container, not the container's)."""
+    available = psutil.virtual_memory().available
+    limit = memory_limit(proc)
+    if limit is None:
+        return available
+    return max(0, min(available, limit - psutil.Process().memory_info().rss))
 
 
 def room(planned_bytes: int, margin: float = 0.1, proc: str = "/proc/self") -> int:

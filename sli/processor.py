@@ -65,7 +65,8 @@ class UniversalSLIProcessor:
             On CUDA it is pinned host RAM (10% of the available RAM by default), which the
             GPU budget does not cover.
         max_gpu_memory_gb: on CUDA, the budget for resident + streamed layers.
-        memory_budget_gb: on CPU, the RAM budget for resident + streamed layers.
+        memory_budget_gb: on CPU, the RAM budget for resident + streamed layers (default: half the
+            memory this process can still take, within its cgroup's limit in a container).
         prefetch: load the next layer in the background while the current one runs.
         prefetch_depth: how many layers ahead to load.
         kv_dtype: how keys and values are kept: "bfloat16" (default), "int8" (a scale per

@@ -14,7 +14,8 @@ MB = 1024**2
 DEFAULT_SETTINGS = {
     # -- the layer cache ------------------------------------------------------------------
     "max_cache_size_gb": 50.0,  # disk tier size limit, GiB
-    "memory_fraction": 0.10,  # memory tier size when not given: this share of available RAM
+    # memory tier size when not given: this share of the memory free to sli (sli.page_cache.memory_available)
+    "memory_fraction": 0.10,
     "temporary_max_age_s": 3600.0,  # a temporary file older than this is a killed writer's leftover
     # A file whose checksum passed is not hashed again by this process while its identity
     # (device, inode, size, mtime) is unchanged, but only once its mtime is this much older

@@ -388,7 +388,7 @@ def test_the_memory_plan_is_said_once(tiny, tmp_path, capsys):
     assert main(["generate", str(tiny), "Hi", "--mode", "int8", "--max-new-tokens", "2",
                  "--cache-dir", str(tmp_path / "c")]) == 0
     err = capsys.readouterr().err
-    assert len([line for line in err.splitlines() if "budget unbounded" in line]) == 1, err
+    assert len([line for line in err.splitlines() if "budget none given" in line]) == 1, err
 
 
 @pytest.mark.parametrize("where", ["before", "after"])

@@ -69,6 +69,35 @@ def test_the_room_is_what_the_limit_leaves_beside_the_process_and_its_plan(tmp_p
     assert page_cache.room(8 << 30) == 0  # never negative
 
 
+def test_the_memory_available_is_bounded_by_the_cgroup_s_limit(monkeypatch):
+    psutil = __import__("psutil")
+    monkeypatch.setattr(page_cache, "memory_limit", lambda proc="/proc/self": None)
+    assert abs(page_cache.memory_available() - psutil.virtual_memory().available) < 64 << 20
+    # a container's limit, 1 GiB above what this process holds: psutil still reports the host's memory
+    monkeypatch.setattr(page_cache, "memory_limit",
+                        lambda proc="/proc/self": psutil.Process().memory_info().rss + (1 << 30))
+    assert abs(page_cache.memory_available() - (1 << 30)) < 64 << 20
+    monkeypatch.setattr(page_cache, "memory_limit", lambda proc="/proc/self": 1 << 20)  # already over it
+    assert page_cache.memory_available() == 0
+
+
+def test_without_a_budget_the_plan_fits_the_cgroup_s_limit_not_the_host_s_memory(model_factory, tmp_path,
+                                                                                  monkeypatch):
+    model_dir = model_factory("llama", num_layers=5)
+    with UniversalSLIProcessor(model_dir, "none", cache_dir=tmp_path / "cache", device="cpu") as probe:
+        probe.prewarm(progress=False)
+        assert probe.plan.budget is None and probe.plan.resident_layers == [0, 1, 2, 3, 4]  # the host holds all
+        fixed, layer = probe.plan.fixed_bytes, probe.plan.layer_bytes
+    # half of what the limit leaves this process is planned: room for two and a half layers
+    leaves = 2 * (fixed + layer * 5 // 2)
+    psutil = __import__("psutil")
+    monkeypatch.setattr(page_cache, "memory_limit",
+                        lambda proc="/proc/self": psutil.Process().memory_info().rss + leaves)
+    with UniversalSLIProcessor(model_dir, "none", cache_dir=tmp_path / "cache", device="cpu") as proc:
+        assert proc.plan.resident_layers == [0, 1]
+        assert f"budget none given, {leaves // 2 / 2**30:.2f} GB planned from the free memory" in proc.plan.describe()
+
+
 def test_drop_pages_takes_a_file_out_of_the_page_cache(tmp_path):
     path = tmp_path / "data.bin"
     with open(path, "wb") as f:

@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         if budget is not False:
             p.add_argument("--memory-budget-gb", type=positive_float, default=budget,
                            help="RAM (CPU) or GPU memory for the model in GiB, > 0; layers beyond it stream "
-                                "from the cache" + (" (default: no limit: half the free memory)" if budget is None
-                                                    else ""))
+                                "from the cache" + (" (default: half the memory free to sli, within a container's "
+                                                    "limit)" if budget is None else ""))
 
     def sampling(p):
         p.add_argument("--max-new-tokens", type=int_at_least(0), default=24, help="tokens to generate at most, >= 0")
