@@ -84,37 +84,33 @@ def build(h) -> dict:
 
     @STRICT_KERNEL
     def matmul_int8q(q, scale, xq, xs, corr, oidx, oval, xblock, y, start, stop):
-        # q: int8 [out*in]; activations quantize_rows' int8 blocks + float outliers; y = (x @ q^T) * scale
+        # q: int8 [out*in]; activations quantize_rows' int8 blocks + float outliers; y = (x @ q^T) * scale.
+        # The loop of matmul_4bitq (sli.kernels.four_bit): at_once weight rows a pass
         rows = y.shape[0]
         cols = q.shape[0] // y.shape[1]
         acc = np.empty(max(most * tile_rows, weight_rows), np.float32)
         one_row = rows == 1 and row_passes  # one token, a weight row after another (the same sums)
         o = start
-        if rows == 1 and weight_rows > 1 and not one_row:  # one token: weight_rows weight rows a pass
-            while o + weight_rows <= stop:
+        while o < stop:
+            if rows == 1:  # one token: weight_rows weight rows a pass
+                at_once = weight_rows if not row_passes and o + weight_rows <= stop else 1
+            else:  # several rows: tile_rows weight rows by each pass of activation rows
+                at_once = tile_rows if o + tile_rows <= stop else 1
+            if rows == 1 and at_once > 1:
                 dot8q_rows(q, o * cols, xq, xs, corr, 0, cols, xblock, acc)
-                for w in range(weight_rows):
-                    y[0, o + w] = _plus_kept(q, (o + w) * cols, oidx, oval, 0, acc[w]) * scale[o + w]
-                o += weight_rows
-        if rows > 1 and tile_rows > 1:  # several rows: tile_rows weight rows by each pass of activation rows
-            while o + tile_rows <= stop:
-                for t in range(0, rows, most):
-                    k = min(most, rows - t)
-                    dot8q_tile(q, o * cols, xq, xs, corr, t, k, cols, xblock, acc)
-                    for w in range(tile_rows):
-                        for i in range(k):
-                            total = _plus_kept(q, (o + w) * cols, oidx, oval, t + i, acc[w * k + i])
-                            y[t + i, o + w] = total * scale[o + w]
-                o += tile_rows
-        for o in range(o, stop):
+            elif one_row:
+                dot8q_row(q, o * cols, xq, xs, corr, cols, xblock, acc)
             for t in range(0, rows, most):
                 k = min(most, rows - t)
-                if one_row:
-                    dot8q_row(q, o * cols, xq, xs, corr, cols, xblock, acc)
-                else:
+                if rows > 1 and at_once > 1:
+                    dot8q_tile(q, o * cols, xq, xs, corr, t, k, cols, xblock, acc)
+                elif at_once == 1 and not one_row:
                     dot8q(q, o * cols, xq, xs, corr, t, k, cols, xblock, acc)
-                for i in range(k):
-                    y[t + i, o] = _plus_kept(q, o * cols, oidx, oval, t + i, acc[i]) * scale[o]
+                for w in range(at_once):
+                    for i in range(k):
+                        total = _plus_kept(q, (o + w) * cols, oidx, oval, t + i, acc[w * k + i])
+                        y[t + i, o + w] = total * scale[o + w]
+            o += at_once
 
     @KERNEL
     def matmul_lut8(q, lut, scale, x, y, start, stop):
