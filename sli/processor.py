@@ -62,8 +62,8 @@ class UniversalSLIProcessor:
         max_cache_size_gb: the disk tier's size limit.
         max_memory_cache_size_gb: the cache's in-memory tier (quantized layers); 0 by
             default on CPU when a memory budget is set, since those bytes count against it.
-            On CUDA it is pinned host RAM (10% of the available RAM by default), which the
-            GPU budget does not cover.
+            On CUDA it is pinned host RAM (10% of the memory free to sli by default, a
+            container's limit included), which the GPU budget does not cover.
         max_gpu_memory_gb: on CUDA, the budget for resident + streamed layers.
         memory_budget_gb: on CPU, the RAM budget for resident + streamed layers (default: half the
             memory this process can still take, within its cgroup's limit in a container).
