@@ -183,6 +183,8 @@ def main() -> None:
                     help="also time each row count with the matrix units off (SLI_PROMPT_DTYPE=float32, "
                          "SLI_INT8_MATMUL=numba): the float32 / numba path a CPU without AMX takes")
     args = ap.parse_args()
+    if args.floor_rounds < 1:
+        ap.error(f"--floor-rounds {args.floor_rounds}: give 1 or more rounds")
     global STAT
     STAT = min if args.stat == "min" else statistics.median
     if args.threads:
