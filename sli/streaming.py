@@ -13,6 +13,7 @@ import torch
 
 from . import device as device_calls
 from .quantization import CachedLayer, QuantizedTensor, codec_for, dequantize_cached, split_cached
+from .quantization.codecs.base import Allocate
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class LoadedLayer:
     slot: Optional[Dict[str, torch.Tensor]] = None
     ready: Optional[object] = None  # CUDA event the compute stream waits on
     qweights: Dict[str, QuantizedTensor] = field(default_factory=dict)  # linear path → prepared weight
+    buffers: List[torch.Tensor] = field(default_factory=list)  # the prepared weights' pooled buffers
 
 
 class SlotPool:
@@ -74,6 +76,30 @@ class SlotPool:
         return self._made
 
 
+class BufferPool:
+    """float32 buffers handed out by size and given back when their layer is released.
+
+    What preparing a packed layer computes (a 7B layer's NF4 block maxima decoded: 12.6 MB) is
+    written to buffers of the last layers released, not to fresh memory: fresh pages cost more
+    to fault in than the decoding itself (docs/benchmarks.md)."""
+
+    def __init__(self) -> None:
+        self._free: Dict[int, List[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, numel: int) -> torch.Tensor:
+        with self._lock:
+            free = self._free.get(numel)
+            if free:
+                return free.pop()
+        return torch.empty(numel, dtype=torch.float32)
+
+    def give(self, buffers: List[torch.Tensor]) -> None:
+        with self._lock:
+            for buffer in buffers:
+                self._free.setdefault(buffer.numel(), []).append(buffer)
+
+
 class LayerStreamer:
     """Turns cached layers into ready-to-run state dicts, one step ahead of the compute.
 
@@ -89,6 +115,7 @@ class LayerStreamer:
         self.packed = packed  # linears stay as cached (for QuantizedLinear); CPU only
         self.depth = max(1, depth) if prefetch else 0
         self.pool = SlotPool(self.depth + 1, device)
+        self.buffers = BufferPool()  # a packed layer's prepared scales, reused
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sli-prefetch") if prefetch else None
         self._pending: Dict[int, Future] = {}
         self._copy_stream = device_calls.copy_stream(device)
@@ -103,14 +130,23 @@ class LayerStreamer:
         cached = self.fetch_cached(index, owned)
         t1 = time.perf_counter()
         timing.read_s, timing.nbytes = t1 - t0, cached.nbytes
-        loaded = self._packed(cached, timing) if self.packed else self._dequantized(cached, timing)
+        loaded = self._packed(cached, timing, owned) if self.packed else self._dequantized(cached, timing)
         del cached  # drop the entry (and its file mapping) before the next read
         timing.dequant_s = time.perf_counter() - t1
         return loaded
 
-    def _packed(self, cached: CachedLayer, timing: LayerTiming) -> LoadedLayer:
-        state, qweights = ready_packed(cached, self.dtype)
-        return LoadedLayer(state, timing, qweights=qweights)
+    def _packed(self, cached: CachedLayer, timing: LayerTiming, owned: bool) -> LoadedLayer:
+        if owned:  # a resident layer keeps its buffers for good
+            state, qweights = ready_packed(cached, self.dtype)
+            return LoadedLayer(state, timing, qweights=qweights)
+        taken: List[torch.Tensor] = []
+
+        def allocate(numel: int) -> torch.Tensor:
+            taken.append(self.buffers.take(numel))
+            return taken[-1]
+
+        state, qweights = ready_packed(cached, self.dtype, allocate)
+        return LoadedLayer(state, timing, qweights=qweights, buffers=taken)
 
     def _dequantized(self, cached: CachedLayer, timing: LayerTiming) -> LoadedLayer:
         """The layer dequantized into a reused slot of compute-dtype buffers. On CUDA the host
@@ -138,6 +174,10 @@ class LayerStreamer:
         return loaded
 
     def release(self, loaded: LoadedLayer) -> None:
+        """Give back what a streamed layer borrowed, once nothing computes with it any more."""
+        if loaded.buffers:
+            self.buffers.give(loaded.buffers)
+            loaded.buffers = []
         if loaded.slot is not None:
             if loaded.ready is not None:
                 # The side stream must not overwrite this slot before compute is done with it.
@@ -159,14 +199,16 @@ class LayerStreamer:
             self._executor.shutdown(wait=True)
 
 
-def ready_packed(cached: CachedLayer, dtype: torch.dtype) -> "tuple[Dict[str, torch.Tensor], Dict[str, QuantizedTensor]]":
+def ready_packed(cached: CachedLayer, dtype: torch.dtype, allocate: Optional[Allocate] = None,
+                 ) -> "tuple[Dict[str, torch.Tensor], Dict[str, QuantizedTensor]]":
     """A cache entry made ready for :class:`QuantizedLinear`: (plain state in ``dtype``, prepared weights).
 
     Linear weights stay as the entry holds them (views of its read buffer); only what the
-    kernels need precomputed is added. Norms and biases are small and converted.
+    kernels need precomputed is added, in buffers from ``allocate`` where given (see
+    :meth:`Codec.prepare`). Norms and biases are small and converted.
     """
     qweights, plain = split_cached(cached)
-    prepared = {path: codec_for(q.metadata["codec"]).prepare(q) for path, q in qweights.items()}
+    prepared = {path: codec_for(q.metadata["codec"]).prepare(q, allocate) for path, q in qweights.items()}
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in plain.items()}
     return state, prepared
 

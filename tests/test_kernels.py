@@ -402,6 +402,19 @@ def test_double_quantized_block_maxima_are_decoded_once_when_a_weight_is_prepare
         assert _rel_err(y, _expected(codec, q, x)) < 1e-5
 
 
+@pytest.mark.parametrize("blocksize", [64, 256, 300])  # fewer values than the code's levels, as many, more
+def test_blockwise_8bit_values_are_decoded_by_their_block_into_the_buffer_given(blocksize):
+    from sli.quantization.codecs.four_bit_quantizer import dequantize_blockwise_torch
+
+    g = torch.Generator().manual_seed(4)
+    q = torch.randint(0, 256, (1000,), dtype=torch.uint8, generator=g)  # a last block shorter than the rest
+    absmax, code = torch.rand(-(-1000 // blocksize), generator=g), torch.randn(256, generator=g)
+    out = torch.full((1000,), float("nan"))
+    got = kernels.dequantize_blockwise8(q, absmax, code, blocksize, offset=0.25, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert _rel_err(got, dequantize_blockwise_torch(q, absmax, code, blocksize) + 0.25) < 1e-6
+
+
 @pytest.mark.parametrize("block_size", [128, 256])
 @pytest.mark.parametrize("rows", [1, 5])
 def test_4bit_kernel_walks_blocks_larger_than_its_64_value_step(block_size, rows):

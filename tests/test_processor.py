@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from sli import ModelLoadError, QuantizationConfig, UnsupportedArchitectureError
 from sli.quantization import codec_for
 from sli.processor import UniversalSLIProcessor
+from sli.streaming import BufferPool
 from sli.quantization import QuantizedLinear, is_linear, linear_weight
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "gpt_neox", "mixtral",
@@ -133,6 +134,29 @@ def test_resident_layers_are_not_streamed(model_factory, tmp_path):
         assert all(t.resident for t in proc.timings)
     with open_processor(model_dir, tmp_path) as streamed:
         torch.testing.assert_close(streamed.forward(torch.arange(1, 6)), logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["nf4", "fp4"])
+def test_streamed_4bit_layers_decode_their_block_maxima_into_buffers_released_layers_gave_back(
+        mode, model_factory, tmp_path, monkeypatch):
+    # Fresh memory for each layer's decoded maxima costs more than decoding them (docs/benchmarks.md).
+    model_dir = model_factory("llama")
+    taken = []  # kept alive here, so a buffer's id repeats only when the pool hands it out again
+    real_take = BufferPool.take
+    monkeypatch.setattr(BufferPool, "take", lambda pool, n: taken.append(real_take(pool, n)) or taken[-1])
+    with open_processor(model_dir, tmp_path, mode=mode, memory_budget_gb=1.0) as resident:
+        expected = resident.generate(torch.arange(1, 9), max_new_tokens=4, eos_token_id=[])
+        expected_logits = resident.forward(torch.arange(1, 4))
+    assert taken == []  # a resident layer keeps what it prepared for good, and borrows nothing
+    with open_processor(model_dir, tmp_path, mode=mode) as streamed:
+        got = streamed.generate(torch.arange(1, 9), max_new_tokens=4, eos_token_id=[])
+        got_logits = streamed.forward(torch.arange(1, 4))
+        linears = sum(isinstance(m, QuantizedLinear) for m in streamed.layers[0].modules())
+        loads = len([t for t in streamed.timings if not t.resident])
+    assert got.tolist() == expected.tolist()
+    torch.testing.assert_close(got_logits, expected_logits, atol=0, rtol=0)
+    assert len(taken) >= linears * loads  # (and a prefetch of the next pass's first layer)
+    assert len({id(buffer) for buffer in taken}) <= linears * (streamed.streamer.depth + 2)
 
 
 def test_prewarm_is_resumable(model_factory, tmp_path):

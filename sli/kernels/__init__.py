@@ -351,11 +351,14 @@ def search_block_maxima(weight: Tensor, blocksize: int, importance: Tensor, grid
     return torch.from_numpy(best).view(rows, cols // blocksize)
 
 
-def dequantize_blockwise8(q: Tensor, absmax: Tensor, code: Tensor, blocksize: int, offset: float = 0.0) -> Tensor:
+def dequantize_blockwise8(q: Tensor, absmax: Tensor, code: Tensor, blocksize: int, offset: float = 0.0,
+                          out: Optional[Tensor] = None) -> Tensor:
     """``code[q] * absmax[block] + offset`` as float32 (bitsandbytes' blockwise 8-bit, e.g. the
-    double-quantized block maxima of a 4-bit weight)."""
+    double-quantized block maxima of a 4-bit weight), into ``out`` (float32, ``q.numel()``
+    values) where given."""
     flat = q.reshape(-1)
-    out = torch.empty(flat.numel(), dtype=torch.float32)
+    if out is None:
+        out = torch.empty(flat.numel(), dtype=torch.float32)
     _run("dequantize_blockwise8", absmax.numel(), flat.numel(), _np(flat), _np(absmax.float().reshape(-1)),
          _np(code.float()), _np(out), blocksize, offset)
     return out

@@ -12,7 +12,7 @@ for the same mode is refused.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Dict, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -21,6 +21,8 @@ from ..config import ModeSpec, QuantizationConfig, QuantizationMode, dtype_name,
 from ..formats import QuantizedTensor
 
 _REGISTRY: Dict["QuantizationMode | str", "Codec"] = {}  # by mode and by its value
+
+Allocate = Callable[[int], Tensor]  # n -> a float32 buffer of n values (Codec.prepare)
 
 
 class Codec:
@@ -69,10 +71,11 @@ class Codec:
         """What a linear layer feeds to the matmul: ``x`` itself for weight-only modes."""
         return x
 
-    def prepare(self, q: QuantizedTensor) -> QuantizedTensor:
+    def prepare(self, q: QuantizedTensor, allocate: Optional[Allocate] = None) -> QuantizedTensor:
         """``q`` plus what :meth:`fused_linear` needs precomputed (``_``-prefixed tensors:
         float scales, decoded tables). Cheap next to a read; the loader runs it off the
-        compute thread. The result is for computing with, never for storing."""
+        compute thread. The result is for computing with, never for storing. ``allocate(n)``,
+        where given, supplies the float32 buffers of the larger ones (the loader reuses them)."""
         return q
 
     def fused_linear(self, q: QuantizedTensor, x: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:

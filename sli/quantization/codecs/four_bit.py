@@ -13,7 +13,7 @@ from torch import Tensor
 from ... import kernels
 from ..config import QuantizationConfig, QuantizationMode, dtype_name
 from ..formats import QuantizedTensor
-from .base import Codec, check_float, compute_into, write_into
+from .base import Allocate, Codec, check_float, compute_into, write_into
 from .four_bit_quantizer import (dequantize_blockwise_torch, dynamic_map, four_bit_code, nearest_codes,
                                  quantize_4bit_torch, quantize_blockwise_torch)
 
@@ -144,7 +144,7 @@ class _FourBitCodec(Codec):
             return json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
         return {"blocksize": q.metadata["blocksize"], "nested_offset": q.metadata.get("nested_offset")}
 
-    def prepare(self, q: QuantizedTensor) -> QuantizedTensor:
+    def prepare(self, q: QuantizedTensor, allocate: Optional[Allocate] = None) -> QuantizedTensor:
         # Double-quantized block maxima are decoded here, once, to float32 (4 bytes a block of
         # 64: +12.5% of the weight's bytes in memory, none on disk). Looking each up in the
         # product's inner loop instead cost NF4 1.4-1.8x its time (docs/benchmarks.md).
@@ -158,7 +158,8 @@ class _FourBitCodec(Codec):
                       int(st.get("nested_blocksize", 256)))
             offset = float(st["nested_offset"])
             if t["weight.absmax"].device.type == "cpu" and kernels.kernels_enabled():
-                extra["_absmax"] = kernels.dequantize_blockwise8(*nested, offset=offset)
+                out = allocate(t["weight.absmax"].numel()) if allocate is not None else None
+                extra["_absmax"] = kernels.dequantize_blockwise8(*nested, offset=offset, out=out)
             else:
                 extra["_absmax"] = dequantize_blockwise_torch(*nested) + offset
         else:

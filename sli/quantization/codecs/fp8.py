@@ -9,7 +9,7 @@ from torch import Tensor
 from ... import kernels
 from ..config import QuantizationConfig, QuantizationMode
 from ..formats import QuantizedTensor
-from .base import Codec, check_float, compute_into, write_into
+from .base import Allocate, Codec, check_float, compute_into, write_into
 
 
 class FP8Codec(Codec):
@@ -33,7 +33,7 @@ class FP8Codec(Codec):
         w = q.tensors["weight"].float() * scale
         return write_into(w.to(dtype), out)
 
-    def prepare(self, q: QuantizedTensor) -> QuantizedTensor:
+    def prepare(self, q: QuantizedTensor, allocate: Optional[Allocate] = None) -> QuantizedTensor:
         if "_scale" in q.tensors:
             return q
         return self._prepared(q, _scale=q.tensors["weight.scale"].float(), _lut=_float8_values())

@@ -9,7 +9,7 @@ from torch import Tensor
 from ... import kernels
 from ..config import QuantizationConfig, QuantizationMode, dtype_name
 from ..formats import QuantizedTensor
-from .base import Codec, check_float, compute_into, write_into
+from .base import Allocate, Codec, check_float, compute_into, write_into
 
 
 def grouped(weight: Tensor, g: int) -> Tensor:
@@ -95,7 +95,7 @@ class Int4Codec(Codec):
         w = w.view(rows, padded)[:, : int(shape[-1]) if len(shape) == 2 else padded]
         return write_into(w.reshape(shape).to(dtype), out)
 
-    def prepare(self, q: QuantizedTensor) -> QuantizedTensor:
+    def prepare(self, q: QuantizedTensor, allocate: Optional[Allocate] = None) -> QuantizedTensor:
         if "_scales" in q.tensors:
             return q
         t = q.tensors

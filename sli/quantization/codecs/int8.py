@@ -9,7 +9,7 @@ from torch import Tensor
 from ... import kernels
 from ..config import QuantizationConfig, QuantizationMode
 from ..formats import QuantizedTensor
-from .base import Codec, check_float, compute_into, write_into
+from .base import Allocate, Codec, check_float, compute_into, write_into
 
 
 _INT8_ROWS_PER_CHUNK = 1024  # bounds the float32 temporaries (16 MB for 4096-wide rows)
@@ -86,7 +86,7 @@ class Int8Codec(Codec):
     def row_slice(self, q: QuantizedTensor, start: int, stop: int) -> Optional[QuantizedTensor]:
         return self._rows(q, start, stop, per_row=("weight", "SCB", "weight.outliers", "_scale", "_outliers"))
 
-    def prepare(self, q: QuantizedTensor) -> QuantizedTensor:
+    def prepare(self, q: QuantizedTensor, allocate: Optional[Allocate] = None) -> QuantizedTensor:
         if "_scale" in q.tensors:
             return q
         extra = {"_scale": q.tensors["SCB"].float() * (1.0 / 127.0)}
