@@ -28,8 +28,25 @@ _UNLIMITED = 1 << 62
 def memory_limit(proc: str = "/proc/self") -> Optional[int]:
     """The memory limit of this process's cgroup (RAM and page cache together; the smallest along
     its path up to the hierarchy's root), cgroup v1 or v2, or None where there is none."""
-    limits = [value for path, name in _cgroup_dirs(proc) for value in [_read_limit(path / name)] if value]
-    return min(limits) if limits else None
+    group = _limiting_group(proc)
+    return group[1] if group else None
+
+
+def _limiting_group(proc: str) -> Optional[Tuple[Path, int]]:
+    """(folder, limit) of the cgroup with the smallest limit on this process's path, or None."""
+    limits = [(path, value) for path, name in _cgroup_dirs(proc) for value in [_read_limit(path / name)] if value]
+    return min(limits, key=lambda group: group[1]) if limits else None
+
+
+def _anonymous_bytes(folder: Path) -> Optional[int]:
+    """The anonymous memory (RAM that is no file's pages) of every process in the cgroup at
+    ``folder`` and below: ``total_rss`` of cgroup v1's memory.stat, ``anon`` of v2's."""
+    try:
+        stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines() if line.count(" ") == 1)
+    except (OSError, ValueError):
+        return None
+    value = stat.get("total_rss", stat.get("anon"))
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def _cgroup_dirs(proc: str) -> Iterator[Tuple[Path, str]]:
@@ -79,26 +96,29 @@ def _read_limit(path: Path) -> Optional[int]:
 
 def memory_available(proc: str = "/proc/self") -> int:
     """Bytes this process can still take: the machine's available memory, and under a cgroup
-    limit no more than the limit less this process's resident memory (``psutil`` reports the
-    host's memory inside a container, not the container's)."""
+    limit no more than the limit less this process's resident memory and the anonymous memory
+    of the other processes in the group (``psutil`` reports the host's memory inside a
+    container, not the container's)."""
     available = psutil.virtual_memory().available
-    limit = memory_limit(proc)
-    if limit is None:
+    group = _limiting_group(proc)
+    if group is None:
         return available
-    return max(0, min(available, limit - psutil.Process().memory_info().rss))
+    folder, limit = group
+    own = psutil.Process().memory_info()
+    in_group = _anonymous_bytes(folder)
+    others = max(0, in_group - (own.rss - own.shared)) if in_group is not None else 0  # rss - shared: own anonymous
+    return max(0, min(available, limit - own.rss - others))
 
 
-def room(planned_bytes: int, margin: float = 0.1, proc: str = "/proc/self") -> int:
+def room(planned_bytes: int, margin: float = 0.02, proc: str = "/proc/self") -> int:
     """Bytes the page cache can hold beside this process once it holds ``planned_bytes`` more
-    than now: under a cgroup limit, the limit less this process's resident memory, the planned
-    bytes and a ``margin`` of the limit (libraries' pages, other processes); otherwise the
-    memory available now less the planned bytes and the margin of it."""
+    than now: the memory available (:func:`memory_available`) less the planned bytes and a
+    ``margin`` of the limit (or, without one, of the memory available). Page cache past a
+    limit is reclaimed, not a reason to kill anyone: the margin only keeps a little growth
+    (the allocator, a longer KV cache) from evicting the layers meant to stay."""
+    available = memory_available(proc)
     limit = memory_limit(proc)
-    if limit is not None:
-        rss = psutil.Process().memory_info().rss
-        return max(0, int(limit * (1 - margin)) - rss - planned_bytes)
-    available = psutil.virtual_memory().available
-    return max(0, int(available * (1 - margin)) - planned_bytes)
+    return max(0, available - int(margin * (limit if limit is not None else available)) - planned_bytes)
 
 
 def in_file_mapping(address: int) -> bool:

@@ -4,6 +4,7 @@ import ctypes
 import mmap
 import os
 
+import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -61,24 +62,47 @@ def test_the_memory_limit_under_cgroup_v2_and_a_mount_rooted_at_the_own_group(tm
     assert page_cache.memory_limit(proc) == 1 << 30
 
 
-def test_the_room_is_what_the_limit_leaves_beside_the_process_and_its_plan(tmp_path, monkeypatch):
-    monkeypatch.setattr(page_cache, "memory_limit", lambda proc="/proc/self": 4 << 30)
-    rss = __import__("psutil").Process().memory_info().rss
-    room = page_cache.room(1 << 30, margin=0.0)
-    assert abs(room - ((4 << 30) - (1 << 30) - rss)) < 64 << 20  # RSS moves a little between the two reads
-    assert page_cache.room(8 << 30) == 0  # never negative
+def own_memory():
+    info = psutil.Process().memory_info()
+    return info.rss, info.rss - info.shared  # resident, of which anonymous
 
 
-def test_the_memory_available_is_bounded_by_the_cgroup_s_limit(monkeypatch):
-    psutil = __import__("psutil")
-    monkeypatch.setattr(page_cache, "memory_limit", lambda proc="/proc/self": None)
-    assert abs(page_cache.memory_available() - psutil.virtual_memory().available) < 64 << 20
+def cgroup_v1(tmp_path, limit, anonymous=None):
+    """A fake /proc whose process sits in a cgroup v1 group of ``limit`` bytes, its memory.stat
+    counting ``anonymous`` bytes of anonymous memory in the group (default: this process's)."""
+    group = tmp_path / "memory" / "job"
+    group.mkdir(parents=True)
+    (group / "memory.limit_in_bytes").write_text(f"{limit}\n")
+    anonymous = own_memory()[1] if anonymous is None else anonymous
+    (group / "memory.stat").write_text(f"cache 123\nrss {anonymous}\ntotal_cache 123\ntotal_rss {anonymous}\n")
+    return fake_proc(tmp_path, ["4:memory:/job"], [f"35 31 0:32 / {tmp_path / 'memory'} rw - cgroup cgroup rw,memory"])
+
+
+def test_the_room_is_what_the_limit_leaves_beside_the_process_and_its_plan(tmp_path):
+    proc = cgroup_v1(tmp_path, 4 << 30)
+    room = page_cache.room(1 << 30, margin=0.0, proc=proc)
+    assert abs(room - ((4 << 30) - (1 << 30) - own_memory()[0])) < 64 << 20  # RSS moves a little between reads
+    assert abs(page_cache.room(1 << 30, margin=0.02, proc=proc) - (room - int(0.02 * (4 << 30)))) < 64 << 20
+    assert page_cache.room(8 << 30, proc=proc) == 0  # never negative
+
+
+def test_the_memory_available_is_bounded_by_the_cgroup_s_limit(tmp_path):
+    assert abs(page_cache.memory_available(fake_proc(tmp_path, ["0::/"], [])) - psutil.virtual_memory().available) \
+        < 64 << 20  # no cgroup: the machine's
     # a container's limit, 1 GiB above what this process holds: psutil still reports the host's memory
-    monkeypatch.setattr(page_cache, "memory_limit",
-                        lambda proc="/proc/self": psutil.Process().memory_info().rss + (1 << 30))
-    assert abs(page_cache.memory_available() - (1 << 30)) < 64 << 20
-    monkeypatch.setattr(page_cache, "memory_limit", lambda proc="/proc/self": 1 << 20)  # already over it
-    assert page_cache.memory_available() == 0
+    assert abs(page_cache.memory_available(cgroup_v1(tmp_path / "a", own_memory()[0] + (1 << 30))) - (1 << 30)) \
+        < 64 << 20
+    assert page_cache.memory_available(cgroup_v1(tmp_path / "b", 1 << 20)) == 0  # already over it
+
+
+def test_other_processes_anonymous_memory_in_the_cgroup_is_not_available(tmp_path):
+    limit = own_memory()[0] + (2 << 30)
+    alone = page_cache.memory_available(cgroup_v1(tmp_path / "alone", limit))
+    shared = page_cache.memory_available(cgroup_v1(tmp_path / "shared", limit, own_memory()[1] + (512 << 20)))
+    assert abs(alone - (2 << 30)) < 64 << 20
+    assert abs(alone - shared - (512 << 20)) < 64 << 20
+    assert abs(page_cache.room(0, margin=0.0, proc=cgroup_v1(tmp_path / "room", limit, own_memory()[1] + (512 << 20)))
+               - shared) < 64 << 20
 
 
 def test_without_a_budget_the_plan_fits_the_cgroup_s_limit_not_the_host_s_memory(model_factory, tmp_path,
@@ -90,9 +114,10 @@ def test_without_a_budget_the_plan_fits_the_cgroup_s_limit_not_the_host_s_memory
         fixed, layer = probe.plan.fixed_bytes, probe.plan.layer_bytes
     # half of what the limit leaves this process is planned: room for two and a half layers
     leaves = 2 * (fixed + layer * 5 // 2)
-    psutil = __import__("psutil")
-    monkeypatch.setattr(page_cache, "memory_limit",
-                        lambda proc="/proc/self": psutil.Process().memory_info().rss + leaves)
+    limited = tmp_path / "group"  # its memory.stat counts no one else
+    limited.mkdir()
+    (limited / "memory.stat").write_text(f"total_rss {own_memory()[1]}\n")
+    monkeypatch.setattr(page_cache, "_limiting_group", lambda proc: (limited, own_memory()[0] + leaves))
     with UniversalSLIProcessor(model_dir, "none", cache_dir=tmp_path / "cache", device="cpu") as proc:
         assert proc.plan.resident_layers == [0, 1]
         assert f"budget none given, {leaves // 2 / 2**30:.2f} GB planned from the free memory" in proc.plan.describe()
@@ -119,7 +144,7 @@ def test_streamed_layers_past_the_page_cache_s_room_leave_it_once_used(model_fac
         layer_bytes = probe.plan.layer_bytes
         one_resident = (probe.plan.fixed_bytes + layer_bytes + 1) / 2**30
     # the room holds one streamed layer: layer 0 resident, 1 kept in the page cache, 2-4 dropped
-    monkeypatch.setattr(page_cache, "room", lambda planned, margin=0.1, proc="/proc/self": layer_bytes + 1)
+    monkeypatch.setattr(page_cache, "room", lambda planned, margin=0.02, proc="/proc/self": layer_bytes + 1)
     with UniversalSLIProcessor(model_dir, "none", cache_dir=tmp_path / "cache", device="cpu",
                                memory_budget_gb=one_resident) as proc:
         plan = proc.plan
