@@ -176,8 +176,8 @@ class LayerRunner:
 
     def _with_layer(self, index: int, body: Callable[[], T]) -> T:
         """Fetch layer ``index``, run ``body``, record the timing, release the layer."""
+        self._prefetch_after(index)  # queued behind layer index's read: the reader never waits for this thread
         timing = self._fetch(index)
-        self._prefetch_after(index)
         timing.start = time.perf_counter() - self._pass_start
         t0 = time.perf_counter()
         out = body()

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from sli import ModelLoadError, QuantizationConfig, UnsupportedArchitectureError
 from sli.quantization import codec_for
 from sli.processor import UniversalSLIProcessor
-from sli.streaming import BufferPool
+from sli.streaming import BufferPool, LayerStreamer
 from sli.quantization import QuantizedLinear, is_linear, linear_weight
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "gpt_neox", "mixtral",
@@ -512,8 +514,8 @@ def test_dequantize_strategy_reuses_its_buffer_slots_and_prefetches_in_order(mod
     model_dir = model_factory("llama", num_layers=4)
     with UniversalSLIProcessor(model_dir, "nf4", cache_dir=tmp_path / "cache", memory_budget_gb=0.0,
                                strategy="dequantize", device="cpu", prefetch_depth=1) as proc:
-        loads, real_load = [], proc.streamer.load
-        proc.streamer.load = lambda index: loads.append(index) or real_load(index)
+        loads, real_read = [], proc.streamer._read
+        proc.streamer._read = lambda index, owned: loads.append(index) or real_read(index, owned)
         slots = set()
         real_take = proc.streamer.pool.take
         proc.streamer.pool.take = lambda template: (lambda s: slots.add(id(s)) or s)(real_take(template))
@@ -521,8 +523,37 @@ def test_dequantize_strategy_reuses_its_buffer_slots_and_prefetches_in_order(mod
         proc.streamer.cancel()  # waits for the last prefetch (the next pass's first layer) to finish
         assert proc.streamer.pool.made == 2  # the running layer and the one prefetched
         assert len(slots) == 2  # the same two slots, pass after pass
-        # layer 0 first (no pass before it), then each next layer ahead, wrapping to 0 at the end
-        assert loads == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0]
+        # layer 0 (no pass before it) on this thread while the prefetcher reads layer 1, then each
+        # next layer ahead, wrapping to 0 at the end
+        assert sorted(loads[:2]) == [0, 1] and loads[2:] == [2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0]
+
+
+@pytest.mark.parametrize("slow", ["reading", "computing"])
+def test_the_thread_that_would_wait_readies_a_streamed_layer(slow, model_factory, tmp_path, monkeypatch):
+    # When reading is the bottleneck (a memory cap) the compute thread, waiting anyway, readies
+    # the layer it waits for, and the reader goes on to the next read; otherwise the reader does.
+    model_dir = model_factory("llama", num_layers=4)
+    ids = torch.arange(1, 6)
+    with open_processor(model_dir, tmp_path, mode="nf4") as proc:
+        expected = proc.generate(ids, max_new_tokens=3, eos_token_id=[])
+    readied = []
+    real_packed = LayerStreamer._packed
+    monkeypatch.setattr(LayerStreamer, "_packed", lambda self, cached, timing, owned: readied.append(
+        threading.current_thread() is threading.main_thread()) or real_packed(self, cached, timing, owned))
+    with open_processor(model_dir, tmp_path, mode="nf4") as proc:
+        if slow == "reading":
+            real_fetch = proc.streamer.fetch_cached
+            proc.streamer.fetch_cached = lambda index, owned: time.sleep(0.05) or real_fetch(index, owned)
+        else:
+            for layer in proc.layers:
+                layer.register_forward_hook(lambda module, args, out: time.sleep(0.05))
+        got = proc.generate(ids, max_new_tokens=3, eos_token_id=[])
+    assert got.tolist() == expected.tolist()
+    on_compute_thread = sum(readied[1:])  # the first layer of all has no prefetch: read and readied here
+    if slow == "reading":
+        assert on_compute_thread >= len(readied) - 3  # (a layer the prefetch thread got to first is readied there)
+    else:
+        assert on_compute_thread <= 2
 
 
 def test_dequantize_strategy_plans_in_dequantized_bytes_and_keeps_resident_layers(model_factory, tmp_path):
