@@ -11,6 +11,7 @@ import json
 import os
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, Iterable, List, Tuple
 
@@ -129,35 +130,60 @@ def model_shapes(model_dir) -> dict:
     return cfg
 
 
-def time_read(ranges: Iterable[Tuple[Path, int, int]], cold: bool, chunk: int = 16 * MB) -> Tuple[float, int]:
-    """Read every ``(file, offset, length)`` once into one reused buffer; ``(seconds, bytes)``.
+def time_read(ranges: Iterable[Tuple[Path, int, int]], cold: bool, chunk: int = 16 * MB,
+              streams: int = 4) -> Tuple[float, int]:
+    """Read every ``(file, offset, length)`` once; ``(seconds, bytes)``.
 
-    ``cold`` drops the page cache first (the drop itself is not timed).
+    ``cold`` drops the page cache first (the drop itself is not timed) and reads from the disk
+    as fast as it serves: ``streams`` chunks at once, each sent to /dev/null (the way sli pages
+    a layer in: on these VMs one stream reads 1.65-1.85 GB/s, four 1.95-2.0, and a copy into
+    this process ~1.4). Warm, the chunks are copied into one reused buffer, a pass over memory.
     """
     ranges = list(ranges)
     if cold:
         drop_caches()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    total = 0
-    t0 = time.perf_counter()
     fds: Dict[Path, int] = {}
     try:
-        for path, offset, length in ranges:
-            fd = fds.get(path)
-            if fd is None:
-                fd = fds[path] = os.open(path, os.O_RDONLY)
-            done = 0
-            while done < length:
-                n = os.preadv(fd, [view[:min(chunk, length - done)]], offset + done)
-                if n <= 0:
-                    break
-                done += n
-            total += done
+        for path, _, _ in ranges:
+            if path not in fds:
+                fds[path] = os.open(path, os.O_RDONLY)
+        pieces = [(fds[path], start, min(chunk, offset + length - start))
+                  for path, offset, length in ranges for start in range(offset, offset + length, chunk)]
+        t0 = time.perf_counter()
+        if cold:
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                with ThreadPoolExecutor(streams) as pool:
+                    total = sum(pool.map(lambda piece: _send(null, *piece), pieces))
+            finally:
+                os.close(null)
+        else:
+            view = memoryview(bytearray(chunk))
+            total = sum(_copy(view, *piece) for piece in pieces)
+        return time.perf_counter() - t0, total
     finally:
         for fd in fds.values():
             os.close(fd)
-    return time.perf_counter() - t0, total
+
+
+def _send(null: int, fd: int, offset: int, length: int) -> int:
+    done = 0
+    while done < length:
+        n = os.sendfile(null, fd, offset + done, length - done)
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
+def _copy(view: memoryview, fd: int, offset: int, length: int) -> int:
+    done = 0
+    while done < length:
+        n = os.preadv(fd, [view[:length - done]], offset + done)
+        if n <= 0:
+            break
+        done += n
+    return done
 
 
 def file_ranges(path) -> List[Tuple[Path, int, int]]:

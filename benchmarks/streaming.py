@@ -19,7 +19,8 @@ the child starts. Cold (root only): the page cache is dropped before the child s
 load and before every decode step, so every pass reads its weights from disk.
 
 Floors: the I/O floor is the time to read the streamed bytes once (the decoder layers' tensors of
-the checkpoint; for sli the files of its layer cache), warm and cold; the compute floor is one
+the checkpoint; for sli the files of its layer cache), warm (copied from the page cache) and cold
+(from the disk, four requests at once: ``_measure.time_read``); the compute floor is one
 token's float32 matrix-vector products through every layer and the head with the weights resident
 (``_measure.compute_floor``). sli's decode time per token is compared with max(I/O, compute).
 
