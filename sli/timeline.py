@@ -5,7 +5,9 @@ decode step; optionally the prefill beside it), one lane per decoder layer. Each
 has two half-bars:
 
 * top, the **prefetch thread**: reading the layer's cache entry, then dequantizing it
-  into the compute buffers;
+  into the compute buffers (on CPU, a layer the compute thread already waits for is
+  readied by that thread: then the dequantize bar is time inside its wait, drawn on top
+  all the same);
 * bottom, the **compute thread**: waiting for the layer to be ready, then its forward.
 
 x is milliseconds from the start of the pass. A prefetch that overlaps the previous

@@ -73,8 +73,10 @@ class Codec:
 
     def prepare(self, q: QuantizedTensor, allocate: Optional[Allocate] = None) -> QuantizedTensor:
         """``q`` plus what :meth:`fused_linear` needs precomputed (``_``-prefixed tensors:
-        float scales, decoded tables). Cheap next to a read; the loader runs it off the
-        compute thread. The result is for computing with, never for storing. ``allocate(n)``,
+        float scales, decoded tables). Cheap next to a read; the loader runs it on the prefetch
+        thread, or on the compute thread when that one already waits for the layer
+        (:meth:`sli.streaming.LayerStreamer.get`). The result is for computing with, never for
+        storing. ``allocate(n)``,
         where given, supplies the float32 buffers of the larger ones (the loader reuses them)."""
         return q
 
