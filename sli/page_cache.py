@@ -99,8 +99,11 @@ def memory_available(proc: str = "/proc/self") -> int:
     limit no more than the limit less this process's resident memory and the anonymous memory
     of the other processes in the group (``psutil`` reports the host's memory inside a
     container, not the container's)."""
+    return _available(_limiting_group(proc))
+
+
+def _available(group: Optional[Tuple[Path, int]]) -> int:
     available = psutil.virtual_memory().available
-    group = _limiting_group(proc)
     if group is None:
         return available
     folder, limit = group
@@ -116,9 +119,9 @@ def room(planned_bytes: int, margin: float = 0.02, proc: str = "/proc/self") -> 
     ``margin`` of the limit (or, without one, of the memory available). Page cache past a
     limit is reclaimed, not a reason to kill anyone: the margin only keeps a little growth
     (the allocator, a longer KV cache) from evicting the layers meant to stay."""
-    available = memory_available(proc)
-    limit = memory_limit(proc)
-    return max(0, available - int(margin * (limit if limit is not None else available)) - planned_bytes)
+    group = _limiting_group(proc)
+    available = _available(group)
+    return max(0, available - int(margin * (group[1] if group else available)) - planned_bytes)
 
 
 def in_file_mapping(address: int) -> bool:
