@@ -11,6 +11,7 @@ from sli import cache_disk
 from sli.errors import CacheError
 from sli.layer_store import LayerStore
 from sli.quantization import CachedLayer
+from test_page_cache import cached_pages  # mincore over a map of the file
 
 
 def entry(value: float) -> CachedLayer:
@@ -71,29 +72,6 @@ def test_diskcache_outside_the_supported_range_is_one_line_naming_it(version, ok
 
 
 
-def resident_pages(path) -> int:
-    """How many of the file's pages are in the page cache: mincore(2) on a map of it."""
-    import ctypes
-    import mmap
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    size = os.path.getsize(path)
-    pages = -(-size // mmap.PAGESIZE)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
-        vector = ctypes.create_string_buffer(pages)
-        assert libc.mincore(address, size, vector) == 0, os.strerror(ctypes.get_errno())
-        libc.munmap(address, size)
-    finally:
-        os.close(fd)
-    return sum(byte & 1 for byte in vector.raw)
-
-
 @pytest.mark.parametrize("size", [1, 4096, (8 << 20) - 1, (33 << 20) + 5])
 def test_page_in_reads_every_byte_once_in_page_aligned_parts(tmp_path, size):
     ranges = []
@@ -114,8 +92,8 @@ def test_page_in_leaves_the_whole_file_in_the_page_cache(tmp_path):
         os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         pages = -(-(33 << 20) // 4096)
-        assert resident_pages(path) < pages  # dropped (a page or two may stay)
+        assert cached_pages(path) < pages  # dropped (a page or two may stay)
         cache_disk.page_in(fd, 33 << 20)
     finally:
         os.close(fd)
-    assert resident_pages(path) == pages
+    assert cached_pages(path) == pages
