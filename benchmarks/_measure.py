@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, Iterable, List, Tuple
 
+from sli.cache_disk import send_to_null
 from sli.synth import layer_of  # the one parser of layer names
 
 MB = 1024 * 1024
@@ -150,13 +151,9 @@ def time_read(ranges: Iterable[Tuple[Path, int, int]], cold: bool, chunk: int = 
         pieces = [(fds[path], start, min(chunk, offset + length - start))
                   for path, offset, length in ranges for start in range(offset, offset + length, chunk)]
         t0 = time.perf_counter()
-        if cold:
-            null = os.open(os.devnull, os.O_WRONLY)
-            try:
-                with ThreadPoolExecutor(streams) as pool:
-                    total = sum(pool.map(lambda piece: _send(null, *piece), pieces))
-            finally:
-                os.close(null)
+        if cold:  # what sli.cache_disk.page_in does, over byte ranges
+            with ThreadPoolExecutor(streams) as pool:
+                total = sum(pool.map(lambda piece: send_to_null(piece[0], piece[1], piece[1] + piece[2]), pieces))
         else:
             view = memoryview(bytearray(chunk))
             total = sum(_copy(view, *piece) for piece in pieces)
@@ -164,16 +161,6 @@ def time_read(ranges: Iterable[Tuple[Path, int, int]], cold: bool, chunk: int = 
     finally:
         for fd in fds.values():
             os.close(fd)
-
-
-def _send(null: int, fd: int, offset: int, length: int) -> int:
-    done = 0
-    while done < length:
-        n = os.sendfile(null, fd, offset + done, length - done)
-        if n <= 0:
-            break
-        done += n
-    return done
 
 
 def _copy(view: memoryview, fd: int, offset: int, length: int) -> int:

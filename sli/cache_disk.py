@@ -150,11 +150,11 @@ def page_in(fd: int, size: int, streams: int = PAGE_IN_STREAMS) -> None:
     """
     parts = max(1, min(streams, size // PAGE_IN_MIN_PART))
     if parts == 1:
-        _send_to_null(fd, 0, size)
+        send_to_null(fd, 0, size)
         return
     step = -(-size // parts)
     step += -step % mmap.PAGESIZE
-    list(_pool().map(lambda start: _send_to_null(fd, start, min(size, start + step)), range(0, size, step)))
+    list(_pool().map(lambda start: send_to_null(fd, start, min(size, start + step)), range(0, size, step)))
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -173,16 +173,20 @@ def _null_fd() -> int:
         return _devnull
 
 
-def _send_to_null(fd: int, start: int, end: int) -> None:
+def send_to_null(fd: int, start: int, end: int) -> int:
+    """Read bytes ``start..end`` of file ``fd`` into the page cache (``sendfile`` to /dev/null);
+    the bytes read, fewer where sendfile fails (logged: pages will fault in instead)."""
+    done = start
     try:
         null = _null_fd()
-        while start < end:
-            sent = os.sendfile(null, fd, start, end - start)
+        while done < end:
+            sent = os.sendfile(null, fd, done, end - done)
             if sent <= 0:
-                return
-            start += sent
+                break
+            done += sent
     except (OSError, AttributeError) as exc:  # AttributeError: no os.sendfile on this platform
         logger.debug("page-in by sendfile failed (%s); pages will fault in", exc)
+    return done - start
 
 
 def free_space(path: Path) -> str:

@@ -75,7 +75,7 @@ def test_diskcache_outside_the_supported_range_is_one_line_naming_it(version, ok
 @pytest.mark.parametrize("size", [1, 4096, (8 << 20) - 1, (33 << 20) + 5])
 def test_page_in_reads_every_byte_once_in_page_aligned_parts(tmp_path, size):
     ranges = []
-    with mock.patch("sli.cache_disk._send_to_null", side_effect=lambda fd, a, b: ranges.append((a, b))):
+    with mock.patch("sli.cache_disk.send_to_null", side_effect=lambda fd, a, b: ranges.append((a, b))):
         cache_disk.page_in(-1, size)
     ranges.sort()
     assert ranges[0][0] == 0 and ranges[-1][1] == size
