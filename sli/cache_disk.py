@@ -161,7 +161,9 @@ def _pool() -> ThreadPoolExecutor:
     global _page_in_pool
     with _page_in_lock:
         if _page_in_pool is None:
-            _page_in_pool = ThreadPoolExecutor(max_workers=PAGE_IN_STREAMS, thread_name_prefix="sli-page-in")
+            # two files at once: a read ahead (LayerStore.page_in) and the layer being fetched,
+            # whose parts (often already cached) must not queue behind the other file's
+            _page_in_pool = ThreadPoolExecutor(max_workers=2 * PAGE_IN_STREAMS, thread_name_prefix="sli-page-in")
         return _page_in_pool
 
 

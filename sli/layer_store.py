@@ -146,6 +146,7 @@ class LayerStore:
         self._lock = threading.RLock()  # guards the memory tier and the counters
         self._stats = CacheStats()
         self._hashed = HashedFiles()
+        self._files: Dict[str, str] = {}  # key → the entry's file, as this process last read it
 
     # -- keys -------------------------------------------------------------------------
     @staticmethod
@@ -217,6 +218,24 @@ class LayerStore:
         token is hashed once, not once per token.
         """
         return self._get(self.key(model_id, layer, config), memory and not mapped, mapped, drop_pages)
+
+    def page_in(self, model_id: str, layer: Union[int, str], config: ConfigLike) -> int:
+        """Read a disk entry this process has read before into the page cache, ahead of its
+        :meth:`get` (no index lookup, no parsing); the bytes read, 0 where the entry is unknown or
+        gone. A streamer calls it to keep the disk busy while layers that need no read run."""
+        path = self._files.get(self.key(model_id, layer, config))
+        if path is None:
+            return 0
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # evicted since: get() finds out
+            return 0
+        try:
+            size = os.fstat(fd).st_size
+            page_in(fd, size)
+            return size
+        finally:
+            os.close(fd)
 
     def __getitem__(self, key: Tuple[str, Union[int, str], ConfigLike]) -> CachedLayer:
         entry = self.get(*key)
@@ -326,6 +345,7 @@ class LayerStore:
             return None
         with handle:
             path = handle.name
+            self._files[key] = path
             try:
                 stat = os.fstat(handle.fileno())
                 size = stat.st_size

@@ -146,7 +146,8 @@ class UniversalSLIProcessor:
         self._plan: Optional[MemoryPlan] = None
         self._prefetch_depth = prefetch_depth if prefetch else 0
         self.streamer = LayerStreamer(self._cached_layer, self.device, self.compute_dtype,
-                                      depth=prefetch_depth, prefetch=prefetch, packed=self.packed)
+                                      depth=prefetch_depth, prefetch=prefetch, packed=self.packed,
+                                      page_in=self._page_in_layer)
         self.runner = LayerRunner(self.layers, self.streamer, self.device)
         self._resident_decode = ResidentDecode.build(self.model, self.runner, self.device)
         self._one_calls_ready: set = set()  # resident layers whose one-token call is made (_ready_one_calls)
@@ -173,6 +174,10 @@ class UniversalSLIProcessor:
         self.cache.put(self.model_id, index, self.quantizer, cached)
         self._check_cache_room(cached.nbytes)
         return cached
+
+    def _page_in_layer(self, index: int) -> int:
+        """Layer ``index``'s cached bytes into the page cache, ahead of :meth:`_cached_layer`."""
+        return self.cache.page_in(self.model_id, index, self.quantizer)
 
     def _sizing_layer(self) -> CachedLayer:
         """Layer 0 as the cache holds it, or would: a calibrated entry not made yet has the
@@ -230,6 +235,7 @@ class UniversalSLIProcessor:
                                      kv_can_spill=self.kv_dtype in ("bfloat16", "int8"))
             if self.packed:  # streamed layers are computed from the page cache (mapped)
                 self._plan.split_streamed(page_cache.room(self._plan.pending_bytes))
+                self.runner.disk_layers = set(self._plan.page_dropped_layers)
             if self._plan.over_budget:
                 logger.warning("memory budget %.2f GB is below the shared modules + streaming + kernel runtime + "
                                "KV in flight (%.2f GB); every layer streams", self._plan.budget / GB,

@@ -109,8 +109,10 @@ class LayerStreamer:
     """
 
     def __init__(self, fetch_cached: Callable[[int, bool], CachedLayer], device: torch.device, dtype: torch.dtype,
-                 depth: int = 1, prefetch: bool = True, packed: bool = False) -> None:
+                 depth: int = 1, prefetch: bool = True, packed: bool = False,
+                 page_in: Optional[Callable[[int], int]] = None) -> None:
         self.fetch_cached = fetch_cached
+        self.page_in = page_in  # page_in(i): layer i's cached bytes into the page cache (LayerStore.page_in)
         self.device, self.dtype = device, dtype
         self.packed = packed  # linears stay as cached (for QuantizedLinear); CPU only
         self.depth = max(1, depth) if prefetch else 0
@@ -119,6 +121,9 @@ class LayerStreamer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sli-prefetch") if prefetch else None
         self._pending: Dict[int, Future] = {}
         self._awaited: Optional[int] = None  # the layer the compute thread waits for in get()
+        self._disk_reader = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="sli-read-ahead")
+                             if prefetch and page_in is not None else None)
+        self._read_ahead: Dict[int, Future] = {}  # layers read ahead, until released
         self._copy_stream = device_calls.copy_stream(device)
         self.step = 0
 
@@ -183,6 +188,16 @@ class LayerStreamer:
             return
         self._pending[index] = self._executor.submit(self._prefetched, index)
 
+    def read_ahead(self, index: int) -> None:
+        """Start reading layer ``index``'s bytes into the page cache on a thread of its own,
+        unless done since its last release. A prefetch holds one of ``depth + 1`` slots, so it
+        stops while the layers before it run; this read does not, and keeps the disk busy through
+        layers that need none (resident, or kept in the page cache). The caller bounds how many
+        such layers are read at once (:meth:`sli.layer_runner.LayerRunner._read_ahead`)."""
+        if self._disk_reader is None or index in self._read_ahead:
+            return
+        self._read_ahead[index] = self._disk_reader.submit(self.page_in, index)
+
     def get(self, index: int) -> LoadedLayer:
         """Layer ``index`` ready to run: prefetched, or loaded now. ``wait_s`` is the time the
         layer was not ready for, readying it here included."""
@@ -202,6 +217,7 @@ class LayerStreamer:
 
     def release(self, loaded: LoadedLayer) -> None:
         """Give back what a streamed layer borrowed, once nothing computes with it any more."""
+        self._read_ahead.pop(loaded.timing.layer, None)
         if loaded.buffers:
             self.buffers.give(loaded.buffers)
             loaded.buffers = []
@@ -221,11 +237,15 @@ class LayerStreamer:
             except Exception:  # the error surfaces when the layer is asked for again
                 logger.debug("prefetch failed", exc_info=True)
         self._pending.clear()
+        for future in self._read_ahead.values():
+            future.exception()  # a read ahead is advisory: wait for it, whatever it met
+        self._read_ahead.clear()
 
     def close(self) -> None:
         self.cancel()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        for executor in (self._executor, self._disk_reader):
+            if executor is not None:
+                executor.shutdown(wait=True)
 
 
 def ready_packed(cached: CachedLayer, dtype: torch.dtype, allocate: Optional[Allocate] = None,

@@ -10,6 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sli import UniversalSLIProcessor, page_cache
+from sli.layer_store import LayerStore
+from sli.quantization import CachedLayer
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -159,8 +161,9 @@ def test_streamed_layers_past_the_page_cache_s_room_leave_it_once_used(model_fac
         proc.streamer.cancel()  # a layer prefetched for the next pass holds its map
         pages = [cached_pages(path) for path in paths]
         # layer 0 read into the process's memory, its file's pages then dropped (the page cache is
-        # short); layer 1 kept there; 2-4 dropped once used
-        assert pages[1] > 0 and pages[0] == pages[2] == pages[3] == pages[4] == 0, pages
+        # short); layer 1 kept there; 3-4 dropped once used; 2 dropped too, then read ahead for
+        # the next pass while the pass's last layer ran (LayerRunner._read_ahead)
+        assert pages[0] == pages[3] == pages[4] == 0 and pages[1] == pages[2] == cached_pages(paths[2]) > 0, pages
         # the resident layer is this process's memory, not a map of its file the kernel may drop
         held = [b for b in proc.layers[0].mlp.down_proj.buffers() if b.numel() > 1]
         assert held and not any(page_cache.in_file_mapping(b.data_ptr()) for b in held)
@@ -178,3 +181,57 @@ def test_the_plan_counts_a_mapped_embedding_by_the_rows_its_context_can_look_up(
     with UniversalSLIProcessor(model_dir, "none", cache_dir=tmp_path / "cache", device="cpu",
                                memory_budget_gb=0.0, max_context_tokens=100_000) as proc:
         assert proc.plan.shared_bytes == proc.shared_bytes  # never more than the table
+
+
+def test_the_disk_layers_are_read_ahead_through_the_layers_that_need_no_read(model_factory, tmp_path, monkeypatch):
+    # Layer 0 resident, 1-2 kept in the page cache, 3-5 read from the disk every pass. A prefetch
+    # holds one of two slots, so it reaches layer 3 only once layer 2 runs; the disk layers are
+    # read ahead from the first layer of the pass on, two (the prefetch's slots) at a time.
+    model_dir = model_factory("llama", num_layers=6)
+    with UniversalSLIProcessor(model_dir, "none", cache_dir=tmp_path / "cache", device="cpu") as probe:
+        probe.prewarm(progress=False)
+        layer_bytes = probe.plan.layer_bytes
+        one_resident = (probe.plan.fixed_bytes + layer_bytes + 1) / 2**30
+        expected = probe.generate(torch.arange(1, 9), max_new_tokens=3, eos_token_id=[])
+    monkeypatch.setattr(page_cache, "room", lambda planned, margin=0.02, proc="/proc/self": 2 * layer_bytes + 1)
+    with UniversalSLIProcessor(model_dir, "none", cache_dir=tmp_path / "cache", device="cpu", prefetch_depth=1,
+                               memory_budget_gb=one_resident) as proc:
+        assert (proc.plan.resident_layers, proc.plan.page_dropped_layers) == ([0], [3, 4, 5])
+        events, streamer = [], proc.streamer
+        real_get, real_read_ahead = streamer.get, streamer.read_ahead
+        streamer.get = lambda index: events.append(("get", index)) or real_get(index)
+        # a read ahead started (not one asked for again before its layer's release)
+        streamer.read_ahead = lambda index: (index in streamer._read_ahead or events.append(("read_ahead", index))
+                                             or real_read_ahead(index))
+        real_release = streamer.release
+        streamer.release = lambda loaded: events.append(("release", loaded.timing.layer)) or real_release(loaded)
+        got = proc.generate(torch.arange(1, 9), max_new_tokens=3, eos_token_id=[])
+        read = streamer.page_in(4)
+    assert got.tolist() == expected.tolist()
+    assert read == proc.cache.entry_path(proc.model_id, 4, proc.quantizer).stat().st_size
+    # when each layer is fetched, the disk layers read ahead and not yet released are the next two
+    # from it on: from layer 1 on (layer 0, resident, needs no read) both of the pass's first two
+    ahead, window = set(), {1: {3, 4}, 2: {3, 4}, 3: {3, 4}, 4: {4, 5}, 5: {5, 3}}
+    for name, index in events:
+        if name == "read_ahead":
+            ahead.add(index)
+        elif name == "release":
+            ahead.discard(index)
+        else:
+            assert ahead == window[index], (index, events)
+    assert [e for e in events if e[0] == "get"] == [("get", i) for i in (1, 2, 3, 4, 5)] * 3
+
+
+def test_the_store_reads_an_entry_it_read_before_into_the_page_cache_and_nothing_else(tmp_path):
+    with LayerStore(tmp_path / "cache", max_memory_cache_size_gb=0) as store:
+        store.put("m", 0, "none", CachedLayer({"w": torch.ones(300_000)}))
+        store.put("m", 1, "none", CachedLayer({"w": torch.ones(10)}))
+        path = store.entry_path("m", 0, "none")
+        assert store.page_in("m", 0, "none") == 0  # not read by this process yet: no file known
+        assert store.get("m", 0, "none", mapped=True).tensors["w"].sum() == 300_000
+        page_cache.drop_pages(os.open(path, os.O_RDONLY))
+        assert cached_pages(path) == 0
+        assert store.page_in("m", 0, "none") == path.stat().st_size
+        assert cached_pages(path) == -(-path.stat().st_size // mmap.PAGESIZE)
+        store.delete("m", 0)
+        assert store.page_in("m", 0, "none") == 0  # gone since: nothing to read, no error
