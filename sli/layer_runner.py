@@ -216,7 +216,6 @@ class LayerRunner:
             if first is not None and first != index:
                 self.streamer.prefetch(first)
 
-
     def _read_ahead(self, index: int) -> None:
         """Read the next ``depth + 1`` disk layers from layer ``index`` on (wrapping into the next
         pass) into the page cache. Those are the disk layers a prefetch may hold at once, so the
