@@ -38,7 +38,7 @@ from .model_skeleton import build_skeletons, read_config, swap_linears
 from .processor_options import (as_quantizer, budget_bytes, check_kv_options, choose_strategy,
                                 return_freed_buffers_to_the_os)
 from .prompt_ids import check_length, check_token_ids, encode_prompts
-from .quantization import CachedLayer, QuantizationConfig, default_compute_dtype
+from .quantization import CachedLayer, QuantizationConfig, codec_for, default_compute_dtype
 from .quantization.execution import warm_up_kernels
 from .quantization.modules import linear_paths
 from .settings import GB, default_cache_dir
@@ -327,7 +327,8 @@ class UniversalSLIProcessor:
         """:func:`sli.kernels.fused_pass` for a pass of ``rows`` rows at ``positions`` (the context: the
         furthest of them; none counts when attention reads the KV bytes in place, in the kernels)."""
         context = [int(p.max()) for p in positions if p is not None and p.numel() and not self.reads_kv_in_place]
-        return kernels.fused_pass(rows, self.device, max(context, default=0))
+        fused_rows = min(codec_for(c.mode).fused_max_rows for c in self.quantizer.configs())
+        return kernels.fused_pass(rows, self.device, max(context, default=0), fused_rows)
 
     def forward(self, input_ids, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits ``[B, S, V]`` for ``input_ids`` ``[B, S]`` (one pass over the layers)."""

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 import sli.quantization.codecs.four_bit as four_bit
 import sli.quantization.codecs.four_bit_quantizer as four_bit_quantizer
 import sli.quantization.execution as execution
+from sli import kernels
 from sli.quantization import QuantizationConfig, bits_per_weight, calculate_quantization_error, codec_for
 
 import bitsandbytes.functional as bnbf  # noqa: E402  (a dependency of sli)
@@ -273,18 +274,49 @@ def test_error_metrics():
 # -- a prompt's linear, a few hundred rows at a time -----------------------------------------
 
 def _a_prompt_s_linear(mode, double_quant, out_features):
-    """A 512-wide weight of ``mode`` (an INT8 outlier column) times 2 x 40 rows through
-    ``execution.linear``: (y, dequantize-then-F.linear, bias, the scratch it used)."""
+    """A 512-wide weight of ``mode`` (an INT8 outlier column) times 2 x 80 rows (a prompt past
+    every codec's ``fused_max_rows``) through ``execution.linear``: (y, dequantize-then-F.linear,
+    bias, the scratch it used)."""
     g = torch.Generator().manual_seed(1)
     weight = (torch.randn(out_features, 512, generator=g) * 0.02).to(torch.bfloat16)
     weight[:, 7] = 9.0  # an INT8 outlier column
     codec = codec_for(mode)
     q = codec.quantize(weight, QuantizationConfig(mode=mode, double_quant=double_quant,
                                                   compress_statistics=double_quant))
-    x, bias = torch.randn(2, 40, 512, generator=g), torch.randn(out_features, generator=g)
+    x, bias = torch.randn(2, 80, 512, generator=g), torch.randn(out_features, generator=g)
+    assert x.shape[0] * x.shape[1] > max(kernels.FUSED_MAX_TOKENS, codec.fused_max_rows)
     scratch = execution.WeightScratch()
     y = execution.linear(q, x, bias, scratch=scratch)
     return y, torch.nn.functional.linear(x, codec.dequantize(q, torch.float32), bias), bias, scratch
+
+
+@pytest.mark.parametrize("mode", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("level", ["simd", "plain"])
+def test_a_short_prompt_stays_in_the_fused_kernel_up_to_the_codec_s_row_limit(mode, level, monkeypatch):
+    # Dequantizing a 4-bit weight costs more than the fused kernel's passes over a few dozen
+    # rows (NF4/FP4 up to 32, INT4 up to 64; docs/benchmarks.md), on a SIMD level; the plain
+    # level's kernels keep to a token pass's rows. Each row's result is what it gets alone.
+    if level == "plain":
+        monkeypatch.setattr(kernels, "simd_path", lambda: "plain")
+    codec = codec_for(mode)
+    limit = codec.fused_max_rows
+    assert limit > kernels.FUSED_MAX_TOKENS
+    g = torch.Generator().manual_seed(3)
+    q = codec.quantize((torch.randn(96, 512, generator=g) * 0.02).to(torch.bfloat16), QuantizationConfig(mode=mode))
+    x = torch.randn(limit + 1, 512, generator=g)
+    fused, real = [], type(codec).fused_linear
+    monkeypatch.setattr(type(codec), "fused_linear",
+                        lambda self, q, x, bias: fused.append(x.shape[0]) or real(self, q, x, bias))
+    at_limit, past = execution.linear(q, x[:limit]), execution.linear(q, x)
+    if level == "plain":
+        assert fused == []
+        return
+    assert fused == [limit]  # one row more: dequantize, then a matrix product
+    alone = torch.cat([execution.linear(q, x[i:i + 1]) for i in range(limit)])
+    assert torch.equal(at_limit, alone)
+    expected = torch.nn.functional.linear(x, codec.dequantize(q, torch.float32))
+    for y, want in ((at_limit, expected[:limit]), (past, expected)):
+        assert ((y - want).norm() / want.norm()).item() < 0.01
 
 
 @pytest.mark.parametrize("mode,double_quant", [("none", False), ("int8", False), ("int8_dynamic", False),

@@ -311,6 +311,14 @@ def test_a_decode_pass_holds_torch_to_one_thread_and_the_kernels_to_all(monkeypa
     assert _rel_err(y, _expected(codec, q, x)) < 1e-5
     with kernels.fused_pass(kernels.FUSED_MAX_TOKENS + 1, torch.device("cpu")):  # a prompt: torch's BLAS
         assert torch.get_num_threads() == 2
+    with kernels.fused_pass(32, torch.device("cpu"), max_rows=32):  # a short prompt its codec keeps fused
+        assert torch.get_num_threads() == 1
+    with kernels.fused_pass(33, torch.device("cpu"), max_rows=32):
+        assert torch.get_num_threads() == 2
+    with monkeypatch.context() as patch:  # the plain level's kernels keep to a token pass's rows
+        patch.setattr(kernels, "simd_path", lambda: "plain")
+        with kernels.fused_pass(32, torch.device("cpu"), max_rows=32):
+            assert torch.get_num_threads() == 2
     with kernels.fused_pass(1, torch.device("cpu"), context=kernels.FUSED_PASS_MAX_CONTEXT):  # a long context:
         assert torch.get_num_threads() == 2  # reading its keys and values and attending want the threads
     with pytest.raises(RuntimeError):

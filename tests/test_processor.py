@@ -71,7 +71,8 @@ def test_quantized_mode_equals_dequantized_reference(mode, model_factory, tmp_pa
     # test (test_the_4bit_modes_multiply_the_head_in_int8_on_cpu)
     config = QuantizationConfig(mode=mode, head="keep")
     reference = reference_model(model_dir, config)
-    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(2))
+    # 140 rows: past every codec's fused_max_rows, so the layers dequantize (exact in float32)
+    ids = torch.randint(0, 256, (2, 70), generator=torch.Generator().manual_seed(2))
     with UniversalSLIProcessor(model_dir, config, cache_dir=tmp_path / "cache", memory_budget_gb=0.0) as proc:
         with torch.no_grad():
             expected = reference(ids).logits
@@ -87,7 +88,7 @@ def test_a_prompt_on_the_matrix_units_stays_within_bfloat16_rounding_of_the_refe
     model_dir = model_factory("llama")
     config = QuantizationConfig(mode=mode)
     reference = reference_model(model_dir, config)
-    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(2))  # past FUSED_MAX_TOKENS
+    ids = torch.randint(0, 256, (1, 140), generator=torch.Generator().manual_seed(2))  # past every fused_max_rows
     with UniversalSLIProcessor(model_dir, config, cache_dir=tmp_path / "cache", memory_budget_gb=0.0) as proc:
         with torch.no_grad():
             expected = reference(ids).logits

@@ -88,10 +88,14 @@ INT8_LEVELS_ROWS = 1
 four_bit_path = simd_path  # the name before AVX-512
 
 
-def use_fused(x: Tensor, in_features: int) -> bool:
-    """Whether ``x`` (``[..., in]``) should go through a fused kernel rather than dequantize + BLAS."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() // max(1, in_features) <= FUSED_MAX_TOKENS
-            and kernels_enabled())
+def use_fused(x: Tensor, in_features: int, max_rows: int = 0) -> bool:
+    """Whether ``x`` (``[..., in]``) should go through a fused kernel rather than dequantize + BLAS:
+    up to :data:`FUSED_MAX_TOKENS` rows, or up to ``max_rows`` (a codec's ``fused_max_rows``) on a
+    SIMD level (the plain level's kernels are for a token's few rows)."""
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and kernels_enabled()):
+        return False
+    rows = x.numel() // max(1, in_features)
+    return rows <= FUSED_MAX_TOKENS or (rows <= max_rows and simd_path() != "plain")
 
 
 # Below this many positions of context a decode pass holds torch to one thread: its own ops
@@ -103,11 +107,14 @@ def use_fused(x: Tensor, in_features: int) -> bool:
 FUSED_PASS_MAX_CONTEXT = 512
 
 
-def fused_pass(rows: int, device: torch.device, context: int = 0):
+def fused_pass(rows: int, device: torch.device, context: int = 0, max_rows: int = 0):
     """The context manager a pass of ``rows`` activation rows over ``context`` earlier
     positions runs in: :func:`torch_on_one_thread` where its products are the fused kernels
-    (CPU, up to :data:`FUSED_MAX_TOKENS` rows) and its context is short."""
-    if (device.type == "cpu" and 0 < rows <= FUSED_MAX_TOKENS and context < FUSED_PASS_MAX_CONTEXT
+    (CPU, up to :data:`FUSED_MAX_TOKENS` rows, or ``max_rows`` as in :func:`use_fused`) and its
+    context is short. (torch's threads waiting for work beside the kernels' slow both: SmolLM2's
+    32-row NF4 prompt 173 against 100 ms.)"""
+    limit = max(FUSED_MAX_TOKENS, max_rows) if simd_path() != "plain" else FUSED_MAX_TOKENS
+    if (device.type == "cpu" and 0 < rows <= limit and context < FUSED_PASS_MAX_CONTEXT
             and kernels_enabled()):
         return torch_on_one_thread()
     return contextlib.nullcontext()

@@ -59,7 +59,7 @@ def linear(q: QuantizedTensor, x: Tensor, bias: Optional[Tensor] = None,
     """``F.linear(x, W, bias)`` for the quantized weight ``W`` (``x`` already through the
     codec's :meth:`Codec.prepare_input`)."""
     codec = codec_for(q.metadata["codec"])
-    if kernels.use_fused(x, int(q.metadata["shape"][1])) or _int8_on_matrix_units(codec, x, q):
+    if kernels.use_fused(x, int(q.metadata["shape"][1]), codec.fused_max_rows) or _int8_on_matrix_units(codec, x, q):
         y = codec.fused_linear(codec.prepare(q), x, bias)
         if y is not None:
             return y

@@ -37,6 +37,10 @@ class Codec:
     # dequantize(q, torch.bfloat16, out=<bfloat16 buffer>) writes the buffer directly, with no
     # float32 pass (a prompt's bfloat16 chunks: sli.quantization.execution)
     writes_bfloat16: ClassVar[bool] = False
+    # activation rows up to which a prompt's product stays in fused_linear on a SIMD level, where
+    # that beats dequantizing for a matrix product (sli.kernels.use_fused; at least
+    # kernels.FUSED_MAX_TOKENS, a token pass's rows)
+    fused_max_rows: ClassVar[int] = 0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -47,6 +47,11 @@ class Int4Codec(Codec):
     byte_fields = ("group_size",)
     upgrade = QuantizationMode.INT8
     methods = ("rtn", "gptq")
+    # its dequantization is the slow part of a prompt's product: a 4096x11008 weight on the AMX
+    # Xeon, fused 6.4 / 20.5 / 36.6 ms at 17 / 64 / 128 rows against 51-63 ms dequantizing. A
+    # whole pass at 128 rows is slower fused (SmolLM2: 360 against 220 ms, torch's own ops on one
+    # thread), at 64 faster (185 against 219; docs/benchmarks.md)
+    fused_max_rows = 64
 
     def quantize(self, weight: Tensor, config: QuantizationConfig) -> QuantizedTensor:
         check_float(weight)
