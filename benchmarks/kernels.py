@@ -2,6 +2,7 @@
 
 Run: .venv/bin/python benchmarks/kernels.py [--repeats 7] [--shape 11008 4096] [--modes nf4 int8]
      [--rows 1 4 16] [--no-dequantize] [--threads N] [--stat median|min] [--torch-ops] [--compare-paths]
+     [--fused-vs-dequantized] [--from-ram N]
 
 For each mode, the time of ``sli.quantization.execution.linear(q, x)`` (what a streamed
 layer's linear does) for 1, 4 and 16 activation rows — the fused kernel path (sli.kernels) —
@@ -14,6 +15,9 @@ unless ``SLI_SIMD=avx512|avx2|plain`` asks for another one. ``--torch-ops`` adds
 quantized CPU products (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``, group 128).
 Rows above 16 are a prompt's (bfloat16 on a CPU with AMX or AVX-512 BF16, INT8 in
 ``torch._int_mm`` on AMX); ``--compare-paths`` times them again with those paths off.
+``--fused-vs-dequantized`` times, per row count, the fused kernel against the path a prompt
+takes without it (dequantize in chunks into a reused scratch buffer, then a matrix product):
+where each codec's ``fused_max_rows`` comes from.
 ``--from-ram N`` times one row through N distinct copies of each weight instead (past the
 last-level cache) against a 1 GiB float32 read: how far each kernel is from the memory floor,
 the read timed again before each mode in each of ``--floor-rounds`` rounds (a warning names the
@@ -133,6 +137,32 @@ def from_ram(weight: torch.Tensor, modes, copies: int, repeats: int, rounds: int
               f"**{statistics.median(ratios[mode]):.2f}x** |", flush=True)
 
 
+def fused_vs_dequantized(weight: torch.Tensor, modes, rows, repeats: int) -> None:
+    """Per mode and row count: ``fused_linear`` ms against :func:`linear` with the fused kernels
+    (and INT8's ``torch._int_mm``) off, into one reused scratch buffer as a pass's linears have."""
+    from unittest import mock
+
+    from sli.quantization import execution
+
+    g = torch.Generator().manual_seed(1)
+    print("| mode (fused_max_rows) | " + " | ".join(f"{r} rows: fused / dequantized ms" for r in rows) + " |")
+    print("|---" * (len(rows) + 1) + "|")
+    for mode in modes:
+        codec = codec_for(mode)
+        q = codec.prepare(codec.quantize(weight, QuantizationConfig(mode=mode)))
+        scratch = execution.WeightScratch()
+        cells = []
+        for r in rows:
+            x = codec.prepare_input(torch.randn(r, weight.shape[1], generator=g))
+            fused = median_ms(lambda: codec.fused_linear(q, x, None), repeats)
+            with mock.patch.object(kernels, "use_fused", lambda *a, **k: False), \
+                    mock.patch.object(execution, "_int8_on_matrix_units", lambda *a, **k: False):
+                dequantized = median_ms(lambda: linear(q, x, scratch=scratch), repeats)
+            cells.append(f"{fused:.1f} / {dequantized:.1f} ({fused / dequantized:.2f}x)")
+        print(f"| {mode} ({codec.fused_max_rows or kernels.FUSED_MAX_TOKENS}) | " + " | ".join(cells) + " |",
+              flush=True)
+
+
 def last_level_cache_bytes() -> int:
     """The largest CPU cache's size in bytes (sysfs), or 0 when it cannot be read."""
     sizes = []
@@ -179,6 +209,9 @@ def main() -> None:
     ap.add_argument("--floor-rounds", type=int, default=5, metavar="K",
                     help="with --from-ram: K rounds, the read floor timed again before each mode's kernel; "
                          "the median of the K ratios is reported")
+    ap.add_argument("--fused-vs-dequantized", action="store_true",
+                    help="instead: per row count, the fused kernel against dequantizing for a matrix product "
+                         "(where each codec's fused_max_rows comes from)")
     ap.add_argument("--compare-paths", action="store_true",
                     help="also time each row count with the matrix units off (SLI_PROMPT_DTYPE=float32, "
                          "SLI_INT8_MATMUL=numba): the float32 / numba path a CPU without AMX takes")
@@ -200,7 +233,8 @@ def main() -> None:
           f"--rows {' '.join(map(str, rows))}{' --no-dequantize' if args.no_dequantize else ''}"
           f"{f' --threads {args.threads}' if args.threads else ''} --stat {args.stat}"
           f"{' --torch-ops' if args.torch_ops else ''}{' --compare-paths' if args.compare_paths else ''}"
-          f"{f' --from-ram {args.from_ram} --floor-rounds {args.floor_rounds}' if args.from_ram else ''}")
+          f"{f' --from-ram {args.from_ram} --floor-rounds {args.floor_rounds}' if args.from_ram else ''}"
+          f"{' --fused-vs-dequantized' if args.fused_vs_dequantized else ''}")
     print(f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads, kernels {_level()}, matrix units {kernels.matrix_units() or 'none'} (prompt dtype "
           f"{str(kernels.prompt_dtype()).replace('torch.', '')}, INT8 in torch._int_mm from "
@@ -209,6 +243,9 @@ def main() -> None:
     print()
     if args.from_ram:
         from_ram(weight, args.modes, args.from_ram, args.repeats, args.floor_rounds)
+        return
+    if args.fused_vs_dequantized:
+        fused_vs_dequantized(weight, args.modes, rows, args.repeats)
         return
     head = "| mode | " + " | ".join(f"{r} row{'s' if r > 1 else ''}: sli ms (÷ fp32 floor)" for r in rows)
     if args.compare_paths:
