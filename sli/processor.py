@@ -101,6 +101,8 @@ class UniversalSLIProcessor:
             raise SLIError(str(exc)) from exc
         self.strategy = choose_strategy(strategy, self.device)
         self.quantizer = as_quantizer(quantization_config)
+        # the rows a pass's products stay in the fused kernels for, every linear's codec agreeing
+        self._fused_max_rows = min(codec_for(c.mode).fused_max_rows for c in self.quantizer.configs())
         self.quantization_config = self.quantizer.config
         self.compute_dtype = self.quantization_config.compute_dtype or default_compute_dtype(self.device)
 
@@ -327,8 +329,7 @@ class UniversalSLIProcessor:
         """:func:`sli.kernels.fused_pass` for a pass of ``rows`` rows at ``positions`` (the context: the
         furthest of them; none counts when attention reads the KV bytes in place, in the kernels)."""
         context = [int(p.max()) for p in positions if p is not None and p.numel() and not self.reads_kv_in_place]
-        fused_rows = min(codec_for(c.mode).fused_max_rows for c in self.quantizer.configs())
-        return kernels.fused_pass(rows, self.device, max(context, default=0), fused_rows)
+        return kernels.fused_pass(rows, self.device, max(context, default=0), self._fused_max_rows)
 
     def forward(self, input_ids, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits ``[B, S, V]`` for ``input_ids`` ``[B, S]`` (one pass over the layers)."""

@@ -50,7 +50,7 @@ from .four_bit import LEVEL_SCALE, split_levels
 __all__ = [
     "FUSED_MAX_TOKENS", "RUNTIME_BYTES", "SIMD_LEVELS", "INT8_LEVELS_ROWS", "INT8_ACTIVATION_ROWS", "KEEP_FLOAT",
     "LEVEL_SCALE", "kernels_enabled", "requested_level", "simd_helpers", "simd_path", "four_bit_path", "lanes", "lut4_order",
-    "q4_order", "use_fused", "int8_activations", "quantize_rows", "matmul_4bit",
+    "q4_order", "fused_rows", "use_fused", "int8_activations", "quantize_rows", "matmul_4bit",
     "dequantize_4bit", "dequantize_blockwise8", "matmul_int8", "matmul_int4", "matmul_lut8", "matmul_fp8",
     "matmul_bf16", "dequantize_int4", "matrix_units", "prompt_dtype", "int8_matrix_rows", "torch_on_one_thread",
     "fused_pass", "FUSED_PASS_MAX_CONTEXT", "decode_attention", "decode_attention_arrays", "kv_arrays", "layer_ops",
@@ -88,14 +88,20 @@ INT8_LEVELS_ROWS = 1
 four_bit_path = simd_path  # the name before AVX-512
 
 
+def fused_rows(max_rows: int = 0) -> int:
+    """The most activation rows a product stays in a fused kernel for: :data:`FUSED_MAX_TOKENS`,
+    or ``max_rows`` (a codec's ``fused_max_rows``) where larger, on a SIMD level (the plain
+    level's kernels are for a token's few rows)."""
+    return max_rows if max_rows > FUSED_MAX_TOKENS and simd_path() != "plain" else FUSED_MAX_TOKENS
+
+
 def use_fused(x: Tensor, in_features: int, max_rows: int = 0) -> bool:
     """Whether ``x`` (``[..., in]``) should go through a fused kernel rather than dequantize + BLAS:
-    up to :data:`FUSED_MAX_TOKENS` rows, or up to ``max_rows`` (a codec's ``fused_max_rows``) on a
-    SIMD level (the plain level's kernels are for a token's few rows)."""
+    up to :func:`fused_rows` rows."""
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and kernels_enabled()):
         return False
     rows = x.numel() // max(1, in_features)
-    return rows <= FUSED_MAX_TOKENS or (rows <= max_rows and simd_path() != "plain")
+    return rows <= FUSED_MAX_TOKENS or rows <= fused_rows(max_rows)  # (a token's products ask nothing more)
 
 
 # Below this many positions of context a decode pass holds torch to one thread: its own ops
@@ -110,11 +116,10 @@ FUSED_PASS_MAX_CONTEXT = 512
 def fused_pass(rows: int, device: torch.device, context: int = 0, max_rows: int = 0):
     """The context manager a pass of ``rows`` activation rows over ``context`` earlier
     positions runs in: :func:`torch_on_one_thread` where its products are the fused kernels
-    (CPU, up to :data:`FUSED_MAX_TOKENS` rows, or ``max_rows`` as in :func:`use_fused`) and its
-    context is short. (torch's threads waiting for work beside the kernels' slow both: SmolLM2's
-    32-row NF4 prompt took 173-183 ms with them, 97-112 ms on one thread.)"""
-    limit = max(FUSED_MAX_TOKENS, max_rows) if simd_path() != "plain" else FUSED_MAX_TOKENS
-    if (device.type == "cpu" and 0 < rows <= limit and context < FUSED_PASS_MAX_CONTEXT
+    (CPU, up to :func:`fused_rows` rows) and its context is short. (torch's threads waiting for
+    work beside the kernels' slow both: SmolLM2's 32-row NF4 prompt took 173-183 ms with them,
+    97-112 ms on one thread.)"""
+    if (device.type == "cpu" and 0 < rows <= fused_rows(max_rows) and context < FUSED_PASS_MAX_CONTEXT
             and kernels_enabled()):
         return torch_on_one_thread()
     return contextlib.nullcontext()
