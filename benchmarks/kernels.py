@@ -218,6 +218,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.floor_rounds < 1:
         ap.error(f"--floor-rounds {args.floor_rounds}: give 1 or more rounds")
+    if min(args.rows) < 1:
+        ap.error(f"--rows {' '.join(map(str, args.rows))}: give row counts of 1 or more")
     global STAT
     STAT = min if args.stat == "min" else statistics.median
     if args.threads:
