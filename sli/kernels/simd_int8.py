@@ -457,7 +457,8 @@ def _words_avx512(b, whole):
     gives the 64 values of 32 packed bytes as two registers of 32 levels (the even values, then
     the odd ones) with their offsets in ``xq``; ``decode_chunk(codes)`` the 128 values of 64
     packed bytes as four registers, register ``m`` the values ``4i + m`` (at ``32 * m`` in
-    ``xq``); ``multiply(acc, weights, xv)`` is ``vpdpwssd``.
+    ``xq``); ``multiply(acc, weights, xv)`` is ``vpdpwssd`` (:meth:`Emit.instruction`: LLVM would
+    split it in two).
 
     ``vpermw`` reads an index's low 5 bits and the table holds the 16 levels twice, so a word's
     bits above its lowest nibble need no mask: 64 bytes read as 32 words give their four
@@ -466,7 +467,6 @@ def _words_avx512(b, whole):
     e = Emit(b, "avx512")
     table = b.shuffle_vector(whole, whole, ir.Constant(ir.VectorType(I32, 32), [k % 16 for k in range(32)]))
     permw = e.fn("llvm.x86.avx512.permvar.hi.512", words, [words, words])
-    dpwssd = e.fn("llvm.x86.avx512.vpdpwssd.512", e.vi, [e.vi] * 3)
 
     def decode(raw):
         codes = b.zext(raw, words)
@@ -478,7 +478,7 @@ def _words_avx512(b, whole):
         return [(b.call(permw, [table, index]), 32 * m) for m, index in enumerate(shifted)]
 
     def multiply(acc, weights, xv):
-        return b.call(dpwssd, [acc, b.bitcast(weights, e.vi), b.bitcast(xv, e.vi)])
+        return e.instruction("vpdpwssd", acc, b.bitcast(weights, e.vi), b.bitcast(xv, e.vi))
 
     return decode, multiply, decode_chunk
 

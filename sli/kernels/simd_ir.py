@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from typing import Tuple
 
-from llvmlite import ir
+from llvmlite import binding, ir
 from numba import types
 from numba.core import cgutils
+
+# Inline assembly (Emit.instruction) is parsed when numba emits the object code: LLVM needs the
+# host's assembly parser for that, which numba does not set up.
+binding.initialize_native_asmparser()
 
 # Best first. What each level needs from the CPU (llvmlite's feature names).
 LEVELS: Tuple[str, ...] = ("avx512", "avx2")
@@ -89,6 +93,16 @@ class Emit:
 
     def fn(self, name, ret, args):
         return cgutils.get_or_insert_function(self.b.module, ir.FunctionType(ret, args), name)
+
+    def instruction(self, mnemonic, acc, a, c):
+        """``acc = mnemonic(acc, a, c)`` as that one instruction (AT&T order: ``mnemonic c, a,
+        acc``), vectors of ``acc``'s type, which LLVM cannot rewrite into others.
+
+        LLVM 22 (llvmlite 0.50) turns ``llvm.x86.avx512.vpdpwssd.512`` into ``vpmaddwd`` +
+        ``vpaddd`` on this Xeon: two operations where one does, in the several-row products
+        whose many independent sums leave the multiply port the bound (docs/benchmarks.md)."""
+        asm = ir.InlineAsm(ir.FunctionType(acc.type, [acc.type] * 3), f"{mnemonic} $3, $2, $0", "=v,0,v,v")
+        return self.b.call(asm, [acc, a, c])
 
     def prefetch_row(self, pointer, row_start, at_value, cols, weight_rows, per_byte=1):
         """Prefetch weight row ``row_start``'s bytes :data:`PREFETCH_VALUES` values ahead of
