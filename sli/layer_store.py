@@ -220,15 +220,22 @@ class LayerStore:
         return self._get(self.key(model_id, layer, config), memory and not mapped, mapped, drop_pages)
 
     def page_in(self, model_id: str, layer: Union[int, str], config: ConfigLike) -> int:
-        """Read a disk entry this process has read before into the page cache, ahead of its
-        :meth:`get` (no index lookup, no parsing); the bytes read, 0 where the entry is unknown or
-        gone. A streamer calls it to keep the disk busy while layers that need no read run."""
-        path = self._files.get(self.key(model_id, layer, config))
+        """Read a disk entry into the page cache, ahead of its :meth:`get` (no parsing, no
+        check); the bytes read, 0 where the entry is not on disk. A streamer calls it to keep
+        the disk busy while layers that need no read run. The entry's file is the one this
+        process last read it from, else the index's (one lookup, remembered: a pass right after
+        loading reads ahead too)."""
+        key = self.key(model_id, layer, config)
+        path = self._files.get(key)
         if path is None:
-            return 0
+            found = self.entry_path(model_id, layer, config)
+            if found is None:
+                return 0
+            path = self._files[key] = str(found)
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:  # evicted since: get() finds out
+            self._files.pop(key, None)
             return 0
         try:
             size = os.fstat(fd).st_size

@@ -222,16 +222,23 @@ def test_the_disk_layers_are_read_ahead_through_the_layers_that_need_no_read(mod
     assert [e for e in events if e[0] == "get"] == [("get", i) for i in (1, 2, 3, 4, 5)] * 3
 
 
-def test_the_store_reads_an_entry_it_read_before_into_the_page_cache_and_nothing_else(tmp_path):
+def test_the_store_reads_an_entry_into_the_page_cache_and_nothing_else(tmp_path):
     with LayerStore(tmp_path / "cache", max_memory_cache_size_gb=0) as store:
         store.put("m", 0, "none", CachedLayer({"w": torch.ones(300_000)}))
         store.put("m", 1, "none", CachedLayer({"w": torch.ones(10)}))
-        path = store.entry_path("m", 0, "none")
-        assert store.page_in("m", 0, "none") == 0  # not read by this process yet: no file known
-        assert store.get("m", 0, "none", mapped=True).tensors["w"].sum() == 300_000
-        page_cache.drop_pages(os.open(path, os.O_RDONLY))
-        assert cached_pages(path) == 0
+    with LayerStore(tmp_path / "cache", max_memory_cache_size_gb=0) as store:  # a new process's store
+        path, other = store.entry_path("m", 0, "none"), store.entry_path("m", 1, "none")
+        for entry in (path, other):
+            page_cache.drop_pages(os.open(entry, os.O_RDONLY))
+        # never read by this store: found in the index, read whole, and nothing else
         assert store.page_in("m", 0, "none") == path.stat().st_size
         assert cached_pages(path) == -(-path.stat().st_size // mmap.PAGESIZE)
+        assert cached_pages(other) == 0
+        assert store.get("m", 0, "none", mapped=True).tensors["w"].sum() == 300_000
+        page_cache.drop_pages(os.open(path, os.O_RDONLY))
+        assert store.page_in("m", 0, "none") == path.stat().st_size  # read before: its file remembered
+        assert cached_pages(path) == -(-path.stat().st_size // mmap.PAGESIZE)
+        assert store.page_in("m", 2, "none") == 0  # no such entry: nothing to read, no error
         store.delete("m", 0)
         assert store.page_in("m", 0, "none") == 0  # gone since: nothing to read, no error
+        assert store.page_in("m", 1, "none") == other.stat().st_size
