@@ -478,28 +478,51 @@ print("path ok", kernels.simd_path())
 """
 
 
+# numba compiling for an AVX2-only CPU (sli.kernels.simd.host_levels): 16 registers, no AVX-512
+AVX2_ONLY = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "+avx,+avx2,+fma,+f16c"}
+
+
 def _levels():
     try:
         from sli.kernels import simd
-        return list(simd.host_levels()) + ["plain"]
+        levels = list(simd.host_levels())
     except Exception:
         return ["plain"]
+    return levels + ["plain"] + (["avx2-only"] if "avx2" in levels else [])
 
 
 @pytest.mark.parametrize("level", _levels())  # every level this CPU runs (plain always)
 def test_each_simd_level_gives_the_values_of_dequantize_then_linear(level):
     # SLI_SIMD forces a level (SLI_SIMD=plain is the path of a CPU without AVX2); a fresh
-    # process each, as the kernels are compiled once per process.
+    # process each, as the kernels are compiled once per process. "avx2-only": the AVX2 level
+    # as compiled for a CPU without AVX-512 (on an AVX-512 CPU SLI_SIMD=avx2 alone keeps its
+    # 32 registers).
     import os
     import subprocess
     import sys
-    env = dict(os.environ, SLI_SIMD=level)
+    env = dict(os.environ, SLI_SIMD=level, **(AVX2_ONLY if level == "avx2-only" else {}))
+    level = "avx2" if level == "avx2-only" else level
+    env["SLI_SIMD"] = level
     env.pop("SLI_NO_SIMD", None)
     here = os.path.dirname(os.path.abspath(__file__))
     done = subprocess.run([sys.executable, "-c", _LEVEL_CHECK, level, here], env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"path ok {level}" in done.stdout
+
+
+def test_numba_compiling_for_another_cpu_takes_the_levels_its_features_list(monkeypatch):
+    from sli.kernels import simd
+    host = simd.host_levels()
+    monkeypatch.setenv("NUMBA_CPU_NAME", "haswell")
+    monkeypatch.delenv("NUMBA_CPU_FEATURES", raising=False)
+    assert simd.host_levels() == ()  # features not listed: none assumed
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", AVX2_ONLY["NUMBA_CPU_FEATURES"])
+    assert simd.host_levels() == tuple(level for level in host if level == "avx2")
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2,-fma")
+    assert simd.host_levels() == ()
+    monkeypatch.setenv("NUMBA_CPU_NAME", "host")
+    assert simd.host_levels() == host
 
 
 def test_sli_no_simd_takes_the_plain_kernels():

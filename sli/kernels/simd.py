@@ -62,11 +62,21 @@ logger = logging.getLogger(__name__)
 
 
 def host_levels() -> Tuple[str, ...]:
-    """The levels this CPU runs, best first (none when numba compiles for another CPU)."""
-    if os.environ.get("NUMBA_CPU_NAME", "host") != "host":
-        return ()  # numba compiles for another (e.g. generic) CPU: it may lack them
-    features = binding.get_host_cpu_features()
-    return tuple(level for level in LEVELS if all(features.get(name) for name in NEEDS[level]))
+    """The levels this CPU runs and numba compiles for, best first.
+
+    numba compiles for the host unless ``NUMBA_CPU_NAME`` names another CPU. Then the levels
+    are those its ``NUMBA_CPU_FEATURES`` list (``+avx2,+fma``; the features a name implies are
+    not known here) and this CPU runs, and none without the list. So
+    ``NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=+avx,+avx2,+fma,+f16c SLI_SIMD=avx2`` builds the
+    AVX2 level as an AVX2-only CPU runs it (16 registers, no AVX-512 encodings), which
+    ``SLI_SIMD=avx2`` alone on an AVX-512 CPU does not."""
+    host = binding.get_host_cpu_features()
+    runs = [level for level in LEVELS if all(host.get(name) for name in NEEDS[level])]
+    if os.environ.get("NUMBA_CPU_NAME", "host") == "host":
+        return tuple(runs)
+    listed = {part.strip()[1:] for part in os.environ.get("NUMBA_CPU_FEATURES", "").split(",")
+              if part.strip().startswith("+")}
+    return tuple(level for level in runs if set(NEEDS[level]) <= listed)
 
 
 def token_pass_rows() -> int:
