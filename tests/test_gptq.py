@@ -374,6 +374,22 @@ def test_calibration_passes_run_in_bfloat16_where_the_cpu_multiplies_it(tiny, tm
     assert float((hessian.matrix.double() - exact).abs().max() / exact.abs().max()) < 1e-6
 
 
+def test_the_hessian_sums_its_upper_triangle_a_block_of_rows_at_a_time_and_hands_over_the_whole(monkeypatch):
+    from sli.quantization import gptq
+
+    monkeypatch.setattr(gptq, "HESSIAN_BLOCK", 32)
+    g = torch.Generator().manual_seed(1)
+    hessian, exact = gptq.Hessian(100), torch.zeros(100, 100, dtype=torch.float64)  # blocks of 32, 32, 32, 4
+    for tokens in (5, 64):
+        x = torch.randn(tokens, 100, generator=g)
+        hessian.add(x)
+        exact += x.double().t() @ x.double()
+    matrix = hessian.take()
+    assert hessian.matrix is None and hessian.tokens == 69
+    assert torch.equal(matrix, matrix.t())
+    assert float((matrix.double() - exact).abs().max() / exact.abs().max()) < 1e-6
+
+
 def test_the_hessian_pass_stops_as_the_last_linear_s_input_arrives(tiny, tmp_path):
     from sli.calibration import layer_inputs, layer_solve
 
