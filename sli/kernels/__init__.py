@@ -43,7 +43,7 @@ from .. import settings
 from .dispatch import SIMD_LEVELS, kernels_enabled, lanes, requested_level, simd_helpers, simd_path, torch_on_one_thread
 from .dispatch import run as _run
 from . import matrix_units as matrix_units_module
-from .matrix_units import int8_matrix_rows, int_mm_int8, matrix_units, prompt_dtype
+from .matrix_units import hessian_int8, int8_matrix_rows, int_mm_int8, matrix_units, prompt_dtype
 from .dispatch import table as _table  # tests/test_processor.py counts the compiled signatures
 from .four_bit import LEVEL_SCALE, split_levels
 
@@ -52,7 +52,7 @@ __all__ = [
     "LEVEL_SCALE", "kernels_enabled", "requested_level", "simd_helpers", "simd_path", "four_bit_path", "lanes", "lut4_order",
     "q4_order", "fused_rows", "use_fused", "int8_activations", "quantize_rows", "matmul_4bit",
     "dequantize_4bit", "dequantize_blockwise8", "matmul_int8", "matmul_int4", "matmul_lut8", "matmul_fp8",
-    "matmul_bf16", "dequantize_int4", "matrix_units", "prompt_dtype", "int8_matrix_rows", "torch_on_one_thread",
+    "matmul_bf16", "dequantize_int4", "matrix_units", "prompt_dtype", "int8_matrix_rows", "hessian_int8", "torch_on_one_thread",
     "fused_pass", "FUSED_PASS_MAX_CONTEXT", "decode_attention", "decode_attention_arrays", "kv_arrays", "layer_ops",
     "add_columns", "decode_attention_work", "split_attention", "ATTENTION_SPLIT_WORK",
 ]

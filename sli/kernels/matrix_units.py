@@ -106,6 +106,29 @@ def _log_int8_choice(rows: int, asked: str, units: str) -> None:
     logger.info("INT8 prompt products in %s (%s)", where, why)
 
 
+HESSIAN_DTYPES = ("int8", "float32")
+
+
+def hessian_int8() -> bool:
+    """Whether calibration sums its Hessians ``xᵀx`` from int8 activations in
+    ``torch._int_mm`` (:class:`sli.quantization.gptq.Hessian`): by default where INT8 products
+    run there (AMX or AVX-512 VNNI; ``SLI_INT8_MATMUL``), else float32;
+    ``SLI_HESSIAN_DTYPE=int8|float32`` asks for either."""
+    asked = os.environ.get("SLI_HESSIAN_DTYPE", "").strip().lower()
+    if asked not in ("",) + HESSIAN_DTYPES:
+        _warn_unknown("SLI_HESSIAN_DTYPE", asked, ", ".join(HESSIAN_DTYPES))
+        asked = ""
+    int8 = hasattr(torch, "_int_mm") and (asked == "int8" or (not asked and int8_matrix_rows() > 0))
+    _log_hessian_choice(int8, asked)
+    return int8
+
+
+@functools.lru_cache(maxsize=None)
+def _log_hessian_choice(int8: bool, asked: str) -> None:
+    why = f"SLI_HESSIAN_DTYPE={asked}" if asked else ("INT8 products in torch._int_mm" if int8 else "no int8 matrix units")
+    logger.info("calibration Hessians from %s activations (%s)", "int8" if int8 else "float32", why)
+
+
 def int_mm_int8(xq: torch.Tensor, xs: torch.Tensor, oidx: torch.Tensor, oval: torch.Tensor,
                 q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x @ (q * scale[:, None])^T`` as float32 ``[T, out]``, ``x`` given as int8 rows ``xq``

@@ -52,18 +52,26 @@ SOLVE_VALUES = 1 << 25  # weight values solved at once (a slab of rows, 128 MB o
 
 
 HESSIAN_BLOCK = 1024  # rows of the Hessian one product fills, from the diagonal on
+INT8_GRAM_TOKENS = (2 ** 31 - 1) // (127 * 127)  # tokens one int8 Gram product sums at most
 
 
 class Hessian:
     """The running ``sum x^T x`` of a linear's inputs (``x`` rows are tokens), float32.
 
-    Multiplied in float32 whatever ``x``'s dtype: a product in bfloat16 (~1.9x the rate on AMX;
-    torch has no float32 output for it on CPU) is rounded to bfloat16, and that rounding made a
-    7B-shaped layer's Hessians indefinite: they needed 10-100x the dampening (docs/benchmarks.md).
+    Never a bfloat16 product (~1.9x float32's rate on AMX): torch has no float32 output for one
+    on CPU, and rounded to bfloat16 it made a 7B-shaped layer's Hessians indefinite (they needed
+    10-100x the dampening, docs/benchmarks.md).
+
+    On a CPU whose int8 products run in ``torch._int_mm`` (AMX, AVX-512 VNNI:
+    :func:`sli.kernels.hessian_int8`), each chunk's activations are quantized to int8 per
+    column first and their Gram matrix is summed in int32 (2.2-2.7 TOP/s against float32's
+    0.35 TFLOP/s on the AMX Xeon). On SmolLM2 this moved the calibrated perplexities by less than
+    the choice of calibration windows does (docs/benchmarks.md).
 
     The matrix is symmetric, so :meth:`add` sums only its upper triangle, :data:`HESSIAN_BLOCK`
-    rows a product (a 4096-token chunk of a 7B model's 11008-wide input: 1.55 s against 2.91
-    for the whole square); reading :attr:`matrix` mirrors it into the lower one."""
+    rows a product (a 4096-token chunk of a 7B model's 11008-wide input in float32: 1.55 s
+    against 2.91 for the whole square; in int8 0.54 s); reading :attr:`matrix` mirrors it into
+    the lower one."""
 
     def __init__(self, in_features: int, device: Optional[torch.device] = None) -> None:
         self._sums: Optional[Tensor] = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
@@ -85,10 +93,31 @@ class Hessian:
     def add(self, x: Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         n = x.shape[1]
+        if x.device.type == "cpu" and kernels.hessian_int8():
+            self._add_int8(x)
+        else:
+            for i0 in range(0, n, HESSIAN_BLOCK):
+                i1 = min(i0 + HESSIAN_BLOCK, n)
+                self._sums[i0:i1, i0:].addmm_(x[:, i0:i1].t(), x[:, i0:])
+        self.tokens += x.shape[0]
+
+    def _add_int8(self, x: Tensor) -> None:
+        """``x``'s columns quantized to int8 (one scale each, over this chunk's tokens) and their
+        Gram matrix summed exactly in int32: the Hessian of those activations, so never
+        indefinite (a float product rounded to bfloat16 was)."""
+        if x.shape[0] > INT8_GRAM_TOKENS:  # int32 sums of more than this many 127 * 127 could overflow
+            for t0 in range(0, x.shape[0], INT8_GRAM_TOKENS):
+                self._add_int8(x[t0:t0 + INT8_GRAM_TOKENS])
+            return
+        n = x.shape[1]
+        scale = x.abs().amax(dim=0).clamp_(min=1e-30).div_(127)
+        q = torch.round(x / scale).to(torch.int8)
+        qt = q.t().contiguous()
         for i0 in range(0, n, HESSIAN_BLOCK):
             i1 = min(i0 + HESSIAN_BLOCK, n)
-            self._sums[i0:i1, i0:].addmm_(x[:, i0:i1].t(), x[:, i0:])
-        self.tokens += x.shape[0]
+            gram = torch._int_mm(qt[i0:i1], q[:, i0:]).float()
+            gram.mul_(scale[i0:i1, None]).mul_(scale[None, i0:])
+            self._sums[i0:i1, i0:].add_(gram)
 
 
 @torch.inference_mode()  # the sums may be inference tensors (made in a calibration pass)
