@@ -217,7 +217,9 @@ class LayerStreamer:
 
     def release(self, loaded: LoadedLayer) -> None:
         """Give back what a streamed layer borrowed, once nothing computes with it any more."""
-        self._read_ahead.pop(loaded.timing.layer, None)
+        ahead = self._read_ahead.pop(loaded.timing.layer, None)
+        if ahead is not None:  # done before the layer's pages may be dropped: a late one would read them back
+            ahead.exception()
         if loaded.buffers:
             self.buffers.give(loaded.buffers)
             loaded.buffers = []

@@ -3,6 +3,7 @@ layers past that room dropped from it after use, resident layers in the process'
 import ctypes
 import mmap
 import os
+import time
 
 import psutil
 import pytest
@@ -155,6 +156,10 @@ def test_streamed_layers_past_the_page_cache_s_room_leave_it_once_used(model_fac
         paths = [proc.cache.entry_path(proc.model_id, i, proc.quantizer) for i in range(5)]
         for path in paths:
             page_cache.drop_pages(os.open(path, os.O_RDONLY))
+        # each read ahead slower than the layers (a busy disk): one still reading when its layer
+        # is done must not bring the layer's dropped pages back
+        read_ahead = proc.streamer.page_in
+        proc.streamer.page_in = lambda index: time.sleep(0.2) or read_ahead(index)
         with torch.no_grad():
             logits = proc.forward(ids)
         torch.testing.assert_close(logits, reference(ids[None]).logits, atol=1e-5, rtol=1e-5)
