@@ -58,6 +58,10 @@ DEFAULT_SETTINGS = {
 #                   has AMX or AVX-512 BF16, else float32; NONE always float32)
 #   SLI_INT8_MATMUL=torch|numba  INT8 products of 17 rows or more in torch._int_mm (oneDNN's int8
 #                   tiles) or in sli's kernels (default: torch._int_mm on a CPU with AMX or AVX-512 VNNI)
+#   SLI_HESSIAN_DTYPE=int8|float32  calibration's Hessians x^T x from int8 activations in
+#                   torch._int_mm or in float32 (default: int8 where INT8 products run in torch._int_mm)
+#   SLI_SIMD=avx2 with NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=+avx,+avx2,+fma,+f16c  the AVX2
+#                   level built as an AVX2-only CPU runs it (sli.kernels.simd.host_levels)
 #   SLI_KEPT_PAIRWISE=1|0  there, the values rows keep in float meet the weight pair by pair
 #                   (sli's kept_products) or through their gathered columns (default: the cheaper
 #                   by sli.kernels.matrix_units.kept_pairwise: many distinct columns, pair by pair)

@@ -24,7 +24,7 @@ from .. import kernels
 from .. import transformers_adapter as hf
 from ..errors import SLIError
 from ..memory_sizing import attention_heads, element_bytes, intermediate_size
-from ..quantization.gptq import SOLVE_VALUES
+from ..quantization.gptq import HESSIAN_BLOCK, SOLVE_VALUES
 from ..settings import GB
 
 
@@ -73,6 +73,8 @@ def calibration_memory(processor, index: int, pass_dtype: torch.dtype, window: i
         weight = layer.get_submodule(path).weight
         shapes.append((weight.shape[0], weight.shape[1]) if conv1d else (weight.shape[1], weight.shape[0]))
     hessians = [i * i * 4 for i, _ in shapes]
+    widest = max((i for i, _ in shapes), default=0)
+    int8 = kernels.hessian_int8()  # x^T x from int8 activations: their two copies, a block of the product
     solve = max((sum(hessians[n + 1:])  # the Hessians not solved yet
                  + 2 * i * i * 4  # this one and its factor's buffer, then the buffer and the inverse factor
                  + 2 * i * o * 4 + 4 * min(i * o, SOLVE_VALUES)  # the float32 weight, the codec's copy, a slab
@@ -81,9 +83,10 @@ def calibration_memory(processor, index: int, pass_dtype: torch.dtype, window: i
     heads, kv_heads, head_dim = attention_heads(processor.config)
     per_token = (passed * (4 * hidden + 2 * (heads + 2 * kv_heads) * head_dim + 3 * intermediate_size(processor.config))
                  + 4 * heads * window  # one row of attention scores per head, float32
-                 + 4 * max((i for i, _ in shapes), default=0))  # the Hessian's input in float32
+                 + (4 + 2 * int8) * widest)  # the Hessian's input in float32 (and in int8, twice)
     shared = processor._resident_shared_bytes(tokens)  # the embedding rows the text can read
     runtime = kernels.RUNTIME_BYTES if kernels.kernels_enabled() else 0
-    return CalibrationMemory(shared=shared + runtime, layer=layer_bytes, hessians=sum(hessians), solve=solve,
-                             per_token=per_token)
+    gram_block = 4 * HESSIAN_BLOCK * widest if int8 else 0
+    return CalibrationMemory(shared=shared + runtime, layer=layer_bytes, hessians=sum(hessians) + gram_block,
+                             solve=solve, per_token=per_token)
 

@@ -53,6 +53,7 @@ SOLVE_VALUES = 1 << 25  # weight values solved at once (a slab of rows, 128 MB o
 
 HESSIAN_BLOCK = 1024  # rows of the Hessian one product fills, from the diagonal on
 INT8_GRAM_TOKENS = (2 ** 31 - 1) // (127 * 127)  # tokens one int8 Gram product sums at most
+QUANTIZE_VALUES = 1 << 22  # activation values quantized to int8 at once (16 MB of float32)
 
 
 class Hessian:
@@ -110,8 +111,11 @@ class Hessian:
                 self._add_int8(x[t0:t0 + INT8_GRAM_TOKENS])
             return
         n = x.shape[1]
-        scale = x.abs().amax(dim=0).clamp_(min=1e-30).div_(127)
-        q = torch.round(x / scale).to(torch.int8)
+        scale = torch.maximum(x.amax(dim=0), x.amin(dim=0).neg_()).clamp_(min=1e-30).div_(127)
+        q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+        step = max(1, QUANTIZE_VALUES // n)  # rows quantized at once: bounded float temporaries
+        for t0 in range(0, x.shape[0], step):
+            q[t0:t0 + step] = torch.round(x[t0:t0 + step] / scale)
         qt = q.t().contiguous()
         for i0 in range(0, n, HESSIAN_BLOCK):
             i1 = min(i0 + HESSIAN_BLOCK, n)
