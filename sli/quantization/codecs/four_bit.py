@@ -50,8 +50,9 @@ class _FourBitCodec(Codec):
     preset = {"double_quant": True, "compress_statistics": True}
     # a 4096x11008 weight on the AMX Xeon: fused 3.4 / 6.8 / 13.8 ms at 8 / 16 / 32 rows (one
     # vpdpwssd a product, sli.kernels.simd_ir.Emit.instruction) against 14-20 ms dequantizing to
-    # bfloat16 for the matrix units, even at ~48; whole 7B prompts gain up to 48 tokens and not at
-    # 56-64; AVX2 with float32 prompts: 15.3 / 23.2 against 30.9 / 36.3 at 32 / 48 (docs/benchmarks.md)
+    # bfloat16 for the matrix units, the two about even at 48 rows; whole 7B prompts gain up to 48
+    # tokens and not at 56-64; AVX2 with float32 prompts: 15.3 / 23.2 against 30.9 / 36.3 at 32 /
+    # 48 (docs/benchmarks.md)
     fused_max_rows = 48
 
     def quantize(self, weight: Tensor, config: QuantizationConfig, bitsandbytes: Optional[bool] = None
