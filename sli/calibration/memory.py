@@ -24,7 +24,7 @@ from .. import kernels
 from .. import transformers_adapter as hf
 from ..errors import SLIError
 from ..memory_sizing import attention_heads, element_bytes, intermediate_size
-from ..quantization.gptq import HESSIAN_BLOCK, SOLVE_VALUES
+from ..quantization.gptq import HESSIAN_BLOCK, SOLVE_VALUES, int8_hessians
 from ..settings import GB
 
 
@@ -74,7 +74,7 @@ def calibration_memory(processor, index: int, pass_dtype: torch.dtype, window: i
         shapes.append((weight.shape[0], weight.shape[1]) if conv1d else (weight.shape[1], weight.shape[0]))
     hessians = [i * i * 4 for i, _ in shapes]
     widest = max((i for i, _ in shapes), default=0)
-    int8 = kernels.hessian_int8()  # x^T x from int8 activations: their two copies, a block of the product
+    int8 = int8_hessians(processor.device)  # x^T x from int8 activations: their two copies, a block of the product
     solve = max((sum(hessians[n + 1:])  # the Hessians not solved yet
                  + 2 * i * i * 4  # this one and its factor's buffer, then the buffer and the inverse factor
                  + 2 * i * o * 4 + 4 * min(i * o, SOLVE_VALUES)  # the float32 weight, the codec's copy, a slab

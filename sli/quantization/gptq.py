@@ -94,7 +94,7 @@ class Hessian:
     def add(self, x: Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         n = x.shape[1]
-        if x.device.type == "cpu" and kernels.hessian_int8():
+        if int8_hessians(x.device):
             self._add_int8(x)
         else:
             for i0 in range(0, n, HESSIAN_BLOCK):
@@ -122,6 +122,12 @@ class Hessian:
             gram = torch._int_mm(qt[i0:i1], q[:, i0:]).float()
             gram.mul_(scale[i0:i1, None]).mul_(scale[None, i0:])
             self._sums[i0:i1, i0:].add_(gram)
+
+
+def int8_hessians(device: torch.device) -> bool:
+    """Whether :meth:`Hessian.add` sums inputs on ``device`` from int8 activations (CPU, where
+    :func:`sli.kernels.hessian_int8` says so)."""
+    return device.type == "cpu" and kernels.hessian_int8()
 
 
 @torch.inference_mode()  # the sums may be inference tensors (made in a calibration pass)
