@@ -294,7 +294,7 @@ def _a_prompt_s_linear(mode, double_quant, out_features):
 @pytest.mark.parametrize("level", ["simd", "plain"])
 def test_a_short_prompt_stays_in_the_fused_kernel_up_to_the_codec_s_row_limit(mode, level, monkeypatch):
     # Dequantizing a 4-bit weight costs more than the fused kernel's passes over a few dozen
-    # rows (NF4/FP4 up to 32, INT4 up to 64; docs/benchmarks.md), on a SIMD level; the plain
+    # rows (NF4/FP4 up to 48, INT4 up to 64; docs/benchmarks.md), on a SIMD level; the plain
     # level's kernels keep to a token pass's rows. Each row's result is what it gets alone.
     if level == "plain":
         monkeypatch.setattr(kernels, "simd_path", lambda: "plain")
