@@ -94,6 +94,38 @@ def test_the_rounding_kernels_give_the_torch_rule_s_levels_and_maxima(mode, monk
     assert torch.allclose(with_kernels.absmax, plain.absmax, rtol=0.03)
 
 
+def test_int4_clipping_search_kernel_picks_the_torch_search_s_grids(monkeypatch):
+    # sli.kernels.gptq.search_int4_clipping on CPU; torch's search (SLI_NO_NUMBA=1, other devices) elsewhere
+    weight, _, H = _problem(rows=64, cols=512, seed=2)
+    w = weight.float()
+    w[0, :128] = 0.0  # an all-zero group: its fp16 scale underflows and becomes 1
+    w[1, :128] = 1e-9
+    w[2, :128] = w[2, :128].abs()  # a group without negative values (zero point 0)
+    config = QuantizationConfig(mode="int4", method="gptq")
+    importance = torch.diagonal(H).clone()
+    with_kernels = gptq_module._Grid(config, w, importance)
+    monkeypatch.setenv("SLI_NO_NUMBA", "1")
+    plain = gptq_module._Grid(config, w, importance)
+    assert with_kernels.scale.dtype == plain.scale.dtype == torch.float16
+    same = (with_kernels.scale == plain.scale) & (with_kernels.zero == plain.zero)
+    assert float(same.float().mean()) > 0.99 and bool(same[:3, 0].all())
+    assert float(with_kernels.scale[0, 0]) == 1.0
+
+
+@pytest.mark.parametrize("mode", FOUR_BIT)
+def test_the_column_block_kernel_solves_as_the_torch_operations_do(mode, monkeypatch):
+    # sli.kernels.gptq_block on CPU; the torch loop (SLI_NO_NUMBA=1, other devices) elsewhere. The
+    # sums run in another order, so a value near a rounding boundary may round the other way
+    weight, x, H = _problem(rows=96, cols=512, seed=1)
+    config = QuantizationConfig(mode=mode, method="gptq")
+    fused = gptq_quantize({"w": weight}, H, config)["w"]
+    monkeypatch.setenv("SLI_NO_NUMBA", "1")
+    plain = gptq_quantize({"w": weight}, H, config)["w"]
+    assert float((fused.tensors["weight"] == plain.tensors["weight"]).float().mean()) > 0.99
+    fused_error, plain_error = layer_output_error(x, weight, fused), layer_output_error(x, weight, plain)
+    assert abs(fused_error - plain_error) < 0.01 * plain_error
+
+
 def test_linears_sharing_an_input_solve_as_one_matrix():
     weight, x, H = _problem(rows=64, cols=256, seed=2)
     other = (0.02 * torch.randn(32, 256, generator=torch.Generator().manual_seed(3))).to(torch.bfloat16)

@@ -14,7 +14,7 @@ package below it, each importing only those after it:
 - :mod:`~sli.kernels.four_bit`, :mod:`~sli.kernels.int4`, :mod:`~sli.kernels.unpacked`,
   :mod:`~sli.kernels.activations`: the numba kernels per format, built over one level's helpers;
   :mod:`~sli.kernels.attention`: a decode step's attention over int8 or bfloat16 keys and values;
-  :mod:`~sli.kernels.nearest`: rounding to NF4/FP4's levels for GPTQ;
+  :mod:`~sli.kernels.gptq`: GPTQ's rounding, scale searches and column-block solve;
 - :mod:`~sli.kernels.simd` (with :mod:`~sli.kernels.simd_float`, :mod:`~sli.kernels.simd_int8`,
   :mod:`~sli.kernels.simd_ir`): the AVX-512 / AVX2 helpers, numba intrinsics, imported behind a
   guard; :mod:`~sli.kernels.plain`: the same helpers in plain numba;
@@ -343,7 +343,7 @@ def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int
 
 def round_to_levels(values: Tensor, below: Tensor, next_mid: Tensor, sorted_code: Tensor) -> Tensor:
     """Each of float32 ``values`` (divided by their scale) as the nearest of a 16-level code's
-    ``sorted_code``, found through the table ``below`` / ``next_mid`` (:mod:`sli.kernels.nearest`)."""
+    ``sorted_code``, found through the table ``below`` / ``next_mid`` (:mod:`sli.kernels.gptq`)."""
     flat = _flat(values)
     out = np.empty(flat.numel(), np.float32)
     _run("round_to_levels", flat.numel(), flat.numel() * 4, _np(flat), _np(below), _np(next_mid), _np(sorted_code), out)
@@ -354,13 +354,43 @@ def search_block_maxima(weight: Tensor, blocksize: int, importance: Tensor, grid
                         next_mid: Tensor, sorted_code: Tensor) -> Tensor:
     """Each ``blocksize``-value block of float32 ``weight`` ``[rows, cols]``: its absmax times the
     factor of ``grid`` whose rounding to the code's levels has the least error weighted by
-    ``importance`` ``[cols]`` (:mod:`sli.kernels.nearest`). Returns float32 ``[rows, cols // blocksize]``."""
+    ``importance`` ``[cols]`` (:mod:`sli.kernels.gptq`). Returns float32 ``[rows, cols // blocksize]``."""
     rows, cols = weight.shape
     best = np.empty(rows * (cols // blocksize), np.float32)
     _run("search_block_maxima", best.shape[0], weight.numel() * grid.numel() * 8, _np(_flat(weight)),
          _np(importance.float().contiguous()), _np(grid.float().contiguous()), _np(below), _np(next_mid),
          _np(sorted_code), best)
     return torch.from_numpy(best).view(rows, cols // blocksize)
+
+
+def search_int4_clipping(weight: Tensor, group: int, importance: Tensor, grid: Tensor) -> Tensor:
+    """Each ``group``-value group of float32 ``weight`` ``[rows, cols]``: the index into ``grid``
+    of the clipping of its ``[min, max]`` whose INT4 rounding has the least error weighted by
+    ``importance`` ``[cols]`` (:mod:`sli.kernels.gptq`). Returns int64 ``[rows, cols // group]``."""
+    rows, cols = weight.shape
+    best = np.empty(rows * (cols // group), np.int64)
+    _run("search_int4_clipping", best.shape[0], weight.numel() * grid.numel() * 8, _np(_flat(weight)),
+         _np(importance.float().contiguous()), _np(grid.float().contiguous()), best)
+    return torch.from_numpy(best).view(rows, cols // group)
+
+
+def gptq_block(w: Tensor, u: Tensor, err: Tensor, groups: Tensor, scale: Tensor, zero: Optional[Tensor] = None,
+               levels: Optional[tuple] = None) -> None:
+    """GPTQ's solve of a block of columns, in place: ``w`` float32 ``[columns, rows]`` (solve
+    order, contiguous), each column rounded on its group's grid (``scale``, and for INT4 ``zero``,
+    float32 ``[groups, rows]``; ``groups`` int64 ``[columns]``; a 16-level code's ``levels``:
+    ``(below, next_mid, sorted_code)``), ``err[j] = (w[j] - rounded) / u[j, j]``, and each column's
+    error spread onto the block's later ones through ``u`` (the inverse factor's ``[columns,
+    columns]`` block). Rows are independent: split across threads (:mod:`sli.kernels.gptq`)."""
+    rows = w.shape[1]
+    work = w.shape[0] * w.shape[0] * rows // 2
+    u = _np(u.contiguous())
+    if zero is not None:
+        _run("gptq_block_int4", rows, work, _np(w), u, _np(err), _np(groups), _np(scale), _np(zero))
+    else:
+        below, next_mid, sorted_code = levels
+        _run("gptq_block_levels", rows, work, _np(w), u, _np(err), _np(groups), _np(scale), _np(below),
+             _np(next_mid), _np(sorted_code))
 
 
 def dequantize_blockwise8(q: Tensor, absmax: Tensor, code: Tensor, blocksize: int, offset: float = 0.0,

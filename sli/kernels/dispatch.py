@@ -84,11 +84,11 @@ def simd_helpers():
 
 def _build(h) -> dict:
     """Compile (or load from the on-disk cache) the kernels over helpers ``h``; called once, lazily."""
-    from . import activations, attention, four_bit, int4, decode_ops, nearest, unpacked
+    from . import activations, attention, four_bit, int4, decode_ops, gptq, unpacked
     from .jit import stable_id
 
     kernels = {}
-    for module in (four_bit, unpacked, activations, int4, attention, nearest, decode_ops):
+    for module in (four_bit, unpacked, activations, int4, attention, gptq, decode_ops):
         kernels.update(module.build(h))
     for name, kernel in kernels.items():  # compiled code that calls them (the team's) holds them in closures
         stable_id(kernel, f"kernel.{name}:{h.level}{h.variant}")
