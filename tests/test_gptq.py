@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sli import UniversalSLIProcessor
+from sli import kernels as kernels_module
 from sli.errors import SLIError
 from sli.quantization import LayerQuantizer, QuantizationConfig, QuantizedLinear, codec_for, get_int8_config
 from sli.quantization import gptq as gptq_module
@@ -428,17 +429,23 @@ def test_the_hessian_sums_its_upper_triangle_a_block_of_rows_at_a_time_and_hands
         assert error > 1e-6  # int8 activations: not the float32 sums
 
 
-def test_int8_hessians_are_the_exact_gram_matrix_of_int8_activations_never_indefinite(monkeypatch):
+@pytest.mark.parametrize("dtype, kernels_on", [(torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False)])
+def test_int8_hessians_are_the_exact_gram_matrix_of_int8_activations_never_indefinite(monkeypatch, dtype, kernels_on):
+    # bfloat16 activations (the calibration passes' on AMX) are quantized by sli.kernels.gptq's
+    # kernels, and the int32 sums scaled by one; SLI_NO_NUMBA=1: the same in torch operations
     from sli.quantization import gptq
 
     monkeypatch.setenv("SLI_HESSIAN_DTYPE", "int8")
+    if not kernels_on:
+        monkeypatch.setenv("SLI_NO_NUMBA", "1")
     monkeypatch.setattr(gptq, "INT8_GRAM_TOKENS", 100)  # 300 tokens: three int32 sums
     g = torch.Generator().manual_seed(2)
     x = torch.randn(300, 64, generator=g) @ torch.randn(64, 64, generator=g)
     x[:, :4] *= 30  # outlier channels (their rounding in bfloat16 made float Hessians indefinite)
     x[:, 60:] = x[:, :4] * 0.5 + 1e-3 * torch.randn(300, 4, generator=g)  # nearly dependent columns
+    x = x.to(dtype).float()  # the values the Hessian sees, whatever dtype it is given them in
     hessian = gptq.Hessian(64)
-    hessian.add(x)
+    hessian.add(x.to(dtype))
     matrix = hessian.take().double()
     exact = x.double().t() @ x.double()
     assert hessian.tokens == 300
@@ -447,9 +454,16 @@ def test_int8_hessians_are_the_exact_gram_matrix_of_int8_activations_never_indef
     expected = torch.zeros(64, 64, dtype=torch.float64)
     for part in x.split(100):
         scale = part.abs().amax(dim=0) / 127
-        q = torch.round(part / scale).double() * scale.double()
+        codes = torch.round(part / scale)
+        assert codes.abs().max() == 127
+        q = codes.double() * scale.double()
         expected += q.t() @ q
     assert torch.allclose(matrix, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    if dtype == torch.bfloat16 and kernels_on:  # the kernels' codes are torch's, bit for bit
+        part = x[:100].to(dtype)
+        q, scale = kernels_module.quantize_columns_bf16(part)
+        assert torch.equal(scale, part.float().abs().amax(dim=0) / 127)
+        assert torch.equal(q, torch.round(part.float() / scale).to(torch.int8))
     assert float(torch.linalg.eigvalsh(matrix).min()) > -1e-5 * float(matrix.diagonal().max())
 
 

@@ -374,6 +374,28 @@ def search_int4_clipping(weight: Tensor, group: int, importance: Tensor, grid: T
     return torch.from_numpy(best).view(rows, cols // group)
 
 
+def quantize_columns_bf16(x: Tensor) -> "tuple[Tensor, Tensor]":
+    """bfloat16 ``x`` ``[tokens, n]`` (contiguous) quantized to int8 a column at a time:
+    ``(q, scale)`` with ``scale = max |x[:, c]| / 127`` (float32, at least 1e-30 / 127) and
+    ``q = round(x / scale)`` as torch rounds it (:mod:`sli.kernels.gptq`)."""
+    tokens, n = x.shape
+    bits = _bf16_bits(x)
+    absmax = np.empty(n, np.uint16)
+    _run("column_absmax_bf16", n, x.numel(), bits, absmax)
+    scale = torch.from_numpy(absmax.view(np.int16)).view(torch.bfloat16).float().clamp_(min=1e-30).div_(127)
+    q = torch.empty(x.shape, dtype=torch.int8)
+    _run("quantize_columns_bf16", tokens, x.numel() * 4, bits, _np(scale), _np(q))
+    return q, scale
+
+
+def add_scaled_gram(sums: Tensor, gram: Tensor, scale_rows: Tensor, scale_cols: Tensor) -> None:
+    """``sums += gram * scale_rows[:, None] * scale_cols[None, :]`` in one pass (float32 ``sums``,
+    its rows contiguous; int32 ``gram``): an int8 Gram block added to a Hessian (:mod:`sli.kernels.gptq`)."""
+    rows, cols = gram.shape
+    _run("add_scaled_gram", rows, rows * cols, _np(sums), _np(gram), _np(scale_rows.contiguous()),
+         _np(scale_cols.contiguous()))
+
+
 def gptq_block(w: Tensor, u: Tensor, err: Tensor, groups: Tensor, scale: Tensor, zero: Optional[Tensor] = None,
                levels: Optional[tuple] = None) -> None:
     """GPTQ's solve of a block of columns, in place: ``w`` float32 ``[columns, rows]`` (solve

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from .jit import KERNEL
+from .jit import KERNEL, STRICT_KERNEL
 
 # Rows a column block is solved for at once (gptq_block_*): 128 columns of them, values and
 # errors, stay in the core's L2 cache (256 KB) while each column's error updates the others.
@@ -164,8 +164,47 @@ def gptq_block_levels(w, u, err, groups, scale, below, next_mid, sorted_code, st
             _spread_error(w, u, e, j, r0, r1)
 
 
+@KERNEL
+def add_scaled_gram(sums, gram, scale_rows, scale_cols, start, stop):
+    # rows start..stop: sums[i, j] += gram[i, j] * scale_rows[i] * scale_cols[j] (gram int32,
+    # an int8 Gram block; sums a float32 block of the Hessian, rows may be strided)
+    for i in range(start, stop):
+        si = scale_rows[i]
+        row, g = sums[i], gram[i]
+        for j in range(row.shape[0]):
+            row[j] += np.float32(g[j]) * si * scale_cols[j]
+
+
+@KERNEL
+def column_absmax_bf16(bits, out, start, stop):
+    # columns start..stop of bfloat16 bits [tokens, n]: out[c] = the bits of the largest |x| of
+    # column c (the sign cleared, the bits of non-negative floats order as integers)
+    o = out[start:stop]
+    for c in range(o.shape[0]):
+        o[c] = 0
+    for t in range(bits.shape[0]):
+        row = bits[t, start:stop]
+        for c in range(row.shape[0]):
+            o[c] = max(o[c], row[c] & 0x7FFF)
+
+
+@STRICT_KERNEL  # exact division: the codes of torch.round(x / scale)
+def quantize_columns_bf16(bits, scale, q, start, stop):
+    # rows start..stop of bfloat16 bits [tokens, n]: q[t, c] = round(x[t, c] / scale[c]), half to even
+    n = bits.shape[1]
+    wide = np.empty(n, np.uint32)
+    x = wide.view(np.float32)
+    for t in range(start, stop):
+        row, out = bits[t], q[t]
+        for c in range(n):
+            wide[c] = np.uint32(row[c]) << 16
+        for c in range(n):
+            out[c] = np.int8(np.rint(x[c] / scale[c]))
+
+
 def build(h) -> dict:
     """The kernels by name (the same at every SIMD level)."""
     return {"round_to_levels": round_to_levels, "search_block_maxima": search_block_maxima,
             "search_int4_clipping": search_int4_clipping, "gptq_block_int4": gptq_block_int4,
-            "gptq_block_levels": gptq_block_levels}
+            "gptq_block_levels": gptq_block_levels, "add_scaled_gram": add_scaled_gram,
+            "column_absmax_bf16": column_absmax_bf16, "quantize_columns_bf16": quantize_columns_bf16}
