@@ -42,6 +42,9 @@ DEFAULT_SETTINGS = {
     "kernel_team_work": 1 << 15,
     # Weights smaller than this many values quantize to 4 bits eagerly (a compile costs seconds).
     "compile_min_numel": 1 << 20,
+    # Calibration passes over chunks of this many hidden-state values or more run compiled
+    # (torch.compile fuses a layer's norms, rotary and activation; ~5 s to compile once a process).
+    "calibration_compile_min_values": 1 << 24,
 }
 
 # Environment variables sli reads (all optional):
@@ -65,7 +68,8 @@ DEFAULT_SETTINGS = {
 #   SLI_KEPT_PAIRWISE=1|0  there, the values rows keep in float meet the weight pair by pair
 #                   (sli's kept_products) or through their gathered columns (default: the cheaper
 #                   by sli.kernels.matrix_units.kept_pairwise: many distinct columns, pair by pair)
-#   SLI_NO_COMPILE=1  no torch.compile for the 4-bit quantizer (the eager path, same bytes)
+#   SLI_NO_COMPILE=1  no torch.compile: the 4-bit quantizer's eager path (same bytes) and
+#                   calibration's passes in eager modules (sli.calibration.layer_inputs.compiled)
 #   SLI_NO_TEAM=1   kernels split across threads through a pool of sleeping threads, not the
 #                   polling kernel team (sli.kernels.team)
 #   SLI_NO_DECODE_STEP=1  a decode token runs transformers' modules layer by layer, not sli's

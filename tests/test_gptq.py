@@ -1,5 +1,6 @@
 """GPTQ (sli.quantization.gptq) and streamed calibration (sli.calibration)."""
 import dataclasses
+import importlib
 import json
 
 import pytest
@@ -282,14 +283,22 @@ def test_streamed_calibration_fills_the_cache_resumes_and_generates(tiny, tmp_pa
         assert out.shape == (1, 4)
 
 
-@pytest.mark.parametrize("sequential, pass_dtype", [(False, "float32"), (True, "float32"), (False, "bfloat16")])
-def test_calibrated_layers_track_the_float_model_better_than_rtn(tiny, tmp_path, sequential, pass_dtype,
+@pytest.mark.parametrize("sequential, pass_dtype, compiled", [(False, "float32", False), (True, "float32", False),
+                                                               (False, "bfloat16", False), (False, "bfloat16", True)])
+def test_calibrated_layers_track_the_float_model_better_than_rtn(tiny, tmp_path, sequential, pass_dtype, compiled,
                                                                  monkeypatch):
-    # SLI_PROMPT_DTYPE: the passes in bfloat16 (a CPU with matrix units) or float32 (any other)
+    # SLI_PROMPT_DTYPE: the passes in bfloat16 (a CPU with matrix units) or float32 (any other);
+    # compiled: the passes through torch.compile, as a large model's run (hooks and stops included)
     from sli import calibration
     from sli.evaluation import load_eval_text
 
+    layer_inputs = importlib.import_module("sli.calibration.layer_inputs")  # the package re-exports a function of that name
+
     monkeypatch.setenv("SLI_PROMPT_DTYPE", pass_dtype)
+    monkeypatch.setattr(layer_inputs, "COMPILE_MIN_VALUES", 0 if compiled else 1 << 62)
+    compiles = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: compiles.append(1) or real_compile(*a, **k))
 
     with UniversalSLIProcessor(tiny, "none", cache_dir=tmp_path, device="cpu") as proc:
         # text like the calibration text's, from the half it does not use
@@ -303,6 +312,62 @@ def test_calibrated_layers_track_the_float_model_better_than_rtn(tiny, tmp_path,
                 calibration.calibrate(proc, progress=False)
             errors[name] = float((proc.forward(ids) - ref).square().mean())
     assert errors["gptq"] < 0.5 * errors["rtn"]  # measured: 0.24x
+    assert bool(compiles) is compiled
+
+
+def test_a_compiled_pass_tracks_the_eager_one_and_a_failed_compile_runs_eagerly(tiny, tmp_path, monkeypatch, caplog):
+    from sli.calibration.layer_inputs import Stop, compiled, eager_hook, layer_inputs as inputs_of, run_layer
+    from sli.calibration.layer_solve import layer_module
+
+    layer_inputs = importlib.import_module("sli.calibration.layer_inputs")
+    monkeypatch.setenv("SLI_PROMPT_DTYPE", "bfloat16")
+    monkeypatch.setattr(layer_inputs, "COMPILE_MIN_VALUES", 0)
+    monkeypatch.setattr(layer_inputs, "_compile_failed", False)
+    with UniversalSLIProcessor(tiny, _config(), cache_dir=tmp_path, device="cpu") as proc, torch.inference_mode():
+        hidden, args = inputs_of(proc, torch.randint(5, 200, (2, 64)))
+        hidden = hidden.to(torch.bfloat16)
+        layer = layer_module(proc, 0, proc._checkpoint_state(0))
+        eager = run_layer(layer, hidden, args[0])
+        fast = compiled(layer, hidden)
+        assert fast is not layer
+        out = run_layer(fast, hidden, args[0])
+        assert float((out.float() - eager.float()).abs().max()) < 0.05 * float(eager.float().abs().max())
+        # a hook added after the layer ran compiled (the compiled code is guarded on hooks: dynamo's
+        # default is not, and skipped it) stops the compiled pass too, and sees the same input
+        seen = []
+
+        def stop(module, inputs):
+            seen.append(inputs[0].clone())
+            raise Stop
+
+        handle = layer.mlp.down_proj.register_forward_pre_hook(eager_hook(stop))
+        for runs in (layer, fast):
+            with pytest.raises(Stop):
+                run_layer(runs, hidden, args[0])
+        handle.remove()
+        assert float((seen[1].float() - seen[0].float()).abs().max()) < 0.05 * float(seen[0].float().abs().max())
+        # a compile that fails (no C compiler, say) warns once and the passes run eagerly from then on
+        monkeypatch.setattr(torch, "compile", lambda module, **k: _Failing(module))
+        failing = compiled(layer, hidden)
+        with caplog.at_level("WARNING"):
+            assert torch.equal(run_layer(failing, hidden, args[0]), eager)
+            assert torch.equal(run_layer(failing, hidden, args[0]), eager)
+        assert sum("torch.compile of the decoder layer failed" in r.message for r in caplog.records) == 1
+        assert compiled(layer, hidden) is layer
+        monkeypatch.setenv("SLI_NO_COMPILE", "1")
+        monkeypatch.setattr(layer_inputs, "_compile_failed", False)
+        assert compiled(layer, hidden) is layer
+
+
+class _Failing(torch.nn.Module):
+    """What torch.compile gives where it cannot compile: a wrapper whose call raises."""
+
+    def __init__(self, module):
+        super().__init__()
+        self._orig_mod = module
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("InductorError: no working C compiler found")
 
 
 def test_calibration_text_is_recorded_and_checked(tiny, tmp_path):

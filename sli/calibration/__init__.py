@@ -41,7 +41,7 @@ from ..errors import SLIError
 from ..quantization import dequantize_cached
 from ..settings import GB
 from .activations import Activations
-from .layer_inputs import LayerArgs, layer_inputs, run_layer
+from .layer_inputs import LayerArgs, compiled, layer_inputs, run_layer
 from .layer_solve import layer_module, pass_dtype, quantize_layer
 from .memory import CalibrationMemory, calibration_memory
 from .text import (calibration_config, calibration_id, calibration_settings, calibration_windows,
@@ -83,7 +83,8 @@ def calibrate(processor, text: Union[None, str, Path] = None, *, progress: bool 
     ``processor.quantizer`` must hold a calibrated config (``method="gptq"``); ``text`` is the
     calibration text its config names (None: the default text; a :class:`~pathlib.Path`: that
     file's text). ``report``, a list, gets one
-    dict of timings per layer (``load_s``, ``hessians_s``, ``solve_s``, ``store_s``, ``forward_s``).
+    dict of timings per layer (``load_s``, ``groups_s``, ``hessians_s``, ``solve_s``, ``store_s``,
+    ``build_s``: the quantized layer made, ``forward_s``: its pass).
     """
     from tqdm.auto import tqdm
 
@@ -152,10 +153,15 @@ def calibrate(processor, text: Union[None, str, Path] = None, *, progress: bool 
             dtype = pass_dtype(processor)
             layer = layer_module(processor, index, dequantize_cached(cached, dtype))
             del cached
+            timing["build_s"] = time.perf_counter() - t1
+            t1 = time.perf_counter()
             if index + 1 < num_layers:
+                runs = None
                 for chunk, kwargs in chunks:
                     hidden = activations.read(index, chunk).to(processor.device, dtype)
-                    activations.write(index + 1, chunk, run_layer(layer, hidden, kwargs))
+                    runs = compiled(layer, hidden) if runs is None else runs
+                    activations.write(index + 1, chunk, run_layer(runs, hidden, kwargs))
+                del runs
                 activations.commit(index + 1, len(chunks))
             del layer
             timing["forward_s"] = time.perf_counter() - t1

@@ -3,12 +3,16 @@ the processor's model with the layers standing in as the identity."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
 
+from .. import settings
 from ..errors import SLIError
+
+logger = logging.getLogger(__name__)
 
 
 class Stop(Exception):
@@ -63,13 +67,60 @@ def layer_inputs(processor, ids: torch.Tensor) -> Tuple[torch.Tensor, List[Layer
     return hidden, out
 
 
+COMPILE_MIN_VALUES = settings.DEFAULT_SETTINGS["calibration_compile_min_values"]
+_compile_failed = False
+
+
+def compiled(layer: nn.Module, hidden: torch.Tensor) -> nn.Module:
+    """``layer`` as the calibration passes run it over chunks like ``hidden``: through
+    ``torch.compile`` on CPU for chunks of :data:`COMPILE_MIN_VALUES` values or more, else as it
+    is (``SLI_NO_COMPILE=1``, another device, a compile that failed once). Compiled, a layer's
+    norms, rotary products and activation run fused (a 7B-shaped layer's pass over 4096 tokens
+    in bfloat16: 1.34 → 1.08 s on the AMX Xeon), its products in the same oneDNN kernels. One
+    compile a process (~5 s) serves every layer of a model: they share a structure and their
+    weights are the graph's inputs. Hooks on its modules run eagerly (:func:`eager_hook`); the
+    compiled code is guarded on where they are (:func:`run_layer`), so a layer hooked elsewhere,
+    or the same layer hooked again, compiles anew instead of skipping its hooks."""
+    if (_compile_failed or hidden.device.type != "cpu" or hidden.numel() < COMPILE_MIN_VALUES
+            or settings.flag("SLI_NO_COMPILE")):
+        return layer
+    return torch.compile(layer, dynamic=False)
+
+
+def eager_hook(hook):
+    """``hook`` run as plain Python in a compiled layer (the compile stops at it and resumes after)."""
+    import torch._dynamo
+
+    return torch._dynamo.disable(hook)
+
+
 def run_layer(layer: nn.Module, hidden: torch.Tensor, inputs: LayerArgs) -> torch.Tensor:
     """``layer``'s output hidden states for ``hidden`` and its other arguments, their float
     tensors (rotary tables, masks) in ``hidden``'s dtype, as the model gives them when it runs
-    in that dtype."""
+    in that dtype. A :func:`compiled` layer whose compile fails runs eagerly, from then on."""
+    global _compile_failed
     args = tuple(_in_dtype(a, hidden.dtype) for a in inputs.args)
     kwargs = {k: _in_dtype(v, hidden.dtype) for k, v in inputs.kwargs.items()}
-    out = layer(hidden, *args, **kwargs)
+    eager = getattr(layer, "_orig_mod", None)
+    if eager is not None and _compile_failed:
+        layer = eager
+    try:
+        if eager is None:
+            out = layer(hidden, *args, **kwargs)
+        else:  # dynamo's default leaves hooks out of its guards: hooks added later would never run
+            import torch._dynamo
+
+            with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+                out = layer(hidden, *args, **kwargs)
+    except Stop:
+        raise
+    except Exception as exc:  # no C compiler, an operation inductor cannot lower, ...
+        if eager is None or _compile_failed:
+            raise
+        _compile_failed = True
+        logger.warning("calibration: torch.compile of the decoder layer failed (%s: %s); its passes run "
+                       "eagerly (~20%% slower)", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        out = eager(hidden, *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 

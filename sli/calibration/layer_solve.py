@@ -16,7 +16,7 @@ from ..quantization import QuantizedTensor, codec_for
 from ..quantization.gptq import Hessian, gptq_quantize, supports
 from ..quantization.modules import is_conv1d
 from .activations import Activations
-from .layer_inputs import LayerArgs, Stop, run_layer
+from .layer_inputs import LayerArgs, Stop, compiled, eager_hook, run_layer
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,10 @@ def layer_module(processor, index: int, state: Dict[str, torch.Tensor]) -> nn.Mo
 
 def _input_groups(layer: nn.Module, paths: List[str], hidden: torch.Tensor, kwargs: LayerArgs) -> List[List[str]]:
     """``paths`` grouped by the tensor they read (q/k/v, gate/up share one), groups and members in the
-    order they run (one forward of ``hidden``)."""
+    order they run (one forward of ``hidden``'s first window where the layer's other arguments
+    have no windows of their own: a 7B-shaped layer's 4096-token chunk took 1.4 s)."""
+    if hidden.dim() > 2 and hidden.shape[0] > 1 and not _has_windows(kwargs, hidden.shape[0]):
+        hidden = hidden[:1]
     seen: List[Tuple[str, torch.Tensor]] = []
     handles = [layer.get_submodule(p).register_forward_hook(lambda m, args, out, p=p: seen.append((p, args[0])))
                for p in paths]
@@ -66,6 +69,17 @@ def _input_groups(layer: nn.Module, paths: List[str], hidden: torch.Tensor, kwar
     return [g for g, _ in groups]
 
 
+def _has_windows(kwargs: LayerArgs, windows: int) -> bool:
+    """Whether a tensor among the layer's other arguments has ``windows`` rows (a mask per window)."""
+    def windowed(value) -> bool:
+        if isinstance(value, torch.Tensor):
+            return value.dim() > 0 and value.shape[0] == windows
+        if isinstance(value, (tuple, list)):
+            return any(windowed(v) for v in value)
+        return False
+    return windowed(kwargs.args) or windowed(tuple(kwargs.kwargs.values()))
+
+
 def _hessians(layer: nn.Module, groups: List[List[str]], stop_after: Optional[str], read, chunks,
               device: torch.device) -> List[Hessian]:
     """Each group's Hessian over every chunk (``read(chunk)``: its input); the forward stops after
@@ -79,16 +93,19 @@ def _hessians(layer: nn.Module, groups: List[List[str]], stop_after: Optional[st
             h.add(args[0])
             if stop:
                 raise Stop
-        return hook
+        return eager_hook(hook)
 
     handles = [layer.get_submodule(g[0]).register_forward_pre_hook(collect(h, stop_after is None and g is groups[-1]))
                for g, h in zip(groups, hessians)]
     if stop_after is not None:
-        handles.append(layer.get_submodule(stop_after).register_forward_hook(_raise_stop))
+        handles.append(layer.get_submodule(stop_after).register_forward_hook(eager_hook(_raise_stop)))
     try:
+        runs = None
         for chunk, kwargs in chunks:
+            hidden = read(chunk)
+            runs = compiled(layer, hidden) if runs is None else runs
             try:
-                run_layer(layer, read(chunk), kwargs)
+                run_layer(runs, hidden, kwargs)
             except Stop:
                 pass
     finally:
@@ -141,7 +158,9 @@ def quantize_layer(processor, index: int, state: Dict[str, torch.Tensor], activa
             if config is not None and not config.calibrated:
                 solved[p] = codec_for(config.mode).quantize(_checkpoint_weight(state, p, conv1d[p]), config)
                 _set_weight(layer, p, solved[p], conv1d[p])
+    t0 = time.perf_counter()
     groups = _input_groups(layer, calibrated, read(chunks[0][0]), chunks[0][1])
+    timing["groups_s"] = time.perf_counter() - t0
     stages = [[g] for g in groups] if sequential else [groups]
     timing["hessians_s"] = timing["solve_s"] = 0.0
     for number, stage in enumerate(stages):
