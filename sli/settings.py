@@ -44,7 +44,7 @@ DEFAULT_SETTINGS = {
     "compile_min_numel": 1 << 20,
     # Calibration passes over chunks of this many hidden-state values or more run compiled
     # (torch.compile fuses a layer's norms, rotary and activation; ~5 s to compile once a process).
-    "calibration_compile_min_values": 1 << 24,
+    "calibration_compile_min_values": 1 << 22,
 }
 
 # Environment variables sli reads (all optional):

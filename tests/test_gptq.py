@@ -96,6 +96,21 @@ def test_the_rounding_kernels_give_the_torch_rule_s_levels_and_maxima(mode, monk
     assert torch.allclose(with_kernels.absmax, plain.absmax, rtol=0.03)
 
 
+@pytest.mark.parametrize("mode", ["nf4", "fp4"])
+def test_the_codes_kernel_gives_bitsandbytes_codes(mode, monkeypatch):
+    # how the codec codes GPTQ's output (quantize_with): sli's table kernel on CPU, bitsandbytes'
+    # bucketize elsewhere; midpoints themselves included (they take the lower level)
+    from sli.quantization.codecs.four_bit_quantizer import _codes_reference, level_table, nearest_codes
+
+    midpoints = level_table(mode).next_mid[:-1]
+    scaled = torch.cat([torch.linspace(-1, 1, 40001), midpoints, torch.rand(4096) * 2 - 1])
+    fused = nearest_codes(scaled, mode)
+    assert fused.dtype == torch.uint8
+    assert torch.equal(fused, _codes_reference(scaled, mode))
+    monkeypatch.setenv("SLI_NO_NUMBA", "1")
+    assert torch.equal(nearest_codes(scaled, mode), fused)
+
+
 def test_int4_clipping_search_kernel_picks_the_torch_search_s_grids(monkeypatch):
     # sli.kernels.gptq.search_int4_clipping on CPU; torch's search (SLI_NO_NUMBA=1, other devices) elsewhere
     weight, _, H = _problem(rows=64, cols=512, seed=2)

@@ -350,6 +350,16 @@ def round_to_levels(values: Tensor, below: Tensor, next_mid: Tensor, sorted_code
     return torch.from_numpy(out).view(values.shape)
 
 
+def nearest_codes(values: Tensor, below: Tensor, next_mid: Tensor, order: Tensor) -> Tensor:
+    """uint8 code of the 16-level code's level nearest each of float32 ``values`` (divided by their
+    scale), found through the table ``below`` / ``next_mid`` (``order``: sorted level → code;
+    :mod:`sli.kernels.gptq`)."""
+    flat = _flat(values)
+    out = np.empty(flat.numel(), np.uint8)
+    _run("nearest_code_indices", flat.numel(), flat.numel() * 4, _np(flat), _np(below), _np(next_mid), _np(order), out)
+    return torch.from_numpy(out).view(values.shape)
+
+
 def search_block_maxima(weight: Tensor, blocksize: int, importance: Tensor, grid: Tensor, below: Tensor,
                         next_mid: Tensor, sorted_code: Tensor) -> Tensor:
     """Each ``blocksize``-value block of float32 ``weight`` ``[rows, cols]``: its absmax times the

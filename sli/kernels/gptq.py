@@ -42,6 +42,15 @@ def round_to_levels(values, below, next_mid, sorted_code, out, start, stop):
 
 
 @KERNEL
+def nearest_code_indices(values, below, next_mid, order, out, start, stop):
+    # out[i] = the code (order: sorted level -> code) of the level nearest values[i] (fp32, already
+    # divided by its scale); bitsandbytes' bucketize rule, as round_to_levels
+    bins = below.shape[0]
+    for i in range(start, stop):
+        out[i] = order[_level_index(values[i], below, next_mid, bins)]
+
+
+@KERNEL
 def search_block_maxima(w, importance, grid, below, next_mid, sorted_code, best, start, stop):
     # blocks start..stop of w (fp32 [rows * cols] flat, cols = importance.shape[0], blocks of
     # bs = w.size // best.size values): best[block] = the absmax * grid[p] whose rounding error
@@ -204,7 +213,8 @@ def quantize_columns_bf16(bits, scale, q, start, stop):
 
 def build(h) -> dict:
     """The kernels by name (the same at every SIMD level)."""
-    return {"round_to_levels": round_to_levels, "search_block_maxima": search_block_maxima,
+    return {"round_to_levels": round_to_levels, "nearest_code_indices": nearest_code_indices,
+            "search_block_maxima": search_block_maxima,
             "search_int4_clipping": search_int4_clipping, "gptq_block_int4": gptq_block_int4,
             "gptq_block_levels": gptq_block_levels, "add_scaled_gram": add_scaled_gram,
             "column_absmax_bf16": column_absmax_bf16, "quantize_columns_bf16": quantize_columns_bf16}

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .. import kernels
 from .codecs import codec_for
-from .codecs.four_bit_quantizer import four_bit_code
+from .codecs.four_bit_quantizer import LEVEL_BINS, level_table
 from .codecs.int4 import group_params
 from .config import QuantizationConfig, QuantizationMode
 from .formats import QuantizedTensor
@@ -48,7 +48,6 @@ logger = logging.getLogger(__name__)
 # Clipping candidates of the scale search: the group's range (INT4) or absmax (4-bit) times these.
 SEARCH_GRID = tuple(1.0 - 0.025 * k for k in range(13))  # 1.0 .. 0.70
 _INNER = 16  # columns a rank-1 update touches at most (inside a block)
-_BINS = 4096  # the nearest-code table's bins over [-1, 1]
 _SEARCH_VALUES = 1 << 20  # weight values the scale search takes at once
 SOLVE_VALUES = 1 << 25  # weight values solved at once (a slab of rows, 128 MB of float32)
 
@@ -183,15 +182,8 @@ class _Grid:
                 self.zero = torch.cat([f[1] for f in found])  # float
             self.col_scale = self.scale.float()
         else:
-            self.code = four_bit_code(config.quant_type).to(weight.device)
-            self.sorted_code, _ = torch.sort(self.code)
-            self.midpoints = (self.sorted_code[1:] + self.sorted_code[:-1]) / 2
-            # nearest code by table: [-1, 1] in _BINS bins, each holding at most one midpoint (the
-            # smallest gap, FP4's, is 0.0026); a bin gives how many midpoints lie below it, one
-            # compare with the next midpoint finishes bucketize's count
-            edges = torch.linspace(-1, 1, _BINS + 1, device=weight.device)[:-1]
-            self.below = torch.bucketize(edges, self.midpoints)
-            self.next_mid = torch.cat([self.midpoints, self.midpoints.new_tensor([float("inf")])])
+            table = level_table(config.quant_type)  # nearest level by table, bucketize's rule
+            self.below, self.next_mid, self.sorted_code = (t.to(weight.device) for t in table[:3])
             # raw, before double quant
             if _on_kernels(weight):
                 self.absmax = kernels.search_block_maxima(weight, self.group, importance, torch.tensor(grid),
@@ -245,7 +237,7 @@ class _Grid:
         On CPU the numba kernel applies the same rule in one pass over the values."""
         if _on_kernels(scaled):
             return kernels.round_to_levels(scaled, self.below, self.next_mid, self.sorted_code)
-        bins = (scaled.clamp(-1, 1) + 1).mul_(_BINS / 2).long().clamp_(max=_BINS - 1)
+        bins = (scaled.clamp(-1, 1) + 1).mul_(LEVEL_BINS / 2).long().clamp_(max=LEVEL_BINS - 1)
         below = self.below[bins]
         return self.sorted_code[below.add_(scaled > self.next_mid[below])]
 

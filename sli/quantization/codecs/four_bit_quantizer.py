@@ -1,13 +1,14 @@
 """4-bit quantization in bitsandbytes' bytes, without bitsandbytes (codes, the nested map, the quantizer)."""
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any, Dict
+from typing import Any, Dict, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ... import settings
+from ... import kernels, settings
 
 logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------
@@ -109,8 +110,37 @@ def _codes_reference(scaled: Tensor, quant_type: str) -> Tensor:
     return q.to(torch.uint8)
 
 
+LEVEL_BINS = 4096  # the nearest-level table's bins over [-1, 1]
+
+
+class LevelTable(NamedTuple):
+    """A 16-level code's nearest-level table: ``[-1, 1]`` in :data:`LEVEL_BINS` bins, each
+    holding at most one midpoint between sorted levels (the smallest gap, FP4's, is 0.0026).
+    ``below[bin]``: how many midpoints lie below the bin; one compare with ``next_mid`` finishes
+    the count, which is ``bucketize``'s (a value on a midpoint takes the lower level).
+    ``sorted_code[count]`` is the level, ``order[count]`` its code."""
+
+    below: Tensor  # int64 [LEVEL_BINS]
+    next_mid: Tensor  # float32 [16]: the midpoints, then inf
+    sorted_code: Tensor  # float32 [16]
+    order: Tensor  # uint8 [16]: sorted position -> code
+
+
+@functools.lru_cache(maxsize=None)
+def level_table(quant_type: str) -> LevelTable:
+    midpoints, order, _, _ = _four_bit_steps(quant_type)
+    edges = torch.linspace(-1, 1, LEVEL_BINS + 1)[:-1]
+    return LevelTable(torch.bucketize(edges, midpoints), torch.cat([midpoints, midpoints.new_tensor([float("inf")])]),
+                      four_bit_code(quant_type)[order].contiguous(), order.to(torch.uint8))
+
+
 def nearest_codes(scaled: Tensor, quant_type: str) -> Tensor:
-    """uint8 index of the code nearest to each value of ``scaled`` (in [-1, 1]), bitsandbytes' rule."""
+    """uint8 index of the code nearest to each value of ``scaled`` (in [-1, 1]), bitsandbytes' rule:
+    by :func:`level_table` in sli's kernels on CPU (float32; 2.8 → 0.3 s for a 7B layer's GPTQ
+    output), else bitsandbytes' own ``bucketize``."""
+    if scaled.device.type == "cpu" and scaled.dtype == torch.float32 and kernels.kernels_enabled():
+        table = level_table(quant_type)
+        return kernels.nearest_codes(scaled, table.below, table.next_mid, table.order)
     return _codes_reference(scaled, quant_type)
 
 
