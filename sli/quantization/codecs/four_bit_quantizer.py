@@ -120,7 +120,7 @@ class LevelTable(NamedTuple):
     the count, which is ``bucketize``'s (a value on a midpoint takes the lower level).
     ``sorted_code[count]`` is the level, ``order[count]`` its code."""
 
-    below: Tensor  # int64 [LEVEL_BINS]
+    below: Tensor  # int32 [LEVEL_BINS]
     next_mid: Tensor  # float32 [16]: the midpoints, then inf
     sorted_code: Tensor  # float32 [16]
     order: Tensor  # uint8 [16]: sorted position -> code
@@ -130,7 +130,7 @@ class LevelTable(NamedTuple):
 def level_table(quant_type: str) -> LevelTable:
     midpoints, order, _, _ = _four_bit_steps(quant_type)
     edges = torch.linspace(-1, 1, LEVEL_BINS + 1)[:-1]
-    return LevelTable(torch.bucketize(edges, midpoints), torch.cat([midpoints, midpoints.new_tensor([float("inf")])]),
+    return LevelTable(torch.bucketize(edges, midpoints, out_int32=True), torch.cat([midpoints, midpoints.new_tensor([float("inf")])]),
                       four_bit_code(quant_type)[order].contiguous(), order.to(torch.uint8))
 
 
