@@ -374,6 +374,17 @@ def test_a_compiled_pass_tracks_the_eager_one_and_a_failed_compile_runs_eagerly(
         assert compiled(layer, hidden) is layer
 
 
+def test_the_grouping_forward_takes_one_window_unless_an_argument_has_one_per_window():
+    from sli.calibration.layer_inputs import LayerArgs
+    from sli.calibration.layer_solve import _has_windows
+
+    rotary = (torch.zeros(1, 512, 64), torch.zeros(1, 512, 64))  # broadcast over the windows
+    assert not _has_windows(LayerArgs((), {"position_embeddings": rotary, "attention_mask": None}), 8)
+    masks = torch.zeros(8, 1, 512, 512)  # a mask per window: the whole chunk must run
+    assert _has_windows(LayerArgs((), {"position_embeddings": rotary, "attention_mask": masks}), 8)
+    assert _has_windows(LayerArgs((masks,), {}), 8)
+
+
 class _Failing(torch.nn.Module):
     """What torch.compile gives where it cannot compile: a wrapper whose call raises."""
 
