@@ -43,7 +43,8 @@ DEFAULT_SETTINGS = {
     # Weights smaller than this many values quantize to 4 bits eagerly (a compile costs seconds).
     "compile_min_numel": 1 << 20,
     # Calibration passes over chunks of this many hidden-state values or more run compiled
-    # (torch.compile fuses a layer's norms, rotary and activation; ~5 s to compile once a process).
+    # (torch.compile fuses a layer's norms, rotary and activation; ~3 s to compile once a process,
+    # ~20 s the first time on a machine).
     "calibration_compile_min_values": 1 << 22,
 }
 

@@ -77,7 +77,8 @@ def compiled(layer: nn.Module, hidden: torch.Tensor) -> nn.Module:
     is (``SLI_NO_COMPILE=1``, another device, a compile that failed once). Compiled, a layer's
     norms, rotary products and activation run fused (a 7B-shaped layer's pass over 4096 tokens
     in bfloat16: 1.34 → 1.08 s on the AMX Xeon), its products in the same oneDNN kernels. One
-    compile a process (~5 s) serves every layer of a model: they share a structure and their
+    compile a process (~3 s; ~20 s the first time on a machine, before inductor's on-disk cache
+    holds it) serves every layer of a model: they share a structure and their
     weights are the graph's inputs. Hooks on its modules run eagerly (:func:`eager_hook`); the
     compiled code is guarded on where they are (:func:`run_layer`), so a layer hooked elsewhere,
     or the same layer hooked again, compiles anew instead of skipping its hooks."""
