@@ -99,30 +99,32 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, inputs: LayerArgs) -> torc
     """``layer``'s output hidden states for ``hidden`` and its other arguments, their float
     tensors (rotary tables, masks) in ``hidden``'s dtype, as the model gives them when it runs
     in that dtype. A :func:`compiled` layer whose compile fails runs eagerly, from then on."""
-    global _compile_failed
     args = tuple(_in_dtype(a, hidden.dtype) for a in inputs.args)
     kwargs = {k: _in_dtype(v, hidden.dtype) for k, v in inputs.kwargs.items()}
-    eager = getattr(layer, "_orig_mod", None)
-    if eager is not None and _compile_failed:
-        layer = eager
-    try:
-        if eager is None:
-            out = layer(hidden, *args, **kwargs)
-        else:  # dynamo's default leaves hooks out of its guards: hooks added later would never run
-            import torch._dynamo
+    eager = getattr(layer, "_orig_mod", None)  # a compiled layer's own module
+    if eager is None or _compile_failed:
+        out = (layer if eager is None else eager)(hidden, *args, **kwargs)
+    else:
+        out = _run_compiled(layer, eager, hidden, args, kwargs)
+    return out[0] if isinstance(out, tuple) else out
 
-            with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
-                out = layer(hidden, *args, **kwargs)
+
+def _run_compiled(layer: nn.Module, eager: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict):
+    """``layer`` (compiled from ``eager``) called, guarded on its modules' hooks (dynamo's default
+    leaves them out: a hook added later would never run); where the compile fails, ``eager``."""
+    global _compile_failed
+    import torch._dynamo
+
+    try:
+        with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+            return layer(hidden, *args, **kwargs)
     except Stop:
         raise
     except Exception as exc:  # no C compiler, an operation inductor cannot lower, ...
-        if eager is None or _compile_failed:
-            raise
         _compile_failed = True
         logger.warning("calibration: torch.compile of the decoder layer failed (%s: %s); its passes run "
                        "eagerly (~20%% slower)", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-        out = eager(hidden, *args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
+        return eager(hidden, *args, **kwargs)
 
 
 def _in_dtype(value: Any, dtype: torch.dtype) -> Any:

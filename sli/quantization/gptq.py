@@ -183,7 +183,8 @@ class _Grid:
             self.col_scale = self.scale.float()
         else:
             table = level_table(config.quant_type)  # nearest level by table, bucketize's rule
-            self.below, self.next_mid, self.sorted_code = (t.to(weight.device) for t in table[:3])
+            self.below, self.next_mid, self.sorted_code = (t.to(weight.device) for t in
+                                                           (table.below, table.next_mid, table.sorted_code))
             # raw, before double quant
             if _on_kernels(weight):
                 self.absmax = kernels.search_block_maxima(weight, self.group, importance, torch.tensor(grid),
