@@ -143,6 +143,40 @@ def test_the_column_block_kernel_solves_as_the_torch_operations_do(mode, monkeyp
     assert abs(fused_error - plain_error) < 0.01 * plain_error
 
 
+def _textbook_gptq(weight, H, grid, order):
+    """GPTQ as its paper writes it, in float64: columns in ``order``, each rounded on ``grid``
+    (``_Grid.quantize``) and its error, divided by the diagonal of the upper Cholesky factor of
+    ``H^-1``, subtracted from the later columns through that factor's row."""
+    P = H[order][:, order].double()
+    P.diagonal().add_(0.01 * float(P.diagonal().mean()))
+    C = torch.linalg.cholesky(torch.linalg.inv(P), upper=True)
+    W = weight.double()[:, order].clone()
+    groups = (order // grid.group).tolist()
+    for j in range(W.shape[1]):
+        g = groups[j]
+        q = grid.quantize(W[:, j].float(), grid.col_scale[:, g], None if grid.zero is None else grid.zero[:, g]).double()
+        err = (W[:, j] - q) / C[j, j]
+        W[:, j] = q
+        W[:, j + 1:] -= err[:, None] * C[j, j + 1:][None]
+    return W[:, torch.argsort(order)].float()
+
+
+@pytest.mark.parametrize("mode", FOUR_BIT)
+def test_the_solve_gives_the_codes_of_gptq_through_the_inverse_hessian_s_factor(mode):
+    # sli solves GPTQ in LDLQ's form, without inverting H: the same codes up to float rounding
+    weight, x, H = _problem(rows=64, cols=256, seed=6)
+    config = QuantizationConfig(mode=mode, method="gptq")
+    q = gptq_quantize({"w": weight}, H, config)["w"]
+    codec = codec_for(mode)
+    ours = codec.dequantize(q, torch.float32)
+    order = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    grid = gptq_module._Grid(config, weight.float(), torch.diagonal(H).clone())
+    reference = _textbook_gptq(weight.float(), H, grid, order)
+    assert float((ours == reference).float().mean()) > 0.99
+    assert abs(layer_output_error(x, weight, q) - float(((x @ weight.float().t() - x @ reference.t()).square().sum()
+                                                         / (x @ weight.float().t()).square().sum()))) < 0.01 * layer_output_error(x, weight, q)
+
+
 def test_linears_sharing_an_input_solve_as_one_matrix():
     weight, x, H = _problem(rows=64, cols=256, seed=2)
     other = (0.02 * torch.randn(32, 256, generator=torch.Generator().manual_seed(3))).to(torch.bfloat16)
@@ -167,7 +201,7 @@ def _peak_rss_bytes_during(fn):
     return result, status("VmHWM:") - before
 
 
-def test_the_inverse_factor_is_made_in_two_buffers_once_the_hessian_is_handed_over():
+def test_the_error_weights_are_made_in_two_buffers_once_the_hessian_is_handed_over():
     n = 3072  # a matrix of 36 MB: above glibc's largest mmap threshold, so a freed one leaves the RSS
     weight, x, _ = _problem(rows=8, cols=n, tokens=2 * n, seed=5)
     hessian = Hessian(n)
@@ -175,11 +209,15 @@ def test_the_inverse_factor_is_made_in_two_buffers_once_the_hessian_is_handed_ov
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     P = hessian.matrix[order][:, order].double()
     P.diagonal().add_(0.01 * float(P.diagonal().mean()))
-    # U is the upper Cholesky factor of P^-1, whatever the order
+    # U = -R diag(R)^-1 with a unit diagonal, R upper triangular and P = R R^T, whatever the order:
+    # N = 2I - U is unit upper triangular and N^-1 P N^-T is diagonal (P's LDL factors)
     factor = gptq_module._factor(hessian.matrix, order, torch.diagonal(hessian.matrix).clone(), 0.01)
-    U = gptq_module._inverse_factor(factor).double()
-    assert torch.equal(U, U.triu())
-    assert torch.allclose(U.t() @ U, torch.linalg.inv(P), rtol=1e-3, atol=1e-3 * float(torch.linalg.inv(P).abs().max()))
+    U = gptq_module._error_weights(factor).double()
+    assert torch.equal(U, U.triu()) and bool((U.diagonal() == 1).all())
+    N = 2 * torch.eye(n, dtype=torch.float64) - U
+    D = torch.linalg.solve_triangular(N, torch.linalg.solve_triangular(N, P, upper=True).t(), upper=True)
+    off = D - torch.diag(D.diagonal())
+    assert float(off.abs().max()) < 1e-4 * float(D.diagonal().abs().max())
     # handed over, the Hessian is freed once factored: the solve's matrices never take more than
     # two [n, n] float32 buffers beyond what the weights take (the old path: five)
     config = QuantizationConfig(mode="nf4", method="gptq", gptq_scale_search=False)

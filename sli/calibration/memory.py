@@ -6,7 +6,7 @@ One layer's calibration goes through three phases, one after another:
    differs), every linear's Hessian, one chunk of activations running through the layer;
 2. the solve: the checkpoint tensors, the Hessians not yet solved, the factor of the one being
    solved (two ``[in, in]`` float32 buffers, :mod:`sli.quantization.gptq`) and one weight's
-   float32 copies (the weight, a slab of it transposed, the codec's temporaries);
+   float32 copies (the weight, a slab of it transposed and its errors, the codec's temporaries);
 3. the quantized pass: the layer dequantized in the pass dtype, one chunk of activations.
 
 Besides, the processor's shared modules and the kernels' runtime stay loaded. The chunk is
@@ -35,7 +35,7 @@ class CalibrationMemory:
     shared: int  # the processor's shared modules (the embedding rows the text reads) and the kernels' runtime
     layer: int  # the layer's checkpoint tensors, and their copy in the pass dtype when it differs
     hessians: int  # every linear's Hessian (an upper bound: linears reading one input share one)
-    solve: int  # the solve's most at once: the Hessians left, one factor and its inverse, one weight's copies
+    solve: int  # the solve's most at once: the Hessians left, one factor, one weight's copies
     per_token: int  # one token's activations through the layer (hidden states, MLP, attention, x^T x's input)
 
     def peak(self, chunk_tokens: int) -> int:
@@ -76,8 +76,8 @@ def calibration_memory(processor, index: int, pass_dtype: torch.dtype, window: i
     widest = max((i for i, _ in shapes), default=0)
     int8 = int8_hessians(processor.device)  # x^T x from int8 activations: their two copies, a block of the product
     solve = max((sum(hessians[n + 1:])  # the Hessians not solved yet
-                 + 2 * i * i * 4  # this one and its factor's buffer, then the buffer and the inverse factor
-                 + 2 * i * o * 4 + 4 * min(i * o, SOLVE_VALUES)  # the float32 weight, the codec's copy, a slab
+                 + 2 * i * i * 4  # this one and its factor's buffer
+                 + 2 * i * o * 4 + 8 * min(i * o, SOLVE_VALUES)  # the float32 weight, the codec's copy, a slab and its errors
                  for n, (i, o) in enumerate(shapes)), default=0)
     hidden = hf.text_config(processor.config).hidden_size
     heads, kv_heads, head_dim = attention_heads(processor.config)

@@ -411,9 +411,10 @@ def gptq_block(w: Tensor, u: Tensor, err: Tensor, groups: Tensor, scale: Tensor,
     """GPTQ's solve of a block of columns, in place: ``w`` float32 ``[columns, rows]`` (solve
     order, contiguous), each column rounded on its group's grid (``scale``, and for INT4 ``zero``,
     float32 ``[groups, rows]``; ``groups`` int64 ``[columns]``; a 16-level code's ``levels``:
-    ``(below, next_mid, sorted_code)``), ``err[j] = (w[j] - rounded) / u[j, j]``, and each column's
-    error spread onto the block's later ones through ``u`` (the inverse factor's ``[columns,
-    columns]`` block). Rows are independent: split across threads (:mod:`sli.kernels.gptq`)."""
+    ``(below, next_mid, sorted_code)``); ``err[j]``, column ``j``'s original values on entry,
+    becomes their rounding error, spread onto the block's later columns through ``u`` (the
+    ``[columns, columns]`` block of GPTQ's error weights, :mod:`sli.quantization.gptq`). Rows
+    are independent: split across threads (:mod:`sli.kernels.gptq`)."""
     rows = w.shape[1]
     work = w.shape[0] * w.shape[0] * rows // 2
     u = _np(u.contiguous())

@@ -141,17 +141,16 @@ def _spread_error(w, u, e, j, r0, r1):
 def gptq_block_int4(w, u, err, groups, scale, zero, start, stop):
     # rows start..stop of a block of columns w ([columns, rows], solve order, fp32), in place:
     # each column rounded on its rows' group grid (scale, zero: [groups, rows]; groups: a
-    # column's group), err[j] = (w[j] - rounded) / u[j, j], the error spread onto the block's
-    # later columns through u (the block of the inverse factor)
+    # column's group); err[j] holds column j's original values and becomes their rounding
+    # error, spread onto the block's later columns through u (GPTQ's error weights, LDLQ's form)
     for r0 in range(start, stop, TILE_ROWS):
         r1 = min(r0 + TILE_ROWS, stop)
         for j in range(w.shape[0]):
             wj, e = w[j, r0:r1], err[j, r0:r1]
             s, z = scale[groups[j], r0:r1], zero[groups[j], r0:r1]
-            d = u[j, j]
             for r in range(wj.shape[0]):
                 q = (min(max(np.rint(wj[r] / s[r]) + z[r], np.float32(0.0)), np.float32(15.0)) - z[r]) * s[r]
-                e[r] = (wj[r] - q) / d
+                e[r] -= q
                 wj[r] = q
             _spread_error(w, u, e, j, r0, r1)
 
@@ -165,10 +164,9 @@ def gptq_block_levels(w, u, err, groups, scale, below, next_mid, sorted_code, st
         r1 = min(r0 + TILE_ROWS, stop)
         for j in range(w.shape[0]):
             wj, e, s = w[j, r0:r1], err[j, r0:r1], scale[groups[j], r0:r1]
-            d = u[j, j]
             for r in range(wj.shape[0]):
                 q = sorted_code[_level_index(wj[r] / max(s[r], np.float32(1e-38)), below, next_mid, bins)] * s[r]
-                e[r] = (wj[r] - q) / d
+                e[r] -= q
                 wj[r] = q
             _spread_error(w, u, e, j, r0, r1)
 

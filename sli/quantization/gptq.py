@@ -5,8 +5,9 @@ al., 2022) quantizes ``W`` column by column and spreads each column's rounding e
 columns not yet quantized, weighted by the inverse of the Hessian ``H = 2 X^T X`` of the
 layer-wise loss ``||X W^T - X Wq^T||^2``. Here:
 
-- the Hessian is dampened (``gptq_damp`` of its mean diagonal on the diagonal), inverted through
-  its Cholesky factor, and the upper Cholesky factor of the inverse drives the updates;
+- the Hessian is dampened (``gptq_damp`` of its mean diagonal on the diagonal) and factored
+  once; the updates are weighted by that factor's columns, in the form of LDLQ (Chee et al.,
+  2023), which gives GPTQ's codes without inverting the Hessian (:func:`_error_weights`);
 - columns are solved ``gptq_block_size`` at a time, the rest of the weight updated by one
   matrix product per block. On CPU a block is one call of :func:`sli.kernels.gptq_block`
   (each column rounded and its error spread over the block's later columns, a tile of rows
@@ -284,42 +285,25 @@ def _factor(H: Tensor, order: Tensor, diagonal: Tensor, damp: float) -> Tensor:
     raise RuntimeError("GPTQ: the Hessian is not positive definite even with strong dampening")
 
 
-def _inverse_factor(factor: Tensor) -> Tensor:
-    """``U = R^-1`` from :func:`_factor`'s ``M^T`` (consumed): with ``R = J M J`` upper triangular,
-    ``P = R R^T``, so ``P^-1 = (R^-1)^T R^-1``: ``U`` is the upper Cholesky factor of ``P^-1``,
-    from one Cholesky and one triangular inverse (a third of the work of inverting ``P`` and
-    factoring the inverse). The reversed memory of ``M^T`` is ``R^T``, so its transposed view is
-    ``R`` in LAPACK's column-major layout, inverted in place (:func:`_invert_upper_`) into ``U``,
-    returned as that view. A 7B model's 11008-wide ``down_proj`` Hessian is 485 MB: the buffer
-    and a quarter of it at most."""
-    _reverse_in_place(factor)
-    U = factor.mT
-    _invert_upper_(U)
-    if not all(bool(torch.isfinite(factor[r:r + 256]).all()) for r in range(0, factor.shape[0], 256)):
-        raise RuntimeError("GPTQ: the Hessian's inverse factor is not finite; raise gptq_damp")
-    return U
+def _error_weights(factor: Tensor) -> Tensor:
+    """GPTQ's error weights from :func:`_factor`'s ``M^T`` (consumed): with ``R = J M J`` upper
+    triangular and ``P = R R^T``, ``U = -R diag(R)^-1`` with a unit diagonal. A column ``k``
+    is rounded after ``w_k + sum_{j<k} e_j (-U_jk)`` is added to it, ``e_j`` the rounding errors
+    of the original values of the columns before it.
 
-
-INVERT_BASE = 512  # triangular blocks inverted against an identity; larger ones by halves
-
-
-def _invert_upper_(R: Tensor) -> None:
-    """Upper triangular ``R`` replaced by its inverse: by halves, ``[[A, B], [0, C]]^-1 =
-    [[A^-1, -A^-1 B C^-1], [0, C^-1]]``, the corner from two triangular solves before the
-    halves are inverted the same way. n³/3 operations against n³ for one solve against the
-    identity (an 11008-wide factor, column-major: 1.5 s against 4.9 on the AMX Xeon)."""
-    n = R.shape[0]
-    if n <= INVERT_BASE:
-        R.copy_(torch.linalg.solve_triangular(R, torch.eye(n, dtype=R.dtype, device=R.device), upper=True))
-        return
-    h = n // 2
-    A, B, C = R[:h, :h], R[:h, h:], R[h:, h:]
-    corner = torch.linalg.solve_triangular(A, B, upper=True)  # A^-1 B
-    corner = torch.linalg.solve_triangular(C, corner, upper=True, left=False)  # A^-1 B C^-1
-    B.copy_(corner.neg_())
-    del corner
-    _invert_upper_(A)
-    _invert_upper_(C)
+    This is GPTQ in the form of LDLQ (Chee et al., 2023, QuIP, theorem 1): the same codes as the
+    paper's update through the Cholesky factor of ``P^-1``, without ``P^-1``. The triangular
+    inverse is gone (as much arithmetic as the factor's: 2.3 s of a 7B-shaped layer's solve on
+    the AMX Xeon). The reversed memory of ``M^T`` is ``R^T``: each of its rows is divided by
+    ``-`` its diagonal entry in place, and the transposed view, ``U`` in LAPACK's column-major
+    layout, is returned."""
+    _reverse_in_place(factor)  # now R^T
+    diagonal = factor.diagonal().clone()
+    if not bool(torch.isfinite(diagonal).all()) or bool((diagonal <= 0).any()):
+        raise RuntimeError("GPTQ: the Hessian's factor is not positive definite; raise gptq_damp")
+    factor.div_(diagonal.neg_()[:, None])
+    factor.diagonal().fill_(1.0)
+    return factor.mT
 
 
 def _gather_square(H: Tensor, order: Tensor, out: Tensor, slab_values: int = 1 << 19) -> None:
@@ -346,18 +330,19 @@ def _reverse_in_place(t: Tensor, chunk: int = 1 << 19) -> None:
 def _solve(Wt: Tensor, U: Tensor, grid: _Grid, rows: slice, group_of: Tensor, block: int) -> None:
     """GPTQ over the columns of ``W`` (its ``rows`` of the grid) in the order given, in place on
     ``Wt`` (``W`` transposed: a column is a contiguous row): each becomes its quantized value.
-    ``group_of``: each column's group (int64, solve order). A block of columns is solved by
-    :func:`sli.kernels.gptq_block` on CPU (one call), else by :func:`_solve_block`; the
-    columns after it are updated by one matrix product."""
+    ``U``: :func:`_error_weights`; ``group_of``: each column's group (int64, solve order). A block
+    of columns is solved by :func:`sli.kernels.gptq_block` on CPU (one call), else by
+    :func:`_solve_block`, on a copy of its original values that becomes its errors; the columns
+    after it are updated by one matrix product."""
     n = Wt.shape[0]
     scale_t = grid.col_scale[rows].t().contiguous()  # [groups, rows]
     zero_t = grid.zero[rows].t().contiguous() if grid.zero is not None else None
     fused = _on_kernels(Wt)
     groups = group_of.tolist() if not fused else None
+    errors = Wt.clone()  # the original values, each block's becoming its errors as it is solved
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        W1 = Wt[i1:i2]  # a view: updated in place
-        Err = torch.empty_like(W1)
+        W1, Err = Wt[i1:i2], errors[i1:i2]  # views: updated in place
         if fused:
             kernels.gptq_block(W1, U[i1:i2, i1:i2], Err, group_of[i1:i2], scale_t, zero_t,
                                None if grid.int4 else (grid.below, grid.next_mid, grid.sorted_code))
@@ -379,8 +364,7 @@ def _solve_block(W1: Tensor, U1: Tensor, Err: Tensor, groups: List[int], grid: _
             g = groups[j]
             q = grid.quantize(w, scale_t[g], zero_t[g] if zero_t is not None else None)
             err = Err[j]
-            torch.sub(w, q, out=err)
-            err.div_(U1[j, j])
+            err.sub_(q)  # the original value's error
             w.copy_(q)
             if j + 1 < j2:
                 W1[j + 1:j2].addr_(U1[j, j + 1:j2], err, alpha=-1)
@@ -393,7 +377,7 @@ def gptq_quantize(weights: Dict[str, Tensor], hessian: Union[Tensor, Hessian],
     """GPTQ-quantize linears that read the same inputs (``weights``: name → ``[out, in]``, one
     ``in``) against their inputs' Hessian ``sum x^T x`` (``[in, in]``): a tensor, left as it
     is, or a :class:`Hessian`, whose matrix is taken (:meth:`Hessian.take`) and freed once
-    factored, before the factor's inverse is made (a 7B model's ``down_proj`` Hessian: 485 MB).
+    factored, before the solve (a 7B model's ``down_proj`` Hessian: 485 MB).
 
     The Hessian's factor and the column order are computed once for all of them; each weight
     gets its own scales (NF4/FP4: its own double-quantized maxima, as the codec stores them) and is
@@ -426,8 +410,8 @@ def gptq_quantize(weights: Dict[str, Tensor], hessian: Union[Tensor, Hessian],
     importance = diagonal.clone()
     importance[dead] = 0.0
     factor = _factor(H, perm, diagonal, float(config.gptq_damp))
-    del H  # the caller's Hessian, when it was handed over: freed before the inverse is made
-    U = _inverse_factor(factor)
+    del H  # the caller's Hessian, when it was handed over: freed before the solve
+    U = _error_weights(factor)  # a view of the factor's buffer
     del factor
     group_of = perm // group
     inverse_perm = torch.argsort(perm)
