@@ -19,7 +19,8 @@ Rows above 16 are a prompt's (bfloat16 on a CPU with AMX or AVX-512 BF16, INT8 i
 takes without it (dequantize in chunks into a reused scratch buffer, then a matrix product):
 where each codec's ``fused_max_rows`` comes from.
 ``--from-ram N`` times one row through N distinct copies of each weight instead (past the
-last-level cache) against a 1 GiB float32 read: how far each kernel is from the memory floor,
+last-level cache) against a 1 GiB float32 read (torch.sum or a numba loop, the faster): how far
+each kernel is from the memory floor,
 the read timed again before each mode in each of ``--floor-rounds`` rounds (a warning names the
 N that clears twice the last-level cache; the 2-core Xeons here report 480 MiB of L3).
 """
@@ -89,17 +90,42 @@ def forced_env(**values):
                 os.environ[k] = v
 
 
+def _numba_read():
+    """A float32 sum in a numba loop, split across the threads, as a second reader of the floor:
+    ``torch.sum`` alone read slower than sli's INT8 kernel reads its weight (docs/benchmarks.md)."""
+    import numba
+    import numpy as np
+
+    @numba.njit(parallel=True, fastmath=True)
+    def read(values):
+        parts = numba.get_num_threads()
+        step = values.shape[0] // parts
+        sums = np.zeros(parts, np.float32)
+        for p in numba.prange(parts):
+            total = np.float32(0.0)
+            for i in range(p * step, (p + 1) * step):
+                total += values[i]
+            sums[p] = total
+        return sums.sum()
+
+    return read
+
+
 def from_ram(weight: torch.Tensor, modes, copies: int, repeats: int, rounds: int = 1) -> None:
     """1 row times ``copies`` distinct copies of each mode's weight (so they come from RAM, not
-    the last-level cache), against the time a 1 GiB float32 read takes for the same bytes.
+    the last-level cache), against the time a 1 GiB float32 read takes for the same bytes (the faster of ``torch.sum``
+    and a numba loop).
 
     The read is timed again right before each mode's kernel, ``rounds`` times over: the machine's
     bandwidth moves 1.5x within minutes, so each ratio pairs two timings seconds apart, and the
     median of the rounds' ratios is the figure."""
     big = torch.ones(256 * 1024 * 1024, dtype=torch.float32)
+    numba_read = _numba_read()
+    array = big.numpy()
 
-    def floor_bytes_per_s() -> float:
-        return big.numel() * 4 / (median_ms(lambda: big.sum(), repeats) / 1e3)
+    def floor_bytes_per_s() -> float:  # the faster of two readers: torch.sum and a numba loop
+        fastest = min(median_ms(lambda: big.sum(), repeats), median_ms(lambda: numba_read(array), repeats))
+        return big.numel() * 4 / (fastest / 1e3)
 
     x = torch.randn(1, weight.shape[1])
     prepared = {}
@@ -116,7 +142,8 @@ def from_ram(weight: torch.Tensor, modes, copies: int, repeats: int, rounds: int
         print(f"warning: {copies} copies of the smallest weight are {smallest / 2**20:.0f} MiB, under twice the "
               f"{l3 / 2**20:.0f} MiB last-level cache: raise --from-ram to {-(-2 * l3 * copies // smallest)} "
               "for a read from RAM")
-    print(f"{copies} copies of each weight; the memory read floor (1 GiB float32 sum) timed before each "
+    print(f"{copies} copies of each weight; the memory read floor (1 GiB float32 sum, torch's or numba's, "
+          f"the faster) timed before each "
           f"mode, {rounds} round(s)")
     print()
     print("| mode | ms per weight | GB/s | read floor GB/s | ÷ read floor, each round | median ÷ floor |")

@@ -6,7 +6,7 @@ One layer's calibration goes through three phases, one after another:
    differs), every linear's Hessian, one chunk of activations running through the layer;
 2. the solve: the checkpoint tensors, the Hessians not yet solved, the factor of the one being
    solved (two ``[in, in]`` float32 buffers, :mod:`sli.quantization.gptq`) and one weight's
-   float32 copies (the weight, a slab of it transposed and its errors, the codec's temporaries);
+   float32 copies (the weight, a slab of it transposed, the codec's temporaries);
 3. the quantized pass: the layer dequantized in the pass dtype, one chunk of activations.
 
 Besides, the processor's shared modules and the kernels' runtime stay loaded. The chunk is
@@ -77,7 +77,7 @@ def calibration_memory(processor, index: int, pass_dtype: torch.dtype, window: i
     int8 = int8_hessians(processor.device)  # x^T x from int8 activations: their two copies, a block of the product
     solve = max((sum(hessians[n + 1:])  # the Hessians not solved yet
                  + 2 * i * i * 4  # this one and its factor's buffer
-                 + 2 * i * o * 4 + 8 * min(i * o, SOLVE_VALUES)  # the float32 weight, the codec's copy, a slab and its errors
+                 + 2 * i * o * 4 + 4 * min(i * o, SOLVE_VALUES)  # the float32 weight, the codec's copy, a slab
                  for n, (i, o) in enumerate(shapes)), default=0)
     hidden = hf.text_config(processor.config).hidden_size
     heads, kv_heads, head_dim = attention_heads(processor.config)

@@ -327,22 +327,23 @@ def _reverse_in_place(t: Tensor, chunk: int = 1 << 19) -> None:
         tail.copy_(saved)
 
 
-def _solve(Wt: Tensor, U: Tensor, grid: _Grid, rows: slice, group_of: Tensor, block: int) -> None:
-    """GPTQ over the columns of ``W`` (its ``rows`` of the grid) in the order given, in place on
-    ``Wt`` (``W`` transposed: a column is a contiguous row): each becomes its quantized value.
-    ``U``: :func:`_error_weights`; ``group_of``: each column's group (int64, solve order). A block
-    of columns is solved by :func:`sli.kernels.gptq_block` on CPU (one call), else by
-    :func:`_solve_block`, on a copy of its original values that becomes its errors; the columns
-    after it are updated by one matrix product."""
+def _solve(Wt: Tensor, U: Tensor, grid: _Grid, rows: slice, group_of: Tensor, block: int, original: Tensor,
+           order: Tensor) -> None:
+    """GPTQ over the columns of ``W`` (its ``rows`` of the grid) in ``order``, in place on ``Wt``
+    (``W[:, order]`` transposed: a column is a contiguous row): each becomes its quantized value.
+    ``U``: :func:`_error_weights`; ``group_of``: each column's group (int64, solve order);
+    ``original``: the slab's rows of ``W`` as they were, whose columns become each block's errors.
+    A block of columns is solved by :func:`sli.kernels.gptq_block` on CPU (one call), else by
+    :func:`_solve_block`; the columns after it are updated by one matrix product."""
     n = Wt.shape[0]
     scale_t = grid.col_scale[rows].t().contiguous()  # [groups, rows]
     zero_t = grid.zero[rows].t().contiguous() if grid.zero is not None else None
     fused = _on_kernels(Wt)
     groups = group_of.tolist() if not fused else None
-    errors = Wt.clone()  # the original values, each block's becoming its errors as it is solved
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        W1, Err = Wt[i1:i2], errors[i1:i2]  # views: updated in place
+        W1 = Wt[i1:i2]  # a view: updated in place
+        Err = original.index_select(1, order[i1:i2]).t().contiguous()  # becomes the block's errors
         if fused:
             kernels.gptq_block(W1, U[i1:i2, i1:i2], Err, group_of[i1:i2], scale_t, zero_t,
                                None if grid.int4 else (grid.below, grid.next_mid, grid.sorted_code))
@@ -428,7 +429,7 @@ def gptq_quantize(weights: Dict[str, Tensor], hessian: Union[Tensor, Hessian],
         for r0 in range(0, W.shape[0], slab):
             rows = slice(r0, min(r0 + slab, W.shape[0]))
             Wt = W[rows].index_select(1, perm).t().contiguous()  # [columns in solve order, rows]
-            _solve(Wt, U, grid, rows, group_of, int(config.gptq_block_size))
+            _solve(Wt, U, grid, rows, group_of, int(config.gptq_block_size), W[rows], perm)
             W[rows] = Wt.index_select(0, inverse_perm).t()  # the quantized values, in the original column order
             del Wt
         out[name] = grid.finish(config, W[:, :cols], slice(None), weight.dtype)
