@@ -337,11 +337,13 @@ def test_streamed_calibration_fills_the_cache_resumes_and_generates(tiny, tmp_pa
 
 
 @pytest.mark.parametrize("sequential, pass_dtype, compiled", [(False, "float32", False), (True, "float32", False),
-                                                               (False, "bfloat16", False), (False, "bfloat16", True)])
+                                                               (False, "bfloat16", False), (False, "bfloat16", True),
+                                                               (True, "bfloat16", True)])
 def test_calibrated_layers_track_the_float_model_better_than_rtn(tiny, tmp_path, sequential, pass_dtype, compiled,
                                                                  monkeypatch):
     # SLI_PROMPT_DTYPE: the passes in bfloat16 (a CPU with matrix units) or float32 (any other);
-    # compiled: the passes through torch.compile, as a large model's run (hooks and stops included)
+    # compiled: the passes through torch.compile, as a large model's run (hooks and stops included;
+    # sequential: a stage's hooks at other linears than the stage before, each layout compiled)
     from sli import calibration
     from sli.evaluation import load_eval_text
 
