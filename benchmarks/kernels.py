@@ -19,10 +19,10 @@ Rows above 16 are a prompt's (bfloat16 on a CPU with AMX or AVX-512 BF16, INT8 i
 takes without it (dequantize in chunks into a reused scratch buffer, then a matrix product):
 where each codec's ``fused_max_rows`` comes from.
 ``--from-ram N`` times one row through N distinct copies of each weight instead (past the
-last-level cache) against a 1 GiB float32 read (torch.sum or a numba loop, the faster): how far
-each kernel is from the memory floor,
-the read timed again before each mode in each of ``--floor-rounds`` rounds (a warning names the
-N that clears twice the last-level cache; the 2-core Xeons here report 480 MiB of L3).
+last-level cache) against a 1 GiB float32 read (``torch.sum`` or a numba loop, the faster): how
+far each kernel is from the memory floor, the read timed again before each mode in each of
+``--floor-rounds`` rounds (a warning names the N that clears twice the last-level cache; the
+2-core Xeons here report 480 MiB of L3).
 """
 import argparse
 import contextlib
@@ -113,8 +113,8 @@ def _numba_read():
 
 def from_ram(weight: torch.Tensor, modes, copies: int, repeats: int, rounds: int = 1) -> None:
     """1 row times ``copies`` distinct copies of each mode's weight (so they come from RAM, not
-    the last-level cache), against the time a 1 GiB float32 read takes for the same bytes (the faster of ``torch.sum``
-    and a numba loop).
+    the last-level cache), against the time a 1 GiB float32 read takes for the same bytes (the
+    faster of ``torch.sum`` and a numba loop).
 
     The read is timed again right before each mode's kernel, ``rounds`` times over: the machine's
     bandwidth moves 1.5x within minutes, so each ratio pairs two timings seconds apart, and the
@@ -143,8 +143,7 @@ def from_ram(weight: torch.Tensor, modes, copies: int, repeats: int, rounds: int
               f"{l3 / 2**20:.0f} MiB last-level cache: raise --from-ram to {-(-2 * l3 * copies // smallest)} "
               "for a read from RAM")
     print(f"{copies} copies of each weight; the memory read floor (1 GiB float32 sum, torch's or numba's, "
-          f"the faster) timed before each "
-          f"mode, {rounds} round(s)")
+          f"the faster) timed before each mode, {rounds} round(s)")
     print()
     print("| mode | ms per weight | GB/s | read floor GB/s | ÷ read floor, each round | median ÷ floor |")
     print("|---|---|---|---|---|---|")

@@ -295,7 +295,7 @@ def _error_weights(factor: Tensor) -> Tensor:
     paper's update through the Cholesky factor of ``P^-1``, without ``P^-1``. The triangular
     inverse is gone (as much arithmetic as the factor's: 2.3 s of a 7B-shaped layer's solve on
     the AMX Xeon). The reversed memory of ``M^T`` is ``R^T``: each of its rows is divided by
-    ``-`` its diagonal entry in place, and the transposed view, ``U`` in LAPACK's column-major
+    minus its diagonal entry in place, and the transposed view, ``U`` in LAPACK's column-major
     layout, is returned."""
     _reverse_in_place(factor)  # now R^T
     diagonal = factor.diagonal().clone()
