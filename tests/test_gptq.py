@@ -143,13 +143,19 @@ def test_the_column_block_kernel_solves_as_the_torch_operations_do(mode, monkeyp
     assert abs(fused_error - plain_error) < 0.01 * plain_error
 
 
+def _ordered_dampened(H, order):
+    """``H`` in float64, its rows and columns in ``order``, with the preset's 1% dampening: the
+    matrix GPTQ factors."""
+    P = H[order][:, order].double()
+    P.diagonal().add_(0.01 * float(P.diagonal().mean()))
+    return P
+
+
 def _textbook_gptq(weight, H, grid, order):
     """GPTQ as its paper writes it, in float64: columns in ``order``, each rounded on ``grid``
     (``_Grid.quantize``) and its error, divided by the diagonal of the upper Cholesky factor of
     ``H^-1``, subtracted from the later columns through that factor's row."""
-    P = H[order][:, order].double()
-    P.diagonal().add_(0.01 * float(P.diagonal().mean()))
-    C = torch.linalg.cholesky(torch.linalg.inv(P), upper=True)
+    C = torch.linalg.cholesky(torch.linalg.inv(_ordered_dampened(H, order)), upper=True)
     W = weight.double()[:, order].clone()
     groups = (order // grid.group).tolist()
     for j in range(W.shape[1]):
@@ -211,8 +217,7 @@ def test_the_error_weights_are_made_in_two_buffers_once_the_hessian_is_handed_ov
     hessian = Hessian(n)
     hessian.add(x)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    P = hessian.matrix[order][:, order].double()
-    P.diagonal().add_(0.01 * float(P.diagonal().mean()))
+    P = _ordered_dampened(hessian.matrix, order)
     # U = -R diag(R)^-1 with a unit diagonal, R upper triangular and P = R R^T, whatever the order:
     # N = 2I - U is unit upper triangular and N^-1 P N^-T is diagonal (P's LDL factors)
     factor = gptq_module._factor(hessian.matrix, order, torch.diagonal(hessian.matrix).clone(), 0.01)
@@ -347,7 +352,7 @@ def test_calibrated_layers_track_the_float_model_better_than_rtn(tiny, tmp_path,
                                                                  monkeypatch):
     # SLI_PROMPT_DTYPE: the passes in bfloat16 (a CPU with matrix units) or float32 (any other);
     # compiled: the passes through torch.compile, as a large model's run (hooks and stops included;
-    # sequential: a stage's hooks at other linears than the stage before, each layout compiled)
+    # sequential: each stage's hooks at other linears than the stage's before)
     from sli import calibration
     from sli.evaluation import load_eval_text
 
