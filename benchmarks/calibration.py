@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2,
                         help="decoder layers of the model (3: layer 1 is a whole layer once both passes are compiled)")
     args = parser.parse_args()
+    if args.layers < 1:
+        parser.error(f"--layers {args.layers}: give 1 or more (3 times a whole layer once compiled)")
     work = Path(args.work or tempfile.mkdtemp(prefix="sli-calib-bench-"))
     model = work / f"{args.preset}-{args.layers}layers"
     if not (model / "config.json").is_file():
