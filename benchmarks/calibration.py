@@ -17,7 +17,8 @@ its imports) and the calibration's own estimate of what it holds.
 
     python benchmarks/calibration.py --tokens 4096 --mode nf4 --budget-gb 2
 
-calibrates under a memory budget (``memory_budget_gb``: the chunks are sized to it). The
+calibrates under a memory budget (``memory_budget_gb``: the chunks are sized to it).
+``--asymmetric 0`` times plain GPTQ (no pass of the float model beside the quantized one). The
 cache starts empty each run.
 """
 from __future__ import annotations
@@ -43,11 +44,15 @@ def main() -> None:
     parser.add_argument("--mode", default="int4", choices=["int4", "nf4", "fp4"])
     parser.add_argument("--preset", default="7b", help="sli.synth preset of the layer's shapes")
     parser.add_argument("--sequential", action="store_true", help="gptq_sequential=True")
+    parser.add_argument("--asymmetric", type=float, default=QuantizationConfig.gptq_asymmetric, metavar="A",
+                        help="gptq_asymmetric (default %(default)s; 0: plain GPTQ, no float model's pass)")
     parser.add_argument("--work", help="folder for the model and the cache (default: a temporary one)")
     parser.add_argument("--budget-gb", type=float, default=None, help="memory_budget_gb of the processor")
     parser.add_argument("--layers", type=int, default=2,
                         help="decoder layers of the model (3: layer 1 is a whole layer once both passes are compiled)")
     args = parser.parse_args()
+    if not 0 <= args.asymmetric <= 1:
+        parser.error(f"--asymmetric {args.asymmetric}: give a fraction from 0 to 1")
     if args.layers < 1:
         parser.error(f"--layers {args.layers}: give 1 or more (3 times a whole layer once compiled)")
     work = Path(args.work or tempfile.mkdtemp(prefix="sli-calib-bench-"))
@@ -55,7 +60,7 @@ def main() -> None:
     if not (model / "config.json").is_file():
         synth_model(model, family="llama", preset=args.preset, num_layers=args.layers, with_tokenizer=True)
     config = QuantizationConfig(mode=args.mode, method="gptq", calibration_tokens=args.tokens, calibration_window=512,
-                                gptq_sequential=args.sequential)
+                                gptq_sequential=args.sequential, gptq_asymmetric=args.asymmetric)
     report: list = []
     shutil.rmtree(work / "cache", ignore_errors=True)
     before_mb = _status_kb("VmRSS:") / 1024
@@ -70,7 +75,8 @@ def main() -> None:
     scale = 65536 / args.tokens
     once = ("load_s", "groups_s", "solve_s", "store_s", "build_s")  # a layer's, whatever its token count
     estimate = sum(layer.get(k, 0) for k in once) + scale * (layer.get("hessians_s", 0) + layer.get("forward_s", 0))
-    print(json.dumps({"preset": args.preset, "mode": args.mode, "tokens": args.tokens, "threads": torch.get_num_threads(),
+    print(json.dumps({"preset": args.preset, "mode": args.mode, "tokens": args.tokens, "asymmetric": args.asymmetric,
+                      "threads": torch.get_num_threads(),
                       "layer": {k: round(v, 2) for k, v in layer.items()},
                       "later_layers": [{k: round(v, 2) for k, v in later.items()} for later in report[1:]],
                       "compiled_layer_wall_s": round(report[1]["total_s"], 1) if len(report) > 2 else None,

@@ -198,6 +198,46 @@ def test_linears_sharing_an_input_solve_as_one_matrix():
         assert torch.equal(joint["b"].tensors[name], tensor), name
 
 
+@pytest.mark.parametrize("mode", FOUR_BIT)
+def test_asymmetric_gptq_is_gptq_of_the_weight_moved_toward_the_float_model_s_outputs(mode):
+    # the quantized model's inputs x drifted from the float model's f: each linear is fitted toward
+    # f W^T, the float model's outputs: GPTQ of W + alpha (W D^T H^-1), D = x^T (f - x)
+    weight, x, H = _problem(rows=64, cols=256, seed=7)
+    g = torch.Generator().manual_seed(8)  # a drift mostly linear in x (what a weight can undo), and noise
+    f = x + 0.3 * x @ torch.randn(256, 256, generator=g) / 16 + 0.05 * torch.randn(x.shape, generator=g) * x.std(dim=0)
+    drift = gptq_module.InputDrift(256)
+    drift.add(x, f)
+    D = x.t() @ (f - x)
+    assert torch.allclose(drift.sums, D, rtol=1e-4, atol=1e-3 * float(D.abs().max()))
+    config = QuantizationConfig(mode=mode, method="gptq", gptq_asymmetric=0.25)
+    plain = dataclasses.replace(config, gptq_asymmetric=0.0)
+    ours = gptq_quantize({"w": weight}, H, config, drift=drift)["w"]
+    assert drift.sums is None  # handed over
+    dampened = H.double() + config.gptq_damp * float(H.diagonal().mean()) * torch.eye(256, dtype=torch.float64)
+    moved = weight.double() + 0.25 * torch.linalg.solve(dampened, D.double() @ weight.double().t()).t()
+    reference = gptq_quantize({"w": moved.float()}, H, plain)["w"]
+
+    def codes(q):  # each value's 4-bit code (NF4/FP4 maxima differ in their last bits: compare codes)
+        packed = q.tensors["weight"].reshape(-1)
+        return torch.stack([packed >> 4, packed & 15])
+
+    assert float((codes(ours) == codes(reference)).float().mean()) > 0.99
+    # the whole correction: much closer to the float model's outputs than plain GPTQ on the drifted inputs
+    codec = codec_for(mode)
+    target = f @ weight.float().t()
+
+    def error(q):
+        return float((x @ codec.dequantize(q, torch.float32).t() - target).square().sum())
+
+    whole = gptq_quantize({"w": weight}, H, dataclasses.replace(config, gptq_asymmetric=1.0), drift=D)["w"]
+    assert error(whole) < 0.5 * error(gptq_quantize({"w": weight}, H, plain)["w"])
+    # no drift, or alpha 0: plain GPTQ's bytes
+    for q in (gptq_quantize({"w": weight}, H, config, drift=torch.zeros(256, 256)),
+              gptq_quantize({"w": weight}, H, plain, drift=D)):
+        expected = gptq_quantize({"w": weight}, H, plain)["w"]
+        assert all(torch.equal(q["w"].tensors[k], v) for k, v in expected.tensors.items())
+
+
 def _peak_rss_bytes_during(fn):
     """(fn's result, how far the process's peak RSS rose above its RSS before ``fn``)."""
     def status(field):
@@ -260,7 +300,8 @@ def test_rtn_fingerprints_are_unchanged_and_gptq_ones_differ():
     assert dataclasses.replace(rtn, gptq_damp=0.1, calibration_tokens=64).fingerprint() == rtn.fingerprint()
     for change in ({"gptq_damp": 0.1}, {"gptq_block_size": 64}, {"gptq_act_order": False},
                    {"gptq_scale_search": False}, {"calibration": "sha256:0123456789abcdef"},
-                   {"calibration_tokens": 1024}, {"calibration_window": 256}, {"group_size": 64}):
+                   {"calibration_tokens": 1024}, {"calibration_window": 256}, {"group_size": 64},
+                   {"gptq_asymmetric": 0.0}):
         assert dataclasses.replace(gptq, **change).fingerprint() != gptq.fingerprint(), change
     assert QuantizationConfig.from_dict(json.loads(json.dumps(gptq.to_dict()))) == gptq
 
@@ -270,6 +311,7 @@ def test_rtn_fingerprints_are_unchanged_and_gptq_ones_differ():
     ({"mode": "int4", "method": "awq"}, "method"),
     ({"mode": "int4", "method": "gptq", "gptq_damp": 1.5}, "gptq_damp"),
     ({"mode": "int4", "method": "gptq", "calibration_tokens": 8}, "calibration_tokens"),
+    ({"mode": "nf4", "method": "gptq", "gptq_asymmetric": 1.5}, "gptq_asymmetric"),
 ])
 def test_invalid_calibrated_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -343,6 +385,47 @@ def test_streamed_calibration_fills_the_cache_resumes_and_generates(tiny, tmp_pa
         # the processor streams the calibrated entries (a miss would raise: GPTQ never rounds silently)
         out = proc.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=4)
         assert out.shape == (1, 4)
+
+
+def test_asymmetric_calibration_runs_the_float_model_beside_the_quantized_one(tiny, tmp_path, monkeypatch):
+    from sli import calibration
+    from sli.calibration.activations import Activations
+
+    entries = {}
+    for alpha in (0.0, 0.25):
+        with UniversalSLIProcessor(tiny, _config(gptq_asymmetric=alpha), cache_dir=tmp_path / str(alpha),
+                                   device="cpu") as proc:
+            assert calibration.calibrate(proc, progress=False) == 3
+            entries[alpha] = _entries(proc)
+    plain, moved = entries[0.0], entries[0.25]
+
+    def same(a, b):
+        return all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+    assert same(plain[0], moved[0])  # layer 0: both models' inputs are the embeddings, no drift
+    assert not same(plain[1], moved[1]) and not same(plain[2], moved[2])
+
+    # killed after layer 1's float inputs were committed but not the model's (between the two
+    # commits): the float model's inputs of layer 1 are gone, so it starts again from layer 0,
+    # whose entry it keeps (only its float pass runs again), and ends with the same bytes
+    real_commit = Activations.commit
+
+    def commit(self, layer, chunks):
+        if layer == 2 and self.root.name != "float":
+            raise KeyboardInterrupt
+        return real_commit(self, layer, chunks)
+
+    with UniversalSLIProcessor(tiny, _config(), cache_dir=tmp_path / "killed", device="cpu") as proc:
+        monkeypatch.setattr(Activations, "commit", commit)
+        with pytest.raises(KeyboardInterrupt):
+            calibration.calibrate(proc, progress=False)
+        work = next((tmp_path / "killed" / "calibration").iterdir())
+        assert json.loads((work / "state.json").read_text())["layer"] == 1
+        state = json.loads((work / "float" / "state.json").read_text())
+        (work / "float" / "state.json").write_text(json.dumps({**state, "layer": 0}))  # behind the model's
+        monkeypatch.setattr(Activations, "commit", real_commit)
+        assert calibration.calibrate(proc, progress=False) == 1  # layer 2 (layers 0 and 1 are cached)
+        assert all(same(a, b) for a, b in zip(moved, _entries(proc)))
 
 
 @pytest.mark.parametrize("sequential, pass_dtype, compiled", [(False, "float32", False), (True, "float32", False),
@@ -491,7 +574,7 @@ def test_a_memory_budget_sizes_the_calibration_s_chunks_and_one_too_small_is_ref
                                memory_budget_gb=budget_gb) as proc:
         assert proc.prewarm(progress=False) == 3
     assert {tuple(shape[:2]) for shape in written} == {(1, window)}
-    assert len(written) == 3 * tokens // window  # layers 0, 1 and 2's inputs
+    assert len(written) == 2 * 3 * tokens // window  # layers 0, 1 and 2's inputs, the model's and the float model's
     # a budget below one window's: refused before anything is written, naming the budget that fits
     with UniversalSLIProcessor(tiny, _config(), cache_dir=tmp_path / "small", device="cpu",
                                memory_budget_gb=plan.peak(window) / 2 ** 30 * 0.9) as proc:
@@ -629,9 +712,9 @@ def test_the_hessian_pass_stops_as_the_last_linear_s_input_arrives(tiny, tmp_pat
         assert groups[-1] == ["mlp.down_proj"]
         ran = []
         layer.mlp.down_proj.register_forward_hook(lambda *a: ran.append(1))
-        hessians = layer_solve._hessians(layer, groups, None, lambda chunk: hidden, [(0, per_layer[0])] * 2,
-                                         torch.device("cpu"))
-    assert ran == []  # down_proj's product is never computed, its input's Hessian is
+        hessians, drifts = layer_solve._hessians(layer, groups, None, lambda chunk: hidden, [(0, per_layer[0])] * 2,
+                                                 torch.device("cpu"))
+    assert ran == [] and drifts is None  # down_proj's product is never computed, its input's Hessian is
     assert [h.tokens for h in hessians] == [64] * len(groups)
     assert all(bool(h.matrix.diagonal().gt(0).all()) for h in hessians)
 

@@ -14,9 +14,15 @@ the chunk sized to the processor's memory budget (:mod:`.memory`):
    GPTQ-quantized (:mod:`sli.quantization.gptq`) into the codec's ordinary bytes and the entry
    is stored under the config's fingerprint; then the activations go through the **quantized**
    layer ``i`` and become layer ``i+1``'s inputs.
+3. with ``gptq_asymmetric`` (the default), the float model's own activations run beside them:
+   each chunk goes through the float layer ``i`` on the float model's inputs first, each
+   linear's input there is set against its input in the pass above (the drift, summed like
+   the Hessian), and the float layer's outputs are the float model's inputs of layer ``i+1``.
+   GPTQ then fits each linear toward the float model's outputs (:mod:`sli.quantization.gptq`).
 
 The activations between layers live on disk, under ``<cache_dir>/calibration/<model>-<fingerprint>``
-(``state.json`` says which layer they feed), one chunk read at a time. A calibration killed
+(``state.json`` says which layer they feed; the float model's in ``float/`` beside them), one
+chunk read at a time. A calibration killed
 at any point resumes at the layer whose inputs are stored; layers already in the cache are
 not solved again (only run, to make the next layer's inputs). The folder is removed at the end.
 
@@ -42,7 +48,7 @@ from ..quantization import dequantize_cached
 from ..settings import GB
 from .activations import Activations
 from .layer_inputs import LayerArgs, compiled, layer_inputs, run_layer
-from .layer_solve import layer_module, pass_dtype, quantize_layer
+from .layer_solve import advance_floats, layer_module, pass_dtype, quantize_layer
 from .memory import CalibrationMemory, calibration_memory
 from .text import (calibration_config, calibration_id, calibration_settings, calibration_windows,
                    default_calibration_text)
@@ -113,17 +119,25 @@ def calibrate(processor, text: Union[None, str, Path] = None, *, progress: bool 
     root = Path(work_dir) if work_dir is not None else Path(cache.cache_dir) / "calibration" / (
         f"{model_id}-{quantizer.fingerprint()}")
     activations = Activations(root, signature)
+    asymmetric = any(c.calibrated and float(c.gptq_asymmetric) > 0 for c in quantizer.configs())
+    floats = Activations(root / "float", signature) if asymmetric else None  # the float model's
 
     args_by_size: Dict[int, List[LayerArgs]] = {}  # chunk size → each layer's arguments
     start = activations.resume_layer()
     if start is not None and not all(cache.contains(model_id, i, quantizer) for i in range(start)):
         start = None  # an earlier layer left the cache: its entry must be made again, from layer 0
+    if start is not None and floats is not None and floats.resume_layer() != start:
+        start = None  # killed between the two commits of a layer: the float model's inputs are gone
     if start is None:
         for c, (s, e) in enumerate(bounds):
             hidden, layer_args = layer_inputs(processor, ids[s:e])
             args_by_size.setdefault(e - s, layer_args)
             activations.write(0, c, hidden)
+            if floats is not None:
+                floats.write(0, c, hidden)
         activations.commit(0, len(bounds))
+        if floats is not None:
+            floats.commit(0, len(bounds))
         start = 0
     else:
         logger.info("calibration of %s resumes at layer %d (activations in %s)", model_id, start, root)
@@ -140,15 +154,18 @@ def calibrate(processor, text: Union[None, str, Path] = None, *, progress: bool 
             timing: Dict[str, float] = {"layer": index}
             chunks = [(c, args_by_size[e - s][index]) for c, (s, e) in enumerate(bounds)]
             cached = cache.get(model_id, index, quantizer, mapped=False)
+            next_floats = floats is not None and index + 1 < num_layers
             if cached is None:  # solve it: Hessians from the float layer on its inputs, then GPTQ
                 state = processor._checkpoint_state(index)
                 timing["load_s"] = time.perf_counter() - t0
-                cached = quantize_layer(processor, index, state, activations, chunks, timing)
+                cached = quantize_layer(processor, index, state, activations, chunks, timing, floats, next_floats)
                 del state
                 t1 = time.perf_counter()
                 cache.put(model_id, index, quantizer, cached, memory=False)
                 timing["store_s"] = time.perf_counter() - t1
                 added += 1
+            elif next_floats:  # in the cache already: only the float model's activations move on
+                advance_floats(processor, index, processor._checkpoint_state(index), floats, chunks)
             t1 = time.perf_counter()
             dtype = pass_dtype(processor)
             layer = layer_module(processor, index, dequantize_cached(cached, dtype))
@@ -163,6 +180,8 @@ def calibrate(processor, text: Union[None, str, Path] = None, *, progress: bool 
                     activations.write(index + 1, chunk, run_layer(runs, hidden, kwargs))
                 del runs
                 activations.commit(index + 1, len(chunks))
+                if floats is not None:
+                    floats.commit(index + 1, len(chunks))
             del layer
             timing["forward_s"] = time.perf_counter() - t1
             timing["total_s"] = time.perf_counter() - t0
@@ -171,6 +190,8 @@ def calibrate(processor, text: Union[None, str, Path] = None, *, progress: bool 
                 report.append(timing)
             logger.debug("calibration of layer %d: %s", index,
                          ", ".join(f"{k} {v:.2f}" for k, v in timing.items() if k != "layer"))
+    if floats is not None:
+        floats.remove()
     activations.remove()
     logger.info("calibrated %d layers of %s in %.1f s", added, model_id, time.perf_counter() - t_start)
     return added

@@ -1,11 +1,12 @@
 """One decoder layer's calibration: its float module, the Hessians of its linears' inputs
-(linears reading one tensor share one), and the GPTQ solve into the codec's bytes."""
+(linears reading one tensor share one; with ``gptq_asymmetric``, their drift from the float
+model's inputs too), and the GPTQ solve into the codec's bytes."""
 from __future__ import annotations
 
 import copy
 import logging
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ from torch import nn
 from .. import kernels
 from ..errors import SLIError
 from ..quantization import QuantizedTensor, codec_for
-from ..quantization.gptq import Hessian, gptq_quantize, supports
+from ..quantization.gptq import Hessian, InputDrift, gptq_quantize, supports
 from ..quantization.modules import is_conv1d
 from .activations import Activations
 from .layer_inputs import LayerArgs, Stop, compiled, eager_hook, run_layer
@@ -80,38 +81,77 @@ def _has_windows(kwargs: LayerArgs, windows: int) -> bool:
     return windowed(kwargs.args) or windowed(tuple(kwargs.kwargs.values()))
 
 
+class FloatPass:
+    """The float model's side of a layer's passes (``gptq_asymmetric``): ``layer`` holds the
+    layer's float weights (the layer being quantized itself, unless earlier linears of it are
+    already rounded), ``read(chunk)`` gives the float model's inputs of the layer, and
+    ``write(chunk, out)``, where given, stores the float layer's outputs for the next layer."""
+
+    def __init__(self, layer: nn.Module, read: Callable[[int], torch.Tensor],
+                 write: Optional[Callable[[int, torch.Tensor], None]]) -> None:
+        self.layer, self.read, self.write = layer, read, write
+
+
 def _hessians(layer: nn.Module, groups: List[List[str]], stop_after: Optional[str], read, chunks,
-              device: torch.device) -> List[Hessian]:
+              device: torch.device, floats: Optional[FloatPass] = None
+              ) -> Tuple[List[Hessian], Optional[List[InputDrift]]]:
     """Each group's Hessian over every chunk (``read(chunk)``: its input); the forward stops after
     ``stop_after`` runs (the rest of the layer is not needed yet), or, with None, as the last
     group's input arrives (its product and what follows it are not needed: a 7B-shaped layer's
-    down_proj is ~1/8 of the pass's arithmetic)."""
-    hessians = [Hessian(_in_features(layer.get_submodule(g[0])), device) for g in groups]
+    down_proj is ~1/8 of the pass's arithmetic).
 
-    def collect(h: Hessian, stop: bool):
+    With ``floats``, each chunk first runs through the float layer on the float model's inputs
+    (to its end where its outputs are stored, else to the last group's input), its groups'
+    inputs held until the same chunk's pass reaches them and each group's :class:`InputDrift`
+    adds them."""
+    hessians = [Hessian(_in_features(layer.get_submodule(g[0])), device) for g in groups]
+    drifts = None if floats is None else [InputDrift(_in_features(layer.get_submodule(g[0])), device) for g in groups]
+    phase = ["model"]
+    held: Dict[int, torch.Tensor] = {}
+
+    def collect(number: int, stop: bool):
         def hook(module, args):
-            h.add(args[0])
+            if phase[0] == "float":
+                held[number] = args[0]
+                if floats.write is None and number == len(groups) - 1:
+                    raise Stop
+                return
+            hessians[number].add(args[0])
+            if drifts is not None:
+                drifts[number].add(args[0], held.pop(number))
             if stop:
                 raise Stop
         return eager_hook(hook)
 
-    handles = [layer.get_submodule(g[0]).register_forward_pre_hook(collect(h, stop_after is None and g is groups[-1]))
-               for g, h in zip(groups, hessians)]
+    modules = [layer] if floats is None or floats.layer is layer else [layer, floats.layer]
+    handles = [m.get_submodule(g[0]).register_forward_pre_hook(collect(n, stop_after is None and n == len(groups) - 1))
+               for m in modules for n, g in enumerate(groups)]
     if stop_after is not None:
         handles.append(layer.get_submodule(stop_after).register_forward_hook(eager_hook(_raise_stop)))
     try:
-        runs = None
+        runs = float_runs = None
         for chunk, kwargs in chunks:
+            if floats is not None:
+                phase[0] = "float"
+                hidden = floats.read(chunk)
+                float_runs = compiled(floats.layer, hidden) if float_runs is None else float_runs
+                try:
+                    out = run_layer(float_runs, hidden, kwargs)
+                    floats.write(chunk, out)
+                except Stop:
+                    pass
+                phase[0] = "model"
             hidden = read(chunk)
             runs = compiled(layer, hidden) if runs is None else runs
             try:
                 run_layer(runs, hidden, kwargs)
             except Stop:
                 pass
+            held.clear()
     finally:
         for h in handles:
             h.remove()
-    return hessians
+    return hessians, drifts
 
 
 def _in_features(module: nn.Module) -> int:
@@ -130,14 +170,19 @@ def _set_weight(layer: nn.Module, path: str, q: QuantizedTensor, conv1d: bool) -
 
 
 def quantize_layer(processor, index: int, state: Dict[str, torch.Tensor], activations: Activations,
-                    chunks: List[Tuple[int, LayerArgs]], timing: Dict[str, float]):
+                    chunks: List[Tuple[int, LayerArgs]], timing: Dict[str, float],
+                    floats: Optional[Activations] = None, write_floats: bool = False):
     """Collect the Hessians of layer ``index`` (``state``: its checkpoint tensors) on its stored
     inputs and quantize its linears; the float layer is freed before the last solve.
 
     Sequential (``gptq_sequential``): the linears that read one input are solved in the order
     they run, each on inputs computed with the linears before it already quantized (as the layer
     will run); each such pass stops after the linears it collects for. Otherwise one float pass
-    collects every Hessian."""
+    collects every Hessian.
+
+    ``floats``: the float model's inputs of each layer (``gptq_asymmetric``): the passes also
+    collect each group's :class:`InputDrift`, and with ``write_floats`` the float layer's
+    outputs on them become the next layer's float inputs (written, not committed)."""
     quantizer = processor.quantizer
     layer_key = processor._layer_key(index)
     conv1d = processor._linears[index]
@@ -145,6 +190,8 @@ def quantize_layer(processor, index: int, state: Dict[str, torch.Tensor], activa
     calibrated = [p for p, c in configs.items() if c is not None and c.calibrated]
     solved: Dict[str, QuantizedTensor] = {}
     if not calibrated:
+        if floats is not None and write_floats:
+            advance_floats(processor, index, state, floats, chunks)
         return quantizer.quantize_state_dict(state, conv1d, layer_key)
     sequential = any(configs[p].gptq_sequential for p in calibrated)
     device, dtype = processor.device, pass_dtype(processor)
@@ -153,6 +200,9 @@ def quantize_layer(processor, index: int, state: Dict[str, torch.Tensor], activa
         return activations.read(index, chunk).to(device, dtype)
 
     layer = layer_module(processor, index, state)
+    float_layer = layer
+    if floats is not None and sequential:  # the float weights of linears rounded before a stage
+        float_layer = layer_module(processor, index, {k: v.clone() for k, v in state.items()})
     if sequential:  # rounded linears run as they will
         for p, config in configs.items():
             if config is not None and not config.calibrated:
@@ -166,13 +216,20 @@ def quantize_layer(processor, index: int, state: Dict[str, torch.Tensor], activa
     for number, stage in enumerate(stages):
         t0 = time.perf_counter()
         last = number == len(stages) - 1
-        hessians = _hessians(layer, stage, None if last else stage[-1][-1], read, chunks, device)
+        float_pass = None
+        if floats is not None:
+            float_pass = FloatPass(float_layer, lambda chunk: floats.read(index, chunk).to(device, dtype),
+                                   (lambda chunk, out: floats.write(index + 1, chunk, out))
+                                   if last and write_floats else None)
+        hessians, drifts = _hessians(layer, stage, None if last else stage[-1][-1], read, chunks, device, float_pass)
+        del float_pass
         if last:
-            del layer
+            del layer, float_layer
         t1 = time.perf_counter()
         timing["hessians_s"] += t1 - t0
         for paths in stage:
             hessian = hessians.pop(0)  # freed by its last solve (gptq_quantize takes it)
+            drift = drifts.pop(0) if drifts is not None else None
             by_config: Dict[str, List[str]] = {}
             for p in paths:
                 by_config.setdefault(configs[p].fingerprint(), []).append(p)
@@ -187,16 +244,31 @@ def quantize_layer(processor, index: int, state: Dict[str, torch.Tensor], activa
                                        index, p, tuple(weights[p].shape), config.mode.value)
                         solved[p] = codec_for(config.mode).quantize(weights[p], config)
                 if ok:
+                    final = same is groups_by_config[-1]
                     solved.update(gptq_quantize({p: weights[p].to(device) for p in ok},
-                                                hessian if same is groups_by_config[-1] else hessian.matrix, config))
-            del hessian
+                                                hessian if final else hessian.matrix, config,
+                                                drift=drift if final or drift is None else drift.sums))
+            del hessian, drift
             if not last:
                 for p in paths:
                     _set_weight(layer, p, solved[p], conv1d[p])
-        del hessians
+        del hessians, drifts
         timing["solve_s"] += time.perf_counter() - t1
     solved = {p: QuantizedTensor({k: v.cpu() for k, v in q.tensors.items()}, q.metadata) for p, q in solved.items()}
     return quantizer.quantize_state_dict(state, conv1d, layer_key, quantized=solved)
+
+
+def advance_floats(processor, index: int, state: Dict[str, torch.Tensor], floats: Activations,
+                   chunks: List[Tuple[int, LayerArgs]]) -> None:
+    """The float layer ``index`` (``state``: its checkpoint tensors) run on the float model's
+    inputs, its outputs written as the next layer's (for a layer already in the cache)."""
+    device, dtype = processor.device, pass_dtype(processor)
+    layer = layer_module(processor, index, state)
+    runs = None
+    for chunk, kwargs in chunks:
+        hidden = floats.read(index, chunk).to(device, dtype)
+        runs = compiled(layer, hidden) if runs is None else runs
+        floats.write(index + 1, chunk, run_layer(runs, hidden, kwargs))
 
 
 def _checkpoint_weight(state: Dict[str, torch.Tensor], path: str, conv1d: bool) -> torch.Tensor:

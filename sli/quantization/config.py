@@ -80,7 +80,7 @@ def available_modes() -> List[str]:
 METHOD_FIELDS: Dict[str, Tuple[str, ...]] = {
     "rtn": (),
     "gptq": ("method", "gptq_damp", "gptq_block_size", "gptq_act_order", "gptq_scale_search", "gptq_sequential",
-             "calibration", "calibration_tokens", "calibration_window"),
+             "gptq_asymmetric", "calibration", "calibration_tokens", "calibration_window"),
 }
 DEFAULT_CALIBRATION = "default"  # the built-in calibration text (sli.calibration.default_calibration_text)
 
@@ -143,6 +143,10 @@ class QuantizationConfig:
     gptq_act_order: bool = True  # solve columns in decreasing Hessian diagonal (groups stay static)
     gptq_scale_search: bool = True  # group scales / block absmax chosen by a small clipping search
     gptq_sequential: bool = False  # each linear's Hessian from inputs with the linears before it quantized
+    # each linear fitted toward the float model's outputs on the float model's own inputs, not its
+    # own outputs on the quantized model's inputs (GPTAQ's asymmetric calibration): the fraction of
+    # that least-squares correction applied (0: plain GPTQ; 0.25 is GPTAQ's default)
+    gptq_asymmetric: float = 0.25
     calibration: str = DEFAULT_CALIBRATION  # the calibration text: "default" or calibration_id(text)
     calibration_tokens: int = 32768  # tokens of calibration text (windows of calibration_window)
     calibration_window: int = 512
@@ -166,6 +170,9 @@ class QuantizationConfig:
         if self.calibrated:  # the method's fields are read (and checked) only when it is used
             if not 0 <= float(self.gptq_damp) < 1:
                 raise ValueError(f"gptq_damp={self.gptq_damp} must be in [0, 1); 0.01 is the usual value")
+            if not 0 <= float(self.gptq_asymmetric) <= 1:
+                raise ValueError(f"gptq_asymmetric={self.gptq_asymmetric} must be in [0, 1]; 0.25 is the usual value, "
+                                 "0 turns it off")
             if int(self.gptq_block_size) < 1:
                 raise ValueError(f"gptq_block_size={self.gptq_block_size} must be >= 1")
             if int(self.calibration_window) < 2 or int(self.calibration_tokens) < int(self.calibration_window):

@@ -21,7 +21,14 @@ layer-wise loss ``||X W^T - X Wq^T||^2``. Here:
 - ``gptq_scale_search`` picks each group's scale (INT4: the clipping of ``[min, max]``) or each
   block's absmax (NF4/FP4) from a small grid, by the rounding error weighted by ``diag(H)``;
 - NF4/FP4 maxima are double-quantized before the solve, and the solve rounds against the
-  maxima as they will be decoded, so the stored codes are exactly the solve's.
+  maxima as they will be decoded, so the stored codes are exactly the solve's;
+- ``gptq_asymmetric`` (GPTAQ, Li et al., 2025): the target of a linear is the float model's
+  output ``F W^T`` on the float model's own inputs ``F``, not ``X W^T`` on the quantized model's
+  inputs ``X``. With ``D = X^T (F - X)`` (:class:`InputDrift`) the least-squares weight for that
+  target is ``W* = W + W D^T H^-1``; GPTQ on ``W*`` against ``H`` then minimizes
+  ``||X Wq^T - F W^T||^2`` (the two differ by a constant). A fraction ``alpha`` of the
+  correction is applied (GPTAQ's own default, 0.25: on SmolLM2 the whole one overshoots and
+  the perplexity triples; docs/benchmarks.md).
 
 The result goes through the codec's ``quantize_with`` (the weight GPTQ chose, on the grid of the
 scales it used), which gives a :class:`QuantizedTensor` like the codec's own ``quantize``.
@@ -134,6 +141,43 @@ class Hessian:
                 kernels.add_scaled_gram(self._sums[i0:i1, i0:], gram, scale[i0:i1], scale[i0:])
             else:
                 self._sums[i0:i1, i0:].add_(gram.float().mul_(scale[i0:i1, None]).mul_(scale[None, i0:]))
+
+
+class InputDrift:
+    """The running ``sum x^T (f - x)`` float32 ``[in, in]`` of a linear's inputs ``x`` in the model
+    being quantized and ``f``, the float model's inputs for the same tokens (rows are tokens).
+
+    A chunk's product runs in ``x``'s dtype where that is bfloat16 (the matrix units:
+    ~1.9 TFLOP/s against float32's 0.35 on the AMX Xeon), rounded to bfloat16 once per chunk
+    before it is summed in float32: the sums feed a correction that is itself a fraction of the
+    weight's rounding, not a factor that must stay positive definite like :class:`Hessian`'s."""
+
+    def __init__(self, in_features: int, device: Optional[torch.device] = None) -> None:
+        self._sums: Optional[Tensor] = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x: Tensor, f: Tensor) -> None:
+        n = self._sums.shape[0]
+        x, f = x.reshape(-1, n), f.reshape(-1, n)
+        if x.shape != f.shape:
+            raise ValueError(f"the float model's inputs {tuple(f.shape)} do not match {tuple(x.shape)}")
+        dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+        drift = (f.float() - x.float()).to(dtype)  # neither input changed
+        x = x.to(dtype)
+        for i0 in range(0, n, HESSIAN_BLOCK):
+            i1 = min(i0 + HESSIAN_BLOCK, n)
+            self._sums[i0:i1].add_(torch.mm(x[:, i0:i1].t(), drift))
+        self.tokens += x.shape[0]
+
+    @property
+    def sums(self) -> Optional[Tensor]:
+        """The sums (None once taken)."""
+        return self._sums
+
+    def take(self) -> Tensor:
+        """The sums, handed over (this object holds them no longer)."""
+        sums, self._sums = self._sums, None
+        return sums
 
 
 def int8_hessians(device: torch.device) -> bool:
@@ -374,11 +418,14 @@ def _solve_block(W1: Tensor, U1: Tensor, Err: Tensor, groups: List[int], grid: _
 
 
 def gptq_quantize(weights: Dict[str, Tensor], hessian: Union[Tensor, Hessian],
-                  config: QuantizationConfig) -> Dict[str, QuantizedTensor]:
+                  config: QuantizationConfig, drift: Union[None, Tensor, InputDrift] = None) -> Dict[str, QuantizedTensor]:
     """GPTQ-quantize linears that read the same inputs (``weights``: name → ``[out, in]``, one
     ``in``) against their inputs' Hessian ``sum x^T x`` (``[in, in]``): a tensor, left as it
     is, or a :class:`Hessian`, whose matrix is taken (:meth:`Hessian.take`) and freed once
-    factored, before the solve (a 7B model's ``down_proj`` Hessian: 485 MB).
+    factored, before the solve (a 7B model's ``down_proj`` Hessian: 485 MB). ``drift``: the
+    inputs' :class:`InputDrift` (taken likewise) or its sums; with ``config.gptq_asymmetric``
+    above 0 each weight is first moved that fraction toward the float model's outputs (the
+    module docstring); None or 0: plain GPTQ.
 
     The Hessian's factor and the column order are computed once for all of them; each weight
     gets its own scales (NF4/FP4: its own double-quantized maxima, as the codec stores them) and is
@@ -399,6 +446,11 @@ def gptq_quantize(weights: Dict[str, Tensor], hessian: Union[Tensor, Hessian],
     if not int4 and cols % group:
         raise ValueError(f"GPTQ {config.mode.value}: {cols} input features are not whole blocks of {group}")
     padded = -(-cols // group) * group
+    alpha = float(config.gptq_asymmetric)
+    D = drift.take() if isinstance(drift, InputDrift) else drift
+    del drift
+    if D is not None and D.shape != (cols, cols):
+        raise ValueError(f"input drift of shape {tuple(D.shape)} for weights with {cols} input features")
     if padded != cols:  # INT4 pads each row with zeros; they are dead columns here
         H = torch.nn.functional.pad(H, (0, padded - cols, 0, padded - cols))
     diagonal = torch.diagonal(H).clone()
@@ -410,12 +462,23 @@ def gptq_quantize(weights: Dict[str, Tensor], hessian: Union[Tensor, Hessian],
         perm = torch.arange(padded, device=device)
     importance = diagonal.clone()
     importance[dead] = 0.0
+    inverse_perm = torch.argsort(perm)
+    pulls = {}  # name → D W^T: the drift's pull on each weight, before the drift is freed
+    if D is not None and alpha > 0:
+        D = D.to(device=device, dtype=torch.float32)  # read, not changed
+        live = (~dead[:cols]).float()
+        for name, weight in weights.items():
+            pull = D @ (weight.detach().float() * live).t()  # dead columns: no input, no pull
+            pull[dead[:cols]] = 0.0
+            pulls[name] = torch.nn.functional.pad(pull, (0, 0, 0, padded - cols))
+    del D
     factor = _factor(H, perm, diagonal, float(config.gptq_damp))
     del H  # the caller's Hessian, when it was handed over: freed before the solve
+    corrections = {name: _toward_float(pull, factor, perm, inverse_perm, alpha) for name, pull in pulls.items()}
+    del pulls
     U = _error_weights(factor)  # a view of the factor's buffer
     del factor
     group_of = perm // group
-    inverse_perm = torch.argsort(perm)
     slab = max(1, SOLVE_VALUES // padded)
     out: Dict[str, QuantizedTensor] = {}
     for name, weight in weights.items():
@@ -424,6 +487,8 @@ def gptq_quantize(weights: Dict[str, Tensor], hessian: Union[Tensor, Hessian],
             W = torch.nn.functional.pad(W, (0, padded - cols))
         elif W.data_ptr() == weight.data_ptr():
             W = W.clone()
+        if name in corrections:
+            W.add_(corrections.pop(name))
         W[:, dead] = 0.0
         grid = _Grid(config, W, importance)
         for r0 in range(0, W.shape[0], slab):
@@ -435,6 +500,18 @@ def gptq_quantize(weights: Dict[str, Tensor], hessian: Union[Tensor, Hessian],
         out[name] = grid.finish(config, W[:, :cols], slice(None), weight.dtype)
         del W
     return out
+
+
+def _toward_float(pull: Tensor, factor: Tensor, perm: Tensor, inverse_perm: Tensor, alpha: float) -> Tensor:
+    """``alpha * (P^-1 pull)^T`` in the original column order (``pull = D W^T``, ``[in, out]``),
+    ``P`` the dampened Hessian :func:`_factor` factored (``factor = M^T``, ``J P[perm][:, perm] J
+    = M M^T``): two triangular solves, ``P^-1 = J M^-T M^-1 J`` in the solve order. Consumes ``pull``."""
+    y = pull.index_select(0, perm).flip(0)
+    del pull
+    lower = factor.mT
+    y = torch.linalg.solve_triangular(lower, y, upper=False)
+    y = torch.linalg.solve_triangular(factor, y, upper=True)
+    return y.flip(0).index_select(0, inverse_perm).t().mul_(alpha)
 
 
 def layer_output_error(x: Tensor, weight: Tensor, qweight: QuantizedTensor) -> float:
