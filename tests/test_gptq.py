@@ -301,7 +301,7 @@ def test_rtn_fingerprints_are_unchanged_and_gptq_ones_differ():
     for change in ({"gptq_damp": 0.1}, {"gptq_block_size": 64}, {"gptq_act_order": False},
                    {"gptq_scale_search": False}, {"calibration": "sha256:0123456789abcdef"},
                    {"calibration_tokens": 1024}, {"calibration_window": 256}, {"group_size": 64},
-                   {"gptq_asymmetric": 0.0}):
+                   {"gptq_asymmetric": 0.25}):
         assert dataclasses.replace(gptq, **change).fingerprint() != gptq.fingerprint(), change
     assert QuantizationConfig.from_dict(json.loads(json.dumps(gptq.to_dict()))) == gptq
 
@@ -344,11 +344,12 @@ def _entries(proc):
     return [proc.cache.get(proc.model_id, i, proc.quantizer, mapped=False) for i in range(proc.layout.num_layers)]
 
 
-def test_streamed_calibration_fills_the_cache_resumes_and_generates(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("asymmetric", [0.0, 0.25])  # 0.25: the float model's activations resume beside
+def test_streamed_calibration_fills_the_cache_resumes_and_generates(tiny, tmp_path, monkeypatch, asymmetric):
     from sli import calibration
 
     # an uninterrupted run
-    with UniversalSLIProcessor(tiny, _config(), cache_dir=tmp_path / "straight", device="cpu") as proc:
+    with UniversalSLIProcessor(tiny, _config(gptq_asymmetric=asymmetric), cache_dir=tmp_path / "straight", device="cpu") as proc:
         assert calibration.calibrate(proc, progress=False) == 3
         straight = _entries(proc)
         assert calibration.calibrate(proc, progress=False) == 0  # all cached: nothing to do
@@ -359,7 +360,7 @@ def test_streamed_calibration_fills_the_cache_resumes_and_generates(tiny, tmp_pa
     solved = []
     real_solve = calibration.layer_solve.gptq_quantize
     monkeypatch.setattr(calibration.layer_solve, "gptq_quantize", lambda *a, **k: solved.append(1) or real_solve(*a, **k))
-    with UniversalSLIProcessor(tiny, _config(), cache_dir=tmp_path / "killed", device="cpu") as proc:
+    with UniversalSLIProcessor(tiny, _config(gptq_asymmetric=asymmetric), cache_dir=tmp_path / "killed", device="cpu") as proc:
         real_put = proc.cache.put
 
         def put(model_id, layer, *args, **kwargs):
@@ -403,6 +404,11 @@ def test_asymmetric_calibration_runs_the_float_model_beside_the_quantized_one(ti
         return all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 
     assert same(plain[0], moved[0])  # layer 0: both models' inputs are the embeddings, no drift
+    with UniversalSLIProcessor(tiny, _config(), cache_dir=tmp_path / "plan", device="cpu") as proc:
+        without = calibration.calibration_plan(proc, 64, 1024)
+    with UniversalSLIProcessor(tiny, _config(gptq_asymmetric=0.25), cache_dir=tmp_path / "plan", device="cpu") as proc:
+        beside = calibration.calibration_plan(proc, 64, 1024)
+    assert beside.hessians > 1.9 * without.hessians and beside.per_token > without.per_token  # the drifts, the float pass
     assert not same(plain[1], moved[1]) and not same(plain[2], moved[2])
 
     # killed after layer 1's float inputs were committed but not the model's (between the two
@@ -415,7 +421,8 @@ def test_asymmetric_calibration_runs_the_float_model_beside_the_quantized_one(ti
             raise KeyboardInterrupt
         return real_commit(self, layer, chunks)
 
-    with UniversalSLIProcessor(tiny, _config(), cache_dir=tmp_path / "killed", device="cpu") as proc:
+    with UniversalSLIProcessor(tiny, _config(gptq_asymmetric=0.25), cache_dir=tmp_path / "killed",
+                               device="cpu") as proc:
         monkeypatch.setattr(Activations, "commit", commit)
         with pytest.raises(KeyboardInterrupt):
             calibration.calibrate(proc, progress=False)
@@ -428,14 +435,16 @@ def test_asymmetric_calibration_runs_the_float_model_beside_the_quantized_one(ti
         assert all(same(a, b) for a, b in zip(moved, _entries(proc)))
 
 
-@pytest.mark.parametrize("sequential, pass_dtype, compiled", [(False, "float32", False), (True, "float32", False),
-                                                               (False, "bfloat16", False), (False, "bfloat16", True),
-                                                               (True, "bfloat16", True)])
+@pytest.mark.parametrize("sequential, pass_dtype, compiled, asymmetric", [
+    (False, "float32", False, 0.0), (True, "float32", False, 0.0), (False, "bfloat16", False, 0.0),
+    (False, "bfloat16", True, 0.0), (True, "bfloat16", True, 0.0), (False, "bfloat16", True, 0.25),
+    (True, "bfloat16", True, 0.25)])
 def test_calibrated_layers_track_the_float_model_better_than_rtn(tiny, tmp_path, sequential, pass_dtype, compiled,
-                                                                 monkeypatch):
+                                                                 asymmetric, monkeypatch):
     # SLI_PROMPT_DTYPE: the passes in bfloat16 (a CPU with matrix units) or float32 (any other);
     # compiled: the passes through torch.compile, as a large model's run (hooks and stops included;
-    # sequential: each stage's hooks at other linears than the stage's before)
+    # sequential: each stage's hooks at other linears than the stage's before); asymmetric: the
+    # float model's pass first on each chunk (sequential: through a copy of the float layer)
     from sli import calibration
     from sli.evaluation import load_eval_text
 
@@ -453,7 +462,7 @@ def test_calibrated_layers_track_the_float_model_better_than_rtn(tiny, tmp_path,
         ref = proc.forward(ids)
     errors = {}
     for name, config in (("rtn", dataclasses.replace(_config(), method="rtn")),
-                         ("gptq", _config(gptq_sequential=sequential))):
+                         ("gptq", _config(gptq_sequential=sequential, gptq_asymmetric=asymmetric))):
         with UniversalSLIProcessor(tiny, config, cache_dir=tmp_path, device="cpu") as proc:
             if config.calibrated:
                 calibration.calibrate(proc, progress=False)
@@ -574,7 +583,7 @@ def test_a_memory_budget_sizes_the_calibration_s_chunks_and_one_too_small_is_ref
                                memory_budget_gb=budget_gb) as proc:
         assert proc.prewarm(progress=False) == 3
     assert {tuple(shape[:2]) for shape in written} == {(1, window)}
-    assert len(written) == 2 * 3 * tokens // window  # layers 0, 1 and 2's inputs, the model's and the float model's
+    assert len(written) == 3 * tokens // window  # layers 0, 1 and 2's inputs
     # a budget below one window's: refused before anything is written, naming the budget that fits
     with UniversalSLIProcessor(tiny, _config(), cache_dir=tmp_path / "small", device="cpu",
                                memory_budget_gb=plan.peak(window) / 2 ** 30 * 0.9) as proc:
@@ -605,6 +614,19 @@ def test_eval_reports_calibrated_modes(tiny, tmp_path):
     assert modes["int4-gptq"]["perplexity"] > 0 and modes["int4-gptq"]["weight_snr_db"] > 0
     # int4's layout at g32 (the tiny model's inputs, 64 and 128, are whole groups): 4 bits + fp16 scale + u8 zero
     assert modes["int4-gptq"]["bits_per_weight"] == pytest.approx(4 + 24 / 32, abs=1e-6)
+
+
+def test_sli_eval_asymmetric_sets_the_calibrated_modes_field(tiny, capsys, monkeypatch):
+    from sli import evaluation
+    from sli.cli import main
+
+    seen = []
+    monkeypatch.setattr(evaluation, "evaluate_modes", lambda *a, **k: seen.append(k["calibration"]) or {"modes": {}})
+    assert main(["eval", str(tiny), "--modes", "none,nf4,nf4-gptq", "--asymmetric", "0.25", "--json", "-q"]) == 0
+    assert seen == [{"gptq_asymmetric": 0.25}]
+    capsys.readouterr()
+    assert main(["eval", str(tiny), "--modes", "none,nf4", "--asymmetric", "0.25", "-q"]) == 1
+    assert "--asymmetric applies to calibrated modes" in _cli_error(capsys)
 
 
 def test_calibration_passes_run_in_bfloat16_where_the_cpu_multiplies_it(tiny, tmp_path, monkeypatch):
@@ -799,16 +821,21 @@ def test_sli_warm_calibrate_then_generate_reads_the_calibrated_entries(tmp_path,
     assert main(["generate", path, "Hello", "--mode", "nf4-gptq", "--calibration-tokens", "256", *cache,
                  "--max-new-tokens", "1", "--json", "-q"]) == 0
     assert json.loads(capsys.readouterr().out)["new_tokens"] == 1
+    # fitted toward the float model's outputs: another config, its own entries
+    assert main(["warm", path, "--mode", "nf4", "--calibrate", *calib, "--asymmetric", "0.25", *cache, "--json",
+                 "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)["added"] == 2
     from sli.layer_cache import LayerCache
 
     with LayerCache(tmp_path / "cache") as layer_cache:
         entries = layer_cache.entries()
-    assert len(entries) == 4 and len({e["fingerprint"] for e in entries}) == 2
+    assert len(entries) == 6 and len({e["fingerprint"] for e in entries}) == 3
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--mode", "int8", "--calibrate"], "has no calibrated method"),
     (["--mode", "int8", "--calibration-tokens", "64"], "apply to calibrated modes"),
+    (["--mode", "nf4", "--asymmetric", "0.25"], "apply to calibrated modes"),
     (["--mode", "int4-gptq", "--calibration-file", "/no/such/file.txt"], "is not a file"),
     (["--mode", "nf4-gptq", "--memory-budget-gb", "0.001"], "needs a memory budget of at least"),
 ])

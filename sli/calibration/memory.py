@@ -9,7 +9,8 @@ One layer's calibration goes through three phases, one after another:
 2. the solve: the checkpoint tensors, the Hessians not yet solved, the factor of the one being
    solved (two ``[in, in]`` float32 buffers, :mod:`sli.quantization.gptq`) and one weight's
    float32 copies (the weight, a slab of it transposed, the codec's temporaries; with
-   ``gptq_asymmetric`` the drifts not solved yet and each weight's correction);
+   ``gptq_asymmetric`` the drifts not solved yet and the corrections of the weights that share
+   the input);
 3. the quantized pass: the layer dequantized in the pass dtype, one chunk of activations.
 
 Besides, the processor's shared modules and the kernels' runtime stay loaded. The chunk is
@@ -75,17 +76,23 @@ def calibration_memory(processor, index: int, pass_dtype: torch.dtype, window: i
     values = sum(p.numel() for p in layer.parameters())
     layer_bytes = values * stored + (values * passed if passed != stored else 0)
     shapes = []  # (in, out) of each linear, in the order they are solved
+    parents = []
     for path, conv1d in processor._linears[index].items():
         weight = layer.get_submodule(path).weight
         shapes.append((weight.shape[0], weight.shape[1]) if conv1d else (weight.shape[1], weight.shape[0]))
+        parents.append(path.rpartition(".")[0])
+    # the outputs of the linears that may share each one's input (one parent module, one input
+    # width: q/k/v with o, gate with up): a group's corrections are held together
+    shared_out = [sum(o for (i2, o), p2 in zip(shapes, parents) if i2 == i and p2 == p)
+                  for (i, _), p in zip(shapes, parents)]
     hessians = [i * i * 4 * (2 if asymmetric else 1) for i, _ in shapes]  # with the drifts
     widest = max((i for i, _ in shapes), default=0)
     int8 = int8_hessians(processor.device)  # x^T x from int8 activations: their two copies, a block of the product
     solve = max((sum(hessians[n + 1:])  # the Hessians (and drifts) not solved yet
                  + 2 * i * i * 4  # this one (or its drift) and its factor's buffer
                  + 2 * i * o * 4 + 4 * min(i * o, SOLVE_VALUES)  # the float32 weight, the codec's copy, a slab
-                 + (2 * i * o * 4 if asymmetric else 0)  # the drift's pull on the weight, solved into its correction
-                 for n, (i, o) in enumerate(shapes)), default=0)
+                 + (4 * i * g if asymmetric else 0)  # the group's corrections toward the float model
+                 for n, ((i, o), g) in enumerate(zip(shapes, shared_out))), default=0)
     if asymmetric and sequential:  # the float weights beside the rounded ones
         layer_bytes += values * passed
     hidden = hf.text_config(processor.config).hidden_size

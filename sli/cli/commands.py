@@ -194,8 +194,16 @@ def cmd_eval(args) -> int:
     if limit is not None and window > limit:
         logger.info("windows of %d tokens: the model has %d positions (--window %d)", limit, limit, window)
         window = limit
+    fields = None
+    if args.asymmetric is not None:
+        from ..evaluation import CALIBRATED_MODES
+
+        if not any(m in CALIBRATED_MODES for m in modes):
+            raise SLIError(f"--asymmetric applies to calibrated modes, and --modes {args.modes!r} names none; "
+                           "add int4-gptq or nf4-gptq")
+        fields = {"gptq_asymmetric": args.asymmetric}
     report = evaluate_modes(model_dir, modes, text_path=args.text, num_windows=args.windows,
-                            window=window, progress=not args.quiet)
+                            window=window, progress=not args.quiet, calibration=fields)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -183,7 +183,7 @@ def config_for(mode: str):
 
 def quantization_config_of(args, positions: Optional[int] = None):
     """The quantization ``--mode`` names, made calibrated by ``--calibrate`` (sli warm) and set to
-    ``--calibration-file`` / ``--calibration-tokens`` where it is calibrated; its calibration
+    ``--calibration-file`` / ``--calibration-tokens`` / ``--asymmetric`` where it is calibrated; its calibration
     windows no longer than the model's ``positions``; its head as ``--head`` says."""
     import dataclasses
 
@@ -208,6 +208,7 @@ def _mode_config(args, positions: Optional[int] = None):
 
     config = config_for(args.mode)
     path, tokens = getattr(args, "calibration_file", None), getattr(args, "calibration_tokens", None)
+    asymmetric = getattr(args, "asymmetric", None)
     calibrated = isinstance(config, QuantizationConfig) and config.calibrated
     if getattr(args, "calibrate", False) and not calibrated:
         if f"{args.mode}-gptq" not in calibrated_names():
@@ -215,9 +216,9 @@ def _mode_config(args, positions: Optional[int] = None):
                            f"{' or '.join(n.split('-')[0] for n in calibrated_names())}")
         calibrated = True
     if not calibrated:
-        if path is not None or tokens is not None:
-            raise SLIError("--calibration-file and --calibration-tokens apply to calibrated modes: add --calibrate "
-                           f"(sli warm) or use --mode {' / '.join(calibrated_names())}")
+        if path is not None or tokens is not None or asymmetric is not None:
+            raise SLIError("--calibration-file, --calibration-tokens and --asymmetric apply to calibrated modes: add "
+                           f"--calibrate (sli warm) or use --mode {' / '.join(calibrated_names())}")
         return config
     if path is not None:
         path = Path(path).expanduser()
@@ -225,6 +226,8 @@ def _mode_config(args, positions: Optional[int] = None):
             raise SLIError(f"--calibration-file {str(path)!r} is not a file; pass a UTF-8 text file")
     if positions and config.calibration_window > positions:
         config = dataclasses.replace(config, calibration_window=int(positions))
+    if asymmetric is not None:
+        config = dataclasses.replace(config, gptq_asymmetric=asymmetric)
     try:
         return calibration_config(config, path=path, tokens=tokens)
     except UnicodeDecodeError as exc:

@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "was calibrated on (default: the text that ships with sli)")
         p.add_argument("--calibration-tokens", type=int_at_least(1), default=None, metavar="N",
                        help="tokens of the calibration text to calibrate on, >= 1 (default: the mode's preset)")
+        p.add_argument("--asymmetric", type=unit_interval, default=None, metavar="A",
+                       help="a calibrated mode's linears fitted this fraction, 0 to 1, toward the float model's "
+                            "outputs (GPTAQ; 0.25 is its usual value: better perplexity, twice the calibration "
+                            "time, a third more memory; default 0: plain GPTQ)")
         if budget is not False:
             p.add_argument("--memory-budget-gb", type=positive_float, default=budget,
                            help="RAM (CPU) or GPU memory for the model in GiB, > 0; layers beyond it stream "
@@ -181,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int_at_least(1), default=4, help="number of windows scored, >= 1")
     p.add_argument("--window", type=int_at_least(2), default=512,
                    help="tokens per window, >= 2; capped at the model's positions")
+    p.add_argument("--asymmetric", type=unit_interval, default=None, metavar="A",
+                   help="the calibrated modes (int4-gptq, nf4-gptq, ...) fitted this fraction, 0 to 1, toward the "
+                        "float model's outputs (GPTAQ; default 0: plain GPTQ)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_eval)
 
