@@ -14,7 +14,7 @@ the chunk sized to the processor's memory budget (:mod:`.memory`):
    GPTQ-quantized (:mod:`sli.quantization.gptq`) into the codec's ordinary bytes and the entry
    is stored under the config's fingerprint; then the activations go through the **quantized**
    layer ``i`` and become layer ``i+1``'s inputs.
-3. with ``gptq_asymmetric`` (the default), the float model's own activations run beside them:
+3. with ``gptq_asymmetric`` above 0 (opt-in), the float model's own activations run beside them:
    each chunk goes through the float layer ``i`` on the float model's inputs first, each
    linear's input there is set against its input in the pass above (the drift, summed like
    the Hessian), and the float layer's outputs are the float model's inputs of layer ``i+1``.
@@ -22,9 +22,9 @@ the chunk sized to the processor's memory budget (:mod:`.memory`):
 
 The activations between layers live on disk, under ``<cache_dir>/calibration/<model>-<fingerprint>``
 (``state.json`` says which layer they feed; the float model's in ``float/`` beside them), one
-chunk read at a time. A calibration killed
-at any point resumes at the layer whose inputs are stored; layers already in the cache are
-not solved again (only run, to make the next layer's inputs). The folder is removed at the end.
+chunk read at a time. A calibration killed at any point resumes at the layer whose inputs are
+stored; layers already in the cache are not solved again (only run, to make the next layer's
+inputs). The folder is removed at the end.
 
 The default calibration text is the second half of ``pydoc_data.topics`` (ships with CPython);
 ``sli eval`` scores the first 4×512 tokens of the same text, which lie in its first half.

@@ -27,8 +27,8 @@ layer-wise loss ``||X W^T - X Wq^T||^2``. Here:
   inputs ``X``. With ``D = X^T (F - X)`` (:class:`InputDrift`) the least-squares weight for that
   target is ``W* = W + W D^T H^-1``; GPTQ on ``W*`` against ``H`` then minimizes
   ``||X Wq^T - F W^T||^2`` (the two differ by a constant). A fraction ``alpha`` of the
-  correction is applied (GPTAQ's own default, 0.25: on SmolLM2 the whole one overshoots and
-  the perplexity triples; docs/benchmarks.md).
+  correction is applied (0.25, GPTAQ's own: on SmolLM2 the whole one overshoots and the
+  perplexity triples; docs/benchmarks.md). Off by default: it needs the float model's pass.
 
 The result goes through the codec's ``quantize_with`` (the weight GPTQ chose, on the grid of the
 scales it used), which gives a :class:`QuantizedTensor` like the codec's own ``quantize``.
@@ -465,8 +465,8 @@ def gptq_quantize(weights: Dict[str, Tensor], hessian: Union[Tensor, Hessian],
     inverse_perm = torch.argsort(perm)
     # name → D W^T, the drift's pull on each weight, made before the drift is freed, then solved
     # into its correction before the factor becomes the error weights, one weight at a time.
-    # float32: rounded to bfloat16, the unit test's corrections flipped 12-20% of the codes GPTQ chose (its
-    # error feedback carries each flip on), against 0-1% for float rounding alone
+    # float32: rounded to bfloat16, the unit test's corrections flipped 12-20% of the codes GPTQ
+    # chose (its error feedback carries each flip on), against under 1% for float rounding alone
     corrections: Dict[str, Tensor] = {}
     if D is not None and alpha > 0:
         D = D.to(device=device, dtype=torch.float32)  # read, not changed
