@@ -411,6 +411,17 @@ def test_asymmetric_calibration_runs_the_float_model_beside_the_quantized_one(ti
     assert beside.hessians > 1.9 * without.hessians and beside.per_token > without.per_token  # the drifts, the float pass
     assert not same(plain[1], moved[1]) and not same(plain[2], moved[2])
 
+    # a layer none of whose linears is quantized still moves the float model's activations on
+    linears = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj"]
+    skip = [f"model.layers.1.{p}" for p in linears]
+    with UniversalSLIProcessor(tiny, _config(gptq_asymmetric=0.25, llm_int8_skip_modules=skip),
+                               cache_dir=tmp_path / "skip", device="cpu") as proc:
+        assert calibration.calibrate(proc, progress=False) == 3
+        kept = _entries(proc)
+    assert kept[1].tensors["self_attn.q_proj.weight"].is_floating_point()  # as the checkpoint has it
+    assert not same(kept[2], moved[2])  # layer 2 fitted against the float model's inputs all the same
+
     # killed after layer 1's float inputs were committed but not the model's (between the two
     # commits): the float model's inputs of layer 1 are gone, so it starts again from layer 0,
     # whose entry it keeps (only its float pass runs again), and ends with the same bytes
