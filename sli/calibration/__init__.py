@@ -47,8 +47,8 @@ from ..errors import SLIError
 from ..quantization import dequantize_cached
 from ..settings import GB
 from .activations import Activations
-from .layer_inputs import LayerArgs, compiled, layer_inputs, run_layer
-from .layer_solve import advance_floats, layer_module, pass_dtype, quantize_layer
+from .layer_inputs import LayerArgs, layer_inputs
+from .layer_solve import advance_floats, layer_module, pass_dtype, quantize_layer, run_chunks
 from .memory import CalibrationMemory, calibration_memory
 from .text import (calibration_config, calibration_id, calibration_settings, calibration_windows,
                    default_calibration_text)
@@ -173,12 +173,7 @@ def calibrate(processor, text: Union[None, str, Path] = None, *, progress: bool 
             timing["build_s"] = time.perf_counter() - t1
             t1 = time.perf_counter()
             if index + 1 < num_layers:
-                runs = None
-                for chunk, kwargs in chunks:
-                    hidden = activations.read(index, chunk).to(processor.device, dtype)
-                    runs = compiled(layer, hidden) if runs is None else runs
-                    activations.write(index + 1, chunk, run_layer(runs, hidden, kwargs))
-                del runs
+                run_chunks(processor, layer, index, activations, chunks)
                 activations.commit(index + 1, len(chunks))
                 if floats is not None:
                     floats.commit(index + 1, len(chunks))

@@ -4,6 +4,7 @@ model's inputs too), and the GPTQ solve into the codec's bytes."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -81,15 +82,16 @@ def _has_windows(kwargs: LayerArgs, windows: int) -> bool:
     return windowed(kwargs.args) or windowed(tuple(kwargs.kwargs.values()))
 
 
+@dataclasses.dataclass
 class FloatPass:
     """The float model's side of a layer's passes (``gptq_asymmetric``): ``layer`` holds the
     layer's float weights (the layer being quantized itself, unless earlier linears of it are
     already rounded), ``read(chunk)`` gives the float model's inputs of the layer, and
     ``write(chunk, out)``, where given, stores the float layer's outputs for the next layer."""
 
-    def __init__(self, layer: nn.Module, read: Callable[[int], torch.Tensor],
-                 write: Optional[Callable[[int, torch.Tensor], None]]) -> None:
-        self.layer, self.read, self.write = layer, read, write
+    layer: nn.Module
+    read: Callable[[int], torch.Tensor]
+    write: Optional[Callable[[int, torch.Tensor], None]]
 
 
 def _hessians(layer: nn.Module, groups: List[List[str]], stop_after: Optional[str], read, chunks,
@@ -258,17 +260,22 @@ def quantize_layer(processor, index: int, state: Dict[str, torch.Tensor], activa
     return quantizer.quantize_state_dict(state, conv1d, layer_key, quantized=solved)
 
 
+def run_chunks(processor, layer: nn.Module, index: int, store: Activations, chunks: List[Tuple[int, LayerArgs]]) -> None:
+    """``layer`` (decoder layer ``index``) run on each chunk of its inputs in ``store``, its
+    outputs written there as layer ``index + 1``'s (not committed)."""
+    device, dtype = processor.device, pass_dtype(processor)
+    runs = None
+    for chunk, kwargs in chunks:
+        hidden = store.read(index, chunk).to(device, dtype)
+        runs = compiled(layer, hidden) if runs is None else runs
+        store.write(index + 1, chunk, run_layer(runs, hidden, kwargs))
+
+
 def advance_floats(processor, index: int, state: Dict[str, torch.Tensor], floats: Activations,
                    chunks: List[Tuple[int, LayerArgs]]) -> None:
     """The float layer ``index`` (``state``: its checkpoint tensors) run on the float model's
     inputs, its outputs written as the next layer's (for a layer already in the cache)."""
-    device, dtype = processor.device, pass_dtype(processor)
-    layer = layer_module(processor, index, state)
-    runs = None
-    for chunk, kwargs in chunks:
-        hidden = floats.read(index, chunk).to(device, dtype)
-        runs = compiled(layer, hidden) if runs is None else runs
-        floats.write(index + 1, chunk, run_layer(runs, hidden, kwargs))
+    run_chunks(processor, layer_module(processor, index, state), index, floats, chunks)
 
 
 def _checkpoint_weight(state: Dict[str, torch.Tensor], path: str, conv1d: bool) -> torch.Tensor:
