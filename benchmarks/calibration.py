@@ -55,7 +55,14 @@ def main() -> None:
         parser.error(f"--asymmetric {args.asymmetric}: give a fraction from 0 to 1")
     if args.layers < 1:
         parser.error(f"--layers {args.layers}: give 1 or more (3 times a whole layer once compiled)")
-    work = Path(args.work or tempfile.mkdtemp(prefix="sli-calib-bench-"))
+    if args.work:
+        run(args, Path(args.work))
+    else:  # a 7B-shaped layer's model and activations take GBs: never leave them behind
+        with tempfile.TemporaryDirectory(prefix="sli-calib-bench-") as work:
+            run(args, Path(work))
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
     model = work / f"{args.preset}-{args.layers}layers"
     if not (model / "config.json").is_file():
         synth_model(model, family="llama", preset=args.preset, num_layers=args.layers, with_tokenizer=True)
