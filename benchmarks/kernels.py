@@ -1,7 +1,7 @@
 """Fused CPU kernels vs dequantize-then-BLAS, one Llama-2-7B feed-forward weight.
 
 Run: .venv/bin/python benchmarks/kernels.py [--repeats 7] [--shape 11008 4096] [--modes nf4 int8]
-     [--rows 1 4 16] [--no-dequantize] [--threads N] [--stat median|min] [--torch-ops] [--compare-paths]
+     [--rows 1 4 16] [--no-dequantize] [--threads N] [--stat median|min] [--block-size 32] [--torch-ops] [--compare-paths]
      [--fused-vs-dequantized] [--from-ram N]
 
 For each mode, the time of ``sli.quantization.execution.linear(q, x)`` (what a streamed
@@ -42,6 +42,11 @@ MODES = ["none", "int8", "int8_dynamic", "nf4", "fp4", "int4", "fp8"]
 
 
 STAT = statistics.median
+BLOCK_SIZE = QuantizationConfig.block_size  # --block-size: NF4/FP4's values a block maximum
+
+
+def config_of(mode: str) -> QuantizationConfig:
+    return QuantizationConfig(mode=mode, block_size=BLOCK_SIZE if mode in ("nf4", "fp4") else 64)
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -131,7 +136,7 @@ def from_ram(weight: torch.Tensor, modes, copies: int, repeats: int, rounds: int
     prepared = {}
     for mode in modes:
         codec = codec_for(mode)
-        q0 = codec.quantize(weight, QuantizationConfig(mode=mode))
+        q0 = codec.quantize(weight, config_of(mode))
         qs = [codec.prepare(type(q0)({k: v.clone() for k, v in q0.tensors.items()}, dict(q0.metadata)))
               for _ in range(copies)]
         nbytes = sum(v.numel() * v.element_size() for k, v in qs[0].tensors.items() if not k.startswith("_"))
@@ -175,7 +180,7 @@ def fused_vs_dequantized(weight: torch.Tensor, modes, rows, repeats: int) -> Non
     print("|---" * (len(rows) + 1) + "|")
     for mode in modes:
         codec = codec_for(mode)
-        q = codec.prepare(codec.quantize(weight, QuantizationConfig(mode=mode)))
+        q = codec.prepare(codec.quantize(weight, config_of(mode)))
         scratch = execution.WeightScratch()
         cells = []
         for r in rows:
@@ -228,6 +233,7 @@ def main() -> None:
     ap.add_argument("--no-dequantize", action="store_true", help="skip the dequantize columns (faster)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (the kernels use as many)")
     ap.add_argument("--stat", choices=["median", "min"], default="median")
+    ap.add_argument("--block-size", type=int, default=QuantizationConfig.block_size, help="NF4/FP4 values a block maximum (32 to 4096)")
     ap.add_argument("--torch-ops", action="store_true", help="also time torch's int8/int4 packed products")
     ap.add_argument("--from-ram", type=int, default=0, metavar="N",
                     help="instead: 1 row through N distinct copies of each mode's weight (past the L3 cache), "
@@ -246,8 +252,10 @@ def main() -> None:
         ap.error(f"--floor-rounds {args.floor_rounds}: give 1 or more rounds")
     if min(args.rows) < 1:
         ap.error(f"--rows {' '.join(map(str, args.rows))}: give row counts of 1 or more")
-    global STAT
+    global STAT, BLOCK_SIZE
     STAT = min if args.stat == "min" else statistics.median
+    BLOCK_SIZE = args.block_size
+    config_of("nf4")  # an unsupported --block-size fails here, naming the sizes
     if args.threads:
         torch.set_num_threads(args.threads)
     out_f, in_f = args.shape
@@ -260,6 +268,7 @@ def main() -> None:
           f"--repeats {args.repeats} --shape {out_f} {in_f} --modes {' '.join(args.modes)} "
           f"--rows {' '.join(map(str, rows))}{' --no-dequantize' if args.no_dequantize else ''}"
           f"{f' --threads {args.threads}' if args.threads else ''} --stat {args.stat}"
+          f"{f' --block-size {args.block_size}' if args.block_size != 64 else ''}"
           f"{' --torch-ops' if args.torch_ops else ''}{' --compare-paths' if args.compare_paths else ''}"
           f"{f' --from-ram {args.from_ram} --floor-rounds {args.floor_rounds}' if args.from_ram else ''}"
           f"{' --fused-vs-dequantized' if args.fused_vs_dequantized else ''}")
@@ -284,7 +293,7 @@ def main() -> None:
     print("|---" * (len(rows) * (2 if args.compare_paths else 1) + 1 + (0 if args.no_dequantize else 2)) + "|")
     for mode in args.modes:
         codec = codec_for(mode)
-        q = codec.prepare(codec.quantize(weight, QuantizationConfig(mode=mode)))
+        q = codec.prepare(codec.quantize(weight, config_of(mode)))
         xq = {r: codec.prepare_input(xs[r]) for r in rows}
         floor = {r: median_ms(lambda r=r: torch.nn.functional.linear(xs[r], dense), args.repeats) for r in rows}
         fused = {r: median_ms(lambda r=r: linear(q, xq[r]), args.repeats) for r in rows}

@@ -55,18 +55,19 @@ def test_round_trip(mode, min_snr, max_bits, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("shape", [(128, 192), (37, 53)])  # 37*53 is not a multiple of 64 (and odd)
-def test_4bit_bytes_equal_bitsandbytes(quant_type, dtype, double_quant, shape):
+@pytest.mark.parametrize("blocks", [64, 32])
+def test_4bit_bytes_equal_bitsandbytes(quant_type, dtype, double_quant, shape, blocks):
     w = _w(shape, dtype, seed=1)
     w[3, 5] = 0.3  # an outlier block
-    q = codec_for(quant_type).quantize(w, _cfg(quant_type, double_quant=double_quant))
-    packed, st = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type=quant_type)
+    q = codec_for(quant_type).quantize(w, _cfg(quant_type, double_quant=double_quant, block_size=blocks))
+    packed, st = bnbf.quantize_4bit(w, blocksize=blocks, compress_statistics=double_quant, quant_type=quant_type)
     t = q.tensors
     assert t["weight"].dtype == torch.uint8 and t["weight"].shape == packed.shape
     assert torch.equal(t["weight"], packed)
     assert torch.equal(t["weight.absmax"], st.absmax)
     assert torch.equal(t["weight.quant_map"], st.code)
     state = json.loads(bytes(t[f"weight.quant_state.bitsandbytes__{quant_type}"].tolist()))
-    assert state["quant_type"] == quant_type and state["blocksize"] == 64 and state["shape"] == list(shape)
+    assert state["quant_type"] == quant_type and state["blocksize"] == blocks and state["shape"] == list(shape)
     assert state["dtype"] == str(dtype).removeprefix("torch.")
     if double_quant:
         assert torch.equal(t["weight.nested_absmax"], st.state2.absmax)

@@ -433,6 +433,31 @@ def test_4bit_kernel_walks_blocks_larger_than_its_64_value_step(block_size, rows
     assert _rel_err(codec.fused_linear(codec.prepare(q), x, None), _expected(codec, q, x)) < 1e-5
 
 
+@pytest.mark.parametrize("blocksize", [32, 64, 128])
+def test_plain_integer_levels_scale_each_block_by_its_own_maximum(blocksize):
+    # the plain level's dot4l (the interface every SIMD level implements): each block of 32
+    # values or more meets its own scale, whether a 64-value step holds two blocks or one
+    import numpy as np
+    from sli.kernels import plain
+    g = np.random.default_rng(blocksize)
+    rows, cols = 3, 256
+    codes = g.integers(0, 16, (rows, cols))
+    packed = ((codes[:, 0::2] << 4) | codes[:, 1::2]).astype(np.uint8).reshape(-1)
+    levels = kernels.split_levels(np.linspace(-1, 1, 16).astype(np.float32))
+    whole = 64 * levels[:16].astype(np.int64) + levels[16:]
+    scales = g.random(rows * cols // blocksize).astype(np.float32)
+    x = g.integers(-127, 128, cols)
+    xq = np.empty(cols, np.int8)  # each 64 values: the 32 even ones, then the 32 odd ones
+    for c in range(0, cols, 64):
+        xq[c:c + 32], xq[c + 32:c + 64] = x[c:c + 64:2], x[c + 1:c + 64:2]
+    out = np.empty(1, np.float32)
+    for row in range(rows):
+        plain.dot4l(packed, row * cols // 2, levels, scales, row * cols // blocksize, blocksize, xq, 0, 1, cols, out)
+        sums = (whole[codes[row]] * x).reshape(-1, blocksize).sum(-1)
+        expected = float((scales[row * cols // blocksize:][:cols // blocksize] * sums).sum())
+        assert out[0] == pytest.approx(expected, rel=1e-5)
+
+
 _LEVEL_CHECK = """
 import sys, torch, bitsandbytes.functional as bnbf
 from sli import kernels
@@ -450,23 +475,26 @@ codec = codec_for("nf4")
 q = codec.prepare(codec.quantize(w, QuantizationConfig(mode="nf4")))
 packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
 assert (codec.dequantize(q, torch.float32) - bnbf.dequantize_4bit(packed, state)).abs().max() <= 1e-7
-for mode in ("none", "int8", "int8_dynamic", "nf4", "fp4", "int4", "fp8"):
+for mode, blocks in (("none", 64), ("int8", 64), ("int8_dynamic", 64), ("nf4", 64), ("fp4", 64), ("int4", 64),
+                     ("fp8", 64), ("nf4", 32), ("fp4", 32)):  # 4-bit blocks of 32: two scales a 64-value step
     codec = codec_for(mode)
     # 200: a tail after the last 64 values, int4 padding; 2560: rows straddling 4-bit groups of 256 block maxima;
     for shape in ((96, 1024), (40, 200), (24, 2560), (19, 576)):  # 576: 4 pairs of 4-bit blocks and one more;
         # 19 rows: INT8's one-row passes of 4 weight rows and 3 after them, its several-row passes of 2 and 1 after
         w = torch.randn(*shape, generator=g) * 0.02
-        q = codec.prepare(codec.quantize(w.to(torch.bfloat16), QuantizationConfig(mode=mode)))
+        q = codec.prepare(codec.quantize(w.to(torch.bfloat16), QuantizationConfig(mode=mode, block_size=blocks)))
         for rows in (1, 2, 3, 4, 5, 6, 7, 8, 16):  # every pass size up to MAX_ROWS (8 on AVX-512)
             x = codec.prepare_input(torch.randn(rows, shape[1], generator=g))
             y = codec.fused_linear(q, x, None)
-            if y is None:
-                assert shape[1] % 64 and mode in ("nf4", "fp4"), (mode, shape)
+            if y is None:  # dequantize-then-linear takes them: rows of a partial 64-value step; blocks of
+                # 32 in float activations (below INT8_LEVELS_ROWS rows, or the plain level's int8 ones)
+                assert mode in ("nf4", "fp4") and (shape[1] % 64 or blocks == 32 and (
+                    rows < kernels.INT8_LEVELS_ROWS or not kernels.int8_activations(rows))), (mode, blocks, shape, rows)
                 continue
             assert kernels.int8_activations(rows) == (sys.argv[1] != "plain")
             ref = _expected(codec, q, x)
             err = float((y - ref).abs().max() / ref.abs().max())
-            assert err < 1e-5, (mode, shape, rows, err)
+            assert err < 1e-5, (mode, blocks, shape, rows, err)
             invariant = mode == "none" or (mode in ("int8", "int4") and sys.argv[1] != "plain")  # int8 activations
             if invariant and rows > 1 and shape[1] % 64 == 0:  # a row alone = the same row in a batch
                 assert torch.equal(codec.fused_linear(q, x[:1], None), y[:1]), (mode, shape, rows)
@@ -553,9 +581,10 @@ for rows, cols in ((64, 576), (37, 1024), (40, 4160), (6, 256)):
     scale = torch.rand(rows, generator=g) * 0.01
     x = torch.randn(1, cols, generator=g) * 3
     out.append(kernels.matmul_int8(x, q, scale, activations="int8"))
-    for mode in ("nf4", "fp4"):
+    for mode, blocks in (("nf4", 64), ("fp4", 64), ("nf4", 32)):
         codec = codec_for(mode)
-        w = codec.prepare(codec.quantize(torch.randn(rows, cols, generator=g) * 0.02, QuantizationConfig(mode=mode)))
+        w = codec.prepare(codec.quantize(torch.randn(rows, cols, generator=g) * 0.02,
+                                         QuantizationConfig(mode=mode, block_size=blocks)))
         out.append(codec.fused_linear(w, codec.prepare_input(x), None))
 torch.save(out, sys.argv[2])
 """
@@ -578,7 +607,7 @@ def test_a_tokens_product_a_row_a_pass_gives_the_bits_of_four_rows_a_pass(level,
         assert done.returncode == 0, done.stderr[-2000:]
         assert f"row passes {passes == '1'}" in done.stdout
         results[passes] = torch.load(path)
-    assert len(results["1"]) == 12
+    assert len(results["1"]) == 16
     for row, rows in zip(results["1"], results["4"]):
         assert torch.equal(row, rows)
     g = torch.Generator().manual_seed(0)  # and they are the product (the int8 activations' rounding apart)

@@ -296,11 +296,17 @@ def levels_keep(in_features: int) -> int:
     return 0 if wide_levels() else min(KEEP_FLOAT, in_features - 1)
 
 
+def levels_fit(blocksize: int, in_features: int) -> bool:
+    """Whether the integer-level kernels (``dot4l``) take a 4-bit weight of these blocks: whole
+    blocks of 32 values or of a multiple of 64, rows of whole 64-value steps."""
+    return (blocksize == 32 or blocksize % 64 == 0) and in_features % max(blocksize, 64) == 0
+
+
 def _int8_4bit(x: Tensor, blocksize: int):
     """``x``'s rows quantized for :func:`matmul_4bit`'s integer path, or None where it stays float."""
     rows = _rows(x, x.shape[-1])
     if not (INT8_LEVELS_ROWS and rows.shape[0] >= INT8_LEVELS_ROWS and int8_activations(rows.shape[0])
-            and blocksize % 64 == 0):
+            and levels_fit(blocksize, rows.shape[1])):
         return None
     t, n = rows.shape
     keep = levels_keep(n)
@@ -313,9 +319,7 @@ def matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksi
     """``x @ W^T (+ bias)`` for a bitsandbytes-layout 4-bit weight with float32 block maxima
     ``absmax`` (``in`` a multiple of ``blocksize``, itself a multiple of 64), or None for other
     block sizes. From :data:`INT8_LEVELS_ROWS` rows on, the 16 levels as integers meet int8
-    activations."""
-    if blocksize % 64:
-        return None
+    activations; they take blocks of 32 values too (``in`` a multiple of 64)."""
     maxima = _np(_flat(absmax))
     quantized = _int8_4bit(x, blocksize)
     if quantized is not None:
@@ -324,6 +328,8 @@ def matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksi
         _run("matmul_4bitq", out_features, out_features * x.shape[-1] * rows.shape[0] // 4, _np(_flat(packed)),
              maxima, _levels(code), _np(code), xq, xs, oidx, oval, blocksize, y)
         return _finish(y, x, out_features, bias)
+    if blocksize % 64:
+        return None
     rows = lut4_order(_rows(x, x.shape[-1]))
     y = _out(rows, out_features)
     _run("matmul_4bit", out_features, out_features * x.shape[-1] * rows.shape[0], _np(_flat(packed)), maxima,

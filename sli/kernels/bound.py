@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import (INT8_LEVELS_ROWS, KEEP_FLOAT, _levels, _np, _q4_order, _quantized, int8_activations, int8_matrix_rows,
-               levels_buffer, levels_keep, levels_order, quantized_buffers, wide_levels)
+               levels_buffer, levels_fit, levels_keep, levels_order, quantized_buffers, wide_levels)
 from . import dispatch
 from .dispatch import run, table
 
@@ -172,7 +172,7 @@ def int8(q: Tensor, scale: Tensor, bias: Optional[Tensor], columns: Optional[Ten
 def four_bit(packed: Tensor, code: Tensor, blocksize: int, out_features: int, in_features: int,
              bias: Optional[Tensor], absmax: Tensor) -> Optional[RowProduct]:
     """An NF4/FP4 weight with float32 block maxima ``absmax`` (:func:`sli.kernels.matmul_4bit`)."""
-    if blocksize % 64 or in_features % blocksize:
+    if not levels_fit(blocksize, in_features):
         return None
     pf, levels, cf, maxima = _flat_np(packed), _levels(code), _np(code), _flat_np(absmax)
 

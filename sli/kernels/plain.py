@@ -162,18 +162,27 @@ def dot4q(packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, rows, cols, ou
 def dot4l(packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out):
     # xq: each 64 values as the 32 even ones, then the 32 odd ones; a level is
     # 64 * levels[n] + levels[16 + n] (see the SIMD helper); block b's maximum: scales[sofs + b]
+    # blocks of 32: a 64-value step's first 16 bytes are one block, its next 16 the next
+    span = max(blocksize, 64)  # values summed in int32 before they meet a scale
     for r in range(rows):
         base = (t0 + r) * cols
         s = np.float32(0.0)
-        for blk in range(cols // blocksize):
-            d = np.int32(0)
-            for c in range(blk * blocksize, (blk + 1) * blocksize, 64):
+        for first in range(0, cols, span):
+            d, d_next = np.int32(0), np.int32(0)
+            for c in range(first, first + span, 64):
                 for k in range(32):
                     byte = packed[pofs + c // 2 + k]
                     high, low = byte >> 4, byte & 15
-                    d += (np.int32(64) * np.int32(levels[high]) + np.int32(levels[16 + high])) * np.int32(xq[base + c + k]) \
+                    product = (np.int32(64) * np.int32(levels[high]) + np.int32(levels[16 + high])) * np.int32(xq[base + c + k]) \
                         + (np.int32(64) * np.int32(levels[low]) + np.int32(levels[16 + low])) * np.int32(xq[base + c + 32 + k])
-            s += scales[sofs + blk] * np.float32(d)
+                    if blocksize == 32 and k >= 16:
+                        d_next += product
+                    else:
+                        d += product
+            if blocksize == 32:
+                s += scales[sofs + first // 32] * np.float32(d) + scales[sofs + first // 32 + 1] * np.float32(d_next)
+            else:
+                s += scales[sofs + first // blocksize] * np.float32(d)
         out[r] = s
 
 

@@ -281,7 +281,8 @@ def make_dot4l(level: str):
     n]``) times int16 activation rows ``xq[(t0 + r)*cols:]`` (int8 values, laid out by
     :func:`sli.kernels.levels_order`): ``out[r] = sum over blocks of scale * (L[q] . xq)``, the
     dot product exact in int32 over each 64 values (scaled by their block's scale as they end;
-    the plain level scales a whole block's sum: the same for NF4/FP4's 64).
+    the plain level scales a whole block's sum: the same for NF4/FP4's 64); blocks of 32 values
+    scale each half of a 64-value step by its own block's scale.
 
     Each code is looked up as its whole 16-bit level and meets the activations in a signed
     word product that sums pairs into int32 (``|L| * 127 * 2`` fits, and a lane's sums over a
@@ -399,7 +400,9 @@ def _dot4l_pass(e, words, packed_ptr, pofs_i, scales_ptr, sofs_i, bs_i, xq_ptr, 
     in :func:`sli.kernels.levels_order`'s four-way order), a row's last 64 values (576 = 4 * 128 +
     64) then taking the 64-value step. Each step's int32 sums are scaled by the block's scale of
     each 64 values (a 128-value step's low 8 lanes hold its first 64, the high 8 the next); a
-    value's block is a shift by log2(blocksize), a power of two from 64: one loop for every size."""
+    value's block is a shift by log2(blocksize), a power of two from 64: one loop for every size.
+    Blocks of 32 values take each 32 values' scale instead, four or two of them read in one load
+    (a run-time branch a step; no lane's sums straddle 32 values in any decode's order)."""
     b = e.b
     decode, multiply, decode_chunk = words
     v32, v64, halves = ir.VectorType(I8, 32), ir.VectorType(I8, 64), ir.VectorType(F32, 2)
@@ -412,11 +415,38 @@ def _dot4l_pass(e, words, packed_ptr, pofs_i, scales_ptr, sofs_i, bs_i, xq_ptr, 
     xrow = [b.mul(b.add(t0_i, idx(r)), cols_i) for r in range(rows)]
     two_halves = ir.Constant(ir.VectorType(I32, 16), [0] * 8 + [1] * 8)
     bs_log2 = b.cttz(bs_i, ir.Constant(ir.IntType(1), 1))
+    blocks_of_32 = b.icmp_signed("==", bs_i, idx(32))
+
+    def scale(v, value):
+        return b.load(b.gep(scales_ptr, [b.add(srow[v], b.lshr(value, bs_log2))]))
+
+    def factor_of_64(v, first, width):
+        """Blocks of 64 values or more: one scale for each 64 of the step."""
+        if width == 64:
+            return splat(b, scale(v, first), e.vf)
+        pair = b.insert_element(ir.Constant(halves, None), scale(v, first), ir.Constant(I32, 0))
+        pair = b.insert_element(pair, scale(v, b.add(first, idx(64))), ir.Constant(I32, 1))
+        return b.shuffle_vector(pair, pair, two_halves)
+
+    def factor_of_32(v, first, width):
+        """Blocks of 32 values: the step's width / 32 scales, side by side in ``scales``. Lane
+        ``j`` of a step's sums holds values ``j * width / w`` on (each decode keeps them so)."""
+        found = vload(b, scales_ptr, b.add(srow[v], b.lshr(first, idx(5))), ir.VectorType(F32, width // 32))
+        lanes = [j * (width // e.w) // 32 for j in range(e.w)]
+        return b.shuffle_vector(found, found, ir.Constant(ir.VectorType(I32, e.w), lanes))
+
+    def factor(v, first, width):
+        with b.if_else(blocks_of_32) as (of_32, of_64):
+            with of_32:
+                small, small_from = factor_of_32(v, first, width), b.block
+            with of_64:
+                large, large_from = factor_of_64(v, first, width), b.block
+        chosen = b.phi(e.vf)
+        chosen.add_incoming(small, small_from)
+        chosen.add_incoming(large, large_from)
+        return chosen
 
     def step(first, width):
-        def scale(v, value):
-            return b.load(b.gep(scales_ptr, [b.add(srow[v], b.lshr(value, bs_log2))]))
-
         for pair in pairs:
             b.store(ir.Constant(e.vi, None), isum[pair])
         xv = {}
@@ -431,14 +461,9 @@ def _dot4l_pass(e, words, packed_ptr, pofs_i, scales_ptr, sofs_i, bs_i, xq_ptr, 
                         xv[r, offset] = vload(b, xq_ptr, b.add(xrow[r], b.add(first, idx(offset))), weights.type)
                     b.store(multiply(b.load(isum[v, r]), weights, xv[r, offset]), isum[v, r])
         for v in range(weight_rows):
-            if width == 128:
-                pair = b.insert_element(ir.Constant(halves, None), scale(v, first), ir.Constant(I32, 0))
-                pair = b.insert_element(pair, scale(v, b.add(first, idx(64))), ir.Constant(I32, 1))
-                factor = b.shuffle_vector(pair, pair, two_halves)
-            else:
-                factor = splat(b, scale(v, first), e.vf)
+            scaled = factor(v, first, width)
             for r in range(rows):
-                _accumulate(e, fsum[v, r], isum[v, r], factor)
+                _accumulate(e, fsum[v, r], isum[v, r], scaled)
 
     if decode_chunk is None:
         with cgutils.for_range(b, b.lshr(cols_i, idx(6))) as loop:

@@ -200,8 +200,8 @@ class QuantizationConfig:
                 f"quant_type={self.quant_type!r} contradicts mode={self.mode.value!r}; "
                 f"use quant_type={self.mode.value!r} or mode={self.quant_type!r}"
             )
-        if self.block_size not in (64, 128, 256, 512, 1024, 2048, 4096):
-            raise ValueError(f"block_size={self.block_size} is not supported; use a power of two from 64 to 4096")
+        if self.block_size not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise ValueError(f"block_size={self.block_size} is not supported; use a power of two from 32 to 4096")
         if self.group_size < 2 or self.group_size % 2:
             raise ValueError(f"group_size={self.group_size} must be an even number >= 2 (two int4 values a byte)")
         if self.llm_int8_skip_modules is not None:
