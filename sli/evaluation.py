@@ -168,12 +168,17 @@ def _decoder_layers(model: nn.Module) -> "tuple[str, nn.ModuleList]":
     return layout.layers_path, model.get_submodule(layout.layers_path)
 
 
-def _quantizer(mode: str):
+def _quantizer(mode: str, block_size: Optional[int] = None):
     from .quantization import LayerQuantizer, QuantizationConfig, get_mixed_precision_config
 
     if mode == "mixed":
         return get_mixed_precision_config()
-    return LayerQuantizer(QuantizationConfig(mode=mode))
+    return LayerQuantizer(QuantizationConfig(mode=mode, **_blocks(mode, block_size)))
+
+
+def _blocks(mode: str, block_size: Optional[int]) -> Dict[str, Any]:
+    """The config field ``block_size`` sets in ``mode`` (NF4/FP4 ones, calibrated or not), or none."""
+    return {"block_size": block_size} if block_size and mode.split("-")[0] in ("nf4", "fp4") else {}
 
 
 def _snr_db(weight: torch.Tensor, approx: torch.Tensor) -> float:
@@ -185,11 +190,12 @@ def _snr_db(weight: torch.Tensor, approx: torch.Tensor) -> float:
     return float(10.0 * torch.log10(sig / err))
 
 
-def _quantize_model(model: nn.Module, mode: str, checkpoint_dtype: torch.dtype) -> Dict[str, Any]:
+def _quantize_model(model: nn.Module, mode: str, checkpoint_dtype: torch.dtype,
+                    block_size: Optional[int] = None) -> Dict[str, Any]:
     """Quantize ``model``'s decoder layers in place; return SNR and byte counts of its linears."""
     from .quantization import QuantizedLinear, is_linear, linear_weight
 
-    quantizer = _quantizer(mode)
+    quantizer = _quantizer(mode, block_size)
     prefix, layers = _decoder_layers(model)
     snrs: List[float] = []
     qbytes = 0
@@ -276,7 +282,7 @@ def _checkpoint_dtype(model_dir: Path) -> torch.dtype:
 def evaluate_modes(model_dir: Union[str, Path], modes: Iterable[str] = ALL_MODES,
                    text_path: Optional[Union[str, Path]] = None, num_windows: int = 4, window: int = 512,
                    progress: bool = True, cache_dir: Optional[Union[str, Path]] = None,
-                   calibration: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                   calibration: Optional[Dict[str, Any]] = None, block_size: Optional[int] = None) -> Dict[str, Any]:
     """Perplexity, KL and top-1 agreement versus ``none``, weight SNR, bytes and latency per mode.
 
     Loads the full transformers model from ``model_dir`` (fp32 compute), and for each mode
@@ -289,7 +295,8 @@ def evaluate_modes(model_dir: Union[str, Path], modes: Iterable[str] = ALL_MODES
     calibration text (:func:`sli.calibration.default_calibration_text`, disjoint from the default
     evaluation windows) into the layer cache at ``cache_dir`` (default: sli's cache directory),
     through a streamed processor, once: a later evaluation reads the cached entries. ``calibration``
-    sets config fields of those modes (e.g. ``{"calibration_tokens": 65536}``).
+    sets config fields of those modes (e.g. ``{"calibration_tokens": 65536}``). ``block_size`` sets
+    the NF4/FP4 modes' values a block maximum (``nf4``, ``fp4``, ``nf4-gptq``, ``fp4-gptq``; default 64).
 
     :returns: ``{"modes": {mode: {"perplexity", "perplexity_change_pct", "kl", "top1_agreement",
         "weight_snr_db", "linear_bytes", "checkpoint_linear_bytes", "forward_latency_s",
@@ -323,9 +330,10 @@ def evaluate_modes(model_dir: Union[str, Path], modes: Iterable[str] = ALL_MODES
         t0 = time.perf_counter()
         model = copy.deepcopy(base)
         if calibrated_config(mode) is not None:
-            stats = _load_calibrated(model, mode, model_dir, ckpt_dtype, cache_dir, progress, calibration)
+            fields = {**(calibration or {}), **_blocks(mode, block_size)}
+            stats = _load_calibrated(model, mode, model_dir, ckpt_dtype, cache_dir, progress, fields)
         else:
-            stats = _quantize_model(model, mode, ckpt_dtype)
+            stats = _quantize_model(model, mode, ckpt_dtype, block_size)
         quant_s = time.perf_counter() - t0
         total, count, latencies = 0.0, 0, []
         kls, agree, ntok = 0.0, 0.0, 0

@@ -651,6 +651,27 @@ def test_sli_eval_asymmetric_sets_the_calibrated_modes_field(tiny, capsys, monke
     assert "--asymmetric applies to calibrated modes" in _cli_error(capsys)
 
 
+def test_eval_block_size_sets_the_nf4_and_fp4_modes_blocks(tiny, tmp_path, capsys):
+    from sli.cli import main
+    from sli.evaluation import evaluate_modes
+
+    fields = {"calibration_tokens": 512, "calibration_window": 64}
+    bits = {}
+    for size in (64, 32):
+        report = evaluate_modes(tiny, ["none", "nf4", "nf4-gptq", "int8"], num_windows=1, window=64, progress=False,
+                                cache_dir=tmp_path, calibration=fields, block_size=size)
+        bits[size] = {m: r["bits_per_weight"] for m, r in report["modes"].items()}
+    # an 8-bit maximum a block (double quant): 1/8 bit a weight more at 32 than at 64; int8 untouched
+    for mode in ("nf4", "nf4-gptq"):
+        assert bits[32][mode] - bits[64][mode] == pytest.approx(8 / 32 - 8 / 64, abs=0.01)
+    assert bits[32]["int8"] == bits[64]["int8"]
+    capsys.readouterr()  # the evaluations' progress bars
+    assert main(["eval", str(tiny), "--modes", "none,int8", "--block-size", "32", "-q"]) == 1
+    assert "--block-size applies to NF4 and FP4 blocks" in _cli_error(capsys)
+    assert main(["eval", str(tiny), "--modes", "none,nf4", "--block-size", "48", "-q"]) == 2
+    assert "must be one of 32, 64" in capsys.readouterr().err
+
+
 def test_calibration_passes_run_in_bfloat16_where_the_cpu_multiplies_it(tiny, tmp_path, monkeypatch):
     from sli.calibration import layer_solve
     from sli.quantization.gptq import Hessian
@@ -854,7 +875,35 @@ def test_sli_warm_calibrate_then_generate_reads_the_calibrated_entries(tmp_path,
     assert len(entries) == 6 and len({e["fingerprint"] for e in entries}) == 3
 
 
+def test_sli_warm_block_size_writes_blocks_of_that_many_values_a_config_of_their_own(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from sli.cli import main
+    from sli.synth import synth_model
+
+    path = str(synth_model(tmp_path / "m", family="llama", preset="tiny", with_tokenizer=True))
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    calib = ["--calibration-tokens", "256"]
+    for argv in (["--mode", "nf4"], ["--mode", "nf4", "--block-size", "32"], ["--mode", "nf4-gptq", *calib],
+                 ["--mode", "nf4-gptq", *calib, "--block-size", "32"]):
+        assert main(["warm", path, *argv, *cache, "--json", "-q"]) == 0
+        assert json.loads(capsys.readouterr().out)["added"] == 2, argv  # none of them the other's entries
+    found = {}  # the payloads on disk (safetensors): down_proj's block size and maxima in each entry
+    for payload in (tmp_path / "cache").rglob("*.val"):
+        tensors = load_file(payload)
+        state = json.loads(bytes(tensors["mlp.down_proj.weight.quant_state.bitsandbytes__nf4"].tolist()))
+        found.setdefault(state["blocksize"], []).append(tensors["mlp.down_proj.weight.absmax"].numel())
+    assert sorted(found) == [32, 64] and len(found[32]) == len(found[64]) == 4
+    assert set(found[32]) == {2 * n for n in found[64]}  # twice the maxima: one per 32 values
+    assert main(["generate", path, "Hello", "--mode", "nf4-gptq", *calib, "--block-size", "32", *cache,
+                 "--max-new-tokens", "2", "--json", "-q"]) == 0
+    generated = json.loads(capsys.readouterr().out)
+    assert generated["cache"]["disk_misses"] == 0 and generated["new_tokens"] == 2
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--mode", "int8", "--block-size", "32"], "--block-size applies to NF4 and FP4 blocks"),
+    (["--mode", "mixed", "--block-size", "32"], "--block-size applies to NF4 and FP4 blocks"),
     (["--mode", "int8", "--calibrate"], "has no calibrated method"),
     (["--mode", "int8", "--calibration-tokens", "64"], "apply to calibrated modes"),
     (["--mode", "nf4", "--asymmetric", "0.25"], "apply to calibrated modes"),

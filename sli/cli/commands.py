@@ -202,8 +202,11 @@ def cmd_eval(args) -> int:
             raise SLIError(f"--asymmetric applies to calibrated modes, and --modes {args.modes!r} names none; "
                            "add int4-gptq or nf4-gptq")
         fields = {"gptq_asymmetric": args.asymmetric}
+    if args.block_size is not None and not any(m.split("-")[0] in ("nf4", "fp4") for m in modes):
+        raise SLIError(f"--block-size applies to NF4 and FP4 blocks, and --modes {args.modes!r} names no such mode; "
+                       "add nf4, fp4, nf4-gptq or fp4-gptq")
     report = evaluate_modes(model_dir, modes, text_path=args.text, num_windows=args.windows,
-                            window=window, progress=not args.quiet, calibration=fields)
+                            window=window, progress=not args.quiet, calibration=fields, block_size=args.block_size)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

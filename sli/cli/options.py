@@ -83,6 +83,18 @@ def probability(text: str) -> float:
     return value
 
 
+def block_size(text: str) -> int:
+    from ..quantization.config import BLOCK_SIZES
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value not in BLOCK_SIZES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(str, BLOCK_SIZES))}, got {text}")
+    return value
+
+
 def unit_interval(text: str) -> float:
     value = _finite(text)
     if not 0 <= value <= 1:
@@ -189,7 +201,7 @@ def quantization_config_of(args, positions: Optional[int] = None):
 
     from ..quantization import QuantizationConfig
 
-    config = _mode_config(args, positions)
+    config = with_block_size(_mode_config(args, positions), getattr(args, "block_size", None), f"--mode {args.mode}")
     head = getattr(args, "head", None)
     if head in (None, "auto"):
         return config
@@ -197,6 +209,21 @@ def quantization_config_of(args, positions: Optional[int] = None):
         return dataclasses.replace(config, head=head)
     config.config = dataclasses.replace(config.config, head=head)  # a quantizer (mixed): its base config
     return config
+
+
+def with_block_size(config, size: Optional[int], named: str):
+    """``config`` with NF4/FP4 blocks of ``size`` values (``--block-size``; None: as it is). An error
+    names the modes it applies to where ``config`` is another (``named``: how the user named it)."""
+    import dataclasses
+
+    from ..quantization import QuantizationConfig, QuantizationMode
+
+    if size is None:
+        return config
+    if not (isinstance(config, QuantizationConfig) and config.mode in (QuantizationMode.NF4, QuantizationMode.FP4)):
+        raise SLIError(f"--block-size applies to NF4 and FP4 blocks, and {named} has none; use --mode nf4, fp4, "
+                       "nf4-gptq or fp4-gptq")
+    return dataclasses.replace(config, block_size=size)
 
 
 def _mode_config(args, positions: Optional[int] = None):

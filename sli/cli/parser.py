@@ -7,8 +7,8 @@ from .cache_command import cmd_cache
 from .commands import (cmd_bench, cmd_chat, cmd_demo, cmd_eval, cmd_generate, cmd_import_gguf, cmd_serve,
                        cmd_synth, cmd_warm)
 from .options import (DEFAULT_PROMPT, DEMO_BUDGET_GB, MODES, CLIParser, HelpFormatter, device_name, int_at_least,
-                      non_negative_float, penalty, port_number, positive_float, probability, stop_string,
-                      unit_interval)
+                      block_size, non_negative_float, penalty, port_number, positive_float, probability,
+                      stop_string, unit_interval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "(calibrated)")
         p.add_argument("--head", choices=("auto", "int8", "keep"), default="auto",
                        help="the head on CPU: int8, or kept as stored (default auto: int8 for nf4, fp4 and int4)")
+        p.add_argument("--block-size", type=block_size, default=None, metavar="N",
+                       help="NF4/FP4 values a block maximum, 32 to 4096 (default 64; 32: lower perplexity for "
+                            "~0.125 bits a weight more)")
         p.add_argument("--cache-dir", help="layer cache directory (default: $SLI_CACHE_DIR, else "
                                            "$SLI_HOME/layer-cache, else ~/.cache/sli/layer-cache)")
         p.add_argument("--max-cache-size-gb", type=positive_float, default=None,
@@ -188,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asymmetric", type=unit_interval, default=None, metavar="A",
                    help="the calibrated modes (int4-gptq, nf4-gptq, ...) fitted this fraction, 0 to 1, toward the "
                         "float model's outputs (GPTAQ; default 0: plain GPTQ)")
+    p.add_argument("--block-size", type=block_size, default=None, metavar="N",
+                   help="NF4/FP4 values a block maximum in the nf4, fp4, nf4-gptq and fp4-gptq modes, 32 to 4096 "
+                        "(default 64)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_eval)
 

@@ -72,6 +72,9 @@ def available_modes() -> List[str]:
     return [m.value for m in QuantizationMode if m in _MODE_SPECS]
 
 
+# NF4/FP4 values a block maximum may cover (bitsandbytes' sizes; 32 takes ~0.125 bits a weight more than 64)
+BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
 # How a weight's values are chosen. "rtn" rounds each weight to its nearest code (no data);
 # "gptq" chooses them layer by layer against calibration activations (sli.calibration,
 # sli.quantization.gptq) and writes the same byte layout. A method's fields change the bytes,
@@ -200,7 +203,7 @@ class QuantizationConfig:
                 f"quant_type={self.quant_type!r} contradicts mode={self.mode.value!r}; "
                 f"use quant_type={self.mode.value!r} or mode={self.quant_type!r}"
             )
-        if self.block_size not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        if self.block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size={self.block_size} is not supported; use a power of two from 32 to 4096")
         if self.group_size < 2 or self.group_size % 2:
             raise ValueError(f"group_size={self.group_size} must be an even number >= 2 (two int4 values a byte)")
