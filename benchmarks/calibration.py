@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--sequential", action="store_true", help="gptq_sequential=True")
     parser.add_argument("--asymmetric", type=float, default=QuantizationConfig.gptq_asymmetric, metavar="A",
                         help="gptq_asymmetric (default %(default)s; 0: plain GPTQ, no float model's pass)")
+    parser.add_argument("--block-size", type=int, default=QuantizationConfig.block_size,
+                        help="NF4/FP4 values a block maximum (default %(default)s)")
     parser.add_argument("--work", help="folder for the model and the cache (default: a temporary one)")
     parser.add_argument("--budget-gb", type=float, default=None, help="memory_budget_gb of the processor")
     parser.add_argument("--layers", type=int, default=2,
@@ -67,7 +69,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
     if not (model / "config.json").is_file():
         synth_model(model, family="llama", preset=args.preset, num_layers=args.layers, with_tokenizer=True)
     config = QuantizationConfig(mode=args.mode, method="gptq", calibration_tokens=args.tokens, calibration_window=512,
-                                gptq_sequential=args.sequential, gptq_asymmetric=args.asymmetric)
+                                gptq_sequential=args.sequential, gptq_asymmetric=args.asymmetric,
+                                block_size=args.block_size)
     report: list = []
     shutil.rmtree(work / "cache", ignore_errors=True)
     before_mb = _status_kb("VmRSS:") / 1024
@@ -83,6 +86,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     once = ("load_s", "groups_s", "solve_s", "store_s", "build_s")  # a layer's, whatever its token count
     estimate = sum(layer.get(k, 0) for k in once) + scale * (layer.get("hessians_s", 0) + layer.get("forward_s", 0))
     print(json.dumps({"preset": args.preset, "mode": args.mode, "tokens": args.tokens, "asymmetric": args.asymmetric,
+                      "block_size": args.block_size,
                       "threads": torch.get_num_threads(),
                       "layer": {k: round(v, 2) for k, v in layer.items()},
                       "later_layers": [{k: round(v, 2) for k, v in later.items()} for later in report[1:]],

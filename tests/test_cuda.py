@@ -12,11 +12,11 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("mode", ["none", "int8", "nf4"])
-def test_cuda_streaming_matches_the_cpu_dequantize_strategy(mode, model_factory, tmp_path):
+@pytest.mark.parametrize("mode, blocks", [("none", 64), ("int8", 64), ("nf4", 64), ("nf4", 32)])
+def test_cuda_streaming_matches_the_cpu_dequantize_strategy(mode, blocks, model_factory, tmp_path):
     model_dir = model_factory("llama", num_layers=4)
     ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(3))
-    config = QuantizationConfig(mode=mode, compute_dtype="float32")
+    config = QuantizationConfig(mode=mode, compute_dtype="float32", block_size=blocks)  # 32: bitsandbytes >= 0.50
     with UniversalSLIProcessor(model_dir, config, cache_dir=tmp_path / "c", device="cpu", strategy="dequantize",
                                memory_budget_gb=0.0) as cpu:
         expected = cpu.forward(ids)
