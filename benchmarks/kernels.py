@@ -1,8 +1,8 @@
 """Fused CPU kernels vs dequantize-then-BLAS, one Llama-2-7B feed-forward weight.
 
 Run: .venv/bin/python benchmarks/kernels.py [--repeats 7] [--shape 11008 4096] [--modes nf4 int8]
-     [--rows 1 4 16] [--no-dequantize] [--threads N] [--stat median|min] [--block-size 32] [--torch-ops] [--compare-paths]
-     [--fused-vs-dequantized] [--from-ram N]
+     [--rows 1 4 16] [--no-dequantize] [--threads N] [--stat median|min] [--block-size 32] [--torch-ops]
+     [--compare-paths] [--fused-vs-dequantized] [--from-ram N]
 
 For each mode, the time of ``sli.quantization.execution.linear(q, x)`` (what a streamed
 layer's linear does) for 1, 4 and 16 activation rows — the fused kernel path (sli.kernels) —
@@ -233,7 +233,8 @@ def main() -> None:
     ap.add_argument("--no-dequantize", action="store_true", help="skip the dequantize columns (faster)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (the kernels use as many)")
     ap.add_argument("--stat", choices=["median", "min"], default="median")
-    ap.add_argument("--block-size", type=int, default=QuantizationConfig.block_size, help="NF4/FP4 values a block maximum (32 to 4096)")
+    ap.add_argument("--block-size", type=int, default=QuantizationConfig.block_size,
+                    help="NF4/FP4 values a block maximum (32 to 4096)")
     ap.add_argument("--torch-ops", action="store_true", help="also time torch's int8/int4 packed products")
     ap.add_argument("--from-ram", type=int, default=0, metavar="N",
                     help="instead: 1 row through N distinct copies of each mode's weight (past the L3 cache), "

@@ -317,9 +317,10 @@ def _int8_4bit(x: Tensor, blocksize: int):
 def matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, out_features: int,
                 bias: Optional[Tensor] = None) -> Optional[Tensor]:
     """``x @ W^T (+ bias)`` for a bitsandbytes-layout 4-bit weight with float32 block maxima
-    ``absmax`` (``in`` a multiple of ``blocksize``, itself a multiple of 64), or None for other
-    block sizes. From :data:`INT8_LEVELS_ROWS` rows on, the 16 levels as integers meet int8
-    activations; they take blocks of 32 values too (``in`` a multiple of 64)."""
+    ``absmax`` (``in`` a multiple of ``blocksize``), or None where no kernel takes the weight.
+    From :data:`INT8_LEVELS_ROWS` rows on, the 16 levels as integers meet int8 activations
+    (blocks of 32 values or of a multiple of 64, :func:`levels_fit`); below, float activations
+    meet blocks of a multiple of 64."""
     maxima = _np(_flat(absmax))
     quantized = _int8_4bit(x, blocksize)
     if quantized is not None:

@@ -173,8 +173,10 @@ def dot4l(packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out
                 for k in range(32):
                     byte = packed[pofs + c // 2 + k]
                     high, low = byte >> 4, byte & 15
-                    product = (np.int32(64) * np.int32(levels[high]) + np.int32(levels[16 + high])) * np.int32(xq[base + c + k]) \
-                        + (np.int32(64) * np.int32(levels[low]) + np.int32(levels[16 + low])) * np.int32(xq[base + c + 32 + k])
+                    product = (np.int32(64) * np.int32(levels[high]) + np.int32(levels[16 + high])) \
+                        * np.int32(xq[base + c + k]) \
+                        + (np.int32(64) * np.int32(levels[low]) + np.int32(levels[16 + low])) \
+                        * np.int32(xq[base + c + 32 + k])
                     if blocksize == 32 and k >= 16:
                         d_next += product
                     else:
