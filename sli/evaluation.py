@@ -170,14 +170,14 @@ def _decoder_layers(model: nn.Module) -> "tuple[str, nn.ModuleList]":
 
 def _quantizer(mode: str, block_size: Optional[int] = None):
     from .quantization import LayerQuantizer, QuantizationConfig, get_mixed_precision_config
+    from .quantization.quantizer import with_block_size
 
-    if mode == "mixed":
-        return get_mixed_precision_config()
-    return LayerQuantizer(QuantizationConfig(mode=mode, **_blocks(mode, block_size)))
+    quantizer = get_mixed_precision_config() if mode == "mixed" else LayerQuantizer(QuantizationConfig(mode=mode))
+    return (with_block_size(quantizer, block_size) if block_size else None) or quantizer
 
 
 def _blocks(mode: str, block_size: Optional[int]) -> Dict[str, Any]:
-    """The config field ``block_size`` sets in ``mode`` (NF4/FP4 ones, calibrated or not), or none."""
+    """The config field ``block_size`` sets in a calibrated ``mode`` (NF4/FP4 ones), or none."""
     return {"block_size": block_size} if block_size and mode.split("-")[0] in ("nf4", "fp4") else {}
 
 
@@ -296,7 +296,8 @@ def evaluate_modes(model_dir: Union[str, Path], modes: Iterable[str] = ALL_MODES
     evaluation windows) into the layer cache at ``cache_dir`` (default: sli's cache directory),
     through a streamed processor, once: a later evaluation reads the cached entries. ``calibration``
     sets config fields of those modes (e.g. ``{"calibration_tokens": 65536}``). ``block_size`` sets
-    the NF4/FP4 modes' values a block maximum (``nf4``, ``fp4``, ``nf4-gptq``, ``fp4-gptq``; default 64).
+    the NF4/FP4 blocks' values a maximum (``nf4``, ``fp4``, their calibrated modes, ``mixed``'s NF4;
+    default 64).
 
     :returns: ``{"modes": {mode: {"perplexity", "perplexity_change_pct", "kl", "top1_agreement",
         "weight_snr_db", "linear_bytes", "checkpoint_linear_bytes", "forward_latency_s",

@@ -9,7 +9,8 @@ import torch
 from sli import UniversalSLIProcessor
 from sli import kernels as kernels_module
 from sli.errors import SLIError
-from sli.quantization import LayerQuantizer, QuantizationConfig, QuantizedLinear, codec_for, get_int8_config
+from sli.quantization import (LayerQuantizer, QuantizationConfig, QuantizedLinear, codec_for, get_int8_config,
+                              get_mixed_precision_config)
 from sli.quantization import gptq as gptq_module
 from sli.quantization.gptq import Hessian, gptq_quantize, layer_output_error
 
@@ -654,6 +655,7 @@ def test_sli_eval_asymmetric_sets_the_calibrated_modes_field(tiny, capsys, monke
 def test_eval_block_size_sets_the_nf4_and_fp4_modes_blocks(tiny, tmp_path, capsys):
     from sli.cli import main
     from sli.evaluation import evaluate_modes
+    from sli.quantization.quantizer import with_block_size
 
     fields = {"calibration_tokens": 512, "calibration_window": 64}
     bits = {}
@@ -665,6 +667,9 @@ def test_eval_block_size_sets_the_nf4_and_fp4_modes_blocks(tiny, tmp_path, capsy
     for mode in ("nf4", "nf4-gptq"):
         assert bits[32][mode] - bits[64][mode] == pytest.approx(8 / 32 - 8 / 64, abs=0.01)
     assert bits[32]["int8"] == bits[64]["int8"]
+    mixed = with_block_size(get_mixed_precision_config(), 32)  # attention INT8 as it was, the MLP's NF4 in 32s
+    assert (mixed.ffn_config.block_size, mixed.attention_config.mode.value) == (32, "int8")
+    assert with_block_size(QuantizationConfig(mode="int8"), 32) is None
     capsys.readouterr()  # the evaluations' progress bars
     assert main(["eval", str(tiny), "--modes", "none,int8", "--block-size", "32", "-q"]) == 1
     assert "--block-size applies to NF4 and FP4 blocks" in _cli_error(capsys)
@@ -903,7 +908,6 @@ def test_sli_warm_block_size_writes_blocks_of_that_many_values_a_config_of_their
 
 @pytest.mark.parametrize("argv, message", [
     (["--mode", "int8", "--block-size", "32"], "--block-size applies to NF4 and FP4 blocks"),
-    (["--mode", "mixed", "--block-size", "32"], "--block-size applies to NF4 and FP4 blocks"),
     (["--mode", "int8", "--calibrate"], "has no calibrated method"),
     (["--mode", "int8", "--calibration-tokens", "64"], "apply to calibrated modes"),
     (["--mode", "nf4", "--asymmetric", "0.25"], "apply to calibrated modes"),

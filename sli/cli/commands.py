@@ -202,9 +202,9 @@ def cmd_eval(args) -> int:
             raise SLIError(f"--asymmetric applies to calibrated modes, and --modes {args.modes!r} names none; "
                            "add int4-gptq or nf4-gptq")
         fields = {"gptq_asymmetric": args.asymmetric}
-    if args.block_size is not None and not any(m.split("-")[0] in ("nf4", "fp4") for m in modes):
+    if args.block_size is not None and not any(m.split("-")[0] in ("nf4", "fp4", "mixed") for m in modes):
         raise SLIError(f"--block-size applies to NF4 and FP4 blocks, and --modes {args.modes!r} names no such mode; "
-                       "add nf4, fp4, nf4-gptq or fp4-gptq")
+                       "add nf4, fp4, nf4-gptq, fp4-gptq or mixed")
     report = evaluate_modes(model_dir, modes, text_path=args.text, num_windows=args.windows,
                             window=window, progress=not args.quiet, calibration=fields, block_size=args.block_size)
     if args.json:

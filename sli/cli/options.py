@@ -213,17 +213,16 @@ def quantization_config_of(args, positions: Optional[int] = None):
 
 def with_block_size(config, size: Optional[int], named: str):
     """``config`` with NF4/FP4 blocks of ``size`` values (``--block-size``; None: as it is). An error
-    names the modes it applies to where ``config`` is another (``named``: how the user named it)."""
-    import dataclasses
-
-    from ..quantization import QuantizationConfig, QuantizationMode
+    names the modes it applies to where ``config`` has none (``named``: how the user named it)."""
+    from ..quantization.quantizer import with_block_size as sized
 
     if size is None:
         return config
-    if not (isinstance(config, QuantizationConfig) and config.mode in (QuantizationMode.NF4, QuantizationMode.FP4)):
+    found = sized(config, size)
+    if found is None:
         raise SLIError(f"--block-size applies to NF4 and FP4 blocks, and {named} has none; use --mode nf4, fp4, "
-                       "nf4-gptq or fp4-gptq")
-    return dataclasses.replace(config, block_size=size)
+                       "nf4-gptq, fp4-gptq or mixed")
+    return found
 
 
 def _mode_config(args, positions: Optional[int] = None):

@@ -192,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the calibrated modes (int4-gptq, nf4-gptq, ...) fitted this fraction, 0 to 1, toward the "
                         "float model's outputs (GPTAQ; default 0: plain GPTQ)")
     p.add_argument("--block-size", type=block_size, default=None, metavar="N",
-                   help="NF4/FP4 values a block maximum in the nf4, fp4, nf4-gptq and fp4-gptq modes, 32 to 4096 "
-                        "(default 64)")
+                   help="NF4/FP4 values a block maximum in the nf4, fp4, nf4-gptq, fp4-gptq and mixed modes, 32 "
+                        "to 4096 (default 64)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_eval)
 

@@ -288,6 +288,25 @@ def get_mixed_precision_config() -> AdaptiveQuantizer:
                              ffn_config=nf4)
 
 
+def with_block_size(config: Union[QuantizationConfig, LayerQuantizer], size: int
+                    ) -> Optional[Union[QuantizationConfig, LayerQuantizer]]:
+    """``config`` (a config or a quantizer, an :class:`AdaptiveQuantizer`'s parts each) with its
+    NF4/FP4 blocks of ``size`` values, or None when it has no NF4/FP4 blocks to size."""
+    def sized(c: QuantizationConfig) -> QuantizationConfig:
+        four_bit = c.mode in (QuantizationMode.NF4, QuantizationMode.FP4)
+        return dataclasses.replace(c, block_size=size) if four_bit else c
+
+    if isinstance(config, AdaptiveQuantizer):
+        parts = (config.base_config, config.attention_config, config.ffn_config)
+        if all(sized(c) is c for c in parts):
+            return None
+        return AdaptiveQuantizer(*(sized(c) for c in parts))
+    if isinstance(config, LayerQuantizer):
+        inner = with_block_size(config.config, size)
+        return LayerQuantizer(inner) if inner is not None else None
+    return sized(config) if sized(config) is not config else None
+
+
 def quantize_layer(layer: nn.Module, mode: Union[str, QuantizationMode, QuantizationConfig, LayerQuantizer] = "int8",
                    **kwargs: Any) -> nn.Module:
     """One-line quantization: ``quantize_layer(layer, mode="nf4")``, or with a config or quantizer
