@@ -170,15 +170,24 @@ def _decoder_layers(model: nn.Module) -> "tuple[str, nn.ModuleList]":
 
 def _quantizer(mode: str, block_size: Optional[int] = None):
     from .quantization import LayerQuantizer, QuantizationConfig, get_mixed_precision_config
-    from .quantization.quantizer import with_block_size
 
     quantizer = get_mixed_precision_config() if mode == "mixed" else LayerQuantizer(QuantizationConfig(mode=mode))
-    return (with_block_size(quantizer, block_size) if block_size else None) or quantizer
+    return _sized(quantizer, block_size)
 
 
-def _blocks(mode: str, block_size: Optional[int]) -> Dict[str, Any]:
-    """The config field ``block_size`` sets in a calibrated ``mode`` (NF4/FP4 ones), or none."""
-    return {"block_size": block_size} if block_size and mode.split("-")[0] in ("nf4", "fp4") else {}
+def _sized(config, block_size: Optional[int]):
+    """``config`` (a config or a quantizer) with NF4/FP4 blocks of ``block_size`` values where it has
+    such blocks and a size is given, else as it is."""
+    from .quantization.quantizer import with_block_size
+
+    return (with_block_size(config, block_size) if block_size else None) or config
+
+
+def takes_block_size(mode: str) -> bool:
+    """Whether ``mode`` (a known one) has NF4/FP4 blocks for ``block_size`` to size."""
+    from .quantization.quantizer import with_block_size
+
+    return with_block_size(calibrated_config(mode) or _quantizer(mode), 32) is not None
 
 
 def _snr_db(weight: torch.Tensor, approx: torch.Tensor) -> float:
@@ -229,7 +238,8 @@ def _quantize_model(model: nn.Module, mode: str, checkpoint_dtype: torch.dtype,
 
 def _load_calibrated(model: nn.Module, mode: str, model_dir: Path, checkpoint_dtype: torch.dtype,
                      cache_dir: Optional[Union[str, Path]], progress: bool,
-                     calibration: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                     calibration: Optional[Dict[str, Any]] = None,
+                     block_size: Optional[int] = None) -> Dict[str, Any]:
     """Calibrate ``mode`` (e.g. ``"int4-gptq"``) into the layer cache through a processor (resumable;
     nothing to do when the cache holds it), then put the cached weights in ``model``'s decoder
     layers; return SNR and byte counts as :func:`_quantize_model` does."""
@@ -238,7 +248,7 @@ def _load_calibrated(model: nn.Module, mode: str, model_dir: Path, checkpoint_dt
     from .quantization import QuantizedLinear, linear_weight, split_cached
     from .quantization.modules import set_submodule
 
-    config = calibrated_config(mode, **(calibration or {}))
+    config = _sized(calibrated_config(mode, **(calibration or {})), block_size)
     _, layers = _decoder_layers(model)
     snrs: List[float] = []
     qbytes = orig_bytes = 0
@@ -331,8 +341,8 @@ def evaluate_modes(model_dir: Union[str, Path], modes: Iterable[str] = ALL_MODES
         t0 = time.perf_counter()
         model = copy.deepcopy(base)
         if calibrated_config(mode) is not None:
-            fields = {**(calibration or {}), **_blocks(mode, block_size)}
-            stats = _load_calibrated(model, mode, model_dir, ckpt_dtype, cache_dir, progress, fields)
+            stats = _load_calibrated(model, mode, model_dir, ckpt_dtype, cache_dir, progress, calibration,
+                                     block_size)
         else:
             stats = _quantize_model(model, mode, ckpt_dtype, block_size)
         quant_s = time.perf_counter() - t0

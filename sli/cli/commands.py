@@ -178,7 +178,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ..evaluation import evaluate_modes, format_report
+    from ..evaluation import evaluate_modes, format_report, takes_block_size
 
     from ..model_check import max_positions
 
@@ -202,7 +202,7 @@ def cmd_eval(args) -> int:
             raise SLIError(f"--asymmetric applies to calibrated modes, and --modes {args.modes!r} names none; "
                            "add int4-gptq or nf4-gptq")
         fields = {"gptq_asymmetric": args.asymmetric}
-    if args.block_size is not None and not any(m.split("-")[0] in ("nf4", "fp4", "mixed") for m in modes):
+    if args.block_size is not None and not any(takes_block_size(m) for m in modes):
         raise SLIError(f"--block-size applies to NF4 and FP4 blocks, and --modes {args.modes!r} names no such mode; "
                        "add nf4, fp4, nf4-gptq, fp4-gptq or mixed")
     report = evaluate_modes(model_dir, modes, text_path=args.text, num_windows=args.windows,

@@ -201,7 +201,7 @@ def quantization_config_of(args, positions: Optional[int] = None):
 
     from ..quantization import QuantizationConfig
 
-    config = with_block_size(_mode_config(args, positions), getattr(args, "block_size", None), f"--mode {args.mode}")
+    config = _block_size_option(_mode_config(args, positions), getattr(args, "block_size", None), f"--mode {args.mode}")
     head = getattr(args, "head", None)
     if head in (None, "auto"):
         return config
@@ -211,14 +211,14 @@ def quantization_config_of(args, positions: Optional[int] = None):
     return config
 
 
-def with_block_size(config, size: Optional[int], named: str):
+def _block_size_option(config, size: Optional[int], named: str):
     """``config`` with NF4/FP4 blocks of ``size`` values (``--block-size``; None: as it is). An error
     names the modes it applies to where ``config`` has none (``named``: how the user named it)."""
-    from ..quantization.quantizer import with_block_size as sized
+    from ..quantization.quantizer import with_block_size
 
     if size is None:
         return config
-    found = sized(config, size)
+    found = with_block_size(config, size)
     if found is None:
         raise SLIError(f"--block-size applies to NF4 and FP4 blocks, and {named} has none; use --mode nf4, fp4, "
                        "nf4-gptq, fp4-gptq or mixed")

@@ -292,19 +292,18 @@ def with_block_size(config: Union[QuantizationConfig, LayerQuantizer], size: int
                     ) -> Optional[Union[QuantizationConfig, LayerQuantizer]]:
     """``config`` (a config or a quantizer, an :class:`AdaptiveQuantizer`'s parts each) with its
     NF4/FP4 blocks of ``size`` values, or None when it has no NF4/FP4 blocks to size."""
+    def blocks(c: QuantizationConfig) -> bool:
+        return c.mode in (QuantizationMode.NF4, QuantizationMode.FP4)
+
     def sized(c: QuantizationConfig) -> QuantizationConfig:
-        four_bit = c.mode in (QuantizationMode.NF4, QuantizationMode.FP4)
-        return dataclasses.replace(c, block_size=size) if four_bit else c
+        return dataclasses.replace(c, block_size=size) if blocks(c) else c
 
     if isinstance(config, AdaptiveQuantizer):
         parts = (config.base_config, config.attention_config, config.ffn_config)
-        if all(sized(c) is c for c in parts):
-            return None
-        return AdaptiveQuantizer(*(sized(c) for c in parts))
+        return AdaptiveQuantizer(*map(sized, parts)) if any(map(blocks, parts)) else None
     if isinstance(config, LayerQuantizer):
-        inner = with_block_size(config.config, size)
-        return LayerQuantizer(inner) if inner is not None else None
-    return sized(config) if sized(config) is not config else None
+        return LayerQuantizer(sized(config.config)) if blocks(config.config) else None
+    return sized(config) if blocks(config) else None
 
 
 def quantize_layer(layer: nn.Module, mode: Union[str, QuantizationMode, QuantizationConfig, LayerQuantizer] = "int8",
