@@ -168,15 +168,16 @@ def _decoder_layers(model: nn.Module) -> "tuple[str, nn.ModuleList]":
     return layout.layers_path, model.get_submodule(layout.layers_path)
 
 
-def _quantizer(mode: str, block_size: Optional[int] = None):
+def _quantizer(mode: str, block_size: Union[int, str, None] = None):
     from .quantization import LayerQuantizer, QuantizationConfig, get_mixed_precision_config
 
     quantizer = get_mixed_precision_config() if mode == "mixed" else LayerQuantizer(QuantizationConfig(mode=mode))
     return _sized(quantizer, block_size)
 
 
-def _sized(config, block_size: Optional[int]):
-    """``config`` (a config or a quantizer) with NF4/FP4 blocks of ``block_size`` values where it has
+def _sized(config, block_size: Union[int, str, None]):
+    """``config`` (a config or a quantizer) with NF4/FP4 blocks of ``block_size`` values (or as its
+    text says: "32,q_proj=64", :func:`sli.quantization.config.parse_block_sizes`) where it has
     such blocks and a size is given, else as it is."""
     from .quantization.quantizer import with_block_size
 
@@ -292,7 +293,8 @@ def _checkpoint_dtype(model_dir: Path) -> torch.dtype:
 def evaluate_modes(model_dir: Union[str, Path], modes: Iterable[str] = ALL_MODES,
                    text_path: Optional[Union[str, Path]] = None, num_windows: int = 4, window: int = 512,
                    progress: bool = True, cache_dir: Optional[Union[str, Path]] = None,
-                   calibration: Optional[Dict[str, Any]] = None, block_size: Optional[int] = None) -> Dict[str, Any]:
+                   calibration: Optional[Dict[str, Any]] = None, block_size: Union[int, str, None] = None
+                   ) -> Dict[str, Any]:
     """Perplexity, KL and top-1 agreement versus ``none``, weight SNR, bytes and latency per mode.
 
     Loads the full transformers model from ``model_dir`` (fp32 compute), and for each mode
@@ -307,7 +309,7 @@ def evaluate_modes(model_dir: Union[str, Path], modes: Iterable[str] = ALL_MODES
     through a streamed processor, once: a later evaluation reads the cached entries. ``calibration``
     sets config fields of those modes (e.g. ``{"calibration_tokens": 65536}``). ``block_size`` sets
     the NF4/FP4 blocks' values a maximum (``nf4``, ``fp4``, their calibrated modes, ``mixed``'s NF4;
-    default 64).
+    default 64), or as ``--block-size``'s text says (``"32,q_proj=64"``: some linears apart).
 
     :returns: ``{"modes": {mode: {"perplexity", "perplexity_change_pct", "kl", "top1_agreement",
         "weight_snr_db", "linear_bytes", "checkpoint_linear_bytes", "forward_latency_s",

@@ -659,13 +659,14 @@ def test_eval_block_size_sets_the_nf4_and_fp4_modes_blocks(tiny, tmp_path, capsy
 
     fields = {"calibration_tokens": 512, "calibration_window": 64}
     bits = {}
-    for size in (64, 32):
+    for size in (64, 32, "32,down_proj=64"):
         report = evaluate_modes(tiny, ["none", "nf4", "nf4-gptq", "int8"], num_windows=1, window=64, progress=False,
                                 cache_dir=tmp_path, calibration=fields, block_size=size)
         bits[size] = {m: r["bits_per_weight"] for m, r in report["modes"].items()}
     # an 8-bit maximum a block (double quant): 1/8 bit a weight more at 32 than at 64; int8 untouched
     for mode in ("nf4", "nf4-gptq"):
         assert bits[32][mode] - bits[64][mode] == pytest.approx(8 / 32 - 8 / 64, abs=0.01)
+        assert bits[64][mode] + 0.01 < bits["32,down_proj=64"][mode] < bits[32][mode] - 0.01  # down_proj at 64
     assert bits[32]["int8"] == bits[64]["int8"]
     mixed = with_block_size(get_mixed_precision_config(), 32)  # attention INT8 as it was, the MLP's NF4 in 32s
     assert (mixed.ffn_config.block_size, mixed.attention_config.mode.value) == (32, "int8")
@@ -673,8 +674,9 @@ def test_eval_block_size_sets_the_nf4_and_fp4_modes_blocks(tiny, tmp_path, capsy
     capsys.readouterr()  # the evaluations' progress bars
     assert main(["eval", str(tiny), "--modes", "none,int8", "--block-size", "32", "-q"]) == 1
     assert "--block-size applies to NF4 and FP4 blocks" in _cli_error(capsys)
-    assert main(["eval", str(tiny), "--modes", "none,nf4", "--block-size", "48", "-q"]) == 2
-    assert "must be one of 32, 64" in capsys.readouterr().err
+    for wrong in ("48", "32,down_proj=48", "32,64"):
+        assert main(["eval", str(tiny), "--modes", "none,nf4", "--block-size", wrong, "-q"]) == 2
+        assert "give one of 32, 64" in capsys.readouterr().err
 
 
 def test_calibration_passes_run_in_bfloat16_where_the_cpu_multiplies_it(tiny, tmp_path, monkeypatch):
@@ -904,6 +906,15 @@ def test_sli_warm_block_size_writes_blocks_of_that_many_values_a_config_of_their
                  "--max-new-tokens", "2", "--json", "-q"]) == 0
     generated = json.loads(capsys.readouterr().out)
     assert generated["cache"]["disk_misses"] == 0 and generated["new_tokens"] == 2
+    # some linears apart: down_proj in blocks of 64, the rest of 32, a config of its own again
+    assert main(["warm", path, "--mode", "nf4-gptq", *calib, "--block-size", "32,down_proj=64", *cache, "--json",
+                 "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)["added"] == 2
+    newest = max((tmp_path / "cache").rglob("*.val"), key=lambda p: p.stat().st_mtime_ns)
+    tensors = load_file(newest)
+    sizes = {name: json.loads(bytes(tensors[f"{name}.weight.quant_state.bitsandbytes__nf4"].tolist()))["blocksize"]
+             for name in ("mlp.down_proj", "mlp.up_proj", "self_attn.q_proj")}
+    assert sizes == {"mlp.down_proj": 64, "mlp.up_proj": 32, "self_attn.q_proj": 32}
 
 
 @pytest.mark.parametrize("argv, message", [

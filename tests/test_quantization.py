@@ -68,6 +68,7 @@ def test_from_dict_rejects_unknown_fields():
 @pytest.mark.parametrize("base, change", [
     (QuantizationConfig(mode="nf4"), {"mode": "fp4", "quant_type": None}),
     (QuantizationConfig(mode="nf4"), {"block_size": 128}),
+    (QuantizationConfig(mode="nf4"), {"block_sizes": {"q_proj": 32}}),
     (QuantizationConfig(mode="nf4"), {"double_quant": False, "compress_statistics": False}),
     (QuantizationConfig(mode="int8"), {"llm_int8_threshold": 4.0}),
     (QuantizationConfig(mode="int4"), {"group_size": 64}),
@@ -123,6 +124,30 @@ def test_dequantize_layer_gives_plain_linears_with_the_dequantized_weight():
     assert not LayerQuantizer.is_quantized(layer)
     assert type(layer["mlp"]["up_proj"]) is nn.Linear
     assert torch.equal(layer["mlp"]["up_proj"].weight, expected)
+
+
+def test_some_linears_take_a_block_size_of_their_own_by_name():
+    # the rest in blocks of 32; o_proj by its name, the MLP's down_proj by its dotted tail
+    config = QuantizationConfig(mode="nf4", block_size=32, block_sizes={"o_proj": 64, "mlp.down_proj": 128})
+    layer = LayerQuantizer(config).quantize_layer(block(), layer_name="model.layers.0")
+    maxima = {path: layer[part][name].qweight.tensors["weight.absmax"].numel()
+              for path, (part, name) in {"q": ("self_attn", "q_proj"), "o": ("self_attn", "o_proj"),
+                                         "up": ("mlp", "up_proj"), "down": ("mlp", "down_proj")}.items()}
+    assert maxima == {"q": 128 * 128 // 32, "o": 128 * 128 // 64, "up": 256 * 128 // 32, "down": 128 * 256 // 128}
+    reference = block()["self_attn"]["o_proj"]  # o_proj's bytes are what blocks of 64 give it alone
+    alone = quantize_layer(reference, QuantizationConfig(mode="nf4"))
+    assert torch.equal(alone.dequantized_weight(), layer["self_attn"]["o_proj"].dequantized_weight())
+    assert QuantizationConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"mode": "int4", "block_sizes": {"q_proj": 64}}, "mode='int4' has none"),
+    ({"mode": "nf4", "block_sizes": {"q_proj": 48}}, "give linear names each a power of two"),
+    ({"mode": "nf4", "block_sizes": {"": 64}}, "give linear names each a power of two"),
+])
+def test_block_sizes_by_name_are_checked(fields, message):
+    with pytest.raises(ValueError, match=message):
+        QuantizationConfig(**fields)
 
 
 def test_skip_modules_stay_unquantized():

@@ -83,16 +83,15 @@ def probability(text: str) -> float:
     return value
 
 
-def block_size(text: str) -> int:
-    from ..quantization.config import BLOCK_SIZES
+def block_size(text: str) -> str:
+    """``--block-size``: a size, then any linears' own (``32,q_proj=64``), checked here, passed on as text."""
+    from ..quantization.config import parse_block_sizes
 
     try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value not in BLOCK_SIZES:
-        raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(str, BLOCK_SIZES))}, got {text}")
-    return value
+        parse_block_sizes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def unit_interval(text: str) -> float:
@@ -211,8 +210,8 @@ def quantization_config_of(args, positions: Optional[int] = None):
     return config
 
 
-def _block_size_option(config, size: Optional[int], named: str):
-    """``config`` with NF4/FP4 blocks of ``size`` values (``--block-size``; None: as it is). An error
+def _block_size_option(config, size: Optional[str], named: str):
+    """``config`` with NF4/FP4 blocks as ``size`` says (``--block-size``: "32,q_proj=64"; None: as it is). An error
     names the modes it applies to where ``config`` has none (``named``: how the user named it)."""
     from ..quantization.quantizer import with_block_size
 

@@ -75,6 +75,32 @@ def available_modes() -> List[str]:
 # NF4/FP4 values a block maximum may cover (bitsandbytes' sizes; 32 takes ~0.125 bits a weight more than 64)
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
+
+def parse_block_sizes(text: str) -> "Tuple[Optional[int], Dict[str, int]]":
+    """``--block-size``'s text as (the blocks' size or None, some linears' own sizes by name):
+    ``"32"``, ``"32,q_proj=64,o_proj=64"``, ``"q_proj=128"``. A size not in :data:`BLOCK_SIZES`,
+    or two sizes without names, is a ValueError that names the form.
+
+    >>> parse_block_sizes("32,q_proj=64")
+    (32, {'q_proj': 64})
+    """
+    size: Optional[int] = None
+    named: Dict[str, int] = {}
+    for item in (part.strip() for part in str(text).split(",")):
+        name, sep, value = item.rpartition("=")
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number not in BLOCK_SIZES or (sep and not name.strip()) or (not sep and size is not None):
+            raise ValueError(f"block sizes {text!r}: give one of {', '.join(map(str, BLOCK_SIZES))}, then any "
+                             "linears of their own as NAME=SIZE, e.g. 32,q_proj=64")
+        if sep:
+            named[name.strip()] = number
+        else:
+            size = number
+    return size, named
+
 # How a weight's values are chosen. "rtn" rounds each weight to its nearest code (no data);
 # "gptq" chooses them layer by layer against calibration activations (sli.calibration,
 # sli.quantization.gptq) and writes the same byte layout. A method's fields change the bytes,
@@ -138,6 +164,9 @@ class QuantizationConfig:
     llm_int8_threshold: float = 6.0  # |w| above this keeps the whole input column in 16-bit; <=0 turns it off
     llm_int8_skip_modules: Optional[List[str]] = None
     block_size: int = 64  # NF4/FP4 values per absmax
+    # NF4/FP4 block sizes of some linears by name ({"q_proj": 64}: each linear named q_proj, or
+    # ending in ".q_proj", in blocks of 64, the others in block_size's): a mix within a bit budget
+    block_sizes: Optional[Dict[str, int]] = None
     group_size: int = 128  # INT4 values per scale/zero point
     # -- how values are chosen (METHOD_FIELDS): "rtn" (nearest code) or "gptq" (calibrated) --
     method: str = "rtn"
@@ -205,10 +234,32 @@ class QuantizationConfig:
             )
         if self.block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size={self.block_size} is not supported; use a power of two from 32 to 4096")
+        self._check_block_sizes()
         if self.group_size < 2 or self.group_size % 2:
             raise ValueError(f"group_size={self.group_size} must be an even number >= 2 (two int4 values a byte)")
         if self.llm_int8_skip_modules is not None:
             self.llm_int8_skip_modules = list(self.llm_int8_skip_modules)
+
+    def _check_block_sizes(self) -> None:
+        if not self.block_sizes:
+            self.block_sizes = None
+            return
+        self.block_sizes = {str(name): int(size) for name, size in dict(self.block_sizes).items()}
+        if self.mode not in (QuantizationMode.NF4, QuantizationMode.FP4):
+            raise ValueError(f"block_sizes sizes NF4/FP4 blocks, and mode={self.mode.value!r} has none; "
+                             "use mode='nf4' or 'fp4', or leave block_sizes out")
+        wrong = {name: size for name, size in self.block_sizes.items() if size not in BLOCK_SIZES or not name}
+        if wrong:
+            raise ValueError(f"block_sizes={wrong} is not supported; give linear names each a power of two "
+                             "from 32 to 4096, e.g. {'q_proj': 64}")
+
+    def for_linear(self, module_name: str) -> "QuantizationConfig":
+        """This config as the linear ``module_name`` takes it: the block size :attr:`block_sizes`
+        gives its name, where it gives one."""
+        for name, size in (self.block_sizes or {}).items():
+            if size != self.block_size and _names(module_name, name):
+                return dataclasses.replace(self, block_size=size)
+        return self
 
     # -- serialization -------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
@@ -232,6 +283,8 @@ class QuantizationConfig:
         fields: Dict[str, Any] = {"mode": self.mode.value, "skip": sorted(self.llm_int8_skip_modules or [])}
         fields.update((name, getattr(self, name)) for name in mode_spec(self.mode).byte_fields)
         fields.update((name, getattr(self, name)) for name in METHOD_FIELDS[self.method])
+        if self.block_sizes:  # only when set: every config without it keeps its fingerprint
+            fields["block_sizes"] = dict(sorted(self.block_sizes.items()))
         return fields
 
     @property
@@ -262,8 +315,10 @@ class QuantizationConfig:
 
     def skips(self, module_name: str) -> bool:
         """True when ``module_name`` matches an entry of ``llm_int8_skip_modules``."""
-        if not self.llm_int8_skip_modules:
-            return False
-        parts = module_name.split(".")
-        return any(skip == module_name or skip in parts or module_name.endswith("." + skip)
-                   for skip in self.llm_int8_skip_modules)
+        return any(_names(module_name, skip) for skip in self.llm_int8_skip_modules or ())
+
+
+def _names(module_name: str, name: str) -> bool:
+    """Whether ``name`` names the module ``module_name``: the whole of it, one of its dotted parts,
+    or its dotted tail."""
+    return name == module_name or name in module_name.split(".") or module_name.endswith("." + name)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .codecs import codec_for
-from .config import QuantizationConfig, QuantizationMode, mode_spec, parse_dtype
+from .config import QuantizationConfig, QuantizationMode, mode_spec, parse_block_sizes, parse_dtype
 from .formats import CachedLayer, QuantizedTensor, join_path, split_cached
 from .modules import QuantizedLinear, is_conv1d, is_linear, linear_weight, set_submodule
 
@@ -39,7 +39,7 @@ class LayerQuantizer:
 
     def config_for(self, module_name: str) -> Optional[QuantizationConfig]:
         """The config that applies to the linear ``module_name``; None leaves it as is."""
-        return None if self.config.skips(module_name) else self.config
+        return None if self.config.skips(module_name) else self.config.for_linear(module_name)
 
     def fingerprint(self) -> str:
         return self.config.fingerprint()
@@ -249,10 +249,10 @@ class AdaptiveQuantizer(LayerQuantizer):
             return None
         lowered = module_name.lower()
         if any(k in lowered for k in ATTENTION_KEYWORDS):
-            return self.attention_config
+            return self.attention_config.for_linear(module_name)
         if any(k in lowered for k in FFN_KEYWORDS):
-            return self.ffn_config
-        return self.base_config
+            return self.ffn_config.for_linear(module_name)
+        return self.base_config.for_linear(module_name)
 
     def fingerprint(self) -> str:
         parts = [c.fingerprint() for c in (self.base_config, self.attention_config, self.ffn_config)]
@@ -288,15 +288,23 @@ def get_mixed_precision_config() -> AdaptiveQuantizer:
                              ffn_config=nf4)
 
 
-def with_block_size(config: Union[QuantizationConfig, LayerQuantizer], size: int
-                    ) -> Optional[Union[QuantizationConfig, LayerQuantizer]]:
+def with_block_size(config: Union[QuantizationConfig, LayerQuantizer], size: Union[int, str, None],
+                    by_name: Optional[Dict[str, int]] = None) -> Optional[Union[QuantizationConfig, LayerQuantizer]]:
     """``config`` (a config or a quantizer, an :class:`AdaptiveQuantizer`'s parts each) with its
-    NF4/FP4 blocks of ``size`` values, or None when it has no NF4/FP4 blocks to size."""
+    NF4/FP4 blocks of ``size`` values (None: as they are) and the linears named in ``by_name`` in
+    blocks of their own size (``block_sizes``), or None when it has no NF4/FP4 blocks to size.
+    ``size`` may also be the text ``--block-size`` takes (:func:`parse_block_sizes`: "32,q_proj=64")."""
+    if isinstance(size, str):
+        size, named = parse_block_sizes(size)
+        by_name = {**named, **(by_name or {})}
+
     def blocks(c: QuantizationConfig) -> bool:
         return c.mode in (QuantizationMode.NF4, QuantizationMode.FP4)
 
     def sized(c: QuantizationConfig) -> QuantizationConfig:
-        return dataclasses.replace(c, block_size=size) if blocks(c) else c
+        if not blocks(c):
+            return c
+        return dataclasses.replace(c, block_size=size or c.block_size, block_sizes=by_name or c.block_sizes)
 
     if isinstance(config, AdaptiveQuantizer):
         parts = (config.base_config, config.attention_config, config.ffn_config)
