@@ -101,6 +101,7 @@ def parse_block_sizes(text: str) -> "Tuple[Optional[int], Dict[str, int]]":
             size = number
     return size, named
 
+
 # How a weight's values are chosen. "rtn" rounds each weight to its nearest code (no data);
 # "gptq" chooses them layer by layer against calibration activations (sli.calibration,
 # sli.quantization.gptq) and writes the same byte layout. A method's fields change the bytes,
@@ -164,8 +165,9 @@ class QuantizationConfig:
     llm_int8_threshold: float = 6.0  # |w| above this keeps the whole input column in 16-bit; <=0 turns it off
     llm_int8_skip_modules: Optional[List[str]] = None
     block_size: int = 64  # NF4/FP4 values per absmax
-    # NF4/FP4 block sizes of some linears by name ({"q_proj": 64}: each linear named q_proj, or
-    # ending in ".q_proj", in blocks of 64, the others in block_size's): a mix within a bit budget
+    # NF4/FP4 block sizes of some linears by name ({"q_proj": 64}: each linear whose name is q_proj,
+    # has it as a dotted part or ends in ".q_proj" in blocks of 64, the others in block_size's): a
+    # mix within a bit budget
     block_sizes: Optional[Dict[str, int]] = None
     group_size: int = 128  # INT4 values per scale/zero point
     # -- how values are chosen (METHOD_FIELDS): "rtn" (nearest code) or "gptq" (calibrated) --
@@ -254,11 +256,11 @@ class QuantizationConfig:
                              "from 32 to 4096, e.g. {'q_proj': 64}")
 
     def for_linear(self, module_name: str) -> "QuantizationConfig":
-        """This config as the linear ``module_name`` takes it: the block size :attr:`block_sizes`
-        gives its name, where it gives one."""
+        """This config as the linear ``module_name`` takes it: the block size of the first name in
+        :attr:`block_sizes` that names it (the whole name, a dotted part or its dotted tail), if any."""
         for name, size in (self.block_sizes or {}).items():
-            if size != self.block_size and _names(module_name, name):
-                return dataclasses.replace(self, block_size=size)
+            if _names(module_name, name):
+                return self if size == self.block_size else dataclasses.replace(self, block_size=size)
         return self
 
     # -- serialization -------------------------------------------------
