@@ -910,11 +910,12 @@ def test_sli_warm_block_size_writes_blocks_of_that_many_values_a_config_of_their
     assert main(["warm", path, "--mode", "nf4-gptq", *calib, "--block-size", "32,down_proj=64", *cache, "--json",
                  "-q"]) == 0
     assert json.loads(capsys.readouterr().out)["added"] == 2
-    newest = max((tmp_path / "cache").rglob("*.val"), key=lambda p: p.stat().st_mtime_ns)
-    tensors = load_file(newest)
-    sizes = {name: json.loads(bytes(tensors[f"{name}.weight.quant_state.bitsandbytes__nf4"].tolist()))["blocksize"]
-             for name in ("mlp.down_proj", "mlp.up_proj", "self_attn.q_proj")}
-    assert sizes == {"mlp.down_proj": 64, "mlp.up_proj": 32, "self_attn.q_proj": 32}
+    mixes = []  # each entry's (down_proj, up_proj, q_proj) block sizes
+    for payload in (tmp_path / "cache").rglob("*.val"):
+        tensors = load_file(payload)
+        mixes.append(tuple(json.loads(bytes(tensors[f"{name}.weight.quant_state.bitsandbytes__nf4"].tolist()))
+                           ["blocksize"] for name in ("mlp.down_proj", "mlp.up_proj", "self_attn.q_proj")))
+    assert sorted(mixes) == [(32, 32, 32)] * 4 + [(64, 32, 32)] * 2 + [(64, 64, 64)] * 4
 
 
 @pytest.mark.parametrize("argv, message", [
