@@ -240,7 +240,7 @@ def _quantize_model(model: nn.Module, mode: str, checkpoint_dtype: torch.dtype,
 def _load_calibrated(model: nn.Module, mode: str, model_dir: Path, checkpoint_dtype: torch.dtype,
                      cache_dir: Optional[Union[str, Path]], progress: bool,
                      calibration: Optional[Dict[str, Any]] = None,
-                     block_size: Optional[int] = None) -> Dict[str, Any]:
+                     block_size: Union[int, str, None] = None) -> Dict[str, Any]:
     """Calibrate ``mode`` (e.g. ``"int4-gptq"``) into the layer cache through a processor (resumable;
     nothing to do when the cache holds it), then put the cached weights in ``model``'s decoder
     layers; return SNR and byte counts as :func:`_quantize_model` does."""

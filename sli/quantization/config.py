@@ -88,15 +88,16 @@ def parse_block_sizes(text: str) -> "Tuple[Optional[int], Dict[str, int]]":
     named: Dict[str, int] = {}
     for item in (part.strip() for part in str(text).split(",")):
         name, sep, value = item.rpartition("=")
+        name = name.strip()
         try:
             number = int(value)
         except ValueError:
             number = None
-        if number not in BLOCK_SIZES or (sep and not name.strip()) or (not sep and size is not None):
+        if number not in BLOCK_SIZES or (sep and not name) or (not sep and size is not None):
             raise ValueError(f"block sizes {text!r}: give one of {', '.join(map(str, BLOCK_SIZES))}, then any "
                              "linears of their own as NAME=SIZE, e.g. 32,q_proj=64")
         if sep:
-            named[name.strip()] = number
+            named[name] = number
         else:
             size = number
     return size, named
@@ -229,7 +230,7 @@ class QuantizationConfig:
             self.quant_type = "fp4" if self.mode == QuantizationMode.FP4 else "nf4"
         if self.quant_type not in ("nf4", "fp4"):
             raise ValueError(f"quant_type={self.quant_type!r} is not supported; use 'nf4' or 'fp4'")
-        if self.mode in (QuantizationMode.NF4, QuantizationMode.FP4) and self.quant_type != self.mode.value:
+        if self.has_blocks and self.quant_type != self.mode.value:
             raise ValueError(
                 f"quant_type={self.quant_type!r} contradicts mode={self.mode.value!r}; "
                 f"use quant_type={self.mode.value!r} or mode={self.quant_type!r}"
@@ -247,7 +248,7 @@ class QuantizationConfig:
             self.block_sizes = None
             return
         self.block_sizes = {str(name): int(size) for name, size in dict(self.block_sizes).items()}
-        if self.mode not in (QuantizationMode.NF4, QuantizationMode.FP4):
+        if not self.has_blocks:
             raise ValueError(f"block_sizes sizes NF4/FP4 blocks, and mode={self.mode.value!r} has none; "
                              "use mode='nf4' or 'fp4', or leave block_sizes out")
         wrong = {name: size for name, size in self.block_sizes.items() if size not in BLOCK_SIZES or not name}
@@ -293,6 +294,11 @@ class QuantizationConfig:
     def int8_head(self) -> bool:
         """Whether a CPU run multiplies the head in int8 (:attr:`head`)."""
         return self.head == "int8" or (self.head == "auto" and self.mode.value in FOUR_BIT_MODES)
+
+    @property
+    def has_blocks(self) -> bool:
+        """True when the weights are NF4/FP4 blocks, which ``block_size`` and ``block_sizes`` size."""
+        return self.mode in (QuantizationMode.NF4, QuantizationMode.FP4)
 
     @property
     def calibrated(self) -> bool:

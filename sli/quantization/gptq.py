@@ -199,7 +199,7 @@ def _mirror_upper(sums: Tensor) -> None:
 
 def supports(config: QuantizationConfig, weight_shape: Tuple[int, int]) -> bool:
     """Whether GPTQ can write this weight in ``config``'s layout (4-bit blocks must not straddle rows)."""
-    if config.mode in (QuantizationMode.NF4, QuantizationMode.FP4):
+    if config.has_blocks:
         return weight_shape[1] % int(config.block_size) == 0
     return config.mode == QuantizationMode.INT4
 

@@ -288,30 +288,25 @@ def get_mixed_precision_config() -> AdaptiveQuantizer:
                              ffn_config=nf4)
 
 
-def with_block_size(config: Union[QuantizationConfig, LayerQuantizer], size: Union[int, str, None],
-                    by_name: Optional[Dict[str, int]] = None) -> Optional[Union[QuantizationConfig, LayerQuantizer]]:
+def with_block_size(config: Union[QuantizationConfig, LayerQuantizer], size: Union[int, str]
+                    ) -> Optional[Union[QuantizationConfig, LayerQuantizer]]:
     """``config`` (a config or a quantizer, an :class:`AdaptiveQuantizer`'s parts each) with its
-    NF4/FP4 blocks of ``size`` values (None: as they are) and the linears named in ``by_name`` in
-    blocks of their own size (``block_sizes``), or None when it has no NF4/FP4 blocks to size.
-    ``size`` may also be the text ``--block-size`` takes (:func:`parse_block_sizes`: "32,q_proj=64")."""
-    if isinstance(size, str):
-        size, named = parse_block_sizes(size)
-        by_name = {**named, **(by_name or {})}
-
-    def blocks(c: QuantizationConfig) -> bool:
-        return c.mode in (QuantizationMode.NF4, QuantizationMode.FP4)
+    NF4/FP4 blocks of ``size`` values, or as ``--block-size``'s text says (:func:`parse_block_sizes`:
+    "32,q_proj=64", some linears in blocks of their own size: ``block_sizes``); None when it has no
+    NF4/FP4 blocks to size."""
+    size, by_name = parse_block_sizes(size) if isinstance(size, str) else (size, {})
 
     def sized(c: QuantizationConfig) -> QuantizationConfig:
-        if not blocks(c):
+        if not c.has_blocks:
             return c
         return dataclasses.replace(c, block_size=size or c.block_size, block_sizes=by_name or c.block_sizes)
 
     if isinstance(config, AdaptiveQuantizer):
         parts = (config.base_config, config.attention_config, config.ffn_config)
-        return AdaptiveQuantizer(*map(sized, parts)) if any(map(blocks, parts)) else None
+        return AdaptiveQuantizer(*map(sized, parts)) if any(c.has_blocks for c in parts) else None
     if isinstance(config, LayerQuantizer):
-        return LayerQuantizer(sized(config.config)) if blocks(config.config) else None
-    return sized(config) if blocks(config) else None
+        return LayerQuantizer(sized(config.config)) if config.config.has_blocks else None
+    return sized(config) if config.has_blocks else None
 
 
 def quantize_layer(layer: nn.Module, mode: Union[str, QuantizationMode, QuantizationConfig, LayerQuantizer] = "int8",
