@@ -211,10 +211,11 @@ def test_linears_sharing_an_input_solve_as_one_matrix():
 
 
 @pytest.mark.parametrize("mode", FOUR_BIT)
-def test_asymmetric_gptq_is_gptq_of_the_weight_moved_toward_the_float_model_s_outputs(mode):
+@pytest.mark.parametrize("rows", [64, 320])  # 320 > 256 columns: the drift is solved once, not each pull
+def test_asymmetric_gptq_is_gptq_of_the_weight_moved_toward_the_float_model_s_outputs(mode, rows):
     # the quantized model's inputs x drifted from the float model's f: each linear is fitted toward
     # f W^T, the float model's outputs: GPTQ of W + alpha (W D^T H^-1), D = x^T (f - x)
-    weight, x, H = _problem(rows=64, cols=256, seed=7)
+    weight, x, H = _problem(rows=rows, cols=256, seed=7)
     g = torch.Generator().manual_seed(8)  # a drift mostly linear in x (what a weight can undo), and noise
     f = x + 0.3 * x @ torch.randn(256, 256, generator=g) / 16 + 0.05 * torch.randn(x.shape, generator=g) * x.std(dim=0)
     drift = gptq_module.InputDrift(256)
@@ -248,6 +249,30 @@ def test_asymmetric_gptq_is_gptq_of_the_weight_moved_toward_the_float_model_s_ou
               gptq_quantize({"w": weight}, H, plain, drift=D)):
         expected = gptq_quantize({"w": weight}, H, plain)["w"]
         assert all(torch.equal(q["w"].tensors[k], v) for k, v in expected.tensors.items())
+
+
+@pytest.mark.parametrize("mode", FOUR_BIT)
+def test_a_weight_moves_toward_the_float_model_alike_alone_or_beside_linears_that_outnumber_its_inputs(mode):
+    # alone (64 rows < 192 inputs) its pull D W^T is solved; beside a 256-row linear the drift
+    # itself is solved once and each correction is a product with it: the same weight, up to
+    # float rounding. INT4 pads 192 columns to 256; a dead input column (never nonzero) pulls nothing
+    weight, x, H = _problem(rows=64, cols=192, seed=9)
+    x[:, 5] = 0.0
+    H = x.t() @ x
+    f = x + 0.1 * x @ torch.randn(192, 192, generator=torch.Generator().manual_seed(10)) / 14
+    D = x.t() @ (f - x)
+    other = (0.02 * torch.randn(256, 192, generator=torch.Generator().manual_seed(11))).to(torch.bfloat16)
+    config = QuantizationConfig(mode=mode, method="gptq", gptq_asymmetric=0.25, block_size=64)
+    alone = gptq_quantize({"w": weight}, H, config, drift=D)["w"]
+    beside = gptq_quantize({"w": weight, "other": other}, H, config, drift=D)["w"]
+    plain = gptq_quantize({"w": weight}, H, dataclasses.replace(config, gptq_asymmetric=0.0))["w"]
+
+    def codes(q):
+        packed = q.tensors["weight"].reshape(-1)
+        return torch.stack([packed >> 4, packed & 15])
+
+    assert float((codes(alone) == codes(beside)).float().mean()) > 0.99
+    assert float((codes(alone) == codes(plain)).float().mean()) < 0.97  # the correction moved codes
 
 
 def _peak_rss_bytes_during(fn):

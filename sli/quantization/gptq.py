@@ -463,24 +463,35 @@ def gptq_quantize(weights: Dict[str, Tensor], hessian: Union[Tensor, Hessian],
     importance = diagonal.clone()
     importance[dead] = 0.0
     inverse_perm = torch.argsort(perm)
-    # name → D W^T, the drift's pull on each weight, made before the drift is freed, then solved
-    # into its correction before the factor becomes the error weights, one weight at a time.
-    # float32: rounded to bfloat16, the unit test's corrections flipped 12-20% of the codes GPTQ
-    # chose (its error feedback carries each flip on), against under 1% for float rounding alone
+    # The drift's pull on each weight, D W^T, solved through the factor into its correction.
+    # Where the weights sharing the input have more rows than it has columns (q/k/v, gate/up),
+    # the drift itself is solved once (P^-1 D, [in, in]) and each correction is one product
+    # with it; otherwise (o_proj, down_proj) each pull is made before the drift is freed, then
+    # solved, one weight at a time. float32: rounded to bfloat16, the unit test's corrections
+    # flipped 12-20% of the codes GPTQ chose (its error feedback carries each flip on), against
+    # under 1% for float rounding alone
     corrections: Dict[str, Tensor] = {}
+    drift_solved = None  # alpha (P^-1 D)^T ([in, padded]) where the drift is solved once
     if D is not None and alpha > 0:
         D = D.to(device=device, dtype=torch.float32)  # read, not changed
-        live = (~dead[:cols]).float()
-        for name, weight in weights.items():
-            pull = D @ (weight.detach().float() * live).t()  # dead columns: no input, no pull
-            pull[dead[:cols]] = 0.0
-            corrections[name] = torch.nn.functional.pad(pull, (0, 0, 0, padded - cols))
-            del pull
+        live = ~dead[:cols]
+        if cols < sum(w.shape[0] for w in weights.values()):
+            drift_solved = torch.nn.functional.pad(D, (0, 0, 0, padded - cols))  # a copy
+            drift_solved[:, ~live] = 0.0  # dead columns: no input, no pull
+            drift_solved[:cols][~live] = 0.0
+        else:
+            for name, weight in weights.items():
+                pull = D @ (weight.detach().float() * live).t()
+                pull[~live] = 0.0
+                corrections[name] = torch.nn.functional.pad(pull, (0, 0, 0, padded - cols))
+                del pull
     del D
     factor = _factor(H, perm, diagonal, float(config.gptq_damp))
     del H  # the caller's Hessian, when it was handed over: freed before the solve
     for name in corrections:  # each pull replaced by its correction, one at a time
         corrections[name] = _toward_float(corrections[name], factor, perm, inverse_perm, alpha)
+    if drift_solved is not None:
+        drift_solved = _toward_float(drift_solved, factor, perm, inverse_perm, alpha)
     U = _error_weights(factor)  # a view of the factor's buffer
     del factor
     group_of = perm // group
@@ -494,6 +505,8 @@ def gptq_quantize(weights: Dict[str, Tensor], hessian: Union[Tensor, Hessian],
             W = W.clone()
         if name in corrections:
             W.add_(corrections.pop(name))
+        elif drift_solved is not None:
+            W.addmm_(weight.detach().float(), drift_solved)
         W[:, dead] = 0.0
         grid = _Grid(config, W, importance)
         for r0 in range(0, W.shape[0], slab):
