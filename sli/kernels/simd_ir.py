@@ -82,10 +82,12 @@ def idx(value: int):
 class Emit:
     """IR for one level: its vector types, lookups, byte dot products and reductions."""
 
-    def __init__(self, builder, level: str):
+    def __init__(self, builder, level: str, lanes: int = 0):
+        """``lanes``: float32 lanes a register, where not the level's own (8: AVX-512's
+        instructions on 256-bit registers)."""
         self.b = builder
         self.level = level
-        self.w = WIDTH[level]
+        self.w = lanes or WIDTH[level]
         self.vf = ir.VectorType(F32, self.w)
         self.vi = ir.VectorType(I32, self.w)
         self.vb = ir.VectorType(I8, 4 * self.w)  # the bytes of a register
@@ -171,7 +173,7 @@ class Emit:
         ``vpmaddwd`` by 1."""
         b = self.b
         if self.level == "avx512":
-            dp = self.fn("llvm.x86.avx512.vpdpbusd.512", self.vi, [self.vi] * 3)
+            dp = self.fn(f"llvm.x86.avx512.vpdpbusd.{32 * self.w}", self.vi, [self.vi] * 3)
             return b.call(dp, [acc, b.bitcast(u, self.vi), b.bitcast(s, self.vi)])
         pairs = b.call(self.fn("llvm.x86.avx2.pmadd.ub.sw", self.v16, [self.vb, self.vb]), [u, s])
         return b.add(acc, b.call(self.fn("llvm.x86.avx2.pmadd.wd", self.vi, [self.v16] * 2),
