@@ -210,6 +210,12 @@ def test_linears_sharing_an_input_solve_as_one_matrix():
         assert torch.equal(joint["b"].tensors[name], tensor), name
 
 
+def _codes(q):
+    """Each value's 4-bit code (NF4/FP4 maxima differ in their last bits: compare codes)."""
+    packed = q.tensors["weight"].reshape(-1)
+    return torch.stack([packed >> 4, packed & 15])
+
+
 @pytest.mark.parametrize("mode", FOUR_BIT)
 @pytest.mark.parametrize("rows", [64, 320])  # 320 > 256 columns: the drift is solved once, not each pull
 def test_asymmetric_gptq_is_gptq_of_the_weight_moved_toward_the_float_model_s_outputs(mode, rows):
@@ -230,11 +236,7 @@ def test_asymmetric_gptq_is_gptq_of_the_weight_moved_toward_the_float_model_s_ou
     moved = weight.double() + 0.25 * torch.linalg.solve(dampened, D.double() @ weight.double().t()).t()
     reference = gptq_quantize({"w": moved.float()}, H, plain)["w"]
 
-    def codes(q):  # each value's 4-bit code (NF4/FP4 maxima differ in their last bits: compare codes)
-        packed = q.tensors["weight"].reshape(-1)
-        return torch.stack([packed >> 4, packed & 15])
-
-    assert float((codes(ours) == codes(reference)).float().mean()) > 0.99
+    assert float((_codes(ours) == _codes(reference)).float().mean()) > 0.99
     # the whole correction: much closer to the float model's outputs than plain GPTQ on the drifted inputs
     codec = codec_for(mode)
     target = f @ weight.float().t()
@@ -267,12 +269,8 @@ def test_a_weight_moves_toward_the_float_model_alike_alone_or_beside_linears_tha
     beside = gptq_quantize({"w": weight, "other": other}, H, config, drift=D)["w"]
     plain = gptq_quantize({"w": weight}, H, dataclasses.replace(config, gptq_asymmetric=0.0))["w"]
 
-    def codes(q):
-        packed = q.tensors["weight"].reshape(-1)
-        return torch.stack([packed >> 4, packed & 15])
-
-    assert float((codes(alone) == codes(beside)).float().mean()) > 0.99
-    assert float((codes(alone) == codes(plain)).float().mean()) < 0.97  # the correction moved codes
+    assert float((_codes(alone) == _codes(beside)).float().mean()) > 0.99
+    assert float((_codes(alone) == _codes(plain)).float().mean()) < 0.97  # the correction moved codes
 
 
 def _peak_rss_bytes_during(fn):

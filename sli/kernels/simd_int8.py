@@ -149,7 +149,7 @@ def _dot8q_step(e, isum, q_ptr, at_q, xq_ptr, at_x):
 def _dot8q_row(e, q_ptr, qofs_i, xq_ptr, xs_ptr, corr_ptr, cols_i, xblock_i, out_ptr):
     """A block's sums in :data:`ROW_CHAINS` chains, each step a register of ``e``'s level. On
     AVX-512 each 64-byte step is two 256-bit halves, each half's chain its own: on AMD Zen 4 a
-    weight read in 512-bit loads ran ~1.15x slower than in 256-bit ones when it lay 32-byte
+    weight read in 512-bit loads ran up to 1.2x slower than in 256-bit ones when it lay 32-byte
     aligned (docs/benchmarks.md). The halves meet as the block ends, the 16 int32 lanes of a
     512-bit step's sums (exact: the same bits)."""
     b = e.b
