@@ -214,7 +214,8 @@ class OneCallStep:
 
         table = dispatch.table()
         self.step = step
-        self.compiled = layer_step.build(table, kernel_team.build(table, level)["lead"], level)
+        variant = dispatch.variant()
+        self.compiled = layer_step.build(table, kernel_team.build(table, level, variant)["lead"], level, variant)
         self.forms, self.products, self.max_work = forms, products, max_work
         self.norms = (step.norm1[0], step.norm1[1], step.norm2[0], step.norm2[1])
         self.codes = kernel_team.type_codes(level)

@@ -618,6 +618,24 @@ def test_a_tokens_product_a_row_a_pass_gives_the_bits_of_four_rows_a_pass(level,
     assert float((results["1"][0] - ref).abs().max()) < 0.02 * float(ref.abs().max())
 
 
+def test_compiled_code_over_the_kernels_is_cached_apart_for_each_helpers_variant():
+    # the team's and the one-call decode step's compiled code hold one variant's kernels (a
+    # token's products a weight row a pass, "+row", or four): numba's on-disk cache keys them by
+    # id, so another variant (SLI_TOKEN_PASS_ROWS) must get other ids, not load this one's code
+    from sli.kernels import dispatch, layer_step, team
+
+    table, level = dispatch.table(), dispatch.simd_path()
+    ids = {}
+    for variant in ("", "+row"):
+        built = team.build(table, level, variant)
+        step = layer_step.build(table, built["lead"], level, variant)
+        held = [c.cell_contents._uuid for c in step.py_func.__closure__ if hasattr(c.cell_contents, "_set_uuid")]
+        ids[variant] = {built["lead"]._uuid} | {u for u in held if u.startswith("sli:layer_step.")}
+        assert team.build(table, level, variant) is built  # built once a process, for each variant
+    assert len(ids[""]) == len(ids["+row"]) == 3  # the lead, the step's product and quantize
+    assert ids[""].isdisjoint(ids["+row"])
+
+
 _SIMD_BUILD_FAILS = """
 import logging, sys, torch
 sys.modules["sli.kernels.simd"] = None  # as if numba's internals moved: importing the intrinsics fails

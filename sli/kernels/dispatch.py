@@ -112,6 +112,13 @@ def simd_path() -> str:
     return _helpers.level
 
 
+def variant() -> str:
+    """The helpers' variant (``+row`` where a token's products take a weight row a pass:
+    :mod:`sli.kernels.simd`; builds them): part of the ids of compiled code that calls the kernels."""
+    table()
+    return _helpers.variant
+
+
 def lanes() -> int:
     """How :func:`sli.kernels.lut4_order` groups values for the 4-bit helpers (1: the weight's
     own order)."""
@@ -157,7 +164,7 @@ def torch_on_one_thread():
 def team():
     """The kernel team (:mod:`sli.kernels.team`) for this many threads, or None."""
     kernels = table()  # sets _helpers
-    return kernel_team.get(kernels, _helpers.level, _threads())
+    return kernel_team.get(kernels, _helpers.level, _threads(), _helpers.variant)
 
 
 def run(name: str, count: int, work: int, *args) -> None:

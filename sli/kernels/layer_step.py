@@ -24,12 +24,13 @@ import numpy as np
 _built: Dict[str, object] = {}
 
 
-def build(kernels: dict, lead, level: str):
+def build(kernels: dict, lead, level: str, variant: str = ""):
     """The compiled ``step`` over the kernels built for ``level`` and the team's ``lead``,
     built once a process."""
-    if level not in _built:
-        _built[level] = _build(kernels, lead, level)
-    return _built[level]
+    key = level + variant  # the helpers' variant (sli.kernels.simd): other kernels, other code
+    if key not in _built:
+        _built[key] = _build(kernels, lead, level, variant)
+    return _built[key]
 
 
 def _store(x, heads, data, scale, position):  # (compiled only: see the overload in _build)
@@ -40,7 +41,7 @@ def _attend(q, k, kscale, v, vscale, bias, length, scaling, out, start, stop):  
     raise NotImplementedError
 
 
-def _build(kernels: dict, lead, level: str):
+def _build(kernels: dict, lead, level: str, variant: str = ""):
     from numba import njit, types
     from numba.extending import overload
 
@@ -129,7 +130,7 @@ def _build(kernels: dict, lead, level: str):
         add(x, ydown)
 
     for function, name in ((quantize, "quantize"), (product, "product")):
-        stable_id(function, f"layer_step.{name}:{level}")
+        stable_id(function, f"layer_step.{name}:{level}{variant}")
     return step
 
 

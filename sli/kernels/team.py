@@ -138,15 +138,16 @@ def _kind_of(arg_types) -> int:
 _built: Dict[str, dict] = {}
 
 
-def build(kernels: dict, level: str) -> dict:
+def build(kernels: dict, level: str, variant: str = "") -> dict:
     """The team's compiled functions (``lead``, ``follow``, ``cycles``) over the kernels built
     for ``level``, built once a process."""
-    if level not in _built:
-        _built[level] = _build(kernels, level)
-    return _built[level]
+    key = level + variant  # the helpers' variant (sli.kernels.simd): its kernels are others
+    if key not in _built:
+        _built[key] = _build(kernels, level, variant)
+    return _built[key]
 
 
-def _build(kernels: dict, level: str) -> dict:
+def _build(kernels: dict, level: str, variant: str = "") -> dict:
     from numba import carray, literal_unroll, njit, types
     from numba.extending import overload
 
@@ -158,6 +159,7 @@ def _build(kernels: dict, level: str) -> dict:
     int8q, four_bit, int4q, bf16 = (kernels[name] for name in KINDS)
     i8, u8, u16, i64, f32 = np.int8, np.uint8, np.uint16, np.int64, np.float32
     xq = np.int8 if level == "plain" else np.int16
+    key = level + variant  # in the ids: compiled code over another variant's kernels is other code
     compiled = njit(nogil=True, cache=True)
     # run_chunk calls every kernel: as a function of its own, its callers linked its whole body in
     # and optimized it again; inlined into follow's numba IR, it is compiled there only (a level's
@@ -225,13 +227,13 @@ def _build(kernels: dict, level: str) -> dict:
 
     runs = (run_int8q, run_4bitq, run_int4q, run_bf16)  # in KINDS' order
     for run in runs:
-        stable_id(run, f"team.{run.__name__}:{level}")
+        stable_id(run, f"team.{run.__name__}:{key}")
 
     def run_own(args, job, numbers, lo, hi):  # (compiled only: the overload below)
         raise NotImplementedError
 
     # lead holds this stub, pickled by value into its cache key: the name keeps the levels' leads apart
-    run_own.__name__ = run_own.__qualname__ = f"run_own_{level}_{SOURCE_HASH}"
+    run_own.__name__ = run_own.__qualname__ = f"run_own_{key.replace('+', '_')}_{SOURCE_HASH}"
 
     @overload(run_own, jit_options={"nogil": True})
     def _run_own_overload(args, job, numbers, lo, hi):
@@ -259,7 +261,7 @@ def _build(kernels: dict, level: str) -> dict:
         else:
             run_bf16(job, numbers, lo, hi)
 
-    stable_id(run_chunk, f"team.run_chunk:{level}")
+    stable_id(run_chunk, f"team.run_chunk:{key}")
 
     @inlined
     def take_chunks(control, job, numbers, number):
@@ -273,7 +275,7 @@ def _build(kernels: dict, level: str) -> dict:
                 run_chunk(job, numbers, chunk)
                 add(control, DONE, 1)
 
-    stable_id(take_chunks, f"team.take_chunks:{level}")
+    stable_id(take_chunks, f"team.take_chunks:{key}")
 
     @compiled
     def lead(control, job, numbers, codes, kind, count, chunks, *args):
@@ -317,7 +319,7 @@ def _build(kernels: dict, level: str) -> dict:
                 pause()
         return 1
 
-    stable_id(lead, f"team.lead:{level}")  # compiled decode steps call it (sli.kernels.layer_step)
+    stable_id(lead, f"team.lead:{key}")  # compiled decode steps call it (sli.kernels.layer_step)
 
     @njit
     def now():
@@ -425,7 +427,7 @@ def paused():
         _paused -= 1
 
 
-def get(kernels: dict, level: str, threads: int) -> Optional[Team]:
+def get(kernels: dict, level: str, threads: int, variant: str = "") -> Optional[Team]:
     """The process's team for ``threads`` threads (``threads - 1`` workers), started on first
     use; None with one thread, inside :func:`paused`, or with ``SLI_NO_TEAM=1``."""
     global _team
@@ -438,7 +440,7 @@ def get(kernels: dict, level: str, threads: int) -> Optional[Team]:
         if _team is None or _team.workers != threads - 1:
             if _team is not None:
                 _team.close()  # its leader, if any, takes the chunks left
-            _team = Team(threads - 1, build(kernels, level), level)
+            _team = Team(threads - 1, build(kernels, level, variant), level)
         return _team
 
 
