@@ -25,8 +25,8 @@ _built: Dict[str, object] = {}
 
 
 def build(kernels: dict, lead, level: str, variant: str = ""):
-    """The compiled ``step`` over the kernels built for ``level`` and the team's ``lead``,
-    built once a process."""
+    """The compiled ``step`` over the kernels built for ``level`` and ``variant``
+    (:func:`sli.kernels.dispatch.variant`) and the team's ``lead``, built once a process."""
     key = level + variant  # the helpers' variant (sli.kernels.simd): other kernels, other code
     if key not in _built:
         _built[key] = _build(kernels, lead, level, variant)

@@ -140,7 +140,8 @@ _built: Dict[str, dict] = {}
 
 def build(kernels: dict, level: str, variant: str = "") -> dict:
     """The team's compiled functions (``lead``, ``follow``, ``cycles``) over the kernels built
-    for ``level``, built once a process."""
+    for ``level`` and the helpers' ``variant`` (:func:`sli.kernels.dispatch.variant`), built once
+    a process."""
     key = level + variant  # the helpers' variant (sli.kernels.simd): its kernels are others
     if key not in _built:
         _built[key] = _build(kernels, level, variant)
