@@ -20,11 +20,12 @@ import threading
 import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Protocol, Tuple, Union
+from typing import Callable, Dict, List, Optional, Protocol, Tuple, Union
 
 import diskcache
 
-from .cache_disk import DurableDisk, check_diskcache_version, free_space, least_recently_used, page_in
+from .cache_disk import (DurableDisk, check_diskcache_version, free_space, least_recently_used, page_in,
+                         read_direct)
 from .cache_format import FORMAT_VERSION, SerializedEntry, checksum, deserialize
 from .cache_recovery import HashedFiles, remove_if_unchanged, sweep_temporaries
 from . import page_cache
@@ -200,7 +201,8 @@ class LayerStore:
         return data.size
 
     def get(self, model_id: str, layer: Union[int, str], config: ConfigLike,
-            memory: bool = True, mapped: bool = False, drop_pages: bool = False) -> Optional[CachedLayer]:
+            memory: bool = True, mapped: bool = False, drop_pages: bool = False,
+            read_into: Optional[Callable[[int], mmap.mmap]] = None) -> Optional[CachedLayer]:
         """The entry, from the memory tier or else the disk, or None.
 
         A disk hit is promoted into the memory tier when it fits, unless ``memory=False``.
@@ -216,8 +218,13 @@ class LayerStore:
         the checksum is checked on a file's first read by this process and again whenever
         its size or mtime changes (see ``DEFAULT_SETTINGS["racy_mtime_s"]``), so a layer streamed every
         token is hashed once, not once per token.
+        ``read_into(size)`` gives a buffer (page-aligned, at least ``size`` rounded up to 4096 bytes; one
+        the caller reuses): a disk hit is read into it past the page cache
+        (:func:`sli.cache_disk.read_direct`) and its tensors view it, for a layer read from the
+        disk every pass anyway; such a hit is not promoted into the memory tier either.
         """
-        return self._get(self.key(model_id, layer, config), memory and not mapped, mapped, drop_pages)
+        key = self.key(model_id, layer, config)
+        return self._get(key, memory and not mapped and read_into is None, mapped, drop_pages, read_into)
 
     def page_in(self, model_id: str, layer: Union[int, str], config: ConfigLike) -> int:
         """Read a disk entry into the page cache, ahead of its :meth:`get` (no parsing, no
@@ -319,7 +326,8 @@ class LayerStore:
         return bad
 
     # -- internals --------------------------------------------------------------------
-    def _get(self, key: str, memory: bool, mapped: bool = False, drop_pages: bool = False) -> Optional[CachedLayer]:
+    def _get(self, key: str, memory: bool, mapped: bool = False, drop_pages: bool = False,
+             read_into: Optional[Callable[[int], mmap.mmap]] = None) -> Optional[CachedLayer]:
         with self._lock:
             entry = self._memory.get(key)
             if entry is not None:
@@ -327,7 +335,7 @@ class LayerStore:
                 return entry
             self._stats.memory_misses += 1
         # outside the lock: a prefetch thread's disk read blocks no one
-        entry = self._read(key, mapped=mapped, drop_pages=drop_pages)
+        entry = self._read(key, mapped=mapped, drop_pages=drop_pages, read_into=read_into)
         with self._lock:
             if entry is None:
                 self._stats.disk_misses += 1
@@ -337,10 +345,11 @@ class LayerStore:
             entry = self._remember(key, entry)
         return entry
 
-    def _read(self, key: str, remove: bool = True, mapped: bool = False,
-              recheck: bool = False, drop_pages: bool = False) -> Optional[CachedLayer]:
+    def _read(self, key: str, remove: bool = True, mapped: bool = False, recheck: bool = False,
+              drop_pages: bool = False, read_into: Optional[Callable[[int], mmap.mmap]] = None) -> Optional[CachedLayer]:
         """Read, check and parse one disk entry: one read() into a private buffer the tensors
-        view, or with ``mapped`` a copy-on-write map of the file (see :meth:`get`); with
+        view, or with ``mapped`` a copy-on-write map of the file, or with ``read_into`` a read past
+        the page cache into the buffer it gives (see :meth:`get`); with
         ``drop_pages`` the file's pages leave the page cache once read (once unmapped).
         ``recheck`` hashes the bytes even if this process checked the unchanged file before."""
         try:
@@ -356,7 +365,11 @@ class LayerStore:
             try:
                 stat = os.fstat(handle.fileno())
                 size = stat.st_size
-                if mapped and size:
+                if read_into is not None and size:
+                    target = read_into(size)
+                    read = read_direct(path, target, size)
+                    buffer = memoryview(target)[:size]
+                elif mapped and size:
                     # No MAP_POPULATE: on a writable private map it copies every page (134 ms
                     # for 203 MB). The bytes are read into the page cache here instead, so
                     # whoever touches the mapping later finds them there.

@@ -19,7 +19,7 @@ from torch import nn
 from . import attention, batched_step, decode_step
 from . import device as device_calls
 from . import kernels
-from . import memory_sizing
+from . import memory_sizing, settings
 from . import page_cache
 from . import transformers_adapter as hf
 from .architectures import ModelLayout, discover_layout
@@ -149,7 +149,8 @@ class UniversalSLIProcessor:
         self._prefetch_depth = prefetch_depth if prefetch else 0
         self.streamer = LayerStreamer(self._cached_layer, self.device, self.compute_dtype,
                                       depth=prefetch_depth, prefetch=prefetch, packed=self.packed,
-                                      page_in=self._page_in_layer)
+                                      page_in=self._page_in_layer,
+                                      read_into=None if settings.flag("SLI_NO_DIRECT_READ") else self._read_layer_into)
         self.runner = LayerRunner(self.layers, self.streamer, self.device)
         self._resident_decode = ResidentDecode.build(self.model, self.runner, self.device)
         self._one_calls_ready: set = set()  # resident layers whose one-token call is made (_ready_one_calls)
@@ -176,6 +177,11 @@ class UniversalSLIProcessor:
         self.cache.put(self.model_id, index, self.quantizer, cached)
         self._check_cache_room(cached.nbytes)
         return cached
+
+    def _read_layer_into(self, index: int, take) -> Optional[CachedLayer]:
+        """A disk layer (one the page cache has no room for) read past the page cache into a buffer
+        ``take(size)`` gives (:meth:`LayerStore.get`'s ``read_into``), or None where it is not on disk."""
+        return self.cache.get(self.model_id, index, self.quantizer, memory=False, read_into=take)
 
     def _page_in_layer(self, index: int) -> int:
         """Layer ``index``'s cached bytes into the page cache, ahead of :meth:`_cached_layer`."""

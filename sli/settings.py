@@ -79,6 +79,9 @@ DEFAULT_SETTINGS = {
 #                   (sli.kernels.layer_step); also turns the next one off
 #   SLI_NO_RESIDENT_DECODE=1  a decode token over all-resident layers through the model's
 #                   forward, not sli's token path (sli.resident_decode)
+#   SLI_NO_DIRECT_READ=1  the streamed layers the page cache has no room for are read into the
+#                   page cache and mapped, not read past it into reused buffers (O_DIRECT,
+#                   sli.cache_disk.read_direct)
 
 
 def flag(name: str) -> bool:

@@ -1,7 +1,9 @@
 """Fetching decoder layers one at a time, with a background prefetcher and reused buffers."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import mmap
 import queue
 import threading
 import time
@@ -12,6 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import device as device_calls
+from .layer_store import owned_buffer
 from .quantization import CachedLayer, QuantizedTensor, codec_for, dequantize_cached, split_cached
 from .quantization.codecs.base import Allocate
 
@@ -41,6 +44,7 @@ class LoadedLayer:
     ready: Optional[object] = None  # CUDA event the compute stream waits on
     qweights: Dict[str, QuantizedTensor] = field(default_factory=dict)  # linear path → prepared weight
     buffers: List[torch.Tensor] = field(default_factory=list)  # the prepared weights' pooled buffers
+    read_buffer: Optional[mmap.mmap] = None  # the buffer its entry was read into (ReadBuffers), if any
 
 
 class SlotPool:
@@ -100,19 +104,98 @@ class BufferPool:
                 self._free.setdefault(buffer.numel(), []).append(buffer)
 
 
+class ReadBuffers:
+    """Buffers that disk layers are read into past the page cache (:func:`sli.cache_disk.read_direct`),
+    reused layer after layer: at most ``count`` exist, the memory plan's layers in flight.
+
+    Each is an anonymous map asking for huge pages (:func:`sli.layer_store.owned_buffer`), its
+    size rounded up to 2 MiB. :meth:`take` waits for one to be given back when all are taken,
+    except while :meth:`unblocked` (a streamer cancelling its reads: a layer in flight may not
+    be released before the wait ends), when it makes one outside the count, dropped once given
+    back."""
+
+    ROUND = 2 << 20
+
+    def __init__(self, count: int) -> None:
+        self.count = max(1, count)
+        self._free: List[mmap.mmap] = []
+        self._made = 0
+        self._unblocked = 0
+        self._changed = threading.Condition()
+
+    def take(self, size: int) -> mmap.mmap:
+        size = -(-max(1, size) // self.ROUND) * self.ROUND
+        with self._changed:
+            while True:
+                fitting = next((b for b in self._free if len(b) >= size), None)
+                if fitting is not None:
+                    self._free.remove(fitting)
+                    return fitting
+                if self._free:  # too small for this layer (a stack of mixed shapes): make a larger one
+                    self._free.pop()
+                    self._made -= 1
+                if self._made < self.count or self._unblocked:
+                    self._made += 1
+                    break
+                self._changed.wait()
+        return owned_buffer(size)
+
+    def give(self, buffer: mmap.mmap) -> None:
+        with self._changed:
+            if self._made > self.count:  # made while unblocked
+                self._made -= 1
+            else:
+                self._free.append(buffer)
+            self._changed.notify_all()
+
+    @property
+    def made(self) -> int:
+        """How many buffers exist (taken or free)."""
+        return self._made
+
+    @contextlib.contextmanager
+    def unblocked(self):
+        with self._changed:
+            self._unblocked += 1
+            self._changed.notify_all()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._unblocked -= 1
+
+
+@dataclass
+class DirectRead:
+    """A disk layer read ahead into a :class:`ReadBuffers` buffer (``cached`` None: not in the
+    cache, or unreadable; the buffer is then given back at once)."""
+
+    cached: Optional[CachedLayer]
+    buffer: Optional[mmap.mmap]
+    read_s: float
+    taken: bool = False  # by the layer's fetch, whose release gives the buffer back
+
+
 class LayerStreamer:
     """Turns cached layers into ready-to-run state dicts, one step ahead of the compute.
 
     ``fetch_cached(i, owned)`` returns layer ``i``'s :class:`CachedLayer` (filling the cache on
     a miss; ``owned``: read into this process's memory, not mapped, for a layer that stays);
     ``templates[i]`` is a dict name → (shape, dtype) describing the dequantized layer.
+    ``read_into(i, take)`` (packed layers only): layer ``i``'s cache entry read past the page
+    cache into a buffer ``take(size)`` gives, or None where it is not cached; the disk layers'
+    read ahead (:meth:`read_ahead`) then reads them whole, into :class:`ReadBuffers`, instead
+    of into the page cache.
     """
 
     def __init__(self, fetch_cached: Callable[[int, bool], CachedLayer], device: torch.device, dtype: torch.dtype,
                  depth: int = 1, prefetch: bool = True, packed: bool = False,
-                 page_in: Optional[Callable[[int], int]] = None) -> None:
+                 page_in: Optional[Callable[[int], int]] = None,
+                 read_into: Optional[Callable[[int, Callable[[int], mmap.mmap]], Optional[CachedLayer]]] = None
+                 ) -> None:
         self.fetch_cached = fetch_cached
         self.page_in = page_in  # page_in(i): layer i's cached bytes into the page cache (LayerStore.page_in)
+        self.read_into = read_into if packed else None
         self.device, self.dtype = device, dtype
         self.packed = packed  # linears stay as cached (for QuantizedLinear); CPU only
         self.depth = max(1, depth) if prefetch else 0
@@ -122,7 +205,8 @@ class LayerStreamer:
         self._pending: Dict[int, Future] = {}
         self._awaited: Optional[int] = None  # the layer the compute thread waits for in get()
         self._disk_reader = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="sli-read-ahead")
-                             if prefetch and page_in is not None else None)
+                             if prefetch and (page_in is not None or self.read_into is not None) else None)
+        self.read_buffers = ReadBuffers(self.depth + 1)  # the layers in flight: the running one and those ahead
         self._read_ahead: Dict[int, Future] = {}  # layers read ahead, until released
         self._copy_stream = device_calls.copy_stream(device)
         self.step = 0
@@ -133,17 +217,29 @@ class LayerStreamer:
         this process's memory, for a layer that stays resident)."""
         return self._ready(*self._read(index, owned), owned=owned)
 
-    def _read(self, index: int, owned: bool) -> Tuple[CachedLayer, LayerTiming]:
+    def _read(self, index: int, owned: bool) -> Tuple[CachedLayer, LayerTiming, Optional[mmap.mmap]]:
+        """Layer ``index``'s entry, its timing, and the :class:`ReadBuffers` buffer it was read into
+        (None: mapped, or read into memory of its own)."""
         timing = LayerTiming(step=self.step, layer=index)
+        ahead = None if owned or self.read_into is None else self._read_ahead.get(index)
+        if ahead is not None:
+            direct = ahead.result() if ahead.exception() is None else None
+            if isinstance(direct, DirectRead) and direct.cached is not None and not direct.taken:
+                direct.taken = True
+                timing.read_s, timing.nbytes = direct.read_s, direct.cached.nbytes
+                cached, direct.cached = direct.cached, None  # the layer's release drops it, not this record
+                return cached, timing, direct.buffer
         t0 = time.perf_counter()
         cached = self.fetch_cached(index, owned)
         timing.read_s, timing.nbytes = time.perf_counter() - t0, cached.nbytes
-        return cached, timing
+        return cached, timing, None
 
     @torch.inference_mode()
-    def _ready(self, cached: CachedLayer, timing: LayerTiming, owned: bool = False) -> LoadedLayer:
+    def _ready(self, cached: CachedLayer, timing: LayerTiming, read_buffer: Optional[mmap.mmap] = None,
+               owned: bool = False) -> LoadedLayer:
         t0 = time.perf_counter()
         loaded = self._packed(cached, timing, owned) if self.packed else self._dequantized(cached, timing)
+        loaded.read_buffer = read_buffer
         del cached  # drop the entry (and its file mapping) before the next read
         timing.dequant_s = time.perf_counter() - t0
         return loaded
@@ -154,10 +250,10 @@ class LayerStreamer:
         Then that thread, idle anyway, readies it (:meth:`get`) and this one goes on to the
         next read at once: when reading is the bottleneck (a memory cap), preparing a 7B NF4
         layer (3.4 ms) no longer adds to every layer's read."""
-        cached, timing = self._read(index, False)
+        read = self._read(index, False)
         if self.packed and self._awaited == index:
-            return cached, timing
-        return self._ready(cached, timing)
+            return read
+        return self._ready(*read)
 
     def _packed(self, cached: CachedLayer, timing: LayerTiming, owned: bool) -> LoadedLayer:
         if owned:  # a resident layer keeps its buffers for good
@@ -196,7 +292,35 @@ class LayerStreamer:
         such layers are read at once (:meth:`sli.layer_runner.LayerRunner._read_ahead`)."""
         if self._disk_reader is None or index in self._read_ahead:
             return
-        self._read_ahead[index] = self._disk_reader.submit(self.page_in, index)
+        if self.read_into is not None:
+            self._read_ahead[index] = self._disk_reader.submit(self._read_direct, index)
+        elif self.page_in is not None:
+            self._read_ahead[index] = self._disk_reader.submit(self.page_in, index)
+
+    def _read_direct(self, index: int) -> DirectRead:
+        taken: List[mmap.mmap] = []
+
+        def take(size: int) -> mmap.mmap:
+            taken.append(self.read_buffers.take(size))
+            return taken[-1]
+
+        t0 = time.perf_counter()
+        try:
+            cached = self.read_into(index, take)
+        except BaseException:
+            for buffer in taken:
+                self.read_buffers.give(buffer)
+            raise
+        for buffer in taken[1:] if cached is not None else taken:  # (one buffer a read)
+            self.read_buffers.give(buffer)
+        return DirectRead(cached, taken[0] if cached is not None and taken else None, time.perf_counter() - t0)
+
+    def _give_back_unread(self, future: Future) -> None:
+        """A direct read ahead whose layer never took it: its buffer back to the pool."""
+        direct = future.result() if future.exception() is None else None
+        if isinstance(direct, DirectRead) and not direct.taken and direct.buffer is not None:
+            direct.taken, direct.cached = True, None
+            self.read_buffers.give(direct.buffer)
 
     def get(self, index: int) -> LoadedLayer:
         """Layer ``index`` ready to run: prefetched, or loaded now. ``wait_s`` is the time the
@@ -219,7 +343,10 @@ class LayerStreamer:
         """Give back what a streamed layer borrowed, once nothing computes with it any more."""
         ahead = self._read_ahead.pop(loaded.timing.layer, None)
         if ahead is not None:  # done before the layer's pages may be dropped: a late one would read them back
-            ahead.exception()
+            self._give_back_unread(ahead)
+        if loaded.read_buffer is not None:  # nothing views it any more: the runner unloaded the layer
+            self.read_buffers.give(loaded.read_buffer)
+            loaded.read_buffer = None
         if loaded.buffers:
             self.buffers.give(loaded.buffers)
             loaded.buffers = []
@@ -231,17 +358,19 @@ class LayerStreamer:
 
     def cancel(self) -> None:
         """Drop prefetched layers (after an error, or when a pass ends early)."""
-        for future in self._pending.values():
-            try:
-                loaded = future.result()
-                if isinstance(loaded, LoadedLayer):  # (a layer only read holds nothing to give back)
+        with self.read_buffers.unblocked():  # a read waiting for a buffer a layer in flight holds
+            for future in self._pending.values():
+                try:
+                    loaded = future.result()
+                    if isinstance(loaded, tuple):  # read, not readied: only its buffer to give back
+                        loaded = LoadedLayer({}, loaded[1], read_buffer=loaded[2])
                     self.release(loaded)
-            except Exception:  # the error surfaces when the layer is asked for again
-                logger.debug("prefetch failed", exc_info=True)
-        self._pending.clear()
-        for future in self._read_ahead.values():
-            future.exception()  # a read ahead is advisory: wait for it, whatever it met
-        self._read_ahead.clear()
+                except Exception:  # the error surfaces when the layer is asked for again
+                    logger.debug("prefetch failed", exc_info=True)
+            self._pending.clear()
+            for future in self._read_ahead.values():
+                self._give_back_unread(future)  # a read ahead is advisory: wait for it, whatever it met
+            self._read_ahead.clear()
 
     def close(self) -> None:
         self.cancel()

@@ -138,7 +138,10 @@ def test_drop_pages_takes_a_file_out_of_the_page_cache(tmp_path):
     assert cached_pages(path) == 0
 
 
-def test_streamed_layers_past_the_page_cache_s_room_leave_it_once_used(model_factory, tmp_path, monkeypatch):
+@pytest.mark.parametrize("direct", [False, True])  # True: read past the page cache (tests/test_direct_read.py)
+def test_streamed_layers_past_the_page_cache_s_room_leave_it_once_used(model_factory, tmp_path, monkeypatch, direct):
+    if not direct:
+        monkeypatch.setenv("SLI_NO_DIRECT_READ", "1")
     model_dir = model_factory("llama", num_layers=5)
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = torch.arange(1, 9)
@@ -158,8 +161,12 @@ def test_streamed_layers_past_the_page_cache_s_room_leave_it_once_used(model_fac
             page_cache.drop_pages(os.open(path, os.O_RDONLY))
         # each read ahead slower than the layers (a busy disk): one still reading when its layer
         # is done must not bring the layer's dropped pages back
-        read_ahead = proc.streamer.page_in
-        proc.streamer.page_in = lambda index: time.sleep(0.2) or read_ahead(index)
+        if direct:
+            read_into = proc.streamer.read_into
+            proc.streamer.read_into = lambda index, take: time.sleep(0.2) or read_into(index, take)
+        else:
+            read_ahead = proc.streamer.page_in
+            proc.streamer.page_in = lambda index: time.sleep(0.2) or read_ahead(index)
         with torch.no_grad():
             logits = proc.forward(ids)
         torch.testing.assert_close(logits, reference(ids[None]).logits, atol=1e-5, rtol=1e-5)
@@ -167,8 +174,11 @@ def test_streamed_layers_past_the_page_cache_s_room_leave_it_once_used(model_fac
         pages = [cached_pages(path) for path in paths]
         # layer 0 read into the process's memory, its file's pages then dropped (the page cache is
         # short); layer 1 kept there; 3-4 dropped once used; 2 dropped too, then read ahead for
-        # the next pass while the pass's last layer ran (LayerRunner._read_ahead)
-        assert pages[0] == pages[3] == pages[4] == 0 and pages[1] == pages[2] == cached_pages(paths[2]) > 0, pages
+        # the next pass while the pass's last layer ran (LayerRunner._read_ahead): into the page
+        # cache, or, read past it, into the process's buffer
+        whole = -(-paths[1].stat().st_size // mmap.PAGESIZE)
+        assert pages[0] == pages[3] == pages[4] == 0 and pages[1] == whole, pages
+        assert pages[2] == (0 if direct else whole), pages
         # the resident layer is this process's memory, not a map of its file the kernel may drop
         held = [b for b in proc.layers[0].mlp.down_proj.buffers() if b.numel() > 1]
         assert held and not any(page_cache.in_file_mapping(b.data_ptr()) for b in held)

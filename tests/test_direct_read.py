@@ -1,0 +1,140 @@
+"""Streamed layers the page cache has no room for are read past it (O_DIRECT) into buffers the
+process reuses: the same values as the mapped path, no page cache left behind, no more buffers
+than layers in flight, and a damaged entry never served."""
+import os
+import threading
+
+import pytest
+import torch
+
+from sli import UniversalSLIProcessor, cache_disk, page_cache
+from sli import layer_store as layer_store_module
+from sli.layer_store import LayerStore
+from sli.quantization import CachedLayer
+from sli.streaming import ReadBuffers
+
+from test_page_cache import cached_pages
+
+
+@pytest.mark.parametrize("size", [1, 4096, 12345, (8 << 20) * 3 + 777])  # the last one read as 3 parts at once
+@pytest.mark.parametrize("direct", [True, False])  # False: a file system that refuses O_DIRECT
+def test_read_direct_reads_the_whole_file_and_leaves_no_page_cache(tmp_path, monkeypatch, size, direct):
+    path = tmp_path / "entry.bin"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    os.sync()  # dirty pages are not dropped
+    page_cache.drop_pages(os.open(path, os.O_RDONLY))
+    if not direct:
+        real = cache_disk._read_parts
+
+        def refuse(path, direct, *args):
+            if direct:
+                raise OSError(22, "Invalid argument")
+            return real(path, direct, *args)
+
+        monkeypatch.setattr(cache_disk, "_read_parts", refuse)
+    buffer = layer_store_module.owned_buffer(-(-size // 4096) * 4096)
+    assert cache_disk.read_direct(str(path), buffer, size) == size
+    assert buffer[:size] == data
+    assert cached_pages(path) == 0
+
+
+def test_read_buffers_wait_for_one_given_back_and_make_extra_ones_only_while_unblocked():
+    buffers = ReadBuffers(1)
+    first = buffers.take(100)
+    assert len(first) == ReadBuffers.ROUND and buffers.made == 1
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(buffers.take(100)))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive() and not got  # the only buffer is taken
+    buffers.give(first)
+    waiter.join(5)
+    assert got == [first]  # the same buffer, reused
+    with buffers.unblocked():
+        extra = buffers.take(100)  # all taken, but a cancel must not wait
+    assert extra is not first and buffers.made == 2
+    buffers.give(extra)
+    assert buffers.made == 1  # dropped, not kept
+    buffers.give(first)
+    larger = buffers.take(3 * ReadBuffers.ROUND)  # the free one is too small: replaced
+    assert len(larger) == 3 * ReadBuffers.ROUND and buffers.made == 1
+
+
+def _disk_layers_processor(model_dir, cache_dir, layer_bytes, fixed_bytes, monkeypatch):
+    # layer 0 resident, 1-2 kept in the page cache, 3-5 read from the disk every pass
+    monkeypatch.setattr(page_cache, "room", lambda planned, margin=0.02, proc="/proc/self": 2 * layer_bytes + 1)
+    return UniversalSLIProcessor(model_dir, "nf4", cache_dir=cache_dir, device="cpu", prefetch_depth=1,
+                                 memory_budget_gb=(fixed_bytes + layer_bytes + 1) / 2**30)
+
+
+def test_disk_layers_are_read_past_the_page_cache_into_reused_buffers(model_factory, tmp_path, monkeypatch):
+    model_dir = model_factory("llama", num_layers=6)
+    ids = torch.arange(1, 9)
+    with UniversalSLIProcessor(model_dir, "nf4", cache_dir=tmp_path / "cache", device="cpu") as probe:
+        probe.prewarm(progress=False)
+        layer_bytes, fixed = probe.plan.layer_bytes, probe.plan.fixed_bytes
+    monkeypatch.setenv("SLI_NO_DIRECT_READ", "1")
+    with _disk_layers_processor(model_dir, tmp_path / "cache", layer_bytes, fixed, monkeypatch) as mapped:
+        assert mapped.streamer.read_into is None
+        expected_logits = mapped.forward(ids)
+        expected = mapped.generate(ids, max_new_tokens=4, eos_token_id=[])
+    monkeypatch.delenv("SLI_NO_DIRECT_READ")
+    reads = []
+    real = layer_store_module.read_direct
+    monkeypatch.setattr(layer_store_module, "read_direct", lambda path, *a: reads.append(path) or real(path, *a))
+    with _disk_layers_processor(model_dir, tmp_path / "cache", layer_bytes, fixed, monkeypatch) as proc:
+        assert proc.plan.page_dropped_layers == [3, 4, 5]
+        paths = {i: str(proc.cache.entry_path(proc.model_id, i, proc.quantizer)) for i in range(6)}
+        for path in paths.values():
+            page_cache.drop_pages(os.open(path, os.O_RDONLY))
+        fetched, fetch = [], proc.streamer.fetch_cached
+        proc.streamer.fetch_cached = lambda index, owned: fetched.append(index) or fetch(index, owned)
+        logits = proc.forward(ids)
+        got = proc.generate(ids, max_new_tokens=4, eos_token_id=[])
+        proc.streamer.cancel()  # what the last pass read ahead for the next one
+        made = proc.streamer.read_buffers.made
+    assert torch.equal(logits, expected_logits)  # the same bytes through the same kernels
+    assert got.tolist() == expected.tolist()
+    # the disk layers, and only they, were read past the page cache, once a pass (a forward, then
+    # a prompt and three tokens), plus what the last pass read ahead for a next one
+    assert {p for p in reads} == {paths[3], paths[4], paths[5]}
+    assert set(fetched) - {0} == {1, 2}  # (0: made resident) the disk layers came from their direct reads
+    assert 3 * 5 <= len(reads) <= 3 * 5 + 2
+    assert [cached_pages(paths[i]) for i in (3, 4, 5)] == [0, 0, 0]
+    assert cached_pages(paths[1]) > 0  # the page cache keeps the layers it has room for
+    assert made <= 2  # the running layer and the one read ahead: the plan's layers in flight
+
+
+def test_a_disk_layer_altered_on_disk_is_never_served_from_its_buffer(model_factory, tmp_path, monkeypatch):
+    model_dir = model_factory("llama", num_layers=6)
+    ids = torch.arange(1, 9)
+    with UniversalSLIProcessor(model_dir, "nf4", cache_dir=tmp_path / "cache", device="cpu") as probe:
+        probe.prewarm(progress=False)
+        layer_bytes, fixed = probe.plan.layer_bytes, probe.plan.fixed_bytes
+        expected = probe.forward(ids)
+        path = probe.cache.entry_path(probe.model_id, 4, probe.quantizer)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF  # a flipped byte in a tensor: only the checksum sees it
+    path.write_bytes(bytes(data))
+    with _disk_layers_processor(model_dir, tmp_path / "cache", layer_bytes, fixed, monkeypatch) as proc:
+        logits = proc.forward(ids)
+        assert proc.cache.stats().corrupt == 1
+        # removed, quantized again from the checkpoint, cached again
+        fresh = proc.cache.entry_path(proc.model_id, 4, proc.quantizer)
+        assert fresh is not None and fresh.read_bytes() != bytes(data)
+    torch.testing.assert_close(logits, expected, atol=0, rtol=0)
+
+
+def test_the_store_reads_an_entry_into_the_buffer_it_is_given(tmp_path):
+    with LayerStore(tmp_path / "cache", max_memory_cache_size_gb=0) as store:
+        store.put("m", 0, "none", CachedLayer({"w": torch.arange(300_000, dtype=torch.float32)}))
+    with LayerStore(tmp_path / "cache") as store:
+        given = []
+        entry = store.get("m", 0, "none", read_into=lambda size: given.append(ReadBuffers(1).take(size)) or given[-1])
+        assert len(given) == 1 and torch.equal(entry.tensors["w"], torch.arange(300_000, dtype=torch.float32))
+        # the tensor views the given buffer, and the entry is not kept in the memory tier
+        address = torch.frombuffer(given[0], dtype=torch.uint8).data_ptr()
+        assert address <= entry.tensors["w"].data_ptr() < address + len(given[0])
+        assert store.stats().memory_hits == 0 and store.get("m", 0, "none", memory=False) is not None
+        assert store.stats().memory_hits == 0
