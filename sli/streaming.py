@@ -1,7 +1,6 @@
 """Fetching decoder layers one at a time, with a background prefetcher and reused buffers."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import mmap
 import queue
@@ -104,15 +103,20 @@ class BufferPool:
                 self._free.setdefault(buffer.numel(), []).append(buffer)
 
 
+class BuffersTaken(Exception):
+    """Every :class:`ReadBuffers` buffer is held by a layer."""
+
+
 class ReadBuffers:
     """Buffers that disk layers are read into past the page cache (:func:`sli.cache_disk.read_direct`),
     reused layer after layer: at most ``count`` exist, the memory plan's layers in flight.
 
     Each is an anonymous map asking for huge pages (:func:`sli.layer_store.owned_buffer`), its
-    size rounded up to 2 MiB. :meth:`take` waits for one to be given back when all are taken,
-    except while :meth:`unblocked` (a streamer cancelling its reads: a layer in flight may not
-    be released before the wait ends), when it makes one outside the count, dropped once given
-    back."""
+    size rounded up to 2 MiB. :meth:`take` never waits: with every buffer held it raises
+    :class:`BuffersTaken`, and that layer is read the other way (through the page cache). A
+    pass's reads ahead are asked for once the layer before has been released, so in a pass
+    this does not happen; it does where layers read ahead for a pass that did not come (another
+    span of layers) still hold theirs, until their release or the streamer's cancel."""
 
     ROUND = 2 << 20
 
@@ -120,49 +124,31 @@ class ReadBuffers:
         self.count = max(1, count)
         self._free: List[mmap.mmap] = []
         self._made = 0
-        self._unblocked = 0
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
 
     def take(self, size: int) -> mmap.mmap:
         size = -(-max(1, size) // self.ROUND) * self.ROUND
-        with self._changed:
-            while True:
-                fitting = next((b for b in self._free if len(b) >= size), None)
-                if fitting is not None:
-                    self._free.remove(fitting)
-                    return fitting
-                if self._free:  # too small for this layer (a stack of mixed shapes): make a larger one
-                    self._free.pop()
-                    self._made -= 1
-                if self._made < self.count or self._unblocked:
-                    self._made += 1
-                    break
-                self._changed.wait()
+        with self._lock:
+            fitting = next((b for b in self._free if len(b) >= size), None)
+            if fitting is not None:
+                self._free.remove(fitting)
+                return fitting
+            if self._free:  # too small for this layer (a stack of mixed shapes): make a larger one
+                self._free.pop()
+                self._made -= 1
+            if self._made >= self.count:
+                raise BuffersTaken(f"all {self.count} read buffers are held")
+            self._made += 1
         return owned_buffer(size)
 
     def give(self, buffer: mmap.mmap) -> None:
-        with self._changed:
-            if self._made > self.count:  # made while unblocked
-                self._made -= 1
-            else:
-                self._free.append(buffer)
-            self._changed.notify_all()
+        with self._lock:
+            self._free.append(buffer)
 
     @property
     def made(self) -> int:
-        """How many buffers exist (taken or free)."""
+        """How many buffers exist (held or free)."""
         return self._made
-
-    @contextlib.contextmanager
-    def unblocked(self):
-        with self._changed:
-            self._unblocked += 1
-            self._changed.notify_all()
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._unblocked -= 1
 
 
 @dataclass
@@ -307,6 +293,8 @@ class LayerStreamer:
         t0 = time.perf_counter()
         try:
             cached = self.read_into(index, take)
+        except BuffersTaken:  # the layer's fetch reads it through the page cache
+            cached = None
         except BaseException:
             for buffer in taken:
                 self.read_buffers.give(buffer)
@@ -358,19 +346,18 @@ class LayerStreamer:
 
     def cancel(self) -> None:
         """Drop prefetched layers (after an error, or when a pass ends early)."""
-        with self.read_buffers.unblocked():  # a read waiting for a buffer a layer in flight holds
-            for future in self._pending.values():
-                try:
-                    loaded = future.result()
-                    if isinstance(loaded, tuple):  # read, not readied: only its buffer to give back
-                        loaded = LoadedLayer({}, loaded[1], read_buffer=loaded[2])
-                    self.release(loaded)
-                except Exception:  # the error surfaces when the layer is asked for again
-                    logger.debug("prefetch failed", exc_info=True)
-            self._pending.clear()
-            for future in self._read_ahead.values():
-                self._give_back_unread(future)  # a read ahead is advisory: wait for it, whatever it met
-            self._read_ahead.clear()
+        for future in self._pending.values():
+            try:
+                loaded = future.result()
+                if isinstance(loaded, tuple):  # read, not readied: only its buffer to give back
+                    loaded = LoadedLayer({}, loaded[1], read_buffer=loaded[2])
+                self.release(loaded)
+            except Exception:  # the error surfaces when the layer is asked for again
+                logger.debug("prefetch failed", exc_info=True)
+        self._pending.clear()
+        for future in self._read_ahead.values():
+            self._give_back_unread(future)  # a read ahead is advisory: wait for it, whatever it met
+        self._read_ahead.clear()
 
     def close(self) -> None:
         self.cancel()

@@ -2,7 +2,6 @@
 process reuses: the same values as the mapped path, no page cache left behind, no more buffers
 than layers in flight, and a damaged entry never served."""
 import os
-import threading
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from sli import UniversalSLIProcessor, cache_disk, page_cache
 from sli import layer_store as layer_store_module
 from sli.layer_store import LayerStore
 from sli.quantization import CachedLayer
-from sli.streaming import ReadBuffers
+from sli.streaming import BuffersTaken, ReadBuffers
 
 from test_page_cache import cached_pages
 
@@ -39,26 +38,46 @@ def test_read_direct_reads_the_whole_file_and_leaves_no_page_cache(tmp_path, mon
     assert cached_pages(path) == 0
 
 
-def test_read_buffers_wait_for_one_given_back_and_make_extra_ones_only_while_unblocked():
-    buffers = ReadBuffers(1)
-    first = buffers.take(100)
-    assert len(first) == ReadBuffers.ROUND and buffers.made == 1
-    got = []
-    waiter = threading.Thread(target=lambda: got.append(buffers.take(100)))
-    waiter.start()
-    waiter.join(0.2)
-    assert waiter.is_alive() and not got  # the only buffer is taken
+def test_read_buffers_are_reused_and_never_more_than_the_layers_in_flight():
+    buffers = ReadBuffers(2)
+    first, second = buffers.take(100), buffers.take(100)
+    assert len(first) == ReadBuffers.ROUND and buffers.made == 2
+    with pytest.raises(BuffersTaken):  # both held: that layer is read through the page cache
+        buffers.take(100)
     buffers.give(first)
-    waiter.join(5)
-    assert got == [first]  # the same buffer, reused
-    with buffers.unblocked():
-        extra = buffers.take(100)  # all taken, but a cancel must not wait
-    assert extra is not first and buffers.made == 2
-    buffers.give(extra)
-    assert buffers.made == 1  # dropped, not kept
+    assert buffers.take(100) is first and buffers.made == 2  # the same buffer, reused
     buffers.give(first)
     larger = buffers.take(3 * ReadBuffers.ROUND)  # the free one is too small: replaced
-    assert len(larger) == 3 * ReadBuffers.ROUND and buffers.made == 1
+    assert len(larger) == 3 * ReadBuffers.ROUND and buffers.made == 2
+
+
+def test_a_read_ahead_that_finds_every_buffer_held_leaves_its_layer_to_the_page_cache(model_factory, tmp_path,
+                                                                                     monkeypatch):
+    model_dir = model_factory("llama", num_layers=6)
+    ids = torch.arange(1, 9)
+    layer_bytes, fixed, expected, paths = _warmed(model_dir, tmp_path / "cache", ids)
+    with _disk_layers_processor(model_dir, tmp_path / "cache", layer_bytes, fixed, monkeypatch) as proc:
+        held = [proc.streamer.read_buffers.take(layer_bytes) for _ in range(2)]  # a pass that did not come
+        fetched, fetch = [], proc.streamer.fetch_cached
+        proc.streamer.fetch_cached = lambda index, owned: fetched.append(index) or fetch(index, owned)
+        logits = proc.forward(ids)
+        assert {3, 4, 5} <= set(fetched)  # mapped, as before reads past the page cache
+        for buffer in held:
+            proc.streamer.read_buffers.give(buffer)
+        assert torch.equal(proc.forward(ids), logits)  # (its first disk layer was read ahead before)
+        fetched.clear()
+        assert torch.equal(proc.forward(ids), logits)
+        assert not {3, 4, 5} & set(fetched)  # read into the buffers again
+    torch.testing.assert_close(logits, expected, atol=0, rtol=0)
+
+
+def _warmed(model_dir, cache_dir, ids):
+    """The model's cache warmed with every layer resident: (one layer's and the fixed bytes of its
+    plan, its logits for ``ids``, each layer's cache file)."""
+    with UniversalSLIProcessor(model_dir, "nf4", cache_dir=cache_dir, device="cpu") as probe:
+        probe.prewarm(progress=False)
+        paths = [probe.cache.entry_path(probe.model_id, i, probe.quantizer) for i in range(probe.layout.num_layers)]
+        return probe.plan.layer_bytes, probe.plan.fixed_bytes, probe.forward(ids), paths
 
 
 def _disk_layers_processor(model_dir, cache_dir, layer_bytes, fixed_bytes, monkeypatch):
@@ -71,9 +90,7 @@ def _disk_layers_processor(model_dir, cache_dir, layer_bytes, fixed_bytes, monke
 def test_disk_layers_are_read_past_the_page_cache_into_reused_buffers(model_factory, tmp_path, monkeypatch):
     model_dir = model_factory("llama", num_layers=6)
     ids = torch.arange(1, 9)
-    with UniversalSLIProcessor(model_dir, "nf4", cache_dir=tmp_path / "cache", device="cpu") as probe:
-        probe.prewarm(progress=False)
-        layer_bytes, fixed = probe.plan.layer_bytes, probe.plan.fixed_bytes
+    layer_bytes, fixed, _, _ = _warmed(model_dir, tmp_path / "cache", ids)
     monkeypatch.setenv("SLI_NO_DIRECT_READ", "1")
     with _disk_layers_processor(model_dir, tmp_path / "cache", layer_bytes, fixed, monkeypatch) as mapped:
         assert mapped.streamer.read_into is None
@@ -109,11 +126,8 @@ def test_disk_layers_are_read_past_the_page_cache_into_reused_buffers(model_fact
 def test_a_disk_layer_altered_on_disk_is_never_served_from_its_buffer(model_factory, tmp_path, monkeypatch):
     model_dir = model_factory("llama", num_layers=6)
     ids = torch.arange(1, 9)
-    with UniversalSLIProcessor(model_dir, "nf4", cache_dir=tmp_path / "cache", device="cpu") as probe:
-        probe.prewarm(progress=False)
-        layer_bytes, fixed = probe.plan.layer_bytes, probe.plan.fixed_bytes
-        expected = probe.forward(ids)
-        path = probe.cache.entry_path(probe.model_id, 4, probe.quantizer)
+    layer_bytes, fixed, expected, paths = _warmed(model_dir, tmp_path / "cache", ids)
+    path = paths[4]
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF  # a flipped byte in a tensor: only the checksum sees it
     path.write_bytes(bytes(data))
