@@ -8,7 +8,6 @@ hits count zero), and a cold page cache is ``echo 3 > /proc/sys/vm/drop_caches``
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 import time
@@ -16,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, Iterable, List, Tuple
 
-from sli.cache_disk import send_to_null
+from sli.cache_disk import read_direct, send_to_null
+from sli.layer_store import owned_buffer
 from sli.synth import layer_of  # the one parser of layer names
 
 MB = 1024 * 1024
@@ -139,31 +139,31 @@ def time_read(ranges: Iterable[Tuple[Path, int, int]], cold: bool, chunk: int = 
     ``cold`` drops the page cache first (the drop itself is not timed) and reads from the disk
     as fast as it serves: ``streams`` chunks at once, each sent to /dev/null (the way sli pages
     a layer in: on these VMs one stream reads 1.65-1.85 GB/s, four 1.95-2.0, and a copy into
-    this process ~1.4), or with ``direct`` read past the page cache (``O_DIRECT``, each range
-    widened to 4096-byte bounds) into one reused buffer a stream (the way sli reads the layers
-    the page cache has no room for: sli.cache_disk.read_direct). Warm, the chunks are copied
-    into one reused buffer, a pass over memory.
+    this process ~1.4), or with ``direct`` (whole files only) each file read past the page cache
+    into one reused buffer (huge pages, faulted in before the timing), four parts at once, by ``sli.cache_disk.read_direct``: the way sli
+    reads the layers the page cache has no room for. Warm, the chunks are copied into one reused
+    buffer, a pass over memory.
     """
     ranges = list(ranges)
+    if direct and any(offset or length != Path(path).stat().st_size for path, offset, length in ranges):
+        raise ValueError("time_read(direct=True) reads whole files only")
     if cold:
         drop_caches()
     if direct:
-        ranges = [(path, offset // 4096 * 4096, -(-(offset + length) // 4096) * 4096 - offset // 4096 * 4096)
-                  for path, offset, length in ranges]
+        buffer = owned_buffer(-(-max(length for _, _, length in ranges) // (2 * MB)) * 2 * MB)
+        buffer.write(bytes(len(buffer)))  # faulted in before the timing, as sli's reused buffers are
+        t0 = time.perf_counter()
+        total = sum(read_direct(str(path), buffer, length, streams) for path, _, length in ranges)
+        return time.perf_counter() - t0, total
     fds: Dict[Path, int] = {}
     try:
         for path, _, _ in ranges:
             if path not in fds:
-                fds[path] = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+                fds[path] = os.open(path, os.O_RDONLY)
         pieces = [(fds[path], start, min(chunk, offset + length - start))
                   for path, offset, length in ranges for start in range(offset, offset + length, chunk)]
         t0 = time.perf_counter()
-        if direct:
-            buffers = [memoryview(mmap.mmap(-1, chunk)) for _ in range(streams)]
-            with ThreadPoolExecutor(streams) as pool:
-                total = sum(pool.map(lambda i: sum(_copy(buffers[i], *piece) for piece in pieces[i::streams]),
-                                     range(streams)))
-        elif cold:  # what sli.cache_disk.page_in does, over byte ranges
+        if cold:  # what sli.cache_disk.page_in does, over byte ranges
             with ThreadPoolExecutor(streams) as pool:
                 total = sum(pool.map(lambda piece: send_to_null(piece[0], piece[1], piece[1] + piece[2]), pieces))
         else:
@@ -182,8 +182,6 @@ def _copy(view: memoryview, fd: int, offset: int, length: int) -> int:
         if n <= 0:
             break
         done += n
-        if n % 4096:  # the end of the file (O_DIRECT reads stop there)
-            break
     return done
 
 

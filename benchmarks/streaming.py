@@ -20,8 +20,9 @@ load and before every decode step, so every pass reads its weights from disk.
 
 Floors: the I/O floor is the time to read the streamed bytes once (the decoder layers' tensors of
 the checkpoint; for sli the files of its layer cache), warm (copied from the page cache) and cold
-(from the disk, four requests at once, the faster of ``sendfile`` into the page cache and
-``O_DIRECT`` past it: ``_measure.time_read``); the compute floor is one
+(from the disk, four requests at once: ``_measure.time_read``; for sli's caches the faster of
+``sendfile`` into the page cache and ``O_DIRECT`` past it into one reused buffer, sli's two ways
+of reading a layer); the compute floor is one
 token's float32 matrix-vector products through every layer and the head with the weights resident
 (``_measure.compute_floor``). sli's decode time per token is compared with max(I/O, compute).
 
@@ -404,10 +405,11 @@ def floors(args, results) -> dict:
         row = {"bytes": nbytes, "warm_s": warm_s}
         if ("cold" in args.caches or args.cap_mb) and M.can_drop_caches():
             # the disk's speed either way sli reads (sendfile into the page cache; O_DIRECT for the
-            # layers the page cache has no room for): the floor is the faster
-            row["cold_sendfile_s"], _ = M.time_read(rng, cold=True)
-            row["cold_direct_s"], _ = M.time_read(rng, cold=True, direct=True)
-            row["cold_s"] = min(row["cold_sendfile_s"], row["cold_direct_s"])
+            # layers the page cache has no room for, whole files): the floor is the faster
+            row["cold_s"] = row["cold_sendfile_s"] = M.time_read(rng, cold=True)[0]
+            if key.startswith("sli-"):  # whole files of a layer each (the others: byte ranges, or one file)
+                row["cold_direct_s"] = M.time_read(rng, cold=True, direct=True)[0]
+                row["cold_s"] = min(row["cold_sendfile_s"], row["cold_direct_s"])
         out["io"][key] = row
     out["compute"] = M.compute_floor(args.model_dir)
     return out

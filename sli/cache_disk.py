@@ -22,7 +22,7 @@ import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import diskcache
 from diskcache.core import MODE_BINARY
@@ -148,16 +148,22 @@ def page_in(fd: int, size: int, streams: int = PAGE_IN_STREAMS) -> None:
     readahead size). A large file is read as ``streams`` parts at once, which keeps more
     requests in flight than one stream does. Where sendfile cannot do this, faults do.
     """
-    parts = max(1, min(streams, size // PAGE_IN_MIN_PART))
+    _in_parts(size, streams, lambda start, end: send_to_null(fd, start, end))
+
+
+def _in_parts(length: int, streams: int, read: Callable[[int, int], int]) -> int:
+    """``read(start, end)`` over bytes ``0..length`` as up to ``streams`` page-aligned parts at
+    once (parts of at least :data:`PAGE_IN_MIN_PART`); the sum of what the calls return."""
+    parts = max(1, min(streams, length // PAGE_IN_MIN_PART))
     if parts == 1:
-        send_to_null(fd, 0, size)
-        return
-    step = -(-size // parts)
+        return read(0, length)
+    step = -(-length // parts)
     step += -step % mmap.PAGESIZE
-    list(_pool().map(lambda start: send_to_null(fd, start, min(size, start + step)), range(0, size, step)))
+    return sum(_pool().map(lambda start: read(start, min(length, start + step)), range(0, length, step)))
 
 
 DIRECT_ALIGN = 4096  # O_DIRECT's offsets, lengths and addresses: a multiple of the disk's logical block
+# (the parts' bounds are page-aligned: a multiple of it)
 
 
 def read_direct(path: str, buffer: mmap.mmap, size: int, streams: int = PAGE_IN_STREAMS) -> int:
@@ -185,13 +191,8 @@ def _read_parts(path: str, direct: int, buffer: mmap.mmap, size: int, streams: i
     fd = os.open(path, os.O_RDONLY | direct)
     try:
         with memoryview(buffer) as view:
-            length = min(len(view), -(-size // DIRECT_ALIGN) * DIRECT_ALIGN)
-            parts = max(1, min(streams, length // PAGE_IN_MIN_PART))
-            step = -(-length // parts)
-            step += -step % DIRECT_ALIGN
-
-            def part(start: int) -> int:
-                done, end = start, min(length, start + step)
+            def part(start: int, end: int) -> int:
+                done = start
                 while done < end:
                     got = os.preadv(fd, [view[done:end]], done)
                     done += max(0, got)
@@ -199,7 +200,7 @@ def _read_parts(path: str, direct: int, buffer: mmap.mmap, size: int, streams: i
                         break
                 return done - start
 
-            read = part(0) if parts == 1 else sum(_pool().map(part, range(0, length, step)))
+            read = _in_parts(min(len(view), -(-size // DIRECT_ALIGN) * DIRECT_ALIGN), streams, part)
         if not direct:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         return min(read, size)

@@ -181,7 +181,7 @@ class UniversalSLIProcessor:
     def _read_layer_into(self, index: int, take) -> Optional[CachedLayer]:
         """A disk layer (one the page cache has no room for) read past the page cache into a buffer
         ``take(size)`` gives (:meth:`LayerStore.get`'s ``read_into``), or None where it is not on disk."""
-        return self.cache.get(self.model_id, index, self.quantizer, memory=False, read_into=take)
+        return self.cache.get(self.model_id, index, self.quantizer, read_into=take)
 
     def _page_in_layer(self, index: int) -> int:
         """Layer ``index``'s cached bytes into the page cache, ahead of :meth:`_cached_layer`."""

@@ -153,13 +153,13 @@ class ReadBuffers:
 
 @dataclass
 class DirectRead:
-    """A disk layer read ahead into a :class:`ReadBuffers` buffer (``cached`` None: not in the
-    cache, or unreadable; the buffer is then given back at once)."""
+    """A disk layer read ahead into a :class:`ReadBuffers` buffer. ``cached`` None: not read (not
+    in the cache, unreadable, no buffer free: ``buffer`` None too), or already taken by the
+    layer's fetch (whose release gives the buffer back) or given back unread."""
 
     cached: Optional[CachedLayer]
     buffer: Optional[mmap.mmap]
     read_s: float
-    taken: bool = False  # by the layer's fetch, whose release gives the buffer back
 
 
 class LayerStreamer:
@@ -210,8 +210,7 @@ class LayerStreamer:
         ahead = None if owned or self.read_into is None else self._read_ahead.get(index)
         if ahead is not None:
             direct = ahead.result() if ahead.exception() is None else None
-            if isinstance(direct, DirectRead) and direct.cached is not None and not direct.taken:
-                direct.taken = True
+            if isinstance(direct, DirectRead) and direct.cached is not None:
                 timing.read_s, timing.nbytes = direct.read_s, direct.cached.nbytes
                 cached, direct.cached = direct.cached, None  # the layer's release drops it, not this record
                 return cached, timing, direct.buffer
@@ -284,30 +283,27 @@ class LayerStreamer:
             self._read_ahead[index] = self._disk_reader.submit(self.page_in, index)
 
     def _read_direct(self, index: int) -> DirectRead:
-        taken: List[mmap.mmap] = []
+        held: List[mmap.mmap] = []  # the buffer read_into took, if it took one
 
         def take(size: int) -> mmap.mmap:
-            taken.append(self.read_buffers.take(size))
-            return taken[-1]
+            held.append(self.read_buffers.take(size))
+            return held[0]
 
-        t0 = time.perf_counter()
+        t0, cached = time.perf_counter(), None
         try:
             cached = self.read_into(index, take)
         except BuffersTaken:  # the layer's fetch reads it through the page cache
-            cached = None
-        except BaseException:
-            for buffer in taken:
-                self.read_buffers.give(buffer)
-            raise
-        for buffer in taken[1:] if cached is not None else taken:  # (one buffer a read)
-            self.read_buffers.give(buffer)
-        return DirectRead(cached, taken[0] if cached is not None and taken else None, time.perf_counter() - t0)
+            pass
+        finally:
+            if cached is None and held:
+                self.read_buffers.give(held.pop())
+        return DirectRead(cached, held[0] if held else None, time.perf_counter() - t0)
 
     def _give_back_unread(self, future: Future) -> None:
         """A direct read ahead whose layer never took it: its buffer back to the pool."""
         direct = future.result() if future.exception() is None else None
-        if isinstance(direct, DirectRead) and not direct.taken and direct.buffer is not None:
-            direct.taken, direct.cached = True, None
+        if isinstance(direct, DirectRead) and direct.cached is not None:
+            direct.cached = None
             self.read_buffers.give(direct.buffer)
 
     def get(self, index: int) -> LoadedLayer:
