@@ -22,7 +22,7 @@ import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 import diskcache
 from diskcache.core import MODE_BINARY
@@ -133,6 +133,7 @@ def index_rows(cache_dir: Path) -> Dict[str, Tuple[Optional[int], Optional[float
 
 
 _devnull: Optional[int] = None
+T = TypeVar("T")
 _page_in_pool: Optional[ThreadPoolExecutor] = None
 _page_in_lock = threading.Lock()
 PAGE_IN_STREAMS = 4  # a single stream reads 1.65-1.85 GB/s on these VMs' disks, four 1.95-2.0 (docs/benchmarks.md)
@@ -151,15 +152,15 @@ def page_in(fd: int, size: int, streams: int = PAGE_IN_STREAMS) -> None:
     _in_parts(size, streams, lambda start, end: send_to_null(fd, start, end))
 
 
-def _in_parts(length: int, streams: int, read: Callable[[int, int], int]) -> int:
+def _in_parts(length: int, streams: int, read: Callable[[int, int], T]) -> List[T]:
     """``read(start, end)`` over bytes ``0..length`` as up to ``streams`` page-aligned parts at
-    once (parts of at least :data:`PAGE_IN_MIN_PART`); the sum of what the calls return."""
+    once (parts of at least :data:`PAGE_IN_MIN_PART`); what the calls return."""
     parts = max(1, min(streams, length // PAGE_IN_MIN_PART))
     if parts == 1:
-        return read(0, length)
+        return [read(0, length)]
     step = -(-length // parts)
     step += -step % mmap.PAGESIZE
-    return sum(_pool().map(lambda start: read(start, min(length, start + step)), range(0, length, step)))
+    return list(_pool().map(lambda start: read(start, min(length, start + step)), range(0, length, step)))
 
 
 DIRECT_ALIGN = 4096  # O_DIRECT's offsets, lengths and addresses: a multiple of the disk's logical block
@@ -200,7 +201,7 @@ def _read_parts(path: str, direct: int, buffer: mmap.mmap, size: int, streams: i
                         break
                 return done - start
 
-            read = _in_parts(min(len(view), -(-size // DIRECT_ALIGN) * DIRECT_ALIGN), streams, part)
+            read = sum(_in_parts(min(len(view), -(-size // DIRECT_ALIGN) * DIRECT_ALIGN), streams, part))
         if not direct:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         return min(read, size)
