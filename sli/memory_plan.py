@@ -23,6 +23,8 @@ class MemoryPlan:
     num_layers: int = 0
     page_dropped_layers: List[int] = field(default_factory=list)  # streamed layers whose pages are dropped after use
     available_bytes: int = 0  # what a plan without a budget spends (sli.device.available_bytes)
+    layers_in_flight: int = 1  # the running streamed layer and those prefetched (counted in streaming_bytes)
+    read_buffer_bytes: int = 0  # what streaming_bytes adds for the read buffers beside mapped layers (split_streamed)
 
     @property
     def fixed_bytes(self) -> int:
@@ -41,19 +43,44 @@ class MemoryPlan:
         runtime are in memory by then): resident layers, layers in flight, keys and values."""
         return len(self.resident_layers) * self.layer_bytes + self.streaming_bytes + self.kv_bytes
 
-    def split_streamed(self, page_cache_room: int) -> None:
+    def split_streamed(self, page_cache_room: int, read_buffers: int = 0) -> None:
         """Which streamed layers keep their pages in the page cache: as many as ``page_cache_room``
         bytes hold, the first ones; the others' pages are dropped as each is used
         (:mod:`sli.page_cache`). All keep them when they all fit.
+
+        ``read_buffers``: the bytes of the buffers the dropped layers are read into past the page
+        cache (:class:`sli.streaming.ReadBuffers`; 0 where they are not), in memory for good once
+        made. While kept layers run, mapped, those buffers already hold the next dropped layers
+        read ahead: up to ``layers_in_flight`` mapped layers beside the buffers, where
+        ``streaming_bytes`` counted ``layers_in_flight`` layers in all. The difference is added to
+        ``streaming_bytes``, and resident layers that no longer fit the budget are streamed.
 
         >>> plan = plan_memory(400, num_layers=8, shared_bytes=100, layer_bytes=100, scratch_bytes=0,
         ...                    prefetch_depth=1, runtime_bytes=0, available_bytes=0)
         >>> plan.resident_layers, plan.split_streamed(250), plan.page_dropped_layers
         ([0], None, [3, 4, 5, 6, 7])
+        >>> plan = plan_memory(500, num_layers=8, shared_bytes=100, layer_bytes=100, scratch_bytes=0,
+        ...                    prefetch_depth=1, runtime_bytes=0, available_bytes=0)
+        >>> plan.split_streamed(250, read_buffers=200), plan.resident_layers, plan.page_dropped_layers
+        (None, [], [2, 3, 4, 5, 6, 7])
         """
-        streamed = self.streamed_layers
-        kept = min(len(streamed), page_cache_room // self.layer_bytes) if self.layer_bytes else len(streamed)
-        self.page_dropped_layers = streamed[int(kept):]
+        while True:
+            streamed = self.streamed_layers
+            kept = int(min(len(streamed), page_cache_room // self.layer_bytes) if self.layer_bytes else len(streamed))
+            self.page_dropped_layers = streamed[kept:]
+            mapped = min(self.layers_in_flight, kept)  # kept layers in flight beside full buffers
+            extra = (max(0, read_buffers + (mapped - self.layers_in_flight) * self.layer_bytes)
+                     if read_buffers and self.page_dropped_layers else 0)
+            if extra <= self.read_buffer_bytes:
+                return
+            self.streaming_bytes += extra - self.read_buffer_bytes
+            self.read_buffer_bytes = extra
+            self.resident_layers = self.resident_layers[:self._resident_count()]
+
+    def _resident_count(self) -> int:
+        """How many whole layers the budget (or the available memory) holds past the fixed bytes."""
+        spare = (self.budget if self.budget is not None else self.available_bytes) - self.fixed_bytes
+        return int(max(0, min(self.num_layers, spare // self.layer_bytes if self.layer_bytes else 0)))
 
     @property
     def over_budget(self) -> bool:
@@ -68,7 +95,9 @@ class MemoryPlan:
                 f"KV {self.kv_bytes / GB:.3f} GB in memory + {self.kv_spilled_bytes / GB:.3f} GB on disk "
                 f"({len(self.kv_spilled_layers)} layers), kernels {self.runtime_bytes / GB:.2f} GB"
                 + (f"; page cache keeps {len(self.streamed_layers) - len(self.page_dropped_layers)} of "
-                   f"{len(self.streamed_layers)} streamed layers" if self.page_dropped_layers else ""))
+                   f"{len(self.streamed_layers)} streamed layers" if self.page_dropped_layers else "")
+                + (f" (streaming counts {self.read_buffer_bytes / GB:.3f} GB of read buffers beside mapped layers)"
+                   if self.read_buffer_bytes else ""))
 
 
 def plan_memory(budget: Optional[int], *, num_layers: int, shared_bytes: int, layer_bytes: int, scratch_bytes: int,
@@ -89,14 +118,12 @@ def plan_memory(budget: Optional[int], *, num_layers: int, shared_bytes: int, la
     """
     streaming = (prefetch_depth + 1) * layer_bytes + scratch_bytes
     plan = MemoryPlan(budget, shared_bytes, layer_bytes, streaming, runtime_bytes, num_layers * kv_layer_bytes,
-                      num_layers=num_layers, available_bytes=available_bytes)
+                      num_layers=num_layers, available_bytes=available_bytes, layers_in_flight=prefetch_depth + 1)
     if budget is not None and kv_can_spill and kv_layer_bytes and plan.fixed_bytes > budget:
         room = budget - (shared_bytes + streaming + runtime_bytes) - kv_layer_bytes  # one spilled layer in flight
         kept = int(max(0, min(num_layers, room // kv_layer_bytes)))
         plan.kv_spilled_layers = list(range(kept, num_layers))
         plan.kv_spilled_bytes = len(plan.kv_spilled_layers) * kv_layer_bytes
         plan.kv_bytes = (kept + (1 if plan.kv_spilled_layers else 0)) * kv_layer_bytes
-    spare = (budget if budget is not None else available_bytes) - plan.fixed_bytes
-    count = max(0, min(num_layers, spare // layer_bytes if layer_bytes else 0))
-    plan.resident_layers = list(range(int(count)))
+    plan.resident_layers = list(range(plan._resident_count()))
     return plan

@@ -10,6 +10,7 @@ sequences in one pass (:meth:`UniversalSLIProcessor.step_many`).
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -224,6 +225,14 @@ class UniversalSLIProcessor:
             return memory_sizing.module_layer_bytes(self.layers[0], self.compute_dtype), 0
         return memory_sizing.packed_layer_bytes(self._sizing_layer(), self.compute_dtype)
 
+    def _entry_file_bytes(self) -> int:
+        """The bytes of layer 0's cache file (its tensors' where it is not on disk yet)."""
+        path = self.cache.entry_path(self.model_id, 0, self.quantizer)
+        try:
+            return os.path.getsize(path) if path is not None else self._sizing_layer().nbytes
+        except OSError:
+            return self._sizing_layer().nbytes
+
     @property
     def plan(self) -> MemoryPlan:
         """How the memory budget is spent; made on first use (it reads layer 0's cache entry,
@@ -241,8 +250,9 @@ class UniversalSLIProcessor:
                                      available_bytes=int(available),
                                      kv_layer_bytes=self.kv_bytes(self.max_context_tokens) // self.layout.num_layers,
                                      kv_can_spill=self.kv_dtype in ("bfloat16", "int8"))
-            if self.packed:  # streamed layers are computed from the page cache (mapped)
-                self._plan.split_streamed(page_cache.room(self._plan.pending_bytes))
+            if self.packed:  # streamed layers are computed from the page cache (mapped) or read past it
+                self._plan.split_streamed(page_cache.room(self._plan.pending_bytes),
+                                          self.streamer.read_buffer_bytes(self._entry_file_bytes()))
                 self.runner.disk_layers = set(self._plan.page_dropped_layers)
             if self._plan.over_budget:
                 logger.warning("memory budget %.2f GB is below the shared modules + streaming + kernel runtime + "

@@ -112,13 +112,14 @@ class ReadBuffers:
     reused layer after layer: at most ``count`` exist, the memory plan's layers in flight.
 
     Each is an anonymous map asking for huge pages (:func:`sli.layer_store.owned_buffer`), its
-    size rounded up to 2 MiB. :meth:`take` never waits: with every buffer held it raises
+    size rounded up to 2 MiB (to a page below that). :meth:`take` never waits: with every buffer held it raises
     :class:`BuffersTaken`, and that layer is read the other way (through the page cache). A
     pass's reads ahead are asked for once the layer before has been released, so in a pass
     this does not happen; it does where layers read ahead for a pass that did not come (another
     span of layers) still hold theirs, until their release or the streamer's cancel."""
 
-    ROUND = 2 << 20
+    ROUND = 2 << 20  # a huge page
+    PAGE = 4096
 
     def __init__(self, count: int) -> None:
         self.count = max(1, count)
@@ -126,8 +127,14 @@ class ReadBuffers:
         self._made = 0
         self._lock = threading.Lock()
 
+    @classmethod
+    def rounded(cls, size: int) -> int:
+        """The bytes a buffer for ``size`` bytes takes: whole huge pages, or whole pages below one."""
+        unit = cls.ROUND if size >= cls.ROUND else cls.PAGE
+        return -(-max(1, size) // unit) * unit
+
     def take(self, size: int) -> mmap.mmap:
-        size = -(-max(1, size) // self.ROUND) * self.ROUND
+        size = self.rounded(size)
         with self._lock:
             fitting = next((b for b in self._free if len(b) >= size), None)
             if fitting is not None:
@@ -196,6 +203,13 @@ class LayerStreamer:
         self._read_ahead: Dict[int, Future] = {}  # layers read ahead, until released
         self._copy_stream = device_calls.copy_stream(device)
         self.step = 0
+
+    def read_buffer_bytes(self, file_bytes: int) -> int:
+        """What the :class:`ReadBuffers` take in memory once made, for layers whose cache files
+        hold ``file_bytes`` (0 where layers are not read past the page cache)."""
+        if self.read_into is None or self._disk_reader is None:
+            return 0
+        return self.read_buffers.count * ReadBuffers.rounded(file_bytes)
 
     @torch.inference_mode()
     def load(self, index: int, owned: bool = False) -> LoadedLayer:

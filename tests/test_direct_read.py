@@ -41,7 +41,8 @@ def test_read_direct_reads_the_whole_file_and_leaves_no_page_cache(tmp_path, mon
 def test_read_buffers_are_reused_and_never_more_than_the_layers_in_flight():
     buffers = ReadBuffers(2)
     first, second = buffers.take(100), buffers.take(100)
-    assert len(first) == ReadBuffers.ROUND and buffers.made == 2
+    assert len(first) == 4096 and buffers.made == 2  # a page; whole huge pages from 2 MiB on
+    assert ReadBuffers.rounded(ReadBuffers.ROUND + 1) == 2 * ReadBuffers.ROUND
     with pytest.raises(BuffersTaken):  # both held: that layer is read through the page cache
         buffers.take(100)
     buffers.give(first)
@@ -56,7 +57,8 @@ def test_a_read_ahead_that_finds_every_buffer_held_leaves_its_layer_to_the_page_
     model_dir = model_factory("llama", num_layers=6)
     ids = torch.arange(1, 9)
     layer_bytes, fixed, expected, paths = _warmed(model_dir, tmp_path / "cache", ids)
-    with _disk_layers_processor(model_dir, tmp_path / "cache", layer_bytes, fixed, monkeypatch) as proc:
+    with _disk_layers_processor(model_dir, tmp_path / "cache", layer_bytes, fixed, monkeypatch,
+                                _read_buffer_bytes(paths)) as proc:
         held = [proc.streamer.read_buffers.take(layer_bytes) for _ in range(2)]  # a pass that did not come
         fetched, fetch = [], proc.streamer.fetch_cached
         proc.streamer.fetch_cached = lambda index, owned: fetched.append(index) or fetch(index, owned)
@@ -80,17 +82,23 @@ def _warmed(model_dir, cache_dir, ids):
         return probe.plan.layer_bytes, probe.plan.fixed_bytes, probe.forward(ids), paths
 
 
-def _disk_layers_processor(model_dir, cache_dir, layer_bytes, fixed_bytes, monkeypatch):
-    # layer 0 resident, 1-2 kept in the page cache, 3-5 read from the disk every pass
+def _read_buffer_bytes(paths):
+    """What the two read buffers (the layers in flight) take for these cache files."""
+    return 2 * ReadBuffers.rounded(max(path.stat().st_size for path in paths))
+
+
+def _disk_layers_processor(model_dir, cache_dir, layer_bytes, fixed_bytes, monkeypatch, read_buffers=0):
+    # layer 0 resident, 1-2 kept in the page cache, 3-5 read from the disk every pass; the budget
+    # holds the read buffers too (read_buffers: their bytes; 0 for the mapped path)
     monkeypatch.setattr(page_cache, "room", lambda planned, margin=0.02, proc="/proc/self": 2 * layer_bytes + 1)
     return UniversalSLIProcessor(model_dir, "nf4", cache_dir=cache_dir, device="cpu", prefetch_depth=1,
-                                 memory_budget_gb=(fixed_bytes + layer_bytes + 1) / 2**30)
+                                 memory_budget_gb=(fixed_bytes + read_buffers + layer_bytes + 1) / 2**30)
 
 
 def test_disk_layers_are_read_past_the_page_cache_into_reused_buffers(model_factory, tmp_path, monkeypatch):
     model_dir = model_factory("llama", num_layers=6)
     ids = torch.arange(1, 9)
-    layer_bytes, fixed, _, _ = _warmed(model_dir, tmp_path / "cache", ids)
+    layer_bytes, fixed, _, entries = _warmed(model_dir, tmp_path / "cache", ids)
     monkeypatch.setenv("SLI_NO_DIRECT_READ", "1")
     with _disk_layers_processor(model_dir, tmp_path / "cache", layer_bytes, fixed, monkeypatch) as mapped:
         assert mapped.streamer.read_into is None
@@ -100,8 +108,9 @@ def test_disk_layers_are_read_past_the_page_cache_into_reused_buffers(model_fact
     reads = []
     real = layer_store_module.read_direct
     monkeypatch.setattr(layer_store_module, "read_direct", lambda path, *a: reads.append(path) or real(path, *a))
-    with _disk_layers_processor(model_dir, tmp_path / "cache", layer_bytes, fixed, monkeypatch) as proc:
-        assert proc.plan.page_dropped_layers == [3, 4, 5]
+    with _disk_layers_processor(model_dir, tmp_path / "cache", layer_bytes, fixed, monkeypatch,
+                                _read_buffer_bytes(entries)) as proc:
+        assert (proc.plan.resident_layers, proc.plan.page_dropped_layers) == ([0], [3, 4, 5])
         paths = {i: str(proc.cache.entry_path(proc.model_id, i, proc.quantizer)) for i in range(6)}
         for path in paths.values():
             page_cache.drop_pages(os.open(path, os.O_RDONLY))
@@ -123,6 +132,35 @@ def test_disk_layers_are_read_past_the_page_cache_into_reused_buffers(model_fact
     assert made <= 2  # the running layer and the one read ahead: the plan's layers in flight
 
 
+def test_the_plan_counts_the_read_buffers_held_beside_the_kept_layers_in_flight(model_factory, tmp_path,
+                                                                                  monkeypatch):
+    # While a kept layer runs (mapped) and the next is prefetched, both buffers already hold the
+    # disk layers read ahead: four layers' bytes where the mapped path holds two. At the budget
+    # that makes layer 0 resident on the mapped path, the buffers take its place.
+    model_dir = model_factory("llama", num_layers=6)
+    layer_bytes, fixed, _, paths = _warmed(model_dir, tmp_path / "cache", torch.arange(1, 9))
+    buffers = _read_buffer_bytes(paths)
+    monkeypatch.setenv("SLI_NO_DIRECT_READ", "1")
+    with _disk_layers_processor(model_dir, tmp_path / "cache", layer_bytes, fixed, monkeypatch) as mapped:
+        mapped_plan = mapped.plan
+    monkeypatch.delenv("SLI_NO_DIRECT_READ")
+    with _disk_layers_processor(model_dir, tmp_path / "cache", layer_bytes, fixed, monkeypatch) as proc:
+        plan = proc.plan
+    assert (mapped_plan.resident_layers, mapped_plan.read_buffer_bytes) == ([0], 0)
+    assert plan.read_buffer_bytes == buffers  # two kept layers in flight: both buffers on top
+    assert plan.streaming_bytes == mapped_plan.streaming_bytes + buffers
+    assert plan.resident_layers == []  # the budget no longer holds layer 0 beside them
+    assert plan.page_dropped_layers == [2, 3, 4, 5]  # layer 0 is streamed and kept; the page cache's room is the same
+    assert "read buffers" in plan.describe()
+    # no kept layer: the buffers hold the layers in flight the plan counts; only what a file holds
+    # beyond its layer's tensors (its header, the last page) is added
+    monkeypatch.setattr(page_cache, "room", lambda planned, margin=0.02, proc="/proc/self": 0)
+    with UniversalSLIProcessor(model_dir, "nf4", cache_dir=tmp_path / "cache", device="cpu", prefetch_depth=1,
+                               memory_budget_gb=(fixed + 2 * layer_bytes + 1) / 2**30) as proc:
+        assert (proc.plan.resident_layers, proc.plan.page_dropped_layers) == ([0], [1, 2, 3, 4, 5])
+        assert 0 < proc.plan.read_buffer_bytes == buffers - 2 * layer_bytes < layer_bytes
+
+
 def test_a_disk_layer_altered_on_disk_is_never_served_from_its_buffer(model_factory, tmp_path, monkeypatch):
     model_dir = model_factory("llama", num_layers=6)
     ids = torch.arange(1, 9)
@@ -131,7 +169,8 @@ def test_a_disk_layer_altered_on_disk_is_never_served_from_its_buffer(model_fact
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF  # a flipped byte in a tensor: only the checksum sees it
     path.write_bytes(bytes(data))
-    with _disk_layers_processor(model_dir, tmp_path / "cache", layer_bytes, fixed, monkeypatch) as proc:
+    with _disk_layers_processor(model_dir, tmp_path / "cache", layer_bytes, fixed, monkeypatch,
+                                _read_buffer_bytes(paths)) as proc:
         logits = proc.forward(ids)
         assert proc.cache.stats().corrupt == 1
         # removed, quantized again from the checkpoint, cached again

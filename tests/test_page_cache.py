@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from sli import UniversalSLIProcessor, page_cache
 from sli.layer_store import LayerStore
 from sli.quantization import CachedLayer
+from sli.streaming import ReadBuffers
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -138,6 +139,11 @@ def test_drop_pages_takes_a_file_out_of_the_page_cache(tmp_path):
     assert cached_pages(path) == 0
 
 
+def read_buffer_bytes(proc) -> int:
+    """What the two read buffers take for ``proc``'s layers (tests/test_direct_read.py)."""
+    return 2 * ReadBuffers.rounded(proc.cache.entry_path(proc.model_id, 0, proc.quantizer).stat().st_size)
+
+
 @pytest.mark.parametrize("direct", [False, True])  # True: read past the page cache (tests/test_direct_read.py)
 def test_streamed_layers_past_the_page_cache_s_room_leave_it_once_used(model_factory, tmp_path, monkeypatch, direct):
     if not direct:
@@ -148,11 +154,13 @@ def test_streamed_layers_past_the_page_cache_s_room_leave_it_once_used(model_fac
     with UniversalSLIProcessor(model_dir, "none", cache_dir=tmp_path / "cache", device="cpu") as probe:
         probe.prewarm(progress=False)
         layer_bytes = probe.plan.layer_bytes
-        one_resident = (probe.plan.fixed_bytes + layer_bytes + 1) / 2**30
+        one_resident = probe.plan.fixed_bytes + layer_bytes + 1
+        if direct:  # the read buffers, held beside the kept layer in flight (the other one in flight they stand for)
+            one_resident += read_buffer_bytes(probe) - layer_bytes
     # the room holds one streamed layer: layer 0 resident, 1 kept in the page cache, 2-4 dropped
     monkeypatch.setattr(page_cache, "room", lambda planned, margin=0.02, proc="/proc/self": layer_bytes + 1)
     with UniversalSLIProcessor(model_dir, "none", cache_dir=tmp_path / "cache", device="cpu",
-                               memory_budget_gb=one_resident) as proc:
+                               memory_budget_gb=one_resident / 2**30) as proc:
         plan = proc.plan
         assert (plan.resident_layers, plan.page_dropped_layers) == ([0], [2, 3, 4])
         assert "page cache keeps 1 of 4 streamed layers" in plan.describe()
@@ -206,7 +214,8 @@ def test_the_disk_layers_are_read_ahead_through_the_layers_that_need_no_read(mod
     with UniversalSLIProcessor(model_dir, "none", cache_dir=tmp_path / "cache", device="cpu") as probe:
         probe.prewarm(progress=False)
         layer_bytes = probe.plan.layer_bytes
-        one_resident = (probe.plan.fixed_bytes + layer_bytes + 1) / 2**30
+        # with the read buffers, held beside the two kept layers in flight
+        one_resident = (probe.plan.fixed_bytes + read_buffer_bytes(probe) + layer_bytes + 1) / 2**30
         expected = probe.generate(torch.arange(1, 9), max_new_tokens=3, eos_token_id=[])
     monkeypatch.setattr(page_cache, "room", lambda planned, margin=0.02, proc="/proc/self": 2 * layer_bytes + 1)
     with UniversalSLIProcessor(model_dir, "none", cache_dir=tmp_path / "cache", device="cpu", prefetch_depth=1,
