@@ -63,13 +63,13 @@ def test_a_read_ahead_that_finds_every_buffer_held_leaves_its_layer_to_the_page_
         fetched, fetch = [], proc.streamer.fetch_cached
         proc.streamer.fetch_cached = lambda index, owned: fetched.append(index) or fetch(index, owned)
         logits = proc.forward(ids)
-        assert {3, 4, 5} <= set(fetched)  # mapped, as before reads past the page cache
+        assert set(DISK) <= set(fetched)  # mapped, as before reads past the page cache
         for buffer in held:
             proc.streamer.read_buffers.give(buffer)
         assert torch.equal(proc.forward(ids), logits)  # (its first disk layer was read ahead before)
         fetched.clear()
         assert torch.equal(proc.forward(ids), logits)
-        assert not {3, 4, 5} & set(fetched)  # read into the buffers again
+        assert not set(DISK) & set(fetched)  # read into the buffers again
     torch.testing.assert_close(logits, expected, atol=0, rtol=0)
 
 
@@ -87,9 +87,14 @@ def _read_buffer_bytes(paths):
     return 2 * ReadBuffers.rounded(max(path.stat().st_size for path in paths))
 
 
+# _disk_layers_processor's plan: one layer resident, two kept in the page cache, three read from
+# the disk every pass, the layers that need no read spread among those that do
+RESIDENT, KEPT, DISK = [1], [3, 5], [0, 2, 4]
+
+
 def _disk_layers_processor(model_dir, cache_dir, layer_bytes, fixed_bytes, monkeypatch, read_buffers=0):
-    # layer 0 resident, 1-2 kept in the page cache, 3-5 read from the disk every pass; the budget
-    # holds the read buffers too (read_buffers: their bytes; 0 for the mapped path)
+    # RESIDENT, KEPT and DISK above; the budget holds the read buffers too (read_buffers: their
+    # bytes; 0 for the mapped path)
     monkeypatch.setattr(page_cache, "room", lambda planned, margin=0.02, proc="/proc/self": 2 * layer_bytes + 1)
     return UniversalSLIProcessor(model_dir, "nf4", cache_dir=cache_dir, device="cpu", prefetch_depth=1,
                                  memory_budget_gb=(fixed_bytes + read_buffers + layer_bytes + 1) / 2**30)
@@ -110,7 +115,7 @@ def test_disk_layers_are_read_past_the_page_cache_into_reused_buffers(model_fact
     monkeypatch.setattr(layer_store_module, "read_direct", lambda path, *a: reads.append(path) or real(path, *a))
     with _disk_layers_processor(model_dir, tmp_path / "cache", layer_bytes, fixed, monkeypatch,
                                 _read_buffer_bytes(entries)) as proc:
-        assert (proc.plan.resident_layers, proc.plan.page_dropped_layers) == ([0], [3, 4, 5])
+        assert (proc.plan.resident_layers, proc.plan.page_dropped_layers) == (RESIDENT, DISK)
         paths = {i: str(proc.cache.entry_path(proc.model_id, i, proc.quantizer)) for i in range(6)}
         for path in paths.values():
             page_cache.drop_pages(os.open(path, os.O_RDONLY))
@@ -124,11 +129,11 @@ def test_disk_layers_are_read_past_the_page_cache_into_reused_buffers(model_fact
     assert got.tolist() == expected.tolist()
     # the disk layers, and only they, were read past the page cache, once a pass (a forward, then
     # a prompt and three tokens), plus what the last pass read ahead for a next one
-    assert {p for p in reads} == {paths[3], paths[4], paths[5]}
-    assert set(fetched) - {0} == {1, 2}  # (0: made resident) the disk layers came from their direct reads
+    assert {p for p in reads} == {paths[i] for i in DISK}
+    assert set(fetched) - set(RESIDENT) == set(KEPT)  # (made resident) the disk layers came from their direct reads
     assert 3 * 5 <= len(reads) <= 3 * 5 + 2
-    assert [cached_pages(paths[i]) for i in (3, 4, 5)] == [0, 0, 0]
-    assert cached_pages(paths[1]) > 0  # the page cache keeps the layers it has room for
+    assert [cached_pages(paths[i]) for i in DISK] == [0, 0, 0]
+    assert all(cached_pages(paths[i]) > 0 for i in KEPT)  # the page cache keeps the layers it has room for
     assert made <= 2  # the running layer and the one read ahead: the plan's layers in flight
 
 
@@ -136,7 +141,7 @@ def test_the_plan_counts_the_read_buffers_held_beside_the_kept_layers_in_flight(
                                                                                   monkeypatch):
     # While a kept layer runs (mapped) and the next is prefetched, both buffers already hold the
     # disk layers read ahead: four layers' bytes where the mapped path holds two. At the budget
-    # that makes layer 0 resident on the mapped path, the buffers take its place.
+    # that makes a layer resident on the mapped path, the buffers take its place.
     model_dir = model_factory("llama", num_layers=6)
     layer_bytes, fixed, _, paths = _warmed(model_dir, tmp_path / "cache", torch.arange(1, 9))
     buffers = _read_buffer_bytes(paths)
@@ -146,18 +151,18 @@ def test_the_plan_counts_the_read_buffers_held_beside_the_kept_layers_in_flight(
     monkeypatch.delenv("SLI_NO_DIRECT_READ")
     with _disk_layers_processor(model_dir, tmp_path / "cache", layer_bytes, fixed, monkeypatch) as proc:
         plan = proc.plan
-    assert (mapped_plan.resident_layers, mapped_plan.read_buffer_bytes) == ([0], 0)
+    assert (mapped_plan.resident_layers, mapped_plan.read_buffer_bytes) == (RESIDENT, 0)
     assert plan.read_buffer_bytes == buffers  # two kept layers in flight: both buffers on top
     assert plan.streaming_bytes == mapped_plan.streaming_bytes + buffers
-    assert plan.resident_layers == []  # the budget no longer holds layer 0 beside them
-    assert plan.page_dropped_layers == [2, 3, 4, 5]  # layer 0 is streamed and kept; the page cache's room is the same
+    assert plan.resident_layers == []  # the budget no longer holds a layer beside them
+    assert plan.page_dropped_layers == [0, 2, 3, 5]  # two kept (the page cache's room is the same), spread
     assert "read buffers" in plan.describe()
     # no kept layer: the buffers hold the layers in flight the plan counts; only what a file holds
     # beyond its layer's tensors (its header, the last page) is added
     monkeypatch.setattr(page_cache, "room", lambda planned, margin=0.02, proc="/proc/self": 0)
     with UniversalSLIProcessor(model_dir, "nf4", cache_dir=tmp_path / "cache", device="cpu", prefetch_depth=1,
                                memory_budget_gb=(fixed + 2 * layer_bytes + 1) / 2**30) as proc:
-        assert (proc.plan.resident_layers, proc.plan.page_dropped_layers) == ([0], [1, 2, 3, 4, 5])
+        assert (proc.plan.resident_layers, proc.plan.page_dropped_layers) == ([3], [0, 1, 2, 4, 5])
         assert 0 < proc.plan.read_buffer_bytes == buffers - 2 * layer_bytes < layer_bytes
 
 

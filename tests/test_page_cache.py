@@ -157,12 +157,13 @@ def test_streamed_layers_past_the_page_cache_s_room_leave_it_once_used(model_fac
         one_resident = probe.plan.fixed_bytes + layer_bytes + 1
         if direct:  # the read buffers, held beside the kept layer in flight (the other one in flight they stand for)
             one_resident += read_buffer_bytes(probe) - layer_bytes
-    # the room holds one streamed layer: layer 0 resident, 1 kept in the page cache, 2-4 dropped
+    # the room holds one streamed layer: layer 1 resident, 3 kept in the page cache, 0, 2 and 4
+    # dropped (the plan spreads the layers that need no read among those that do)
     monkeypatch.setattr(page_cache, "room", lambda planned, margin=0.02, proc="/proc/self": layer_bytes + 1)
     with UniversalSLIProcessor(model_dir, "none", cache_dir=tmp_path / "cache", device="cpu",
                                memory_budget_gb=one_resident / 2**30) as proc:
         plan = proc.plan
-        assert (plan.resident_layers, plan.page_dropped_layers) == ([0], [2, 3, 4])
+        assert (plan.resident_layers, plan.page_dropped_layers) == ([1], [0, 2, 4])
         assert "page cache keeps 1 of 4 streamed layers" in plan.describe()
         paths = [proc.cache.entry_path(proc.model_id, i, proc.quantizer) for i in range(5)]
         for path in paths:
@@ -180,15 +181,15 @@ def test_streamed_layers_past_the_page_cache_s_room_leave_it_once_used(model_fac
         torch.testing.assert_close(logits, reference(ids[None]).logits, atol=1e-5, rtol=1e-5)
         proc.streamer.cancel()  # a layer prefetched for the next pass holds its map
         pages = [cached_pages(path) for path in paths]
-        # layer 0 read into the process's memory, its file's pages then dropped (the page cache is
-        # short); layer 1 kept there; 3-4 dropped once used; 2 dropped too, then read ahead for
-        # the next pass while the pass's last layer ran (LayerRunner._read_ahead): into the page
-        # cache, or, read past it, into the process's buffer
-        whole = -(-paths[1].stat().st_size // mmap.PAGESIZE)
-        assert pages[0] == pages[3] == pages[4] == 0 and pages[1] == whole, pages
-        assert pages[2] == (0 if direct else whole), pages
+        # layer 1 read into the process's memory, its file's pages then dropped (the page cache is
+        # short); layer 3 kept there; 2 and 4 dropped once used; 0 too, then read ahead and
+        # prefetched for the next pass while the pass's last layers ran (LayerRunner._read_ahead),
+        # and given back by the cancel: read past the page cache, or mapped and its pages dropped
+        # with the map
+        whole = -(-paths[3].stat().st_size // mmap.PAGESIZE)
+        assert pages[0] == pages[1] == pages[2] == pages[4] == 0 and pages[3] == whole, pages
         # the resident layer is this process's memory, not a map of its file the kernel may drop
-        held = [b for b in proc.layers[0].mlp.down_proj.buffers() if b.numel() > 1]
+        held = [b for b in proc.layers[1].mlp.down_proj.buffers() if b.numel() > 1]
         assert held and not any(page_cache.in_file_mapping(b.data_ptr()) for b in held)
         assert page_cache.in_file_mapping(proc.model.get_input_embeddings().weight.data_ptr())  # the checkpoint's map
 
@@ -207,9 +208,11 @@ def test_the_plan_counts_a_mapped_embedding_by_the_rows_its_context_can_look_up(
 
 
 def test_the_disk_layers_are_read_ahead_through_the_layers_that_need_no_read(model_factory, tmp_path, monkeypatch):
-    # Layer 0 resident, 1-2 kept in the page cache, 3-5 read from the disk every pass. A prefetch
-    # holds one of two slots, so it reaches layer 3 only once layer 2 runs; the disk layers are
-    # read ahead from the first layer of the pass on, two (the prefetch's slots) at a time.
+    # Layer 1 resident, 3 and 5 kept in the page cache, 0, 2 and 4 read from the disk every pass
+    # (the plan spreads the layers that need no read among those that do). A prefetch holds one of
+    # two slots, so it reaches a layer only once the one before runs; the disk layers are read
+    # ahead from each layer on, two (the prefetch's slots) at a time, through the layers that need
+    # no read: while kept layer 3 runs, 4 and the next pass's 0 are read.
     model_dir = model_factory("llama", num_layers=6)
     with UniversalSLIProcessor(model_dir, "none", cache_dir=tmp_path / "cache", device="cpu") as probe:
         probe.prewarm(progress=False)
@@ -220,7 +223,7 @@ def test_the_disk_layers_are_read_ahead_through_the_layers_that_need_no_read(mod
     monkeypatch.setattr(page_cache, "room", lambda planned, margin=0.02, proc="/proc/self": 2 * layer_bytes + 1)
     with UniversalSLIProcessor(model_dir, "none", cache_dir=tmp_path / "cache", device="cpu", prefetch_depth=1,
                                memory_budget_gb=one_resident) as proc:
-        assert (proc.plan.resident_layers, proc.plan.page_dropped_layers) == ([0], [3, 4, 5])
+        assert (proc.plan.resident_layers, proc.plan.page_dropped_layers) == ([1], [0, 2, 4])
         events, streamer = [], proc.streamer
         real_get, real_read_ahead = streamer.get, streamer.read_ahead
         streamer.get = lambda index: events.append(("get", index)) or real_get(index)
@@ -234,8 +237,8 @@ def test_the_disk_layers_are_read_ahead_through_the_layers_that_need_no_read(mod
     assert got.tolist() == expected.tolist()
     assert read == proc.cache.entry_path(proc.model_id, 4, proc.quantizer).stat().st_size
     # when each layer is fetched, the disk layers read ahead and not yet released are the next two
-    # from it on: from layer 1 on (layer 0, resident, needs no read) both of the pass's first two
-    ahead, window = set(), {1: {3, 4}, 2: {3, 4}, 3: {3, 4}, 4: {4, 5}, 5: {5, 3}}
+    # from it on, wrapping into the next pass
+    ahead, window = set(), {0: {0, 2}, 2: {2, 4}, 3: {4, 0}, 4: {4, 0}, 5: {0, 2}}
     for name, index in events:
         if name == "read_ahead":
             ahead.add(index)
@@ -243,7 +246,7 @@ def test_the_disk_layers_are_read_ahead_through_the_layers_that_need_no_read(mod
             ahead.discard(index)
         else:
             assert ahead == window[index], (index, events)
-    assert [e for e in events if e[0] == "get"] == [("get", i) for i in (1, 2, 3, 4, 5)] * 3
+    assert [e for e in events if e[0] == "get"] == [("get", i) for i in (0, 2, 3, 4, 5)] * 3
 
 
 def test_the_store_reads_an_entry_into_the_page_cache_and_nothing_else(tmp_path):
