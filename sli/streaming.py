@@ -114,10 +114,10 @@ class ReadBuffers:
     Each is an anonymous map asking for huge pages (:func:`sli.layer_store.owned_buffer`), its
     size rounded up to 2 MiB (to a page below that). :meth:`take` never waits: with every
     buffer held it raises :class:`BuffersTaken`, and that layer is read the other way (through
-    the page cache). A
-    pass's reads ahead are asked for once the layer before has been released, so in a pass
-    this does not happen; it does where layers read ahead for a pass that did not come (another
-    span of layers) still hold theirs, until their release or the streamer's cancel."""
+    the page cache). A pass's reads ahead are asked for once the layer before has been
+    released, so in a pass this does not happen; it does where layers read ahead for a pass
+    that did not come (another span of layers) still hold theirs, until their release or the
+    streamer's cancel."""
 
     ROUND = 2 << 20  # a huge page
     PAGE = 4096
