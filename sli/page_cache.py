@@ -12,14 +12,18 @@ as soon as they are used (``posix_fadvise(DONTNEED)``), so they push nothing els
 """
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
 import os
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
+import numpy as np
 import psutil
 
 logger = logging.getLogger(__name__)
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 # A cgroup v1 limit at or above this is "no limit" (the kernel writes 2**63 rounded to a page)
 _UNLIMITED = 1 << 62
@@ -148,3 +152,23 @@ def drop_pages(fd: int) -> None:
         logger.debug("dropping a file's pages failed: %s", exc)
     finally:
         os.close(fd)
+
+
+def cached_fraction(path) -> Optional[float]:
+    """The share of the file at ``path`` whose pages are in the page cache (``mincore`` over a
+    private map of it: mapping touches no page), or None where it cannot be told."""
+    try:
+        size = os.path.getsize(path)
+        if not size:
+            return None
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE,
+                                              prot=mmap.PROT_READ | mmap.PROT_WRITE) as m:
+            pages = -(-size // mmap.PAGESIZE)
+            vec = np.zeros(pages, dtype=np.uint8)
+            anchor = ctypes.c_char.from_buffer(m)  # the map's address (released before the map closes)
+            done = _LIBC.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size),
+                                 vec.ctypes.data_as(ctypes.POINTER(ctypes.c_ubyte)))
+            del anchor
+            return float((vec & 1).sum()) / pages if done == 0 else None
+    except (OSError, ValueError, TypeError):
+        return None

@@ -147,6 +147,7 @@ class UniversalSLIProcessor:
                                                 self.quantization_config.int8_head)
         self.mapped_embedding_bytes, self._embedding_row_bytes = mapped_embedding(self.model)
         self._plan: Optional[MemoryPlan] = None
+        self._kept_seen: set = set()  # layers the plan keeps in the page cache, read once already (_check_kept)
         self._prefetch_depth = prefetch_depth if prefetch else 0
         self.streamer = LayerStreamer(self._cached_layer, self.device, self.compute_dtype,
                                       depth=prefetch_depth, prefetch=prefetch, packed=self.packed,
@@ -168,6 +169,8 @@ class UniversalSLIProcessor:
         from the page cache's copy of the entry (see :meth:`LayerCache.get`). An ``owned`` one
         (a resident layer) is read into this process's memory."""
         pressed = self._plan is not None and bool(self._plan.page_dropped_layers)  # the page cache is short
+        if pressed and not owned and index not in self._plan.page_dropped_layers:
+            self._check_kept(index)
         # a streamed layer past the page cache's room, or a resident one once read (never read again)
         drop = pressed and (owned or index in self._plan.page_dropped_layers)
         cached = self.cache.get(self.model_id, index, self.quantizer, mapped=self.packed and not owned,
@@ -178,6 +181,24 @@ class UniversalSLIProcessor:
         self.cache.put(self.model_id, index, self.quantizer, cached)
         self._check_cache_room(cached.nbytes)
         return cached
+
+    def _check_kept(self, index: int) -> None:
+        """Layer ``index``, one the plan keeps in the page cache, about to be fetched: where this
+        process read it before and most of its pages are gone now, the kernel reclaimed them (the
+        room the plan measured went to something else: under a memory limit, say, the library
+        pages a cold start faults in after the plan). It is then read from the disk past the page
+        cache from now on, as the layers without room are, so the others stay."""
+        if index not in self._kept_seen:
+            self._kept_seen.add(index)
+            return
+        path = self.cache.entry_path(self.model_id, index, self.quantizer)
+        share = page_cache.cached_fraction(path) if path is not None else None
+        if share is None or share >= 0.5:
+            return
+        self._plan.page_dropped_layers = sorted({*self._plan.page_dropped_layers, index})
+        self.runner.disk_layers = self.runner.disk_layers | {index}
+        logger.info("layer %d was meant to stay in the page cache but %.0f%% of it was reclaimed: it is read "
+                    "from the disk from now on", index, 100 * (1 - share))
 
     def _read_layer_into(self, index: int, take) -> Optional[CachedLayer]:
         """A disk layer (one the page cache has no room for) read past the page cache into a buffer

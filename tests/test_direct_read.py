@@ -166,6 +166,44 @@ def test_the_plan_counts_the_read_buffers_held_beside_the_kept_layers_in_flight(
         assert 0 < proc.plan.read_buffer_bytes == buffers - 2 * layer_bytes < layer_bytes
 
 
+def test_a_kept_layer_whose_pages_were_reclaimed_is_read_from_the_disk_from_then_on(model_factory, tmp_path,
+                                                                                   monkeypatch):
+    # Under a memory limit the room the plan measured can go to something else (a cold start's
+    # library pages): the kernel then reclaims a kept layer's pages every pass. Such a layer is
+    # read past the page cache from then on, so the other kept layers stay.
+    model_dir = model_factory("llama", num_layers=6)
+    ids = torch.arange(1, 9)
+    layer_bytes, fixed, expected, paths = _warmed(model_dir, tmp_path / "cache", ids)
+    with _disk_layers_processor(model_dir, tmp_path / "cache", layer_bytes, fixed, monkeypatch,
+                                _read_buffer_bytes(paths)) as proc:
+        logits = proc.forward(ids)  # the kept layers' first read: into the page cache
+        assert torch.equal(proc.forward(ids), logits)
+        assert proc.plan.page_dropped_layers == DISK  # found there again: nothing changes
+        page_cache.drop_pages(os.open(paths[3], os.O_RDONLY))  # the kernel reclaims layer 3's pages
+        assert torch.equal(proc.forward(ids), logits)
+        assert proc.plan.page_dropped_layers == sorted(DISK + [3]) and 3 in proc.runner.disk_layers
+        assert torch.equal(proc.forward(ids), logits)
+        proc.streamer.cancel()
+    assert cached_pages(paths[3]) == 0 and cached_pages(paths[5]) > 0  # read past the page cache; 5 stays
+    torch.testing.assert_close(logits, expected, atol=0, rtol=0)
+
+
+def test_cached_fraction_tells_how_much_of_a_file_the_page_cache_holds(tmp_path):
+    path = tmp_path / "entry.bin"
+    path.write_bytes(os.urandom(512 * 4096))
+    os.sync()
+    page_cache.drop_pages(os.open(path, os.O_RDONLY))
+    assert page_cache.cached_fraction(path) == 0.0
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no read ahead: only the pages read
+    os.pread(fd, 16 * 4096, 0)
+    os.close(fd)
+    assert 16 / 512 <= page_cache.cached_fraction(path) < 0.5
+    path.read_bytes()
+    assert page_cache.cached_fraction(path) == 1.0
+    assert page_cache.cached_fraction(tmp_path / "missing") is None
+
+
 def test_a_disk_layer_altered_on_disk_is_never_served_from_its_buffer(model_factory, tmp_path, monkeypatch):
     model_dir = model_factory("llama", num_layers=6)
     ids = torch.arange(1, 9)
