@@ -54,11 +54,9 @@ def test_read_buffers_are_reused_and_never_more_than_the_layers_in_flight():
 
 def test_a_read_ahead_that_finds_every_buffer_held_leaves_its_layer_to_the_page_cache(model_factory, tmp_path,
                                                                                      monkeypatch):
-    model_dir = model_factory("llama", num_layers=6)
     ids = torch.arange(1, 9)
-    layer_bytes, fixed, expected, paths = _warmed(model_dir, tmp_path / "cache", ids)
-    with _disk_layers_processor(model_dir, tmp_path / "cache", layer_bytes, fixed, monkeypatch,
-                                _read_buffer_bytes(paths)) as proc:
+    proc, layer_bytes, expected, paths = _warmed_disk_layers(model_factory, tmp_path, monkeypatch, ids)
+    with proc:
         held = [proc.streamer.read_buffers.take(layer_bytes) for _ in range(2)]  # a pass that did not come
         fetched, fetch = [], proc.streamer.fetch_cached
         proc.streamer.fetch_cached = lambda index, owned: fetched.append(index) or fetch(index, owned)
@@ -98,6 +96,17 @@ def _disk_layers_processor(model_dir, cache_dir, layer_bytes, fixed_bytes, monke
     monkeypatch.setattr(page_cache, "room", lambda planned, margin=0.02, proc="/proc/self": 2 * layer_bytes + 1)
     return UniversalSLIProcessor(model_dir, "nf4", cache_dir=cache_dir, device="cpu", prefetch_depth=1,
                                  memory_budget_gb=(fixed_bytes + read_buffers + layer_bytes + 1) / 2**30)
+
+
+def _warmed_disk_layers(model_factory, tmp_path, monkeypatch, ids):
+    """A 6-layer model's cache warmed and a processor over it planned as RESIDENT, KEPT and DISK,
+    its read buffers in the budget: (processor, one layer's bytes, the logits for ``ids``, each
+    layer's cache file)."""
+    model_dir = model_factory("llama", num_layers=6)
+    layer_bytes, fixed, expected, paths = _warmed(model_dir, tmp_path / "cache", ids)
+    proc = _disk_layers_processor(model_dir, tmp_path / "cache", layer_bytes, fixed, monkeypatch,
+                                  _read_buffer_bytes(paths))
+    return proc, layer_bytes, expected, paths
 
 
 def test_disk_layers_are_read_past_the_page_cache_into_reused_buffers(model_factory, tmp_path, monkeypatch):
@@ -171,11 +180,9 @@ def test_a_kept_layer_whose_pages_were_reclaimed_is_read_from_the_disk_from_then
     # Under a memory limit the room the plan measured can go to something else (a cold start's
     # library pages): the kernel then reclaims a kept layer's pages every pass. Such a layer is
     # read past the page cache from then on, so the other kept layers stay.
-    model_dir = model_factory("llama", num_layers=6)
     ids = torch.arange(1, 9)
-    layer_bytes, fixed, expected, paths = _warmed(model_dir, tmp_path / "cache", ids)
-    with _disk_layers_processor(model_dir, tmp_path / "cache", layer_bytes, fixed, monkeypatch,
-                                _read_buffer_bytes(paths)) as proc:
+    proc, _, expected, paths = _warmed_disk_layers(model_factory, tmp_path, monkeypatch, ids)
+    with proc:
         logits = proc.forward(ids)  # the kept layers' first read: into the page cache
         assert torch.equal(proc.forward(ids), logits)
         assert proc.plan.page_dropped_layers == DISK  # found there again: nothing changes
