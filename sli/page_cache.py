@@ -166,9 +166,11 @@ def cached_fraction(path) -> Optional[float]:
             pages = -(-size // mmap.PAGESIZE)
             vec = np.zeros(pages, dtype=np.uint8)
             anchor = ctypes.c_char.from_buffer(m)  # the map's address (released before the map closes)
-            done = _LIBC.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size),
-                                 vec.ctypes.data_as(ctypes.POINTER(ctypes.c_ubyte)))
-            del anchor
+            try:
+                done = _LIBC.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size),
+                                     vec.ctypes.data_as(ctypes.POINTER(ctypes.c_ubyte)))
+            finally:
+                del anchor
             return float((vec & 1).sum()) / pages if done == 0 else None
     except (OSError, ValueError, TypeError):
         return None
