@@ -17,6 +17,7 @@ from typing import Dict, Iterable, List, Tuple
 
 from sli.cache_disk import read_direct, send_to_null
 from sli.layer_store import owned_buffer
+from sli.streaming import ReadBuffers
 from sli.synth import layer_of  # the one parser of layer names
 
 MB = 1024 * 1024
@@ -140,9 +141,9 @@ def time_read(ranges: Iterable[Tuple[Path, int, int]], cold: bool, chunk: int = 
     as fast as it serves: ``streams`` chunks at once, each sent to /dev/null (the way sli pages
     a layer in: on these VMs one stream reads 1.65-1.85 GB/s, four 1.95-2.0, and a copy into
     this process ~1.4), or with ``direct`` (whole files only) each file read past the page cache
-    into one reused buffer (huge pages, faulted in before the timing), four parts at once, by ``sli.cache_disk.read_direct``: the way sli
-    reads the layers the page cache has no room for. Warm, the chunks are copied into one reused
-    buffer, a pass over memory.
+    into one reused buffer (huge pages, faulted in before the timing), four parts at once, by
+    ``sli.cache_disk.read_direct``: the way sli reads the layers the page cache has no room for.
+    Warm, the chunks are copied into one reused buffer, a pass over memory.
     """
     ranges = list(ranges)
     if direct and any(offset or length != Path(path).stat().st_size for path, offset, length in ranges):
@@ -150,7 +151,7 @@ def time_read(ranges: Iterable[Tuple[Path, int, int]], cold: bool, chunk: int = 
     if cold:
         drop_caches()
     if direct:
-        buffer = owned_buffer(-(-max(length for _, _, length in ranges) // (2 * MB)) * 2 * MB)
+        buffer = owned_buffer(ReadBuffers.rounded(max(length for _, _, length in ranges)))  # as sli's
         buffer.write(bytes(len(buffer)))  # faulted in before the timing, as sli's reused buffers are
         t0 = time.perf_counter()
         total = sum(read_direct(str(path), buffer, length, streams) for path, _, length in ranges)

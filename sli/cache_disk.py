@@ -132,8 +132,8 @@ def index_rows(cache_dir: Path) -> Dict[str, Tuple[Optional[int], Optional[float
     return {key: (size, access) for key, size, access in rows if isinstance(key, str)}
 
 
-_devnull: Optional[int] = None
 T = TypeVar("T")
+_devnull: Optional[int] = None
 _page_in_pool: Optional[ThreadPoolExecutor] = None
 _page_in_lock = threading.Lock()
 PAGE_IN_STREAMS = 4  # a single stream reads 1.65-1.85 GB/s on these VMs' disks, four 1.95-2.0 (docs/benchmarks.md)

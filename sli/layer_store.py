@@ -233,12 +233,9 @@ class LayerStore:
         process last read it from, else the index's (one lookup, remembered: a pass right after
         loading reads ahead too)."""
         key = self.key(model_id, layer, config)
-        path = self._files.get(key)
+        path = self._entry_file(key, model_id, layer, config)
         if path is None:
-            found = self.entry_path(model_id, layer, config)
-            if found is None:
-                return 0
-            path = self._files[key] = str(found)
+            return 0
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:  # evicted since: get() finds out
@@ -292,6 +289,27 @@ class LayerStore:
         stats.entries = len(self._disk)
         stats.disk_bytes = self._disk.volume()
         return stats
+
+    def cached_share(self, model_id: str, layer: Union[int, str], config: ConfigLike) -> Optional[float]:
+        """The share of a disk entry's file in the page cache (:func:`sli.page_cache.cached_fraction`;
+        its file found as :meth:`page_in` finds it), or None where it is not on disk."""
+        key = self.key(model_id, layer, config)
+        path = self._entry_file(key, model_id, layer, config)
+        share = page_cache.cached_fraction(path) if path is not None else None
+        if path is not None and share is None:  # evicted since: the next lookup asks the index
+            self._files.pop(key, None)
+        return share
+
+    def _entry_file(self, key: str, model_id: str, layer: Union[int, str], config: ConfigLike) -> Optional[str]:
+        """The file of a disk entry: the one this process last read it from, else the index's (one
+        lookup, remembered), or None where it is not on disk."""
+        path = self._files.get(key)
+        if path is None:
+            found = self.entry_path(model_id, layer, config)
+            if found is None:
+                return None
+            path = self._files[key] = str(found)
+        return path
 
     def entry_path(self, model_id: str, layer: Union[int, str], config: ConfigLike) -> Optional[Path]:
         """The file holding the entry on disk, or None."""

@@ -191,8 +191,7 @@ class UniversalSLIProcessor:
         if index not in self._kept_seen:
             self._kept_seen.add(index)
             return
-        path = self.cache.entry_path(self.model_id, index, self.quantizer)
-        share = page_cache.cached_fraction(path) if path is not None else None
+        share = self.cache.cached_share(self.model_id, index, self.quantizer)
         if share is None or share >= 0.5:
             return
         self._plan.page_dropped_layers = sorted({*self._plan.page_dropped_layers, index})
