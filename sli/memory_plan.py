@@ -53,9 +53,10 @@ class MemoryPlan:
         ``read_buffers``: the bytes of the buffers the dropped layers are read into past the page
         cache (:class:`sli.streaming.ReadBuffers`; 0 where they are not), in memory for good once
         made. While kept layers run, mapped, those buffers already hold the next dropped layers
-        read ahead: up to ``layers_in_flight`` mapped layers beside the buffers, where
-        ``streaming_bytes`` counted ``layers_in_flight`` layers in all. The difference is added to
-        ``streaming_bytes``, and resident layers that no longer fit the budget are streamed.
+        read ahead: the kept layers in flight at once (:meth:`_kept_in_flight`) beside the
+        buffers, where ``streaming_bytes`` counted ``layers_in_flight`` layers in all. The
+        difference is added to ``streaming_bytes``, and resident layers that no longer fit the
+        budget are streamed.
 
         >>> plan = plan_memory(400, num_layers=8, shared_bytes=100, layer_bytes=100, scratch_bytes=0,
         ...                    prefetch_depth=1, runtime_bytes=0, available_bytes=0)
@@ -67,13 +68,15 @@ class MemoryPlan:
         >>> plan = plan_memory(500, num_layers=8, shared_bytes=100, layer_bytes=100, scratch_bytes=0,
         ...                    prefetch_depth=1, runtime_bytes=0, available_bytes=0)
         >>> plan.split_streamed(250, read_buffers=200), plan.resident_layers, plan.page_dropped_layers
-        (None, [], [0, 1, 3, 4, 5, 7])
+        (None, [1], [0, 2, 3, 5, 7])
+        >>> plan.streaming_bytes  # 2 layers in flight, + 2 buffers beside 1 kept layer
+        300
         """
         while True:
             streamed = self.streamed_layers
             kept = int(min(len(streamed), page_cache_room // self.layer_bytes) if self.layer_bytes else len(streamed))
             self.page_dropped_layers = streamed[kept:]
-            mapped = min(self.layers_in_flight, kept)  # kept layers in flight beside full buffers
+            mapped = self._kept_in_flight(kept)  # kept layers in flight beside full buffers
             extra = (max(0, read_buffers + (mapped - self.layers_in_flight) * self.layer_bytes)
                      if read_buffers and self.page_dropped_layers else 0)
             if extra <= self.read_buffer_bytes:
@@ -82,6 +85,30 @@ class MemoryPlan:
             self.read_buffer_bytes = extra
             self.resident_layers = self.resident_layers[:self._resident_count()]
         self._spread_among_disk_layers()
+
+    def _kept_in_flight(self, kept: int) -> int:
+        """How many of ``kept`` kept layers can be in flight at once once spread: the longest run
+        of them one after another in the streamed layers' order (a pass's last layer runs before
+        the next pass's first), at most ``layers_in_flight``. Spread among disk layers, a kept
+        layer is followed by a disk layer, so one.
+
+        >>> MemoryPlan(None, 0, 100, 0, num_layers=8, layers_in_flight=2)._kept_in_flight(2)
+        1
+        >>> MemoryPlan(None, 0, 100, 0, num_layers=8, layers_in_flight=2)._kept_in_flight(6)
+        2
+        """
+        resident = len(self.resident_layers)
+        if not kept or resident + kept >= self.num_layers:
+            return min(self.layers_in_flight, kept)
+        places = _spread_places(self.num_layers, resident + kept)
+        resident_places = set(places[:resident])
+        order = [i for i in range(self.num_layers) if i not in resident_places]
+        kept_places = set(places[resident:])
+        longest = run = 0
+        for i in order + order:  # twice round: a run across the passes' seam
+            run = run + 1 if i in kept_places else 0
+            longest = max(longest, run)
+        return min(self.layers_in_flight, longest)
 
     def _spread_among_disk_layers(self) -> None:
         """Place the layers that need no read from the disk (resident, then kept) evenly among
@@ -100,7 +127,7 @@ class MemoryPlan:
         quiet = resident + len(self.streamed_layers) - len(self.page_dropped_layers)
         if not self.page_dropped_layers or not quiet:
             return
-        places = [(2 * i + 1) * self.num_layers // (2 * quiet) for i in range(quiet)]
+        places = _spread_places(self.num_layers, quiet)
         self.resident_layers = places[:resident]
         self.page_dropped_layers = [i for i in range(self.num_layers) if i not in places]
 
@@ -125,6 +152,11 @@ class MemoryPlan:
                    f"{len(self.streamed_layers)} streamed layers" if self.page_dropped_layers else "")
                 + (f" (streaming counts {self.read_buffer_bytes / GB:.3f} GB of read buffers beside mapped layers)"
                    if self.read_buffer_bytes else ""))
+
+
+def _spread_places(num_layers: int, quiet: int) -> List[int]:
+    """Where ``quiet`` layers that need no read sit, evenly among ``num_layers``."""
+    return [(2 * i + 1) * num_layers // (2 * quiet) for i in range(quiet)]
 
 
 def plan_memory(budget: Optional[int], *, num_layers: int, shared_bytes: int, layer_bytes: int, scratch_bytes: int,

@@ -148,9 +148,10 @@ def test_disk_layers_are_read_past_the_page_cache_into_reused_buffers(model_fact
 
 def test_the_plan_counts_the_read_buffers_held_beside_the_kept_layers_in_flight(model_factory, tmp_path,
                                                                                   monkeypatch):
-    # While a kept layer runs (mapped) and the next is prefetched, both buffers already hold the
-    # disk layers read ahead: four layers' bytes where the mapped path holds two. At the budget
-    # that makes a layer resident on the mapped path, the buffers take its place.
+    # While a kept layer runs (mapped), both buffers already hold the disk layers read ahead:
+    # three layers' bytes where the mapped path holds two (the kept layers are spread, so the
+    # next layer is a disk layer, never a second kept one). At the budget that makes a layer
+    # resident on the mapped path, the buffers take its place.
     model_dir = model_factory("llama", num_layers=6)
     layer_bytes, fixed, _, paths = _warmed(model_dir, tmp_path / "cache", torch.arange(1, 9))
     buffers = _read_buffer_bytes(paths)
@@ -161,8 +162,8 @@ def test_the_plan_counts_the_read_buffers_held_beside_the_kept_layers_in_flight(
     with _disk_layers_processor(model_dir, tmp_path / "cache", layer_bytes, fixed, monkeypatch) as proc:
         plan = proc.plan
     assert (mapped_plan.resident_layers, mapped_plan.read_buffer_bytes) == (RESIDENT, 0)
-    assert plan.read_buffer_bytes == buffers  # two kept layers in flight: both buffers on top
-    assert plan.streaming_bytes == mapped_plan.streaming_bytes + buffers
+    assert plan.read_buffer_bytes == buffers - layer_bytes  # one kept layer in flight beside both buffers
+    assert plan.streaming_bytes == mapped_plan.streaming_bytes + buffers - layer_bytes
     assert plan.resident_layers == []  # the budget no longer holds a layer beside them
     assert plan.page_dropped_layers == [0, 2, 3, 5]  # two kept (the page cache's room is the same), spread
     assert "read buffers" in plan.describe()
