@@ -184,6 +184,9 @@ def run_airllm(args, ids, compression=None) -> dict:
 def run_sli(args, ids) -> dict:
     from sli import QuantizationConfig, UniversalSLIProcessor
 
+    # the budget's zero (docs/streaming.md "Memory"): the process with torch, transformers' modeling
+    # code and sli imported, before sli holds anything of the model
+    import_rss_mb = M.rss_mb()
     cache_dir = Path(args.work_dir) / "sli-cache" / f"{Path(args.model_dir).resolve().name}-{args.mode}"
     t0 = time.perf_counter()
     # the context this run needs, as llama-bench sizes its own (n_ctx = prompt + new tokens): the
@@ -213,6 +216,7 @@ def run_sli(args, ids) -> dict:
     out = clock.summary()
     assert out["tokens"] == new.reshape(-1).tolist(), "callback tokens differ from generate()'s result"
     out.update({"load_s": load_s, "prewarm_s": prewarm_s, "prewarm_added": added, "warmup_s": warmup_s,
+                "import_rss_mb": import_rss_mb,
                 "cache_dir": str(cache_dir), "cache_bytes": M.dir_bytes(cache_dir),
                 "memory_plan": proc.plan.describe() if hasattr(proc, "plan") else None,
                 "config": f"UniversalSLIProcessor(dir, QuantizationConfig(mode={args.mode!r}), cache_dir=..., "

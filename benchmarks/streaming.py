@@ -521,6 +521,13 @@ def report(args, results, fl) -> str:
                              f"({', '.join(f'{x:.2f}' for x in ratios)})")
     else:
         lines.append("sli ratios: no successful sli run in this invocation.")
+    budget_mb = args.budget_gb * 1024
+    for r in results:
+        if r.get("ok") and r["contender"] == "sli" and r.get("import_rss_mb"):
+            above = r["peak_rss_mb"] - r["import_rss_mb"]
+            lines.append(f"\n{r['label']} {show_cache(args, r['cache'])}: peak RSS {r['peak_rss_mb']:.0f} MB = "
+                         f"{r['import_rss_mb']:.0f} MB with sli imported + {above:.0f} MB, "
+                         f"{above / budget_mb:.0%} of the {budget_mb:.0f} MB budget")
     lrows = []
     for r in results:
         if r.get("ok") and r["contender"].startswith("llama.cpp") and r.get("decode_s_per_token"):
