@@ -87,28 +87,27 @@ class MemoryPlan:
         self._spread_among_disk_layers()
 
     def _kept_in_flight(self, kept: int) -> int:
-        """How many of ``kept`` kept layers can be in flight at once once spread: the longest run
-        of them one after another in the streamed layers' order (a pass's last layer runs before
-        the next pass's first), at most ``layers_in_flight``. Spread among disk layers, a kept
-        layer is followed by a disk layer, so one.
+        """How many of ``kept`` kept layers can be in flight at once once spread: the most of them
+        among any ``layers_in_flight`` streamed layers in a row (the running one and those
+        prefetched; a pass's last layers run before the next pass's first). Spread among disk
+        layers with a prefetch depth of 1, a kept layer is followed by a disk layer, so one.
 
         >>> MemoryPlan(None, 0, 100, 0, num_layers=8, layers_in_flight=2)._kept_in_flight(2)
         1
         >>> MemoryPlan(None, 0, 100, 0, num_layers=8, layers_in_flight=2)._kept_in_flight(6)
         2
+        >>> MemoryPlan(None, 0, 100, 0, num_layers=8, layers_in_flight=4)._kept_in_flight(3)  # kept 1, 4, 6
+        2
         """
         resident = len(self.resident_layers)
+        window = self.layers_in_flight
         if not kept or resident + kept >= self.num_layers:
-            return min(self.layers_in_flight, kept)
+            return min(window, kept)
         places = _spread_places(self.num_layers, resident + kept)
-        resident_places = set(places[:resident])
-        order = [i for i in range(self.num_layers) if i not in resident_places]
-        kept_places = set(places[resident:])
-        longest = run = 0
-        for i in order + order:  # twice round: a run across the passes' seam
-            run = run + 1 if i in kept_places else 0
-            longest = max(longest, run)
-        return min(self.layers_in_flight, longest)
+        resident_places, kept_places = set(places[:resident]), set(places[resident:])
+        is_kept = [i in kept_places for i in range(self.num_layers) if i not in resident_places]
+        ring = is_kept + is_kept[:window - 1]
+        return max(sum(ring[start:start + window]) for start in range(len(is_kept)))
 
     def _spread_among_disk_layers(self) -> None:
         """Place the layers that need no read from the disk (resident, then kept) evenly among
