@@ -49,3 +49,27 @@ def test_kv_the_budget_cannot_hold_spills_from_the_last_layer_back():
 def test_kv_that_cannot_spill_stays_in_the_plan_whole():
     p = plan(300 * MB, kv_layer_bytes=20 * MB, kv_can_spill=False)
     assert p.kv_spilled_layers == [] and p.kv_bytes == 200 * MB and p.over_budget
+
+
+@pytest.mark.parametrize("depth, kept, in_flight", [
+    (1, 2, 1),  # spread among the disk layers: a disk layer follows each kept one
+    (1, 6, 2),  # more kept than disk layers: two kept ones run back to back
+    (3, 3, 2),  # four layers in flight reach a second kept layer (kept 1, 4, 6 of 8)
+])
+def test_the_read_buffers_are_counted_beside_the_kept_layers_that_can_be_in_flight_at_once(depth, kept, in_flight):
+    p = plan(1000 * MB, num_layers=8, shared_bytes=0, layer_bytes=100 * MB, scratch_bytes=0, prefetch_depth=depth)
+    p.resident_layers = []
+    p.split_streamed(kept * 100 * MB, read_buffers=(depth + 1) * 100 * MB)
+    assert len(p.streamed_layers) - len(p.page_dropped_layers) == kept
+    # the buffers (one a layer in flight) beside the kept layers in flight, less the layers in
+    # flight the plan already counted
+    assert p.read_buffer_bytes == in_flight * 100 * MB
+
+
+def test_the_memory_plan_examples_hold():
+    import doctest
+
+    from sli import memory_plan
+
+    result = doctest.testmod(memory_plan)
+    assert result.attempted > 0 and result.failed == 0
