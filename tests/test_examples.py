@@ -1,4 +1,8 @@
-"""Every example runs as is (on a small random model), so the docs cannot rot."""
+"""Every example runs as is (on a small random model), and every docstring example holds, so the
+docs cannot rot."""
+import doctest
+import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,3 +26,14 @@ def test_example_runs_and_leaves_no_files_behind(script, tmp_path):
 
 def test_there_are_three_examples():
     assert {p.name for p in EXAMPLES} >= {"stream_model.py", "prewarm_cache.py", "benchmark_layer_loading.py"}
+
+
+SLI = Path(__file__).parent.parent / "sli"
+DOCTESTED = sorted(".".join(p.relative_to(SLI.parent).with_suffix("").parts) for p in SLI.rglob("*.py")
+                   if re.search(r"^\s*>>> ", p.read_text(encoding="utf-8"), re.MULTILINE))
+
+
+@pytest.mark.parametrize("module", DOCTESTED)
+def test_docstring_examples_hold(module):
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0

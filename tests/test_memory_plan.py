@@ -65,11 +65,3 @@ def test_the_read_buffers_are_counted_beside_the_kept_layers_that_can_be_in_flig
     # flight the plan already counted
     assert p.read_buffer_bytes == in_flight * 100 * MB
 
-
-def test_the_memory_plan_examples_hold():
-    import doctest
-
-    from sli import memory_plan
-
-    result = doctest.testmod(memory_plan)
-    assert result.attempted > 0 and result.failed == 0
