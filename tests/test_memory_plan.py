@@ -64,4 +64,3 @@ def test_the_read_buffers_are_counted_beside_the_kept_layers_that_can_be_in_flig
     # the buffers (one a layer in flight) beside the kept layers in flight, less the layers in
     # flight the plan already counted
     assert p.read_buffer_bytes == in_flight * 100 * MB
-
