@@ -256,8 +256,8 @@ PEAK_SCRIPT = textwrap.dedent("""
                                  memory_budget_gb=budget, max_context_tokens=40)
     proc.generate(torch.arange(1, 33), max_new_tokens=4, eos_token_id=[])
     plan = proc.plan
-    print(json.dumps({"growth": status('VmHWM:') - base, "layer_bytes": plan.layer_bytes,
-                      "runtime_bytes": plan.runtime_bytes, "resident": len(plan.resident_layers),
+    print(json.dumps({"growth": status('VmHWM:') - base, "runtime_bytes": plan.runtime_bytes,
+                      "resident": len(plan.resident_layers),
                       "planned": plan.fixed_bytes + len(plan.resident_layers) * plan.layer_bytes,
                       "over_budget": plan.over_budget}))
 """)
