@@ -105,9 +105,13 @@ def quantize_head(model: nn.Module, compute_dtype: torch.dtype) -> None:
     """Make the head an INT8 :class:`QuantizedLinear` (:data:`INT8_HEAD`). Every token reads
     the whole head: on SmolLM2-135M its bfloat16 weight (57 MB) was 4-5 ms of a ~25 ms token
     and, with the layers, more than the last-level cache holds. A tied embedding keeps its own
-    rows; the head's int8 copy is extra memory then (half the bfloat16 one), less otherwise."""
+    rows; the head's int8 copy is extra memory then (half the bfloat16 one), less otherwise.
+    A bfloat16 head is quantized as it is, a chunk of rows widened at a time: a 7B model's
+    head widened whole to float32 first took 524 MB more at load, more than its budget's room."""
     head = model.get_output_embeddings()
-    if isinstance(head, QuantizedLinear):  # narrow_embeddings' bfloat16 head
+    if isinstance(head, QuantizedLinear) and head.metadata["codec"] == "none":  # narrow_embeddings' bfloat16 head
+        weight = head.qweight.tensors["weight"]
+    elif isinstance(head, QuantizedLinear):
         weight = head.dequantized_weight(torch.float32)
     elif type(head) is nn.Linear:
         weight = head.weight.detach()

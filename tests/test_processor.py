@@ -333,6 +333,21 @@ def test_a_bfloat16_checkpoint_keeps_its_embedding_and_head_in_bfloat16_on_cpu(t
         assert token[0].tolist() == expected.tolist()
 
 
+def test_a_bfloat16_head_is_quantized_to_int8_without_widening_it_whole(model_factory, monkeypatch):
+    # a 7B model's head widened to float32 at once was 524 MB more at load than its int8 result
+    from sli.shared_modules import INT8_HEAD, narrow_embeddings, quantize_head
+
+    model = AutoModelForCausalLM.from_pretrained(model_factory("llama"), dtype=torch.bfloat16).eval()
+    narrow_embeddings(model, "model.layers", torch.float32)
+    weight = model.get_output_embeddings().qweight.tensors["weight"]
+    assert weight.dtype == torch.bfloat16
+    expected = codec_for("int8").quantize(weight.float(), INT8_HEAD).tensors
+    monkeypatch.setattr(QuantizedLinear, "dequantized_weight", lambda *args, **kwargs: pytest.fail("widened whole"))
+    quantize_head(model, torch.float32)
+    got = model.get_output_embeddings().qweight.tensors
+    assert torch.equal(got["weight"], expected["weight"]) and torch.equal(got["SCB"], expected["SCB"])
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_the_4bit_modes_multiply_the_head_in_int8_on_cpu(tied, model_factory, tmp_path):
     # llama.cpp's 4-bit files keep their output at 6-8 bits too; a token reads the whole head
