@@ -111,8 +111,6 @@ def quantize_head(model: nn.Module, compute_dtype: torch.dtype) -> None:
     head = model.get_output_embeddings()
     if isinstance(head, QuantizedLinear) and head.metadata["codec"] == "none":  # narrow_embeddings' bfloat16 head
         weight = head.qweight.tensors["weight"]
-    elif isinstance(head, QuantizedLinear):
-        weight = head.dequantized_weight(torch.float32)
     elif type(head) is nn.Linear:
         weight = head.weight.detach()
     else:
