@@ -184,10 +184,10 @@ class UniversalSLIProcessor:
 
     def _check_kept(self, index: int) -> None:
         """Layer ``index``, one the plan keeps in the page cache, about to be fetched: where this
-        process read it before and most of its pages are gone now, the kernel reclaimed them (the
-        room the plan measured went to something else: under a memory limit, say, the library
-        pages a cold start faults in after the plan). It is then read from the disk past the page
-        cache from now on, as the layers without room are, so the others stay."""
+        process read it before and most of its pages are gone now, the room the plan measured is
+        gone (another reader under the same memory limit, or the page cache dropped, as
+        ``benchmarks/streaming.py --cold`` does before every token). It is then read from the disk
+        past the page cache from now on, as the layers without room are, so the others stay."""
         if index not in self._kept_seen:
             self._kept_seen.add(index)
             return
