@@ -1,6 +1,5 @@
 """The page cache under a streamed model: the room a cgroup or the machine leaves it, streamed
 layers past that room dropped from it after use, resident layers in the process's own memory."""
-import ctypes
 import mmap
 import os
 import time
@@ -15,21 +14,12 @@ from sli.layer_store import LayerStore
 from sli.quantization import CachedLayer
 from sli.streaming import ReadBuffers
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 def cached_pages(path) -> int:
-    """How many of the file's pages are in the page cache (``mincore`` over a map of it)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE,
-                                          prot=mmap.PROT_READ | mmap.PROT_WRITE) as m:
-        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-        vec = (ctypes.c_ubyte * pages)()
-        address = ctypes.addressof(ctypes.c_char.from_buffer(m))
-        assert _libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vec) == 0, os.strerror(ctypes.get_errno())
-        count = sum(v & 1 for v in vec)
-        del address
-    return count
+    """How many of the file's pages are in the page cache (:func:`sli.page_cache.cached_fraction`)."""
+    share = page_cache.cached_fraction(path)
+    assert share is not None, f"mincore could not tell {path}'s pages"
+    return round(share * -(-os.path.getsize(path) // mmap.PAGESIZE))
 
 
 def fake_proc(tmp_path, cgroup_lines, mount_lines):
