@@ -178,9 +178,9 @@ def test_the_plan_counts_the_read_buffers_held_beside_the_kept_layers_in_flight(
 
 def test_a_kept_layer_whose_pages_were_reclaimed_is_read_from_the_disk_from_then_on(model_factory, tmp_path,
                                                                                    monkeypatch):
-    # Under a memory limit the room the plan measured can go to something else (a cold start's
-    # library pages): the kernel then reclaims a kept layer's pages every pass. Such a layer is
-    # read past the page cache from then on, so the other kept layers stay.
+    # The room the plan measured can go (another reader under the same memory limit, the page
+    # cache dropped): a kept layer's pages are then gone every pass. Such a layer is read past the
+    # page cache from then on, so the other kept layers stay.
     ids = torch.arange(1, 9)
     proc, _, expected, paths = _warmed_disk_layers(model_factory, tmp_path, monkeypatch, ids)
     with proc:
