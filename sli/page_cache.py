@@ -1,5 +1,6 @@
 """How much memory and page cache a streamed model can count on (a cgroup's limit included),
-dropping a file's pages, and whether an address is a file's mapping.
+dropping a file's pages, whether an address is a file's mapping, and letting go of a mapping's
+pages once they are read.
 
 A streamed layer is read into the page cache and computed from there (a mapping). Every token
 reads the streamed layers in the same order, which is the worst case for the kernel's
@@ -141,6 +142,20 @@ def in_file_mapping(address: int) -> bool:
     except (OSError, ValueError, IndexError):
         pass
     return False
+
+
+def unmap_read_pages(address: int, nbytes: int) -> None:
+    """Take the whole pages in ``[address, address + nbytes)`` of a file's mapping out of this
+    process's memory (``madvise(MADV_DONTNEED)``): its RSS falls by them, the page cache keeps
+    them (clean, so reclaimable), and a later read maps them in again from the file. For bytes
+    this process only read: a page it wrote in a private map would read as the file's again.
+    Does nothing where ``madvise`` fails (the pages stay mapped)."""
+    page = mmap.PAGESIZE
+    start, stop = -(-address // page) * page, (address + nbytes) // page * page
+    if stop <= start:
+        return
+    if _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), mmap.MADV_DONTNEED) != 0:
+        logger.debug("unmapping read pages failed: errno %d", ctypes.get_errno())
 
 
 def drop_pages(fd: int) -> None:

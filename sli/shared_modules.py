@@ -2,13 +2,13 @@
 once into the skeleton and kept resident."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 from torch import nn
 
 from .checkpoint import Checkpoint, SkeletonLoader
-from .page_cache import in_file_mapping
+from .page_cache import in_file_mapping, unmap_read_pages
 from .errors import ModelLoadError
 from .quantization import QuantizationConfig, QuantizedLinear, QuantizedTensor, codec_for
 
@@ -36,12 +36,15 @@ def load_shared_modules(model: nn.Module, loader: SkeletonLoader, checkpoint: Ch
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if not name.startswith(prefix) and tensor.device.type == "meta":
             raise ModelLoadError(f"the checkpoint has no tensor for {name!r}; the model files are incomplete: re-save the model")
-    if device.type == "cpu":
+    int8_head = int8_head and packed and device.type == "cpu"
+    if device.type == "cpu" and not int8_head:
         own_head(model)
     kept_head = narrow_embeddings(model, layers_path, compute_dtype) if narrow else None
-    if packed and device.type == "cpu" and int8_head:
-        quantize_head(model, compute_dtype)
-        kept_head = None  # the state dict lists the int8 head's tensors
+    if int8_head:
+        if quantize_head(model, compute_dtype):
+            kept_head = None  # the state dict lists the int8 head's tensors
+        else:
+            own_head(model)
     if device.type == "cuda":  # non-persistent buffers (rotary tables) were made on CPU by the skeleton
         move_shared_tensors(model, prefix, device)
     shared = {t.data_ptr(): t.numel() * t.element_size() for n, t in model.state_dict().items()
@@ -89,11 +92,35 @@ def own_head(model: nn.Module) -> None:
     cap the streamed layers' pages evicted its file pages, so each token read it from disk
     again. (Where the loader converted it, the copy is one more pass at load, not worth telling
     apart.) The plan counts the head as resident either way; a tied embedding is the same
-    parameter and looks its rows up in the copy."""
+    parameter and looks its rows up in the copy. The copy is made a slice at a time
+    (:func:`row_slices`), so the load holds the head about once, not twice."""
     head = model.get_output_embeddings()
     weight = getattr(head, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.device.type == "cpu":
-        weight.data = weight.detach().clone()
+        source = weight.detach()
+        copy = torch.empty(source.shape, dtype=source.dtype)
+        for start, part in row_slices(source):
+            copy[start:start + part.shape[0]] = part
+        weight.data = copy
+
+
+# How much of a mapped table :func:`row_slices` holds in memory at a time
+SLICE_BYTES = 32 << 20
+
+
+def row_slices(weight: torch.Tensor) -> "Iterator[tuple[int, torch.Tensor]]":
+    """``(first row, rows)`` of ``weight`` in slices of about :data:`SLICE_BYTES`. Where
+    ``weight`` is a view of a file mapping, each slice's pages leave this process's memory once
+    the caller is done with it (:func:`sli.page_cache.unmap_read_pages`): reading a table
+    through to copy or quantize it then holds one slice of it, not all of it beside the result
+    (a 7B model's head: 262 MB; Llama 3 70B's: 2.1 GB)."""
+    mapped = weight.is_contiguous() and in_file_mapping(weight.data_ptr())
+    step = max(1, SLICE_BYTES // max(1, weight[0].numel() * weight.element_size()))
+    for start in range(0, weight.shape[0], step):
+        part = weight[start:start + step]
+        yield start, part
+        if mapped:
+            unmap_read_pages(part.data_ptr(), part.numel() * part.element_size())
 
 
 # An int8 head: row-wise int8, no outlier columns (its integer sums make a row's logits the
@@ -101,24 +128,48 @@ def own_head(model: nn.Module) -> None:
 INT8_HEAD = QuantizationConfig(mode="int8", llm_int8_threshold=0)
 
 
-def quantize_head(model: nn.Module, compute_dtype: torch.dtype) -> None:
-    """Make the head an INT8 :class:`QuantizedLinear` (:data:`INT8_HEAD`). Every token reads
-    the whole head: on SmolLM2-135M its bfloat16 weight (57 MB) was 4-5 ms of a ~25 ms token
-    and, with the layers, more than the last-level cache holds. A tied embedding keeps its own
-    rows; the head's int8 copy is extra memory then (half the bfloat16 one), less otherwise.
-    A bfloat16 head is quantized as it is, a chunk of rows widened at a time: a 7B model's
-    head widened whole to float32 first took 524 MB more at load, more than its budget's room."""
+def quantize_head(model: nn.Module, compute_dtype: torch.dtype) -> bool:
+    """Make the head an INT8 :class:`QuantizedLinear` (:data:`INT8_HEAD`); False where the head
+    is not a linear this can quantize. Every token reads the whole head: on SmolLM2-135M its
+    bfloat16 weight (57 MB) was 4-5 ms of a ~25 ms token and, with the layers, more than the
+    last-level cache holds. A tied embedding keeps its own rows; the head's int8 copy is extra
+    memory then (half the bfloat16 one), less otherwise.
+
+    The head is quantized from the weight as loaded (a bfloat16 checkpoint's: a view of its file
+    mapping), a slice of rows at a time (:func:`row_slices`), never copied or widened whole
+    first: a 7B model's head widened to float32 took 524 MB more at load, and copied first 262
+    MB, more than its budget's room."""
     head = model.get_output_embeddings()
     if isinstance(head, QuantizedLinear) and head.metadata["codec"] == "none":  # narrow_embeddings' bfloat16 head
         weight = head.qweight.tensors["weight"]
     elif type(head) is nn.Linear:
         weight = head.weight.detach()
     else:
-        return
+        return False
     bias = head.bias
-    qweight = codec_for(INT8_HEAD.mode).quantize(weight, INT8_HEAD)
+    qweight = quantize_rows(weight, INT8_HEAD)
     bias = bias.detach().to(compute_dtype) if bias is not None else None
     model.set_output_embeddings(QuantizedLinear.from_quantized(qweight, bias, compute_dtype))
+    return True
+
+
+def quantize_rows(weight: torch.Tensor, config: QuantizationConfig) -> QuantizedTensor:
+    """``codec.quantize(weight, config)`` for a row-wise codec without outlier columns (each
+    row's bytes depend on that row alone), a slice of rows at a time (:func:`row_slices`) into
+    tensors made once for the whole weight."""
+    codec = codec_for(config.mode)
+    tensors: Dict[str, torch.Tensor] = {}
+    metadata: Dict = {}
+    for start, part in row_slices(weight):
+        q = codec.quantize(part, config)
+        if not tensors:
+            tensors = {name: t.new_empty((weight.shape[0],) + tuple(t.shape[1:])) if t.dim() else t
+                       for name, t in q.tensors.items()}
+            metadata = {**q.metadata, "shape": list(weight.shape)}
+        for name, t in q.tensors.items():
+            if t.dim():
+                tensors[name][start:start + part.shape[0]] = t
+    return QuantizedTensor(tensors, metadata)
 
 
 def narrow_embeddings(model: nn.Module, layers_path: str, compute_dtype: torch.dtype) -> Optional[torch.Tensor]:

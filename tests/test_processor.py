@@ -335,17 +335,76 @@ def test_a_bfloat16_checkpoint_keeps_its_embedding_and_head_in_bfloat16_on_cpu(t
 
 def test_a_bfloat16_head_is_quantized_to_int8_without_widening_it_whole(model_factory, monkeypatch):
     # a 7B model's head widened to float32 at once was 524 MB more at load than its int8 result
+    from sli import shared_modules
     from sli.shared_modules import INT8_HEAD, narrow_embeddings, quantize_head
 
     model = AutoModelForCausalLM.from_pretrained(model_factory("llama"), dtype=torch.bfloat16).eval()
     narrow_embeddings(model, "model.layers", torch.float32)
     weight = model.get_output_embeddings().qweight.tensors["weight"]
     assert weight.dtype == torch.bfloat16
-    expected = codec_for("int8").quantize(weight.float(), INT8_HEAD).tensors
+    expected = codec_for("int8").quantize(weight.float(), INT8_HEAD)
     monkeypatch.setattr(QuantizedLinear, "dequantized_weight", lambda *args, **kwargs: pytest.fail("widened whole"))
-    quantize_head(model, torch.float32)
-    got = model.get_output_embeddings().qweight.tensors
-    assert torch.equal(got["weight"], expected["weight"]) and torch.equal(got["SCB"], expected["SCB"])
+    monkeypatch.setattr(shared_modules, "SLICE_BYTES", weight.shape[1] * 2 * 7)  # slices of 7 rows, the last shorter
+    assert quantize_head(model, torch.float32)
+    got = model.get_output_embeddings().qweight
+    assert torch.equal(got.tensors["weight"], expected.tensors["weight"]) and torch.equal(got.tensors["SCB"], expected.tensors["SCB"])
+    assert got.metadata == {**expected.metadata, "dtype": "bfloat16"}
+
+
+def _mapped_rss(path):
+    """This process's resident bytes of its mappings of ``path`` (/proc/self/smaps)."""
+    path, rss, inside = os.path.realpath(path), 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):
+                inside = len(fields) > 5 and os.path.realpath(fields[5]) == path
+            elif inside and fields[0] == "Rss:":
+                rss += int(fields[1]) * 1024
+    return rss
+
+
+@pytest.mark.parametrize("step", ["own_head", "quantize_head"])
+def test_a_mapped_head_is_read_a_slice_at_a_time_not_held_whole_beside_its_copy(step, tmp_path, monkeypatch):
+    # a bfloat16 checkpoint's head is a view of its file mapping; copied or quantized whole it
+    # sat in memory twice at load (a 7B model's: 262 MB more than the budget's room)
+    from safetensors import safe_open
+    from torch import nn
+    from sli import shared_modules
+    from sli.page_cache import in_file_mapping
+
+    table = torch.randn(16384, 1024, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)  # 32 MB
+    path = tmp_path / "head.safetensors"
+    save_file({"weight": table}, str(path))
+    monkeypatch.setattr(shared_modules, "SLICE_BYTES", 2 << 20)
+    with safe_open(str(path), framework="pt") as f:
+        weight = f.get_tensor("weight")
+    assert in_file_mapping(weight.data_ptr())
+    held = []
+    slices = shared_modules.row_slices
+
+    def watched(w):
+        for start, part in slices(w):
+            yield start, part
+            held.append(_mapped_rss(path))  # the slice just read, before it is let go
+
+    monkeypatch.setattr(shared_modules, "row_slices", watched)
+    model = nn.Module()
+    model.head = nn.Linear(1024, 16384, bias=False, dtype=torch.bfloat16)
+    model.head.weight = nn.Parameter(weight, requires_grad=False)
+    model.get_output_embeddings = lambda: model.head
+    model.set_output_embeddings = lambda module: setattr(model, "head", module)
+    if step == "own_head":
+        shared_modules.own_head(model)
+        assert torch.equal(model.head.weight, table) and not in_file_mapping(model.head.weight.data_ptr())
+    else:
+        assert shared_modules.quantize_head(model, torch.float32)
+        expected = codec_for("int8").quantize(table, shared_modules.INT8_HEAD).tensors
+        assert torch.equal(model.head.qweight.tensors["weight"], expected["weight"])
+    assert len(held) == 16
+    # the slice being read, and the rest of the page cache's large folios (up to 2 MB) it lies in
+    assert max(held) <= 6 << 20, f"{max(held) >> 20} MB of the 32 MB table mapped at once"
+    assert torch.equal(weight, table)  # what was let go reads back from the file
 
 
 @pytest.mark.parametrize("tied", [False, True])
