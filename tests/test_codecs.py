@@ -40,8 +40,10 @@ def _cfg(mode, **kw):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_round_trip(mode, min_snr, max_bits, dtype):
     w = _w(dtype=dtype)
+    original = w.clone()
     codec = codec_for(mode)
     q = codec.quantize(w, _cfg(mode))
+    assert torch.equal(w, original)  # the caller's weight is read, never scaled in place
     assert q.metadata["codec"] == mode and q.metadata["shape"] == [256, 256]
     r = codec.dequantize(q, torch.float32)
     assert r.shape == w.shape and r.dtype == torch.float32

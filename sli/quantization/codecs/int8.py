@@ -19,11 +19,11 @@ def _int8_rowwise(w: Tensor) -> "tuple[Tensor, Tensor]":
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     scb = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
     for start in range(0, w.shape[0], _INT8_ROWS_PER_CHUNK):
-        part = w[start:start + _INT8_ROWS_PER_CHUNK].float()
+        part = w[start:start + _INT8_ROWS_PER_CHUNK].to(torch.float32, copy=True)  # scaled in place: one temporary
         absmax = part.abs().amax(dim=1)
         scb[start:start + part.shape[0]] = absmax
         inv = 127.0 / absmax.clamp(min=1e-30)
-        q[start:start + part.shape[0]] = torch.round(part * inv.unsqueeze(1)).clamp_(-127, 127)
+        q[start:start + part.shape[0]] = part.mul_(inv.unsqueeze(1)).round_().clamp_(-127, 127)
     return q, scb
 
 
