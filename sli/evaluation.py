@@ -176,7 +176,7 @@ def _quantizer(mode: str, block_size: Union[int, str, None] = None):
 
 
 def _sized(config, block_size: Union[int, str, None]):
-    """``config`` (a config or a quantizer) with NF4/FP4 blocks of ``block_size`` values (or as its
+    """``config`` (a config or a quantizer) with NF4/FP4 blocks or INT4 groups of ``block_size`` values (or as its
     text says: "32,q_proj=64", :func:`sli.quantization.config.parse_block_sizes`) where it has
     such blocks and a size is given, else as it is."""
     from .quantization.quantizer import with_block_size
@@ -184,8 +184,14 @@ def _sized(config, block_size: Union[int, str, None]):
     return (with_block_size(config, block_size) if block_size else None) or config
 
 
+def check_block_size(mode: str, block_size: Union[int, str]) -> None:
+    """Raise the ValueError ``mode``'s config gives ``block_size`` where it does not take it
+    (NF4/FP4 blocks: powers of two from 32)."""
+    _sized(calibrated_config(mode) or _quantizer(mode), block_size)
+
+
 def takes_block_size(mode: str) -> bool:
-    """Whether ``mode`` (a known one) has NF4/FP4 blocks for ``block_size`` to size."""
+    """Whether ``mode`` (a known one) has NF4/FP4 blocks or INT4 groups for ``block_size`` to size."""
     from .quantization.quantizer import with_block_size
 
     return with_block_size(calibrated_config(mode) or _quantizer(mode), 32) is not None
@@ -309,7 +315,8 @@ def evaluate_modes(model_dir: Union[str, Path], modes: Iterable[str] = ALL_MODES
     through a streamed processor, once: a later evaluation reads the cached entries. ``calibration``
     sets config fields of those modes (e.g. ``{"calibration_tokens": 65536}``). ``block_size`` sets
     the NF4/FP4 blocks' values a maximum (``nf4``, ``fp4``, their calibrated modes, ``mixed``'s NF4;
-    default 64), or as ``--block-size``'s text says (``"32,q_proj=64"``: some linears apart).
+    default 64) and INT4's values a group (``int4``, ``int4-gptq``; default 128), or as
+    ``--block-size``'s text says (``"32,q_proj=64"``: some linears apart).
 
     :returns: ``{"modes": {mode: {"perplexity", "perplexity_change_pct", "kl", "top1_agreement",
         "weight_snr_db", "linear_bytes", "checkpoint_linear_bytes", "forward_latency_s",

@@ -696,10 +696,13 @@ def test_eval_block_size_sets_the_nf4_and_fp4_modes_blocks(tiny, tmp_path, capsy
     assert with_block_size(QuantizationConfig(mode="int8"), 32) is None
     capsys.readouterr()  # the evaluations' progress bars
     assert main(["eval", str(tiny), "--modes", "none,int8", "--block-size", "32", "-q"]) == 1
-    assert "--block-size applies to NF4 and FP4 blocks" in _cli_error(capsys)
-    for wrong in ("48", "32,down_proj=48", "32,64"):
+    assert "--block-size applies to NF4/FP4 blocks and INT4 groups" in _cli_error(capsys)
+    for wrong in ("48", "32,down_proj=48"):  # even, so an INT4 group's size, but no NF4 block's
+        assert main(["eval", str(tiny), "--modes", "none,nf4", "--block-size", wrong, "-q"]) == 1
+        assert "is not supported" in (error := _cli_error(capsys)) and "a power of two from 32 to 4096" in error
+    for wrong in ("32,64", "33", "0"):
         assert main(["eval", str(tiny), "--modes", "none,nf4", "--block-size", wrong, "-q"]) == 2
-        assert "give one of 32, 64" in capsys.readouterr().err
+        assert "give a size (NF4/FP4 blocks: one of 32, 64" in capsys.readouterr().err
 
 
 def test_calibration_passes_run_in_bfloat16_where_the_cpu_multiplies_it(tiny, tmp_path, monkeypatch):
@@ -840,6 +843,19 @@ def test_calibration_runs_other_layouts(tmp_path, family, monkeypatch):
 
 # -- the API and CLI ways in: prewarm(calibration=...), sli warm --calibrate -----------------------
 
+def test_eval_block_size_sets_int4_groups_some_linears_apart(tiny, tmp_path):
+    from sli.evaluation import evaluate_modes
+
+    bits = {}
+    for size in (32, 64, "32,down_proj=64"):  # the tiny model's inputs are 64 and 128 wide: no padding
+        report = evaluate_modes(tiny, ["none", "int4"], num_windows=1, window=64, progress=False,
+                                cache_dir=tmp_path, block_size=size)
+        bits[size] = report["modes"]["int4"]["bits_per_weight"]
+    # a float16 scale and an 8-bit zero a group: 24 bits a group
+    assert bits[32] - bits[64] == pytest.approx(24 / 32 - 24 / 64, abs=0.01)
+    assert bits[64] + 0.01 < bits["32,down_proj=64"] < bits[32] - 0.01
+
+
 def _cli_error(capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("sli: error: "), err
@@ -942,7 +958,8 @@ def test_sli_warm_block_size_writes_blocks_of_that_many_values_a_config_of_their
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--mode", "int8", "--block-size", "32"], "--block-size applies to NF4 and FP4 blocks"),
+    (["--mode", "int8", "--block-size", "32"], "--block-size applies to NF4/FP4 blocks and INT4 groups"),
+    (["--mode", "nf4", "--block-size", "96"], "--block-size 96: block_size=96 is not supported; use a power of two"),
     (["--mode", "int8", "--calibrate"], "has no calibrated method"),
     (["--mode", "int8", "--calibration-tokens", "64"], "apply to calibrated modes"),
     (["--mode", "nf4", "--asymmetric", "0.25"], "apply to calibrated modes"),

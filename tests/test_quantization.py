@@ -140,10 +140,24 @@ def test_some_linears_take_a_block_size_of_their_own_by_name():
     assert QuantizationConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
+def test_some_int4_linears_take_a_group_size_of_their_own_by_name():
+    # the 64/192 mix that divides SmolLM2's 576-wide inputs at 4.25 bits a weight, on the SIMD kernels' 64s
+    config = QuantizationConfig(mode="int4", group_size=64, block_sizes={"gate_proj": 192, "up_proj": 192})
+    layer = LayerQuantizer(config).quantize_layer(block(), layer_name="model.layers.0")
+    groups = {name: layer[part][name].qweight.metadata["group_size"]
+              for part, name in (("self_attn", "q_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))}
+    assert groups == {"q_proj": 64, "up_proj": 192, "down_proj": 64}
+    reference = block()["mlp"]["up_proj"]  # up_proj's bytes are what groups of 192 give it alone
+    alone = quantize_layer(reference, QuantizationConfig(mode="int4", group_size=192))
+    assert torch.equal(alone.dequantized_weight(), layer["mlp"]["up_proj"].dequantized_weight())
+    assert config.fingerprint() != QuantizationConfig(mode="int4", group_size=64).fingerprint()
+
+
 @pytest.mark.parametrize("fields, message", [
-    ({"mode": "int4", "block_sizes": {"q_proj": 64}}, "mode='int4' has none"),
+    ({"mode": "int8", "block_sizes": {"q_proj": 64}}, "mode='int8' has neither"),
     ({"mode": "nf4", "block_sizes": {"q_proj": 48}}, "give linear names each a power of two"),
     ({"mode": "nf4", "block_sizes": {"": 64}}, "give linear names each a power of two"),
+    ({"mode": "int4", "block_sizes": {"q_proj": 97}}, "give linear names each an even group size"),
 ])
 def test_block_sizes_by_name_are_checked(fields, message):
     with pytest.raises(ValueError, match=message):

@@ -178,7 +178,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ..evaluation import evaluate_modes, format_report, takes_block_size
+    from ..evaluation import check_block_size, evaluate_modes, format_report, takes_block_size
 
     from ..model_check import max_positions
 
@@ -203,8 +203,13 @@ def cmd_eval(args) -> int:
                            "add int4-gptq or nf4-gptq")
         fields = {"gptq_asymmetric": args.asymmetric}
     if args.block_size is not None and not any(takes_block_size(m) for m in modes):
-        raise SLIError(f"--block-size applies to NF4 and FP4 blocks, and --modes {args.modes!r} names no such mode; "
-                       "add nf4, fp4, nf4-gptq, fp4-gptq or mixed")
+        raise SLIError(f"--block-size applies to NF4/FP4 blocks and INT4 groups, and --modes {args.modes!r} names no "
+                       "such mode; add nf4, fp4, int4, nf4-gptq, fp4-gptq, int4-gptq or mixed")
+    for mode in modes if args.block_size is not None else ():
+        try:
+            check_block_size(mode, args.block_size)
+        except ValueError as error:
+            raise SLIError(f"--block-size {args.block_size} for {mode}: {error}") from None
     report = evaluate_modes(model_dir, modes, text_path=args.text, num_windows=args.windows,
                             window=window, progress=not args.quiet, calibration=fields, block_size=args.block_size)
     if args.json:

@@ -211,16 +211,19 @@ def quantization_config_of(args, positions: Optional[int] = None):
 
 
 def _block_size_option(config, size: Optional[str], named: str):
-    """``config`` with NF4/FP4 blocks as ``size`` says (``--block-size``: "32,q_proj=64"; None: as it is). An error
+    """``config`` with NF4/FP4 blocks or INT4 groups as ``size`` says (``--block-size``: "32,q_proj=64"; None: as it is). An error
     names the modes it applies to where ``config`` has none (``named``: how the user named it)."""
     from ..quantization.quantizer import with_block_size
 
     if size is None:
         return config
-    found = with_block_size(config, size)
+    try:
+        found = with_block_size(config, size)
+    except ValueError as error:  # a size the mode does not take (NF4/FP4 blocks: powers of two)
+        raise SLIError(f"--block-size {size}: {error}") from None
     if found is None:
-        raise SLIError(f"--block-size applies to NF4 and FP4 blocks, and {named} has none; use --mode nf4, fp4, "
-                       "nf4-gptq, fp4-gptq or mixed")
+        raise SLIError(f"--block-size applies to NF4/FP4 blocks and INT4 groups, and {named} has neither; use --mode "
+                       "nf4, fp4, int4, nf4-gptq, fp4-gptq, int4-gptq or mixed")
     return found
 
 

@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the head on CPU: int8, or kept as stored (default auto: int8 for nf4, fp4 and int4)")
         p.add_argument("--block-size", type=block_size, default=None, metavar="N[,NAME=N...]",
                        help="NF4/FP4 values a block maximum, 32 to 4096 (default 64; 32: lower perplexity for "
-                            "~0.125 bits a weight more); NAME=N sizes the linears so named apart, e.g. "
-                            "32,q_proj=64,k_proj=64,o_proj=64 (4.25 bits a weight)")
+                            "~0.125 bits a weight more), or INT4 values a group (even; default 128); NAME=N sizes "
+                            "the linears so named apart, e.g. 32,q_proj=64,k_proj=64,o_proj=64 (NF4: 4.25 bits a weight)")
         p.add_argument("--cache-dir", help="layer cache directory (default: $SLI_CACHE_DIR, else "
                                            "$SLI_HOME/layer-cache, else ~/.cache/sli/layer-cache)")
         p.add_argument("--max-cache-size-gb", type=positive_float, default=None,
@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "float model's outputs (GPTAQ; default 0: plain GPTQ)")
     p.add_argument("--block-size", type=block_size, default=None, metavar="N[,NAME=N...]",
                    help="NF4/FP4 values a block maximum in the nf4, fp4, nf4-gptq, fp4-gptq and mixed modes, 32 "
-                        "to 4096 (default 64); NAME=N sizes the linears so named apart (32,q_proj=64)")
+                        "to 4096 (default 64), and INT4 values a group in int4 and int4-gptq (even; default 128); "
+                        "NAME=N sizes the linears so named apart (32,q_proj=64)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_eval)
 

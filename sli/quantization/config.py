@@ -77,9 +77,10 @@ BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 def parse_block_sizes(text: str) -> "Tuple[Optional[int], Dict[str, int]]":
-    """``--block-size``'s text as (the blocks' size or None, some linears' own sizes by name):
-    ``"32"``, ``"32,q_proj=64,o_proj=64"``, ``"q_proj=128"``. A size not in :data:`BLOCK_SIZES`,
-    or two sizes without names, is a ValueError that names the form.
+    """``--block-size``'s text as (the size or None, some linears' own sizes by name):
+    ``"32"``, ``"32,q_proj=64,o_proj=64"``, ``"q_proj=128"``. A size that is not an even number
+    >= 2, or two sizes without names, is a ValueError that names the form; which sizes a mode
+    takes (NF4/FP4 blocks: :data:`BLOCK_SIZES`; INT4 groups: any even number) its config checks.
 
     >>> parse_block_sizes("32,q_proj=64")
     (32, {'q_proj': 64})
@@ -93,9 +94,9 @@ def parse_block_sizes(text: str) -> "Tuple[Optional[int], Dict[str, int]]":
             number = int(value)
         except ValueError:
             number = None
-        if number not in BLOCK_SIZES or (sep and not name) or (not sep and size is not None):
-            raise ValueError(f"block sizes {text!r}: give one of {', '.join(map(str, BLOCK_SIZES))}, then any "
-                             "linears of their own as NAME=SIZE, e.g. 32,q_proj=64")
+        if number is None or number < 2 or number % 2 or (sep and not name) or (not sep and size is not None):
+            raise ValueError(f"block sizes {text!r}: give a size (NF4/FP4 blocks: one of {', '.join(map(str, BLOCK_SIZES))}; "
+                             "INT4 groups: an even number), then any linears of their own as NAME=SIZE, e.g. 32,q_proj=64")
         if sep:
             named[name] = number
         else:
@@ -166,9 +167,9 @@ class QuantizationConfig:
     llm_int8_threshold: float = 6.0  # |w| above this keeps the whole input column in 16-bit; <=0 turns it off
     llm_int8_skip_modules: Optional[List[str]] = None
     block_size: int = 64  # NF4/FP4 values per absmax
-    # NF4/FP4 block sizes of some linears by name ({"q_proj": 64}: each linear whose name is q_proj,
-    # has it as a dotted part or ends in ".q_proj" in blocks of 64, the others in block_size's): a
-    # mix within a bit budget
+    # NF4/FP4 block sizes, or INT4 group sizes, of some linears by name ({"q_proj": 64}: each linear
+    # whose name is q_proj, has it as a dotted part or ends in ".q_proj" in blocks of 64, the others
+    # in block_size's, or group_size's for INT4): a mix within a bit budget
     block_sizes: Optional[Dict[str, int]] = None
     group_size: int = 128  # INT4 values per scale/zero point
     # -- how values are chosen (METHOD_FIELDS): "rtn" (nearest code) or "gptq" (calibrated) --
@@ -248,20 +249,33 @@ class QuantizationConfig:
             self.block_sizes = None
             return
         self.block_sizes = {str(name): int(size) for name, size in dict(self.block_sizes).items()}
-        if not self.has_blocks:
-            raise ValueError(f"block_sizes sizes NF4/FP4 blocks, and mode={self.mode.value!r} has none; "
-                             "use mode='nf4' or 'fp4', or leave block_sizes out")
-        wrong = {name: size for name, size in self.block_sizes.items() if size not in BLOCK_SIZES or not name}
+        if self.sized_field is None:
+            raise ValueError(f"block_sizes sizes NF4/FP4 blocks and INT4 groups, and mode={self.mode.value!r} has "
+                             "neither; use mode='nf4', 'fp4' or 'int4', or leave block_sizes out")
+        blocks = self.sized_field == "block_size"
+        wrong = {name: size for name, size in self.block_sizes.items()
+                 if not name or (size not in BLOCK_SIZES if blocks else (size < 2 or size % 2))}
         if wrong:
-            raise ValueError(f"block_sizes={wrong} is not supported; give linear names each a power of two "
-                             "from 32 to 4096, e.g. {'q_proj': 64}")
+            sizes = "a power of two from 32 to 4096" if blocks else "an even group size"
+            raise ValueError(f"block_sizes={wrong} is not supported; give linear names each {sizes}, "
+                             "e.g. {'q_proj': 64}")
+
+    @property
+    def sized_field(self) -> Optional[str]:
+        """The field a size of ``--block-size`` / :attr:`block_sizes` sets: ``"block_size"``
+        (NF4/FP4 blocks), ``"group_size"`` (INT4 groups), or None (the mode has neither)."""
+        if self.has_blocks:
+            return "block_size"
+        return "group_size" if self.mode == QuantizationMode.INT4 else None
 
     def for_linear(self, module_name: str) -> "QuantizationConfig":
-        """This config as the linear ``module_name`` takes it: the block size of the first name in
-        :attr:`block_sizes` that names it (the whole name, a dotted part or its dotted tail), if any."""
+        """This config as the linear ``module_name`` takes it: the block (or INT4 group) size of
+        the first name in :attr:`block_sizes` that names it (the whole name, a dotted part or its
+        dotted tail), if any."""
         for name, size in (self.block_sizes or {}).items():
             if _names(module_name, name):
-                return self if size == self.block_size else dataclasses.replace(self, block_size=size)
+                field = self.sized_field
+                return self if size == getattr(self, field) else dataclasses.replace(self, **{field: size})
         return self
 
     # -- serialization -------------------------------------------------

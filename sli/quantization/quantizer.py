@@ -291,22 +291,23 @@ def get_mixed_precision_config() -> AdaptiveQuantizer:
 def with_block_size(config: Union[QuantizationConfig, LayerQuantizer], size: Union[int, str]
                     ) -> Optional[Union[QuantizationConfig, LayerQuantizer]]:
     """``config`` (a config or a quantizer, an :class:`AdaptiveQuantizer`'s parts each) with its
-    NF4/FP4 blocks of ``size`` values, or as ``--block-size``'s text says (:func:`parse_block_sizes`:
-    "32,q_proj=64", some linears in blocks of their own size: ``block_sizes``); None when it has no
-    NF4/FP4 blocks to size."""
+    NF4/FP4 blocks, or INT4 groups, of ``size`` values, or as ``--block-size``'s text says
+    (:func:`parse_block_sizes`: "32,q_proj=64", some linears sized apart: ``block_sizes``); None
+    when it has no blocks or groups to size. A size its mode does not take is a ValueError."""
     size, by_name = parse_block_sizes(size) if isinstance(size, str) else (size, {})
 
     def sized(c: QuantizationConfig) -> QuantizationConfig:
-        if not c.has_blocks:
+        field = c.sized_field
+        if field is None:
             return c
-        return dataclasses.replace(c, block_size=size or c.block_size, block_sizes=by_name or c.block_sizes)
+        return dataclasses.replace(c, **{field: size or getattr(c, field)}, block_sizes=by_name or c.block_sizes)
 
     if isinstance(config, AdaptiveQuantizer):
         parts = (config.base_config, config.attention_config, config.ffn_config)
-        return AdaptiveQuantizer(*map(sized, parts)) if any(c.has_blocks for c in parts) else None
+        return AdaptiveQuantizer(*map(sized, parts)) if any(c.sized_field for c in parts) else None
     if isinstance(config, LayerQuantizer):
-        return LayerQuantizer(sized(config.config)) if config.config.has_blocks else None
-    return sized(config) if config.has_blocks else None
+        return LayerQuantizer(sized(config.config)) if config.config.sized_field else None
+    return sized(config) if config.sized_field else None
 
 
 def quantize_layer(layer: nn.Module, mode: Union[str, QuantizationMode, QuantizationConfig, LayerQuantizer] = "int8",
