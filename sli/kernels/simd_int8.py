@@ -465,16 +465,29 @@ def _dot4l_pass(e, words, packed_ptr, pofs_i, scales_ptr, sofs_i, bs_i, xq_ptr, 
         chosen.add_incoming(large, large_from)
         return chosen
 
+    def decoded(v, first, width):
+        at_byte = b.add(prow[v], b.lshr(first, idx(1)))
+        if prefetch:
+            e.prefetch_row(packed_ptr, prow[v], first, cols_i, weight_rows, per_byte=2)
+        return list((decode_chunk if width == 128 else decode)(vload(b, packed_ptr, at_byte, v64 if width == 128 else v32)))
+
     def step(first, width):
         for pair in pairs:
             b.store(ir.Constant(e.vi, None), isum[pair])
+        if rows > 1:  # several activation rows: each row's values read once, its sums scaled at once
+            words_of = [decoded(v, first, width) for v in range(weight_rows)]
+            scaled = [factor(v, first, width) for v in range(weight_rows)]
+            for r in range(rows):
+                for i, (weights, offset) in enumerate(words_of[0]):
+                    xv = vload(b, xq_ptr, b.add(xrow[r], b.add(first, idx(offset))), weights.type)
+                    for v in range(weight_rows):
+                        b.store(multiply(b.load(isum[v, r]), words_of[v][i][0], xv), isum[v, r])
+                for v in range(weight_rows):
+                    _accumulate(e, fsum[v, r], isum[v, r], scaled[v])
+            return
         xv = {}
         for v in range(weight_rows):
-            at_byte = b.add(prow[v], b.lshr(first, idx(1)))
-            if prefetch:
-                e.prefetch_row(packed_ptr, prow[v], first, cols_i, weight_rows, per_byte=2)
-            raw = vload(b, packed_ptr, at_byte, v64 if width == 128 else v32)
-            for weights, offset in (decode_chunk if width == 128 else decode)(raw):
+            for weights, offset in decoded(v, first, width):
                 for r in range(rows):
                     if (r, offset) not in xv:
                         xv[r, offset] = vload(b, xq_ptr, b.add(xrow[r], b.add(first, idx(offset))), weights.type)
