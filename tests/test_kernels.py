@@ -275,6 +275,21 @@ def test_int4_pads_inputs_to_its_group_size():
         assert _rel_err(codec.fused_linear(codec.prepare(q), x, None), _expected(codec, q, x)) < 1e-5
 
 
+@pytest.mark.parametrize("group", [64, 192])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int4_groups_of_64s_take_the_int8_kernel_as_groups_of_128_do(group, rows):
+    # 576 = 4.5 x 128, SmolLM2's width: groups of 64 and of 192 divide it (4.25 bits a weight, no padding)
+    codec = codec_for("int4")
+    q = codec.prepare(codec.quantize(_weight((96, 576)), QuantizationConfig(mode="int4", group_size=group)))
+    x = torch.randn(rows, 576)
+    x[:, 7] *= 20  # an outlier feature: kept in float
+    fused = codec.fused_linear(q, x, None)
+    # int8 activations on a SIMD level (the float product is ~1% off)
+    assert _rel_err(fused, _expected(codec, q, x)) < 1e-5
+    if rows > 1:  # a row alone = the same row in a batch
+        assert torch.equal(codec.fused_linear(q, x[:1], None), fused[:1])
+
+
 @pytest.mark.parametrize("rows", [1, 5])
 def test_int4_groups_the_simd_helpers_do_not_step_in_take_the_plain_loops(rows):
     codec = codec_for("int4")
@@ -475,14 +490,16 @@ codec = codec_for("nf4")
 q = codec.prepare(codec.quantize(w, QuantizationConfig(mode="nf4")))
 packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
 assert (codec.dequantize(q, torch.float32) - bnbf.dequantize_4bit(packed, state)).abs().max() <= 1e-7
-for mode, blocks in (("none", 64), ("int8", 64), ("int8_dynamic", 64), ("nf4", 64), ("fp4", 64), ("int4", 64),
-                     ("fp8", 64), ("nf4", 32), ("fp4", 32)):  # 4-bit blocks of 32: two scales a 64-value step
+for mode, blocks in (("none", 64), ("int8", 64), ("int8_dynamic", 64), ("nf4", 64), ("fp4", 64), ("int4", 128),
+                     ("fp8", 64), ("nf4", 32), ("fp4", 32),  # 4-bit blocks of 32: two scales a 64-value step
+                     ("int4", 64), ("int4", 192)):  # INT4 groups of 64s, not of 128s: 64 values a step
     codec = codec_for(mode)
+    sized = {"group_size": blocks} if mode == "int4" else {"block_size": blocks}
     # 200: a tail after the last 64 values, int4 padding; 2560: rows straddling 4-bit groups of 256 block maxima;
     for shape in ((96, 1024), (40, 200), (24, 2560), (19, 576)):  # 576: 4 pairs of 4-bit blocks and one more;
         # 19 rows: INT8's one-row passes of 4 weight rows and 3 after them, its several-row passes of 2 and 1 after
         w = torch.randn(*shape, generator=g) * 0.02
-        q = codec.prepare(codec.quantize(w.to(torch.bfloat16), QuantizationConfig(mode=mode, block_size=blocks)))
+        q = codec.prepare(codec.quantize(w.to(torch.bfloat16), QuantizationConfig(mode=mode, **sized)))
         for rows in (1, 2, 3, 4, 5, 6, 7, 8, 16):  # every pass size up to MAX_ROWS (8 on AVX-512)
             x = codec.prepare_input(torch.randn(rows, shape[1], generator=g))
             y = codec.fused_linear(q, x, None)

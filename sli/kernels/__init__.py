@@ -483,11 +483,17 @@ def dequantize_int4(packed: Tensor, scales: Tensor, zeros: Tensor, group: int, o
     return out
 
 
+def int4_half(group: int) -> int:
+    """The :func:`q4_order` ``half`` INT4's int8 kernel reads a group of ``group`` values in
+    (a multiple of 64): 64 where 128 divides it, else 32 (64 values a step)."""
+    return 64 if group % 128 == 0 else 32
+
+
 def matmul_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group: int, in_features: int,
                 bias: Optional[Tensor] = None, activations: str = "auto") -> Optional[Tensor]:
     """``x @ W^T (+ bias)`` for group-wise affine int4 (``w = (q - zero) * scale``).
-    ``activations`` as in :func:`matmul_int8` (int8 needs a group size that is a multiple of
-    128; a group size that is not a multiple of 64 takes the plain loops)."""
+    ``activations`` as in :func:`matmul_int8` (a group size that is not a multiple of 64
+    takes the plain loops)."""
     rows = _rows(x, in_features)
     padded = packed.shape[1] * 2
     if padded != in_features:
@@ -499,10 +505,11 @@ def matmul_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group:
         return _finish(y, x, packed.shape[0], bias)
     if activations == "auto":
         activations = "int8" if int8_activations(rows.shape[0]) else "float"
-    if activations == "int8" and group % 128 == 0:
+    if activations == "int8":
         xq, xs, _, gsum, oidx, oval = _quantized(_np(rows), padded, min(KEEP_FLOAT, in_features - 1), group)
         _run("matmul_int4q", packed.shape[0], packed.numel() * 2 * rows.shape[0] // 4, _np(_flat(packed)),
-             _np(_flat(scales)), _np(_flat(zeros)), _q4_order(xq, rows.shape[0], padded), xs, gsum, oidx, oval, group, y)
+             _np(_flat(scales)), _np(_flat(zeros)), _q4_order(xq, rows.shape[0], padded, int4_half(group)), xs, gsum,
+             oidx, oval, group, y)
     else:
         _run("matmul_int4", packed.shape[0], packed.numel() * 2 * rows.shape[0], _np(_flat(packed)),
              _np(_flat(scales)), _np(_flat(zeros)), _np(lut4_order(rows)), y, group)

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import (INT8_LEVELS_ROWS, KEEP_FLOAT, _levels, _np, _q4_order, _quantized, int8_activations, int8_matrix_rows,
-               levels_buffer, levels_fit, levels_keep, levels_order, quantized_buffers, wide_levels)
+from . import (INT8_LEVELS_ROWS, KEEP_FLOAT, _levels, _np, _q4_order, _quantized, int4_half, int8_activations,
+               int8_matrix_rows, levels_buffer, levels_fit, levels_keep, levels_order, quantized_buffers, wide_levels)
 from . import dispatch
 from .dispatch import run, table
 
@@ -187,7 +187,7 @@ def four_bit(packed: Tensor, code: Tensor, blocksize: int, out_features: int, in
 def int4(packed: Tensor, scales: Tensor, zeros: Tensor, group: int, in_features: int,
          bias: Optional[Tensor]) -> Optional[RowProduct]:
     """A group-wise affine INT4 weight (:func:`sli.kernels.matmul_int4`)."""
-    if group % 128:
+    if group % 64:
         return None
     out_features, padded = packed.shape[0], packed.shape[1] * 2
     pf, sf, zf = _flat_np(packed), _flat_np(scales), _flat_np(zeros)
@@ -196,5 +196,5 @@ def int4(packed: Tensor, scales: Tensor, zeros: Tensor, group: int, in_features:
         xq, xs, _, gsum, oidx, oval = a
         return pf, sf, zf, xq, xs, gsum, oidx, oval, group, y
 
-    activations = Activations(padded, group, min(KEEP_FLOAT, in_features - 1), 64)
+    activations = Activations(padded, group, min(KEEP_FLOAT, in_features - 1), int4_half(group))
     return RowProduct(activations, out_features, packed.numel() * 2 // 4, "matmul_int4q", arguments, bias)

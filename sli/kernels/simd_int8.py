@@ -233,7 +233,9 @@ def make_dot4q(level: str):
     """``dot4q(packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, rows, cols, out)``: a
     group-wise affine 4-bit row (INT4: ``w = (q - zero) * scale``, ``q`` the nibble) times int8
     activation rows ``xq[(t0 + r)*cols:]``, each 128 values ordered as the 64 even ones then
-    the 64 odd ones (:func:`sli.kernels.q4_order`), ``gsum`` their sum per group:
+    the 64 odd ones (:func:`sli.kernels.q4_order`; a group size that is a multiple of 64 and
+    not of 128: each 64 values as the 32 even ones, then the 32 odd ones, read 64 values a
+    step), ``gsum`` their sum per group:
     ``out[r] = sum over groups of scale * (q . xq - zero * gsum)``, ``q . xq`` exact in int32.
 
     The nibbles are unsigned bytes as they are: ``vpdpbusd`` on AVX-512 VNNI, ``vpmaddubsw``
@@ -261,19 +263,38 @@ def make_dot4q(level: str):
                     first = b.mul(g, group_i)
                     for r in range(rows):
                         b.store(ir.Constant(e.vi, None), isum[r])
-                    # 128 values (64 bytes) a step, in 4w-byte registers: 64/(4w) of them
-                    with cgutils.for_range(b, b.sdiv(group_i, idx(128))) as step:
-                        at_value = b.add(first, b.mul(step.index, idx(128)))
-                        e.prefetch(packed_ptr, b.add(b.add(pofs_i, b.lshr(at_value, idx(1))), idx(PREFETCH_VALUES // 2)))
-                        for part in range(64 // (4 * w)):
-                            raw = vload(b, packed_ptr, b.add(pofs_i, b.add(b.lshr(at_value, idx(1)), idx(part * 4 * w))),
-                                        e.vb)
-                            high, low = e.nibbles(raw)
-                            for nibbles, half in ((high, 0), (low, 64)):
-                                xoff = b.add(at_value, idx(half + part * 4 * w))
-                                for r in range(rows):
-                                    xv = vload(b, xq_ptr, b.add(xrow[r], xoff), e.vb)
-                                    b.store(e.dot_bytes(b.load(isum[r]), nibbles, xv), isum[r])
+                    with b.if_else(b.icmp_signed("==", b.and_(group_i, idx(127)), idx(0))) as (by_128, by_64):
+                        with by_128:  # 128 values (64 bytes) a step, in 4w-byte registers: 64/(4w) of them
+                            with cgutils.for_range(b, b.sdiv(group_i, idx(128))) as step:
+                                at_value = b.add(first, b.mul(step.index, idx(128)))
+                                e.prefetch(packed_ptr, b.add(b.add(pofs_i, b.lshr(at_value, idx(1))),
+                                                             idx(PREFETCH_VALUES // 2)))
+                                for part in range(64 // (4 * w)):
+                                    raw = vload(b, packed_ptr, b.add(pofs_i, b.add(b.lshr(at_value, idx(1)),
+                                                                                   idx(part * 4 * w))), e.vb)
+                                    high, low = e.nibbles(raw)
+                                    for nibbles, half in ((high, 0), (low, 64)):
+                                        xoff = b.add(at_value, idx(half + part * 4 * w))
+                                        for r in range(rows):
+                                            xv = vload(b, xq_ptr, b.add(xrow[r], xoff), e.vb)
+                                            b.store(e.dot_bytes(b.load(isum[r]), nibbles, xv), isum[r])
+                        with by_64:  # a group of 64s (64, 192, ...): 64 values (32 bytes) a step
+                            with cgutils.for_range(b, b.sdiv(group_i, idx(64))) as step:
+                                at_value = b.add(first, b.mul(step.index, idx(64)))
+                                e.prefetch(packed_ptr, b.add(b.add(pofs_i, b.lshr(at_value, idx(1))),
+                                                             idx(PREFETCH_VALUES // 2)))
+                                raw = vload(b, packed_ptr, b.add(pofs_i, b.lshr(at_value, idx(1))),
+                                            ir.VectorType(I8, 32))
+                                high, low = e.nibbles(raw)
+                                if e.level == "avx512":  # both nibbles in one register, as xq holds their values
+                                    parts = [(b.shuffle_vector(high, low, ir.Constant(ir.VectorType(I32, 64),
+                                                                                      list(range(64)))), 0)]
+                                else:
+                                    parts = [(high, 0), (low, 32)]
+                                for nibbles, half in parts:
+                                    for r in range(rows):
+                                        xv = vload(b, xq_ptr, b.add(xrow[r], b.add(at_value, idx(half))), e.vb)
+                                        b.store(e.dot_bytes(b.load(isum[r]), nibbles, xv), isum[r])
                     at_group = b.add(sofs_i, g)
                     scale = b.load(b.gep(scales_ptr, [at_group]))
                     zero_scale = b.fmul(b.load(b.gep(zeros_ptr, [at_group])), scale)
@@ -469,7 +490,8 @@ def _dot4l_pass(e, words, packed_ptr, pofs_i, scales_ptr, sofs_i, bs_i, xq_ptr, 
         at_byte = b.add(prow[v], b.lshr(first, idx(1)))
         if prefetch:
             e.prefetch_row(packed_ptr, prow[v], first, cols_i, weight_rows, per_byte=2)
-        return list((decode_chunk if width == 128 else decode)(vload(b, packed_ptr, at_byte, v64 if width == 128 else v32)))
+        raw = vload(b, packed_ptr, at_byte, v64 if width == 128 else v32)
+        return list((decode_chunk if width == 128 else decode)(raw))
 
     def step(first, width):
         for pair in pairs:
