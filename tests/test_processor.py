@@ -347,7 +347,8 @@ def test_a_bfloat16_head_is_quantized_to_int8_without_widening_it_whole(model_fa
     monkeypatch.setattr(shared_modules, "SLICE_BYTES", weight.shape[1] * 2 * 7)  # slices of 7 rows, the last shorter
     assert quantize_head(model, torch.float32)
     got = model.get_output_embeddings().qweight
-    assert torch.equal(got.tensors["weight"], expected.tensors["weight"]) and torch.equal(got.tensors["SCB"], expected.tensors["SCB"])
+    assert torch.equal(got.tensors["weight"], expected.tensors["weight"])
+    assert torch.equal(got.tensors["SCB"], expected.tensors["SCB"])
     assert got.metadata == {**expected.metadata, "dtype": "bfloat16"}
 
 

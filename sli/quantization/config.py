@@ -95,8 +95,9 @@ def parse_block_sizes(text: str) -> "Tuple[Optional[int], Dict[str, int]]":
         except ValueError:
             number = None
         if number is None or number < 2 or number % 2 or (sep and not name) or (not sep and size is not None):
-            raise ValueError(f"block sizes {text!r}: give a size (NF4/FP4 blocks: one of {', '.join(map(str, BLOCK_SIZES))}; "
-                             "INT4 groups: an even number), then any linears of their own as NAME=SIZE, e.g. 32,q_proj=64")
+            blocks = ", ".join(map(str, BLOCK_SIZES))
+            raise ValueError(f"block sizes {text!r}: give a size (NF4/FP4 blocks: one of {blocks}; INT4 groups: an "
+                             "even number), then any linears of their own as NAME=SIZE, e.g. 32,q_proj=64")
         if sep:
             named[name] = number
         else:
