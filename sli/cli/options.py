@@ -211,9 +211,9 @@ def quantization_config_of(args, positions: Optional[int] = None):
 
 
 def _block_size_option(config, size: Optional[str], named: str):
-    """``config`` with NF4/FP4 blocks or INT4 groups as ``size`` says (``--block-size``: "32,q_proj=64"; None:
-    as it is). An error
-    names the modes it applies to where ``config`` has none (``named``: how the user named it)."""
+    """``config`` with NF4/FP4 blocks or INT4 groups as ``size`` says (``--block-size``: "32,q_proj=64";
+    None: as it is). An error names the modes it applies to where ``config`` has neither
+    (``named``: how the user named it), or the sizes its mode takes."""
     from ..quantization.quantizer import with_block_size
 
     if size is None:
