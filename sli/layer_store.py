@@ -24,8 +24,8 @@ from typing import Callable, Dict, List, Optional, Protocol, Tuple, Union
 
 import diskcache
 
-from .cache_disk import (DIRECT_ALIGN, DurableDisk, check_diskcache_version, free_space, least_recently_used,
-                         page_in, read_direct)
+from .cache_disk import (DurableDisk, check_diskcache_version, free_space, least_recently_used, page_in,
+                         read_direct)
 from .cache_format import FORMAT_VERSION, SerializedEntry, checksum, deserialize
 from .cache_recovery import HashedFiles, remove_if_unchanged, sweep_temporaries
 from . import page_cache
@@ -87,15 +87,6 @@ def owned_buffer(size: int):
         except OSError:
             pass
     return buffer
-
-
-def _mostly_on_disk(path: str) -> bool:
-    """Whether most of the file at ``path`` is not in the page cache (False where that cannot be
-    told). A read into this process's memory then goes past the page cache in parts at once
-    (:func:`sli.cache_disk.read_direct`): one ``readinto`` from the disk read a 7B NF4 model's 5
-    resident layers (522 MB) at 0.4-2.6 GB/s under a 2 GB memory cap (docs/benchmarks.md)."""
-    share = page_cache.cached_fraction(path)
-    return share is not None and share < 0.5
 
 
 class LayerStore:
@@ -375,9 +366,8 @@ class LayerStore:
     def _read(self, key: str, remove: bool = True, mapped: bool = False, recheck: bool = False,
               drop_pages: bool = False, read_into: Optional[Callable[[int], mmap.mmap]] = None) -> Optional[CachedLayer]:
         """Read, check and parse one disk entry: one read() into a private buffer the tensors
-        view (past the page cache where most of the file is not in it), or with ``mapped`` a
-        copy-on-write map of the file, or with ``read_into`` a read past the page cache into the
-        buffer it gives (see :meth:`get`); with
+        view, or with ``mapped`` a copy-on-write map of the file, or with ``read_into`` a read past
+        the page cache into the buffer it gives (see :meth:`get`); with
         ``drop_pages`` the file's pages leave the page cache once read (once unmapped).
         ``recheck`` hashes the bytes even if this process checked the unchanged file before."""
         try:
@@ -407,11 +397,7 @@ class LayerStore:
                     read = size
                     if drop_pages:  # once the last tensor viewing the map is gone and it is unmapped
                         weakref.finalize(buffer, page_cache.drop_pages, os.dup(handle.fileno()))
-                elif _mostly_on_disk(path):  # into this process's memory, past the page cache, in parts at once
-                    target = owned_buffer(-(-size // DIRECT_ALIGN) * DIRECT_ALIGN)
-                    read = read_direct(path, target, size)
-                    buffer = memoryview(target)[:size]
-                else:  # from the page cache's copy
+                else:
                     buffer = owned_buffer(size)
                     read = handle.readinto(buffer)
                     if drop_pages:
