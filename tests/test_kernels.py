@@ -1,5 +1,6 @@
 """The fused CPU kernels compute what dequantize-then-``F.linear`` computes (with int8
 activations: what it computes on the activations as INT8_DYNAMIC quantizes them)."""
+import numpy as np
 import pytest
 import torch
 
@@ -288,6 +289,40 @@ def test_int4_groups_of_64s_take_the_int8_kernel_as_groups_of_128_do(group, rows
     assert _rel_err(fused, _expected(codec, q, x)) < 1e-5
     if rows > 1:  # a row alone = the same row in a batch
         assert torch.equal(codec.fused_linear(q, x[:1], None), fused[:1])
+
+
+def test_the_kernels_read_a_float16_scale_as_its_exact_value():
+    # numba has no float16 arrays: INT4's stored scales reach the kernels as int16 bits
+    from sli.kernels.plain import half_value
+    bits = np.arange(65536, dtype=np.uint16)
+    want = bits.view(np.float16).astype(np.float32)
+    got = np.array([half_value(b) for b in bits.view(np.int16)], dtype=np.float32)
+    numbers = ~np.isnan(want)  # zeros of both signs, subnormals, normals, infinities
+    assert np.array_equal(got[numbers], want[numbers])
+    assert np.array_equal(np.signbit(got[numbers]), np.signbit(want[numbers]))
+    assert np.isnan(got[~numbers]).all()
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int4_kernels_read_the_stored_scales_and_zeros_so_a_loaded_weight_holds_nothing_more(rows, monkeypatch):
+    codec = codec_for("int4")
+    w = _weight((64, 256)).float()
+    w[:8] *= 1e-3  # these rows' group scales are float16 subnormals
+    q = codec.quantize(w, QuantizationConfig(mode="int4"))
+    assert (q.tensors["weight.scales"][:8].float() < 2 ** -14).all()
+    prepared = codec.prepare(q)
+    assert prepared.tensors.keys() == q.tensors.keys()  # no float32 copies of the scales and zeros
+    x = torch.randn(rows, 256)
+    y = linear(prepared, x)
+    expected = _expected(codec, q, x)
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "kernels_enabled", lambda: False)  # dequantized by torch's ops, float16 read by torch
+        torch_expected = _expected(codec, q, x)
+    assert torch.equal(expected, torch_expected)  # the dequantize kernel's weight is torch's, bit for bit
+    assert _rel_err(y, expected) < 1e-5
+    with pytest.raises(TypeError, match="float16 scales and uint8 zeros"):
+        kernels.matmul_int4(x, q.tensors["weight"], q.tensors["weight.scales"].float(), q.tensors["weight.zeros"],
+                            64, 256)
 
 
 @pytest.mark.parametrize("rows", [1, 5])

@@ -475,11 +475,22 @@ def matmul_int8(x: Tensor, q: Tensor, scale: Tensor, bias: Optional[Tensor] = No
     return _finish(y, x, q.shape[0], bias)
 
 
+def int4_groups(scales: Tensor, zeros: Tensor) -> "tuple[np.ndarray, np.ndarray]":
+    """INT4's group scales and zeros as its kernels read them, the stored bytes themselves: the
+    float16 scales' bits as int16 (numba has no float16 arrays) and the uint8 zeros."""
+    if scales.dtype != torch.float16 or zeros.dtype != torch.uint8:
+        raise TypeError(f"INT4 groups are float16 scales and uint8 zeros, not {scales.dtype} and {zeros.dtype}")
+    # numpy's reshape, not torch's: ~1 us against ~190 for a file-mapped tensor (bound.py)
+    return (np.ascontiguousarray(_np(scales.view(torch.int16))).reshape(-1),
+            np.ascontiguousarray(_np(zeros)).reshape(-1))
+
+
 def dequantize_int4(packed: Tensor, scales: Tensor, zeros: Tensor, group: int, out: Tensor) -> Tensor:
     """Fill float32 ``out`` ``[rows, in]`` with ``(q - zero) * scale`` of group-wise affine int4
-    (``packed`` ``[rows, padded_in / 2]``; the padding past ``in`` is dropped)."""
-    _run("dequantize_int4", packed.shape[0], out.numel(), _np(_flat(packed)), _np(_flat(scales)),
-         _np(_flat(zeros)), _np(out), group)
+    (``packed`` ``[rows, padded_in / 2]``; the padding past ``in`` is dropped; ``scales``
+    float16 and ``zeros`` uint8, as stored)."""
+    _run("dequantize_int4", packed.shape[0], out.numel(), _np(_flat(packed)), *int4_groups(scales, zeros),
+         _np(out), group)
     return out
 
 
@@ -491,9 +502,9 @@ def int4_half(group: int) -> int:
 
 def matmul_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group: int, in_features: int,
                 bias: Optional[Tensor] = None, activations: str = "auto") -> Optional[Tensor]:
-    """``x @ W^T (+ bias)`` for group-wise affine int4 (``w = (q - zero) * scale``).
-    ``activations`` as in :func:`matmul_int8` (a group size that is not a multiple of 64
-    takes the plain loops)."""
+    """``x @ W^T (+ bias)`` for group-wise affine int4 (``w = (q - zero) * scale``; ``scales``
+    float16 and ``zeros`` uint8, as stored). ``activations`` as in :func:`matmul_int8` (a group
+    size that is not a multiple of 64 takes the plain loops)."""
     rows = _rows(x, in_features)
     padded = packed.shape[1] * 2
     if padded != in_features:
@@ -501,18 +512,18 @@ def matmul_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group:
     y = _out(rows, packed.shape[0])
     if group % 64:
         _run("matmul_int4_any", packed.shape[0], packed.numel() * 2 * rows.shape[0], _np(_flat(packed)),
-             _np(_flat(scales)), _np(_flat(zeros)), _np(rows), y, group)
+             *int4_groups(scales, zeros), _np(rows), y, group)
         return _finish(y, x, packed.shape[0], bias)
     if activations == "auto":
         activations = "int8" if int8_activations(rows.shape[0]) else "float"
     if activations == "int8":
         xq, xs, _, gsum, oidx, oval = _quantized(_np(rows), padded, min(KEEP_FLOAT, in_features - 1), group)
         _run("matmul_int4q", packed.shape[0], packed.numel() * 2 * rows.shape[0] // 4, _np(_flat(packed)),
-             _np(_flat(scales)), _np(_flat(zeros)), _q4_order(xq, rows.shape[0], padded, int4_half(group)), xs, gsum,
+             *int4_groups(scales, zeros), _q4_order(xq, rows.shape[0], padded, int4_half(group)), xs, gsum,
              oidx, oval, group, y)
     else:
         _run("matmul_int4", packed.shape[0], packed.numel() * 2 * rows.shape[0], _np(_flat(packed)),
-             _np(_flat(scales)), _np(_flat(zeros)), _np(lut4_order(rows)), y, group)
+             *int4_groups(scales, zeros), _np(lut4_order(rows)), y, group)
     return _finish(y, x, packed.shape[0], bias)
 
 

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import (INT8_LEVELS_ROWS, KEEP_FLOAT, _levels, _np, _q4_order, _quantized, int4_half, int8_activations,
-               int8_matrix_rows, levels_buffer, levels_fit, levels_keep, levels_order, quantized_buffers, wide_levels)
+from . import (INT8_LEVELS_ROWS, KEEP_FLOAT, _levels, _np, _q4_order, _quantized, int4_groups, int4_half,
+               int8_activations, int8_matrix_rows, levels_buffer, levels_fit, levels_keep, levels_order,
+               quantized_buffers, wide_levels)
 from . import dispatch
 from .dispatch import run, table
 
@@ -190,7 +191,8 @@ def int4(packed: Tensor, scales: Tensor, zeros: Tensor, group: int, in_features:
     if group % 64:
         return None
     out_features, padded = packed.shape[0], packed.shape[1] * 2
-    pf, sf, zf = _flat_np(packed), _flat_np(scales), _flat_np(zeros)
+    pf = _flat_np(packed)
+    sf, zf = int4_groups(scales, zeros)
 
     def arguments(a: QuantizedRows, y: np.ndarray) -> tuple:
         xq, xs, _, gsum, oidx, oval = a

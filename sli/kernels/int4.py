@@ -12,6 +12,7 @@ from .jit import KERNEL
 def build(h) -> dict:
     """The kernels by name, over helpers ``h`` (one SIMD level's or the plain ones)."""
     from . import plain  # in the closures, so the cache sees them (sli.kernels.jit)
+    from .plain import half_value
     from .activations import kept_nibbles
 
     dot4q = h.dot4q
@@ -20,7 +21,8 @@ def build(h) -> dict:
     def float_kernel(lut4z, most):
         @KERNEL
         def matmul_int4(packed, scales, zeros, x, y, group, start, stop):
-            # packed: uint8 [out*padded_in/2] (first value high nibble); scales, zeros: fp32 [out*groups];
+            # packed: uint8 [out*padded_in/2] (first value high nibble); scales: float16 bits as int16,
+            # zeros: uint8, [out*groups] both;
             # x: fp32 [T, padded_in] in the helper's order. w = (q - zero) * scale: a 16-entry table per group.
             rows, cols = x.shape
             groups = cols // group
@@ -40,7 +42,8 @@ def build(h) -> dict:
     @KERNEL
     def matmul_int4q(packed, scales, zeros, xq, xs, gsum, oidx, oval, group, y, start, stop):
         # matmul_int4 with int8 activations (quantize_rows, one scale a row, in q4_order) and
-        # their largest values in float (oidx: natural columns)
+        # their largest values in float (oidx: natural columns); scales, zeros as stored (float16
+        # bits as int16, uint8)
         rows = y.shape[0]
         cols = xq.shape[0] // rows
         half = cols // 2
@@ -57,7 +60,7 @@ def build(h) -> dict:
                     for m in range(keep):
                         nibble = (packed[o * half + kept[t + i, m, 0]] >> kept[t + i, m, 1]) & 15
                         g = o * groups + kept[t + i, m, 2]
-                        s += ((np.float32(nibble) - zeros[g]) * scales[g]) * oval[t + i, m]
+                        s += ((np.float32(nibble) - np.float32(zeros[g])) * half_value(scales[g])) * oval[t + i, m]
                     y[t + i, o] = s
 
     @KERNEL
@@ -69,8 +72,8 @@ def build(h) -> dict:
         for o in range(start, stop):
             row = out[o]
             for g in range((cols + group - 1) // group):
-                s = scales[o * groups + g]
-                z = zeros[o * groups + g]
+                s = half_value(scales[o * groups + g])
+                z = np.float32(zeros[o * groups + g])
                 first = o * half + g * (group // 2)
                 j = g * group
                 for b in range(min(group, cols - j) // 2):  # bytes whose two values are both kept

@@ -7,7 +7,9 @@ weight's own order here (:data:`lanes` 1: nothing to reorder).
 from types import SimpleNamespace
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core.extending import intrinsic
 
 from .jit import stable_id
 
@@ -21,6 +23,30 @@ WEIGHT_ROWS = 4
 # Weight rows a several-activation-row pass of the SIMD helpers multiplies (a prompt's, a batch's:
 # ``dot8q_tile``, ``dot4l_tile``)
 TILE_WEIGHT_ROWS = 2
+
+
+@intrinsic
+def _float_of_bits(typingctx, bits):
+    """The float32 whose 32 bits are the int32 ``bits``."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+@_jit
+def half_value(bits):
+    """The float32 value of the IEEE half whose 16 bits are ``bits`` (an int16 or uint16), exact:
+    INT4's scales are read as stored, and numba has no float16 arrays. Integer operations, not
+    ``fpext``, which needs F16C (or a library call numba does not link) on the plain level."""
+    h = np.int32(bits) & 0xFFFF
+    magnitude = h & 0x7FFF
+    if magnitude < 0x400:  # zero or subnormal: mantissa * 2**-24
+        value = np.float32(magnitude) * np.float32(5.9604644775390625e-08)
+    elif magnitude >= 0x7C00:  # infinity or NaN
+        value = _float_of_bits(np.int32((magnitude << 13) | 0x7F800000))
+    else:  # the exponent's bias from 15 to 127
+        value = _float_of_bits(np.int32((magnitude << 13) + (112 << 23)))
+    return -value if h & 0x8000 else value
 
 
 @_jit
@@ -58,10 +84,11 @@ def lut4(packed, pofs, code, scales, sofs, blocksize, x, xofs, n, stride, rows, 
 
 @_jit
 def lut4z(packed, pofs, code, scales, zeros, sofs, blocksize, x, xofs, n, stride, rows, out):
-    # INT4's helper: code is 0..15, so a value is (nibble - zero) * scale, no lookup (vectorizes)
+    # INT4's helper: code is 0..15, so a value is (nibble - zero) * scale, no lookup (vectorizes);
+    # scales, zeros as stored (float16 bits as int16, uint8)
     values = np.empty(n, np.float32)
     for blk in range(n // blocksize):
-        scale, zero = scales[sofs + blk], zeros[sofs + blk]
+        scale, zero = half_value(scales[sofs + blk]), np.float32(zeros[sofs + blk])
         pairs = packed[pofs + blk * blocksize // 2:pofs + (blk + 1) * blocksize // 2]
         block = values[blk * blocksize:(blk + 1) * blocksize]
         for k in range(blocksize // 2):
@@ -154,7 +181,8 @@ def dot4q(packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, rows, cols, ou
                 for k in range(64):
                     byte = packed[pofs + c // 2 + k]
                     d += np.int32(byte >> 4) * np.int32(xq[base + c + k]) + np.int32(byte & 15) * np.int32(xq[base + c + 64 + k])
-            s += scales[sofs + g] * (np.float32(d) - zeros[sofs + g] * gsum[(t0 + r) * groups + g])
+            zero = np.float32(zeros[sofs + g])
+            s += half_value(scales[sofs + g]) * (np.float32(d) - zero * gsum[(t0 + r) * groups + g])
         out[r] = s
 
 
@@ -238,8 +266,9 @@ def decode64_4bit(packed, pofs, code, scale, out, oofs):
     decode_pairs(packed, pofs, code, scale, np.float32(0.0), out, oofs, 32)
 
 
-for _f in (_rows_dot, decode_pairs, lut4, lut4z, dot8, dot8_rows, dotfp8, dotfp8_rows, dot8q, dot8q_rows, dot8q_row,
-           dot8q_tile, dot4q, dot4l, dot4l_rows, dot4l_row, dot4l_tile, dotbf16, dotbf16_rows, decode64_4bit):
+for _f in (_float_of_bits, half_value, _rows_dot, decode_pairs, lut4, lut4z, dot8, dot8_rows, dotfp8, dotfp8_rows,
+           dot8q, dot8q_rows, dot8q_row, dot8q_tile, dot4q, dot4l, dot4l_rows, dot4l_row, dot4l_tile, dotbf16,
+           dotbf16_rows, decode64_4bit):
     stable_id(_f, f"plain.{_f.__name__}")
 
 # The loops take any number of rows, so a block is decoded once for up to this many of them.

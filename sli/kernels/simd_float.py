@@ -16,8 +16,8 @@ from numba.core.extending import intrinsic
 
 from .jit import stable_id
 from .plain import WEIGHT_ROWS
-from .simd_ir import (I8, I16, I32, PREFETCH_VALUES, WIDTH, Emit, const, idx, row_pass, splat, unpack, vload,
-                      vstore, weight_rows_pass)
+from .simd_ir import (I8, I16, I32, PREFETCH_VALUES, WIDTH, Emit, const, half_to_float, idx, row_pass, splat, unpack,
+                      vload, vstore, weight_rows_pass)
 
 
 def make_lut4(level: str, kind: str):
@@ -45,10 +45,13 @@ def make_lut4(level: str, kind: str):
             if not slots:
                 slots.extend(cgutils.alloca_once(b, e.vf) for _ in range(16 // e.w))
             at_block = b.add(sofs_i, index)
-            scale = splat(b, b.load(b.gep(scales_ptr, [at_block])), e.vf)
+            scale = b.load(b.gep(scales_ptr, [at_block]))
+            if kind == "affine":  # INT4's scale as stored (float16 bits), its zero a byte
+                scale = half_to_float(b, scale)
+            scale = splat(b, scale, e.vf)
             code = e.table(code_ptr)
             if kind == "affine":
-                zero = splat(b, b.load(b.gep(zeros_ptr, [at_block])), e.vf)
+                zero = splat(b, b.uitofp(b.load(b.gep(zeros_ptr, [at_block])), ir.FloatType()), e.vf)
                 table = e.map_table(code, lambda part: b.fmul(b.fsub(part, zero), scale))
             else:
                 table = e.map_table(code, lambda part: b.fmul(part, scale))

@@ -16,7 +16,8 @@ from numba.core.extending import intrinsic
 
 from .jit import stable_id
 from .plain import TILE_WEIGHT_ROWS, WEIGHT_ROWS
-from .simd_ir import F32, I8, I16, I32, PREFETCH_VALUES, WIDTH, Emit, const, idx, rows_switch, splat, unpack, vload
+from .simd_ir import (F32, I8, I16, I32, PREFETCH_VALUES, WIDTH, Emit, const, half_to_float, idx, rows_switch, splat,
+                      unpack, vload)
 
 
 def _accumulate(e, fsum, isum, scale):
@@ -237,6 +238,7 @@ def make_dot4q(level: str):
     not of 128: each 64 values as the 32 even ones, then the 32 odd ones, read 64 values a
     step), ``gsum`` their sum per group:
     ``out[r] = sum over groups of scale * (q . xq - zero * gsum)``, ``q . xq`` exact in int32.
+    ``scales`` are the stored float16 scales' bits (int16), ``zeros`` the stored uint8 zeros.
 
     The nibbles are unsigned bytes as they are: ``vpdpbusd`` on AVX-512 VNNI, ``vpmaddubsw``
     (15 * 127 * 2 fits 16 bits) and ``vpmaddwd`` on AVX2.
@@ -295,9 +297,9 @@ def make_dot4q(level: str):
                                     for r in range(rows):
                                         xv = vload(b, xq_ptr, b.add(xrow[r], b.add(at_value, idx(half))), e.vb)
                                         b.store(e.dot_bytes(b.load(isum[r]), nibbles, xv), isum[r])
-                    at_group = b.add(sofs_i, g)
-                    scale = b.load(b.gep(scales_ptr, [at_group]))
-                    zero_scale = b.fmul(b.load(b.gep(zeros_ptr, [at_group])), scale)
+                    at_group = b.add(sofs_i, g)  # the scale as stored (float16 bits), the zero a byte
+                    scale = half_to_float(b, b.load(b.gep(scales_ptr, [at_group])))
+                    zero_scale = b.fmul(b.uitofp(b.load(b.gep(zeros_ptr, [at_group])), F32), scale)
                     for r in range(rows):
                         _accumulate(e, fsum[r], isum[r], splat(b, scale, e.vf))
                         gs = b.load(b.gep(gsum_ptr, [b.add(grow[r], g)]))

@@ -20,8 +20,9 @@ binding.initialize_native_asmparser()
 
 # Best first. What each level needs from the CPU (llvmlite's feature names).
 LEVELS: Tuple[str, ...] = ("avx512", "avx2")
-NEEDS = {"avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512vnni", "avx2", "fma"),
-         "avx2": ("avx2", "fma")}
+# F16C: INT4's scales are read as stored, in float16 (every AVX2 CPU has it)
+NEEDS = {"avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512vnni", "avx2", "fma", "f16c"),
+         "avx2": ("avx2", "fma", "f16c")}
 WIDTH = {"avx512": 16, "avx2": 8}  # float32 lanes a register
 # Activation rows one pass over a weight row multiplies: their sums stay in registers (32
 # on AVX-512, 16 on AVX2).
@@ -62,6 +63,11 @@ def vload(builder, pointer, index, vector_type):
 
 def vstore(builder, value, pointer, index):
     builder.store(value, builder.bitcast(builder.gep(pointer, [index]), value.type.as_pointer()), align=1)
+
+
+def half_to_float(builder, bits):
+    """A float16's bits (i16) as its float32 value, exact (``vcvtph2ps``: F16C, in :data:`NEEDS`)."""
+    return builder.fpext(builder.bitcast(bits, ir.HalfType()), ir.FloatType())
 
 
 def splat(builder, scalar, vector_type):

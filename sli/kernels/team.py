@@ -45,7 +45,7 @@ from .. import settings
 ARGUMENTS: Dict[str, Tuple[str, ...]] = {
     "matmul_int8q": ("i8", "f32", "i8", "f32", "f32", "i64:2", "f32:2", "int", "f32:2"),
     "matmul_4bitq": ("u8", "f32", "i8", "f32", "xq", "f32", "i64:2", "f32:2", "int", "f32:2"),
-    "matmul_int4q": ("u8", "f32", "f32", "i8", "f32", "f32", "i64:2", "f32:2", "int", "f32:2"),
+    "matmul_int4q": ("u8", "i16", "u8", "i8", "f32", "f32", "i64:2", "f32:2", "int", "f32:2"),
     "matmul_bf16": ("u16", "f32", "f32:2", "f32:2"),
 }
 KINDS = tuple(ARGUMENTS)
@@ -158,7 +158,7 @@ def _build(kernels: dict, level: str, variant: str = "") -> dict:
     load, store, add, swap_if, pause, cycles, pointer = (atomics.load, atomics.store, atomics.add, atomics.swap_if,
                                                          atomics.pause, atomics.cycles, atomics.pointer)
     int8q, four_bit, int4q, bf16 = (kernels[name] for name in KINDS)
-    i8, u8, u16, i64, f32 = np.int8, np.uint8, np.uint16, np.int64, np.float32
+    i8, u8, i16, u16, i64, f32 = np.int8, np.uint8, np.int16, np.uint16, np.int64, np.float32
     xq = np.int8 if level == "plain" else np.int16
     key = level + variant  # in the ids: compiled code over another variant's kernels is other code
     compiled = njit(nogil=True, cache=True)
@@ -219,7 +219,7 @@ def _build(kernels: dict, level: str, variant: str = "") -> dict:
 
     @inlined
     def run_int4q(job, numbers, lo, hi):
-        int4q(a1(job, 3, u8), a1(job, 6, f32), a1(job, 9, f32), a1(job, 12, i8), a1(job, 15, f32),
+        int4q(a1(job, 3, u8), a1(job, 6, i16), a1(job, 9, u8), a1(job, 12, i8), a1(job, 15, f32),
               a1(job, 18, f32), a2(job, 21, i64), a2(job, 24, f32), job[27], a2(job, 30, f32), lo, hi)
 
     @inlined

@@ -9,7 +9,7 @@ from torch import Tensor
 from ... import kernels
 from ..config import QuantizationConfig, QuantizationMode, dtype_name
 from ..formats import QuantizedTensor
-from .base import Allocate, Codec, check_float, compute_into, write_into
+from .base import Codec, check_float, compute_into, write_into
 
 
 def grouped(weight: Tensor, g: int) -> Tensor:
@@ -87,10 +87,9 @@ class Int4Codec(Codec):
         packed = t["weight"]
         shape = tuple(q.metadata["shape"])
         if packed.device.type == "cpu" and len(shape) == 2 and kernels.kernels_enabled():
-            prepared = self.prepare(q).tensors  # the numba kernel: ~20x the torch ops below
-            return compute_into(lambda buf: kernels.dequantize_int4(packed, prepared["_scales"], prepared["_zeros"],
+            return compute_into(lambda buf: kernels.dequantize_int4(packed, t["weight.scales"], t["weight.zeros"],
                                                                     int(q.metadata["group_size"]), buf),
-                                shape, dtype, packed.device, out)
+                                shape, dtype, packed.device, out)  # the numba kernel: ~20x the torch ops below
         rows = packed.shape[0]
         g = int(q.metadata["group_size"])
         padded = int(q.metadata.get("padded_in", packed.shape[1] * 2))
@@ -100,22 +99,16 @@ class Int4Codec(Codec):
         w = w.view(rows, padded)[:, : int(shape[-1]) if len(shape) == 2 else padded]
         return write_into(w.reshape(shape).to(dtype), out)
 
-    def prepare(self, q: QuantizedTensor, allocate: Optional[Allocate] = None) -> QuantizedTensor:
-        if "_scales" in q.tensors:
-            return q
-        t = q.tensors
-        return self._prepared(q, _scales=t["weight.scales"].float(), _zeros=t["weight.zeros"].float())
-
     def row_slice(self, q: QuantizedTensor, start: int, stop: int) -> Optional[QuantizedTensor]:
         if len(q.metadata["shape"]) != 2:
             return None
-        return self._rows(q, start, stop, per_row=("weight", "weight.scales", "weight.zeros", "_scales", "_zeros"))
+        return self._rows(q, start, stop, per_row=("weight", "weight.scales", "weight.zeros"))
 
     def fused_linear(self, q: QuantizedTensor, x: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
         if len(q.metadata["shape"]) != 2:
             return None
         t = q.tensors
-        return kernels.matmul_int4(x, t["weight"], t["_scales"], t["_zeros"], int(q.metadata["group_size"]),
+        return kernels.matmul_int4(x, t["weight"], t["weight.scales"], t["weight.zeros"], int(q.metadata["group_size"]),
                                    int(q.metadata["shape"][1]), bias)
 
     def row_product(self, q: QuantizedTensor, bias: Optional[Tensor]):
@@ -124,6 +117,6 @@ class Int4Codec(Codec):
         from ...kernels import bound
 
         t = q.tensors
-        return bound.int4(t["weight"], t["_scales"], t["_zeros"], int(q.metadata["group_size"]),
+        return bound.int4(t["weight"], t["weight.scales"], t["weight.zeros"], int(q.metadata["group_size"]),
                           int(q.metadata["shape"][1]), bias)
 
