@@ -157,7 +157,7 @@ def test_some_int4_linears_take_a_group_size_of_their_own_by_name():
     ({"mode": "int8", "block_sizes": {"q_proj": 64}}, "mode='int8' has neither"),
     ({"mode": "nf4", "block_sizes": {"q_proj": 48}}, "give linear names each a power of two"),
     ({"mode": "nf4", "block_sizes": {"": 64}}, "give linear names each a power of two"),
-    ({"mode": "int4", "block_sizes": {"q_proj": 97}}, "give linear names each an even group size"),
+    ({"mode": "int4", "block_sizes": {"q_proj": 97}}, "give linear names each an even number >= 2"),
 ])
 def test_block_sizes_by_name_are_checked(fields, message):
     with pytest.raises(ValueError, match=message):

@@ -74,6 +74,14 @@ def available_modes() -> List[str]:
 
 # NF4/FP4 values a block maximum may cover (bitsandbytes' sizes; 32 takes ~0.125 bits a weight more than 64)
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+# The sizes each sized field takes, in words for its errors (INT4: two values a byte)
+SIZES_TAKEN = {"block_size": "a power of two from 32 to 4096", "group_size": "an even number >= 2"}
+
+
+def size_fits(field: str, size: int) -> bool:
+    """Whether ``size`` is one that ``field`` takes (:data:`SIZES_TAKEN`): NF4/FP4's
+    ``block_size`` one of :data:`BLOCK_SIZES`, INT4's ``group_size`` any even number >= 2."""
+    return size in BLOCK_SIZES if field == "block_size" else size >= 2 and size % 2 == 0
 
 
 def parse_block_sizes(text: str) -> "Tuple[Optional[int], Dict[str, int]]":
@@ -94,7 +102,8 @@ def parse_block_sizes(text: str) -> "Tuple[Optional[int], Dict[str, int]]":
             number = int(value)
         except ValueError:
             number = None
-        if number is None or number < 2 or number % 2 or (sep and not name) or (not sep and size is not None):
+        malformed = (sep and not name) or (not sep and size is not None)  # a name without a size, two sizes
+        if number is None or not size_fits("group_size", number) or malformed:
             blocks = ", ".join(map(str, BLOCK_SIZES))
             raise ValueError(f"block sizes {text!r}: give a size (NF4/FP4 blocks: one of {blocks}; INT4 groups: an "
                              "even number), then any linears of their own as NAME=SIZE, e.g. 32,q_proj=64")
@@ -237,11 +246,10 @@ class QuantizationConfig:
                 f"quant_type={self.quant_type!r} contradicts mode={self.mode.value!r}; "
                 f"use quant_type={self.mode.value!r} or mode={self.quant_type!r}"
             )
-        if self.block_size not in BLOCK_SIZES:
-            raise ValueError(f"block_size={self.block_size} is not supported; use a power of two from 32 to 4096")
+        for field in SIZES_TAKEN:
+            if not size_fits(field, getattr(self, field)):
+                raise ValueError(f"{field}={getattr(self, field)} is not supported; use {SIZES_TAKEN[field]}")
         self._check_block_sizes()
-        if self.group_size < 2 or self.group_size % 2:
-            raise ValueError(f"group_size={self.group_size} must be an even number >= 2 (two int4 values a byte)")
         if self.llm_int8_skip_modules is not None:
             self.llm_int8_skip_modules = list(self.llm_int8_skip_modules)
 
@@ -253,13 +261,11 @@ class QuantizationConfig:
         if self.sized_field is None:
             raise ValueError(f"block_sizes sizes NF4/FP4 blocks and INT4 groups, and mode={self.mode.value!r} has "
                              "neither; use mode='nf4', 'fp4' or 'int4', or leave block_sizes out")
-        blocks = self.sized_field == "block_size"
         wrong = {name: size for name, size in self.block_sizes.items()
-                 if not name or (size not in BLOCK_SIZES if blocks else (size < 2 or size % 2))}
+                 if not name or not size_fits(self.sized_field, size)}
         if wrong:
-            sizes = "a power of two from 32 to 4096" if blocks else "an even group size"
-            raise ValueError(f"block_sizes={wrong} is not supported; give linear names each {sizes}, "
-                             "e.g. {'q_proj': 64}")
+            raise ValueError(f"block_sizes={wrong} is not supported; give linear names each "
+                             f"{SIZES_TAKEN[self.sized_field]}, e.g. {{'q_proj': 64}}")
 
     @property
     def sized_field(self) -> Optional[str]:
