@@ -494,10 +494,11 @@ def dequantize_int4(packed: Tensor, scales: Tensor, zeros: Tensor, group: int, o
     return out
 
 
-def int4_half(group: int) -> int:
-    """The :func:`q4_order` ``half`` INT4's int8 kernel reads a group of ``group`` values in
-    (a multiple of 64): 64 where 128 divides it, else 32 (64 values a step)."""
-    return 64 if group % 128 == 0 else 32
+def int4_half(group: int, cols: int) -> int:
+    """The :func:`q4_order` ``half`` INT4's int8 kernel reads groups of ``group`` values in
+    (a multiple of 64), rows of ``cols``: 64 where 128 divides the group, or where the groups
+    are of 64 and 128 divides the row (two groups a step), else 32 (64 values a step)."""
+    return 64 if group % 128 == 0 or (group == 64 and cols % 128 == 0) else 32
 
 
 def matmul_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group: int, in_features: int,
@@ -519,7 +520,7 @@ def matmul_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group:
     if activations == "int8":
         xq, xs, _, gsum, oidx, oval = _quantized(_np(rows), padded, min(KEEP_FLOAT, in_features - 1), group)
         _run("matmul_int4q", packed.shape[0], packed.numel() * 2 * rows.shape[0] // 4, _np(_flat(packed)),
-             *int4_groups(scales, zeros), _q4_order(xq, rows.shape[0], padded, int4_half(group)), xs, gsum,
+             *int4_groups(scales, zeros), _q4_order(xq, rows.shape[0], padded, int4_half(group, padded)), xs, gsum,
              oidx, oval, group, y)
     else:
         _run("matmul_int4", packed.shape[0], packed.numel() * 2 * rows.shape[0], _np(_flat(packed)),

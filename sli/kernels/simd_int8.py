@@ -260,50 +260,24 @@ def make_dot4q(level: str):
                 isum = [cgutils.alloca_once(b, e.vi) for _ in range(rows)]
                 xrow = [b.mul(b.add(t0_i, idx(r)), cols_i) for r in range(rows)]
                 grow = [b.mul(b.add(t0_i, idx(r)), groups) for r in range(rows)]
-                with cgutils.for_range(b, groups) as loop:
-                    g = loop.index
-                    first = b.mul(g, group_i)
-                    for r in range(rows):
-                        b.store(ir.Constant(e.vi, None), isum[r])
-                    with b.if_else(b.icmp_signed("==", b.and_(group_i, idx(127)), idx(0))) as (by_128, by_64):
-                        with by_128:  # 128 values (64 bytes) a step, in 4w-byte registers: 64/(4w) of them
-                            with cgutils.for_range(b, b.sdiv(group_i, idx(128))) as step:
-                                at_value = b.add(first, b.mul(step.index, idx(128)))
-                                e.prefetch(packed_ptr, b.add(b.add(pofs_i, b.lshr(at_value, idx(1))),
-                                                             idx(PREFETCH_VALUES // 2)))
-                                for part in range(64 // (4 * w)):
-                                    raw = vload(b, packed_ptr, b.add(pofs_i, b.add(b.lshr(at_value, idx(1)),
-                                                                                   idx(part * 4 * w))), e.vb)
-                                    high, low = e.nibbles(raw)
-                                    for nibbles, half in ((high, 0), (low, 64)):
-                                        xoff = b.add(at_value, idx(half + part * 4 * w))
-                                        for r in range(rows):
-                                            xv = vload(b, xq_ptr, b.add(xrow[r], xoff), e.vb)
-                                            b.store(e.dot_bytes(b.load(isum[r]), nibbles, xv), isum[r])
-                        with by_64:  # a group of 64s (64, 192, ...): 64 values (32 bytes) a step
-                            with cgutils.for_range(b, b.sdiv(group_i, idx(64))) as step:
-                                at_value = b.add(first, b.mul(step.index, idx(64)))
-                                e.prefetch(packed_ptr, b.add(b.add(pofs_i, b.lshr(at_value, idx(1))),
-                                                             idx(PREFETCH_VALUES // 2)))
-                                raw = vload(b, packed_ptr, b.add(pofs_i, b.lshr(at_value, idx(1))),
-                                            ir.VectorType(I8, 32))
-                                high, low = e.nibbles(raw)
-                                if e.level == "avx512":  # both nibbles in one register, as xq holds their values
-                                    parts = [(b.shuffle_vector(high, low, ir.Constant(ir.VectorType(I32, 64),
-                                                                                      list(range(64)))), 0)]
-                                else:
-                                    parts = [(high, 0), (low, 32)]
-                                for nibbles, half in parts:
-                                    for r in range(rows):
-                                        xv = vload(b, xq_ptr, b.add(xrow[r], b.add(at_value, idx(half))), e.vb)
-                                        b.store(e.dot_bytes(b.load(isum[r]), nibbles, xv), isum[r])
+
+                def group_scale(g):  # group g's scale; its zero point's share added to each row's fix
                     at_group = b.add(sofs_i, g)  # the scale as stored (float16 bits), the zero a byte
                     scale = half_to_float(b, b.load(b.gep(scales_ptr, [at_group])))
                     zero_scale = b.fmul(b.uitofp(b.load(b.gep(zeros_ptr, [at_group])), F32), scale)
                     for r in range(rows):
-                        _accumulate(e, fsum[r], isum[r], splat(b, scale, e.vf))
                         gs = b.load(b.gep(gsum_ptr, [b.add(grow[r], g)]))
                         b.store(b.fadd(b.load(fix[r]), b.fmul(zero_scale, gs)), fix[r])
+                    return scale
+
+                pairs = b.and_(b.icmp_signed("==", group_i, idx(64)),
+                               b.icmp_signed("==", b.and_(cols_i, idx(127)), idx(0)))
+                with b.if_else(pairs) as (by_pairs, by_groups):
+                    with by_pairs:
+                        _int4_pairs(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, cols_i, isum, fsum, group_scale)
+                    with by_groups:
+                        _int4_groups(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, group_i, groups, isum, fsum,
+                                     group_scale)
                 _store_sums(e, out_ptr, fsum, lambda r: b.load(fix[r]))
 
             rows_switch(b, level, rows_i, case)
@@ -313,6 +287,87 @@ def make_dot4q(level: str):
 
     dot4q.__name__ = f"dot4q_{level}"
     return stable_id(intrinsic(dot4q), f"simd.{dot4q.__name__}")
+
+
+def _int4_groups(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, group_i, groups, isum, fsum, group_scale):
+    """:func:`make_dot4q`'s loop a group at a time: 128 values a step where 128 divides the
+    group, else 64 (a group of 64s: 64, 192, ...)."""
+    b, w = e.b, e.w
+    with cgutils.for_range(b, groups) as loop:
+        g = loop.index
+        first = b.mul(g, group_i)
+        for r in range(rows):
+            b.store(ir.Constant(e.vi, None), isum[r])
+        with b.if_else(b.icmp_signed("==", b.and_(group_i, idx(127)), idx(0))) as (by_128, by_64):
+            with by_128:  # 128 values (64 bytes) a step, in 4w-byte registers: 64/(4w) of them
+                with cgutils.for_range(b, b.sdiv(group_i, idx(128))) as step:
+                    at_value = b.add(first, b.mul(step.index, idx(128)))
+                    e.prefetch(packed_ptr, b.add(b.add(pofs_i, b.lshr(at_value, idx(1))), idx(PREFETCH_VALUES // 2)))
+                    for part in range(64 // (4 * w)):
+                        at_byte = b.add(b.lshr(at_value, idx(1)), idx(part * 4 * w))
+                        raw = vload(b, packed_ptr, b.add(pofs_i, at_byte), e.vb)
+                        high, low = e.nibbles(raw)
+                        for nibbles, half in ((high, 0), (low, 64)):
+                            xoff = b.add(at_value, idx(half + part * 4 * w))
+                            for r in range(rows):
+                                xv = vload(b, xq_ptr, b.add(xrow[r], xoff), e.vb)
+                                b.store(e.dot_bytes(b.load(isum[r]), nibbles, xv), isum[r])
+            with by_64:  # a group of 64s (64, 192, ...): 64 values (32 bytes) a step
+                with cgutils.for_range(b, b.sdiv(group_i, idx(64))) as step:
+                    at_value = b.add(first, b.mul(step.index, idx(64)))
+                    e.prefetch(packed_ptr, b.add(b.add(pofs_i, b.lshr(at_value, idx(1))), idx(PREFETCH_VALUES // 2)))
+                    raw = vload(b, packed_ptr, b.add(pofs_i, b.lshr(at_value, idx(1))), ir.VectorType(I8, 32))
+                    high, low = e.nibbles(raw)
+                    if e.level == "avx512":  # both nibbles in one register, as xq holds their values
+                        both = ir.Constant(ir.VectorType(I32, 64), list(range(64)))
+                        parts = [(b.shuffle_vector(high, low, both), 0)]
+                    else:
+                        parts = [(high, 0), (low, 32)]
+                    for nibbles, half in parts:
+                        for r in range(rows):
+                            xv = vload(b, xq_ptr, b.add(xrow[r], b.add(at_value, idx(half))), e.vb)
+                            b.store(e.dot_bytes(b.load(isum[r]), nibbles, xv), isum[r])
+        scale = group_scale(g)
+        for r in range(rows):
+            _accumulate(e, fsum[r], isum[r], splat(b, scale, e.vf))
+
+
+def _int4_pairs(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, cols_i, isum, fsum, group_scale):
+    """:func:`make_dot4q`'s loop for groups of 64 in rows 128 divides: two groups a 128-value
+    step, read as groups of 128 are (``xq`` in their order), each group's sums in lanes of their
+    own: AVX-512's register of 64 bytes holds the first group's in lanes 0-7 and the second's
+    in 8-15, scaled by one vector of the two scales; AVX2's two 32-byte registers are a group
+    each, in sums of their own."""
+    b, w = e.b, e.w
+    second = isum if w == 16 else [cgutils.alloca_once(b, e.vi) for _ in range(rows)]
+    halves = ir.Constant(ir.VectorType(I32, w), [0] * (w // 2) + [1] * (w // 2))
+    with cgutils.for_range(b, b.sdiv(cols_i, idx(128))) as loop:
+        at_value = b.mul(loop.index, idx(128))
+        for r in range(rows):
+            b.store(ir.Constant(e.vi, None), isum[r])
+            b.store(ir.Constant(e.vi, None), second[r])
+        e.prefetch(packed_ptr, b.add(b.add(pofs_i, b.lshr(at_value, idx(1))), idx(PREFETCH_VALUES // 2)))
+        for part, sums in enumerate([isum] if w == 16 else [isum, second]):
+            raw = vload(b, packed_ptr, b.add(pofs_i, b.add(b.lshr(at_value, idx(1)), idx(part * 4 * w))), e.vb)
+            high, low = e.nibbles(raw)
+            for nibbles, half in ((high, 0), (low, 64)):
+                xoff = b.add(at_value, idx(half + part * 4 * w))
+                for r in range(rows):
+                    xv = vload(b, xq_ptr, b.add(xrow[r], xoff), e.vb)
+                    b.store(e.dot_bytes(b.load(sums[r]), nibbles, xv), sums[r])
+        first_group = b.mul(loop.index, idx(2))
+        scales = (group_scale(first_group), group_scale(b.add(first_group, idx(1))))
+        if w == 16:
+            two = ir.Constant(ir.VectorType(F32, 2), None)
+            two = b.insert_element(two, scales[0], ir.Constant(I32, 0))
+            two = b.insert_element(two, scales[1], ir.Constant(I32, 1))
+            both = b.shuffle_vector(two, two, halves)
+            for r in range(rows):
+                _accumulate(e, fsum[r], isum[r], both)
+        else:
+            for r in range(rows):
+                _accumulate(e, fsum[r], isum[r], splat(b, scales[0], e.vf))
+                _accumulate(e, fsum[r], second[r], splat(b, scales[1], e.vf))
 
 
 def make_dot4l(level: str):
