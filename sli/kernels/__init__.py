@@ -227,12 +227,21 @@ def _quantized(rows: np.ndarray, xblock: int, keep: int = 0, sumblock: Optional[
 
 def _q4_order(xq: np.ndarray, t: int, n: int, half: int = 64, out: Optional[np.ndarray] = None) -> np.ndarray:
     """:func:`q4_order` on a numpy array: int8 rows ``xq`` (``[T * n]``, flat) to flat (what the
-    kernels take), into ``out`` when given."""
-    ordered = xq.reshape(t, n // (2 * half), half, 2).transpose(0, 1, 3, 2)
-    if out is None:
-        return np.ascontiguousarray(ordered).reshape(-1)
-    out.reshape(ordered.shape)[...] = ordered
-    return out
+    kernels take), into ``out`` when given. Where ``2*half`` does not divide ``n``, a row's
+    last ``n % (2*half)`` values are ordered with ``half`` 32 (INT4's groups of 64 in a row
+    of 576)."""
+    main = n - n % (2 * half)
+    if main == n:
+        ordered = xq.reshape(t, n // (2 * half), half, 2).transpose(0, 1, 3, 2)
+        if out is None:
+            return np.ascontiguousarray(ordered).reshape(-1)
+        out.reshape(ordered.shape)[...] = ordered
+        return out
+    rows = xq.reshape(t, n)
+    result = (np.empty(t * n, xq.dtype) if out is None else out).reshape(t, n)
+    result[:, :main] = _q4_order(np.ascontiguousarray(rows[:, :main]), t, main, half).reshape(t, main)
+    result[:, main:] = _q4_order(np.ascontiguousarray(rows[:, main:]), t, n - main, 32).reshape(t, n - main)
+    return result.reshape(-1)
 
 
 def levels_order(xq: np.ndarray, t: int, n: int, out: Optional[np.ndarray] = None) -> np.ndarray:
@@ -494,11 +503,12 @@ def dequantize_int4(packed: Tensor, scales: Tensor, zeros: Tensor, group: int, o
     return out
 
 
-def int4_half(group: int, cols: int) -> int:
+def int4_half(group: int) -> int:
     """The :func:`q4_order` ``half`` INT4's int8 kernel reads groups of ``group`` values in
-    (a multiple of 64), rows of ``cols``: 64 where 128 divides the group, or where the groups
-    are of 64 and 128 divides the row (two groups a step), else 32 (64 values a step)."""
-    return 64 if group % 128 == 0 or (group == 64 and cols % 128 == 0) else 32
+    (a multiple of 64): 64 where 128 divides the group or the group is 64 (two groups a step;
+    a row's last 64 values in ``half`` 32 where 128 does not divide it), else 32 (64 values a
+    step)."""
+    return 64 if group % 128 == 0 or group == 64 else 32
 
 
 def matmul_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group: int, in_features: int,
@@ -520,7 +530,7 @@ def matmul_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group:
     if activations == "int8":
         xq, xs, _, gsum, oidx, oval = _quantized(_np(rows), padded, min(KEEP_FLOAT, in_features - 1), group)
         _run("matmul_int4q", packed.shape[0], packed.numel() * 2 * rows.shape[0] // 4, _np(_flat(packed)),
-             *int4_groups(scales, zeros), _q4_order(xq, rows.shape[0], padded, int4_half(group, padded)), xs, gsum,
+             *int4_groups(scales, zeros), _q4_order(xq, rows.shape[0], padded, int4_half(group)), xs, gsum,
              oidx, oval, group, y)
     else:
         _run("matmul_int4", packed.shape[0], packed.numel() * 2 * rows.shape[0], _np(_flat(packed)),

@@ -198,5 +198,5 @@ def int4(packed: Tensor, scales: Tensor, zeros: Tensor, group: int, in_features:
         xq, xs, _, gsum, oidx, oval = a
         return pf, sf, zf, xq, xs, gsum, oidx, oval, group, y
 
-    activations = Activations(padded, group, min(KEEP_FLOAT, in_features - 1), int4_half(group, padded))
+    activations = Activations(padded, group, min(KEEP_FLOAT, in_features - 1), int4_half(group))
     return RowProduct(activations, out_features, packed.numel() * 2 // 4, "matmul_int4q", arguments, bias)

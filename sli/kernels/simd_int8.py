@@ -270,9 +270,7 @@ def make_dot4q(level: str):
                         b.store(b.fadd(b.load(fix[r]), b.fmul(zero_scale, gs)), fix[r])
                     return scale
 
-                pairs = b.and_(b.icmp_signed("==", group_i, idx(64)),
-                               b.icmp_signed("==", b.and_(cols_i, idx(127)), idx(0)))
-                with b.if_else(pairs) as (by_pairs, by_groups):
+                with b.if_else(b.icmp_signed("==", group_i, idx(64))) as (by_pairs, by_groups):
                     with by_pairs:
                         _int4_pairs(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, cols_i, isum, fsum, group_scale)
                     with by_groups:
@@ -312,32 +310,39 @@ def _int4_groups(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, group_i, groups, isu
                             for r in range(rows):
                                 xv = vload(b, xq_ptr, b.add(xrow[r], xoff), e.vb)
                                 b.store(e.dot_bytes(b.load(isum[r]), nibbles, xv), isum[r])
-            with by_64:  # a group of 64s (64, 192, ...): 64 values (32 bytes) a step
+            with by_64:  # a group of 64s (192, ...): 64 values (32 bytes) a step
                 with cgutils.for_range(b, b.sdiv(group_i, idx(64))) as step:
-                    at_value = b.add(first, b.mul(step.index, idx(64)))
-                    e.prefetch(packed_ptr, b.add(b.add(pofs_i, b.lshr(at_value, idx(1))), idx(PREFETCH_VALUES // 2)))
-                    raw = vload(b, packed_ptr, b.add(pofs_i, b.lshr(at_value, idx(1))), ir.VectorType(I8, 32))
-                    high, low = e.nibbles(raw)
-                    if e.level == "avx512":  # both nibbles in one register, as xq holds their values
-                        both = ir.Constant(ir.VectorType(I32, 64), list(range(64)))
-                        parts = [(b.shuffle_vector(high, low, both), 0)]
-                    else:
-                        parts = [(high, 0), (low, 32)]
-                    for nibbles, half in parts:
-                        for r in range(rows):
-                            xv = vload(b, xq_ptr, b.add(xrow[r], b.add(at_value, idx(half))), e.vb)
-                            b.store(e.dot_bytes(b.load(isum[r]), nibbles, xv), isum[r])
+                    _int4_step64(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, b.add(first, b.mul(step.index, idx(64))),
+                                 isum)
         scale = group_scale(g)
         for r in range(rows):
             _accumulate(e, fsum[r], isum[r], splat(b, scale, e.vf))
 
 
+def _int4_step64(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, at_value, isum):
+    """64 values (32 bytes) of INT4 from ``at_value`` into each row's ``isum``, ``xq`` in
+    :func:`sli.kernels.q4_order`'s ``half`` 32 there."""
+    b = e.b
+    e.prefetch(packed_ptr, b.add(b.add(pofs_i, b.lshr(at_value, idx(1))), idx(PREFETCH_VALUES // 2)))
+    raw = vload(b, packed_ptr, b.add(pofs_i, b.lshr(at_value, idx(1))), ir.VectorType(I8, 32))
+    high, low = e.nibbles(raw)
+    if e.level == "avx512":  # both nibbles in one register, as xq holds their values
+        parts = [(b.shuffle_vector(high, low, ir.Constant(ir.VectorType(I32, 64), list(range(64)))), 0)]
+    else:
+        parts = [(high, 0), (low, 32)]
+    for nibbles, half in parts:
+        for r in range(rows):
+            xv = vload(b, xq_ptr, b.add(xrow[r], b.add(at_value, idx(half))), e.vb)
+            b.store(e.dot_bytes(b.load(isum[r]), nibbles, xv), isum[r])
+
+
 def _int4_pairs(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, cols_i, isum, fsum, group_scale):
-    """:func:`make_dot4q`'s loop for groups of 64 in rows 128 divides: two groups a 128-value
-    step, read as groups of 128 are (``xq`` in their order), each group's sums in lanes of their
-    own: AVX-512's register of 64 bytes holds the first group's in lanes 0-7 and the second's
-    in 8-15, scaled by one vector of the two scales; AVX2's two 32-byte registers are a group
-    each, in sums of their own."""
+    """:func:`make_dot4q`'s loop for groups of 64: two groups a 128-value step, read as groups
+    of 128 are (``xq`` in their order), each group's sums in lanes of their own: AVX-512's
+    register of 64 bytes holds the first group's in lanes 0-7 and the second's in 8-15, scaled
+    by one vector of the two scales; AVX2's two 32-byte registers are a group each, in sums of
+    their own. A row's last group, where 128 does not divide the row (576), alone after them
+    (:func:`_int4_step64`)."""
     b, w = e.b, e.w
     second = isum if w == 16 else [cgutils.alloca_once(b, e.vi) for _ in range(rows)]
     halves = ir.Constant(ir.VectorType(I32, w), [0] * (w // 2) + [1] * (w // 2))
@@ -368,6 +373,14 @@ def _int4_pairs(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, cols_i, isum, fsum, g
             for r in range(rows):
                 _accumulate(e, fsum[r], isum[r], splat(b, scales[0], e.vf))
                 _accumulate(e, fsum[r], second[r], splat(b, scales[1], e.vf))
+    with b.if_then(b.icmp_signed("!=", b.and_(cols_i, idx(127)), idx(0))):  # the last group, alone
+        for r in range(rows):
+            b.store(ir.Constant(e.vi, None), isum[r])
+        last = b.sub(cols_i, idx(64))
+        _int4_step64(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, last, isum)
+        scale = group_scale(b.lshr(last, idx(6)))
+        for r in range(rows):
+            _accumulate(e, fsum[r], isum[r], splat(b, scale, e.vf))
 
 
 def make_dot4l(level: str):
