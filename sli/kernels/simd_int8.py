@@ -297,19 +297,10 @@ def _int4_groups(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, group_i, groups, isu
         for r in range(rows):
             b.store(ir.Constant(e.vi, None), isum[r])
         with b.if_else(b.icmp_signed("==", b.and_(group_i, idx(127)), idx(0))) as (by_128, by_64):
-            with by_128:  # 128 values (64 bytes) a step, in 4w-byte registers: 64/(4w) of them
+            with by_128:  # 128 values (64 bytes) a step
                 with cgutils.for_range(b, b.sdiv(group_i, idx(128))) as step:
-                    at_value = b.add(first, b.mul(step.index, idx(128)))
-                    e.prefetch(packed_ptr, b.add(b.add(pofs_i, b.lshr(at_value, idx(1))), idx(PREFETCH_VALUES // 2)))
-                    for part in range(64 // (4 * w)):
-                        at_byte = b.add(b.lshr(at_value, idx(1)), idx(part * 4 * w))
-                        raw = vload(b, packed_ptr, b.add(pofs_i, at_byte), e.vb)
-                        high, low = e.nibbles(raw)
-                        for nibbles, half in ((high, 0), (low, 64)):
-                            xoff = b.add(at_value, idx(half + part * 4 * w))
-                            for r in range(rows):
-                                xv = vload(b, xq_ptr, b.add(xrow[r], xoff), e.vb)
-                                b.store(e.dot_bytes(b.load(isum[r]), nibbles, xv), isum[r])
+                    _int4_step128(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, b.add(first, b.mul(step.index, idx(128))),
+                                  [isum] * (64 // (4 * w)))
             with by_64:  # a group of 64s (192, ...): 64 values (32 bytes) a step
                 with cgutils.for_range(b, b.sdiv(group_i, idx(64))) as step:
                     _int4_step64(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, b.add(first, b.mul(step.index, idx(64))),
@@ -317,6 +308,22 @@ def _int4_groups(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, group_i, groups, isu
         scale = group_scale(g)
         for r in range(rows):
             _accumulate(e, fsum[r], isum[r], splat(b, scale, e.vf))
+
+
+def _int4_step128(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, at_value, sums):
+    """128 values (64 bytes) of INT4 from ``at_value``, ``xq`` in :func:`sli.kernels.q4_order`'s
+    ``half`` 64 there, in 4w-byte registers (64/(4w) of them): register ``part``'s products
+    into each row's ``sums[part]``."""
+    b, w = e.b, e.w
+    e.prefetch(packed_ptr, b.add(b.add(pofs_i, b.lshr(at_value, idx(1))), idx(PREFETCH_VALUES // 2)))
+    for part, into in enumerate(sums):
+        raw = vload(b, packed_ptr, b.add(pofs_i, b.add(b.lshr(at_value, idx(1)), idx(part * 4 * w))), e.vb)
+        high, low = e.nibbles(raw)
+        for nibbles, half in ((high, 0), (low, 64)):
+            xoff = b.add(at_value, idx(half + part * 4 * w))
+            for r in range(rows):
+                xv = vload(b, xq_ptr, b.add(xrow[r], xoff), e.vb)
+                b.store(e.dot_bytes(b.load(into[r]), nibbles, xv), into[r])
 
 
 def _int4_step64(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, at_value, isum):
@@ -351,15 +358,7 @@ def _int4_pairs(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, cols_i, isum, fsum, g
         for r in range(rows):
             b.store(ir.Constant(e.vi, None), isum[r])
             b.store(ir.Constant(e.vi, None), second[r])
-        e.prefetch(packed_ptr, b.add(b.add(pofs_i, b.lshr(at_value, idx(1))), idx(PREFETCH_VALUES // 2)))
-        for part, sums in enumerate([isum] if w == 16 else [isum, second]):
-            raw = vload(b, packed_ptr, b.add(pofs_i, b.add(b.lshr(at_value, idx(1)), idx(part * 4 * w))), e.vb)
-            high, low = e.nibbles(raw)
-            for nibbles, half in ((high, 0), (low, 64)):
-                xoff = b.add(at_value, idx(half + part * 4 * w))
-                for r in range(rows):
-                    xv = vload(b, xq_ptr, b.add(xrow[r], xoff), e.vb)
-                    b.store(e.dot_bytes(b.load(sums[r]), nibbles, xv), sums[r])
+        _int4_step128(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, at_value, [isum] if w == 16 else [isum, second])
         first_group = b.mul(loop.index, idx(2))
         scales = (group_scale(first_group), group_scale(b.add(first_group, idx(1))))
         if w == 16:
