@@ -280,7 +280,7 @@ def test_int4_pads_inputs_to_its_group_size():
 @pytest.mark.parametrize("rows", [1, 5])
 def test_int4_groups_of_64s_take_the_int8_kernel_as_groups_of_128_do(group, width, rows):
     # 576 = 4.5 x 128, SmolLM2's width: groups of 64 and of 192 divide it (4.25 bits a weight, no
-    # padding), 64 values a step; in 512, groups of 64 are read two a step
+    # padding). Groups of 64 are read two a step, in 576 the last one alone; groups of 192 64 values a step
     codec = codec_for("int4")
     q = codec.prepare(codec.quantize(_weight((96, width)), QuantizationConfig(mode="int4", group_size=group)))
     x = torch.randn(rows, width)
@@ -528,8 +528,8 @@ packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_s
 assert (codec.dequantize(q, torch.float32) - bnbf.dequantize_4bit(packed, state)).abs().max() <= 1e-7
 for mode, blocks in (("none", 64), ("int8", 64), ("int8_dynamic", 64), ("nf4", 64), ("fp4", 64), ("int4", 128),
                      ("fp8", 64), ("nf4", 32), ("fp4", 32),  # 4-bit blocks of 32: two scales a 64-value step
-                     ("int4", 64), ("int4", 192)):  # INT4 groups of 64s: two a step where 128 divides the row
-    # (1024, 200 padded to 256, 2560), else 64 values a step (576; 192 always)
+                     ("int4", 64), ("int4", 192)):  # INT4 groups of 64: two a step (1024, 200 padded to
+    # 256, 2560), a last one alone where 128 does not divide the row (576); groups of 192: 64 values a step
     codec = codec_for(mode)
     sized = {"group_size": blocks} if mode == "int4" else {"block_size": blocks}
     # 200: a tail after the last 64 values, int4 padding; 2560: rows straddling 4-bit groups of 256 block maxima;

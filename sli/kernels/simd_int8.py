@@ -234,8 +234,9 @@ def make_dot4q(level: str):
     """``dot4q(packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, rows, cols, out)``: a
     group-wise affine 4-bit row (INT4: ``w = (q - zero) * scale``, ``q`` the nibble) times int8
     activation rows ``xq[(t0 + r)*cols:]``, each 128 values ordered as the 64 even ones then
-    the 64 odd ones (:func:`sli.kernels.q4_order`; a group size that is a multiple of 64 and
-    not of 128: each 64 values as the 32 even ones, then the 32 odd ones, read 64 values a
+    the 64 odd ones (:func:`sli.kernels.q4_order`, :func:`sli.kernels.int4_half`; groups of 64
+    in a row 128 does not divide: its last 64 as the 32 even ones, then the 32 odd ones; other
+    group sizes that are multiples of 64 and not of 128: each 64 values so, read 64 values a
     step), ``gsum`` their sum per group:
     ``out[r] = sum over groups of scale * (q . xq - zero * gsum)``, ``q . xq`` exact in int32.
     ``scales`` are the stored float16 scales' bits (int16), ``zeros`` the stored uint8 zeros.
@@ -288,8 +289,9 @@ def make_dot4q(level: str):
 
 
 def _int4_groups(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, group_i, groups, isum, fsum, group_scale):
-    """:func:`make_dot4q`'s loop a group at a time: 128 values a step where 128 divides the
-    group, else 64 (a group of 64s: 64, 192, ...)."""
+    """:func:`make_dot4q`'s loop a group at a time (every group size but 64, which
+    :func:`_int4_pairs` reads): 128 values a step where 128 divides the group, else 64 (192,
+    ...)."""
     b, w = e.b, e.w
     with cgutils.for_range(b, groups) as loop:
         g = loop.index
@@ -351,14 +353,15 @@ def _int4_pairs(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, cols_i, isum, fsum, g
     their own. A row's last group, where 128 does not divide the row (576), alone after them
     (:func:`_int4_step64`)."""
     b, w = e.b, e.w
-    second = isum if w == 16 else [cgutils.alloca_once(b, e.vi) for _ in range(rows)]
+    # each register's sums: AVX-512's one holds both groups, AVX2's two one group each
+    sums = [isum] if w == 16 else [isum, [cgutils.alloca_once(b, e.vi) for _ in range(rows)]]
     halves = ir.Constant(ir.VectorType(I32, w), [0] * (w // 2) + [1] * (w // 2))
     with cgutils.for_range(b, b.sdiv(cols_i, idx(128))) as loop:
         at_value = b.mul(loop.index, idx(128))
-        for r in range(rows):
-            b.store(ir.Constant(e.vi, None), isum[r])
-            b.store(ir.Constant(e.vi, None), second[r])
-        _int4_step128(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, at_value, [isum] if w == 16 else [isum, second])
+        for into in sums:
+            for r in range(rows):
+                b.store(ir.Constant(e.vi, None), into[r])
+        _int4_step128(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, at_value, sums)
         first_group = b.mul(loop.index, idx(2))
         scales = (group_scale(first_group), group_scale(b.add(first_group, idx(1))))
         if w == 16:
@@ -371,7 +374,7 @@ def _int4_pairs(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, cols_i, isum, fsum, g
         else:
             for r in range(rows):
                 _accumulate(e, fsum[r], isum[r], splat(b, scales[0], e.vf))
-                _accumulate(e, fsum[r], second[r], splat(b, scales[1], e.vf))
+                _accumulate(e, fsum[r], sums[1][r], splat(b, scales[1], e.vf))
     with b.if_then(b.icmp_signed("!=", b.and_(cols_i, idx(127)), idx(0))):  # the last group, alone
         for r in range(rows):
             b.store(ir.Constant(e.vi, None), isum[r])
