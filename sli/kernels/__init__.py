@@ -239,8 +239,9 @@ def _q4_order(xq: np.ndarray, t: int, n: int, half: int = 64, out: Optional[np.n
         return out
     rows = xq.reshape(t, n)
     result = (np.empty(t * n, xq.dtype) if out is None else out).reshape(t, n)
-    result[:, :main] = _q4_order(np.ascontiguousarray(rows[:, :main]), t, main, half).reshape(t, main)
-    result[:, main:] = _q4_order(np.ascontiguousarray(rows[:, main:]), t, n - main, 32).reshape(t, n - main)
+    for start, stop, part_half in ((0, main, half), (main, n, 32)):
+        part = rows[:, start:stop].reshape(t, (stop - start) // (2 * part_half), part_half, 2)
+        result[:, start:stop] = part.transpose(0, 1, 3, 2).reshape(t, stop - start)
     return result.reshape(-1)
 
 
