@@ -55,7 +55,7 @@ DEFAULT_SETTINGS = {
 #   SLI_NO_SIMD=1   the plain numba kernels, not the SIMD ones (what a CPU without AVX2 runs)
 #   SLI_SIMD=avx512|avx2|plain  the kernels' SIMD level (default: the best the CPU runs; capped at it)
 #   SLI_TOKEN_PASS_ROWS=1|4  a token's INT8 and NF4/FP4 products a weight row a pass without software
-#                   prefetch, or four rows a pass with it (default: 1 on AMD Zen, 4 elsewhere)
+#                   prefetch, or four rows a pass with it (default: 1 on AMD Zen 4 and later, 4 elsewhere)
 #   SLI_FLOAT_ACTIVATIONS=1  INT8/INT4/NF4/FP4 kernels keep float activations at every row count
 #                   (default: int8 activations from 1 row on; sli.kernels.INT8_ACTIVATION_ROWS, INT8_LEVELS_ROWS)
 #   SLI_PROMPT_DTYPE=bfloat16|float32  a prompt's matrix products (default: bfloat16 where the CPU

@@ -672,6 +672,20 @@ def test_a_tokens_product_a_row_a_pass_gives_the_bits_of_four_rows_a_pass(level,
     assert float((results["1"][0] - ref).abs().max()) < 0.02 * float(ref.abs().max())
 
 
+def test_a_token_takes_one_row_a_pass_on_zen_4_and_later_and_four_elsewhere(monkeypatch):
+    # measured from RAM (docs/benchmarks.md): one stream a thread is faster on Zen 4, prefetched
+    # four-row passes on Zen 3 and on the Intel Xeons
+    from sli.kernels import simd
+
+    monkeypatch.delenv("SLI_TOKEN_PASS_ROWS", raising=False)
+    for name, rows in [("znver4", 1), ("znver5", 1), ("znver3", 4), ("znver2", 4), ("znver", 4),
+                       ("sapphirerapids", 4), ("skylake-avx512", 4), ("generic", 4)]:
+        monkeypatch.setattr(simd.binding, "get_host_cpu_name", lambda: name)
+        assert simd.token_pass_rows() == rows, name
+    monkeypatch.setenv("SLI_TOKEN_PASS_ROWS", "1")  # forced, whatever the CPU
+    assert simd.token_pass_rows() == 1
+
+
 def test_compiled_code_over_the_kernels_is_cached_apart_for_each_helpers_variant():
     # the team's and the one-call decode step's compiled code hold one variant's kernels (a
     # token's products a weight row a pass, "+row", or four): numba's on-disk cache keys them by

@@ -86,15 +86,22 @@ def token_pass_rows() -> int:
     Measured from RAM (docs/benchmarks.md): on AMD Zen 4 one row a pass is ~1.1-1.2x faster
     (its prefetchers follow one stream a thread; four rows are four streams, and prefetch
     instructions only add to them); on the Intel Xeon VMs software prefetch was what took
-    INT8 from 15 to 19 GB/s (their hardware prefetchers restart at each 4 KB page). So AMD
-    Zen CPUs (LLVM's host name ``znver*``) take one row a pass, others four.
+    INT8 from 15 to 19 GB/s (their hardware prefetchers restart at each 4 KB page), and on an
+    AMD Zen 3 (AVX2 only) four rows with it were ~1.1-1.2x faster too. So Zen 4 and later
+    (LLVM's host name ``znver4`` on) take one row a pass, others four.
     ``SLI_TOKEN_PASS_ROWS=1|4`` forces either."""
     asked = os.environ.get("SLI_TOKEN_PASS_ROWS", "").strip()
     if asked in ("1", str(WEIGHT_ROWS)):
         return int(asked)
     if asked:
         logger.warning("SLI_TOKEN_PASS_ROWS=%s is not 1 or %d; choosing by the CPU", asked, WEIGHT_ROWS)
-    return 1 if binding.get_host_cpu_name().startswith("znver") else WEIGHT_ROWS
+    return 1 if zen_generation(binding.get_host_cpu_name()) >= 4 else WEIGHT_ROWS
+
+
+def zen_generation(cpu_name: str) -> int:
+    """The AMD Zen generation LLVM's CPU name ``znverN`` gives (``znver3``: 3), 0 for any other CPU."""
+    digits = cpu_name[len("znver"):] if cpu_name.startswith("znver") else ""
+    return int(digits) if digits.isdigit() else 0
 
 
 _built: Dict[str, SimpleNamespace] = {}

@@ -53,7 +53,7 @@ def unpack(context, builder, signature, args, floats=()):
 # at ~7.5 GB/s a core (the hardware prefetchers restart at each 4 KB page); with it INT8 reads
 # ~19 GB/s on 2 cores (what torch's own sum reaches) and NF4 decodes ~1.4x faster
 # (docs/benchmarks.md; Intel Xeon VMs). On an L2/L3-resident weight it changes nothing
-# measurable. On AMD Zen a token's INT8 and NF4/FP4 passes leave it out (sli.kernels.simd.token_pass_rows).
+# measurable. On AMD Zen 4 and later a token's INT8 and NF4/FP4 passes leave it out (sli.kernels.simd.token_pass_rows).
 PREFETCH_VALUES = 2048
 
 
