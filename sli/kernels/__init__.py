@@ -231,17 +231,12 @@ def _q4_order(xq: np.ndarray, t: int, n: int, half: int = 64, out: Optional[np.n
     last ``n % (2*half)`` values are ordered with ``half`` 32 (INT4's groups of 64 in a row
     of 576)."""
     main = n - n % (2 * half)
-    if main == n:
-        ordered = xq.reshape(t, n // (2 * half), half, 2).transpose(0, 1, 3, 2)
-        if out is None:
-            return np.ascontiguousarray(ordered).reshape(-1)
-        out.reshape(ordered.shape)[...] = ordered
-        return out
     rows = xq.reshape(t, n)
     result = (np.empty(t * n, xq.dtype) if out is None else out).reshape(t, n)
     for start, stop, part_half in ((0, main, half), (main, n, 32)):
-        part = rows[:, start:stop].reshape(t, (stop - start) // (2 * part_half), part_half, 2)
-        result[:, start:stop] = part.transpose(0, 1, 3, 2).reshape(t, stop - start)
+        blocks = (stop - start) // (2 * part_half)
+        into = result[:, start:stop].reshape(t, blocks, 2, part_half)  # a view: each row's run split
+        into[...] = rows[:, start:stop].reshape(t, blocks, part_half, 2).transpose(0, 1, 3, 2)
     return result.reshape(-1)
 
 
