@@ -56,8 +56,10 @@ $(VENV_LOWEST)/.installed: pyproject.toml $(TORCH) $(LOWEST)
 	$(call install,$(VENV_LOWEST),-c $(LOWEST))
 	touch $@
 
+# numba's cache in the venv: another numba version's index beside the source would be
+# overwritten by each suite in turn (.ci/run runs the two at once)
 test-lowest: $(VENV_LOWEST)/.installed
-	$(VENV_LOWEST)/bin/python -m pytest $(PYTEST_ARGS)
+	NUMBA_CACHE_DIR=$(abspath $(VENV_LOWEST))/numba-cache $(VENV_LOWEST)/bin/python -m pytest $(PYTEST_ARGS)
 
 # The lock is the newest set the ranges allow (existing pins are kept unless LOCK_FLAGS=--upgrade);
 # lowest.txt takes each direct dependency at its lower bound. torch is left out of both files:
