@@ -162,3 +162,34 @@ def test_a_kv_read_releases_a_spilled_layers_pages_after_attention(tmp_path):
     module = torch.nn.Module()
     out, _ = sli_attention.attention_forward(module, torch.randn(1, 2, 1, 16), keys, values, None)
     assert out.shape == (1, 1, 2, 16) and released == [True]
+
+
+def test_softmax_exponentials_are_exp_to_float_precision_and_masked_positions_weigh_nothing():
+    # the attention kernels' own exp (numba's np.exp is a libm call a value): within a few ulps
+    # of exp where a softmax weight can matter, and exactly 0 for a masked (-inf) position
+    import numpy as np
+
+    from sli.kernels.attention import exp_shifted
+
+    x = np.concatenate([np.linspace(-80, 0, 20001), [-np.inf, -1e30]]).astype(np.float32)
+    got = x.copy()
+    exp_shifted(got, np.float32(0.0), np.empty(x.size, np.int32), x.size)
+    want = np.exp(x.astype(np.float64))
+    assert float((np.abs(got[:-2] - want[:-2]) / want[:-2]).max()) < 3e-7
+    assert got[-2] == 0.0 and got[-1] == 0.0
+    shifted = np.array([5.0, 3.0, -np.inf], np.float32)  # scores less their maximum, as a softmax takes them
+    exp_shifted(shifted, np.float32(5.0), np.empty(3, np.int32), 3)
+    assert np.allclose(shifted, [1.0, np.exp(-2.0), 0.0], rtol=3e-7, atol=0)
+
+
+def test_a_masked_positions_values_never_reach_the_output():
+    # a left-padded row's masked positions may hold anything (NaN included): their weight is 0
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(4, 64, generator=g), torch.randn(2, 12, 64, generator=g), torch.randn(2, 12, 64, generator=g)
+    bias = torch.zeros(12)
+    bias[:5] = float("-inf")
+    want = _reference(q, k.bfloat16(), None, v.bfloat16(), None, bias, 12, 0.125)
+    v[:, :5] = float("nan")
+    got = kernels.decode_attention(q, k.bfloat16(), None, v.bfloat16(), None, bias, 12, 0.125)
+    assert torch.isfinite(got).all()
+    assert float((got - want).abs().max()) < 1e-5

@@ -11,9 +11,34 @@ One kernel call takes a range of key-value heads; the query heads that share one
 attention) are scored together, so each key row is read once for all of them.
 """
 import numpy as np
+from numba import njit
 
 from .jit import KERNEL
 from .unpacked import _bf16_value, _int8_value
+
+LOG2_E = np.float32(1.4426950408889634)
+LN2_HIGH, LN2_LOW = np.float32(0.693359375), np.float32(-2.12194440e-4)  # ln 2 = their sum, HIGH exact in 9 bits
+# exp(r) for |r| <= ln(2)/2: its Taylor series to r**7 (the next term < 6e-9 of it)
+EXP_TERMS = tuple(np.float32(1.0 / np.prod(np.arange(1, k + 1, dtype=np.float64))) for k in range(7, -1, -1))
+
+
+@njit(nogil=True, cache=True)  # no fastmath: r = x - n * ln 2 in two parts, as written
+def exp_shifted(scores, top, powers, length):
+    """``scores[t] = exp(scores[t] - top)`` for ``t < length`` (0 below 2**-126: a masked -inf
+    position stays 0). numba's ``np.exp`` is a libm call a value (no SVML here), ~half of a
+    short context's attention; this is 2**n * exp(r), n = round(x / ln 2), r = x - n ln 2
+    (Cody and Waite's two-part ln 2): a polynomial and an exponent written into float bits,
+    each value on its own, so LLVM vectorizes it. Within ~2 float32 ulps of exp."""
+    c7, c6, c5, c4, c3, c2, c1, c0 = EXP_TERMS
+    for t in range(length):
+        x = max(scores[t] - top, np.float32(-88.0))
+        n = np.rint(x * LOG2_E)
+        r = (x - n * LN2_HIGH) - n * LN2_LOW
+        scores[t] = ((((((c7 * r + c6) * r + c5) * r + c4) * r + c3) * r + c2) * r + c1) * r + c0
+        powers[t] = (np.int32(n) + 127) << 23 if x > np.float32(-87.0) else 0  # 2**n as float bits, or 0
+    scale = powers.view(np.float32)
+    for t in range(length):
+        scores[t] *= scale[t]
 
 
 def build(h) -> dict:
@@ -37,6 +62,7 @@ def build(h) -> dict:
             scores = np.empty((group, length), np.float32)
             acc = np.empty(group, np.float32)
             row = np.empty(dim, np.float32)
+            powers = np.empty(length, np.int32)
             for g in range(start, stop):
                 first = g * group  # the group's first query head
                 for t in range(length):
@@ -56,11 +82,10 @@ def build(h) -> dict:
                     top = scores[i, 0]
                     for t in range(1, length):
                         top = max(top, scores[i, t])
+                    exp_shifted(scores[i], top, powers, length)
                     total = np.float32(0.0)
                     for t in range(length):
-                        e = np.exp(scores[i, t] - top)
-                        scores[i, t] = e
-                        total += e
+                        total += scores[i, t]
                     for t in range(length):
                         scores[i, t] = scores[i, t] / total * (vscale[g, t] if scaled else np.float32(1.0))
                     for j in range(dim):
