@@ -76,6 +76,36 @@ def _no_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def gguf_files_read_once() -> Iterator[None]:
+    """Meanwhile each GGUF file is parsed once, and gguf's tensor-name map built once an
+    architecture. transformers parses the file anew for the config, the tokenizer and the
+    weights (``gguf.GGUFReader``: ~8 s each for SmolLM2's 49152-token vocabulary on a 2-core
+    Zen 3) and builds the name map again for each module it walks; the default model's
+    conversion took 27-31 s, with this 14 s, writing the same bytes (docs/benchmarks.md).
+    The readers are read-only file maps, dropped at the end. (gguf's module attributes are
+    replaced meanwhile: a conversion is not run beside another use of gguf.)"""
+    import functools
+
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    opened: Dict[tuple, Any] = {}
+
+    def read_once(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in opened:
+            opened[key] = reader(path, *args, **kwargs)
+        return opened[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = read_once, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+        opened.clear()
+
+
 class KeyMapper:
     """Where each checkpoint tensor lands in a model: transformers' renaming and conversion
     rules for the model's family (MoE experts stored one by one and fused in the module, ...)."""

