@@ -635,10 +635,12 @@ for rows, cols in ((64, 576), (37, 1024), (40, 4160), (6, 256)):
     scale = torch.rand(rows, generator=g) * 0.01
     x = torch.randn(1, cols, generator=g) * 3
     out.append(kernels.matmul_int8(x, q, scale, activations="int8"))
-    for mode, blocks in (("nf4", 64), ("fp4", 64), ("nf4", 32)):
+    # INT4: groups of 128 (576, 4160 padded), 64 (pairs, a last one alone at 576) and 192 (64 a step)
+    for mode, blocks in (("nf4", 64), ("fp4", 64), ("nf4", 32), ("int4", 128), ("int4", 64), ("int4", 192)):
         codec = codec_for(mode)
+        sized = {"group_size": blocks} if mode == "int4" else {"block_size": blocks}
         w = codec.prepare(codec.quantize(torch.randn(rows, cols, generator=g) * 0.02,
-                                         QuantizationConfig(mode=mode, block_size=blocks)))
+                                         QuantizationConfig(mode=mode, **sized)))
         out.append(codec.fused_linear(w, codec.prepare_input(x), None))
 torch.save(out, sys.argv[2])
 """
@@ -646,8 +648,8 @@ torch.save(out, sys.argv[2])
 
 @pytest.mark.parametrize("level", [lv for lv in _levels() if lv not in ("plain", "avx2-only")])
 def test_a_tokens_product_a_row_a_pass_gives_the_bits_of_four_rows_a_pass(level, tmp_path):
-    # SLI_TOKEN_PASS_ROWS=1|4 forces how a token's INT8 and NF4/FP4 products walk the weight (by
-    # default a row a pass on AMD Zen, four elsewhere): the same sums either way, so the same bits
+    # SLI_TOKEN_PASS_ROWS=1|4 forces how a token's INT8, NF4/FP4 and INT4 products walk the weight
+    # (by default a row a pass on AMD Zen 4, four elsewhere): the same sums either way, so the same bits
     import os
     import subprocess
     import sys
@@ -661,7 +663,7 @@ def test_a_tokens_product_a_row_a_pass_gives_the_bits_of_four_rows_a_pass(level,
         assert done.returncode == 0, done.stderr[-2000:]
         assert f"row passes {passes == '1'}" in done.stdout
         results[passes] = torch.load(path)
-    assert len(results["1"]) == 16
+    assert len(results["1"]) == 28
     for row, rows in zip(results["1"], results["4"]):
         assert torch.equal(row, rows)
     g = torch.Generator().manual_seed(0)  # and they are the product (the int8 activations' rounding apart)

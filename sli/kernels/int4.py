@@ -2,7 +2,8 @@
 two a byte, the first in the high nibble; a scale and a zero point a group of ``group``
 values). They multiply by float32 activations through the ``lut4z`` helper (a group size
 the SIMD helpers do not step in, not a multiple of 64: the plain one), by int8 activations
-through ``dot4q``.
+through ``dot4q`` (a token's: four weight rows a pass through ``dot4q_rows``, as NF4's and INT8's,
+except where a row a pass is faster: AMD Zen 4, :func:`sli.kernels.simd.token_pass_rows`).
 """
 import numpy as np
 
@@ -15,8 +16,9 @@ def build(h) -> dict:
     from .plain import half_value
     from .activations import kept_nibbles
 
-    dot4q = h.dot4q
+    dot4q, dot4q_rows = h.dot4q, h.dot4q_rows
     most = h.max_rows  # activation rows a helper multiplies in one pass
+    weight_rows, row_passes = h.weight_rows, h.row_passes  # a token's weight rows a pass (see four_bit)
 
     def float_kernel(lut4z, most):
         @KERNEL
@@ -43,25 +45,33 @@ def build(h) -> dict:
     def matmul_int4q(packed, scales, zeros, xq, xs, gsum, oidx, oval, group, y, start, stop):
         # matmul_int4 with int8 activations (quantize_rows, one scale a row, in q4_order) and
         # their largest values in float (oidx: natural columns); scales, zeros as stored (float16
-        # bits as int16, uint8)
+        # bits as int16, uint8). One token: weight_rows weight rows a pass (the same sums as one
+        # at a time), as matmul_4bitq
         rows = y.shape[0]
         cols = xq.shape[0] // rows
         half = cols // 2
         groups = cols // group
         keep = oidx.shape[1]
         kept = kept_nibbles(oidx, group)
-        acc = np.empty(most, np.float32)
-        for o in range(start, stop):
+        acc = np.empty(max(most, weight_rows), np.float32)
+        o = start
+        while o < stop:
+            at_once = weight_rows if rows == 1 and not row_passes and o + weight_rows <= stop else 1
+            if at_once > 1:
+                dot4q_rows(packed, o * half, scales, zeros, o * groups, group, xq, gsum, 0, cols, acc)
             for t in range(0, rows, most):
                 k = min(most, rows - t)
-                dot4q(packed, o * half, scales, zeros, o * groups, group, xq, gsum, t, k, cols, acc)
-                for i in range(k):
-                    s = acc[i] * xs[t + i]
-                    for m in range(keep):
-                        nibble = (packed[o * half + kept[t + i, m, 0]] >> kept[t + i, m, 1]) & 15
-                        g = o * groups + kept[t + i, m, 2]
-                        s += ((np.float32(nibble) - np.float32(zeros[g])) * half_value(scales[g])) * oval[t + i, m]
-                    y[t + i, o] = s
+                if at_once == 1:
+                    dot4q(packed, o * half, scales, zeros, o * groups, group, xq, gsum, t, k, cols, acc)
+                for w in range(at_once):
+                    for i in range(k):
+                        s = acc[w * k + i] * xs[t + i]
+                        for m in range(keep):
+                            nibble = (packed[(o + w) * half + kept[t + i, m, 0]] >> kept[t + i, m, 1]) & 15
+                            g = (o + w) * groups + kept[t + i, m, 2]
+                            s += ((np.float32(nibble) - np.float32(zeros[g])) * half_value(scales[g])) * oval[t + i, m]
+                        y[t + i, o + w] = s
+            o += at_once
 
     @KERNEL
     def dequantize_int4(packed, scales, zeros, out, group, start, stop):

@@ -35,7 +35,7 @@ activation rows ``x[xofs + r*stride : ...]``; ``out[r]`` receives row ``r``'s su
   code[nibbles] * scale`` in the weight's order (dequantizing).
 
 The int8 helpers ``dot8q``, ``dot4q`` and ``dot4l`` (:mod:`sli.kernels.simd_int8`) meet int8
-activation rows; ``dot8q_rows``, ``dot4l_rows`` and ``dot8_rows``/``dotfp8_rows``/``dotbf16_rows`` are those helpers
+activation rows; ``dot8q_rows``, ``dot4q_rows``, ``dot4l_rows`` and ``dot8_rows``/``dotfp8_rows``/``dotbf16_rows`` are those helpers
 for ``weight_rows`` weight rows by one activation row.
 
 This module and the three it builds on reach into numba's and llvmlite's internals:
@@ -54,7 +54,7 @@ from llvmlite import binding
 
 from .simd_float import make_decode64, make_lut4, make_widening_dot, make_widening_dot_rows
 from .simd_int8 import (make_dot4l, make_dot4l_row, make_dot4l_rows, make_dot4l_tile, make_dot4q,
-                        make_dot8q, make_dot8q_row, make_dot8q_rows, make_dot8q_tile)
+                        make_dot4q_rows, make_dot8q, make_dot8q_row, make_dot8q_rows, make_dot8q_tile)
 from .plain import TILE_WEIGHT_ROWS, WEIGHT_ROWS
 from .simd_ir import LEVELS, MAX_ROWS, NEEDS, WIDTH
 
@@ -120,7 +120,7 @@ def helpers(level: str) -> SimpleNamespace:
             decode64_4bit=make_decode64(level),
             dot8q=make_dot8q(level), dot8q_rows=make_dot8q_rows(level), dot8q_row=make_dot8q_row(level),
             dot8q_tile=make_dot8q_tile(level), tile_rows=TILE_WEIGHT_ROWS,
-            dot4q=make_dot4q(level), dot4l=make_dot4l(level), dot4l_rows=make_dot4l_rows(level),
+            dot4q=make_dot4q(level), dot4q_rows=make_dot4q_rows(level), dot4l=make_dot4l(level), dot4l_rows=make_dot4l_rows(level),
             dot4l_row=make_dot4l_row(level), dot4l_tile=make_dot4l_tile(level), row_passes=row_passes,
             variant="+row" if row_passes else "")
     return _built[level]

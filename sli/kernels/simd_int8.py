@@ -9,6 +9,8 @@ too but saturates its int16 pairs (see :meth:`sli.kernels.simd_ir.Emit.dot_bytes
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -16,7 +18,7 @@ from numba.core.extending import intrinsic
 
 from .jit import stable_id
 from .plain import TILE_WEIGHT_ROWS, WEIGHT_ROWS
-from .simd_ir import (F32, I8, I16, I32, PREFETCH_VALUES, WIDTH, Emit, const, half_to_float, idx, rows_switch, splat,
+from .simd_ir import (F32, I8, I16, I32, Emit, const, half_to_float, idx, rows_switch, splat,
                       unpack, vload)
 
 
@@ -244,42 +246,13 @@ def make_dot4q(level: str):
     The nibbles are unsigned bytes as they are: ``vpdpbusd`` on AVX-512 VNNI, ``vpmaddubsw``
     (15 * 127 * 2 fits 16 bits) and ``vpmaddwd`` on AVX2.
     """
-    w = WIDTH[level]
-
     def dot4q(typingctx, packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, rows, cols, out):
         sig = types.void(packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, rows, cols, out)
 
         def codegen(context, builder, signature, args):
-            b = builder
-            packed_ptr, pofs_i, scales_ptr, zeros_ptr, sofs_i, group_i, xq_ptr, gsum_ptr, t0_i, rows_i, cols_i, \
-                out_ptr = unpack(context, b, signature, args)
-            groups = b.sdiv(cols_i, group_i)
-
-            def case(e, rows):
-                fsum = [cgutils.alloca_once(b, e.vf, zfill=True) for _ in range(rows)]
-                fix = [cgutils.alloca_once(b, F32, zfill=True) for _ in range(rows)]
-                isum = [cgutils.alloca_once(b, e.vi) for _ in range(rows)]
-                xrow = [b.mul(b.add(t0_i, idx(r)), cols_i) for r in range(rows)]
-                grow = [b.mul(b.add(t0_i, idx(r)), groups) for r in range(rows)]
-
-                def group_scale(g):  # group g's scale; its zero point's share added to each row's fix
-                    at_group = b.add(sofs_i, g)  # the scale as stored (float16 bits), the zero a byte
-                    scale = half_to_float(b, b.load(b.gep(scales_ptr, [at_group])))
-                    zero_scale = b.fmul(b.uitofp(b.load(b.gep(zeros_ptr, [at_group])), F32), scale)
-                    for r in range(rows):
-                        gs = b.load(b.gep(gsum_ptr, [b.add(grow[r], g)]))
-                        b.store(b.fadd(b.load(fix[r]), b.fmul(zero_scale, gs)), fix[r])
-                    return scale
-
-                with b.if_else(b.icmp_signed("==", group_i, idx(64))) as (by_pairs, by_groups):
-                    with by_pairs:
-                        _int4_pairs(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, cols_i, isum, fsum, group_scale)
-                    with by_groups:
-                        _int4_groups(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, group_i, groups, isum, fsum,
-                                     group_scale)
-                _store_sums(e, out_ptr, fsum, lambda r: b.load(fix[r]))
-
-            rows_switch(b, level, rows_i, case)
+            values = unpack(context, builder, signature, args)
+            rows_i, cols_i, out_ptr = values[9:]
+            rows_switch(builder, level, rows_i, lambda e, rows: _dot4q_pass(e, *values[:9], rows, 1, cols_i, out_ptr))
             return context.get_dummy_value()
 
         return sig, codegen
@@ -288,7 +261,77 @@ def make_dot4q(level: str):
     return stable_id(intrinsic(dot4q), f"simd.{dot4q.__name__}")
 
 
-def _int4_groups(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, group_i, groups, isum, fsum, group_scale):
+def make_dot4q_rows(level: str):
+    """``dot4q_rows(packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, cols, out)``:
+    :data:`WEIGHT_ROWS` consecutive INT4 weight rows (``packed[pofs + w * cols // 2:]``, their
+    groups from ``sofs + w * cols // group`` on) times the one activation row ``t0``: ``out[w]``
+    is what ``dot4q`` gives weight row ``w``, the same operations a row, the activations read
+    once for the four and each row prefetched (see :func:`make_dot8q_rows`)."""
+    def dot4q_rows(typingctx, packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, cols, out):
+        sig = types.void(packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, cols, out)
+
+        def codegen(context, builder, signature, args):
+            values = unpack(context, builder, signature, args)
+            _dot4q_pass(Emit(builder, level), *values[:9], 1, WEIGHT_ROWS, *values[9:])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    dot4q_rows.__name__ = f"dot4q_rows_{level}"
+    return stable_id(intrinsic(dot4q_rows), f"simd.{dot4q_rows.__name__}")
+
+
+def _dot4q_pass(e, packed_ptr, pofs_i, scales_ptr, zeros_ptr, sofs_i, group_i, xq_ptr, gsum_ptr, t0_i, rows,
+                weight_rows, cols_i, out_ptr):
+    """One pass of ``weight_rows`` INT4 weight rows by ``rows`` activation rows; weight row ``v``
+    by activation row ``r`` to ``out[v * rows + r]`` (see :func:`make_dot4q`)."""
+    b = e.b
+    groups = b.sdiv(cols_i, group_i)
+    pairs = [(v, r) for v in range(weight_rows) for r in range(rows)]
+    fsum = {pair: cgutils.alloca_once(b, e.vf, zfill=True) for pair in pairs}
+    fix = {pair: cgutils.alloca_once(b, F32, zfill=True) for pair in pairs}
+    isum = {pair: cgutils.alloca_once(b, e.vi) for pair in pairs}
+    rows_of = _Int4Rows(
+        pairs=pairs, rows=rows,
+        packed=[b.add(pofs_i, b.mul(b.lshr(cols_i, idx(1)), idx(v))) for v in range(weight_rows)],
+        x=[b.mul(b.add(t0_i, idx(r)), cols_i) for r in range(rows)], cols=cols_i)
+    srow = [b.add(sofs_i, b.mul(groups, idx(v))) for v in range(weight_rows)]
+    grow = [b.mul(b.add(t0_i, idx(r)), groups) for r in range(rows)]
+
+    def group_scales(g):  # group g's scale in each weight row; its zero point's share added to each pair's fix
+        shares = [b.load(b.gep(gsum_ptr, [b.add(grow[r], g)])) for r in range(rows)]
+        scales = []
+        for v in range(weight_rows):
+            at_group = b.add(srow[v], g)  # the scale as stored (float16 bits), the zero a byte
+            scale = half_to_float(b, b.load(b.gep(scales_ptr, [at_group])))
+            zero_scale = b.fmul(b.uitofp(b.load(b.gep(zeros_ptr, [at_group])), F32), scale)
+            for r in range(rows):
+                b.store(b.fadd(b.load(fix[v, r]), b.fmul(zero_scale, shares[r])), fix[v, r])
+            scales.append(scale)
+        return scales
+
+    with b.if_else(b.icmp_signed("==", group_i, idx(64))) as (by_pairs, by_groups):
+        with by_pairs:
+            _int4_pairs(e, rows_of, packed_ptr, xq_ptr, isum, fsum, group_scales)
+        with by_groups:
+            _int4_groups(e, rows_of, packed_ptr, xq_ptr, group_i, groups, isum, fsum, group_scales)
+    for v in range(weight_rows):
+        _store_sums(e, b.gep(out_ptr, [idx(v * rows)]), [fsum[v, r] for r in range(rows)],
+                    lambda r, v=v: b.load(fix[v, r]))
+
+
+@dataclass
+class _Int4Rows:
+    """Where a pass's rows start: each weight row's first byte (``packed``), each activation
+    row's first value (``x``); the (weight row, activation row) ``pairs`` with sums of their own."""
+    pairs: list
+    rows: int
+    packed: list
+    x: list
+    cols: ir.Value
+
+
+def _int4_groups(e, at, packed_ptr, xq_ptr, group_i, groups, isum, fsum, group_scales):
     """:func:`make_dot4q`'s loop a group at a time (every group size but 64, which
     :func:`_int4_pairs` reads): 128 values a step where 128 divides the group, else 64 (192,
     ...)."""
@@ -296,56 +339,66 @@ def _int4_groups(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, group_i, groups, isu
     with cgutils.for_range(b, groups) as loop:
         g = loop.index
         first = b.mul(g, group_i)
-        for r in range(rows):
-            b.store(ir.Constant(e.vi, None), isum[r])
+        for pair in at.pairs:
+            b.store(ir.Constant(e.vi, None), isum[pair])
         with b.if_else(b.icmp_signed("==", b.and_(group_i, idx(127)), idx(0))) as (by_128, by_64):
             with by_128:  # 128 values (64 bytes) a step
                 with cgutils.for_range(b, b.sdiv(group_i, idx(128))) as step:
-                    _int4_step128(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, b.add(first, b.mul(step.index, idx(128))),
+                    _int4_step128(e, at, packed_ptr, xq_ptr, b.add(first, b.mul(step.index, idx(128))),
                                   [isum] * (64 // (4 * w)))
             with by_64:  # a group of 64s (192, ...): 64 values (32 bytes) a step
                 with cgutils.for_range(b, b.sdiv(group_i, idx(64))) as step:
-                    _int4_step64(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, b.add(first, b.mul(step.index, idx(64))),
-                                 isum)
-        scale = group_scale(g)
-        for r in range(rows):
-            _accumulate(e, fsum[r], isum[r], splat(b, scale, e.vf))
+                    _int4_step64(e, at, packed_ptr, xq_ptr, b.add(first, b.mul(step.index, idx(64))), isum)
+        scales = group_scales(g)
+        for v, r in at.pairs:
+            _accumulate(e, fsum[v, r], isum[v, r], splat(b, scales[v], e.vf))
 
 
-def _int4_step128(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, at_value, sums):
+def _int4_prefetch(e, at, packed_ptr, at_value):
+    """Each weight row's bytes :data:`sli.kernels.simd_ir.PREFETCH_VALUES` values ahead (past a row's end, the same
+    row of the next pass: :meth:`Emit.prefetch_row`)."""
+    for row in at.packed:
+        e.prefetch_row(packed_ptr, row, at_value, at.cols, len(at.packed), per_byte=2)
+
+
+def _int4_step128(e, at, packed_ptr, xq_ptr, at_value, sums):
     """128 values (64 bytes) of INT4 from ``at_value``, ``xq`` in :func:`sli.kernels.q4_order`'s
     ``half`` 64 there, in 4w-byte registers (64/(4w) of them): register ``part``'s products
-    into each row's ``sums[part]``."""
+    into each pair's ``sums[part]``; each activation register read once for all weight rows."""
     b, w = e.b, e.w
-    e.prefetch(packed_ptr, b.add(b.add(pofs_i, b.lshr(at_value, idx(1))), idx(PREFETCH_VALUES // 2)))
+    _int4_prefetch(e, at, packed_ptr, at_value)
     for part, into in enumerate(sums):
-        raw = vload(b, packed_ptr, b.add(pofs_i, b.add(b.lshr(at_value, idx(1)), idx(part * 4 * w))), e.vb)
-        high, low = e.nibbles(raw)
-        for nibbles, half in ((high, 0), (low, 64)):
-            xoff = b.add(at_value, idx(half + part * 4 * w))
-            for r in range(rows):
-                xv = vload(b, xq_ptr, b.add(xrow[r], xoff), e.vb)
-                b.store(e.dot_bytes(b.load(into[r]), nibbles, xv), into[r])
+        xv = {(half, r): vload(b, xq_ptr, b.add(at.x[r], b.add(at_value, idx(half + part * 4 * w))), e.vb)
+              for half in (0, 64) for r in range(at.rows)}
+        for v, row in enumerate(at.packed):
+            raw = vload(b, packed_ptr, b.add(row, b.add(b.lshr(at_value, idx(1)), idx(part * 4 * w))), e.vb)
+            high, low = e.nibbles(raw)
+            for nibbles, half in ((high, 0), (low, 64)):
+                for r in range(at.rows):
+                    b.store(e.dot_bytes(b.load(into[v, r]), nibbles, xv[half, r]), into[v, r])
 
 
-def _int4_step64(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, at_value, isum):
-    """64 values (32 bytes) of INT4 from ``at_value`` into each row's ``isum``, ``xq`` in
+def _int4_step64(e, at, packed_ptr, xq_ptr, at_value, isum):
+    """64 values (32 bytes) of INT4 from ``at_value`` into each pair's ``isum``, ``xq`` in
     :func:`sli.kernels.q4_order`'s ``half`` 32 there."""
     b = e.b
-    e.prefetch(packed_ptr, b.add(b.add(pofs_i, b.lshr(at_value, idx(1))), idx(PREFETCH_VALUES // 2)))
-    raw = vload(b, packed_ptr, b.add(pofs_i, b.lshr(at_value, idx(1))), ir.VectorType(I8, 32))
-    high, low = e.nibbles(raw)
-    if e.level == "avx512":  # both nibbles in one register, as xq holds their values
-        parts = [(b.shuffle_vector(high, low, ir.Constant(ir.VectorType(I32, 64), list(range(64)))), 0)]
-    else:
-        parts = [(high, 0), (low, 32)]
-    for nibbles, half in parts:
-        for r in range(rows):
-            xv = vload(b, xq_ptr, b.add(xrow[r], b.add(at_value, idx(half))), e.vb)
-            b.store(e.dot_bytes(b.load(isum[r]), nibbles, xv), isum[r])
+    _int4_prefetch(e, at, packed_ptr, at_value)
+    halves = (0,) if e.level == "avx512" else (0, 32)  # AVX-512: both nibbles in one register, as xq holds them
+    xv = {(half, r): vload(b, xq_ptr, b.add(at.x[r], b.add(at_value, idx(half))), e.vb)
+          for half in halves for r in range(at.rows)}
+    for v, row in enumerate(at.packed):
+        raw = vload(b, packed_ptr, b.add(row, b.lshr(at_value, idx(1))), ir.VectorType(I8, 32))
+        high, low = e.nibbles(raw)
+        if e.level == "avx512":
+            parts = [(b.shuffle_vector(high, low, ir.Constant(ir.VectorType(I32, 64), list(range(64)))), 0)]
+        else:
+            parts = [(high, 0), (low, 32)]
+        for nibbles, half in parts:
+            for r in range(at.rows):
+                b.store(e.dot_bytes(b.load(isum[v, r]), nibbles, xv[half, r]), isum[v, r])
 
 
-def _int4_pairs(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, cols_i, isum, fsum, group_scale):
+def _int4_pairs(e, at, packed_ptr, xq_ptr, isum, fsum, group_scales):
     """:func:`make_dot4q`'s loop for groups of 64: two groups a 128-value step, read as groups
     of 128 are (``xq`` in their order), each group's sums in lanes of their own: AVX-512's
     register of 64 bytes holds the first group's in lanes 0-7 and the second's in 8-15, scaled
@@ -353,36 +406,35 @@ def _int4_pairs(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, cols_i, isum, fsum, g
     their own. A row's last group, where 128 does not divide the row (576), alone after them
     (:func:`_int4_step64`)."""
     b, w = e.b, e.w
+    cols_i = at.cols
     # each register's sums: AVX-512's one holds both groups, AVX2's two one group each
-    sums = [isum] if w == 16 else [isum, [cgutils.alloca_once(b, e.vi) for _ in range(rows)]]
+    sums = [isum] if w == 16 else [isum, {pair: cgutils.alloca_once(b, e.vi) for pair in at.pairs}]
     halves = ir.Constant(ir.VectorType(I32, w), [0] * (w // 2) + [1] * (w // 2))
     with cgutils.for_range(b, b.sdiv(cols_i, idx(128))) as loop:
         at_value = b.mul(loop.index, idx(128))
         for into in sums:
-            for r in range(rows):
-                b.store(ir.Constant(e.vi, None), into[r])
-        _int4_step128(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, at_value, sums)
+            for pair in at.pairs:
+                b.store(ir.Constant(e.vi, None), into[pair])
+        _int4_step128(e, at, packed_ptr, xq_ptr, at_value, sums)
         first_group = b.mul(loop.index, idx(2))
-        scales = (group_scale(first_group), group_scale(b.add(first_group, idx(1))))
-        if w == 16:
-            two = ir.Constant(ir.VectorType(F32, 2), None)
-            two = b.insert_element(two, scales[0], ir.Constant(I32, 0))
-            two = b.insert_element(two, scales[1], ir.Constant(I32, 1))
-            both = b.shuffle_vector(two, two, halves)
-            for r in range(rows):
-                _accumulate(e, fsum[r], isum[r], both)
-        else:
-            for r in range(rows):
-                _accumulate(e, fsum[r], isum[r], splat(b, scales[0], e.vf))
-                _accumulate(e, fsum[r], sums[1][r], splat(b, scales[1], e.vf))
+        firsts, seconds = group_scales(first_group), group_scales(b.add(first_group, idx(1)))
+        for v, r in at.pairs:
+            if w == 16:
+                two = ir.Constant(ir.VectorType(F32, 2), None)
+                two = b.insert_element(two, firsts[v], ir.Constant(I32, 0))
+                two = b.insert_element(two, seconds[v], ir.Constant(I32, 1))
+                _accumulate(e, fsum[v, r], isum[v, r], b.shuffle_vector(two, two, halves))
+            else:
+                _accumulate(e, fsum[v, r], isum[v, r], splat(b, firsts[v], e.vf))
+                _accumulate(e, fsum[v, r], sums[1][v, r], splat(b, seconds[v], e.vf))
     with b.if_then(b.icmp_signed("!=", b.and_(cols_i, idx(127)), idx(0))):  # the last group, alone
-        for r in range(rows):
-            b.store(ir.Constant(e.vi, None), isum[r])
+        for pair in at.pairs:
+            b.store(ir.Constant(e.vi, None), isum[pair])
         last = b.sub(cols_i, idx(64))
-        _int4_step64(e, rows, packed_ptr, pofs_i, xq_ptr, xrow, last, isum)
-        scale = group_scale(b.lshr(last, idx(6)))
-        for r in range(rows):
-            _accumulate(e, fsum[r], isum[r], splat(b, scale, e.vf))
+        _int4_step64(e, at, packed_ptr, xq_ptr, last, isum)
+        scales = group_scales(b.lshr(last, idx(6)))
+        for v, r in at.pairs:
+            _accumulate(e, fsum[v, r], isum[v, r], splat(b, scales[v], e.vf))
 
 
 def make_dot4l(level: str):
