@@ -274,8 +274,8 @@ def decode64_4bit(packed, pofs, code, scale, out, oofs):
 
 
 for _f in (_float_of_bits, half_value, _rows_dot, decode_pairs, lut4, lut4z, dot8, dot8_rows, dotfp8, dotfp8_rows,
-           dot8q, dot8q_rows, dot8q_row, dot8q_tile, dot4q, dot4q_rows, dot4l, dot4l_rows, dot4l_row, dot4l_tile, dotbf16,
-           dotbf16_rows, decode64_4bit):
+           dot8q, dot8q_rows, dot8q_row, dot8q_tile, dot4q, dot4q_rows, dot4l, dot4l_rows, dot4l_row, dot4l_tile,
+           dotbf16, dotbf16_rows, decode64_4bit):
     stable_id(_f, f"plain.{_f.__name__}")
 
 # The loops take any number of rows, so a block is decoded once for up to this many of them.
@@ -290,6 +290,7 @@ MAX_ROWS = 16
 HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=MAX_ROWS, weight_rows=1, lut4=lut4, lut4z=lut4z,
                           dot8=dot8, dot8_rows=dot8_rows, dotfp8=dotfp8, dotfp8_rows=dotfp8_rows,
                           dot8q=dot8q, dot8q_rows=dot8q_rows, dot8q_row=dot8q_row, dot8q_tile=dot8q_tile,
-                          dot4q=dot4q, dot4q_rows=dot4q_rows, dot4l=dot4l, dot4l_rows=dot4l_rows, dot4l_row=dot4l_row, dot4l_tile=dot4l_tile,
+                          dot4q=dot4q, dot4q_rows=dot4q_rows,
+                          dot4l=dot4l, dot4l_rows=dot4l_rows, dot4l_row=dot4l_row, dot4l_tile=dot4l_tile,
                           dotbf16=dotbf16, dotbf16_rows=dotbf16_rows, decode64_4bit=decode64_4bit,
                           tile_rows=1, row_passes=False, variant="")

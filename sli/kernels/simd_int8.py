@@ -18,8 +18,7 @@ from numba.core.extending import intrinsic
 
 from .jit import stable_id
 from .plain import TILE_WEIGHT_ROWS, WEIGHT_ROWS
-from .simd_ir import (F32, I8, I16, I32, Emit, const, half_to_float, idx, rows_switch, splat,
-                      unpack, vload)
+from .simd_ir import F32, I8, I16, I32, Emit, const, half_to_float, idx, rows_switch, splat, unpack, vload
 
 
 def _accumulate(e, fsum, isum, scale):
@@ -355,8 +354,8 @@ def _int4_groups(e, at, packed_ptr, xq_ptr, group_i, groups, isum, fsum, group_s
 
 
 def _int4_prefetch(e, at, packed_ptr, at_value):
-    """Each weight row's bytes :data:`sli.kernels.simd_ir.PREFETCH_VALUES` values ahead (past a row's end, the same
-    row of the next pass: :meth:`Emit.prefetch_row`)."""
+    """Each weight row's bytes :data:`sli.kernels.simd_ir.PREFETCH_VALUES` values ahead (past a
+    row's end, the same row of the next pass: :meth:`Emit.prefetch_row`)."""
     for row in at.packed:
         e.prefetch_row(packed_ptr, row, at_value, at.cols, len(at.packed), per_byte=2)
 
