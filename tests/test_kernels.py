@@ -292,18 +292,6 @@ def test_int4_groups_of_64s_take_the_int8_kernel_as_groups_of_128_do(group, widt
         assert torch.equal(codec.fused_linear(q, x[:1], None), fused[:1])
 
 
-def test_the_kernels_read_a_float16_scale_as_its_exact_value():
-    # numba has no float16 arrays: INT4's stored scales reach the kernels as int16 bits
-    from sli.kernels.plain import half_value
-    bits = np.arange(65536, dtype=np.uint16)
-    want = bits.view(np.float16).astype(np.float32)
-    got = np.array([half_value(b) for b in bits.view(np.int16)], dtype=np.float32)
-    numbers = ~np.isnan(want)  # zeros of both signs, subnormals, normals, infinities
-    assert np.array_equal(got[numbers], want[numbers])
-    assert np.array_equal(np.signbit(got[numbers]), np.signbit(want[numbers]))
-    assert np.isnan(got[~numbers]).all()
-
-
 @pytest.mark.parametrize("rows", [1, 5])
 def test_int4_kernels_read_the_stored_scales_and_zeros_so_a_loaded_weight_holds_nothing_more(rows, monkeypatch):
     codec = codec_for("int4")
@@ -591,6 +579,29 @@ def test_each_simd_level_gives_the_values_of_dequantize_then_linear(level):
                           timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"path ok {level}" in done.stdout
+
+
+@pytest.mark.parametrize("level", [lv for lv in _levels() if lv != "avx2-only"])
+def test_the_kernels_read_a_float16_scale_as_its_exact_value(level):
+    # numba has no float16 arrays: INT4's stored scales reach the kernels as int16 bits, decoded
+    # by integer operations on the plain level and by F16C's vcvtph2ps on the SIMD levels
+    from numba import njit
+    from sli.kernels import plain, simd
+    half_value = plain.half_value if level == "plain" else simd.helpers(level).half_value
+
+    @njit
+    def decode(bits, out):
+        for i in range(bits.shape[0]):
+            out[i] = half_value(bits[i])
+
+    bits = np.arange(65536, dtype=np.uint16)
+    want = bits.view(np.float16).astype(np.float32)
+    got = np.empty(65536, np.float32)
+    decode(bits.view(np.int16), got)
+    numbers = ~np.isnan(want)  # zeros of both signs, subnormals, normals, infinities
+    assert np.array_equal(got[numbers], want[numbers])
+    assert np.array_equal(np.signbit(got[numbers]), np.signbit(want[numbers]))
+    assert np.isnan(got[~numbers]).all()
 
 
 def test_numba_compiling_for_another_cpu_takes_the_levels_its_features_list(monkeypatch):

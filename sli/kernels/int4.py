@@ -13,10 +13,9 @@ from .jit import KERNEL
 def build(h) -> dict:
     """The kernels by name, over helpers ``h`` (one SIMD level's or the plain ones)."""
     from . import plain  # in the closures, so the cache sees them (sli.kernels.jit)
-    from .plain import half_value
     from .activations import kept_nibbles
 
-    dot4q, dot4q_rows = h.dot4q, h.dot4q_rows
+    dot4q, dot4q_rows, half_value = h.dot4q, h.dot4q_rows, h.half_value
     most = h.max_rows  # activation rows a helper multiplies in one pass
     weight_rows, row_passes = h.weight_rows, h.row_passes  # a token's weight rows a pass (see four_bit)
 

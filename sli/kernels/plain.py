@@ -293,4 +293,5 @@ HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=MAX_ROWS, weight_rows
                           dot4q=dot4q, dot4q_rows=dot4q_rows,
                           dot4l=dot4l, dot4l_rows=dot4l_rows, dot4l_row=dot4l_row, dot4l_tile=dot4l_tile,
                           dotbf16=dotbf16, dotbf16_rows=dotbf16_rows, decode64_4bit=decode64_4bit,
+                          half_value=half_value,
                           tile_rows=1, row_passes=False, variant="")

@@ -32,7 +32,8 @@ activation rows ``x[xofs + r*stride : ...]``; ``out[r]`` receives row ``r``'s su
 - ``dotfp8(q, qofs, ...)``: a float8_e4m3fn row (its bytes), decoded by arithmetic;
 - ``dotbf16(w, wofs, ...)``: a bfloat16 row (its bits as uint16) times float rows;
 - ``decode64_4bit(packed, pofs, code, scale, out, oofs)``: ``out[oofs:oofs+64] =
-  code[nibbles] * scale`` in the weight's order (dequantizing).
+  code[nibbles] * scale`` in the weight's order (dequantizing);
+- ``half_value(bits)``: a float16's bits as its float32 value (INT4's stored scales).
 
 The int8 helpers ``dot8q``, ``dot4q`` and ``dot4l`` (:mod:`sli.kernels.simd_int8`) meet int8
 activation rows; ``dot8q_rows``, ``dot4q_rows``, ``dot4l_rows`` and ``dot8_rows``/``dotfp8_rows``/``dotbf16_rows`` are those helpers
@@ -52,7 +53,7 @@ from typing import Dict, Tuple
 
 from llvmlite import binding
 
-from .simd_float import make_decode64, make_lut4, make_widening_dot, make_widening_dot_rows
+from .simd_float import make_decode64, make_half_value, make_lut4, make_widening_dot, make_widening_dot_rows
 from .simd_int8 import (make_dot4l, make_dot4l_row, make_dot4l_rows, make_dot4l_tile, make_dot4q,
                         make_dot4q_rows, make_dot8q, make_dot8q_row, make_dot8q_rows, make_dot8q_tile)
 from .plain import TILE_WEIGHT_ROWS, WEIGHT_ROWS
@@ -117,7 +118,7 @@ def helpers(level: str) -> SimpleNamespace:
             dot8=make_widening_dot(level, "int8"), dotfp8=make_widening_dot(level, "fp8"),
             dotbf16=make_widening_dot(level, "bf16"), dot8_rows=make_widening_dot_rows(level, "int8"),
             dotfp8_rows=make_widening_dot_rows(level, "fp8"), dotbf16_rows=make_widening_dot_rows(level, "bf16"),
-            decode64_4bit=make_decode64(level),
+            decode64_4bit=make_decode64(level), half_value=make_half_value(level),
             dot8q=make_dot8q(level), dot8q_rows=make_dot8q_rows(level), dot8q_row=make_dot8q_row(level),
             dot8q_tile=make_dot8q_tile(level), tile_rows=TILE_WEIGHT_ROWS,
             dot4q=make_dot4q(level), dot4q_rows=make_dot4q_rows(level), dot4l=make_dot4l(level), dot4l_rows=make_dot4l_rows(level),

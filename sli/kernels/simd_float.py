@@ -190,3 +190,22 @@ def make_decode64(level: str):
 
     decode64_4bit.__name__ = f"decode64_4bit_{level}"
     return stable_id(intrinsic(decode64_4bit), f"simd.{decode64_4bit.__name__}")
+
+
+def make_half_value(level: str):
+    """``half_value(bits)``: the float32 value of the float16 whose bits are ``bits`` (an int16
+    or uint16), exact: one ``vcvtph2ps`` (F16C, which every level needs) where
+    :func:`sli.kernels.plain.half_value` takes integer operations and two branches. INT4's kernel
+    reads a kept value's group scale with it, four times a weight row in a token's product."""
+    def half_value(typingctx, bits):
+        if not isinstance(bits, types.Integer) or bits.bitwidth != 16:
+            return None
+        sig = types.float32(bits)
+
+        def codegen(context, builder, signature, args):
+            return half_to_float(builder, args[0])
+
+        return sig, codegen
+
+    half_value.__name__ = f"half_value_{level}"
+    return stable_id(intrinsic(half_value), f"simd.{half_value.__name__}")
