@@ -2,12 +2,19 @@
 two a byte, the first in the high nibble; a scale and a zero point a group of ``group``
 values). They multiply by float32 activations through the ``lut4z`` helper (a group size
 the SIMD helpers do not step in, not a multiple of 64: the plain one), by int8 activations
-through ``dot4q`` (a token's: four weight rows a pass through ``dot4q_rows``, as NF4's and INT8's,
-except where a row a pass is faster: AMD Zen 4, :func:`sli.kernels.simd.token_pass_rows`).
+through ``dot4q``: a token's four weight rows a pass (``dot4q_rows``; one where that is faster,
+AMD Zen 4: :func:`sli.kernels.simd.token_pass_rows`), several activation rows two weight rows a
+pass (``dot4q_tile``) up to :data:`TILE_MAX_ROWS` of them.
 """
 import numpy as np
 
 from .jit import KERNEL
+
+# Activation rows up to which INT4's several-row products take two weight rows a pass. Measured
+# on the AMX Xeon (docs/benchmarks.md, 2026-12-07), a 11008x4096 weight hot: 2 rows 0.85x the
+# time of one weight row a pass, 3 rows 0.77x, but 4 to 32 rows 0.91-1.31x, median 1.07x (each
+# pair's sums are held at once: two weight rows by 8 activation rows fill AVX-512's registers).
+TILE_MAX_ROWS = 3
 
 
 def build(h) -> dict:
@@ -15,9 +22,10 @@ def build(h) -> dict:
     from . import plain  # in the closures, so the cache sees them (sli.kernels.jit)
     from .activations import kept_nibbles
 
-    dot4q, dot4q_rows, half_value = h.dot4q, h.dot4q_rows, h.half_value
+    dot4q, dot4q_rows, dot4q_tile, half_value = h.dot4q, h.dot4q_rows, h.dot4q_tile, h.half_value
     most = h.max_rows  # activation rows a helper multiplies in one pass
     weight_rows, row_passes = h.weight_rows, h.row_passes  # a token's weight rows a pass (see four_bit)
+    tile_rows = h.tile_rows  # weight rows a pass of several activation rows
 
     def float_kernel(lut4z, most):
         @KERNEL
@@ -44,23 +52,28 @@ def build(h) -> dict:
     def matmul_int4q(packed, scales, zeros, xq, xs, gsum, oidx, oval, group, y, start, stop):
         # matmul_int4 with int8 activations (quantize_rows, one scale a row, in q4_order) and
         # their largest values in float (oidx: natural columns); scales, zeros as stored (float16
-        # bits as int16, uint8). One token: weight_rows weight rows a pass (the same sums as one
-        # at a time), as matmul_4bitq
+        # bits as int16, uint8). One token: weight_rows weight rows a pass; several: tile_rows
+        # weight rows by each pass of activation rows (the same sums as one at a time), as matmul_4bitq
         rows = y.shape[0]
         cols = xq.shape[0] // rows
         half = cols // 2
         groups = cols // group
         keep = oidx.shape[1]
         kept = kept_nibbles(oidx, group)
-        acc = np.empty(max(most, weight_rows), np.float32)
+        acc = np.empty(max(most * tile_rows, weight_rows), np.float32)
         o = start
         while o < stop:
-            at_once = weight_rows if rows == 1 and not row_passes and o + weight_rows <= stop else 1
-            if at_once > 1:
+            if rows == 1:  # one token: weight_rows weight rows a pass
+                at_once = weight_rows if not row_passes and o + weight_rows <= stop else 1
+            else:  # several rows: tile_rows weight rows by each pass of activation rows
+                at_once = tile_rows if o + tile_rows <= stop and rows <= TILE_MAX_ROWS else 1
+            if rows == 1 and at_once > 1:
                 dot4q_rows(packed, o * half, scales, zeros, o * groups, group, xq, gsum, 0, cols, acc)
             for t in range(0, rows, most):
                 k = min(most, rows - t)
-                if at_once == 1:
+                if rows > 1 and at_once > 1:
+                    dot4q_tile(packed, o * half, scales, zeros, o * groups, group, xq, gsum, t, k, cols, acc)
+                elif at_once == 1:
                     dot4q(packed, o * half, scales, zeros, o * groups, group, xq, gsum, t, k, cols, acc)
                 for w in range(at_once):
                     for i in range(k):

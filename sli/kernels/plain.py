@@ -194,6 +194,13 @@ def dot4q_rows(packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, cols, out
 
 
 @_jit
+def dot4q_tile(packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, rows, cols, out):
+    for v in range(TILE_WEIGHT_ROWS):
+        dot4q(packed, pofs + v * (cols // 2), scales, zeros, sofs + v * (cols // group), group, xq, gsum, t0, rows,
+              cols, out[v * rows:])
+
+
+@_jit
 def dot4l(packed, pofs, levels, scales, sofs, blocksize, xq, t0, rows, cols, out):
     # xq: each 64 values as the 32 even ones, then the 32 odd ones; a level is
     # 64 * levels[n] + levels[16 + n] (see the SIMD helper); block b's maximum: scales[sofs + b]
@@ -274,8 +281,8 @@ def decode64_4bit(packed, pofs, code, scale, out, oofs):
 
 
 for _f in (_float_of_bits, half_value, _rows_dot, decode_pairs, lut4, lut4z, dot8, dot8_rows, dotfp8, dotfp8_rows,
-           dot8q, dot8q_rows, dot8q_row, dot8q_tile, dot4q, dot4q_rows, dot4l, dot4l_rows, dot4l_row, dot4l_tile,
-           dotbf16, dotbf16_rows, decode64_4bit):
+           dot8q, dot8q_rows, dot8q_row, dot8q_tile, dot4q, dot4q_rows, dot4q_tile, dot4l, dot4l_rows, dot4l_row,
+           dot4l_tile, dotbf16, dotbf16_rows, decode64_4bit):
     stable_id(_f, f"plain.{_f.__name__}")
 
 # The loops take any number of rows, so a block is decoded once for up to this many of them.
@@ -290,7 +297,7 @@ MAX_ROWS = 16
 HELPERS = SimpleNamespace(level="plain", lanes=1, max_rows=MAX_ROWS, weight_rows=1, lut4=lut4, lut4z=lut4z,
                           dot8=dot8, dot8_rows=dot8_rows, dotfp8=dotfp8, dotfp8_rows=dotfp8_rows,
                           dot8q=dot8q, dot8q_rows=dot8q_rows, dot8q_row=dot8q_row, dot8q_tile=dot8q_tile,
-                          dot4q=dot4q, dot4q_rows=dot4q_rows,
+                          dot4q=dot4q, dot4q_rows=dot4q_rows, dot4q_tile=dot4q_tile,
                           dot4l=dot4l, dot4l_rows=dot4l_rows, dot4l_row=dot4l_row, dot4l_tile=dot4l_tile,
                           dotbf16=dotbf16, dotbf16_rows=dotbf16_rows, decode64_4bit=decode64_4bit,
                           half_value=half_value,

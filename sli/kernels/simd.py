@@ -55,7 +55,7 @@ from llvmlite import binding
 
 from .simd_float import make_decode64, make_half_value, make_lut4, make_widening_dot, make_widening_dot_rows
 from .simd_int8 import (make_dot4l, make_dot4l_row, make_dot4l_rows, make_dot4l_tile, make_dot4q,
-                        make_dot4q_rows, make_dot8q, make_dot8q_row, make_dot8q_rows, make_dot8q_tile)
+                        make_dot4q_rows, make_dot4q_tile, make_dot8q, make_dot8q_row, make_dot8q_rows, make_dot8q_tile)
 from .plain import TILE_WEIGHT_ROWS, WEIGHT_ROWS
 from .simd_ir import LEVELS, MAX_ROWS, NEEDS, WIDTH
 
@@ -121,7 +121,8 @@ def helpers(level: str) -> SimpleNamespace:
             decode64_4bit=make_decode64(level), half_value=make_half_value(level),
             dot8q=make_dot8q(level), dot8q_rows=make_dot8q_rows(level), dot8q_row=make_dot8q_row(level),
             dot8q_tile=make_dot8q_tile(level), tile_rows=TILE_WEIGHT_ROWS,
-            dot4q=make_dot4q(level), dot4q_rows=make_dot4q_rows(level), dot4l=make_dot4l(level), dot4l_rows=make_dot4l_rows(level),
+            dot4q=make_dot4q(level), dot4q_rows=make_dot4q_rows(level),
+            dot4q_tile=make_dot4q_tile(level), dot4l=make_dot4l(level), dot4l_rows=make_dot4l_rows(level),
             dot4l_row=make_dot4l_row(level), dot4l_tile=make_dot4l_tile(level), row_passes=row_passes,
             variant="+row" if row_passes else "")
     return _built[level]

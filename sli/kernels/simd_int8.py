@@ -245,19 +245,36 @@ def make_dot4q(level: str):
     The nibbles are unsigned bytes as they are: ``vpdpbusd`` on AVX-512 VNNI, ``vpmaddubsw``
     (15 * 127 * 2 fits 16 bits) and ``vpmaddwd`` on AVX2.
     """
+    return _dot4q_passes(level, 1, f"dot4q_{level}")
+
+
+def make_dot4q_tile(level: str):
+    """``dot4q_tile(packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, rows, cols, out)``:
+    :data:`TILE_WEIGHT_ROWS` consecutive INT4 weight rows (as :func:`make_dot4q_rows` finds
+    them) times activation rows ``t0 .. t0 + rows``: ``out[w * rows + r]`` is what ``dot4q``
+    gives weight row ``w`` and activation row ``r``, the same operations a pair. A prompt's or
+    a batch's product: each activation register loaded serves two weight rows (see
+    :func:`make_dot8q_tile`)."""
+    return _dot4q_passes(level, TILE_WEIGHT_ROWS, f"dot4q_tile_{level}")
+
+
+def _dot4q_passes(level: str, weight_rows: int, name: str):
+    """The intrinsic of :func:`make_dot4q` (``weight_rows`` 1) and :func:`make_dot4q_tile`: each
+    pass of activation rows a run-time switch case over ``weight_rows`` weight rows."""
     def dot4q(typingctx, packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, rows, cols, out):
         sig = types.void(packed, pofs, scales, zeros, sofs, group, xq, gsum, t0, rows, cols, out)
 
         def codegen(context, builder, signature, args):
             values = unpack(context, builder, signature, args)
             rows_i, cols_i, out_ptr = values[9:]
-            rows_switch(builder, level, rows_i, lambda e, rows: _dot4q_pass(e, *values[:9], rows, 1, cols_i, out_ptr))
+            rows_switch(builder, level, rows_i,
+                        lambda e, rows: _dot4q_pass(e, *values[:9], rows, weight_rows, cols_i, out_ptr))
             return context.get_dummy_value()
 
         return sig, codegen
 
-    dot4q.__name__ = f"dot4q_{level}"
-    return stable_id(intrinsic(dot4q), f"simd.{dot4q.__name__}")
+    dot4q.__name__ = name
+    return stable_id(intrinsic(dot4q), f"simd.{name}")
 
 
 def make_dot4q_rows(level: str):
