@@ -274,6 +274,7 @@ class UniversalSLIProcessor:
                 self._plan.split_streamed(page_cache.room(self._plan.pending_bytes),
                                           self.streamer.read_buffer_bytes(self._entry_file_bytes()))
                 self.runner.disk_layers = set(self._plan.page_dropped_layers)
+                self.runner.unread_kept = (set(self._plan.streamed_layers) - self.runner.disk_layers) - self._kept_seen
             if self._plan.over_budget:
                 logger.warning("memory budget %.2f GB is below the shared modules + streaming + kernel runtime + "
                                "KV in flight (%.2f GB); every layer streams", self._plan.budget / GB,

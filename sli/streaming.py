@@ -284,15 +284,17 @@ class LayerStreamer:
             return
         self._pending[index] = self._executor.submit(self._prefetched, index)
 
-    def read_ahead(self, index: int) -> None:
-        """Start reading layer ``index``'s bytes into the page cache on a thread of its own,
-        unless done since its last release. A prefetch holds one of ``depth + 1`` slots, so it
-        stops while the layers before it run; this read does not, and keeps the disk busy through
-        layers that need none (resident, or kept in the page cache). The caller bounds how many
-        such layers are read at once (:meth:`sli.layer_runner.LayerRunner._read_ahead`)."""
+    def read_ahead(self, index: int, into_page_cache: bool = False) -> None:
+        """Start reading layer ``index``'s bytes on a thread of its own, past the page cache into
+        a read buffer where layers are read so, else (or with ``into_page_cache``: a layer the
+        page cache is to keep) into the page cache; unless done since its last release. A
+        prefetch holds one of ``depth + 1`` slots, so it stops while the layers before it run;
+        this read does not, and keeps the disk busy through layers that need none (resident, or
+        kept in the page cache). The caller bounds how many such layers are read at once
+        (:meth:`sli.layer_runner.LayerRunner._read_ahead`)."""
         if self._disk_reader is None or index in self._read_ahead:
             return
-        if self.read_into is not None:
+        if self.read_into is not None and not into_page_cache:
             self._read_ahead[index] = self._disk_reader.submit(self._read_direct, index)
         elif self.page_in is not None:
             self._read_ahead[index] = self._disk_reader.submit(self.page_in, index)

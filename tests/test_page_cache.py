@@ -197,12 +197,16 @@ def test_the_plan_counts_a_mapped_embedding_by_the_rows_its_context_can_look_up(
         assert proc.plan.shared_bytes == proc.shared_bytes  # never more than the table
 
 
+KEPT = (3, 5)  # the layers the page cache keeps in the test below
+
+
 def test_the_disk_layers_are_read_ahead_through_the_layers_that_need_no_read(model_factory, tmp_path, monkeypatch):
     # Layer 1 resident, 3 and 5 kept in the page cache, 0, 2 and 4 read from the disk every pass
     # (the plan spreads the layers that need no read among those that do). A prefetch holds one of
     # two slots, so it reaches a layer only once the one before runs; the disk layers are read
     # ahead from each layer on, two (the prefetch's slots) at a time, through the layers that need
-    # no read: while kept layer 3 runs, 4 and the next pass's 0 are read.
+    # no read: while kept layer 3 runs, 4 and the next pass's 0 are read. In the first pass the
+    # kept layers, not read yet, are read ahead in their turn too (into the page cache).
     model_dir = model_factory("llama", num_layers=6)
     with UniversalSLIProcessor(model_dir, "none", cache_dir=tmp_path / "cache", device="cpu") as probe:
         probe.prewarm(progress=False)
@@ -218,8 +222,9 @@ def test_the_disk_layers_are_read_ahead_through_the_layers_that_need_no_read(mod
         real_get, real_read_ahead = streamer.get, streamer.read_ahead
         streamer.get = lambda index: events.append(("get", index)) or real_get(index)
         # a read ahead started (not one asked for again before its layer's release)
-        streamer.read_ahead = lambda index: (index in streamer._read_ahead or events.append(("read_ahead", index))
-                                             or real_read_ahead(index))
+        streamer.read_ahead = lambda index, **kw: (index in streamer._read_ahead
+                                                   or events.append(("read_ahead", index, kw))
+                                                   or real_read_ahead(index, **kw))
         real_release = streamer.release
         streamer.release = lambda loaded: events.append(("release", loaded.timing.layer)) or real_release(loaded)
         got = proc.generate(torch.arange(1, 9), max_new_tokens=3, eos_token_id=[])
@@ -227,15 +232,19 @@ def test_the_disk_layers_are_read_ahead_through_the_layers_that_need_no_read(mod
     assert got.tolist() == expected.tolist()
     assert read == proc.cache.entry_path(proc.model_id, 4, proc.quantizer).stat().st_size
     # when each layer is fetched, the disk layers read ahead and not yet released are the next two
-    # from it on, wrapping into the next pass
-    ahead, window = set(), {0: {0, 2}, 2: {2, 4}, 3: {4, 0}, 4: {4, 0}, 5: {0, 2}}
-    for name, index in events:
+    # from it on, wrapping into the next pass; in the first pass the kept layers 3 and 5 among them
+    first = {0: {0, 2}, 2: {2, 3}, 3: {3, 4}, 4: {4, 5}, 5: {5, 0}}
+    later = {0: {0, 2}, 2: {2, 4}, 3: {4, 0}, 4: {4, 0}, 5: {0, 2}}
+    ahead, passes = set(), 0
+    for name, index, *how in events:
         if name == "read_ahead":
             ahead.add(index)
+            assert how[0].get("into_page_cache", False) == (index in KEPT and passes <= 1), (index, events)
         elif name == "release":
             ahead.discard(index)
         else:
-            assert ahead == window[index], (index, events)
+            passes += index == 0
+            assert ahead == (first if passes == 1 else later)[index], (passes, index, events)
     assert [e for e in events if e[0] == "get"] == [("get", i) for i in (0, 2, 3, 4, 5)] * 3
 
 
