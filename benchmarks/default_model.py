@@ -92,7 +92,8 @@ def main() -> None:
                 proc.runner._steps.clear()
                 row[f"sli {mode}{label}"] = sli_decode(proc, ids, args.new_tokens)
             os.environ.pop("SLI_NO_DECODE_STEP", None)
-        llama = llama_decode(args.llama_cpp, args.new_tokens, args.depth) if args.llama_cpp and str(args.llama_cpp) != "none" else None
+        use_llama = args.llama_cpp and str(args.llama_cpp) != "none"
+        llama = llama_decode(args.llama_cpp, args.new_tokens, args.depth) if use_llama else None
         cells = [f"{name} {tps:.1f} tok/s (median gap {gap * 1e3:.1f} ms)" for name, (tps, gap) in row.items()]
         if llama:
             cells.append(f"llama.cpp Q4_1 {llama:.1f} tok/s")
