@@ -347,7 +347,7 @@ class _Int4Rows:
     cols: ir.Value
 
 
-def _int4_groups(e, at, packed_ptr, xq_ptr, group_i, groups, isum, fsum, group_scales):
+def _int4_groups(e, rows_of, packed_ptr, xq_ptr, group_i, groups, isum, fsum, group_scales):
     """:func:`make_dot4q`'s loop a group at a time (every group size but 64, which
     :func:`_int4_pairs` reads): 128 values a step where 128 divides the group, else 64 (192,
     ...)."""
@@ -355,54 +355,54 @@ def _int4_groups(e, at, packed_ptr, xq_ptr, group_i, groups, isum, fsum, group_s
     with cgutils.for_range(b, groups) as loop:
         g = loop.index
         first = b.mul(g, group_i)
-        for pair in at.pairs:
+        for pair in rows_of.pairs:
             b.store(ir.Constant(e.vi, None), isum[pair])
         with b.if_else(b.icmp_signed("==", b.and_(group_i, idx(127)), idx(0))) as (by_128, by_64):
             with by_128:  # 128 values (64 bytes) a step
                 with cgutils.for_range(b, b.sdiv(group_i, idx(128))) as step:
-                    _int4_step128(e, at, packed_ptr, xq_ptr, b.add(first, b.mul(step.index, idx(128))),
+                    _int4_step128(e, rows_of, packed_ptr, xq_ptr, b.add(first, b.mul(step.index, idx(128))),
                                   [isum] * (64 // (4 * w)))
             with by_64:  # a group of 64s (192, ...): 64 values (32 bytes) a step
                 with cgutils.for_range(b, b.sdiv(group_i, idx(64))) as step:
-                    _int4_step64(e, at, packed_ptr, xq_ptr, b.add(first, b.mul(step.index, idx(64))), isum)
+                    _int4_step64(e, rows_of, packed_ptr, xq_ptr, b.add(first, b.mul(step.index, idx(64))), isum)
         scales = group_scales(g)
-        for v, r in at.pairs:
+        for v, r in rows_of.pairs:
             _accumulate(e, fsum[v, r], isum[v, r], splat(b, scales[v], e.vf))
 
 
-def _int4_prefetch(e, at, packed_ptr, at_value):
+def _int4_prefetch(e, rows_of, packed_ptr, at_value):
     """Each weight row's bytes :data:`sli.kernels.simd_ir.PREFETCH_VALUES` values ahead (past a
     row's end, the same row of the next pass: :meth:`Emit.prefetch_row`)."""
-    for row in at.packed:
-        e.prefetch_row(packed_ptr, row, at_value, at.cols, len(at.packed), per_byte=2)
+    for row in rows_of.packed:
+        e.prefetch_row(packed_ptr, row, at_value, rows_of.cols, len(rows_of.packed), per_byte=2)
 
 
-def _int4_step128(e, at, packed_ptr, xq_ptr, at_value, sums):
+def _int4_step128(e, rows_of, packed_ptr, xq_ptr, at_value, sums):
     """128 values (64 bytes) of INT4 from ``at_value``, ``xq`` in :func:`sli.kernels.q4_order`'s
     ``half`` 64 there, in 4w-byte registers (64/(4w) of them): register ``part``'s products
     into each pair's ``sums[part]``; each activation register read once for all weight rows."""
     b, w = e.b, e.w
-    _int4_prefetch(e, at, packed_ptr, at_value)
+    _int4_prefetch(e, rows_of, packed_ptr, at_value)
     for part, into in enumerate(sums):
-        xv = {(half, r): vload(b, xq_ptr, b.add(at.x[r], b.add(at_value, idx(half + part * 4 * w))), e.vb)
-              for half in (0, 64) for r in range(at.rows)}
-        for v, row in enumerate(at.packed):
+        xv = {(half, r): vload(b, xq_ptr, b.add(rows_of.x[r], b.add(at_value, idx(half + part * 4 * w))), e.vb)
+              for half in (0, 64) for r in range(rows_of.rows)}
+        for v, row in enumerate(rows_of.packed):
             raw = vload(b, packed_ptr, b.add(row, b.add(b.lshr(at_value, idx(1)), idx(part * 4 * w))), e.vb)
             high, low = e.nibbles(raw)
             for nibbles, half in ((high, 0), (low, 64)):
-                for r in range(at.rows):
+                for r in range(rows_of.rows):
                     b.store(e.dot_bytes(b.load(into[v, r]), nibbles, xv[half, r]), into[v, r])
 
 
-def _int4_step64(e, at, packed_ptr, xq_ptr, at_value, isum):
+def _int4_step64(e, rows_of, packed_ptr, xq_ptr, at_value, isum):
     """64 values (32 bytes) of INT4 from ``at_value`` into each pair's ``isum``, ``xq`` in
     :func:`sli.kernels.q4_order`'s ``half`` 32 there."""
     b = e.b
-    _int4_prefetch(e, at, packed_ptr, at_value)
+    _int4_prefetch(e, rows_of, packed_ptr, at_value)
     halves = (0,) if e.level == "avx512" else (0, 32)  # AVX-512: both nibbles in one register, as xq holds them
-    xv = {(half, r): vload(b, xq_ptr, b.add(at.x[r], b.add(at_value, idx(half))), e.vb)
-          for half in halves for r in range(at.rows)}
-    for v, row in enumerate(at.packed):
+    xv = {(half, r): vload(b, xq_ptr, b.add(rows_of.x[r], b.add(at_value, idx(half))), e.vb)
+          for half in halves for r in range(rows_of.rows)}
+    for v, row in enumerate(rows_of.packed):
         raw = vload(b, packed_ptr, b.add(row, b.lshr(at_value, idx(1))), ir.VectorType(I8, 32))
         high, low = e.nibbles(raw)
         if e.level == "avx512":
@@ -410,11 +410,11 @@ def _int4_step64(e, at, packed_ptr, xq_ptr, at_value, isum):
         else:
             parts = [(high, 0), (low, 32)]
         for nibbles, half in parts:
-            for r in range(at.rows):
+            for r in range(rows_of.rows):
                 b.store(e.dot_bytes(b.load(isum[v, r]), nibbles, xv[half, r]), isum[v, r])
 
 
-def _int4_pairs(e, at, packed_ptr, xq_ptr, isum, fsum, group_scales):
+def _int4_pairs(e, rows_of, packed_ptr, xq_ptr, isum, fsum, group_scales):
     """:func:`make_dot4q`'s loop for groups of 64: two groups a 128-value step, read as groups
     of 128 are (``xq`` in their order), each group's sums in lanes of their own: AVX-512's
     register of 64 bytes holds the first group's in lanes 0-7 and the second's in 8-15, scaled
@@ -422,19 +422,19 @@ def _int4_pairs(e, at, packed_ptr, xq_ptr, isum, fsum, group_scales):
     their own. A row's last group, where 128 does not divide the row (576), alone after them
     (:func:`_int4_step64`)."""
     b, w = e.b, e.w
-    cols_i = at.cols
+    cols_i = rows_of.cols
     # each register's sums: AVX-512's one holds both groups, AVX2's two one group each
-    sums = [isum] if w == 16 else [isum, {pair: cgutils.alloca_once(b, e.vi) for pair in at.pairs}]
+    sums = [isum] if w == 16 else [isum, {pair: cgutils.alloca_once(b, e.vi) for pair in rows_of.pairs}]
     halves = ir.Constant(ir.VectorType(I32, w), [0] * (w // 2) + [1] * (w // 2))
     with cgutils.for_range(b, b.sdiv(cols_i, idx(128))) as loop:
         at_value = b.mul(loop.index, idx(128))
         for into in sums:
-            for pair in at.pairs:
+            for pair in rows_of.pairs:
                 b.store(ir.Constant(e.vi, None), into[pair])
-        _int4_step128(e, at, packed_ptr, xq_ptr, at_value, sums)
+        _int4_step128(e, rows_of, packed_ptr, xq_ptr, at_value, sums)
         first_group = b.mul(loop.index, idx(2))
         firsts, seconds = group_scales(first_group), group_scales(b.add(first_group, idx(1)))
-        for v, r in at.pairs:
+        for v, r in rows_of.pairs:
             if w == 16:
                 two = ir.Constant(ir.VectorType(F32, 2), None)
                 two = b.insert_element(two, firsts[v], ir.Constant(I32, 0))
@@ -444,12 +444,12 @@ def _int4_pairs(e, at, packed_ptr, xq_ptr, isum, fsum, group_scales):
                 _accumulate(e, fsum[v, r], isum[v, r], splat(b, firsts[v], e.vf))
                 _accumulate(e, fsum[v, r], sums[1][v, r], splat(b, seconds[v], e.vf))
     with b.if_then(b.icmp_signed("!=", b.and_(cols_i, idx(127)), idx(0))):  # the last group, alone
-        for pair in at.pairs:
+        for pair in rows_of.pairs:
             b.store(ir.Constant(e.vi, None), isum[pair])
         last = b.sub(cols_i, idx(64))
-        _int4_step64(e, at, packed_ptr, xq_ptr, last, isum)
+        _int4_step64(e, rows_of, packed_ptr, xq_ptr, last, isum)
         scales = group_scales(b.lshr(last, idx(6)))
-        for v, r in at.pairs:
+        for v, r in rows_of.pairs:
             _accumulate(e, fsum[v, r], isum[v, r], splat(b, scales[v], e.vf))
 
 
