@@ -36,8 +36,10 @@ activation rows ``x[xofs + r*stride : ...]``; ``out[r]`` receives row ``r``'s su
 - ``half_value(bits)``: a float16's bits as its float32 value (INT4's stored scales).
 
 The int8 helpers ``dot8q``, ``dot4q`` and ``dot4l`` (:mod:`sli.kernels.simd_int8`) meet int8
-activation rows; ``dot8q_rows``, ``dot4q_rows``, ``dot4l_rows`` and ``dot8_rows``/``dotfp8_rows``/``dotbf16_rows`` are those helpers
-for ``weight_rows`` weight rows by one activation row.
+activation rows; ``dot8q_rows``, ``dot4q_rows``, ``dot4l_rows`` and
+``dot8_rows``/``dotfp8_rows``/``dotbf16_rows`` are those helpers for ``weight_rows`` weight rows
+by one activation row, ``dot8q_tile``, ``dot4q_tile`` and ``dot4l_tile`` for ``tile_rows`` weight
+rows by several.
 
 This module and the three it builds on reach into numba's and llvmlite's internals:
 :mod:`sli.kernels.dispatch` imports it inside a guard and uses the plain functions when it
