@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--no-decode-step", action="store_true", help="also each mode with SLI_NO_DECODE_STEP=1")
     parser.add_argument("--depth", type=int, default=0, help="decode after a context of this many tokens")
     args = parser.parse_args()
+    if args.depth < 0:
+        parser.error(f"--depth {args.depth}: pass a number of context tokens, 0 or more")
 
     from sli import QuantizationConfig, UniversalSLIProcessor
     from sli.default_model import ensure_default_model
