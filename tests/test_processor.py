@@ -352,6 +352,21 @@ def test_a_bfloat16_head_is_quantized_to_int8_without_widening_it_whole(model_fa
     assert got.metadata == {**expected.metadata, "dtype": "bfloat16"}
 
 
+def test_the_int8_head_is_prepared_once_not_in_every_tokens_product(model_factory, monkeypatch):
+    # preparing it (its float32 row scales) in each product cost SmolLM2's head ~0.6 ms a token
+    from sli.quantization.codecs.base import Codec
+    from sli.shared_modules import quantize_head
+
+    model = AutoModelForCausalLM.from_pretrained(model_factory("llama"), dtype=torch.float32).eval()
+    expected = model.get_output_embeddings().weight.detach().clone()
+    assert quantize_head(model, torch.float32)
+    head = model.get_output_embeddings()
+    monkeypatch.setattr(Codec, "_prepared", staticmethod(lambda *a, **k: pytest.fail("prepared again")))
+    x = torch.randn(1, 1, head.in_features, generator=torch.Generator().manual_seed(0))
+    y = head(x)  # one token: the fused int8 kernel
+    torch.testing.assert_close(y, x @ expected.T, atol=0.05 * float(y.abs().max()), rtol=0)
+
+
 def _mapped_rss(path):
     """This process's resident bytes of its mappings of ``path`` (/proc/self/smaps)."""
     path, rss, inside = os.path.realpath(path), 0, False
@@ -432,8 +447,9 @@ def test_the_4bit_modes_multiply_the_head_in_int8_on_cpu(tied, model_factory, tm
             rows = torch.randn(3, config.hidden_size, generator=torch.Generator().manual_seed(0))
             with torch.no_grad():  # a row's logits alone equal its logits in a batch (a server's greedy tokens)
                 assert torch.equal(module(rows)[1:2], module(rows[1:2]))
-    # int8 bytes, a float32 scale a row: beside the tied embedding's table, or instead of the bfloat16 head
-    assert table + 4 * config.vocab_size <= head_bytes < table + 4 * config.vocab_size + 64
+    # int8 bytes, a float32 scale a row as stored and as prepared (the scale / 127, made once):
+    # beside the tied embedding's table, or instead of the bfloat16 head
+    assert table + 8 * config.vocab_size <= head_bytes < table + 8 * config.vocab_size + 64
     assert shared["auto"] == shared["keep"] + head_bytes - (0 if tied else 2 * table)
     assert torch.equal(logits["auto"], logits["int8"])
     error = (logits["auto"] - logits["keep"]).abs().max() / logits["keep"].abs().max()
