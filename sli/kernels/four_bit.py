@@ -7,6 +7,7 @@ activations with the levels as integers through ``dot4l``, and dequantize throug
 """
 import numpy as np
 
+from .int4 import SHORT_ROW
 from .jit import KERNEL
 
 # NF4/FP4's levels meet integer activations as the integers round(code * LEVEL_SCALE): 127 * 64,
@@ -122,11 +123,15 @@ def build(h) -> dict:
         keep = oval.shape[1]
         kept = kept_nibbles(oidx, blocksize)
         acc = np.empty(max(most * tile_rows, weight_rows), np.float32)
-        one_row = rows == 1 and row_passes  # one token, a row after another
+        # a token's short rows four a pass even where a token takes one (sli.kernels.int4.SHORT_ROW):
+        # SmolLM2's NF4 decode ÷ its INT8 decode in one process on a Zen 4, median 1.43 -> 1.58
+        # (ten processes each, docs/benchmarks.md 2026-12-07)
+        short = cols <= SHORT_ROW
+        one_row = rows == 1 and row_passes and not short  # one token, a row after another
         o = start
         while o < stop:
             if rows == 1:  # one token: weight_rows weight rows a pass (the same sums as one at a time)
-                at_once = weight_rows if not row_passes and o + weight_rows <= stop else 1
+                at_once = weight_rows if (not row_passes or short) and o + weight_rows <= stop else 1
             else:  # several rows: tile_rows weight rows by each pass of activation rows
                 at_once = tile_rows if o + tile_rows <= stop else 1
             sofs = o * blocks_per_row

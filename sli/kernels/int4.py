@@ -23,7 +23,7 @@ TILE_MAX_ROWS = 3
 # 2026-12-07): SmolLM2's INT4 decode (576- and 1536-wide rows) ÷ its NF4 decode in the same
 # process, median 0.82 -> 0.91 (eight runs each), while a 4096-wide weight from RAM took
 # 1.07-1.18 ms a row a pass against 1.21-1.28 four.
-SHORT_ROW = 2048
+SHORT_ROW = 2048  # NF4/FP4's token products take it too (sli.kernels.four_bit)
 
 
 def build(h) -> dict:
