@@ -7,8 +7,8 @@ activations with the levels as integers through ``dot4l``, and dequantize throug
 """
 import numpy as np
 
-from .int4 import SHORT_ROW
 from .jit import KERNEL
+from .plain import SHORT_ROW
 
 # NF4/FP4's levels meet integer activations as the integers round(code * LEVEL_SCALE): 127 * 64,
 # passed split in two bytes (split_levels), which the dot4l helpers join back into 16-bit words
@@ -123,10 +123,7 @@ def build(h) -> dict:
         keep = oval.shape[1]
         kept = kept_nibbles(oidx, blocksize)
         acc = np.empty(max(most * tile_rows, weight_rows), np.float32)
-        # a token's short rows four a pass even where a token takes one (sli.kernels.int4.SHORT_ROW):
-        # SmolLM2's NF4 decode ÷ its INT8 decode in one process on a Zen 4, median 1.43 -> 1.58
-        # (ten processes each, docs/benchmarks.md 2026-12-07)
-        short = cols <= SHORT_ROW
+        short = cols <= SHORT_ROW  # a token's short rows weight_rows a pass wherever (plain.SHORT_ROW)
         one_row = rows == 1 and row_passes and not short  # one token, a row after another
         o = start
         while o < stop:

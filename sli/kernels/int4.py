@@ -3,27 +3,20 @@ two a byte, the first in the high nibble; a scale and a zero point a group of ``
 values). They multiply by float32 activations through the ``lut4z`` helper (a group size
 the SIMD helpers do not step in, not a multiple of 64: the plain one), by int8 activations
 through ``dot4q``: a token's four weight rows a pass (``dot4q_rows``; one where that is faster,
-AMD Zen 4: :func:`sli.kernels.simd.token_pass_rows`, for rows longer than :data:`SHORT_ROW`),
-several activation rows two weight rows a pass (``dot4q_tile``) up to :data:`TILE_MAX_ROWS` of
-them.
+AMD Zen 4: :func:`sli.kernels.simd.token_pass_rows`, for rows longer than
+:data:`sli.kernels.plain.SHORT_ROW`), several activation rows two weight rows a pass
+(``dot4q_tile``) up to :data:`TILE_MAX_ROWS` of them.
 """
 import numpy as np
 
 from .jit import KERNEL
+from .plain import SHORT_ROW
 
 # Activation rows up to which INT4's several-row products take two weight rows a pass. Measured
 # on the AMX Xeon (docs/benchmarks.md, 2026-12-07), a 11008x4096 weight hot: 2 rows 0.85x the
 # time of one weight row a pass, 3 rows 0.77x, but 4 to 32 rows 0.91-1.31x, median 1.07x (each
 # pair's sums are held at once: two weight rows by 8 activation rows fill AVX-512's registers).
 TILE_MAX_ROWS = 3
-
-# A token's INT4 rows of up to this many values take four weight rows a pass even where a token's
-# products take one (AMD Zen 4: sli.kernels.simd.token_pass_rows): four short rows lie in one run
-# of memory, and a row alone keeps one chain of sums. Measured on a Zen 4 (docs/benchmarks.md,
-# 2026-12-07): SmolLM2's INT4 decode (576- and 1536-wide rows) ÷ its NF4 decode in the same
-# process, median 0.82 -> 0.91 (eight runs each), while a 4096-wide weight from RAM took
-# 1.07-1.18 ms a row a pass against 1.21-1.28 four.
-SHORT_ROW = 2048  # NF4/FP4's token products take it too (sli.kernels.four_bit)
 
 
 def build(h) -> dict:
@@ -71,10 +64,11 @@ def build(h) -> dict:
         keep = oidx.shape[1]
         kept = kept_nibbles(oidx, group)
         acc = np.empty(max(most * tile_rows, weight_rows), np.float32)
+        short = cols <= SHORT_ROW  # a token's short rows weight_rows a pass wherever
         o = start
         while o < stop:
             if rows == 1:  # one token: weight_rows weight rows a pass
-                at_once = weight_rows if (not row_passes or cols <= SHORT_ROW) and o + weight_rows <= stop else 1
+                at_once = weight_rows if (not row_passes or short) and o + weight_rows <= stop else 1
             else:  # several rows: tile_rows weight rows by each pass of activation rows
                 at_once = tile_rows if o + tile_rows <= stop and rows <= TILE_MAX_ROWS else 1
             if rows == 1 and at_once > 1:

@@ -23,6 +23,14 @@ WEIGHT_ROWS = 4
 # Weight rows a several-activation-row pass of the SIMD helpers multiplies (a prompt's, a batch's:
 # ``dot8q_tile``, ``dot4l_tile``)
 TILE_WEIGHT_ROWS = 2
+# A token's 4-bit rows (INT4, NF4/FP4) of up to this many values take WEIGHT_ROWS weight rows a
+# pass even where a token's products take one (AMD Zen 4: sli.kernels.simd.token_pass_rows): four
+# short rows lie in one run of memory, and a row alone keeps fewer sums in flight. Measured on a
+# Zen 4 (docs/benchmarks.md, 2026-12-07), SmolLM2's 576- and 1536-wide rows: its INT4 decode ÷ its
+# NF4 decode in one process, median 0.82 -> 0.91, then its NF4 ÷ its INT8 1.43 -> 1.58; a 4096-wide
+# INT4 weight from RAM took 1.07-1.18 ms a row a pass against 1.21-1.28 four. INT8 keeps one a
+# pass (four were slower on SmolLM2).
+SHORT_ROW = 2048
 
 
 @intrinsic
