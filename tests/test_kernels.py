@@ -540,6 +540,17 @@ for mode, blocks in (("none", 64), ("int8", 64), ("int8_dynamic", 64), ("nf4", 6
             invariant = mode == "none" or (mode in ("int8", "int4") and sys.argv[1] != "plain")  # int8 activations
             if invariant and rows > 1 and shape[1] % 64 == 0:  # a row alone = the same row in a batch
                 assert torch.equal(codec.fused_linear(q, x[:1], None), y[:1]), (mode, shape, rows)
+# INT4's largest products: nibbles of 15 by activations of +-127 in every group (AVX2 adds a
+# step's pairs as int16 words before widening them, Emit.dot_bytes_sum): exact, none saturated
+codec = codec_for("int4")
+w = torch.ones(8, 1024)
+w[:, ::128] = -1.0  # each group's one minimum: the other 127 values quantize to 15
+q = codec.prepare(codec.quantize(w.to(torch.bfloat16), QuantizationConfig(mode="int4")))
+assert int((q.tensors["weight"] == 0xFF).sum()) > 8 * 1024 // 2 * 0.9
+for sign in (1.0, -1.0):
+    x = codec.prepare_input(torch.full((1, 1024), sign))
+    ref = _expected(codec, q, x)
+    assert float((codec.fused_linear(q, x, None) - ref).abs().max() / ref.abs().max()) < 1e-5, sign
 sys.path.insert(0, sys.argv[2])
 from test_attention import check_decode_attention  # the decode attention kernel on this level too
 check_decode_attention()

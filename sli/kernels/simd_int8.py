@@ -314,6 +314,8 @@ def _dot4q_pass(e, packed_ptr, pofs_i, scales_ptr, zeros_ptr, sofs_i, group_i, x
     srow = [b.add(sofs_i, b.mul(groups, idx(v))) for v in range(weight_rows)]
     grow = [b.mul(b.add(t0_i, idx(r)), groups) for r in range(rows)]
 
+    fused = e.fn("llvm.fma.f32", F32, [F32] * 3)  # one rounding on every path, whatever LLVM's options
+
     def group_scales(g):  # group g's scale in each weight row; its zero point's share added to each pair's fix
         shares = [b.load(b.gep(gsum_ptr, [b.add(grow[r], g)])) for r in range(rows)]
         scales = []
@@ -322,7 +324,7 @@ def _dot4q_pass(e, packed_ptr, pofs_i, scales_ptr, zeros_ptr, sofs_i, group_i, x
             scale = half_to_float(b, b.load(b.gep(scales_ptr, [at_group])))
             zero_scale = b.fmul(b.uitofp(b.load(b.gep(zeros_ptr, [at_group])), F32), scale)
             for r in range(rows):
-                b.store(b.fadd(b.load(fix[v, r]), b.fmul(zero_scale, shares[r])), fix[v, r])
+                b.store(b.call(fused, [zero_scale, shares[r], b.load(fix[v, r])]), fix[v, r])
             scales.append(scale)
         return scales
 
@@ -383,6 +385,7 @@ def _int4_step128(e, rows_of, packed_ptr, xq_ptr, at_value, sums):
     into each pair's ``sums[part]``; each activation register read once for all weight rows."""
     b, w = e.b, e.w
     _int4_prefetch(e, rows_of, packed_ptr, at_value)
+    products = {}  # each pair's products into one sums, added there at once (Emit.dot_bytes_sum)
     for part, into in enumerate(sums):
         xv = {(half, r): vload(b, xq_ptr, b.add(rows_of.x[r], b.add(at_value, idx(half + part * 4 * w))), e.vb)
               for half in (0, 64) for r in range(rows_of.rows)}
@@ -391,7 +394,9 @@ def _int4_step128(e, rows_of, packed_ptr, xq_ptr, at_value, sums):
             high, low = e.nibbles(raw)
             for nibbles, half in ((high, 0), (low, 64)):
                 for r in range(rows_of.rows):
-                    b.store(e.dot_bytes(b.load(into[v, r]), nibbles, xv[half, r]), into[v, r])
+                    products.setdefault((id(into), v, r), (into, []))[1].append((nibbles, xv[half, r]))
+    for (_, v, r), (into, terms) in products.items():
+        b.store(e.dot_bytes_sum(b.load(into[v, r]), terms), into[v, r])
 
 
 def _int4_step64(e, rows_of, packed_ptr, xq_ptr, at_value, isum):
@@ -409,9 +414,9 @@ def _int4_step64(e, rows_of, packed_ptr, xq_ptr, at_value, isum):
             parts = [(b.shuffle_vector(high, low, ir.Constant(ir.VectorType(I32, 64), list(range(64)))), 0)]
         else:
             parts = [(high, 0), (low, 32)]
-        for nibbles, half in parts:
-            for r in range(rows_of.rows):
-                b.store(e.dot_bytes(b.load(isum[v, r]), nibbles, xv[half, r]), isum[v, r])
+        for r in range(rows_of.rows):
+            terms = [(nibbles, xv[half, r]) for nibbles, half in parts]
+            b.store(e.dot_bytes_sum(b.load(isum[v, r]), terms), isum[v, r])
 
 
 def _int4_pairs(e, rows_of, packed_ptr, xq_ptr, isum, fsum, group_scales):

@@ -181,9 +181,25 @@ class Emit:
         if self.level == "avx512":
             dp = self.fn(f"llvm.x86.avx512.vpdpbusd.{32 * self.w}", self.vi, [self.vi] * 3)
             return b.call(dp, [acc, b.bitcast(u, self.vi), b.bitcast(s, self.vi)])
-        pairs = b.call(self.fn("llvm.x86.avx2.pmadd.ub.sw", self.v16, [self.vb, self.vb]), [u, s])
+        return self.dot_bytes_sum(acc, [(u, s)])
+
+    def dot_bytes_sum(self, acc, products):
+        """``acc`` plus :meth:`dot_bytes`'s sums of each ``(u, s)`` in ``products``. On AVX2 the
+        pairs' int16 sums are added as words first and widened once (``vpmaddwd`` by 1): one
+        multiply-add and one add for them all, not one each. The caller keeps every word's
+        total within int16: INT4's nibbles by int8 activations, 2 * 15 * 128 a pair, four pairs."""
+        b = self.b
+        if self.level == "avx512":
+            for u, s in products:
+                acc = self.dot_bytes(acc, u, s)
+            return acc
+        madd = self.fn("llvm.x86.avx2.pmadd.ub.sw", self.v16, [self.vb, self.vb])
+        words = None
+        for u, s in products:
+            pairs = b.call(madd, [u, s])
+            words = pairs if words is None else b.add(words, pairs)
         return b.add(acc, b.call(self.fn("llvm.x86.avx2.pmadd.wd", self.vi, [self.v16] * 2),
-                                 [pairs, const(self.v16, 1)]))
+                                 [words, const(self.v16, 1)]))
 
     def magnitude(self, v):
         """``|v|`` of signed bytes (AVX2 multiplies signed by signed bytes as ``|w|`` by ``x``
