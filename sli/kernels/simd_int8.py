@@ -385,7 +385,9 @@ def _int4_step128(e, rows_of, packed_ptr, xq_ptr, at_value, sums):
     into each pair's ``sums[part]``; each activation register read once for all weight rows."""
     b, w = e.b, e.w
     _int4_prefetch(e, rows_of, packed_ptr, at_value)
-    products = {}  # the products bound for one sums register, added to it at once (Emit.dot_bytes_sum)
+    # the products bound for one sums register, added to it at once (Emit.dot_bytes_sum): on AVX2
+    # at most four, the two nibble halves of 64 // (4w) = 2 parts, within its int16 words' bound
+    products = {}
     for part, into in enumerate(sums):
         xv = {(half, r): vload(b, xq_ptr, b.add(rows_of.x[r], b.add(at_value, idx(half + part * 4 * w))), e.vb)
               for half in (0, 64) for r in range(rows_of.rows)}
