@@ -314,8 +314,6 @@ def _dot4q_pass(e, packed_ptr, pofs_i, scales_ptr, zeros_ptr, sofs_i, group_i, x
     srow = [b.add(sofs_i, b.mul(groups, idx(v))) for v in range(weight_rows)]
     grow = [b.mul(b.add(t0_i, idx(r)), groups) for r in range(rows)]
 
-    fused = e.fn("llvm.fma.f32", F32, [F32] * 3)  # one rounding on every path, whatever LLVM's options
-
     def group_scales(g):  # group g's scale in each weight row; its zero point's share added to each pair's fix
         shares = [b.load(b.gep(gsum_ptr, [b.add(grow[r], g)])) for r in range(rows)]
         scales = []
@@ -324,7 +322,7 @@ def _dot4q_pass(e, packed_ptr, pofs_i, scales_ptr, zeros_ptr, sofs_i, group_i, x
             scale = half_to_float(b, b.load(b.gep(scales_ptr, [at_group])))
             zero_scale = b.fmul(b.uitofp(b.load(b.gep(zeros_ptr, [at_group])), F32), scale)
             for r in range(rows):
-                b.store(b.call(fused, [zero_scale, shares[r], b.load(fix[v, r])]), fix[v, r])
+                b.store(e.fma(zero_scale, shares[r], b.load(fix[v, r])), fix[v, r])  # the same bits on every path
             scales.append(scale)
         return scales
 

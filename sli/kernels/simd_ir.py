@@ -132,7 +132,11 @@ class Emit:
                [b.bitcast(b.gep(pointer, [index]), i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
 
     def fma(self, a, x, acc):
-        return self.b.call(self.fn(f"llvm.fma.v{self.w}f32", self.vf, [self.vf] * 3), [a, x, acc])
+        """``a * x + acc`` rounded once, whatever LLVM's fast-math options (the level's float
+        registers, or float32 scalars)."""
+        kind = acc.type
+        name = "llvm.fma.f32" if kind == F32 else f"llvm.fma.v{kind.count}f32"
+        return self.b.call(self.fn(name, kind, [kind] * 3), [a, x, acc])
 
     def table(self, code_ptr):
         """The 16 float levels at ``code_ptr`` as a table :meth:`lookup` reads."""
@@ -177,21 +181,19 @@ class Emit:
         unsigned bytes ``u`` by signed bytes ``s``: AVX-512 VNNI's ``vpdpbusd``; on AVX2
         ``vpmaddubsw`` (pairs into int16, saturating: the caller keeps them in range) and
         ``vpmaddwd`` by 1."""
-        b = self.b
-        if self.level == "avx512":
-            dp = self.fn(f"llvm.x86.avx512.vpdpbusd.{32 * self.w}", self.vi, [self.vi] * 3)
-            return b.call(dp, [acc, b.bitcast(u, self.vi), b.bitcast(s, self.vi)])
         return self.dot_bytes_sum(acc, [(u, s)])
 
     def dot_bytes_sum(self, acc, products):
-        """``acc`` plus :meth:`dot_bytes`'s sums of each ``(u, s)`` in ``products``. On AVX2 the
-        pairs' int16 sums are added as words first and widened once (``vpmaddwd`` by 1): one
-        multiply-add and one add for them all, not one each. The caller keeps every word's
-        total within int16: INT4's nibbles by int8 activations, 2 * 15 * 128 a pair, four pairs."""
+        """``acc`` plus :meth:`dot_bytes`'s sums of each ``(u, s)`` in ``products``: on AVX-512 a
+        chain of ``vpdpbusd``; on AVX2 the pairs' int16 sums are added as words first and widened
+        once (``vpmaddwd`` by 1), one multiply-add and one add for them all, not one each. The
+        caller keeps every word's total within int16: INT4's nibbles by int8 activations,
+        2 * 15 * 128 a pair, four pairs."""
         b = self.b
         if self.level == "avx512":
+            dp = self.fn(f"llvm.x86.avx512.vpdpbusd.{32 * self.w}", self.vi, [self.vi] * 3)
             for u, s in products:
-                acc = self.dot_bytes(acc, u, s)
+                acc = b.call(dp, [acc, b.bitcast(u, self.vi), b.bitcast(s, self.vi)])
             return acc
         madd = self.fn("llvm.x86.avx2.pmadd.ub.sw", self.v16, [self.vb, self.vb])
         words = None
