@@ -124,12 +124,19 @@ def from_ram(weight: torch.Tensor, modes, copies: int, repeats: int, rounds: int
     The read is timed again right before each mode's kernel, ``rounds`` times over: the machine's
     bandwidth moves 1.5x within minutes, so each ratio pairs two timings seconds apart, and the
     median of the rounds' ratios is the figure."""
+    import numba
+
     big = torch.ones(256 * 1024 * 1024, dtype=torch.float32)
     numba_read = _numba_read()
     array = big.numpy()
+    threads = torch.get_num_threads()  # the kernels' threads (--threads): the readers take as many
 
     def floor_bytes_per_s() -> float:  # the faster of two readers: torch.sum and a numba loop
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         fastest = min(median_ms(lambda: big.sum(), repeats), median_ms(lambda: numba_read(array), repeats))
+        # numba's OpenMP layer sets OpenMP's thread count, which torch and so sli's kernels read:
+        # without this, --threads 1 timed the kernels on every core after the first read
+        torch.set_num_threads(threads)
         return big.numel() * 4 / (fastest / 1e3)
 
     x = torch.randn(1, weight.shape[1])
