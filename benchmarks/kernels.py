@@ -43,10 +43,12 @@ MODES = ["none", "int8", "int8_dynamic", "nf4", "fp4", "int4", "fp8"]
 
 STAT = statistics.median
 BLOCK_SIZE = QuantizationConfig.block_size  # --block-size: NF4/FP4's values a block maximum
+GROUP_SIZE = QuantizationConfig.group_size  # --group-size: INT4's values a group
 
 
 def config_of(mode: str) -> QuantizationConfig:
-    return QuantizationConfig(mode=mode, block_size=BLOCK_SIZE if mode in ("nf4", "fp4") else 64)
+    return QuantizationConfig(mode=mode, block_size=BLOCK_SIZE if mode in ("nf4", "fp4") else 64,
+                              group_size=GROUP_SIZE)
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -242,6 +244,8 @@ def main() -> None:
     ap.add_argument("--stat", choices=["median", "min"], default="median")
     ap.add_argument("--block-size", type=int, default=QuantizationConfig.block_size,
                     help="NF4/FP4 values a block maximum (32 to 4096)")
+    ap.add_argument("--group-size", type=int, default=QuantizationConfig.group_size,
+                    help="INT4 values a group (even)")
     ap.add_argument("--torch-ops", action="store_true", help="also time torch's int8/int4 packed products")
     ap.add_argument("--from-ram", type=int, default=0, metavar="N",
                     help="instead: 1 row through N distinct copies of each mode's weight (past the L3 cache), "
@@ -260,10 +264,13 @@ def main() -> None:
         ap.error(f"--floor-rounds {args.floor_rounds}: give 1 or more rounds")
     if min(args.rows) < 1:
         ap.error(f"--rows {' '.join(map(str, args.rows))}: give row counts of 1 or more")
-    global STAT, BLOCK_SIZE
+    global STAT, BLOCK_SIZE, GROUP_SIZE
     STAT = min if args.stat == "min" else statistics.median
-    BLOCK_SIZE = args.block_size
-    config_of("nf4")  # an unsupported --block-size fails here, naming the sizes
+    BLOCK_SIZE, GROUP_SIZE = args.block_size, args.group_size
+    try:
+        config_of("nf4")  # an unsupported --block-size or --group-size fails here, naming the sizes
+    except ValueError as e:
+        ap.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     out_f, in_f = args.shape
@@ -277,6 +284,7 @@ def main() -> None:
           f"--rows {' '.join(map(str, rows))}{' --no-dequantize' if args.no_dequantize else ''}"
           f"{f' --threads {args.threads}' if args.threads else ''} --stat {args.stat}"
           f"{f' --block-size {args.block_size}' if args.block_size != 64 else ''}"
+          f"{f' --group-size {args.group_size}' if args.group_size != 128 else ''}"
           f"{' --torch-ops' if args.torch_ops else ''}{' --compare-paths' if args.compare_paths else ''}"
           f"{f' --from-ram {args.from_ram} --floor-rounds {args.floor_rounds}' if args.from_ram else ''}"
           f"{' --fused-vs-dequantized' if args.fused_vs_dequantized else ''}")

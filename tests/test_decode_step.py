@@ -114,6 +114,21 @@ def test_one_call_gives_the_op_by_op_step_bit_for_bit(family, mode, kv_dtype, mo
     assert torch.equal(one_call, op_by_op)
 
 
+def test_one_call_with_int4_groups_of_three_sizes_gives_the_op_by_op_step_bit_for_bit(model_factory, tmp_path,
+                                                                                     monkeypatch):
+    # groups of 128 (q/k/v/o) and 192 (gate/up), kernels of their own, and 64 (down: the group an
+    # argument) in one layer's step
+    from sli.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "TEAM_WORK", 0)  # every product on the team: the leader and the worker
+    config = QuantizationConfig(mode="int4", block_sizes={"gate_proj": 192, "up_proj": 192, "down_proj": 64})
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(1))
+    with UniversalSLIProcessor(model_factory("llama"), config, cache_dir=tmp_path, device="cpu",
+                               memory_budget_gb=1.0) as proc:
+        one_call, op_by_op = _one_call_and_op_by_op(proc, ids, monkeypatch)
+    assert torch.equal(one_call, op_by_op)
+
+
 @pytest.mark.parametrize("path", ["no team", "every product on the team", "attention between two calls"])
 def test_one_call_s_paths_give_the_same_bits(path, model_factory, tmp_path, monkeypatch):
     from sli.kernels import dispatch

@@ -37,23 +37,25 @@ def counted(monkeypatch):
     return ran
 
 
-def _weight(mode, shape, double_quant=True):
+def _weight(mode, shape, double_quant=True, group=128):
     g = torch.Generator().manual_seed(1)
     w = (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
     codec = codec_for(mode)
     config = QuantizationConfig(mode=mode, double_quant=double_quant, compress_statistics=double_quant) if mode in ("nf4", "fp4") else \
-        QuantizationConfig(mode=mode)
+        QuantizationConfig(mode=mode, group_size=group)
     return codec, codec.prepare(codec.quantize(w, config))
 
 
-@pytest.mark.parametrize("mode,double_quant,kernel", [
-    ("int8", True, "matmul_int8q"), ("nf4", True, "matmul_4bitq"), ("nf4", False, "matmul_4bitq"),
-    ("fp4", True, "matmul_4bitq"), ("int4", True, "matmul_int4q"), ("none", True, "matmul_bf16")])
+@pytest.mark.parametrize("mode,double_quant,group,kernel", [
+    ("int8", True, 128, "matmul_int8q"), ("nf4", True, 128, "matmul_4bitq"), ("nf4", False, 128, "matmul_4bitq"),
+    ("fp4", True, 128, "matmul_4bitq"), ("none", True, 128, "matmul_bf16"),
+    # INT4: groups of 128 and 192 have kernels of their own (the same arguments, told apart by the job's kind)
+    ("int4", True, 128, "matmul_int4q_g128"), ("int4", True, 192, "matmul_int4q_g192"), ("int4", True, 64, "matmul_int4q")])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_a_product_split_across_the_team_equals_one_thread_s_bit_for_bit(two_threads, counted, monkeypatch, mode,
-                                                                         double_quant, kernel, rows):
+                                                                         double_quant, group, kernel, rows):
     monkeypatch.setattr(kernels, "INT8_LEVELS_ROWS", 1)  # NF4/FP4's int8 levels (off by default at 1 row)
-    codec, q = _weight(mode, (517, 1024), double_quant)  # 517 rows: chunks of unequal size
+    codec, q = _weight(mode, (517, 1024), double_quant, group)  # 517 rows: chunks of unequal size
     x = codec.prepare_input(torch.randn(rows, 1024, generator=torch.Generator().manual_seed(2)))
     monkeypatch.setattr(dispatch, "TEAM_WORK", 1 << 62)
     monkeypatch.setattr(dispatch, "INLINE_WORK", 1 << 62)

@@ -6,17 +6,34 @@ through ``dot4q``: a token's four weight rows a pass (``dot4q_rows``; one where 
 AMD Zen 4: :func:`sli.kernels.simd.token_pass_rows`, for rows longer than
 :data:`sli.kernels.plain.SHORT_ROW`), several activation rows two weight rows a pass
 (``dot4q_tile``) up to :data:`TILE_MAX_ROWS` of them.
+
+The int8-activation product is built once with the group size an argument (``matmul_int4q``)
+and once for each size in :data:`CONSTANT_GROUPS` with it a constant (``matmul_int4q_g128``,
+no group argument): the SIMD helpers step through a group in a loop whose trip count is the
+group size over 128 or 64, and LLVM folds that loop only where the size is known when it
+compiles (a 11008x4096 weight times a token from RAM on one thread: 1.4-1.6 ms against
+1.8-2.4; a 7B-shaped INT4 token ~17% less time: docs/benchmarks.md, 2026-12-07 17:20).
 """
 import numpy as np
+from numba import njit
 
-from .jit import KERNEL
+from .jit import KERNEL, stable_id
 from .plain import SHORT_ROW
+
+# INT4 group sizes with int8-activation kernels of their own (the group a compile-time constant):
+# INT4's default (128) and the MLP's groups in int4-gptq's 4.25-bit mix (192).
+CONSTANT_GROUPS = (128, 192)
 
 # Activation rows up to which INT4's several-row products take two weight rows a pass. Measured
 # on the AMX Xeon (docs/benchmarks.md, 2026-12-07), a 11008x4096 weight hot: 2 rows 0.85x the
 # time of one weight row a pass, 3 rows 0.77x, but 4 to 32 rows 0.91-1.31x, median 1.07x (each
 # pair's sums are held at once: two weight rows by 8 activation rows fill AVX-512's registers).
 TILE_MAX_ROWS = 3
+
+
+def constant_group_kernel(group: int) -> str:
+    """The name of the int8-activation kernel built for groups of ``group`` (in :data:`CONSTANT_GROUPS`)."""
+    return f"matmul_int4q_g{group}"
 
 
 def build(h) -> dict:
@@ -50,8 +67,9 @@ def build(h) -> dict:
 
         return matmul_int4
 
-    @KERNEL
-    def matmul_int4q(packed, scales, zeros, xq, xs, gsum, oidx, oval, group, y, start, stop):
+    # fastmath as KERNEL's, inlined into each kernel below (numba's IR): compiled there, with its group
+    @njit(fastmath=True, cache=True, nogil=True, inline="always")
+    def token_product(packed, scales, zeros, xq, xs, gsum, oidx, oval, group, y, start, stop):
         # matmul_int4 with int8 activations (quantize_rows, one scale a row, in q4_order) and
         # their largest values in float (oidx: natural columns); scales, zeros as stored (float16
         # bits as int16, uint8). One token: weight_rows weight rows a pass (where a token's products
@@ -89,6 +107,19 @@ def build(h) -> dict:
                         y[t + i, o + w] = s
             o += at_once
 
+    stable_id(token_product, f"int4.token_product:{h.level}{h.variant}")  # the kernels below hold it
+
+    @KERNEL
+    def matmul_int4q(packed, scales, zeros, xq, xs, gsum, oidx, oval, group, y, start, stop):
+        token_product(packed, scales, zeros, xq, xs, gsum, oidx, oval, group, y, start, stop)
+
+    def constant_group(group):
+        @KERNEL
+        def matmul_int4q_group(packed, scales, zeros, xq, xs, gsum, oidx, oval, y, start, stop):
+            token_product(packed, scales, zeros, xq, xs, gsum, oidx, oval, group, y, start, stop)
+
+        return matmul_int4q_group
+
     @KERNEL
     def dequantize_int4(packed, scales, zeros, out, group, start, stop):
         # out: fp32 [out_rows, cols] (cols <= padded_in: a padded tail is dropped); rows [start, stop)
@@ -110,6 +141,7 @@ def build(h) -> dict:
                     row[cols - 1] = (np.float32(packed[first + (cols - 1 - j) // 2] >> 4) - z) * s
 
     return {"matmul_int4": float_kernel(h.lut4z, most), "matmul_int4q": matmul_int4q,
+            **{constant_group_kernel(group): constant_group(group) for group in CONSTANT_GROUPS},
             "dequantize_int4": dequantize_int4,
             # a group size the SIMD helpers do not step in: the plain helper, x in the weight's order
             "matmul_int4_any": float_kernel(plain.lut4z, plain.MAX_ROWS)}

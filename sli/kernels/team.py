@@ -36,6 +36,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from .. import settings
+from .int4 import CONSTANT_GROUPS, constant_group_kernel
 
 
 # The kernels the team runs, with their arguments before (start, stop): a dtype name and
@@ -47,8 +48,12 @@ ARGUMENTS: Dict[str, Tuple[str, ...]] = {
     "matmul_4bitq": ("u8", "f32", "i8", "f32", "xq", "f32", "i64:2", "f32:2", "int", "f32:2"),
     "matmul_int4q": ("u8", "i16", "u8", "i8", "f32", "f32", "i64:2", "f32:2", "int", "f32:2"),
     "matmul_bf16": ("u16", "f32", "f32:2", "f32:2"),
+    # matmul_int4q built for a group size (sli.kernels.int4.CONSTANT_GROUPS): no group argument
+    **{constant_group_kernel(group): ("u8", "i16", "u8", "i8", "f32", "f32", "i64:2", "f32:2", "f32:2")
+       for group in CONSTANT_GROUPS},
 }
 KINDS = tuple(ARGUMENTS)
+CONSTANT_KINDS = tuple(constant_group_kernel(group) for group in CONSTANT_GROUPS)  # the last kinds
 # an array argument's type code: 4 * (its dtype's place here + 1) + its dimensions
 _DTYPES = {"u8": "uint8", "i8": "int8", "u16": "uint16", "i16": "int16", "i64": "int64", "f32": "float32"}
 _PLACES = {numpy_name: place for place, numpy_name in enumerate(_DTYPES.values())}
@@ -157,7 +162,7 @@ def _build(kernels: dict, level: str, variant: str = "") -> dict:
 
     load, store, add, swap_if, pause, cycles, pointer = (atomics.load, atomics.store, atomics.add, atomics.swap_if,
                                                          atomics.pause, atomics.cycles, atomics.pointer)
-    int8q, four_bit, int4q, bf16 = (kernels[name] for name in KINDS)
+    int8q, four_bit, int4q, bf16, int4q_a, int4q_b = (kernels[name] for name in KINDS)
     i8, u8, i16, u16, i64, f32 = np.int8, np.uint8, np.int16, np.uint16, np.int64, np.float32
     xq = np.int8 if level == "plain" else np.int16
     key = level + variant  # in the ids: compiled code over another variant's kernels is other code
@@ -226,9 +231,19 @@ def _build(kernels: dict, level: str, variant: str = "") -> dict:
     def run_bf16(job, numbers, lo, hi):
         bf16(a1(job, 3, u16), a1(job, 6, f32), a2(job, 9, f32), a2(job, 12, f32), lo, hi)
 
-    runs = (run_int8q, run_4bitq, run_int4q, run_bf16)  # in KINDS' order
-    for run in runs:
-        stable_id(run, f"team.{run.__name__}:{key}")
+    def constant_group_run(kernel):
+        @inlined
+        def run_int4q_group(job, numbers, lo, hi):
+            kernel(a1(job, 3, u8), a1(job, 6, i16), a1(job, 9, u8), a1(job, 12, i8), a1(job, 15, f32),
+                   a1(job, 18, f32), a2(job, 21, i64), a2(job, 24, f32), a2(job, 27, f32), lo, hi)
+
+        return run_int4q_group
+
+    run_int4q_a, run_int4q_b = constant_group_run(int4q_a), constant_group_run(int4q_b)  # CONSTANT_GROUPS'
+    first_constant = KINDS.index(CONSTANT_KINDS[0])
+    runs = (run_int8q, run_4bitq, run_int4q, run_bf16, run_int4q_a, run_int4q_b)  # in KINDS' order
+    for kind, run in zip(KINDS, runs):
+        stable_id(run, f"team.run_{kind}:{key}")
 
     def run_own(args, job, numbers, lo, hi):  # (compiled only: the overload below)
         raise NotImplementedError
@@ -245,6 +260,13 @@ def _build(kernels: dict, level: str, variant: str = "") -> dict:
         kind = _kind_of(args.types)
         if kind < 0:
             return lambda args, job, numbers, lo, hi: None
+        if KINDS[kind] in CONSTANT_KINDS:  # their arguments alike: the job's kind (job[0]) tells them apart
+            def run_constant_group(args, job, numbers, lo, hi):
+                if job[0] == first_constant:
+                    run_int4q_a(job, numbers, lo, hi)
+                else:
+                    run_int4q_b(job, numbers, lo, hi)
+            return run_constant_group
         run = runs[kind]
         return lambda args, job, numbers, lo, hi: run(job, numbers, lo, hi)
 
@@ -259,8 +281,12 @@ def _build(kernels: dict, level: str, variant: str = "") -> dict:
             run_4bitq(job, numbers, lo, hi)
         elif kind == 2:
             run_int4q(job, numbers, lo, hi)
-        else:
+        elif kind == 3:
             run_bf16(job, numbers, lo, hi)
+        elif kind == first_constant:
+            run_int4q_a(job, numbers, lo, hi)
+        else:
+            run_int4q_b(job, numbers, lo, hi)
 
     stable_id(run_chunk, f"team.run_chunk:{key}")
 
