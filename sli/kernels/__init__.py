@@ -46,7 +46,7 @@ from . import matrix_units as matrix_units_module
 from .matrix_units import hessian_int8, int8_matrix_rows, int_mm_int8, matrix_units, prompt_dtype
 from .dispatch import table as _table  # tests/test_processor.py counts the compiled signatures
 from .four_bit import LEVEL_SCALE, split_levels
-from .int4 import CONSTANT_GROUPS, constant_group_kernel
+from .int4 import token_kernel as int4_token_kernel
 
 __all__ = [
     "FUSED_MAX_TOKENS", "RUNTIME_BYTES", "SIMD_LEVELS", "INT8_LEVELS_ROWS", "INT8_ACTIVATION_ROWS", "KEEP_FLOAT",
@@ -526,14 +526,10 @@ def matmul_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group:
         activations = "int8" if int8_activations(rows.shape[0]) else "float"
     if activations == "int8":
         xq, xs, _, gsum, oidx, oval = _quantized(_np(rows), padded, min(KEEP_FLOAT, in_features - 1), group)
-        xq = _q4_order(xq, rows.shape[0], padded, int4_half(group))
-        work = packed.numel() * 2 * rows.shape[0] // 4
-        if group in CONSTANT_GROUPS:  # its own kernel, without the group argument
-            _run(constant_group_kernel(group), packed.shape[0], work, _np(_flat(packed)), *int4_groups(scales, zeros),
-                 xq, xs, gsum, oidx, oval, y)
-        else:
-            _run("matmul_int4q", packed.shape[0], work, _np(_flat(packed)), *int4_groups(scales, zeros), xq, xs, gsum,
-                 oidx, oval, group, y)
+        kernel, group_argument = int4_token_kernel(group)
+        _run(kernel, packed.shape[0], packed.numel() * 2 * rows.shape[0] // 4, _np(_flat(packed)),
+             *int4_groups(scales, zeros), _q4_order(xq, rows.shape[0], padded, int4_half(group)), xs, gsum,
+             oidx, oval, *group_argument, y)
     else:
         _run("matmul_int4", packed.shape[0], packed.numel() * 2 * rows.shape[0], _np(_flat(packed)),
              *int4_groups(scales, zeros), _np(lut4_order(rows)), y, group)

@@ -22,7 +22,7 @@ from . import (INT8_LEVELS_ROWS, KEEP_FLOAT, _levels, _np, _q4_order, _quantized
                int8_activations, int8_matrix_rows, levels_buffer, levels_fit, levels_keep, levels_order,
                quantized_buffers, wide_levels)
 from . import dispatch
-from .int4 import CONSTANT_GROUPS, constant_group_kernel
+from .int4 import token_kernel as int4_token_kernel
 from .dispatch import run, table
 
 
@@ -195,14 +195,11 @@ def int4(packed: Tensor, scales: Tensor, zeros: Tensor, group: int, in_features:
     pf = _flat_np(packed)
     sf, zf = int4_groups(scales, zeros)
 
-    constant = group in CONSTANT_GROUPS  # its own kernel, without the group argument
+    kernel, group_argument = int4_token_kernel(group)
 
     def arguments(a: QuantizedRows, y: np.ndarray) -> tuple:
         xq, xs, _, gsum, oidx, oval = a
-        if constant:
-            return pf, sf, zf, xq, xs, gsum, oidx, oval, y
-        return pf, sf, zf, xq, xs, gsum, oidx, oval, group, y
+        return (pf, sf, zf, xq, xs, gsum, oidx, oval, *group_argument, y)
 
     activations = Activations(padded, group, min(KEEP_FLOAT, in_features - 1), int4_half(group))
-    kernel = constant_group_kernel(group) if constant else "matmul_int4q"
     return RowProduct(activations, out_features, packed.numel() * 2 // 4, kernel, arguments, bias)

@@ -36,6 +36,14 @@ def constant_group_kernel(group: int) -> str:
     return f"matmul_int4q_g{group}"
 
 
+def token_kernel(group: int) -> "tuple[str, tuple]":
+    """The int8-activation kernel for groups of ``group`` and what it takes for the group between
+    ``oval`` and ``y``: nothing where the size is built in, else the size."""
+    if group in CONSTANT_GROUPS:
+        return constant_group_kernel(group), ()
+    return "matmul_int4q", (group,)
+
+
 def build(h) -> dict:
     """The kernels by name, over helpers ``h`` (one SIMD level's or the plain ones)."""
     from . import plain  # in the closures, so the cache sees them (sli.kernels.jit)

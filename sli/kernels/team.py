@@ -39,6 +39,8 @@ from .. import settings
 from .int4 import CONSTANT_GROUPS, constant_group_kernel
 
 
+_INT4Q = ("u8", "i16", "u8", "i8", "f32", "f32", "i64:2", "f32:2")  # INT4's kernels up to the group size
+
 # The kernels the team runs, with their arguments before (start, stop): a dtype name and
 # dimensions ("u8" a 1-d uint8 array, "f32:2" a 2-d float32 one), "int" or "float".
 # "xq" is the int8 activations in the form the level's 4-bit kernels read (int16 on the SIMD
@@ -46,11 +48,10 @@ from .int4 import CONSTANT_GROUPS, constant_group_kernel
 ARGUMENTS: Dict[str, Tuple[str, ...]] = {
     "matmul_int8q": ("i8", "f32", "i8", "f32", "f32", "i64:2", "f32:2", "int", "f32:2"),
     "matmul_4bitq": ("u8", "f32", "i8", "f32", "xq", "f32", "i64:2", "f32:2", "int", "f32:2"),
-    "matmul_int4q": ("u8", "i16", "u8", "i8", "f32", "f32", "i64:2", "f32:2", "int", "f32:2"),
+    "matmul_int4q": _INT4Q + ("int", "f32:2"),
     "matmul_bf16": ("u16", "f32", "f32:2", "f32:2"),
     # matmul_int4q built for a group size (sli.kernels.int4.CONSTANT_GROUPS): no group argument
-    **{constant_group_kernel(group): ("u8", "i16", "u8", "i8", "f32", "f32", "i64:2", "f32:2", "f32:2")
-       for group in CONSTANT_GROUPS},
+    **{constant_group_kernel(group): _INT4Q + ("f32:2",) for group in CONSTANT_GROUPS},
 }
 KINDS = tuple(ARGUMENTS)
 CONSTANT_KINDS = tuple(constant_group_kernel(group) for group in CONSTANT_GROUPS)  # the last kinds
