@@ -29,7 +29,7 @@ def _rel_err(y, ref):
 
 def _int8_reference(codec, q, x, bias=None):
     """dequantize-then-F.linear on x quantized as the int8-activation kernels quantize it
-    (INT8_DYNAMIC's per-token int8, its 4 largest |x| kept in float; kept values and INT8's
+    (INT8_DYNAMIC's per-token int8, its KEEP_FLOAT largest |x| kept in float; kept values and INT8's
     outlier columns meet x). NF4/FP4's levels as integers (round(code * LEVEL_SCALE) / LEVEL_SCALE)
     meet x as int16 at WIDE levels a row on a SIMD level (sli.kernels.wide_levels)."""
     dense = codec.dequantize(q, torch.float32)
@@ -45,7 +45,7 @@ def _int8_reference(codec, q, x, bias=None):
             amax = x.abs().amax(-1, keepdim=True).clamp(min=1e-8)
             xq = torch.round(x * WIDE / amax) * (amax / WIDE)  # the kernels' float32 operations
             return torch.nn.functional.linear(xq, weight, bias)
-    keep = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, x.abs().topk(min(4, x.shape[-1] - 1), dim=-1).indices,
+    keep = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, x.abs().topk(min(kernels.KEEP_FLOAT, x.shape[-1] - 1), dim=-1).indices,
                                                           True)
     xq = codec_for("int8_dynamic").prepare_input(x).masked_fill(keep, 0.0)
     y = torch.nn.functional.linear(xq, weight, bias) + torch.nn.functional.linear(x * keep, dense)
@@ -312,6 +312,20 @@ def test_int4_kernels_read_the_stored_scales_and_zeros_so_a_loaded_weight_holds_
     with pytest.raises(TypeError, match="float16 scales and uint8 zeros"):
         kernels.matmul_int4(x, q.tensors["weight"], q.tensors["weight.scales"].float(), q.tensors["weight.zeros"],
                             64, 256)
+
+
+@pytest.mark.parametrize("keep", [2, 4])
+@pytest.mark.parametrize("cols", [1024, 4096])  # short rows: kept values added after the products; long: in the loop
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int4_products_add_the_values_kept_in_float_on_short_and_long_rows(keep, cols, rows, monkeypatch):
+    monkeypatch.setattr(kernels, "KEEP_FLOAT", keep)
+    monkeypatch.setattr(type(codec_for("int8_dynamic")), "outliers_per_token", keep)  # the reference's rounding
+    codec = codec_for("int4")
+    q = codec.quantize(_weight((64, cols)), QuantizationConfig(mode="int4"))
+    x = torch.randn(rows, cols)
+    x[:, 7], x[:, cols - 3] = 40.0, -30.0  # outliers: int8 at one scale a row would flatten the rest
+    y = linear(codec.prepare(q), x)
+    assert _rel_err(y, _expected(codec, q, x)) < 1e-5
 
 
 @pytest.mark.parametrize("rows", [1, 5])
