@@ -314,6 +314,32 @@ def test_int4_kernels_read_the_stored_scales_and_zeros_so_a_loaded_weight_holds_
                             64, 256)
 
 
+@pytest.mark.parametrize("cols, xblock, sumblock, keep, wide", [
+    (204, 204, 68, 0, False),  # one scale a row, its block sums taken as it rounds; 204: a tail past the 8s
+    (204, 204, 68, 0, True),  # NF4/FP4's int16 form
+    (576, 576, 64, 4, False),  # a token's INT4 form: four kept in float
+    (576, 64, 192, 0, False),  # scales a block of 64, sums a block of 192: sums in a pass of their own
+    (576, 192, 64, 2, False),
+])
+def test_quantize_rows_rounds_as_int8_dynamic_and_sums_what_it_stored(cols, xblock, sumblock, keep, wide):
+    g = torch.Generator().manual_seed(cols + keep)
+    x = torch.randn(3, cols, generator=g)
+    x[:, [5, cols - 1]] *= 40  # strong features, as a trained model's (the last in the tail)
+    xq, xs, corr, bsum, oidx, oval = kernels._quantized(x.numpy(), xblock, keep, sumblock,
+                                                         kernels.quantized_buffers(3, cols, xblock, keep, sumblock, wide))
+    limit = WIDE if wide else 127
+    top = x.abs().topk(keep, dim=-1).indices if keep else torch.zeros(3, 0, dtype=torch.long)
+    rest = x.scatter(-1, top, 0.0)
+    amax = rest.view(3, -1, xblock).abs().amax(-1, keepdim=True).clamp(min=1e-8)
+    expected = torch.round(rest.view(3, -1, xblock) * limit / amax).view(3, cols)
+    assert np.array_equal(xq.reshape(3, cols), expected.numpy())
+    assert np.array_equal(xs, (amax / limit).flatten().numpy())
+    assert np.array_equal(bsum, expected.view(3, -1, sumblock).sum(-1).flatten().numpy())
+    assert np.array_equal(oidx, top.numpy()) and np.array_equal(oval, x.gather(-1, top).numpy())
+    blocks = expected.view(3, -1, xblock).sum(-1) * (amax / limit).squeeze(-1)
+    np.testing.assert_allclose(corr, 128 * blocks.sum(-1).numpy(), rtol=1e-5)
+
+
 @pytest.mark.parametrize("keep", [2, 4])
 @pytest.mark.parametrize("cols", [1024, 4096])  # short rows: kept values added after the products; long: in the loop
 @pytest.mark.parametrize("rows", [1, 3])

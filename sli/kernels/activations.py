@@ -15,6 +15,29 @@ from .jit import stable_id
 WIDE = 16383
 
 
+@njit(cache=True, nogil=True)
+def largest_magnitude(row, start):
+    # max(start, max |row|) in eight running maxima, not one chain of compares (a maximum is exact
+    # in any order; a NaN is passed over, as the insertion pass below passes it over)
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = start
+    whole = row.shape[0] // 8 * 8
+    for j in range(0, whole, 8):
+        a0, a1, a2, a3 = abs(row[j]), abs(row[j + 1]), abs(row[j + 2]), abs(row[j + 3])
+        a4, a5, a6, a7 = abs(row[j + 4]), abs(row[j + 5]), abs(row[j + 6]), abs(row[j + 7])
+        m0, m1, m2, m3 = (a0 if a0 > m0 else m0), (a1 if a1 > m1 else m1), (a2 if a2 > m2 else m2), (a3 if a3 > m3 else m3)
+        m4, m5, m6, m7 = (a4 if a4 > m4 else m4), (a5 if a5 > m5 else m5), (a6 if a6 > m6 else m6), (a7 if a7 > m7 else m7)
+    best = start
+    for m in (m0, m1, m2, m3, m4, m5, m6, m7):
+        best = m if m > best else best
+    for j in range(whole, row.shape[0]):
+        a = abs(row[j])
+        best = a if a > best else best
+    return best
+
+
+stable_id(largest_magnitude, "activations.largest_magnitude")  # quantize_rows calls it (its globals pickle it)
+
+
 @njit(cache=True, nogil=True)  # no fastmath: x * 127 / a rounds as INT8_DYNAMIC's torch code does
 def quantize_rows(x, xblock, sumblock, xq, xs, corr, bsum, oidx, oval):
     # x fp32 [T, in] -> xq int8 [T*in] with a scale a block of xblock values (xs [T*(in/xblock)]),
@@ -27,6 +50,8 @@ def quantize_rows(x, xblock, sumblock, xq, xs, corr, bsum, oidx, oval):
     keep = oidx.shape[1]
     blocks = cols // xblock
     limit = np.float32(WIDE) if xq.itemsize == 2 else np.float32(127.0)
+    together = xblock % sumblock == 0  # bsum's blocks inside the scale's: summed as they are rounded
+    step = sumblock if together else xblock
     row = np.empty(cols, np.float32)
     top = np.empty(keep + 1, np.float32)  # the keep + 1 largest |x|: the last is the rest's maximum
     at = np.empty(keep + 1, np.int64)
@@ -36,7 +61,9 @@ def quantize_rows(x, xblock, sumblock, xq, xs, corr, bsum, oidx, oval):
         for k in range(keep + 1):
             top[k] = -1.0
             at[k] = 0
-        for j in range(cols):  # by insertion: one pass, rarely taken
+        if keep == 0:  # the row's maximum alone
+            top[0] = largest_magnitude(row, top[0])
+        for j in range(cols if keep else 0):  # by insertion: one pass, rarely taken
             a = abs(row[j])
             if a > top[keep]:
                 k = keep
@@ -59,15 +86,20 @@ def quantize_rows(x, xblock, sumblock, xq, xs, corr, bsum, oidx, oval):
                     amax = max(amax, abs(row[j]))
             amax = max(amax, np.float32(1e-8))
             total = 0
-            for j in range(blk * xblock, (blk + 1) * xblock):
-                v = np.rint(row[j] * limit / amax)
-                xq[t * cols + j] = v
-                total += np.int32(v)
+            for part in range(blk * xblock // step, (blk + 1) * xblock // step):
+                part_total = 0
+                for j in range(part * step, (part + 1) * step):
+                    v = np.rint(row[j] * limit / amax)
+                    xq[t * cols + j] = v
+                    part_total += np.int32(v)
+                if together:
+                    bsum[t * sums + part] = np.float32(part_total)
+                total += part_total
             s = amax / limit
             xs[t * blocks + blk] = s
             c += s * np.float32(total)
         corr[t] = np.float32(128.0) * c
-        for blk in range(sums):
+        for blk in range(0 if together else sums):
             total = 0
             for j in range(blk * sumblock, (blk + 1) * sumblock):
                 total += np.int32(xq[t * cols + j])
