@@ -341,7 +341,7 @@ def test_quantize_rows_rounds_as_int8_dynamic_and_sums_what_it_stored(cols, xblo
 
 
 @pytest.mark.parametrize("keep", [2, 4])
-@pytest.mark.parametrize("cols", [1024, 4096])  # short rows: kept values added after the products; long: in the loop
+@pytest.mark.parametrize("cols", [1024, 4096])  # short rows (four weight rows a pass) and long (one, on Zen 4)
 @pytest.mark.parametrize("rows", [1, 3])
 def test_int4_products_add_the_values_kept_in_float_on_short_and_long_rows(keep, cols, rows, monkeypatch):
     monkeypatch.setattr(kernels, "KEEP_FLOAT", keep)
