@@ -45,8 +45,8 @@ def _int8_reference(codec, q, x, bias=None):
             amax = x.abs().amax(-1, keepdim=True).clamp(min=1e-8)
             xq = torch.round(x * WIDE / amax) * (amax / WIDE)  # the kernels' float32 operations
             return torch.nn.functional.linear(xq, weight, bias)
-    keep = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, x.abs().topk(min(kernels.KEEP_FLOAT, x.shape[-1] - 1), dim=-1).indices,
-                                                          True)
+    kept = x.abs().topk(min(kernels.KEEP_FLOAT, x.shape[-1] - 1), dim=-1).indices
+    keep = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, kept, True)
     xq = codec_for("int8_dynamic").prepare_input(x).masked_fill(keep, 0.0)
     y = torch.nn.functional.linear(xq, weight, bias) + torch.nn.functional.linear(x * keep, dense)
     cols = q.tensors.get("weight.outlier_cols")

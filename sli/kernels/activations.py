@@ -24,8 +24,10 @@ def largest_magnitude(row, start):
     for j in range(0, whole, 8):
         a0, a1, a2, a3 = abs(row[j]), abs(row[j + 1]), abs(row[j + 2]), abs(row[j + 3])
         a4, a5, a6, a7 = abs(row[j + 4]), abs(row[j + 5]), abs(row[j + 6]), abs(row[j + 7])
-        m0, m1, m2, m3 = (a0 if a0 > m0 else m0), (a1 if a1 > m1 else m1), (a2 if a2 > m2 else m2), (a3 if a3 > m3 else m3)
-        m4, m5, m6, m7 = (a4 if a4 > m4 else m4), (a5 if a5 > m5 else m5), (a6 if a6 > m6 else m6), (a7 if a7 > m7 else m7)
+        m0, m1 = (a0 if a0 > m0 else m0), (a1 if a1 > m1 else m1)
+        m2, m3 = (a2 if a2 > m2 else m2), (a3 if a3 > m3 else m3)
+        m4, m5 = (a4 if a4 > m4 else m4), (a5 if a5 > m5 else m5)
+        m6, m7 = (a6 if a6 > m6 else m6), (a7 if a7 > m7 else m7)
     best = start
     for m in (m0, m1, m2, m3, m4, m5, m6, m7):
         best = m if m > best else best
@@ -63,16 +65,17 @@ def quantize_rows(x, xblock, sumblock, xq, xs, corr, bsum, oidx, oval):
             at[k] = 0
         if keep == 0:  # the row's maximum alone
             top[0] = largest_magnitude(row, top[0])
-        for j in range(cols if keep else 0):  # by insertion: one pass, rarely taken
-            a = abs(row[j])
-            if a > top[keep]:
-                k = keep
-                while k > 0 and top[k - 1] < a:
-                    top[k] = top[k - 1]
-                    at[k] = at[k - 1]
-                    k -= 1
-                top[k] = a
-                at[k] = j
+        else:
+            for j in range(cols):  # by insertion: one pass, rarely taken
+                a = abs(row[j])
+                if a > top[keep]:
+                    k = keep
+                    while k > 0 and top[k - 1] < a:
+                        top[k] = top[k - 1]
+                        at[k] = at[k - 1]
+                        k -= 1
+                    top[k] = a
+                    at[k] = j
         for k in range(keep):
             oidx[t, k] = at[k]
             oval[t, k] = row[at[k]]
