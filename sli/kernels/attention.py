@@ -13,30 +13,17 @@ attention) are scored together, so each key row is read once for all of them.
 import numpy as np
 from numba import njit
 
+from .fast_exp import exp_parts
 from .jit import KERNEL
 from .unpacked import _bf16_value, _int8_value
 
-LOG2_E = np.float32(1.4426950408889634)
-LN2_HIGH, LN2_LOW = np.float32(0.693359375), np.float32(-2.12194440e-4)  # ln 2 = their sum, HIGH exact in 9 bits
-# exp(r) for |r| <= ln(2)/2: its Taylor series to r**7 (the next term < 6e-9 of it)
-EXP_TERMS = tuple(np.float32(1.0 / np.prod(np.arange(1, k + 1, dtype=np.float64))) for k in range(7, -1, -1))
 
-
-@njit(nogil=True, cache=True)  # no fastmath: r = x - n * ln 2 in two parts, as written
+@njit(nogil=True, cache=True)  # no fastmath: exp_parts' two-part ln 2 as written
 def exp_shifted(scores, top, powers, length):
-    """``scores[t] = exp(scores[t] - top)`` for ``t < length``; 0 from ``scores[t] - top <= -87``
-    on (near float32's smallest normal), so a masked -inf position stays 0. numba's ``np.exp``
-    is a libm call a value (no SVML here), ~a fifth of the attention kernel's time; this is
-    2**n * exp(r), n = round(x / ln 2), r = x - n ln 2 (Cody and Waite's two-part ln 2): a
-    polynomial and an exponent written into float bits, each value on its own, so LLVM
-    vectorizes it (2.7x libm's speed). Within 1e-7 of exp where a weight can matter."""
-    c7, c6, c5, c4, c3, c2, c1, c0 = EXP_TERMS
+    """``scores[t] = exp(scores[t] - top)`` for ``t < length`` (:func:`.fast_exp.exp_parts`);
+    0 from ``scores[t] - top <= -87`` on, so a masked -inf position stays 0."""
     for t in range(length):
-        x = max(scores[t] - top, np.float32(-88.0))
-        n = np.rint(x * LOG2_E)
-        r = (x - n * LN2_HIGH) - n * LN2_LOW
-        scores[t] = ((((((c7 * r + c6) * r + c5) * r + c4) * r + c3) * r + c2) * r + c1) * r + c0
-        powers[t] = (np.int32(n) + 127) << 23 if x > np.float32(-87.0) else 0  # 2**n as float bits, or 0
+        scores[t], powers[t] = exp_parts(scores[t] - top)
     scale = powers.view(np.float32)
     for t in range(length):
         scores[t] *= scale[t]
